@@ -1,0 +1,33 @@
+"""afunix: fast, safe Unix domain sockets.
+
+Batched sendmmsg/recvmmsg, safe SCM_RIGHTS descriptor passing and socketpairs
+in bulk, through a small C core (cffi) with a pure-stdlib fallback behind the
+same functions.  ``afunix.BACKEND`` says which one runs: "c" or "stdlib".
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from . import _backend
+from ._version import __version__
+from .capabilities import CAPABILITIES, MAX_PATH_BYTES, SCM_MAX_FD, supports
+from .pairs import socketpair, socketpairs
+
+__all__ = [
+    "BACKEND",
+    "CAPABILITIES",
+    "MAX_PATH_BYTES",
+    "SCM_MAX_FD",
+    "__version__",
+    "socketpair",
+    "socketpairs",
+    "supports",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # BACKEND is read from _backend on every access, so it always names the
+    # backend that actually runs.
+    if name == "BACKEND":
+        return _backend.name
+    raise AttributeError("module 'afunix' has no attribute %r" % name)

@@ -1,0 +1,22 @@
+"""Command line: ``python -m afunix info`` (and ``bench`` once it lands)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from . import info
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m afunix", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="version, backend, capabilities and kernel limits")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        sys.stdout.write(info.report())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

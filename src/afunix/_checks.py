@@ -1,0 +1,38 @@
+"""Argument checks shared by the topic modules: run before any system call."""
+from __future__ import annotations
+
+import operator
+import socket
+from typing import Any
+
+SOCKET_TYPES = {
+    socket.SOCK_STREAM: "SOCK_STREAM",
+    socket.SOCK_DGRAM: "SOCK_DGRAM",
+    socket.SOCK_SEQPACKET: "SOCK_SEQPACKET",
+}
+
+
+def as_int(value: Any, what: str) -> int:
+    """`value` as an int, TypeError when it is not an integer (bool included, as in the stdlib)."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError("%s must be an integer, not %s" % (what, type(value).__name__)) from None
+
+
+def in_range(value: Any, what: str, low: int, high: int) -> int:
+    """`value` as an int in [low, high], else TypeError / ValueError naming the bounds."""
+    n = as_int(value, what)
+    if not low <= n <= high:
+        raise ValueError("%s must be from %d to %d, got %d" % (what, low, high, n))
+    return n
+
+
+def socket_type(value: Any) -> int:
+    """A socket type afunix handles: SOCK_STREAM, SOCK_DGRAM or SOCK_SEQPACKET."""
+    t = as_int(value, "type")
+    if t not in SOCKET_TYPES:
+        raise ValueError(
+            "type must be socket.SOCK_STREAM, SOCK_DGRAM or SOCK_SEQPACKET, got %d" % t
+        )
+    return t

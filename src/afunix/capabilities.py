@@ -1,0 +1,85 @@
+"""Run-time capabilities: what this platform, kernel and build can do."""
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import sys
+from typing import Callable, Dict
+
+from . import _backend
+
+#: Most descriptors one SCM_RIGHTS message may carry (Linux SCM_MAX_FD).
+SCM_MAX_FD = 253
+#: Longest filesystem path that fits in sockaddr_un.sun_path, without its NUL.
+MAX_PATH_BYTES = 107 if sys.platform.startswith("linux") else 103
+
+
+def _probe_seqpacket() -> bool:
+    try:
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    except (OSError, AttributeError):
+        return False
+    a.close()
+    b.close()
+    return True
+
+
+def _probe_sockopt(option: int) -> bool:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        value = a.getsockopt(socket.SOL_SOCKET, option)
+    except OSError:
+        return False
+    finally:
+        a.close()
+        b.close()
+    if option == _SO_PEERPIDFD:  # the probe received a pidfd: close it
+        os.close(value)
+    return True
+
+
+# SO_PEERPIDFD (Linux >= 6.5) is not in the socket module of older Pythons.
+_SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
+_LINUX = sys.platform.startswith("linux")
+
+_PROBES: Dict[str, Callable[[], bool]] = {
+    "c_core": lambda: _c_importable(),
+    "seqpacket": _probe_seqpacket,
+    "abstract": lambda: _LINUX,
+    "peercred": lambda: hasattr(socket, "SO_PEERCRED"),
+    "passcred": lambda: hasattr(socket, "SO_PASSCRED") and hasattr(socket, "SCM_CREDENTIALS"),
+    "peerpidfd": lambda: _LINUX and _probe_sockopt(_SO_PEERPIDFD),
+    "cmsg_cloexec": lambda: hasattr(socket, "MSG_CMSG_CLOEXEC"),
+}
+
+
+def _c_importable() -> bool:
+    try:
+        _backend.load("c")
+    except ImportError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(name: str) -> bool:
+    return bool(_PROBES[name]())
+
+
+def supports(name: str) -> bool:
+    """Whether this platform and build have capability `name`.
+
+    Known names: see ``afunix.CAPABILITIES``.  Probes run once and are cached.
+
+    Raises:
+        ValueError: for an unknown capability name.
+    """
+    if name not in _PROBES:
+        raise ValueError(
+            "unknown capability %r; known: %s" % (name, ", ".join(sorted(_PROBES)))
+        )
+    return _probe(name)
+
+
+CAPABILITIES = tuple(sorted(_PROBES))

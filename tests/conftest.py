@@ -1,0 +1,64 @@
+"""Every test runs once per backend: ids `c` and `stdlib`.
+
+The `c` run is skipped, visibly, only where the C core is not built; with
+AFUNIX_REQUIRE_C=1 (as in CI) a missing core fails the run instead.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Iterator
+
+import pytest
+
+import afunix
+from afunix import _backend
+
+REQUIRE_C = os.environ.get("AFUNIX_REQUIRE_C", "") not in ("", "0")
+
+
+@pytest.fixture(params=["c", "stdlib"], autouse=True)
+def backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Switch afunix to the backend of this run, and back afterwards."""
+    previous = _backend.name
+    try:
+        _backend.use(request.param)
+    except ImportError as exc:
+        if REQUIRE_C:
+            pytest.fail("C core required (AFUNIX_REQUIRE_C=1) but unavailable: %s" % exc)
+        pytest.skip("C core not built: %s" % exc)
+    assert afunix.BACKEND == request.param
+    yield request.param
+    _backend.use(previous)
+
+
+def open_fds() -> set[int]:
+    """This process's open descriptors, from /proc/self/fd."""
+    fd_dir = "/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"
+    # The descriptor listdir opens for the directory is listed too, but it
+    # is the same number every time (the lowest free one), so comparing two
+    # calls cancels it out.
+    return {int(name) for name in os.listdir(fd_dir)}
+
+
+@pytest.fixture
+def fd_baseline() -> Iterator[set[int]]:
+    """Fails the test when it leaves descriptors open that it did not start with."""
+    before = open_fds()
+    yield before
+    leaked = open_fds() - before
+    assert not leaked, "descriptors leaked: %s" % sorted(leaked)
+
+
+def run_python(code: str, backend: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    """Run `code` in a fresh interpreter on `backend`; return the finished process."""
+    env = dict(os.environ, AFUNIX_BACKEND=backend)
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        **kwargs,  # type: ignore[call-overload]
+    )
