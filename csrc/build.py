@@ -19,11 +19,13 @@ VERSION = re.search(
     (HERE.parent / "src" / "afunix" / "_version.py").read_text(),
 ).group(1)
 
+# Every csrc/*.cdef is part of the interface, every csrc/*.h is included and
+# every csrc/*.c compiled: adding a file is all it takes.
 ffibuilder = FFI()
-ffibuilder.cdef((HERE / "afunix.cdef").read_text())
+ffibuilder.cdef("\n".join(p.read_text() for p in sorted(HERE.glob("*.cdef"))))
 ffibuilder.set_source(
     "afunix._afunix_core",
-    '#include "afunix.h"',
+    "\n".join('#include "%s"' % p.name for p in sorted(HERE.glob("*.h"))),
     # Relative to the working directory: setuptools wants relative paths.
     sources=sorted(os.path.relpath(p) for p in HERE.glob("*.c")),
     include_dirs=[str(HERE)],
