@@ -10,15 +10,25 @@ from typing import Any
 
 from . import _backend
 from ._version import __version__
+from .activation import listen_fds, listen_fds_with_names, notify
+from .addresses import AUTOBIND, ListeningSocket, abstract, connect, listen
 from .capabilities import CAPABILITIES, MAX_PATH_BYTES, SCM_MAX_FD, supports
 from .pairs import socketpair, socketpairs
 
 __all__ = [
+    "AUTOBIND",
     "BACKEND",
     "CAPABILITIES",
+    "ListeningSocket",
     "MAX_PATH_BYTES",
     "SCM_MAX_FD",
     "__version__",
+    "abstract",
+    "connect",
+    "listen",
+    "listen_fds",
+    "listen_fds_with_names",
+    "notify",
     "socketpair",
     "socketpairs",
     "supports",
