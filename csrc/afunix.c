@@ -65,3 +65,327 @@ int afunix_socketpairs(int type, int nonblock, int n, int *fds)
     }
     return n;
 }
+
+/* ---- batched message I/O ------------------------------------------------ */
+
+#include <stdlib.h>
+#include <string.h>
+#include <stdint.h>
+#include <sys/un.h>
+#include <sys/uio.h>
+
+#ifndef MSG_NOSIGNAL
+#define MSG_NOSIGNAL 0 /* macOS: SO_NOSIGPIPE is the socket-level equivalent */
+#endif
+#ifndef MSG_CMSG_CLOEXEC
+#define MSG_CMSG_CLOEXEC 0
+#endif
+
+#if !AFUNIX_HAS_SENDMMSG
+struct mmsghdr {
+    struct msghdr msg_hdr;
+    unsigned int msg_len;
+};
+#endif
+
+/* Control bytes one outgoing message needs. */
+static size_t send_control_space(int nfds, int has_creds)
+{
+    size_t space = 0;
+    if (nfds > 0)
+        space += CMSG_SPACE((size_t)nfds * sizeof(int));
+#if AFUNIX_HAS_PASSCRED
+    if (has_creds)
+        space += CMSG_SPACE(sizeof(struct ucred));
+#else
+    (void)has_creds;
+#endif
+    return space;
+}
+
+static int send_batch(int fd, struct mmsghdr *hdrs, int n, int flags)
+{
+#if AFUNIX_HAS_SENDMMSG
+    int rc = sendmmsg(fd, hdrs, (unsigned int)n, flags);
+    return rc < 0 ? -errno : rc;
+#else
+    for (int i = 0; i < n; i++) {
+        ssize_t rc = sendmsg(fd, &hdrs[i].msg_hdr, flags);
+        if (rc < 0)
+            return i > 0 ? i : -errno;
+        hdrs[i].msg_len = (unsigned int)rc;
+    }
+    return n;
+#endif
+}
+
+int afunix_send_many(int fd, int n, const char *data, const size_t *lens,
+                     const int *fds, const int *nfds,
+                     const char *addrs, const int *addrlens,
+                     const int *creds, int flags)
+{
+    if (n < 0 || n > AFUNIX_MAX_BATCH)
+        return -EINVAL;
+    if (n == 0)
+        return 0;
+
+    /* One allocation holds the headers, iovecs, addresses and control data. */
+    size_t control_total = 0;
+    for (int i = 0; i < n; i++) {
+        int k = nfds ? nfds[i] : 0;
+        if (k < 0 || k > AFUNIX_SCM_MAX_FD)
+            return -EINVAL;
+        if (addrlens && addrlens[i] > (int)sizeof(((struct sockaddr_un *)0)->sun_path))
+            return -EINVAL;
+        control_total += send_control_space(k, creds && creds[4 * i]);
+    }
+    size_t head = (size_t)n * (sizeof(struct mmsghdr) + sizeof(struct iovec)
+                               + (addrs ? sizeof(struct sockaddr_un) : 0));
+    /* control data must be aligned for struct cmsghdr */
+    head = (head + sizeof(size_t) - 1) / sizeof(size_t) * sizeof(size_t);
+    char *block = calloc(1, head + control_total);
+    if (block == NULL)
+        return -ENOMEM;
+    struct mmsghdr *hdrs = (struct mmsghdr *)block;
+    struct iovec *iovs = (struct iovec *)(hdrs + n);
+    struct sockaddr_un *names = (struct sockaddr_un *)(iovs + n);
+    char *control = block + head;
+
+    const char *next_data = data;
+    const int *next_fd = fds;
+    const char *next_addr = addrs;
+    for (int i = 0; i < n; i++) {
+        struct msghdr *m = &hdrs[i].msg_hdr;
+        iovs[i].iov_base = (void *)next_data;
+        iovs[i].iov_len = lens[i];
+        next_data += lens[i];
+        m->msg_iov = &iovs[i];
+        m->msg_iovlen = 1;
+        if (addrs && addrlens[i] >= 0) {
+            names[i].sun_family = AF_UNIX;
+            memcpy(names[i].sun_path, next_addr, (size_t)addrlens[i]);
+            next_addr += addrlens[i];
+            m->msg_name = &names[i];
+            m->msg_namelen = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + (size_t)addrlens[i]);
+        }
+        int k = nfds ? nfds[i] : 0;
+        int has_creds = creds && creds[4 * i];
+        size_t space = send_control_space(k, has_creds);
+        if (space == 0)
+            continue;
+        m->msg_control = control;
+        m->msg_controllen = space;
+        control += space;
+        struct cmsghdr *c = CMSG_FIRSTHDR(m);
+#if AFUNIX_HAS_PASSCRED
+        if (has_creds) {
+            struct ucred uc;
+            uc.pid = creds[4 * i + 1];
+            uc.uid = (uid_t)creds[4 * i + 2];
+            uc.gid = (gid_t)creds[4 * i + 3];
+            c->cmsg_level = SOL_SOCKET;
+            c->cmsg_type = SCM_CREDENTIALS;
+            c->cmsg_len = CMSG_LEN(sizeof uc);
+            memcpy(CMSG_DATA(c), &uc, sizeof uc);
+            c = CMSG_NXTHDR(m, c);
+        }
+#endif
+        if (k > 0) {
+            c->cmsg_level = SOL_SOCKET;
+            c->cmsg_type = SCM_RIGHTS;
+            c->cmsg_len = CMSG_LEN((size_t)k * sizeof(int));
+            memcpy(CMSG_DATA(c), next_fd, (size_t)k * sizeof(int));
+            next_fd += k;
+        }
+    }
+    int rc = send_batch(fd, hdrs, n, flags | MSG_NOSIGNAL);
+    free(block);
+    return rc;
+}
+
+/* Receive side ------------------------------------------------------------ */
+
+static size_t recv_control_space(int maxfds)
+{
+    /* Room for the descriptors asked for, plus SCM_CREDENTIALS: with
+     * SO_PASSCRED on, credentials come first on every message, and a buffer
+     * sized for descriptors alone would cut them. */
+    size_t space = CMSG_SPACE((size_t)(maxfds > 0 ? maxfds : 1) * sizeof(int));
+#if AFUNIX_HAS_PASSCRED
+    space += CMSG_SPACE(sizeof(struct ucred));
+#endif
+    return space;
+}
+
+void afunix_arena_free(struct afunix_arena *a)
+{
+    if (a == NULL)
+        return;
+    free(a->data);
+    free(a->lens);
+    free(a->msg_flags);
+    free(a->nfds);
+    free(a->fds);
+    free(a->creds);
+    free(a->addrlens);
+    free(a->addrs);
+    free(a->hdrs);
+    free(a->names);
+    free(a->control);
+    free(a);
+}
+
+struct afunix_arena *afunix_arena_new(int max_messages, size_t bufsize, int maxfds)
+{
+    if (max_messages < 1 || max_messages > AFUNIX_MAX_BATCH || bufsize < 1
+        || bufsize > SIZE_MAX / (size_t)max_messages
+        || maxfds < 0 || maxfds > AFUNIX_SCM_MAX_FD)
+        return NULL;
+    struct afunix_arena *a = calloc(1, sizeof *a);
+    if (a == NULL)
+        return NULL;
+    size_t n = (size_t)max_messages;
+    a->max_messages = max_messages;
+    a->bufsize = bufsize;
+    a->maxfds = maxfds;
+    a->control_space = recv_control_space(maxfds);
+    a->data = malloc(n * bufsize);
+    a->lens = calloc(n, sizeof *a->lens);
+    a->msg_flags = calloc(n, sizeof *a->msg_flags);
+    a->nfds = calloc(n, sizeof *a->nfds);
+    a->fds = calloc(n * (size_t)(maxfds > 0 ? maxfds : 1), sizeof *a->fds);
+    a->creds = calloc(4 * n, sizeof *a->creds);
+    a->addrlens = calloc(n, sizeof *a->addrlens);
+    a->addrs = calloc(n, AFUNIX_ADDR_MAX);
+    /* the iovecs live right after the headers, in the same allocation */
+    a->hdrs = calloc(n, sizeof(struct mmsghdr) + sizeof(struct iovec));
+    a->names = calloc(n, sizeof(struct sockaddr_un));
+    a->control = calloc(n, a->control_space);
+    if (!a->data || !a->lens || !a->msg_flags || !a->nfds || !a->fds || !a->creds
+        || !a->addrlens || !a->addrs || !a->hdrs || !a->names || !a->control) {
+        afunix_arena_free(a);
+        return NULL;
+    }
+    return a;
+}
+
+/* Copy message i's descriptors and credentials out of its control data.
+ * Parses defensively: a cmsg_len that runs past the buffer (some kernels
+ * report one) is clipped to what is there.  Returns the number of
+ * descriptors the control data held, kept or not. */
+static int parse_control(struct afunix_arena *a, int i, const struct msghdr *m)
+{
+    int *out = a->fds + (size_t)i * (size_t)(a->maxfds > 0 ? a->maxfds : 1);
+    int kept = 0, seen = 0;
+    const char *base = (const char *)m->msg_control;
+    size_t total = m->msg_controllen;
+    if (base == NULL || total > a->control_space)
+        total = base == NULL ? 0 : a->control_space;
+    size_t off = 0;
+    a->creds[4 * i] = 0;
+    while (total - off >= CMSG_LEN(0)) {
+        struct cmsghdr hdr;
+        memcpy(&hdr, base + off, sizeof hdr);
+        if (hdr.cmsg_len < CMSG_LEN(0))
+            break;
+        size_t len = hdr.cmsg_len;
+        if (len > total - off)
+            len = total - off;
+        const char *payload = base + off + CMSG_LEN(0);
+        size_t payload_len = len - CMSG_LEN(0);
+        if (hdr.cmsg_level == SOL_SOCKET && hdr.cmsg_type == SCM_RIGHTS) {
+            size_t count = payload_len / sizeof(int);
+            for (size_t j = 0; j < count; j++) {
+                int fd;
+                memcpy(&fd, payload + j * sizeof(int), sizeof fd);
+                if (kept < a->maxfds)
+                    out[kept++] = fd;
+                else
+                    close(fd); /* more than asked for: see the caller */
+                seen++;
+            }
+        }
+#if AFUNIX_HAS_PASSCRED
+        else if (hdr.cmsg_level == SOL_SOCKET && hdr.cmsg_type == SCM_CREDENTIALS
+                 && payload_len >= sizeof(struct ucred)) {
+            struct ucred uc;
+            memcpy(&uc, payload, sizeof uc);
+            a->creds[4 * i] = 1;
+            a->creds[4 * i + 1] = (int)uc.pid;
+            a->creds[4 * i + 2] = (int)uc.uid;
+            a->creds[4 * i + 3] = (int)uc.gid;
+        }
+#endif
+        size_t step = CMSG_ALIGN(hdr.cmsg_len);
+        if (step == 0 || step > total - off)
+            break;
+        off += step;
+    }
+    a->nfds[i] = kept;
+    return seen;
+}
+
+static int recv_batch(int fd, struct mmsghdr *hdrs, int n, int flags)
+{
+#if AFUNIX_HAS_SENDMMSG
+    int rc = recvmmsg(fd, hdrs, (unsigned int)n, flags | MSG_WAITFORONE, NULL);
+    return rc < 0 ? -errno : rc;
+#else
+    for (int i = 0; i < n; i++) {
+        ssize_t rc = recvmsg(fd, &hdrs[i].msg_hdr, i > 0 ? flags | MSG_DONTWAIT : flags);
+        if (rc < 0)
+            return i > 0 ? i : -errno;
+        hdrs[i].msg_len = (unsigned int)rc;
+    }
+    return n;
+#endif
+}
+
+int afunix_recv_many(int fd, struct afunix_arena *a, int flags)
+{
+    int n = a->max_messages;
+    struct mmsghdr *hdrs = a->hdrs;
+    struct iovec *iovs = (struct iovec *)(hdrs + n);
+    struct sockaddr_un *names = a->names;
+    for (int i = 0; i < n; i++) {
+        struct msghdr *m = &hdrs[i].msg_hdr;
+        iovs[i].iov_base = a->data + (size_t)i * a->bufsize;
+        iovs[i].iov_len = a->bufsize;
+        m->msg_iov = &iovs[i];
+        m->msg_iovlen = 1;
+        m->msg_name = &names[i];
+        m->msg_namelen = sizeof names[i];
+        m->msg_control = a->control + (size_t)i * a->control_space;
+        m->msg_controllen = a->control_space;
+        m->msg_flags = 0;
+    }
+    int got = recv_batch(fd, hdrs, n, flags | MSG_CMSG_CLOEXEC);
+    for (int i = 0; i < got; i++) {
+        struct msghdr *m = &hdrs[i].msg_hdr;
+        a->lens[i] = hdrs[i].msg_len;
+        int mflags = m->msg_flags;
+        int seen = parse_control(a, i, m);
+        if ((mflags & MSG_CTRUNC) || seen > a->maxfds) {
+            /* Cut control data: the descriptors that did arrive are not the
+             * ones the sender meant as a whole; close them, flag the cut. */
+            int *mine = a->fds + (size_t)i * (size_t)(a->maxfds > 0 ? a->maxfds : 1);
+            close_all(mine, a->nfds[i]);
+            a->nfds[i] = 0;
+            mflags |= MSG_CTRUNC;
+        }
+        a->msg_flags[i] = mflags;
+        size_t path_off = offsetof(struct sockaddr_un, sun_path);
+        if (m->msg_namelen == 0 || m->msg_namelen < path_off) {
+            a->addrlens[i] = -1;
+        } else {
+            size_t len = m->msg_namelen - path_off;
+            if (len > AFUNIX_ADDR_MAX)
+                len = AFUNIX_ADDR_MAX;
+            if (len > sizeof names[i].sun_path)
+                len = sizeof names[i].sun_path;
+            memcpy(a->addrs + (size_t)i * AFUNIX_ADDR_MAX, names[i].sun_path, len);
+            a->addrlens[i] = (int)len;
+        }
+    }
+    return got;
+}

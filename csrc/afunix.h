@@ -25,4 +25,65 @@ const char *afunix_version(void);
  * it had made. */
 int afunix_socketpairs(int type, int nonblock, int n, int *fds);
 
+/* ---- batched message I/O ------------------------------------------------ */
+
+#define AFUNIX_MAX_BATCH 1024      /* UIO_MAXIOV: most messages per call */
+#define AFUNIX_SCM_MAX_FD 253      /* most descriptors per SCM_RIGHTS message */
+#define AFUNIX_ADDR_MAX 108        /* bytes of sun_path we keep per address */
+
+#if defined(__linux__)
+#define AFUNIX_HAS_SENDMMSG 1
+#define AFUNIX_HAS_PASSCRED 1
+#else
+#define AFUNIX_HAS_SENDMMSG 0
+#define AFUNIX_HAS_PASSCRED 0
+#endif
+
+/* Send up to AFUNIX_MAX_BATCH messages in one sendmmsg (a sendmsg loop where
+ * the platform lacks it).  Message i is lens[i] bytes of `data`, which holds
+ * all the messages back to back.  Optional per-message parts, NULL when no
+ * message has them:
+ *   nfds[i] descriptors taken in order from `fds` (SCM_RIGHTS);
+ *   addrlens[i] bytes of sun_path taken in order from `addrs`, -1 for none;
+ *   creds[4*i .. 4*i+3] = present, pid, uid, gid (SCM_CREDENTIALS).
+ * MSG_NOSIGNAL is always added.  Returns how many messages went (> 0 even
+ * when an error stopped the rest), or -errno when none did. */
+int afunix_send_many(int fd, int n, const char *data, const size_t *lens,
+                     const int *fds, const int *nfds,
+                     const char *addrs, const int *addrlens,
+                     const int *creds, int flags);
+
+/* A reusable receive area for up to max_messages messages of bufsize bytes
+ * and maxfds descriptors each.  The arrays are outputs of afunix_recv_many,
+ * valid until the next call. */
+struct afunix_arena {
+    int max_messages;
+    size_t bufsize;
+    int maxfds;
+    char *data;          /* message i at data + i * bufsize */
+    size_t *lens;        /* bytes received (<= bufsize) */
+    int *msg_flags;      /* the kernel's msg_flags, plus MSG_CTRUNC when we cut */
+    int *nfds;           /* descriptors kept for message i */
+    int *fds;            /* message i's at fds + i * maxfds */
+    int *creds;          /* 4 per message: present, pid, uid, gid */
+    int *addrlens;       /* sun_path bytes in addrs, -1 when no address */
+    char *addrs;         /* message i's at addrs + i * AFUNIX_ADDR_MAX */
+    /* private to afunix.c */
+    void *hdrs;
+    void *names;
+    char *control;
+    size_t control_space;
+};
+
+/* NULL when out of memory or the sizes are out of range. */
+struct afunix_arena *afunix_arena_new(int max_messages, size_t bufsize, int maxfds);
+void afunix_arena_free(struct afunix_arena *arena);
+
+/* Receive into `arena` with one recvmmsg(MSG_WAITFORONE | MSG_CMSG_CLOEXEC):
+ * waits for the first message as recv would, then takes those already
+ * queued.  A message whose control data was cut (MSG_CTRUNC), or that
+ * carried more than maxfds descriptors, has all its descriptors closed and
+ * MSG_CTRUNC in its flags.  Returns the count, or -errno. */
+int afunix_recv_many(int fd, struct afunix_arena *arena, int flags);
+
 #endif

@@ -13,12 +13,28 @@ from ._version import __version__
 from .activation import listen_fds, listen_fds_with_names, notify
 from .addresses import AUTOBIND, ListeningSocket, abstract, connect, listen
 from .capabilities import CAPABILITIES, MAX_PATH_BYTES, SCM_MAX_FD, supports
+from .batch import MAX_MESSAGES, RecvBatch, recv_many, send_many
+from .fds import pass_credentials, peer_credentials, peer_pidfd, recv_fds, send_fds
+from .message import Credentials, Message, TruncatedError, close_fds
 from .pairs import socketpair, socketpairs
 
 __all__ = [
     "AUTOBIND",
     "BACKEND",
     "CAPABILITIES",
+    "Credentials",
+    "MAX_MESSAGES",
+    "Message",
+    "RecvBatch",
+    "TruncatedError",
+    "close_fds",
+    "pass_credentials",
+    "peer_credentials",
+    "peer_pidfd",
+    "recv_fds",
+    "send_fds",
+    "recv_many",
+    "send_many",
     "ListeningSocket",
     "MAX_PATH_BYTES",
     "SCM_MAX_FD",

@@ -14,7 +14,9 @@ from __future__ import annotations
 import importlib
 import os
 import socket
-from typing import Optional, Protocol, cast
+from typing import Any, Optional, Protocol, cast
+
+from ._io import Outgoing
 
 
 class Backend(Protocol):
@@ -26,6 +28,14 @@ class Backend(Protocol):
     def socketpairs(
         self, n: int, type: int, blocking: bool
     ) -> list[tuple[socket.socket, socket.socket]]: ...
+
+    def send_batch(
+        self, sock: socket.socket, out: Outgoing, start: int, count: int, flags: int
+    ) -> int: ...
+
+    def new_arena(self, max_messages: int, bufsize: int, maxfds: int) -> Any: ...
+
+    def recv_batch(self, sock: socket.socket, arena: Any, flags: int) -> int: ...
 
 
 FUNCTIONS = tuple(sorted(

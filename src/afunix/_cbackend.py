@@ -11,8 +11,9 @@ import importlib
 import os
 import socket
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
+from ._io import Outgoing
 from ._version import __version__
 
 
@@ -102,3 +103,109 @@ def _wrap_pairs(fds: list[int], type: int, blocking: bool) -> list[tuple[socket.
         raise
     it = iter(made)
     return list(zip(it, it))
+
+
+# ---- batched message I/O --------------------------------------------------
+
+MAX_BATCH = lib.AFUNIX_MAX_BATCH
+_ADDR_MAX = lib.AFUNIX_ADDR_MAX
+_NULL = ffi.NULL
+
+
+def send_batch(sock: socket.socket, out: Outgoing, start: int, count: int, flags: int) -> int:
+    """One sendmmsg of out[start:start+count]; the count sent, or OSError."""
+    end = start + count
+    whole = start == 0 and end == len(out.datas)
+    datas = out.datas if whole else out.datas[start:end]
+    lens = out.lengths if whole else out.lengths[start:end]
+    fds = nfds = addrs = addrlens = creds = _NULL
+    if out.fds is not None:
+        per = out.fds[start:end]
+        nfds = ffi.new("int[]", [len(f) for f in per])
+        fds = ffi.new("int[]", [fd for f in per for fd in f])
+    if out.addresses is not None:
+        per_addr = out.addresses[start:end]
+        addrlens = ffi.new("int[]", [-1 if a is None else len(a) for a in per_addr])
+        addrs = b"".join(a for a in per_addr if a is not None)
+    if out.credentials is not None:
+        flat: list[int] = []
+        for c in out.credentials[start:end]:
+            flat.extend((0, 0, 0, 0) if c is None else (1, c[0], c[1], c[2]))
+        creds = ffi.new("int[]", flat)
+    rc = lib.afunix_send_many(
+        sock.fileno(), count, b"".join(datas), ffi.new("size_t[]", lens),
+        fds, nfds, addrs, addrlens, creds, flags,
+    )
+    if rc < 0:
+        raise OSError(-rc, os.strerror(-rc))
+    return int(rc)
+
+
+class Arena:
+    """A receive area in C memory: max_messages x bufsize bytes, plus fds and addresses."""
+
+    def __init__(self, max_messages: int, bufsize: int, maxfds: int) -> None:
+        raw = lib.afunix_arena_new(max_messages, bufsize, maxfds)
+        if raw == _NULL:
+            raise MemoryError("cannot allocate a receive arena of %d x %d bytes" % (max_messages, bufsize))
+        self._a = ffi.gc(raw, lib.afunix_arena_free)
+        self.max_messages = max_messages
+        self.bufsize = bufsize
+        self.maxfds = maxfds
+        self._buffer = ffi.buffer(raw.data, max_messages * bufsize)
+        #: memoryview of the whole data area; message i starts at i * bufsize
+        self.view = memoryview(self._buffer)
+        self.count = 0
+
+    def length(self, i: int) -> int:
+        return int(self._a.lens[i])
+
+    def msg_flags(self, i: int) -> int:
+        return int(self._a.msg_flags[i])
+
+    def fds(self, i: int) -> list[int]:
+        a = self._a
+        n = a.nfds[i]
+        return list(ffi.unpack(a.fds + i * max(self.maxfds, 1), n)) if n else []
+
+    def address(self, i: int) -> Optional[bytes]:
+        n = self._a.addrlens[i]
+        return None if n < 0 else bytes(ffi.unpack(self._a.addrs + i * _ADDR_MAX, n))
+
+    def credentials(self, i: int) -> Optional[tuple[int, int, int]]:
+        c = self._a.creds
+        return (int(c[4 * i + 1]), int(c[4 * i + 2]), int(c[4 * i + 3])) if c[4 * i] else None
+
+    def plain(self, count: int) -> bool:
+        """Whether messages [0, count) carry no descriptors, addresses or credentials."""
+        a = self._a
+        if count == 0:
+            return True
+        if max(ffi.unpack(a.addrlens, count)) >= 0:
+            return False
+        if self.maxfds and any(ffi.unpack(a.nfds, count)):
+            return False
+        return not any(ffi.unpack(a.creds, 4 * count)[0::4])
+
+    def chunks(self, count: int) -> list[bytes]:
+        """Copies of the data of messages [0, count), in one pass."""
+        buf = self._buffer
+        size = self.bufsize
+        return [buf[i * size:i * size + n] for i, n in enumerate(ffi.unpack(self._a.lens, count))]
+
+    def all_flags(self, count: int) -> list[int]:
+        return list(ffi.unpack(self._a.msg_flags, count))
+
+
+def new_arena(max_messages: int, bufsize: int, maxfds: int) -> Arena:
+    """A receive arena for recv_batch."""
+    return Arena(max_messages, bufsize, maxfds)
+
+
+def recv_batch(sock: socket.socket, arena: Arena, flags: int) -> int:
+    """One recvmmsg into `arena`; the count received, or OSError."""
+    rc = lib.afunix_recv_many(sock.fileno(), arena._a, flags)
+    if rc < 0:
+        raise OSError(-rc, os.strerror(-rc))
+    arena.count = rc
+    return int(rc)

@@ -4,7 +4,12 @@ Used where the C core is not built, and forced with AFUNIX_BACKEND=stdlib.
 """
 from __future__ import annotations
 
+import array
+import os
 import socket
+from typing import Any, List, Optional, Tuple
+
+from ._io import Outgoing, nonblocking_twin
 
 
 def socketpairs(n: int, type: int, blocking: bool) -> list[tuple[socket.socket, socket.socket]]:
@@ -23,3 +28,166 @@ def socketpairs(n: int, type: int, blocking: bool) -> list[tuple[socket.socket, 
             b.close()
         raise
     return pairs
+
+
+# ---- batched message I/O --------------------------------------------------
+
+MAX_BATCH = 1024
+_SCM_MAX_FD = 253
+_CREDS = getattr(socket, "SCM_CREDENTIALS", None)
+_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
+_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+_CRED_SPACE = socket.CMSG_SPACE(12) if _CREDS is not None else 0
+
+
+def _io_socket(sock: socket.socket) -> tuple[socket.socket, bool]:
+    """`sock`, or a non-blocking twin of it when it has a timeout (see nonblocking_twin)."""
+    timeout = sock.gettimeout()
+    if timeout:
+        return nonblocking_twin(sock), True
+    return sock, False
+
+
+def send_batch(sock: socket.socket, out: Outgoing, start: int, count: int, flags: int) -> int:
+    """sendmsg for each of out[start:start+count]; the count sent, or OSError."""
+    s, twin = _io_socket(sock)
+    sent = 0
+    try:
+        for i in range(start, start + count):
+            ancillary: List[Tuple[int, int, bytes]] = []
+            cred = out.credentials[i] if out.credentials is not None else None
+            if cred is not None and _CREDS is not None:
+                ancillary.append((socket.SOL_SOCKET, _CREDS, array.array("i", cred).tobytes()))
+            if out.fds is not None and out.fds[i]:
+                ancillary.append((socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", out.fds[i]).tobytes()))
+            address = out.addresses[i] if out.addresses is not None else None
+            try:
+                if address is None:
+                    s.sendmsg([out.datas[i]], ancillary, flags | _NOSIGNAL)
+                else:
+                    s.sendmsg([out.datas[i]], ancillary, flags | _NOSIGNAL, address)
+            except OSError:
+                if sent:
+                    return sent  # as sendmmsg: the error shows on the next call
+                raise
+            sent += 1
+            # after the first, take only what goes without waiting
+            flags |= socket.MSG_DONTWAIT
+    finally:
+        if twin:
+            s.detach()
+    return sent
+
+
+class Arena:
+    """A receive area in a bytearray: max_messages x bufsize bytes, plus fds and addresses."""
+
+    def __init__(self, max_messages: int, bufsize: int, maxfds: int) -> None:
+        self.max_messages = max_messages
+        self.bufsize = bufsize
+        self.maxfds = maxfds
+        self._data = bytearray(max_messages * bufsize)
+        #: memoryview of the whole data area; message i starts at i * bufsize
+        self.view = memoryview(self._data)
+        self._slots = [self.view[i * bufsize:(i + 1) * bufsize] for i in range(max_messages)]
+        # Room for maxfds descriptors and for SO_PASSCRED credentials, as the
+        # C core sizes it, so both backends cut (MSG_CTRUNC) at the same point.
+        self._ancbufsize = socket.CMSG_SPACE(4 * max(maxfds, 1)) + _CRED_SPACE
+        self.count = 0
+        self._lens = [0] * max_messages
+        self._flags = [0] * max_messages
+        self._fds: list[list[int]] = [[] for _ in range(max_messages)]
+        self._addrs: list[Optional[bytes]] = [None] * max_messages
+        self._creds: list[Optional[tuple[int, int, int]]] = [None] * max_messages
+
+    def _store(self, i: int, nbytes: int, ancdata: list[Any], msg_flags: int, address: Any) -> None:
+        fds: list[int] = []
+        creds: Optional[Tuple[int, int, int]] = None
+        seen = 0
+        for level, kind, payload in ancdata:
+            if level != socket.SOL_SOCKET:
+                continue
+            if kind == socket.SCM_RIGHTS:
+                got = array.array("i")
+                got.frombytes(payload[: len(payload) - len(payload) % got.itemsize])
+                seen += len(got)
+                fds.extend(got)
+            elif kind == _CREDS and len(payload) >= 12:
+                pid, uid, gid = array.array("i", payload[:12])
+                creds = (pid, uid, gid)
+        if msg_flags & socket.MSG_CTRUNC or seen > self.maxfds:
+            # cut control data: close what arrived, flag the cut (as the C core)
+            for fd in fds:
+                os.close(fd)
+            fds = []
+            msg_flags |= socket.MSG_CTRUNC
+        self._lens[i] = nbytes
+        self._flags[i] = int(msg_flags)
+        self._fds[i] = fds
+        self._addrs[i] = _raw_address(address)
+        self._creds[i] = creds
+
+    def length(self, i: int) -> int:
+        return self._lens[i]
+
+    def msg_flags(self, i: int) -> int:
+        return self._flags[i]
+
+    def fds(self, i: int) -> list[int]:
+        return list(self._fds[i])
+
+    def address(self, i: int) -> Optional[bytes]:
+        return self._addrs[i]
+
+    def credentials(self, i: int) -> Optional[tuple[int, int, int]]:
+        return self._creds[i]
+
+    def plain(self, count: int) -> bool:
+        return not any(self._fds[:count]) and all(
+            a is None for a in self._addrs[:count]) and all(c is None for c in self._creds[:count])
+
+    def chunks(self, count: int) -> list[bytes]:
+        return [self._slots[i][:n].tobytes() for i, n in enumerate(self._lens[:count])]
+
+    def all_flags(self, count: int) -> list[int]:
+        return self._flags[:count]
+
+
+def _raw_address(address: Any) -> Optional[bytes]:
+    # The socket module decodes sun_path; re-encode so both backends hand the
+    # topic layer the same raw bytes (decode_address turns them back).
+    if address is None:
+        return None
+    return os.fsencode(address)
+
+
+def new_arena(max_messages: int, bufsize: int, maxfds: int) -> Arena:
+    """A receive arena for recv_batch."""
+    return Arena(max_messages, bufsize, maxfds)
+
+
+def recv_batch(sock: socket.socket, arena: Arena, flags: int) -> int:
+    """recvmsg_into for the first message, then those already queued; the count, or OSError."""
+    s, twin = _io_socket(sock)
+    flags |= _CLOEXEC
+    count = 0
+    try:
+        for i in range(arena.max_messages):
+            try:
+                nbytes, ancdata, msg_flags, address = s.recvmsg_into(
+                    [arena._slots[i]], arena._ancbufsize, flags)
+            except OSError:
+                if count:
+                    break  # as recvmmsg: return what arrived
+                raise
+            arena._store(i, nbytes, ancdata, msg_flags, address)
+            count += 1
+            if nbytes == 0 and sock.type == socket.SOCK_STREAM:
+                break  # end of stream: every further read is the same
+            # MSG_WAITFORONE: after the first, take only what is queued
+            flags |= socket.MSG_DONTWAIT
+    finally:
+        if twin:
+            s.detach()
+    arena.count = count
+    return count

@@ -45,6 +45,8 @@ _LINUX = sys.platform.startswith("linux")
 
 _PROBES: Dict[str, Callable[[], bool]] = {
     "c_core": lambda: _c_importable(),
+    # batched system calls in the active backend (the C core on Linux)
+    "sendmmsg": lambda: _backend.name == "c" and bool(_cbackend_flag("AFUNIX_HAS_SENDMMSG")),
     "seqpacket": _probe_seqpacket,
     "abstract": lambda: _LINUX,
     "peercred": lambda: hasattr(socket, "SO_PEERCRED"),
@@ -52,6 +54,12 @@ _PROBES: Dict[str, Callable[[], bool]] = {
     "peerpidfd": lambda: _LINUX and _probe_sockopt(_SO_PEERPIDFD),
     "cmsg_cloexec": lambda: hasattr(socket, "MSG_CMSG_CLOEXEC"),
 }
+
+
+def _cbackend_flag(name: str) -> int:
+    from . import _cbackend
+
+    return int(getattr(_cbackend.lib, name))
 
 
 def _c_importable() -> bool:
@@ -79,6 +87,8 @@ def supports(name: str) -> bool:
         raise ValueError(
             "unknown capability %r; known: %s" % (name, ", ".join(sorted(_PROBES)))
         )
+    if name == "sendmmsg":  # depends on the active backend, which tests switch
+        return bool(_PROBES[name]())
     return _probe(name)
 
 

@@ -1,0 +1,125 @@
+"""Plumbing shared by the I/O topic modules: sockets, waiting, addresses."""
+from __future__ import annotations
+
+import errno
+import os
+import select
+import socket
+import time
+from typing import Any, NamedTuple, Optional
+
+from .message import Address
+
+# Linux: POLLRDHUP tells that the peer closed or shut down its writing side.
+_POLLRDHUP = getattr(select, "POLLRDHUP", 0x2000)
+
+
+class Target(NamedTuple):
+    """The socket an I/O call works on, and how it is set up."""
+
+    sock: socket.socket
+    fd: int
+    timeout: Optional[float]
+    type: int
+    #: sock was made here around a bare descriptor: detach() it when done.
+    shadow: bool
+
+
+def target(sock: Any) -> Target:
+    """Check `sock` and read its descriptor, timeout and type.
+
+    Accepts a socket.socket, or any object with fileno() (used as blocking).
+
+    Raises:
+        TypeError: no fileno().
+        OSError(EBADF): a closed socket, as the stdlib methods raise.
+    """
+    if isinstance(sock, socket.socket):
+        fd = sock.fileno()
+        if fd < 0:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        return Target(sock, fd, sock.gettimeout(), sock.type, False)
+    fileno = getattr(sock, "fileno", None)
+    if fileno is None:
+        raise TypeError("expected a socket or an object with fileno(), not %s" % type(sock).__name__)
+    fd = fileno()
+    if not isinstance(fd, int) or fd < 0:
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+    # A socket object around the same descriptor (no dup), blocking as the
+    # descriptor is; the caller detaches it afterwards.  Raises ENOTSOCK for
+    # a descriptor that is not a socket.
+    shadow = socket.socket(fileno=fd)
+    return Target(shadow, fd, shadow.gettimeout(), shadow.type, True)
+
+
+def deadline_of(timeout: Optional[float]) -> Optional[float]:
+    """Monotonic deadline for a socket timeout (None: no deadline)."""
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def wait(fd: int, writable: bool, deadline: Optional[float]) -> bool:
+    """Wait until `fd` is readable/writable or the deadline passes; False on timeout."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT if writable else select.POLLIN)
+    remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+    # poll() itself retries EINTR with the remaining time (PEP 475).
+    return bool(poller.poll(None if remaining is None else remaining * 1000.0))
+
+
+def peer_hung_up(fd: int) -> bool:
+    """Whether the peer of `fd` has closed or shut down its sending side."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | _POLLRDHUP)
+    events = poller.poll(0)
+    return bool(events and events[0][1] & (_POLLRDHUP | select.POLLHUP))
+
+
+def decode_address(raw: Optional[bytes]) -> Optional[Address]:
+    """A sun_path as the socket module returns it: None, str path or bytes abstract name."""
+    if raw is None:
+        return None
+    if raw[:1] == b"\0":
+        return raw
+    nul = raw.find(b"\0")
+    return os.fsdecode(raw if nul < 0 else raw[:nul])
+
+
+def encode_address(address: Any) -> bytes:
+    """sun_path bytes for `address` (str/bytes/PathLike; b"\\0..." is abstract).
+
+    Raises:
+        TypeError, ValueError: not an address, or longer than sun_path.
+    """
+    from .capabilities import MAX_PATH_BYTES
+
+    if isinstance(address, (str, bytes, os.PathLike)):
+        raw = os.fsencode(address)
+    else:
+        raise TypeError("address must be str, bytes or os.PathLike, not %s" % type(address).__name__)
+    limit = MAX_PATH_BYTES + (1 if raw[:1] == b"\0" else 0)
+    if len(raw) > limit:
+        raise ValueError("AF_UNIX address is %d bytes, the limit is %d" % (len(raw), limit))
+    return raw
+
+
+class Outgoing(NamedTuple):
+    """Messages to send, checked and split into parallel lists by the topic layer."""
+
+    datas: list[Any]                     # bytes-like, C-contiguous
+    lengths: list[int]                   # nbytes of each
+    fds: Optional[list[tuple[int, ...]]]  # None when no message has descriptors
+    addresses: Optional[list[Optional[bytes]]]  # sun_path bytes; None: no addresses at all
+    credentials: Optional[list[Optional[tuple[int, int, int]]]]
+
+
+def nonblocking_twin(sock: socket.socket) -> socket.socket:
+    """A timeout-0 socket object on the same descriptor as `sock` (detach it after use).
+
+    CPython's methods on a socket with a timeout poll before every call, even
+    with MSG_DONTWAIT, so a "take what is queued" call through them would
+    wait out the whole timeout.  The descriptor of such a socket is already
+    O_NONBLOCK, so a twin with timeout 0 changes nothing at the kernel level.
+    """
+    twin = socket.socket(sock.family, sock.type, sock.proto, sock.fileno())
+    twin.settimeout(0.0)
+    return twin

@@ -1,0 +1,416 @@
+"""Batched message I/O: send_many, recv_many and RecvBatch over sendmmsg/recvmmsg."""
+from __future__ import annotations
+
+import socket
+import threading
+from typing import Any, Callable, Iterable, Iterator, List, Optional
+
+from . import _backend, _checks, _io
+from .message import Address, Credentials, Message, close_fds
+
+#: Most messages one call takes or returns (UIO_MAXIOV).
+MAX_MESSAGES = 1024
+#: Largest bufsize per message; and the largest arena (max_messages x bufsize).
+MAX_BUFSIZE = 16 << 20
+MAX_ARENA_BYTES = 256 << 20
+_SCM_MAX_FD = 253
+
+_DONTWAIT = socket.MSG_DONTWAIT
+_message = tuple.__new__
+
+
+def _fd_of(obj: Any) -> int:
+    if isinstance(obj, int) and not isinstance(obj, bool):
+        fd = obj
+    elif hasattr(obj, "fileno"):
+        fd = obj.fileno()
+    else:
+        raise TypeError("descriptors must be ints or have fileno(), not %s" % type(obj).__name__)
+    if fd < 0:
+        raise ValueError("descriptor must be >= 0, got %d" % fd)
+    return int(fd)
+
+
+def checked_fds(fds: Any) -> tuple[int, ...]:
+    """Descriptors to pass, as a tuple of ints, within SCM_MAX_FD."""
+    out = tuple(_fd_of(f) for f in fds)
+    if len(out) > _SCM_MAX_FD:
+        raise ValueError("at most %d descriptors per message (SCM_MAX_FD), got %d"
+                         % (_SCM_MAX_FD, len(out)))
+    return out
+
+
+def _nbytes(data: Any) -> int:
+    try:
+        view = memoryview(data)
+    except TypeError:
+        raise TypeError("a message must be bytes-like or afunix.Message, not %s"
+                        % type(data).__name__) from None
+    if not view.c_contiguous:
+        raise ValueError("message buffers must be C-contiguous")
+    return view.nbytes
+
+
+def outgoing(messages: Iterable[Any]) -> _io.Outgoing:
+    """Check `messages` and split them into the parallel lists the backends take."""
+    items = messages if isinstance(messages, list) else list(messages)
+    types = set(map(type, items))
+    if types <= {bytes}:  # the common case: only bytes, nothing to split
+        return _io.Outgoing(items, list(map(len, items)), None, None, None)
+    datas: List[Any] = []
+    lengths: List[int] = []
+    fds: List[tuple[int, ...]] = []
+    addrs: List[Optional[bytes]] = []
+    creds: List[Optional[tuple[int, int, int]]] = []
+    for item in items:
+        if isinstance(item, Message):
+            datas.append(item.data)
+            fds.append(checked_fds(item.fds))
+            addrs.append(None if item.address is None else _io.encode_address(item.address))
+            if item.credentials is None:
+                creds.append(None)
+            else:
+                pid, uid, gid = (_checks.as_int(v, "credentials") for v in item.credentials)
+                creds.append((pid, uid, gid))
+        else:
+            datas.append(item)
+            fds.append(())
+            addrs.append(None)
+            creds.append(None)
+        lengths.append(_nbytes(datas[-1]))
+    return _io.Outgoing(
+        datas, lengths,
+        fds if any(fds) else None,
+        addrs if any(a is not None for a in addrs) else None,
+        creds if any(c is not None for c in creds) else None,
+    )
+
+
+def send_many(sock: Any, messages: Iterable[Any], flags: int = 0) -> int:
+    """Send many messages with as few sendmmsg calls as possible (1024 a call).
+
+    Like calling ``sock.sendmsg`` once per message.  `messages` holds
+    bytes-like objects or `Message`s (with descriptors, a destination address
+    for an unconnected SOCK_DGRAM socket, or explicit credentials).
+
+    Partial results are counts, never losses: when k > 0 messages went and
+    the next would block (non-blocking socket, or the timeout ran out), k is
+    returned; an error after k > 0 messages also returns k (the kernel
+    reports it again on the next call, as sendmmsg does).  On SOCK_STREAM,
+    which has no message boundaries, it behaves as ``sendall`` of the
+    concatenation: all are written, or it raises.
+
+    Returns:
+        How many messages were sent, in order from the first.
+
+    Raises:
+        TypeError, ValueError: bad messages, before any system call.
+        BlockingIOError: nothing could be sent on a non-blocking socket.
+        TimeoutError: nothing could be sent before the socket's timeout.
+        OSError: from the kernel, when nothing was sent.
+    """
+    flags = _checks.as_int(flags, "flags")
+    t = _io.target(sock)
+    try:
+        out = outgoing(messages)
+        if t.type == socket.SOCK_STREAM:
+            return _send_stream(t, out, flags)
+        return _send_messages(t, out, flags)
+    finally:
+        if t.shadow:
+            t.sock.detach()
+
+
+def _send_messages(t: _io.Target, out: _io.Outgoing, flags: int) -> int:
+    total = len(out.datas)
+    send_batch = _backend.impl.send_batch
+    sent = 0
+    deadline = _io.deadline_of(t.timeout)
+    may_wait = t.timeout != 0.0 and not flags & _DONTWAIT
+    if t.timeout is not None:
+        flags |= _DONTWAIT  # waiting is done here, against the deadline
+    while sent < total:
+        count = min(total - sent, MAX_MESSAGES)
+        try:
+            sent += send_batch(t.sock, out, sent, count, flags)
+        except InterruptedError:
+            continue  # PEP 475: handlers ran; retry
+        except BlockingIOError:
+            if not may_wait:
+                if sent:
+                    return sent
+                raise
+            if not _io.wait(t.fd, True, deadline):
+                if sent:
+                    return sent
+                raise socket.timeout("timed out") from None
+        except OSError:
+            if sent:
+                return sent
+            raise
+    return sent
+
+
+def _send_stream(t: _io.Target, out: _io.Outgoing, flags: int) -> int:
+    # A byte stream has no boundaries: a half-written message cannot be
+    # expressed as a count, so this is sendall of the concatenation.
+    # Descriptors ride on the first byte of their message.
+    if out.addresses is not None:
+        raise ValueError("a connected SOCK_STREAM socket takes no per-message address")
+    if out.fds is None and out.credentials is None:
+        t.sock.sendall(b"".join(out.datas), flags)
+        return len(out.datas)
+    extras = [
+        (out.fds[i] if out.fds is not None else (),
+         out.credentials[i] if out.credentials is not None else None)
+        for i in range(len(out.datas))
+    ]
+    for (fds, cred), length in zip(extras, out.lengths):
+        if (fds or cred is not None) and length == 0:
+            raise ValueError("on SOCK_STREAM a message carrying descriptors or credentials "
+                             "needs at least one data byte")
+    for data, (fds, cred) in zip(out.datas, extras):
+        if not fds and cred is None:
+            t.sock.sendall(data, flags)
+            continue
+        view = memoryview(data).cast("B")
+        first = _io.Outgoing([view[:1]], [1], [fds], None, None if cred is None else [cred])
+        _send_messages(t, first, flags)  # raises unless the byte went
+        t.sock.sendall(view[1:], flags)
+    return len(out.datas)
+
+
+# ---- receive ----------------------------------------------------------------
+
+
+def _checked_sizes(max_messages: Any, bufsize: Any, maxfds: Any) -> tuple[int, int, int]:
+    n = _checks.in_range(max_messages, "max_messages", 1, MAX_MESSAGES)
+    size = _checks.in_range(bufsize, "bufsize", 1, MAX_BUFSIZE)
+    k = _checks.in_range(maxfds, "maxfds", 0, _SCM_MAX_FD)
+    if n * size > MAX_ARENA_BYTES:
+        raise ValueError("max_messages x bufsize is %d bytes, the limit is %d"
+                         % (n * size, MAX_ARENA_BYTES))
+    return n, size, k
+
+
+def _receive(t: _io.Target, arena: Any, flags: int) -> int:
+    """Wait for the first message as sock.recv would, take the queued rest; strip end of stream."""
+    recv_batch = _backend.impl.recv_batch
+    deadline = _io.deadline_of(t.timeout)
+    may_wait = t.timeout != 0.0 and not flags & _DONTWAIT
+    if t.timeout is not None:
+        flags |= _DONTWAIT  # waiting is done here, against the deadline
+    while True:
+        try:
+            count = recv_batch(t.sock, arena, flags)
+            break
+        except InterruptedError:
+            continue  # PEP 475: handlers ran; retry
+        except BlockingIOError:
+            if not may_wait:
+                raise
+            if not _io.wait(t.fd, False, deadline):
+                raise socket.timeout("timed out") from None
+    if count and t.type != socket.SOCK_DGRAM and arena.length(count - 1) == 0:
+        count = _strip_end_of_stream(t, arena, count)
+    return count
+
+
+def _strip_end_of_stream(t: _io.Target, arena: Any, count: int) -> int:
+    # End of stream reads as a 0-byte message, and recvmmsg keeps reading it
+    # until the batch is full.  On a stream every 0-byte read is the end; on
+    # SEQPACKET an empty message reads the same, so trailing empty reads
+    # count as the end only once the peer has hung up.
+    if t.type == socket.SOCK_SEQPACKET and not _io.peer_hung_up(t.fd):
+        return count
+    while count and arena.length(count - 1) == 0 and not arena.fds(count - 1):
+        count -= 1
+    arena.count = count
+    return count
+
+
+def _messages(arena: Any, count: int, fds_of: Optional[Callable[[int], list[int]]] = None) -> list[Message]:
+    """Copy messages [0, count) out of `arena`, handing their descriptors to the caller."""
+    if fds_of is None:
+        fds_of = arena.fds
+    chunks = arena.chunks(count)
+    flags = arena.all_flags(count)
+    if arena.plain(count):
+        return [_message(Message, (d, (), None, f, None)) for d, f in zip(chunks, flags)]
+    out = []
+    for i in range(count):
+        creds = arena.credentials(i)
+        out.append(_message(Message, (
+            chunks[i],
+            tuple(fds_of(i)),
+            _io.decode_address(arena.address(i)),
+            flags[i],
+            None if creds is None else Credentials(*creds),
+        )))
+    return out
+
+
+_local = threading.local()
+
+
+def _cached_arena(n: int, size: int, maxfds: int) -> Any:
+    # recv_many reuses one arena per thread and per backend: allocating
+    # max_messages x bufsize on every call would cost more than the call.
+    key = (_backend.name, n, size, maxfds)
+    if getattr(_local, "key", None) != key:
+        _local.arena = _backend.impl.new_arena(n, size, maxfds)
+        _local.key = key
+    return _local.arena
+
+
+def recv_many(sock: Any, max_messages: int, bufsize: int, flags: int = 0, *,
+              maxfds: int = 0) -> list[Message]:
+    """Receive up to `max_messages` messages with one recvmmsg.
+
+    Waits for the first message as ``sock.recv`` would (blocking, timeout or
+    BlockingIOError), then takes those already queued without waiting
+    (MSG_WAITFORONE).  Each `Message` has the data (at most `bufsize` bytes;
+    MSG_TRUNC in `flags` when the datagram was longer), the sender's address
+    on an unconnected DGRAM socket, up to `maxfds` descriptors (close-on-exec,
+    now owned by the caller) and the sender's credentials with SO_PASSCRED.
+    A message whose control data was cut has MSG_CTRUNC in its flags and no
+    descriptors (the ones that came are closed).  On SOCK_STREAM each message
+    is the next chunk of the stream.  At end of stream the list is empty.
+
+    Raises:
+        TypeError, ValueError: bad arguments, before any system call.
+        BlockingIOError, TimeoutError, OSError: as sock.recv would.
+    """
+    n, size, k = _checked_sizes(max_messages, bufsize, maxfds)
+    flags = _checks.as_int(flags, "flags")
+    t = _io.target(sock)
+    try:
+        arena = _cached_arena(n, size, k)
+        return _messages(arena, _receive(t, arena, flags))
+    finally:
+        if t.shadow:
+            t.sock.detach()
+
+
+class RecvBatch:
+    """A reusable receive arena: the zero-copy, zero-allocation path of recv_many.
+
+    ``batch.recv(sock)`` fills it with one recvmmsg; ``batch[i]`` is a
+    memoryview of message i inside the arena, valid until the next recv.
+    Descriptors of message i are handed over by ``batch.fds(i)`` (or
+    ``messages()``); those not taken by the next ``recv()`` or ``close()``
+    are closed then, so none leaks.
+    """
+
+    def __init__(self, max_messages: int, bufsize: int, *, maxfds: int = 0) -> None:
+        self._untaken: dict[int, list[int]] = {}
+        n, size, k = _checked_sizes(max_messages, bufsize, maxfds)
+        self._backend = _backend.impl
+        self._arena = _backend.impl.new_arena(n, size, k)
+        self._view = self._arena.view
+        self._bufsize = size
+        self._count = 0
+        self._lens: list[int] = []
+        self._busy = threading.Lock()
+
+    @property
+    def max_messages(self) -> int:
+        return int(self._arena.max_messages)
+
+    @property
+    def bufsize(self) -> int:
+        return self._bufsize
+
+    @property
+    def maxfds(self) -> int:
+        return int(self._arena.maxfds)
+
+    def recv(self, sock: Any, flags: int = 0) -> int:
+        """Receive into the arena as `recv_many` does; returns the count.
+
+        Raises:
+            RuntimeError: the batch is in use by another thread.
+            BlockingIOError, TimeoutError, OSError: as sock.recv would.
+        """
+        flags = _checks.as_int(flags, "flags")
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError("this RecvBatch is being filled by another thread")
+        try:
+            self._release_untaken()
+            self._count = 0
+            self._lens = []
+            t = _io.target(sock)
+            try:
+                count = _receive(t, self._arena, flags)
+            finally:
+                if t.shadow:
+                    t.sock.detach()
+            self._count = count
+            self._lens = [self._arena.length(i) for i in range(count)]
+            if self._arena.maxfds:
+                self._untaken = {i: fds for i in range(count) if (fds := self._arena.fds(i))}
+            return count
+        finally:
+            self._busy.release()
+
+    def _release_untaken(self) -> None:
+        untaken, self._untaken = self._untaken, {}
+        for fds in untaken.values():
+            close_fds(fds)
+
+    def close(self) -> None:
+        """Close descriptors not taken with fds(); the arena stays usable."""
+        self._release_untaken()
+
+    def __enter__(self) -> "RecvBatch":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self._release_untaken()
+
+    def __len__(self) -> int:
+        return self._count
+
+    def _index(self, i: int) -> int:
+        if i < 0:
+            i += self._count
+        if not 0 <= i < self._count:
+            raise IndexError("RecvBatch index out of range")
+        return i
+
+    def __getitem__(self, i: int) -> memoryview:
+        i = self._index(i)
+        start = i * self._bufsize
+        view: memoryview = self._view[start:start + self._lens[i]]
+        return view
+
+    def __iter__(self) -> Iterator[memoryview]:
+        view, size = self._view, self._bufsize
+        for i, n in enumerate(self._lens):
+            yield view[i * size:i * size + n]
+
+    def flags(self, i: int) -> int:
+        """The kernel's msg_flags for message i (MSG_TRUNC, MSG_CTRUNC, ...)."""
+        return int(self._arena.msg_flags(self._index(i)))
+
+    def fds(self, i: int) -> list[int]:
+        """Message i's descriptors, handed to the caller (who must close them)."""
+        return self._untaken.pop(self._index(i), [])
+
+    def address(self, i: int) -> Optional[Address]:
+        """The sender's address of message i (None on a connected socket)."""
+        return _io.decode_address(self._arena.address(self._index(i)))
+
+    def credentials(self, i: int) -> Optional[Credentials]:
+        """The sender's SCM_CREDENTIALS for message i, when SO_PASSCRED is on."""
+        creds = self._arena.credentials(self._index(i))
+        return None if creds is None else Credentials(*creds)
+
+    def messages(self) -> list[Message]:
+        """Copy every message out as a `Message`, handing over all descriptors."""
+        untaken = self._untaken
+        out = _messages(self._arena, self._count, lambda i: untaken.pop(i, []))
+        return out

@@ -1,0 +1,130 @@
+"""Descriptor passing and peer identity, safe by default."""
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from typing import Any, Iterable, List, Optional, Tuple
+
+from . import _checks, _io
+from .batch import (_cached_arena, _checked_sizes, _receive, _send_messages, _send_stream,
+                    checked_fds)
+from .message import Address, Credentials, TruncatedError, close_fds
+
+# SO_PEERPIDFD (Linux >= 6.5) and SO_PASSCRED may be missing from the socket module.
+_SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
+_SO_PASSCRED = getattr(socket, "SO_PASSCRED", 16)
+
+
+def send_fds(sock: Any, buffers: Iterable[Any], fds: Iterable[Any], flags: int = 0,
+             address: Optional[Address] = None) -> int:
+    """Send `buffers` with `fds` attached (SCM_RIGHTS); returns the bytes sent.
+
+    The signature of ``socket.send_fds``, but `flags` and `address` are
+    honoured (the stdlib ignored them before 3.13, gh-107898), the control
+    data is packed in C, and the socket's timeout applies.  On SOCK_STREAM
+    all of the data is written (as sendall), the descriptors riding on its
+    first byte.
+
+    Raises:
+        TypeError, ValueError: bad buffers or descriptors (at most 253), before any system call.
+        OSError: from the kernel.
+    """
+    flags = _checks.as_int(flags, "flags")
+    views = [memoryview(b) for b in buffers]
+    data = b"".join(views)
+    fd_tuple = checked_fds(fds)
+    raw_address = None if address is None else _io.encode_address(address)
+    t = _io.target(sock)
+    try:
+        if t.type == socket.SOCK_STREAM and fd_tuple and not data:
+            raise ValueError("on SOCK_STREAM descriptors need at least one data byte to ride on")
+        out = _io.Outgoing([data], [len(data)], [fd_tuple] if fd_tuple else None,
+                           None if raw_address is None else [raw_address], None)
+        if t.type == socket.SOCK_STREAM:
+            # all of it, descriptors on the first byte (see send_many)
+            _send_stream(t, out, flags)
+        else:
+            _send_messages(t, out, flags)
+        return len(data)
+    finally:
+        if t.shadow:
+            t.sock.detach()
+
+
+def recv_fds(sock: Any, bufsize: int, maxfds: int, flags: int = 0
+             ) -> Tuple[bytes, List[int], int, Optional[Address]]:
+    """Receive one message and up to `maxfds` descriptors; returns (data, fds, msg_flags, address).
+
+    The signature of ``socket.recv_fds``, but safe: descriptors are received
+    close-on-exec (MSG_CMSG_CLOEXEC), the control buffer is sized with
+    CMSG_SPACE, and truncation is never silent.
+
+    Raises:
+        TruncatedError: the kernel cut the control data (MSG_CTRUNC: too small
+            `maxfds`, or this process at RLIMIT_NOFILE); the descriptors that
+            did arrive are closed, the data is on the exception.
+        BlockingIOError, TimeoutError, OSError: as sock.recvmsg would.
+    """
+    _, size, k = _checked_sizes(1, bufsize, maxfds)
+    flags = _checks.as_int(flags, "flags")
+    t = _io.target(sock)
+    try:
+        arena = _cached_arena(1, size, k)
+        if _receive(t, arena, flags) == 0:
+            return b"", [], 0, None  # end of stream
+        data = bytes(arena.chunks(1)[0])
+        msg_flags = arena.msg_flags(0)
+        address = _io.decode_address(arena.address(0))
+        fds = arena.fds(0)
+    finally:
+        if t.shadow:
+            t.sock.detach()
+    if msg_flags & socket.MSG_CTRUNC:
+        close_fds(fds)  # already closed by the backend; kept for safety
+        raise TruncatedError(data, msg_flags, address)
+    return data, fds, msg_flags, address
+
+
+def peer_credentials(sock: Any) -> Credentials:
+    """The connected peer's pid, uid and gid at connect time (SO_PEERCRED).
+
+    Like ``sock.getsockopt(SOL_SOCKET, SO_PEERCRED, ...)`` unpacked by hand.
+    """
+    t = _io.target(sock)
+    try:
+        raw = t.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+    finally:
+        if t.shadow:
+            t.sock.detach()
+    pid, uid, gid = struct.unpack("iii", raw)  # struct ucred: three C ints
+    return Credentials(pid, uid, gid)
+
+
+def peer_pidfd(sock: Any) -> int:
+    """A close-on-exec pidfd naming the connected peer process (SO_PEERPIDFD, Linux >= 6.5).
+
+    Unlike the pid from SO_PEERCRED, a pidfd cannot come to name another
+    process after the peer exits.  The caller owns and must close it.
+
+    Raises:
+        OSError: ENOPROTOOPT where the kernel lacks SO_PEERPIDFD.
+    """
+    t = _io.target(sock)
+    try:
+        fd = t.sock.getsockopt(socket.SOL_SOCKET, _SO_PEERPIDFD)
+    finally:
+        if t.shadow:
+            t.sock.detach()
+    os.set_inheritable(fd, False)  # the kernel makes it O_CLOEXEC; be sure
+    return int(fd)
+
+
+def pass_credentials(sock: Any, on: bool = True) -> None:
+    """Turn SO_PASSCRED on (or off): received messages then carry the sender's credentials."""
+    t = _io.target(sock)
+    try:
+        t.sock.setsockopt(socket.SOL_SOCKET, _SO_PASSCRED, 1 if on else 0)
+    finally:
+        if t.shadow:
+            t.sock.detach()
