@@ -1,4 +1,4 @@
-"""Command line: ``python -m afunix info`` (and ``bench`` once it lands)."""
+"""Command line: ``python -m afunix info`` and ``python -m afunix bench``."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +12,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m afunix", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="version, backend, capabilities and kernel limits")
+    bench = sub.add_parser("bench", help="afunix against the stdlib and plain C, on this machine")
+    from .bench import cli as bench_cli
+    bench_cli.add_arguments(bench)
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        return bench_cli.run(args)
     if args.command == "info":
         sys.stdout.write(info.report())
     return 0

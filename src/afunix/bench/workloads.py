@@ -1,0 +1,538 @@
+"""The workloads, once per implementation: the loops a run times in each process.
+
+Every message carries a little-endian uint64 sequence number in its first 8
+bytes (the first 8 of every chunk, on a stream).  A receiver returns how many
+messages it got and the sum of their numbers, so the runner can check that
+exactly what was sent arrived: ``count`` and ``count * (count - 1) // 2``.
+
+Functions take ``(sock, count, row)`` and are looked up in SENDERS and
+RECEIVERS by ``(kind, implementation)``.  The afunix functions are looked up
+on the package at call time, so an implementation of a function that does not
+exist yet is reported as not available rather than breaking the benchmark.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import afunix
+
+from .matrix import Row
+
+_SEQ = struct.Struct("<Q")
+
+
+class Mismatch(Exception):
+    """A receiver got something other than what the sender sends."""
+
+
+@dataclass
+class Received:
+    """What one side of a run reports back to the runner."""
+
+    count: int
+    checksum: int = 0
+    fds_closed: int = 0
+    samples: list[int] = field(default_factory=list)  # round trips, ns
+    elapsed: Optional[float] = None  # set by workloads that time themselves
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the runner needs to know about one workload."""
+
+    name: str
+    title: str
+    kind: str  # "pairs", "messages", "stream", "fds", "pingpong"
+    sock_type: int
+    unit: str  # what the table shows: "pairs/s", "msgs/s", "MB/s", "us"
+    afunix_needs: Tuple[str, ...]  # names the afunix implementations call
+
+    @property
+    def two_process(self) -> bool:
+        """True when a sender and a receiver run in two processes."""
+        return self.kind != "pairs"
+
+
+WORKLOADS: Dict[str, Workload] = {
+    w.name: w
+    for w in (
+        Workload("socketpairs", "socketpair creation", "pairs", socket.SOCK_STREAM,
+                 "pairs/s", ("socketpairs",)),
+        Workload("dgram", "DGRAM throughput", "messages", socket.SOCK_DGRAM,
+                 "msgs/s", ("send_many", "RecvBatch")),
+        Workload("seqpacket", "SEQPACKET throughput", "messages", socket.SOCK_SEQPACKET,
+                 "msgs/s", ("send_many", "RecvBatch")),
+        Workload("stream", "STREAM bandwidth", "stream", socket.SOCK_STREAM,
+                 "MB/s", ("send_many", "RecvBatch")),
+        Workload("fds", "descriptor passing", "fds", socket.SOCK_SEQPACKET,
+                 "msgs/s", ("send_many", "RecvBatch", "Message")),
+        Workload("pingpong", "ping-pong latency", "pingpong", socket.SOCK_SEQPACKET,
+                 "us", ("send_many", "RecvBatch")),
+    )
+}
+
+
+def expected(row: Row, count: int) -> Received:
+    """What a correct receiver reports for `count` messages of `row`."""
+    return Received(count, count * (count - 1) // 2, fds_closed=count * row.nfds)
+
+
+def _api(name: str) -> Any:
+    # Looked up at call time: the afunix API grows while this runs at every commit.
+    return getattr(afunix, name)
+
+
+def _batches(count: int, batch: int) -> range:
+    return range(0, count, batch)
+
+
+# ---- socketpair creation (one process; times itself, creation only) ----------
+
+def _pairs_timed(make: Callable[[int], list[Any]], close: Callable[[list[Any]], None],
+                 count: int, row: Row) -> Received:
+    made = 0
+    elapsed = 0.0
+    clock = time.perf_counter
+    for start in _batches(count, row.batch):
+        n = min(row.batch, count - start)
+        t0 = clock()
+        pairs = make(n)
+        elapsed += clock() - t0
+        made += len(pairs)
+        close(pairs)
+    return Received(made, made * (made - 1) // 2, elapsed=elapsed)
+
+
+def _close_pairs(pairs: list[Any]) -> None:
+    for a, b in pairs:
+        a.close()
+        b.close()
+
+
+def pairs_stdlib(sock: Optional[socket.socket], count: int, row: Row) -> Received:
+    """A loop of socket.socketpair(), as code written today does."""
+    pair = socket.socketpair
+    return _pairs_timed(lambda n: [pair() for _ in range(n)], _close_pairs, count, row)
+
+
+def pairs_afunix(sock: Optional[socket.socket], count: int, row: Row) -> Received:
+    """afunix.socketpairs(n), on whichever backend is active."""
+    pairs = _api("socketpairs")
+    return _pairs_timed(pairs, _close_pairs, count, row)
+
+
+def pairs_c(sock: Optional[socket.socket], count: int, row: Row) -> Received:
+    """The C reference: socketpair() in a C loop, no Python objects."""
+    from . import _reference
+
+    def make(n: int) -> list[Any]:
+        fds = _reference.socketpairs(socket.SOCK_STREAM, n)
+        return [fds[i:i + 2] for i in range(0, len(fds), 2)]
+
+    def close(pairs: list[Any]) -> None:
+        _reference.close_all([fd for pair in pairs for fd in pair])
+
+    return _pairs_timed(make, close, count, row)
+
+
+# ---- DGRAM and SEQPACKET messages --------------------------------------------
+
+def send_stdlib(sock: socket.socket, count: int, row: Row) -> Received:
+    """sock.send() once per message."""
+    buf = bytearray(row.size)
+    pack, send = _SEQ.pack_into, sock.send
+    for i in range(count):
+        pack(buf, 0, i)
+        send(buf)
+    return Received(count)
+
+
+def recv_stdlib(sock: socket.socket, count: int, row: Row) -> Received:
+    """sock.recv() once per message."""
+    unpack, recv, size = _SEQ.unpack_from, sock.recv, row.size
+    total = 0
+    for _ in range(count):
+        data = recv(size)
+        if len(data) != size:
+            raise Mismatch("a message of %d bytes, %d expected" % (len(data), size))
+        total += unpack(data)[0]
+    return Received(count, total)
+
+
+def _numbered_batch(row: Row) -> list[bytearray]:
+    return [bytearray(row.size) for _ in range(row.batch)]
+
+
+def send_afunix(sock: socket.socket, count: int, row: Row) -> Received:
+    """afunix.send_many(), a batch of messages per call."""
+    send_many, pack = _api("send_many"), _SEQ.pack_into
+    bufs = _numbered_batch(row)
+    for start in _batches(count, row.batch):
+        n = min(row.batch, count - start)
+        for i in range(n):
+            pack(bufs[i], 0, start + i)
+        sent = send_many(sock, bufs if n == row.batch else bufs[:n])
+        if sent != n:
+            raise Mismatch("send_many sent %d of %d on a blocking socket" % (sent, n))
+    return Received(count)
+
+
+def recv_afunix(sock: socket.socket, count: int, row: Row) -> Received:
+    """afunix.RecvBatch().recv(): a batch per call, no object per message."""
+    batch = _api("RecvBatch")(row.batch, row.size)
+    unpack, size = _SEQ.unpack_from, row.size
+    got = total = 0
+    while got < count:
+        n = batch.recv(sock)
+        if n == 0:
+            break
+        for i in range(n):
+            view = batch[i]
+            if len(view) != size:
+                raise Mismatch("a message of %d bytes, %d expected" % (len(view), size))
+            total += unpack(view)[0]
+        got += n
+    return Received(got, total)
+
+
+def send_c(sock: socket.socket, count: int, row: Row) -> Received:
+    """The C reference: sendmmsg, a batch per call."""
+    from . import _reference
+    return Received(_reference.send(sock.fileno(), count, row.size, row.batch))
+
+
+def recv_c(sock: socket.socket, count: int, row: Row) -> Received:
+    """The C reference: recvmmsg(MSG_WAITFORONE), a batch per call."""
+    from . import _reference
+    got, total = _reference.recv(sock.fileno(), count, row.size, row.batch)
+    return Received(got, total)
+
+
+# ---- STREAM bandwidth ---------------------------------------------------------
+
+class StreamChecker:
+    """Adds up the number at the start of each chunk, wherever reads cut the stream."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.pos = 0
+        self.total = 0
+        self._head = bytearray()
+
+    def feed(self, data: Any, n: int) -> None:
+        """Account for the first n bytes of data, the next bytes of the stream."""
+        size, pos, off = self.size, self.pos, 0
+        while off < n:
+            in_chunk = pos % size
+            if in_chunk < 8:
+                take = min(8 - in_chunk, n - off)
+                self._head += data[off:off + take]
+                if len(self._head) == 8:
+                    self.total += _SEQ.unpack(self._head)[0]
+                    self._head.clear()
+            else:
+                take = min(size - in_chunk, n - off)
+            off += take
+            pos += take
+        self.pos = pos
+
+
+def stream_send_stdlib(sock: socket.socket, count: int, row: Row) -> Received:
+    """sock.sendall() once per chunk."""
+    buf = bytearray(row.size)
+    pack, sendall = _SEQ.pack_into, sock.sendall
+    for i in range(count):
+        pack(buf, 0, i)
+        sendall(buf)
+    return Received(count)
+
+
+def stream_recv_stdlib(sock: socket.socket, count: int, row: Row) -> Received:
+    """sock.recv_into() a chunk-sized buffer until all bytes arrived."""
+    buf = bytearray(row.size)
+    view = memoryview(buf)
+    checker = StreamChecker(row.size)
+    total, recv_into = count * row.size, sock.recv_into
+    while checker.pos < total:
+        n = recv_into(buf)
+        if n == 0:
+            break
+        checker.feed(view, n)
+    return Received(checker.pos // row.size, checker.total)
+
+
+def stream_send_afunix(sock: socket.socket, count: int, row: Row) -> Received:
+    """afunix.send_many() of a batch of chunks: one sendmmsg per batch."""
+    return send_afunix(sock, count, row)
+
+
+def stream_recv_afunix(sock: socket.socket, count: int, row: Row) -> Received:
+    """afunix.RecvBatch().recv(): up to a batch of reads per call."""
+    batch = _api("RecvBatch")(row.batch, row.size)
+    checker = StreamChecker(row.size)
+    total = count * row.size
+    while checker.pos < total:
+        n = batch.recv(sock)
+        if n == 0:
+            break
+        for i in range(n):
+            view = batch[i]
+            if len(view) == 0:  # end of stream
+                total = checker.pos
+                break
+            checker.feed(view, len(view))
+    return Received(checker.pos // row.size, checker.total)
+
+
+def stream_send_c(sock: socket.socket, count: int, row: Row) -> Received:
+    """The C reference: sendmmsg of a batch of chunks."""
+    from . import _reference
+    return Received(_reference.stream_send(sock.fileno(), count, row.size, row.batch))
+
+
+def stream_recv_c(sock: socket.socket, count: int, row: Row) -> Received:
+    """The C reference: recv() a chunk-sized buffer in a loop."""
+    from . import _reference
+    got, total = _reference.stream_recv(sock.fileno(), count, row.size)
+    return Received(got, total)
+
+
+# ---- descriptor passing -------------------------------------------------------
+
+def _fds_to_send(row: Row) -> list[int]:
+    # The same descriptor row.nfds times: the kernel installs a new one for
+    # each on the receiving side, which is the cost being measured.
+    return [_devnull()] * row.nfds
+
+
+_DEVNULL: list[int] = []
+
+
+def _devnull() -> int:
+    if not _DEVNULL:
+        _DEVNULL.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+    return _DEVNULL[0]
+
+
+def fds_send_stdlib(sock: socket.socket, count: int, row: Row) -> Received:
+    """socket.send_fds() once per message."""
+    buf = bytearray(row.size)
+    fds = _fds_to_send(row)
+    pack, send_fds = _SEQ.pack_into, socket.send_fds
+    for i in range(count):
+        pack(buf, 0, i)
+        send_fds(sock, [buf], fds)
+    return Received(count)
+
+
+def fds_recv_stdlib(sock: socket.socket, count: int, row: Row) -> Received:
+    """socket.recv_fds() once per message; closes every descriptor received."""
+    unpack, recv_fds, close = _SEQ.unpack_from, socket.recv_fds, os.close
+    size, nfds = row.size, row.nfds
+    total = closed = 0
+    for _ in range(count):
+        data, fds, flags, _addr = recv_fds(sock, size, nfds)
+        for fd in fds:
+            close(fd)
+        closed += len(fds)
+        if len(data) != size or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            raise Mismatch("message of %d bytes, flags %#x" % (len(data), flags))
+        total += unpack(data)[0]
+    return Received(count, total, fds_closed=closed)
+
+
+def fds_send_afunix(sock: socket.socket, count: int, row: Row) -> Received:
+    """afunix.send_many() of afunix.Message(data, fds), a batch per call."""
+    send_many, message = _api("send_many"), _api("Message")
+    fds = _fds_to_send(row)
+    pack = _SEQ.pack_into
+    buf = bytearray(row.size)
+    for start in _batches(count, row.batch):
+        n = min(row.batch, count - start)
+        batch = []
+        for i in range(n):
+            pack(buf, 0, start + i)
+            batch.append(message(bytes(buf), fds))
+        sent = send_many(sock, batch)
+        if sent != n:
+            raise Mismatch("send_many sent %d of %d on a blocking socket" % (sent, n))
+    return Received(count)
+
+
+def fds_recv_afunix(sock: socket.socket, count: int, row: Row) -> Received:
+    """afunix.RecvBatch(maxfds=...).recv(); closes every descriptor received."""
+    batch = _api("RecvBatch")(row.batch, row.size, maxfds=row.nfds)
+    unpack, close, size = _SEQ.unpack_from, os.close, row.size
+    got = total = closed = 0
+    while got < count:
+        n = batch.recv(sock)
+        if n == 0:
+            break
+        for i in range(n):
+            fds = batch.fds(i)
+            for fd in fds:
+                close(fd)
+            closed += len(fds)
+            view = batch[i]
+            flags = batch.flags(i)
+            if len(view) != size or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                raise Mismatch("message of %d bytes, flags %#x" % (len(view), flags))
+            total += unpack(view)[0]
+        got += n
+    return Received(got, total, fds_closed=closed)
+
+
+def fds_send_c(sock: socket.socket, count: int, row: Row) -> Received:
+    """The C reference: sendmmsg with SCM_RIGHTS, a batch per call."""
+    from . import _reference
+    return Received(_reference.send_fds(sock.fileno(), count, row.size, row.batch,
+                                        _fds_to_send(row)))
+
+
+def fds_recv_c(sock: socket.socket, count: int, row: Row) -> Received:
+    """The C reference: recvmmsg, closing each descriptor in C."""
+    from . import _reference
+    got, total, closed = _reference.recv_fds(sock.fileno(), count, row.size, row.batch,
+                                             row.nfds)
+    return Received(got, total, fds_closed=closed)
+
+
+# ---- ping-pong latency (the "sender" pings and checks, the "receiver" echoes) --
+
+def ping_stdlib(sock: socket.socket, count: int, row: Row) -> Received:
+    """sock.send() a numbered message, sock.recv() its echo; time each round trip."""
+    buf = bytearray(row.size)
+    pack, unpack, send, recv = _SEQ.pack_into, _SEQ.unpack_from, sock.send, sock.recv
+    now, size = time.perf_counter_ns, row.size
+    samples = []
+    for i in range(count):
+        pack(buf, 0, i)
+        t0 = now()
+        send(buf)
+        data = recv(size)
+        samples.append(now() - t0)
+        if len(data) != size or unpack(data)[0] != i:
+            raise Mismatch("round trip %d came back wrong" % i)
+    return Received(count, count * (count - 1) // 2, samples=samples)
+
+
+def echo_stdlib(sock: socket.socket, count: int, row: Row) -> Received:
+    """sock.recv() and sock.send() it back."""
+    send, recv, size = sock.send, sock.recv, row.size
+    for i in range(count):
+        data = recv(size)
+        if not data:
+            return Received(i)
+        send(data)
+    return Received(count)
+
+
+def ping_afunix(sock: socket.socket, count: int, row: Row) -> Received:
+    """afunix.send_many([message]) and RecvBatch(1, size).recv() per round trip."""
+    send_many, batch = _api("send_many"), _api("RecvBatch")(1, row.size)
+    buf = bytearray(row.size)
+    messages = [buf]
+    pack, unpack, now, size = _SEQ.pack_into, _SEQ.unpack_from, time.perf_counter_ns, row.size
+    samples = []
+    for i in range(count):
+        pack(buf, 0, i)
+        t0 = now()
+        send_many(sock, messages)
+        batch.recv(sock)
+        samples.append(now() - t0)
+        view = batch[0]
+        if len(view) != size or unpack(view)[0] != i:
+            raise Mismatch("round trip %d came back wrong" % i)
+    return Received(count, count * (count - 1) // 2, samples=samples)
+
+
+def echo_afunix(sock: socket.socket, count: int, row: Row) -> Received:
+    """RecvBatch(1, size).recv() and afunix.send_many() it back."""
+    send_many, batch = _api("send_many"), _api("RecvBatch")(1, row.size)
+    for i in range(count):
+        if batch.recv(sock) == 0 or len(batch[0]) == 0:
+            return Received(i)
+        send_many(sock, [batch[0]])
+    return Received(count)
+
+
+def ping_c(sock: socket.socket, count: int, row: Row) -> Received:
+    """The C reference: send() and recv(), timed with clock_gettime in C."""
+    from . import _reference
+    samples = _reference.ping(sock.fileno(), count, row.size)
+    return Received(len(samples), count * (count - 1) // 2, samples=samples)
+
+
+def echo_c(sock: socket.socket, count: int, row: Row) -> Received:
+    """The C reference: recv() and send() it back."""
+    from . import _reference
+    return Received(_reference.echo(sock.fileno(), count, row.size))
+
+
+_AFUNIX = ("afunix-stdlib", "afunix-c")
+
+#: (kind, implementation) -> the sending side (the only side, for "pairs").
+SENDERS: Dict[Tuple[str, str], Callable[..., Received]] = {
+    ("pairs", "stdlib"): pairs_stdlib,
+    ("pairs", "c"): pairs_c,
+    ("messages", "stdlib"): send_stdlib,
+    ("messages", "c"): send_c,
+    ("stream", "stdlib"): stream_send_stdlib,
+    ("stream", "c"): stream_send_c,
+    ("fds", "stdlib"): fds_send_stdlib,
+    ("fds", "c"): fds_send_c,
+    ("pingpong", "stdlib"): ping_stdlib,
+    ("pingpong", "c"): ping_c,
+}
+#: (kind, implementation) -> the receiving side (the echo side, for "pingpong").
+RECEIVERS: Dict[Tuple[str, str], Callable[..., Received]] = {
+    ("messages", "stdlib"): recv_stdlib,
+    ("messages", "c"): recv_c,
+    ("stream", "stdlib"): stream_recv_stdlib,
+    ("stream", "c"): stream_recv_c,
+    ("fds", "stdlib"): fds_recv_stdlib,
+    ("fds", "c"): fds_recv_c,
+    ("pingpong", "stdlib"): echo_stdlib,
+    ("pingpong", "c"): echo_c,
+}
+for _impl in _AFUNIX:
+    SENDERS.update({
+        ("pairs", _impl): pairs_afunix,
+        ("messages", _impl): send_afunix,
+        ("stream", _impl): stream_send_afunix,
+        ("fds", _impl): fds_send_afunix,
+        ("pingpong", _impl): ping_afunix,
+    })
+    RECEIVERS.update({
+        ("messages", _impl): recv_afunix,
+        ("stream", _impl): stream_recv_afunix,
+        ("fds", _impl): fds_recv_afunix,
+        ("pingpong", _impl): echo_afunix,
+    })
+
+
+def unavailable(workload: Workload, impl: str) -> Optional[str]:
+    """Why `impl` cannot run `workload` here, or None when it can."""
+    if impl in _AFUNIX:
+        missing = [name for name in workload.afunix_needs if not hasattr(afunix, name)]
+        if missing:
+            return "not available: afunix.%s" % ", afunix.".join(missing)
+        if impl == "afunix-c":
+            from .. import _backend
+            try:
+                _backend.load("c")
+            except ImportError:
+                return "not available: C core not built"
+    if impl == "c":
+        try:
+            from . import _reference  # noqa: F401
+        except ImportError:
+            return "not available: C core not built"
+    if workload.kind == "fds" and impl == "stdlib" and not hasattr(socket, "send_fds"):
+        return "not available: socket.send_fds"
+    return None
