@@ -64,7 +64,7 @@ class Mode:
 
 MODES = {
     "default": Mode("default", runs=5, target_seconds=0.25, warmup_count=4000),
-    "quick": Mode("quick", runs=3, target_seconds=0.05, warmup_count=1000),
+    "quick": Mode("quick", runs=3, target_seconds=0.08, warmup_count=1000),
     # For the tests: one short run, no warm-up, a fixed small count.
     "tiny": Mode("tiny", runs=1, target_seconds=0.0, warmup_count=0, fixed_count=200),
 }

@@ -138,12 +138,14 @@ def run_once(row: Row, impl: str, placement: Placement, count: int) -> RunResult
     workload = WORKLOADS[row.workload]
     key = (workload.kind, impl)
     backend = _backend_of(impl)
+    a: Optional[socket.socket] = None
+    b: Optional[socket.socket] = None
+    sides: List[Tuple[Callable[..., Received], Optional[socket.socket], int]]
     if workload.two_process:
         a, b = socket.socketpair(socket.AF_UNIX, workload.sock_type)
         sides = [(SENDERS[key], a, placement.sender_cpu),
                  (RECEIVERS[key], b, placement.receiver_cpu)]
     else:
-        a = b = None
         sides = [(SENDERS[key], None, placement.sender_cpu)]
     ready_r, ready_w = os.pipe()
     go_r, go_w = os.pipe()

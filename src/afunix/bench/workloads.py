@@ -24,6 +24,9 @@ import afunix
 from .matrix import Row
 
 _SEQ = struct.Struct("<Q")
+# A plain int: socket.MSG_* are IntFlag members, and `|` or `&` on them in a
+# loop costs as much as the receive itself.
+_CUT = int(socket.MSG_TRUNC) | int(socket.MSG_CTRUNC)
 
 
 class Mismatch(Exception):
@@ -340,7 +343,7 @@ def fds_recv_stdlib(sock: socket.socket, count: int, row: Row) -> Received:
         for fd in fds:
             close(fd)
         closed += len(fds)
-        if len(data) != size or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+        if len(data) != size or flags & _CUT:
             raise Mismatch("message of %d bytes, flags %#x" % (len(data), flags))
         total += unpack(data)[0]
     return Received(count, total, fds_closed=closed)
@@ -380,7 +383,7 @@ def fds_recv_afunix(sock: socket.socket, count: int, row: Row) -> Received:
             closed += len(fds)
             view = batch[i]
             flags = batch.flags(i)
-            if len(view) != size or flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            if len(view) != size or flags & _CUT:
                 raise Mismatch("message of %d bytes, flags %#x" % (len(view), flags))
             total += unpack(view)[0]
         got += n
