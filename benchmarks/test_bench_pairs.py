@@ -1,51 +1,41 @@
 """Socketpair creation: afunix.socketpairs(n) against a loop of socket.socketpair().
 
+The makers are the ones `python -m afunix bench` times (afunix.bench.workloads).
 Only creation is timed; closing happens in the teardown of each round.
 Goal (issue 2): afunix on the C backend at least 1.4x the stdlib loop.
 """
 from __future__ import annotations
 
 import socket
-from typing import Callable, List, Tuple
+from typing import Any, Callable, List, Tuple
 
 import pytest
 
-import afunix
 from afunix import _backend
+from afunix.bench import workloads
 
 N = 500
 Pairs = List[Tuple[socket.socket, socket.socket]]
 
 
-def _stdlib_loop() -> Pairs:
-    return [socket.socketpair() for _ in range(N)]
-
-
-def _afunix() -> Pairs:
-    return afunix.socketpairs(N)
-
-
 @pytest.mark.parametrize(
-    "impl", ["stdlib-loop", "afunix-stdlib", "afunix-c"]
+    "impl", ["stdlib-loop", "afunix-stdlib", "afunix-c", "c-reference"]
 )
 def test_socketpairs(benchmark: object, record_median: Callable[..., None], impl: str) -> None:
-    if impl == "stdlib-loop":
-        target = _stdlib_loop
-    else:
-        try:
+    try:
+        if impl.startswith("afunix-"):
             _backend.use(impl.split("-")[1])
-        except ImportError as exc:
-            pytest.skip(str(exc))
-        target = _afunix
-    made: Pairs = []
+        make, close_pairs = workloads.pair_maker(
+            {"stdlib-loop": "stdlib", "c-reference": "c"}.get(impl, "afunix"))
+    except ImportError as exc:
+        pytest.skip(str(exc))
+    made: List[Any] = []
 
     def run() -> None:
-        made[:] = target()
+        made[:] = make(N)
 
     def close() -> None:
-        for a, b in made:
-            a.close()
-            b.close()
+        close_pairs(made)
         made.clear()
 
     benchmark.group = "socketpairs x%d" % N  # type: ignore[attr-defined]

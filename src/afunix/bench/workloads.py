@@ -17,7 +17,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import afunix
 
@@ -96,8 +96,40 @@ def _batches(count: int, batch: int) -> range:
 
 # ---- socketpair creation (one process; times itself, creation only) ----------
 
-def _pairs_timed(make: Callable[[int], list[Any]], close: Callable[[list[Any]], None],
-                 count: int, row: Row) -> Received:
+PairMaker = Tuple[Callable[[int], List[Any]], Callable[[List[Any]], None]]
+
+
+def _close_pairs(pairs: List[Any]) -> None:
+    for a, b in pairs:
+        a.close()
+        b.close()
+
+
+def pair_maker(impl: str) -> PairMaker:
+    """(make, close) for `impl`: make(n) returns n pairs, close(pairs) closes them.
+
+    Shared with benchmarks/test_bench_pairs.py.
+    """
+    if impl == "stdlib":
+        pair = socket.socketpair
+        return (lambda n: [pair() for _ in range(n)]), _close_pairs
+    if impl == "c":
+        from . import _reference
+
+        def make(n: int) -> List[Any]:
+            fds = _reference.socketpairs(socket.SOCK_STREAM, n)
+            return [fds[i:i + 2] for i in range(0, len(fds), 2)]
+
+        def close(pairs: List[Any]) -> None:
+            _reference.close_all([fd for pair in pairs for fd in pair])
+
+        return make, close
+    socketpairs = _api("socketpairs")
+    return (lambda n: list(socketpairs(n))), _close_pairs
+
+
+def _pairs_timed(impl: str, count: int, row: Row) -> Received:
+    make, close = pair_maker(impl)
     made = 0
     elapsed = 0.0
     clock = time.perf_counter
@@ -111,36 +143,19 @@ def _pairs_timed(make: Callable[[int], list[Any]], close: Callable[[list[Any]], 
     return Received(made, made * (made - 1) // 2, elapsed=elapsed)
 
 
-def _close_pairs(pairs: list[Any]) -> None:
-    for a, b in pairs:
-        a.close()
-        b.close()
-
-
 def pairs_stdlib(sock: Optional[socket.socket], count: int, row: Row) -> Received:
     """A loop of socket.socketpair(), as code written today does."""
-    pair = socket.socketpair
-    return _pairs_timed(lambda n: [pair() for _ in range(n)], _close_pairs, count, row)
+    return _pairs_timed("stdlib", count, row)
 
 
 def pairs_afunix(sock: Optional[socket.socket], count: int, row: Row) -> Received:
     """afunix.socketpairs(n), on whichever backend is active."""
-    pairs = _api("socketpairs")
-    return _pairs_timed(pairs, _close_pairs, count, row)
+    return _pairs_timed("afunix", count, row)
 
 
 def pairs_c(sock: Optional[socket.socket], count: int, row: Row) -> Received:
     """The C reference: socketpair() in a C loop, no Python objects."""
-    from . import _reference
-
-    def make(n: int) -> list[Any]:
-        fds = _reference.socketpairs(socket.SOCK_STREAM, n)
-        return [fds[i:i + 2] for i in range(0, len(fds), 2)]
-
-    def close(pairs: list[Any]) -> None:
-        _reference.close_all([fd for pair in pairs for fd in pair])
-
-    return _pairs_timed(make, close, count, row)
+    return _pairs_timed("c", count, row)
 
 
 # ---- DGRAM and SEQPACKET messages --------------------------------------------
