@@ -166,8 +166,9 @@ class ListeningSocket(socket.socket):
     file in place.  A ``dup()`` does not own the file.
 
     Attributes:
-        path: the filesystem path (str, as getsockname reports paths) or None
-            for an abstract or autobound socket.
+        path: the filesystem path this socket owns (str, as getsockname
+            reports paths); None for an abstract or autobound socket, and
+            after close() or detach().
     """
 
     __slots__ = ("_afunix_path", "_afunix_raw", "_afunix_ident", "_afunix_pid")
@@ -181,7 +182,7 @@ class ListeningSocket(socket.socket):
 
     @property
     def path(self) -> Optional[str]:
-        """The socket file's path, or None (abstract, autobound, detached, dup)."""
+        """The socket file's path, or None (abstract, autobound, closed, detached, dup)."""
         return self._afunix_path
 
     def _own(self, raw: bytes, ident: Tuple[int, int]) -> None:
@@ -191,6 +192,7 @@ class ListeningSocket(socket.socket):
         self._afunix_pid = os.getpid()
 
     def _disown(self) -> None:
+        self._afunix_path = None
         self._afunix_raw = None
         self._afunix_ident = None
 
@@ -201,7 +203,7 @@ class ListeningSocket(socket.socket):
         bound under before it was moved into place; the public path is what a
         caller wants to hand to clients.
         """
-        if self._afunix_path is not None and self.fileno() != -1:
+        if self._afunix_path is not None:
             return self._afunix_path
         return super().getsockname()
 
@@ -226,8 +228,10 @@ class ListeningSocket(socket.socket):
             st = os.lstat(raw)
             if (st.st_dev, st.st_ino) == ident:
                 # Another server can only have taken the path by replacing
-                # the entry, which changes the inode; a window remains only
-                # between this lstat and the unlink (no unlink-if-inode call).
+                # the entry, which changes the inode (ours cannot be reused:
+                # the bound socket holds it until the descriptor closes,
+                # which is after this).  A window remains only between this
+                # lstat and the unlink: there is no unlink-if-inode call.
                 os.unlink(raw)
         except OSError:
             pass  # already gone, or the directory is no longer ours to touch
@@ -259,28 +263,43 @@ def _probe(raw: bytes, type: int) -> Tuple[bool, str]:
 
 def _clear_stale(raw: bytes, type: int) -> None:
     """Remove the socket file at `raw` if it is stale; raise if it is live or not a socket."""
+    # Hold the probed inode open (O_PATH, Linux) until the unlink decision:
+    # a stale socket's inode is otherwise free, and its number can be given
+    # at once to a new file created in its place, defeating the st_ino check.
+    o_path = getattr(os, "O_PATH", 0)
+    pin = -1
     try:
-        before = os.lstat(raw)
+        if o_path:
+            pin = os.open(raw, o_path | os.O_NOFOLLOW | os.O_CLOEXEC)
+            before = os.fstat(pin)
+        else:
+            before = os.lstat(raw)
     except FileNotFoundError:
         return
-    if not stat.S_ISSOCK(before.st_mode):
-        raise FileExistsError(
-            errno.EEXIST, "exists and is not a socket; afunix never removes it",
-            os.fsdecode(raw),
-        )
-    live, why = _probe(raw, type)
-    if live:
-        raise OSError(errno.EADDRINUSE, "Address already in use (%s)" % why, os.fsdecode(raw))
-    if why == "gone":
-        return
     try:
-        after = os.lstat(raw)
-        # Unlink only the file we probed: if the entry changed in between,
-        # someone else replaced it and the next bind attempt decides again.
-        if (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino):
-            os.unlink(raw)
-    except FileNotFoundError:
-        pass
+        if not stat.S_ISSOCK(before.st_mode):
+            raise FileExistsError(
+                errno.EEXIST, "exists and is not a socket; afunix never removes it",
+                os.fsdecode(raw),
+            )
+        live, why = _probe(raw, type)
+        if live:
+            raise OSError(
+                errno.EADDRINUSE, "Address already in use (%s)" % why, os.fsdecode(raw)
+            )
+        if why == "gone":
+            return
+        try:
+            after = os.lstat(raw)
+            # Unlink only the file we probed: if the entry changed in between,
+            # someone else replaced it and the next bind attempt decides again.
+            if (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino):
+                os.unlink(raw)
+        except FileNotFoundError:
+            pass
+    finally:
+        if pin >= 0:
+            os.close(pin)
 
 
 def _ident(raw: bytes) -> Tuple[int, int]:
