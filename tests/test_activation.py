@@ -328,7 +328,7 @@ def test_systemd_notify_is_received(short_dir: str, abstract: bool, fd_baseline:
             while not any(b"BARRIER=1" in s for s in states):
                 try:
                     data, fds, _, _ = socket.recv_fds(rx, 4096, 8)
-                except TimeoutError:
+                except socket.timeout:
                     if proc.poll() is not None:
                         break  # an older systemd-notify without the barrier
                     assert time.monotonic() < deadline, "systemd-notify sent nothing"

@@ -501,6 +501,7 @@ def _connect_until(sock: socket.socket, raw: bytes, deadline: float) -> None:
         except BlockingIOError:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(errno.ETIMEDOUT, "timed out") from None
+                # socket.timeout: TimeoutError on 3.10+, its own OSError subclass on 3.9.
+                raise socket.timeout("timed out") from None
             time.sleep(min(pause, left))
             pause = min(pause * 2, 0.05)
