@@ -39,6 +39,8 @@ def machine() -> Dict[str, Any]:
         "cpus": os.cpu_count(),
         "cpus_allowed": sorted(os.sched_getaffinity(0)),
         "cpu_model": _cpu_model(),
+        # Other work on the machine shows as spread: worth seeing next to it.
+        "loadavg": list(os.getloadavg()),
     }
 
 
@@ -48,9 +50,9 @@ def header(mode: Mode, placements: Sequence[Placement]) -> List[str]:
     lines = [
         "afunix %s benchmark (%s: warm-up, then %d run%s per cell; median, +-spread = "
         "(max-min)/median)" % (m["afunix"], mode.name, mode.runs, "" if mode.runs == 1 else "s"),
-        "machine: %s %s %s, %s CPUs (%s), %s; active backend: %s" % (
-            m["system"], m["kernel"], m["arch"], m["cpus"], m["cpu_model"], m["python"],
-            m["backend"]),
+        "machine: %s %s %s, %s CPUs (%s), load %.1f, %s; active backend: %s" % (
+            m["system"], m["kernel"], m["arch"], m["cpus"], m["cpu_model"], m["loadavg"][0],
+            m["python"], m["backend"]),
     ]
     for p in placements:
         lines.append("placement " + p.describe())
@@ -204,7 +206,8 @@ def plot(cells: Sequence[CellResult], path: str) -> None:
         if base is None or base.status != "ok":
             continue
         latency = WORKLOADS[row.workload].unit == "us"
-        labels.append("%s %s\n%s" % (_title(row).replace(" p50", ""), _size(row), placement))
+        words = [_title(row).replace(" p50", ""), _size(row), "\n" + placement]
+        labels.append(" ".join(w for w in words if w.strip() != "-"))
         for impl in IMPLEMENTATIONS:
             cell = by_impl.get(impl)
             if cell is None or cell.status != "ok" or not cell.median:
@@ -213,15 +216,20 @@ def plot(cells: Sequence[CellResult], path: str) -> None:
                 # Latency is inverted so that, everywhere, higher is better.
                 series[impl].append(base.median / cell.median if latency
                                     else cell.median / base.median)
-    fig, ax = plt.subplots(figsize=(max(8.0, 1.1 * len(labels)), 5.5))
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    fig, ax = plt.subplots(figsize=(max(9.0, 0.8 * len(labels)), 6.0))
     width = 0.8 / len(IMPLEMENTATIONS)
     for k, impl in enumerate(IMPLEMENTATIONS):
         xs = [i + (k - (len(IMPLEMENTATIONS) - 1) / 2) * width for i in range(len(labels))]
         ax.bar(xs, series[impl], width, label=LABELS[impl])
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(0.1, 0.2, 0.5, 1.0)))
+    ax.yaxis.set_minor_locator(LogLocator(base=10, subs=()))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _pos: "%gx" % y))
     ax.set_xticks(range(len(labels)))
-    ax.set_xticklabels(labels, fontsize=7)
+    ax.set_xticklabels(labels, fontsize=7, rotation=45, ha="right")
     ax.set_ylabel("throughput relative to the stdlib loop (log; latency inverted)")
     m = machine()
     ax.set_title("afunix %s on %s %s, %s CPUs, %s" % (
