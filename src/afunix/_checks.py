@@ -1,6 +1,7 @@
 """Argument checks shared by the topic modules: run before any system call."""
 from __future__ import annotations
 
+import errno
 import operator
 import socket
 from typing import Any
@@ -34,5 +35,17 @@ def socket_type(value: Any) -> int:
     if t not in SOCKET_TYPES:
         raise ValueError(
             "type must be socket.SOCK_STREAM, SOCK_DGRAM or SOCK_SEQPACKET, got %d" % t
+        )
+    return t
+
+
+def supported_socket_type(value: Any) -> int:
+    """`socket_type`, plus OSError(EPROTONOSUPPORT) where SOCK_SEQPACKET is missing (macOS)."""
+    from .capabilities import supports
+
+    t = socket_type(value)
+    if t == socket.SOCK_SEQPACKET and not supports("seqpacket"):
+        raise OSError(
+            errno.EPROTONOSUPPORT, "SOCK_SEQPACKET is not supported on this platform"
         )
     return t

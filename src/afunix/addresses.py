@@ -133,15 +133,6 @@ def _parse(address: Any) -> Tuple[bytes, bool]:
     return raw, False
 
 
-def _checked_type(type: Any) -> int:
-    t = _checks.socket_type(type)
-    if t == socket.SOCK_SEQPACKET and not supports("seqpacket"):
-        raise OSError(
-            errno.EPROTONOSUPPORT, "SOCK_SEQPACKET is not supported on this platform"
-        )
-    return t
-
-
 def _checked_timeout(timeout: Any) -> Optional[float]:
     if timeout is None:
         return None
@@ -420,7 +411,7 @@ def listen(
         OSError: EADDRINUSE when a live server has the address; other errors
             from the kernel; nothing is leaked.
     """
-    t = _checked_type(type)
+    t = _checks.supported_socket_type(type)
     n = _checks.in_range(backlog, "backlog", 0, 1 << 30)
     bits = None if mode is None else _checks.in_range(mode, "mode", 0, 0o777)
     if address is AUTOBIND:
@@ -473,7 +464,7 @@ def connect(
         OSError: from the kernel (ENOENT, ECONNREFUSED, ...); nothing is leaked.
     """
     raw, _ = _parse(address)
-    t = _checked_type(type)
+    t = _checks.supported_socket_type(type)
     seconds = _checked_timeout(timeout)
     sock = socket.socket(socket.AF_UNIX, t)
     try:

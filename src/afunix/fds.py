@@ -9,7 +9,7 @@ from typing import Any, Iterable, List, Optional, Tuple
 from . import _checks, _io
 from .batch import (_cached_arena, _checked_sizes, _receive, _send_messages, _send_stream,
                     checked_fds)
-from .message import Address, Credentials, TruncatedError, close_fds
+from .message import Address, Credentials, TruncatedError
 
 # SO_PEERPIDFD (Linux >= 6.5) and SO_PASSCRED may be missing from the socket module.
 _SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
@@ -81,7 +81,7 @@ def recv_fds(sock: Any, bufsize: int, maxfds: int, flags: int = 0
         if t.shadow:
             t.sock.detach()
     if msg_flags & socket.MSG_CTRUNC:
-        close_fds(fds)  # already closed by the backend; kept for safety
+        # the backend already closed the descriptors of a cut message
         raise TruncatedError(data, msg_flags, address)
     return data, fds, msg_flags, address
 

@@ -1,25 +1,14 @@
 """Socketpair creation, one pair or many in one call."""
 from __future__ import annotations
 
-import errno
 import socket
 from typing import Any
 
 from . import _backend, _checks
-from .capabilities import supports
 
 # Bound on pairs per call: keeps 2 * n descriptors within a C int and the
 # temporary descriptor array reasonable.  RLIMIT_NOFILE usually bites first.
 MAX_PAIRS = 1 << 20
-
-
-def _checked_type(type: Any) -> int:
-    t = _checks.socket_type(type)
-    if t == socket.SOCK_SEQPACKET and not supports("seqpacket"):
-        raise OSError(
-            errno.EPROTONOSUPPORT, "SOCK_SEQPACKET is not supported on this platform"
-        )
-    return t
 
 
 def socketpairs(
@@ -45,7 +34,7 @@ def socketpairs(
         OSError: from the kernel (EMFILE, ENFILE, ...), with nothing leaked.
     """
     count = _checks.in_range(n, "n", 0, MAX_PAIRS)
-    return _backend.impl.socketpairs(count, _checked_type(type), bool(blocking))
+    return _backend.impl.socketpairs(count, _checks.supported_socket_type(type), bool(blocking))
 
 
 def socketpair(
@@ -55,4 +44,4 @@ def socketpair(
 
     Like ``socket.socketpair(socket.AF_UNIX, type)``; see `socketpairs`.
     """
-    return _backend.impl.socketpairs(1, _checked_type(type), bool(blocking))[0]
+    return _backend.impl.socketpairs(1, _checks.supported_socket_type(type), bool(blocking))[0]
