@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from .. import _backend
 from .._version import __version__
 from .matrix import IMPLEMENTATIONS, KIB, LABELS, Mode, Row
-from .runner import CellResult, Placement, median_and_spread
+from .runner import CellResult, Placement, allowed_cpus, median_and_spread
 from .workloads import WORKLOADS
 
 
@@ -37,7 +37,7 @@ def machine() -> Dict[str, Any]:
         "kernel": platform.release(),
         "arch": platform.machine(),
         "cpus": os.cpu_count(),
-        "cpus_allowed": sorted(os.sched_getaffinity(0)),
+        "cpus_allowed": allowed_cpus(),
         "cpu_model": _cpu_model(),
         # Other work on the machine shows as spread: worth seeing next to it.
         "loadavg": list(os.getloadavg()),

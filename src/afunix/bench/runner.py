@@ -44,9 +44,16 @@ class Placement:
             self.name, self.sender_cpu, self.receiver_cpu)
 
 
+def allowed_cpus() -> List[int]:
+    """The CPUs this process may run on (all of them where affinity is Linux-only)."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
 def placements(names: Tuple[str, ...]) -> List[Placement]:
     """The placements asked for that this machine can honour."""
-    cpus = sorted(os.sched_getaffinity(0))
+    cpus = allowed_cpus()
     made = []
     for name in names:
         if name == "two-cpus" and len(cpus) >= 2:
@@ -74,7 +81,8 @@ def _child(side: Callable[..., Received], sock: Optional[socket.socket], count: 
     # once instead of raising inside a half-sent batch.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     try:
-        os.sched_setaffinity(0, {cpu})
+        if hasattr(os, "sched_setaffinity"):  # Linux; elsewhere the scheduler places
+            os.sched_setaffinity(0, {cpu})
         if backend is not None:
             from .. import _backend
             _backend.use(backend)
