@@ -362,7 +362,9 @@ int afunix_recv_many(int fd, struct afunix_arena *a, int flags)
     int got = recv_batch(fd, hdrs, n, flags | MSG_CMSG_CLOEXEC);
     for (int i = 0; i < got; i++) {
         struct msghdr *m = &hdrs[i].msg_hdr;
-        a->lens[i] = hdrs[i].msg_len;
+        /* With MSG_TRUNC in flags, Linux reports a datagram's full length,
+         * which may exceed the buffer: keep lens within the bytes we hold. */
+        a->lens[i] = hdrs[i].msg_len < a->bufsize ? hdrs[i].msg_len : a->bufsize;
         int mflags = m->msg_flags;
         int seen = parse_control(a, i, m);
         if ((mflags & MSG_CTRUNC) || seen > a->maxfds) {

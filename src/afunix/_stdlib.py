@@ -121,7 +121,8 @@ class Arena:
                 os.close(fd)
             fds = []
             msg_flags |= socket.MSG_CTRUNC
-        self._lens[i] = nbytes
+        # MSG_TRUNC in flags makes recvmsg report the full datagram length
+        self._lens[i] = min(nbytes, self.bufsize)
         self._flags[i] = int(msg_flags)
         self._fds[i] = fds
         self._addrs[i] = _raw_address(address)
