@@ -120,7 +120,7 @@ static int send_batch(int fd, struct mmsghdr *hdrs, int n, int flags)
 }
 
 int afunix_send_many(int fd, int n, const char *data, const size_t *lens,
-                     const int *fds, const int *nfds,
+                     size_t uniform_len, const int *fds, const int *nfds,
                      const char *addrs, const int *addrlens,
                      const int *creds, int flags)
 {
@@ -128,6 +128,8 @@ int afunix_send_many(int fd, int n, const char *data, const size_t *lens,
         return -EINVAL;
     if (n == 0)
         return 0;
+    if (data == NULL || (nfds && !fds) || (addrs && !addrlens) || (addrlens && !addrs))
+        return -EINVAL;
 
     /* One allocation holds the headers, iovecs, addresses and control data. */
     size_t control_total = 0;
@@ -156,9 +158,10 @@ int afunix_send_many(int fd, int n, const char *data, const size_t *lens,
     const char *next_addr = addrs;
     for (int i = 0; i < n; i++) {
         struct msghdr *m = &hdrs[i].msg_hdr;
+        size_t len = lens ? lens[i] : uniform_len;
         iovs[i].iov_base = (void *)next_data;
-        iovs[i].iov_len = lens[i];
-        next_data += lens[i];
+        iovs[i].iov_len = len;
+        next_data += len;
         m->msg_iov = &iovs[i];
         m->msg_iovlen = 1;
         if (addrs && addrlens[i] >= 0) {
@@ -360,6 +363,7 @@ int afunix_recv_many(int fd, struct afunix_arena *a, int flags)
         m->msg_flags = 0;
     }
     int got = recv_batch(fd, hdrs, n, flags | MSG_CMSG_CLOEXEC);
+    a->extras = 0;
     for (int i = 0; i < got; i++) {
         struct msghdr *m = &hdrs[i].msg_hdr;
         /* With MSG_TRUNC in flags, Linux reports a datagram's full length,
@@ -388,6 +392,8 @@ int afunix_recv_many(int fd, struct afunix_arena *a, int flags)
             memcpy(a->addrs + (size_t)i * AFUNIX_ADDR_MAX, names[i].sun_path, len);
             a->addrlens[i] = (int)len;
         }
+        if (a->addrlens[i] >= 0 || a->nfds[i] > 0 || a->creds[4 * i])
+            a->extras++;
     }
     return got;
 }

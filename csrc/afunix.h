@@ -41,7 +41,9 @@ int afunix_socketpairs(int type, int nonblock, int n, int *fds);
 
 /* Send up to AFUNIX_MAX_BATCH messages in one sendmmsg (a sendmsg loop where
  * the platform lacks it).  Message i is lens[i] bytes of `data`, which holds
- * all the messages back to back.  Optional per-message parts, NULL when no
+ * all the messages back to back; when lens is NULL every message is
+ * uniform_len bytes (fixed-size records need no length array).
+ * Optional per-message parts, NULL when no
  * message has them:
  *   nfds[i] descriptors taken in order from `fds` (SCM_RIGHTS);
  *   addrlens[i] bytes of sun_path taken in order from `addrs`, -1 for none;
@@ -49,7 +51,7 @@ int afunix_socketpairs(int type, int nonblock, int n, int *fds);
  * MSG_NOSIGNAL is always added.  Returns how many messages went (> 0 even
  * when an error stopped the rest), or -errno when none did. */
 int afunix_send_many(int fd, int n, const char *data, const size_t *lens,
-                     const int *fds, const int *nfds,
+                     size_t uniform_len, const int *fds, const int *nfds,
                      const char *addrs, const int *addrlens,
                      const int *creds, int flags);
 
@@ -68,6 +70,7 @@ struct afunix_arena {
     int *creds;          /* 4 per message: present, pid, uid, gid */
     int *addrlens;       /* sun_path bytes in addrs, -1 when no address */
     char *addrs;         /* message i's at addrs + i * AFUNIX_ADDR_MAX */
+    int extras;          /* messages of the last call with fds, address or creds */
     /* private to afunix.c */
     void *hdrs;
     void *names;

@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 import os
 import socket
-from typing import Optional, Protocol, cast
+from typing import Optional, Protocol, Sequence, cast
 
 from ._io import Outgoing
 
@@ -27,6 +27,7 @@ class Arena(Protocol):
     maxfds: int
     view: memoryview
     count: int
+    lens: Sequence[int]
 
     def length(self, i: int) -> int: ...
     def msg_flags(self, i: int) -> int: ...
@@ -36,6 +37,7 @@ class Arena(Protocol):
     def plain(self, count: int) -> bool: ...
     def chunks(self, count: int) -> list[bytes]: ...
     def all_flags(self, count: int) -> list[int]: ...
+    def lengths(self, count: int) -> list[int]: ...
 
 
 class Backend(Protocol):

@@ -1,6 +1,7 @@
 """Plumbing shared by the I/O topic modules: sockets, waiting, addresses."""
 from __future__ import annotations
 
+import _socket
 import errno
 import os
 import select
@@ -9,6 +10,10 @@ import time
 from typing import Any, NamedTuple, Optional
 
 from .message import Address
+
+# socket.socket.type builds an enum object on every access; the C-level
+# member under it is the plain int (flags already masked off since 3.7).
+_raw_type = _socket.socket.type.__get__
 
 # Linux: POLLRDHUP tells that the peer closed or shut down its writing side.
 _POLLRDHUP = getattr(select, "POLLRDHUP", 0x2000)
@@ -38,7 +43,7 @@ def target(sock: Any) -> Target:
         fd = sock.fileno()
         if fd < 0:
             raise OSError(errno.EBADF, os.strerror(errno.EBADF))
-        return Target(sock, fd, sock.gettimeout(), sock.type, False)
+        return Target(sock, fd, sock.gettimeout(), _raw_type(sock), False)
     fileno = getattr(sock, "fileno", None)
     if fileno is None:
         raise TypeError("expected a socket or an object with fileno(), not %s" % type(sock).__name__)
@@ -49,7 +54,7 @@ def target(sock: Any) -> Target:
     # descriptor is; the caller detaches it afterwards.  Raises ENOTSOCK for
     # a descriptor that is not a socket.
     shadow = socket.socket(fileno=fd)
-    return Target(shadow, fd, shadow.gettimeout(), shadow.type, True)
+    return Target(shadow, fd, shadow.gettimeout(), _raw_type(shadow), True)
 
 
 def deadline_of(timeout: Optional[float]) -> Optional[float]:
@@ -110,6 +115,7 @@ class Outgoing(NamedTuple):
     fds: Optional[list[tuple[int, ...]]]  # None when no message has descriptors
     addresses: Optional[list[Optional[bytes]]]  # sun_path bytes; None: no addresses at all
     credentials: Optional[list[Optional[tuple[int, int, int]]]]
+    joined: Optional[bytes] = None       # all datas back to back, when already made
 
 
 def nonblocking_twin(sock: socket.socket) -> socket.socket:

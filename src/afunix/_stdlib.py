@@ -35,8 +35,11 @@ def socketpairs(n: int, type: int, blocking: bool) -> list[tuple[socket.socket, 
 MAX_BATCH = 1024
 _SCM_MAX_FD = 253
 _CREDS = getattr(socket, "SCM_CREDENTIALS", None)
-_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
-_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+# plain ints: | and & on the socket module's enum flags are slow
+_NOSIGNAL = int(getattr(socket, "MSG_NOSIGNAL", 0))
+_CLOEXEC = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
+_DONTWAIT = int(socket.MSG_DONTWAIT)
+_CTRUNC = int(socket.MSG_CTRUNC)
 _CRED_SPACE = socket.CMSG_SPACE(12) if _CREDS is not None else 0
 
 
@@ -72,7 +75,7 @@ def send_batch(sock: socket.socket, out: Outgoing, start: int, count: int, flags
                 raise
             sent += 1
             # after the first, take only what goes without waiting
-            flags |= socket.MSG_DONTWAIT
+            flags |= _DONTWAIT
     finally:
         if twin:
             s.detach()
@@ -99,6 +102,9 @@ class Arena:
         self._fds: list[list[int]] = [[] for _ in range(max_messages)]
         self._addrs: list[Optional[bytes]] = [None] * max_messages
         self._creds: list[Optional[tuple[int, int, int]]] = [None] * max_messages
+        #: per-message byte counts of the last recv
+        self.lens = self._lens
+        self._extras = 0
 
     def _store(self, i: int, nbytes: int, ancdata: list[Any], msg_flags: int, address: Any) -> None:
         fds: list[int] = []
@@ -115,18 +121,21 @@ class Arena:
             elif kind == _CREDS and len(payload) >= 12:
                 pid, uid, gid = array.array("i", payload[:12])
                 creds = (pid, uid, gid)
-        if msg_flags & socket.MSG_CTRUNC or seen > self.maxfds:
+        msg_flags = int(msg_flags)
+        if msg_flags & _CTRUNC or seen > self.maxfds:
             # cut control data: close what arrived, flag the cut (as the C core)
             for fd in fds:
                 os.close(fd)
             fds = []
-            msg_flags |= socket.MSG_CTRUNC
+            msg_flags |= _CTRUNC
         # MSG_TRUNC in flags makes recvmsg report the full datagram length
         self._lens[i] = min(nbytes, self.bufsize)
-        self._flags[i] = int(msg_flags)
+        self._flags[i] = msg_flags
         self._fds[i] = fds
         self._addrs[i] = _raw_address(address)
         self._creds[i] = creds
+        if fds or creds is not None or address is not None:
+            self._extras += 1
 
     def length(self, i: int) -> int:
         return self._lens[i]
@@ -144,14 +153,16 @@ class Arena:
         return self._creds[i]
 
     def plain(self, count: int) -> bool:
-        return not any(self._fds[:count]) and all(
-            a is None for a in self._addrs[:count]) and all(c is None for c in self._creds[:count])
+        return self._extras == 0
 
     def chunks(self, count: int) -> list[bytes]:
         return [self._slots[i][:n].tobytes() for i, n in enumerate(self._lens[:count])]
 
     def all_flags(self, count: int) -> list[int]:
         return self._flags[:count]
+
+    def lengths(self, count: int) -> list[int]:
+        return self._lens[:count]
 
 
 def _raw_address(address: Any) -> Optional[bytes]:
@@ -171,7 +182,9 @@ def recv_batch(sock: socket.socket, arena: Arena, flags: int) -> int:
     """recvmsg_into for the first message, then those already queued; the count, or OSError."""
     s, twin = _io_socket(sock)
     flags |= _CLOEXEC
+    stream = sock.type == socket.SOCK_STREAM
     count = 0
+    arena._extras = 0
     try:
         for i in range(arena.max_messages):
             try:
@@ -183,10 +196,10 @@ def recv_batch(sock: socket.socket, arena: Arena, flags: int) -> int:
                 raise
             arena._store(i, nbytes, ancdata, msg_flags, address)
             count += 1
-            if nbytes == 0 and sock.type == socket.SOCK_STREAM:
+            if nbytes == 0 and stream:
                 break  # end of stream: every further read is the same
             # MSG_WAITFORONE: after the first, take only what is queued
-            flags |= socket.MSG_DONTWAIT
+            flags |= _DONTWAIT
     finally:
         if twin:
             s.detach()

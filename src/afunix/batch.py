@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import socket
 import threading
-from typing import Any, Callable, Iterable, Iterator, List, Optional
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence
 
 from . import _backend, _checks, _io
 from .message import Address, Credentials, Message, close_fds
@@ -15,7 +15,12 @@ MAX_BUFSIZE = 16 << 20
 MAX_ARENA_BYTES = 256 << 20
 _SCM_MAX_FD = 253
 
-_DONTWAIT = socket.MSG_DONTWAIT
+# Plain ints: the socket module's constants are enum members, and every
+# | or & on them builds a new enum object (as costly as a system call).
+_DONTWAIT = int(socket.MSG_DONTWAIT)
+_STREAM = int(socket.SOCK_STREAM)
+_DGRAM = int(socket.SOCK_DGRAM)
+_SEQPACKET = int(socket.SOCK_SEQPACKET)
 _message = tuple.__new__
 
 
@@ -54,9 +59,20 @@ def _nbytes(data: Any) -> int:
 def outgoing(messages: Iterable[Any]) -> _io.Outgoing:
     """Check `messages` and split them into the parallel lists the backends take."""
     items = messages if isinstance(messages, list) else list(messages)
-    types = set(map(type, items))
-    if types <= {bytes}:  # the common case: only bytes, nothing to split
-        return _io.Outgoing(items, list(map(len, items)), None, None, None)
+    if not items:
+        return _io.Outgoing(items, [], None, None, None, b"")
+    # The common case, plain byte strings: join() takes any buffer and fails
+    # on anything else (a Message is a tuple).  len() is the byte count for
+    # bytes and bytearray, and at most that for other buffers, so the sums
+    # agree only when every len() was the byte count.
+    try:
+        joined = b"".join(items)
+        sizes = list(map(len, items))
+    except TypeError:
+        pass
+    else:
+        if sum(sizes) == len(joined):
+            return _io.Outgoing(items, sizes, None, None, None, joined)
     datas: List[Any] = []
     lengths: List[int] = []
     fds: List[tuple[int, ...]] = []
@@ -113,7 +129,7 @@ def send_many(sock: Any, messages: Iterable[Any], flags: int = 0) -> int:
     t = _io.target(sock)
     try:
         out = outgoing(messages)
-        if t.type == socket.SOCK_STREAM:
+        if t.type == _STREAM:
             return _send_stream(t, out, flags)
         return _send_messages(t, out, flags)
     finally:
@@ -211,7 +227,7 @@ def _receive(t: _io.Target, arena: Any, flags: int) -> int:
                 raise
             if not _io.wait(t.fd, False, deadline):
                 raise socket.timeout("timed out") from None
-    if count and t.type != socket.SOCK_DGRAM and arena.length(count - 1) == 0:
+    if count and t.type != _DGRAM and arena.length(count - 1) == 0:
         count = _strip_end_of_stream(t, arena, count)
     return count
 
@@ -221,7 +237,7 @@ def _strip_end_of_stream(t: _io.Target, arena: Any, count: int) -> int:
     # until the batch is full.  On a stream every 0-byte read is the end; on
     # SEQPACKET an empty message reads the same, so trailing empty reads
     # count as the end only once the peer has hung up.
-    if t.type == socket.SOCK_SEQPACKET and not _io.peer_hung_up(t.fd):
+    if t.type == _SEQPACKET and not _io.peer_hung_up(t.fd):
         return count
     while count and arena.length(count - 1) == 0 and not arena.fds(count - 1):
         count -= 1
@@ -310,7 +326,7 @@ class RecvBatch:
         self._view = self._arena.view
         self._bufsize = size
         self._count = 0
-        self._lens: list[int] = []
+        self._lens: Sequence[int] = []
         self._busy = threading.Lock()
 
     @property
@@ -346,7 +362,7 @@ class RecvBatch:
                 if t.shadow:
                     t.sock.detach()
             self._count = count
-            self._lens = [self._arena.length(i) for i in range(count)]
+            self._lens = self._arena.lens
             if self._arena.maxfds:
                 self._untaken = {i: fds for i in range(count) if (fds := self._arena.fds(i))}
             return count
@@ -388,9 +404,10 @@ class RecvBatch:
         return view
 
     def __iter__(self) -> Iterator[memoryview]:
-        view, size = self._view, self._bufsize
-        for i, n in enumerate(self._lens):
-            yield view[i * size:i * size + n]
+        view, size, lens = self._view, self._bufsize, self._lens
+        for i in range(self._count):
+            start = i * size
+            yield view[start:start + lens[i]]
 
     def flags(self, i: int) -> int:
         """The kernel's msg_flags for message i (MSG_TRUNC, MSG_CTRUNC, ...)."""

@@ -14,6 +14,8 @@ from .message import Address, Credentials, TruncatedError
 # SO_PEERPIDFD (Linux >= 6.5) and SO_PASSCRED may be missing from the socket module.
 _SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
 _SO_PASSCRED = getattr(socket, "SO_PASSCRED", 16)
+_STREAM = int(socket.SOCK_STREAM)
+_CTRUNC = int(socket.MSG_CTRUNC)
 
 
 def send_fds(sock: Any, buffers: Iterable[Any], fds: Iterable[Any], flags: int = 0,
@@ -37,11 +39,11 @@ def send_fds(sock: Any, buffers: Iterable[Any], fds: Iterable[Any], flags: int =
     raw_address = None if address is None else _io.encode_address(address)
     t = _io.target(sock)
     try:
-        if t.type == socket.SOCK_STREAM and fd_tuple and not data:
+        if t.type == _STREAM and fd_tuple and not data:
             raise ValueError("on SOCK_STREAM descriptors need at least one data byte to ride on")
         out = _io.Outgoing([data], [len(data)], [fd_tuple] if fd_tuple else None,
                            None if raw_address is None else [raw_address], None)
-        if t.type == socket.SOCK_STREAM:
+        if t.type == _STREAM:
             # all of it, descriptors on the first byte (see send_many)
             _send_stream(t, out, flags)
         else:
@@ -80,7 +82,7 @@ def recv_fds(sock: Any, bufsize: int, maxfds: int, flags: int = 0
     finally:
         if t.shadow:
             t.sock.detach()
-    if msg_flags & socket.MSG_CTRUNC:
+    if msg_flags & _CTRUNC:
         # the backend already closed the descriptors of a cut message
         raise TruncatedError(data, msg_flags, address)
     return data, fds, msg_flags, address
