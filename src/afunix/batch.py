@@ -126,9 +126,9 @@ def send_many(sock: Any, messages: Iterable[Any], flags: int = 0) -> int:
         OSError: from the kernel, when nothing was sent.
     """
     flags = _checks.as_int(flags, "flags")
+    out = outgoing(messages)  # every check before the first system call
     t = _io.target(sock)
     try:
-        out = outgoing(messages)
         if t.type == _STREAM:
             return _send_stream(t, out, flags)
         return _send_messages(t, out, flags)
@@ -141,9 +141,10 @@ def _send_messages(t: _io.Target, out: _io.Outgoing, flags: int) -> int:
     total = len(out.datas)
     send_batch = _backend.impl.send_batch
     sent = 0
-    deadline = _io.deadline_of(t.timeout)
+    deadline = None
     may_wait = t.timeout != 0.0 and not flags & _DONTWAIT
     if t.timeout is not None:
+        deadline = _io.deadline_of(t.timeout)
         flags |= _DONTWAIT  # waiting is done here, against the deadline
     while sent < total:
         count = min(total - sent, MAX_MESSAGES)
@@ -408,6 +409,19 @@ class RecvBatch:
         for i in range(self._count):
             start = i * size
             yield view[start:start + lens[i]]
+
+    @property
+    def buffer(self) -> memoryview:
+        """The whole arena: message i starts at ``i * bufsize`` (valid until the next recv).
+
+        With `lengths()` this lets a consumer work on a batch in bulk, with
+        no Python object per message.
+        """
+        return self._view
+
+    def lengths(self) -> list[int]:
+        """The byte count of every message of the last recv, in one call."""
+        return self._arena.lengths(self._count)
 
     def flags(self, i: int) -> int:
         """The kernel's msg_flags for message i (MSG_TRUNC, MSG_CTRUNC, ...)."""

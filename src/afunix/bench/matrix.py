@@ -41,8 +41,11 @@ class Row:
 MATRIX: tuple[Row, ...] = (
     Row("socketpairs", size=0, batch=100),
     Row("dgram", size=64, batch=32),
+    # the same with bigger batches: where the fixed cost of a call fades
+    Row("dgram", size=64, batch=256),
     Row("dgram", size=1 * KIB, batch=32),
     Row("seqpacket", size=64, batch=32),
+    Row("seqpacket", size=64, batch=256),
     Row("seqpacket", size=1 * KIB, batch=32),
     Row("stream", size=64 * KIB, batch=16),
     Row("fds", size=64, batch=32, nfds=1),
