@@ -278,7 +278,8 @@ struct afunix_arena *afunix_arena_new(int max_messages, size_t bufsize, int maxf
  * descriptors the control data held, kept or not. */
 static int parse_control(struct afunix_arena *a, int i, const struct msghdr *m)
 {
-    int *out = a->fds + (size_t)i * (size_t)(a->maxfds > 0 ? a->maxfds : 1);
+    /* room for maxfds per message, so the compacted array never overflows */
+    int *out = a->fds + a->total_fds;
     int kept = 0, seen = 0;
     const char *base = (const char *)m->msg_control;
     size_t total = m->msg_controllen;
@@ -325,6 +326,7 @@ static int parse_control(struct afunix_arena *a, int i, const struct msghdr *m)
         off += step;
     }
     a->nfds[i] = kept;
+    a->total_fds += kept;
     return seen;
 }
 
@@ -364,6 +366,7 @@ int afunix_recv_many(int fd, struct afunix_arena *a, int flags)
     }
     int got = recv_batch(fd, hdrs, n, flags | MSG_CMSG_CLOEXEC);
     a->extras = 0;
+    a->total_fds = 0;
     for (int i = 0; i < got; i++) {
         struct msghdr *m = &hdrs[i].msg_hdr;
         /* With MSG_TRUNC in flags, Linux reports a datagram's full length,
@@ -374,8 +377,8 @@ int afunix_recv_many(int fd, struct afunix_arena *a, int flags)
         if ((mflags & MSG_CTRUNC) || seen > a->maxfds) {
             /* Cut control data: the descriptors that did arrive are not the
              * ones the sender meant as a whole; close them, flag the cut. */
-            int *mine = a->fds + (size_t)i * (size_t)(a->maxfds > 0 ? a->maxfds : 1);
-            close_all(mine, a->nfds[i]);
+            a->total_fds -= a->nfds[i]; /* this message's are the last kept */
+            close_all(a->fds + a->total_fds, a->nfds[i]);
             a->nfds[i] = 0;
             mflags |= MSG_CTRUNC;
         }
@@ -396,4 +399,11 @@ int afunix_recv_many(int fd, struct afunix_arena *a, int flags)
             a->extras++;
     }
     return got;
+}
+
+int afunix_close_fds(const int *fds, int n)
+{
+    for (int i = 0; i < n; i++)
+        close(fds[i]);
+    return n < 0 ? 0 : n;
 }

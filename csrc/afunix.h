@@ -66,7 +66,8 @@ struct afunix_arena {
     size_t *lens;        /* bytes received (<= bufsize) */
     int *msg_flags;      /* the kernel's msg_flags, plus MSG_CTRUNC when we cut */
     int *nfds;           /* descriptors kept for message i */
-    int *fds;            /* message i's at fds + i * maxfds */
+    int *fds;            /* all kept descriptors back to back, in message order */
+    int total_fds;       /* how many fds holds */
     int *creds;          /* 4 per message: present, pid, uid, gid */
     int *addrlens;       /* sun_path bytes in addrs, -1 when no address */
     char *addrs;         /* message i's at addrs + i * AFUNIX_ADDR_MAX */
@@ -88,5 +89,9 @@ void afunix_arena_free(struct afunix_arena *arena);
  * carried more than maxfds descriptors, has all its descriptors closed and
  * MSG_CTRUNC in its flags.  Returns the count, or -errno. */
 int afunix_recv_many(int fd, struct afunix_arena *arena, int flags);
+
+/* Close fds[0..n), whatever each close returns; returns n.  One crossing for
+ * a whole batch of received descriptors. */
+int afunix_close_fds(const int *fds, int n);
 
 #endif

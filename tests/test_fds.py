@@ -491,3 +491,55 @@ def test_no_descriptor_leak_over_many_round_trips(fd_baseline: set[int]) -> None
 def test_child_process_backend(backend: str) -> None:
     proc = run_python("import afunix; print(afunix.BACKEND)", backend)
     assert proc.stdout.strip() == backend
+
+
+def test_bulk_descriptor_access(fd_baseline: set[int]) -> None:
+    a, b = afunix.socketpair(socket.SOCK_SEQPACKET)
+    r, w = os.pipe()
+    try:
+        with a, b:
+            afunix.send_many(a, [Message(b"0", fds=(r,)), b"1", Message(b"2", fds=(w, r))])
+            batch = afunix.RecvBatch(8, 8, maxfds=2)
+            assert batch.recv(b) == 3
+            assert batch.fd_counts() == [1, 0, 2]
+            first = batch.fds(0)
+            rest = batch.all_fds()  # what fds(0) did not take, in message order
+            assert len(first) == 1 and same_file(first[0], r)
+            assert len(rest) == 2 and same_file(rest[0], w) and same_file(rest[1], r)
+            assert batch.all_fds() == [] and batch.fds(2) == []  # handed over once
+            afunix.close_fds(first + rest)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_batch_over_1024_with_descriptors_only_in_some_chunks(fd_baseline: set[int]) -> None:
+    import threading
+
+    a, b = afunix.socketpair(socket.SOCK_SEQPACKET)
+    fd = os.open("/dev/null", os.O_RDONLY)
+    try:
+        with a, b:
+            msgs = [Message(b"%d" % i, fds=(fd,) if i in (0, 1500) else ()) for i in range(2100)]
+            result: list[int] = []
+            sender = threading.Thread(target=lambda: result.append(afunix.send_many(a, msgs)))
+            sender.start()
+            got: list[Message] = []
+            while len(got) < len(msgs):
+                got.extend(afunix.recv_many(b, 1024, 16, maxfds=1))
+            sender.join()
+            assert result == [2100]
+            assert [m.data for m in got] == [m.data for m in msgs]
+            assert [i for i, m in enumerate(got) if m.fds] == [0, 1500]
+            for m in got:
+                afunix.close_fds(m.fds)
+    finally:
+        os.close(fd)
+
+
+def test_close_fds_ignores_closed_descriptors() -> None:
+    r, w = os.pipe()
+    os.close(w)
+    afunix.close_fds([r, w])  # w is already closed: no error
+    with pytest.raises(OSError):
+        os.fstat(r)

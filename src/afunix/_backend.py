@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 import os
 import socket
-from typing import Optional, Protocol, Sequence, cast
+from typing import Any, Optional, Protocol, Sequence, cast
 
 from ._io import Outgoing
 
@@ -32,12 +32,33 @@ class Arena(Protocol):
     def length(self, i: int) -> int: ...
     def msg_flags(self, i: int) -> int: ...
     def fds(self, i: int) -> list[int]: ...
+    def all_fds(self) -> list[int]: ...
+    def fd_counts(self, count: int) -> list[int]: ...
     def address(self, i: int) -> Optional[bytes]: ...
     def credentials(self, i: int) -> Optional[tuple[int, int, int]]: ...
     def plain(self, count: int) -> bool: ...
     def chunks(self, count: int) -> list[bytes]: ...
     def all_flags(self, count: int) -> list[int]: ...
     def lengths(self, count: int) -> list[int]: ...
+
+
+class FrameTable(Protocol):
+    """Where parse_frames writes (both backends): one entry per complete frame.
+
+    offsets/lengths/nfds are memoryviews of format "I", `capacity` long: the
+    payload offset in the parsed buffer, its length, its declared descriptor
+    count.  The other fields describe the last parse.
+    """
+
+    capacity: int
+    offsets: memoryview
+    lengths: memoryview
+    nfds: memoryview
+    count: int
+    consumed: int  # bytes of the frames found, headers included
+    uniform: int  # the length all frames found share, -1 when they differ
+    with_fds: int  # frames found that declare descriptors
+    need: int  # bytes the first incomplete frame needs in all, 0 when none
 
 
 class Backend(Protocol):
@@ -57,6 +78,22 @@ class Backend(Protocol):
     def new_arena(self, max_messages: int, bufsize: int, maxfds: int) -> Arena: ...
 
     def recv_batch(self, sock: socket.socket, arena: Arena, flags: int) -> int: ...
+
+    # ---- message channel (docs/PROTOCOL.md) ----
+
+    def new_frame_table(self, capacity: int) -> FrameTable: ...
+
+    def parse_frames(
+        self, table: FrameTable, buf: bytearray, start: int, end: int,
+        max_frames: int, max_frame: int,
+    ) -> int: ...
+
+    def pack_frames(
+        self, datas: Sequence[Any], joined: bytes, lengths: Sequence[int],
+        nfds: Optional[Sequence[int]],
+    ) -> memoryview: ...
+
+    def close_fds(self, fds: list[int]) -> None: ...
 
 
 FUNCTIONS = tuple(sorted(

@@ -129,18 +129,22 @@ def send_batch(sock: socket.socket, out: Outgoing, start: int, count: int, flags
         lens_arg, uniform = _size_t_array(lens), 0
     fds = nfds = addrs = addrlens = creds = _NULL
     if out.fds is not None:
-        per = out.fds[start:end]
-        nfds = ffi.new("int[]", [len(f) for f in per])
-        fds = ffi.new("int[]", [fd for f in per for fd in f])
+        if whole and out.fd_counts is not None and out.fd_flat is not None:
+            nfds, fds = _int_array(out.fd_counts), _int_array(out.fd_flat)
+        else:
+            per = out.fds[start:end]
+            flat = [fd for f in per for fd in f]
+            if flat:  # a chunk of the batch may carry none
+                nfds, fds = _int_array([len(f) for f in per]), _int_array(flat)
     if out.addresses is not None:
         per_addr = out.addresses[start:end]
         addrlens = ffi.new("int[]", [-1 if a is None else len(a) for a in per_addr])
         addrs = b"".join(a for a in per_addr if a is not None)
     if out.credentials is not None:
-        flat: list[int] = []
+        quads: list[int] = []  # present, pid, uid, gid per message
         for c in out.credentials[start:end]:
-            flat.extend((0, 0, 0, 0) if c is None else (1, c[0], c[1], c[2]))
-        creds = ffi.new("int[]", flat)
+            quads.extend((0, 0, 0, 0) if c is None else (1, c[0], c[1], c[2]))
+        creds = ffi.new("int[]", quads)
     rc = lib.afunix_send_many(
         sock.fileno(), count, data, lens_arg, uniform,
         fds, nfds, addrs, addrlens, creds, flags,
@@ -186,7 +190,17 @@ class Arena:
     def fds(self, i: int) -> list[int]:
         a = self._a
         n = a.nfds[i]
-        return list(ffi.unpack(a.fds + i * max(self.maxfds, 1), n)) if n else []
+        if not n:
+            return []
+        start = sum(ffi.unpack(a.nfds, i)) if i else 0  # kept back to back
+        return list(ffi.unpack(a.fds + start, n))
+
+    def all_fds(self) -> list[int]:
+        n = self._a.total_fds
+        return list(ffi.unpack(self._a.fds, n)) if n else []
+
+    def fd_counts(self, count: int) -> list[int]:
+        return list(ffi.unpack(self._a.nfds, count))
 
     def address(self, i: int) -> Optional[bytes]:
         n = self._a.addrlens[i]
@@ -225,3 +239,87 @@ def recv_batch(sock: socket.socket, arena: Arena, flags: int) -> int:
         raise OSError(-rc, os.strerror(-rc))
     arena.count = rc
     return int(rc)
+
+
+def close_fds(fds: list[int]) -> None:
+    """Close every descriptor in `fds` in one C call (errors ignored, as EBADF would be)."""
+    if fds:
+        lib.afunix_close_fds(_int_array(fds), len(fds))
+
+
+def _int_array(values: list[int]) -> Any:
+    return ffi.from_buffer("int[]", array.array("i", values))
+
+
+# ---- message channel ----
+# Frames (docs/PROTOCOL.md) packed and parsed in C, one call per batch.
+from typing import Sequence
+
+_FRAMES_NULL = ffi.NULL
+
+
+class FrameTable:
+    """Where parse_frames writes, in C memory: payload offsets, lengths, descriptor counts."""
+
+    def __init__(self, capacity: int) -> None:
+        raw = lib.afunix_frames_new(capacity)
+        if raw == _FRAMES_NULL:
+            raise MemoryError("cannot allocate a frame table of %d entries" % capacity)
+        self._f = ffi.gc(raw, lib.afunix_frames_free)
+        self.capacity = capacity
+        self.offsets = memoryview(ffi.buffer(raw.offsets, 4 * capacity)).cast("I")
+        self.lengths = memoryview(ffi.buffer(raw.lengths, 4 * capacity)).cast("I")
+        self.nfds = memoryview(ffi.buffer(raw.nfds, 4 * capacity)).cast("I")
+        self.count = 0
+        self.consumed = 0
+        self.uniform = -1
+        self.with_fds = 0
+        self.need = 0
+        # the buffer last parsed and its C view: from_buffer costs more than
+        # the parse of a small batch, and a channel parses the same buffer
+        self._buf: Optional[bytearray] = None
+        self._cbuf: Any = _FRAMES_NULL
+
+
+def new_frame_table(capacity: int) -> FrameTable:
+    """A table for parse_frames with room for `capacity` frames."""
+    return FrameTable(capacity)
+
+
+def parse_frames(table: FrameTable, buf: bytearray, start: int, end: int,
+                 max_frames: int, max_frame: int) -> int:
+    """Parse complete frames of buf[start:end] into table in one C call; the count or -errno."""
+    if buf is not table._buf:
+        table._cbuf = ffi.from_buffer(buf)
+        table._buf = buf
+    f = table._f
+    rc = lib.afunix_frames_parse(f, table._cbuf, start, end, max_frames, max_frame)
+    table.count = f.count
+    table.consumed = f.consumed
+    table.uniform = f.uniform
+    table.with_fds = f.with_fds
+    table.need = f.need
+    return int(rc)
+
+
+def pack_frames(datas: Sequence[Any], joined: bytes, lengths: Sequence[int],
+                nfds: Optional[Sequence[int]]) -> memoryview:
+    """Frames for the payloads in `joined` (lengths[i] bytes each), packed in one C call."""
+    n = len(lengths)
+    if not n:
+        return memoryview(b"")
+    total = len(joined) + 8 * n
+    out = bytearray(total)
+    first = lengths[0]
+    if lengths.count(first) == n:
+        # fixed-size messages: one length for all, no array to convert
+        lens_arg, uniform = _FRAMES_NULL, first
+    else:
+        lens_arg, uniform = ffi.from_buffer("uint32_t[]", array.array("I", lengths)), 0
+    nfds_arg = _FRAMES_NULL if nfds is None else ffi.from_buffer(
+        "uint32_t[]", array.array("I", nfds))
+    rc = lib.afunix_frames_pack(ffi.from_buffer(out), total, joined, lens_arg, uniform,
+                                nfds_arg, n)
+    if rc < 0:
+        raise OSError(-rc, os.strerror(-rc))
+    return memoryview(out)

@@ -116,6 +116,8 @@ class Outgoing(NamedTuple):
     addresses: Optional[list[Optional[bytes]]]  # sun_path bytes; None: no addresses at all
     credentials: Optional[list[Optional[tuple[int, int, int]]]]
     joined: Optional[bytes] = None       # all datas back to back, when already made
+    fd_counts: Optional[list[int]] = None  # len() of each fds entry, when already made
+    fd_flat: Optional[list[int]] = None    # every fds entry back to back, when already made
 
 
 def nonblocking_twin(sock: socket.socket) -> socket.socket:

@@ -146,6 +146,12 @@ class Arena:
     def fds(self, i: int) -> list[int]:
         return list(self._fds[i])
 
+    def all_fds(self) -> list[int]:
+        return [fd for fds in self._fds[:self.count] for fd in fds]
+
+    def fd_counts(self, count: int) -> list[int]:
+        return [len(fds) for fds in self._fds[:count]]
+
     def address(self, i: int) -> Optional[bytes]:
         return self._addrs[i]
 
@@ -205,3 +211,126 @@ def recv_batch(sock: socket.socket, arena: Arena, flags: int) -> int:
             s.detach()
     arena.count = count
     return count
+
+
+def close_fds(fds: list[int]) -> None:
+    """Close every descriptor in `fds`, ignoring errors (EBADF for one already closed)."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+# ---- message channel ----
+# Frames as docs/PROTOCOL.md lays them out, packed and parsed with struct.
+import errno
+import struct
+from typing import Sequence
+
+_FRAME = struct.Struct("<Q")  # the header as one little-endian word
+_FRAME_HEADER = 8
+# bits 40..63 of the header word: flags 0, version 1, magic 0xAF
+_FRAME_TAG = 0xAF0100 << 40
+_FRAME_TAG_MASK = 0xFFFFFF << 40
+_FRAME_LENGTH = 0xFFFFFFFF
+_FRAME_MAX_NFDS = 253
+# Headers of descriptor-less frames by payload length: most channels send a
+# few sizes over and over, and a dict lookup is cheaper than a pack.
+_frame_headers: dict[int, bytes] = {}
+
+
+def _frame_header(length: int) -> bytes:
+    head = _frame_headers.get(length)
+    if head is None:
+        head = _FRAME.pack(length | _FRAME_TAG)
+        if len(_frame_headers) < 4096:
+            _frame_headers[length] = head
+    return head
+
+
+class FrameTable:
+    """Where parse_frames writes: payload offsets, lengths and descriptor counts."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        zeros = bytes(4 * capacity)
+        self.offsets = memoryview(array.array("I", zeros))
+        self.lengths = memoryview(array.array("I", zeros))
+        self.nfds = memoryview(array.array("I", zeros))
+        self.count = 0
+        self.consumed = 0
+        self.uniform = -1
+        self.with_fds = 0
+        self.need = 0
+
+
+def new_frame_table(capacity: int) -> FrameTable:
+    """A table for parse_frames with room for `capacity` frames."""
+    return FrameTable(capacity)
+
+
+def parse_frames(table: FrameTable, buf: bytearray, start: int, end: int,
+                 max_frames: int, max_frame: int) -> int:
+    """Parse complete frames of buf[start:end] into table; the count, -EBADMSG or -EMSGSIZE.
+
+    A bad header behind good frames is left for the next call, which starts
+    at it, so the good ones are delivered first.
+    """
+    unpack = _FRAME.unpack_from
+    offsets, lengths, nfds = table.offsets, table.lengths, table.nfds
+    limit = min(max_frames, table.capacity)
+    pos, count, with_fds, uniform, rc, need = start, 0, 0, -1, 0, 0
+    while count < limit:
+        avail = end - pos
+        if avail < _FRAME_HEADER:
+            if avail:
+                need = _FRAME_HEADER
+            break
+        (word,) = unpack(buf, pos)
+        k = (word >> 32) & 0xFF
+        if word & _FRAME_TAG_MASK != _FRAME_TAG or k > _FRAME_MAX_NFDS:
+            rc = -errno.EBADMSG
+            break
+        length = word & _FRAME_LENGTH
+        if length > max_frame:
+            rc = -errno.EMSGSIZE
+            break
+        if avail - _FRAME_HEADER < length:
+            need = _FRAME_HEADER + length
+            break
+        offsets[count] = pos + _FRAME_HEADER
+        lengths[count] = length
+        if k:
+            with_fds += 1
+        nfds[count] = k
+        if count == 0:
+            uniform = length
+        elif uniform != length:
+            uniform = -1
+        count += 1
+        pos += _FRAME_HEADER + length
+    table.need = need
+    if count == 0 and rc:
+        table.count = table.consumed = table.with_fds = 0
+        table.uniform = -1
+        return rc
+    table.count = count
+    table.consumed = pos - start
+    table.uniform = uniform if count else -1
+    table.with_fds = with_fds
+    return count
+
+
+def pack_frames(datas: Sequence[Any], joined: bytes, lengths: Sequence[int],
+                nfds: Optional[Sequence[int]]) -> memoryview:
+    """Frames for `datas` (lengths[i] bytes, nfds[i] descriptors declared), back to back."""
+    if nfds is None:
+        heads = [_frame_header(n) for n in lengths]
+    else:
+        pack = _FRAME.pack
+        heads = [pack(n | (k << 32) | _FRAME_TAG) for n, k in zip(lengths, nfds)]
+    parts: list[Any] = [b""] * (2 * len(heads))
+    parts[0::2] = heads
+    parts[1::2] = datas
+    return memoryview(b"".join(parts))

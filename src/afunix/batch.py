@@ -1,9 +1,11 @@
 """Batched message I/O: send_many, recv_many and RecvBatch over sendmmsg/recvmmsg."""
 from __future__ import annotations
 
+import itertools
+import operator
 import socket
 import threading
-from typing import Any, Callable, Iterable, Iterator, List, Optional, Sequence
+from typing import Any, Iterable, Iterator, List, Optional, Sequence
 
 from . import _backend, _checks, _io
 from .message import Address, Credentials, Message, close_fds
@@ -73,6 +75,10 @@ def outgoing(messages: Iterable[Any]) -> _io.Outgoing:
     else:
         if sum(sizes) == len(joined):
             return _io.Outgoing(items, sizes, None, None, None, joined)
+    if set(map(type, items)) == {Message}:
+        fast = _messages_with_fds(items)
+        if fast is not None:
+            return fast
     datas: List[Any] = []
     lengths: List[int] = []
     fds: List[tuple[int, ...]] = []
@@ -100,6 +106,35 @@ def outgoing(messages: Iterable[Any]) -> _io.Outgoing:
         addrs if any(a is not None for a in addrs) else None,
         creds if any(c is not None for c in creds) else None,
     )
+
+
+_DATA, _FDS, _ADDRESS, _CREDENTIALS = (operator.itemgetter(i) for i in (0, 1, 2, 4))
+
+
+def _messages_with_fds(items: list[Message]) -> Optional[_io.Outgoing]:
+    """Messages with descriptors and nothing else, checked a batch at a time.
+
+    None when the batch needs the per-message path: addresses, credentials,
+    descriptors given as objects, non-bytes data, or an error to report.
+    """
+    n = len(items)
+    if list(map(_ADDRESS, items)).count(None) != n or list(map(_CREDENTIALS, items)).count(None) != n:
+        return None
+    datas = list(map(_DATA, items))
+    try:
+        joined = b"".join(datas)
+        sizes = list(map(len, datas))
+    except TypeError:
+        return None
+    if sum(sizes) != len(joined):
+        return None
+    fd_lists = list(map(_FDS, items))
+    counts = list(map(len, fd_lists))
+    flat = list(itertools.chain.from_iterable(fd_lists))
+    if max(counts) > _SCM_MAX_FD or (flat and (set(map(type, flat)) != {int} or min(flat) < 0)):
+        return None
+    return _io.Outgoing(datas, sizes, fd_lists if flat else None, None, None, joined,
+                        counts if flat else None, flat if flat else None)
 
 
 def send_many(sock: Any, messages: Iterable[Any], flags: int = 0) -> int:
@@ -246,10 +281,63 @@ def _strip_end_of_stream(t: _io.Target, arena: Any, count: int) -> int:
     return count
 
 
-def _messages(arena: Any, count: int, fds_of: Optional[Callable[[int], list[int]]] = None) -> list[Message]:
+class _ReceivedFds:
+    """The descriptors of one receive: a flat array, handed out per message or all at once.
+
+    Whatever is not handed out is closed by `release()`, so none leaks.
+    """
+
+    __slots__ = ("_flat", "_counts", "_offsets", "_taken", "_all_taken")
+
+    def __init__(self, flat: list[int], counts: list[int]) -> None:
+        self._flat = flat
+        self._counts = counts
+        self._offsets: Optional[list[int]] = None
+        self._taken: set[int] = set()
+        self._all_taken = not flat
+
+    def take(self, i: int) -> list[int]:
+        """Message i's descriptors, once; [] after that."""
+        if self._all_taken or i in self._taken or not self._counts[i]:
+            return []
+        if self._offsets is None:
+            self._offsets = [0, *itertools.accumulate(self._counts)]
+        self._taken.add(i)
+        start = self._offsets[i]
+        return self._flat[start:start + self._counts[i]]
+
+    def take_all(self) -> list[int]:
+        """Every descriptor not handed out yet, in message order."""
+        if self._all_taken:
+            return []
+        self._all_taken = True
+        if not self._taken:
+            return self._flat
+        return [fd for i in range(len(self._counts)) if i not in self._taken
+                for fd in self._per_message(i)]
+
+    def _per_message(self, i: int) -> list[int]:
+        assert self._offsets is not None
+        start = self._offsets[i]
+        return self._flat[start:start + self._counts[i]]
+
+    def release(self) -> None:
+        """Close what was not handed out."""
+        close_fds(self.take_all())
+
+
+_NO_FDS = _ReceivedFds([], [])
+
+
+def _received_fds(arena: Any, count: int) -> _ReceivedFds:
+    flat = arena.all_fds()
+    return _ReceivedFds(flat, arena.fd_counts(count)) if flat else _NO_FDS
+
+
+def _messages(arena: Any, count: int, fds: Optional[_ReceivedFds] = None) -> list[Message]:
     """Copy messages [0, count) out of `arena`, handing their descriptors to the caller."""
-    if fds_of is None:
-        fds_of = arena.fds
+    if fds is None:
+        fds = _received_fds(arena, count)
     chunks = arena.chunks(count)
     flags = arena.all_flags(count)
     if arena.plain(count):
@@ -259,7 +347,7 @@ def _messages(arena: Any, count: int, fds_of: Optional[Callable[[int], list[int]
         creds = arena.credentials(i)
         out.append(_message(Message, (
             chunks[i],
-            tuple(fds_of(i)),
+            tuple(fds.take(i)),
             _io.decode_address(arena.address(i)),
             flags[i],
             None if creds is None else Credentials(*creds),
@@ -320,7 +408,7 @@ class RecvBatch:
     """
 
     def __init__(self, max_messages: int, bufsize: int, *, maxfds: int = 0) -> None:
-        self._untaken: dict[int, list[int]] = {}
+        self._fds = _NO_FDS
         n, size, k = _checked_sizes(max_messages, bufsize, maxfds)
         self._backend = _backend.impl
         self._arena = _backend.impl.new_arena(n, size, k)
@@ -365,15 +453,14 @@ class RecvBatch:
             self._count = count
             self._lens = self._arena.lens
             if self._arena.maxfds:
-                self._untaken = {i: fds for i in range(count) if (fds := self._arena.fds(i))}
+                self._fds = _received_fds(self._arena, count)
             return count
         finally:
             self._busy.release()
 
     def _release_untaken(self) -> None:
-        untaken, self._untaken = self._untaken, {}
-        for fds in untaken.values():
-            close_fds(fds)
+        fds, self._fds = self._fds, _NO_FDS
+        fds.release()
 
     def close(self) -> None:
         """Close descriptors not taken with fds(); the arena stays usable."""
@@ -429,7 +516,19 @@ class RecvBatch:
 
     def fds(self, i: int) -> list[int]:
         """Message i's descriptors, handed to the caller (who must close them)."""
-        return self._untaken.pop(self._index(i), [])
+        return self._fds.take(self._index(i))
+
+    def all_fds(self) -> list[int]:
+        """Every descriptor of the last recv not yet taken, in message order, handed to the caller.
+
+        The bulk twin of `fds(i)`, for consumers that handle a batch at
+        once; `fd_counts()` says how many each message carried.
+        """
+        return self._fds.take_all()
+
+    def fd_counts(self) -> list[int]:
+        """How many descriptors each message of the last recv carried."""
+        return self._arena.fd_counts(self._count)
 
     def address(self, i: int) -> Optional[Address]:
         """The sender's address of message i (None on a connected socket)."""
@@ -442,6 +541,4 @@ class RecvBatch:
 
     def messages(self) -> list[Message]:
         """Copy every message out as a `Message`, handing over all descriptors."""
-        untaken = self._untaken
-        out = _messages(self._arena, self._count, lambda i: untaken.pop(i, []))
-        return out
+        return _messages(self._arena, self._count, self._fds)

@@ -55,9 +55,10 @@ class TruncatedError(OSError):
 
 
 def close_fds(fds: Iterable[int]) -> None:
-    """Close every descriptor in `fds`, ignoring ones already closed (EBADF)."""
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+    """Close every descriptor in `fds`, ignoring ones already closed (EBADF).
+
+    The C backend closes a whole list in one call.
+    """
+    from . import _backend  # here, not at the top: _backend imports this module's users
+
+    _backend.impl.close_fds(fds if isinstance(fds, list) else list(fds))
