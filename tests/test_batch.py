@@ -5,6 +5,8 @@ import errno
 import os
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import textwrap
 import threading
@@ -95,10 +97,7 @@ STDLIB_PEER = textwrap.dedent(
 )
 
 
-def _stdlib_peer(sock: socket.socket, mode: str, count: int) -> "subprocess.Popen[bytes]":
-    import subprocess
-    import sys
-
+def _stdlib_peer(sock: socket.socket, mode: str, count: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-c", STDLIB_PEER, str(sock.fileno()), mode, str(count)],
         pass_fds=[sock.fileno()],
@@ -158,9 +157,6 @@ TWO_PROCESS_SENDER = textwrap.dedent(
 
 @pytest.mark.parametrize("kind", MESSAGE_TYPES, ids=TYPE_IDS)
 def test_100000_messages_between_processes(kind: int, backend: str) -> None:
-    import subprocess
-    import sys
-
     a, b = afunix.socketpair(kind)
     with a, b:
         child = subprocess.Popen(

@@ -1,7 +1,6 @@
 """socketpair / socketpairs on both backends: types, flags, data, leaks, errors."""
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 import socket

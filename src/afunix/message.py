@@ -1,7 +1,6 @@
 """Value types of afunix: Message, Credentials, TruncatedError, and close_fds."""
 from __future__ import annotations
 
-import os
 from typing import Iterable, NamedTuple, Optional, Tuple, Union
 
 #: What an AF_UNIX address looks like in Python, as the socket module gives it:
