@@ -145,9 +145,19 @@ int afunix_send_many(int fd, int n, const char *data, const size_t *lens,
                                + (addrs ? sizeof(struct sockaddr_un) : 0));
     /* control data must be aligned for struct cmsghdr */
     head = (head + sizeof(size_t) - 1) / sizeof(size_t) * sizeof(size_t);
-    char *block = calloc(1, head + control_total);
+    /* Small batches (the common case, and every single message) use the
+     * stack: no allocator call on the hot path. */
+    union {
+        long double ld;
+        void *p;
+        long long ll;
+        char bytes[4096];
+    } local;
+    size_t need = head + control_total;
+    char *block = need <= sizeof local.bytes ? local.bytes : malloc(need);
     if (block == NULL)
         return -ENOMEM;
+    memset(block, 0, need);
     struct mmsghdr *hdrs = (struct mmsghdr *)block;
     struct iovec *iovs = (struct iovec *)(hdrs + n);
     struct sockaddr_un *names = (struct sockaddr_un *)(iovs + n);
@@ -202,7 +212,8 @@ int afunix_send_many(int fd, int n, const char *data, const size_t *lens,
         }
     }
     int rc = send_batch(fd, hdrs, n, flags | MSG_NOSIGNAL);
-    free(block);
+    if (block != local.bytes)
+        free(block);
     return rc;
 }
 

@@ -8,7 +8,7 @@ import threading
 from typing import Any, Iterable, Iterator, List, Optional, Sequence
 
 from . import _backend, _checks, _io
-from .message import Address, Credentials, Message, close_fds
+from .message import Address, Credentials, Message
 
 #: Most messages one call takes or returns (UIO_MAXIOV).
 MAX_MESSAGES = 1024
@@ -181,6 +181,14 @@ def _send_messages(t: _io.Target, out: _io.Outgoing, flags: int) -> int:
     if t.timeout is not None:
         deadline = _io.deadline_of(t.timeout)
         flags |= _DONTWAIT  # waiting is done here, against the deadline
+    if deadline is None and total <= MAX_MESSAGES and not flags & _DONTWAIT:
+        # a blocking socket and one call's worth: the common case, tried first
+        try:
+            sent = send_batch(t.sock, out, 0, total, flags)
+        except OSError:
+            pass  # nothing went: the loop below retries or reports it
+        if sent == total:
+            return sent
     while sent < total:
         count = min(total - sent, MAX_MESSAGES)
         try:
@@ -248,9 +256,10 @@ def _checked_sizes(max_messages: Any, bufsize: Any, maxfds: Any) -> tuple[int, i
 def _receive(t: _io.Target, arena: Any, flags: int) -> int:
     """Wait for the first message as sock.recv would, take the queued rest; strip end of stream."""
     recv_batch = _backend.impl.recv_batch
-    deadline = _io.deadline_of(t.timeout)
+    deadline = None
     may_wait = t.timeout != 0.0 and not flags & _DONTWAIT
     if t.timeout is not None:
+        deadline = _io.deadline_of(t.timeout)
         flags |= _DONTWAIT  # waiting is done here, against the deadline
     while True:
         try:
@@ -323,7 +332,9 @@ class _ReceivedFds:
 
     def release(self) -> None:
         """Close what was not handed out."""
-        close_fds(self.take_all())
+        fds = self.take_all()
+        if fds:
+            _backend.impl.close_fds(fds)
 
 
 _NO_FDS = _ReceivedFds([], [])
@@ -441,9 +452,9 @@ class RecvBatch:
         if not self._busy.acquire(blocking=False):
             raise RuntimeError("this RecvBatch is being filled by another thread")
         try:
-            self._release_untaken()
+            if self._fds is not _NO_FDS:
+                self._release_untaken()
             self._count = 0
-            self._lens = []
             t = _io.target(sock)
             try:
                 count = _receive(t, self._arena, flags)
@@ -473,7 +484,8 @@ class RecvBatch:
         self.close()
 
     def __del__(self) -> None:
-        self._release_untaken()
+        if self._fds is not _NO_FDS:
+            self._release_untaken()
 
     def __len__(self) -> int:
         return self._count

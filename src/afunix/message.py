@@ -58,6 +58,9 @@ def close_fds(fds: Iterable[int]) -> None:
 
     The C backend closes a whole list in one call.
     """
+    fds = fds if isinstance(fds, list) else list(fds)
+    if not fds:
+        return
     from . import _backend  # here, not at the top: _backend imports this module's users
 
-    _backend.impl.close_fds(fds if isinstance(fds, list) else list(fds))
+    _backend.impl.close_fds(fds)
