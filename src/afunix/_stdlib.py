@@ -56,6 +56,8 @@ def send_batch(sock: socket.socket, out: Outgoing, start: int, count: int, flags
     s, twin = _io_socket(sock)
     sent = 0
     try:
+        if out.fds is None and out.credentials is None and out.addresses is None:
+            return _send_plain(s, out.datas, start, count, flags | _NOSIGNAL)
         for i in range(start, start + count):
             ancillary: List[Tuple[int, int, bytes]] = []
             cred = out.credentials[i] if out.credentials is not None else None
@@ -184,6 +186,23 @@ def new_arena(max_messages: int, bufsize: int, maxfds: int) -> Arena:
     return Arena(max_messages, bufsize, maxfds)
 
 
+def _send_plain(s: socket.socket, datas: list[Any], start: int, count: int, flags: int) -> int:
+    # No ancillary data and no address: send() is sendmsg() without the
+    # cost of building its arguments.
+    send = s.send
+    sent = 0
+    for i in range(start, start + count):
+        try:
+            send(datas[i], flags)
+        except OSError:
+            if sent:
+                return sent  # as sendmmsg: the error shows on the next call
+            raise
+        sent += 1
+        flags |= _DONTWAIT  # after the first, take only what goes without waiting
+    return sent
+
+
 def recv_batch(sock: socket.socket, arena: Arena, flags: int) -> int:
     """recvmsg_into for the first message, then those already queued; the count, or OSError."""
     s, twin = _io_socket(sock)
@@ -191,16 +210,27 @@ def recv_batch(sock: socket.socket, arena: Arena, flags: int) -> int:
     stream = sock.type == socket.SOCK_STREAM
     count = 0
     arena._extras = 0
+    recvmsg_into, slots, ancbufsize = s.recvmsg_into, arena._slots, arena._ancbufsize
+    bufsize = arena.bufsize
+    lens, all_flags, all_fds, addrs, creds = (
+        arena._lens, arena._flags, arena._fds, arena._addrs, arena._creds)
     try:
         for i in range(arena.max_messages):
             try:
-                nbytes, ancdata, msg_flags, address = s.recvmsg_into(
-                    [arena._slots[i]], arena._ancbufsize, flags)
+                nbytes, ancdata, msg_flags, address = recvmsg_into([slots[i]], ancbufsize, flags)
             except OSError:
                 if count:
                     break  # as recvmmsg: return what arrived
                 raise
-            arena._store(i, nbytes, ancdata, msg_flags, address)
+            if ancdata or address is not None or msg_flags & _CTRUNC:
+                arena._store(i, nbytes, ancdata, msg_flags, address)
+            else:  # the common case, inline: only bytes arrived
+                # with MSG_TRUNC in flags the count is the datagram's, not ours
+                lens[i] = nbytes if nbytes <= bufsize else bufsize
+                all_flags[i] = int(msg_flags)
+                all_fds[i] = []
+                addrs[i] = None
+                creds[i] = None
             count += 1
             if nbytes == 0 and stream:
                 break  # end of stream: every further read is the same
