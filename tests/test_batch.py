@@ -473,3 +473,39 @@ def test_peer_closed_mid_batch_is_a_clear_error_not_sigpipe() -> None:
 def test_other_sockets_child_sees_backend(backend: str) -> None:
     proc = run_python("import afunix; print(afunix.supports('sendmmsg'))", backend)
     assert proc.stdout.strip() == ("True" if backend == "c" else "False")
+
+
+def test_fileno_object_keeps_its_blocking_mode_under_a_default_timeout() -> None:
+    a, b = afunix.socketpair(socket.SOCK_DGRAM)
+
+    class Holder:
+        def fileno(self) -> int:
+            return a.fileno()
+
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(3.0)
+    try:
+        with a, b:
+            assert afunix.send_many(Holder(), [b"x"]) == 1
+            assert os.get_blocking(a.fileno())  # not switched to non-blocking
+            assert a.gettimeout() is None
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+def test_recv_batch_keeps_the_backend_it_was_made_with(backend: str) -> None:
+    from afunix import _backend
+
+    a, b = afunix.socketpair(socket.SOCK_SEQPACKET)
+    with a, b:
+        batch = afunix.RecvBatch(4, 16)
+        other = "stdlib" if backend == "c" else "c"
+        try:
+            _backend.use(other)
+        except ImportError:
+            pytest.skip("only one backend built")
+        try:
+            afunix.send_many(a, [b"one", b"two"])
+            assert batch.recv(b) == 2 and [bytes(v) for v in batch] == [b"one", b"two"]
+        finally:
+            _backend.use(backend)

@@ -53,7 +53,11 @@ def target(sock: Any) -> Target:
     # A socket object around the same descriptor (no dup), blocking as the
     # descriptor is; the caller detaches it afterwards.  Raises ENOTSOCK for
     # a descriptor that is not a socket.
+    blocking = os.get_blocking(fd)
     shadow = socket.socket(fileno=fd)
+    # A default timeout (socket.setdefaulttimeout) makes the constructor set
+    # O_NONBLOCK on the descriptor: put back what the caller had.
+    shadow.settimeout(None if blocking else 0.0)
     return Target(shadow, fd, shadow.gettimeout(), _raw_type(shadow), True)
 
 

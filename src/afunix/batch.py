@@ -253,9 +253,12 @@ def _checked_sizes(max_messages: Any, bufsize: Any, maxfds: Any) -> tuple[int, i
     return n, size, k
 
 
-def _receive(t: _io.Target, arena: Any, flags: int) -> int:
-    """Wait for the first message as sock.recv would, take the queued rest; strip end of stream."""
-    recv_batch = _backend.impl.recv_batch
+def _receive(t: _io.Target, arena: Any, flags: int, backend: Optional[_backend.Backend] = None) -> int:
+    """Wait for the first message as sock.recv would, take the queued rest; strip end of stream.
+
+    `backend` is the one that made `arena` (default: the active one).
+    """
+    recv_batch = (backend or _backend.impl).recv_batch
     deadline = None
     may_wait = t.timeout != 0.0 and not flags & _DONTWAIT
     if t.timeout is not None:
@@ -457,7 +460,7 @@ class RecvBatch:
             self._count = 0
             t = _io.target(sock)
             try:
-                count = _receive(t, self._arena, flags)
+                count = _receive(t, self._arena, flags, self._backend)
             finally:
                 if t.shadow:
                     t.sock.detach()
