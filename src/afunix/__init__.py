@@ -56,4 +56,9 @@ def __getattr__(name: str) -> Any:
     # backend that actually runs.
     if name == "BACKEND":
         return _backend.name
+    if name == "aio":
+        # Imported on first use: asyncio costs more to import than all of afunix.
+        import importlib
+
+        return importlib.import_module(".aio", __name__)
     raise AttributeError("module 'afunix' has no attribute %r" % name)

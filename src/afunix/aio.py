@@ -1,0 +1,466 @@
+"""asyncio versions of the afunix I/O functions, on loop.add_reader/add_writer.
+
+asyncio has no sendmsg/recvmsg of its own (``loop.sock_recv`` and friends
+move bytes only), so an asyncio service cannot pass descriptors or batch
+datagrams without hand-written reader callbacks.  These coroutines do it on
+any event loop that implements ``add_reader``/``add_writer`` (the default
+loop and uvloop).
+
+Every coroutine follows one pattern: call the synchronous afunix function
+on the non-blocking socket first; only when the kernel answers EAGAIN, wait
+for readiness with ``loop.add_reader``/``add_writer`` and try again.  There
+are no threads and no polling loops, and a call that finds its data already
+queued costs no event-loop round trip at all.
+
+Rules, the same in every coroutine here:
+
+- **Non-blocking sockets only.**  A socket whose timeout is not 0.0 raises
+  ``ValueError("the socket must be non-blocking")`` before anything else,
+  as ``loop.sock_recv`` does in debug mode: on a blocking socket the first
+  try would block the whole event loop.  Call ``sock.setblocking(False)``.
+  The socket is never changed and never owned.
+- **Cancellation loses nothing.**  The kernel hands over a batch, or a
+  message with its descriptors, in one step that has no await inside, and
+  every coroutine returns straight after it.  A coroutine cancelled while
+  it waits has consumed nothing: the messages and descriptors stay queued
+  for the next call.  Once received, they are returned, never dropped, and
+  a receive never leaks a descriptor (truncated control data closes them,
+  as in the synchronous functions).
+- **Sends report counts.**  `send_many_partial` waits until it can send,
+  sends what fits and returns the count, so a cancelled call has sent
+  nothing.  `send_many` loops over it until all are sent; if it is
+  cancelled (or fails) after k messages went, ``messages[:k]`` are sent and
+  the rest are not.  When k must be known, loop over `send_many_partial`.
+  The CancelledError itself is not replaced by a subclass: ``asyncio.timeout``
+  (3.11) converts only CancelledError itself into TimeoutError.
+- **One waiter or many.**  Several tasks may wait on the same socket and
+  direction; a readiness event wakes them all and each one tries again
+  (``loop.sock_recv`` would silently replace the first waiter's callback).
+
+The message Channel (``afunix.channel``) gets its asyncio form here too:
+see the section at the end of this module.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+from . import _checks, _io
+from .addresses import _parse
+from .batch import RecvBatch, outgoing
+from .batch import recv_many as _recv_many_now
+from .batch import send_many as _send_many_now
+from .fds import recv_fds as _recv_fds_now
+from .fds import send_fds as _send_fds_now
+from .message import Address, Credentials, Message
+
+__all__ = [
+    "accept",
+    "connect",
+    "recv_batch",
+    "recv_fds",
+    "recv_many",
+    "send_fds",
+    "send_many",
+    "send_many_partial",
+]
+
+# Every synchronous call made from here carries MSG_DONTWAIT: with it the
+# synchronous layer never waits, even for an object with fileno() whose
+# descriptor it cannot see the blocking mode of.
+_DONTWAIT = int(socket.MSG_DONTWAIT)
+# A closed peer is BrokenPipeError, never SIGPIPE (as in the synchronous layer).
+_NOSIGNAL = int(getattr(socket, "MSG_NOSIGNAL", 0))
+
+
+# ---- waiting for readiness -------------------------------------------------
+
+# (loop, fd, writable) -> the futures of the tasks waiting for that event.
+# One reader (or writer) callback per descriptor and direction, shared by all
+# of its waiters: add_reader replaces an earlier callback for the same
+# descriptor, which would strand the first waiter.
+_Key = Tuple[asyncio.AbstractEventLoop, int, bool]
+_waiters: Dict[_Key, List["asyncio.Future[None]"]] = {}
+
+
+def _wake(key: _Key) -> None:
+    for fut in _waiters.get(key, ()):
+        if not fut.done():
+            fut.set_result(None)
+
+
+async def _wait(fd: int, writable: bool) -> None:
+    """Wait until `fd` is readable (or writable), with a reader/writer callback on the loop."""
+    loop = asyncio.get_running_loop()
+    key = (loop, fd, writable)
+    fut: asyncio.Future[None] = loop.create_future()
+    futures = _waiters.get(key)
+    if futures is None:
+        if writable:
+            loop.add_writer(fd, _wake, key)
+        else:
+            loop.add_reader(fd, _wake, key)
+        futures = _waiters[key] = []
+    futures.append(fut)
+    try:
+        await fut
+    finally:
+        futures.remove(fut)
+        if not futures:
+            del _waiters[key]
+            if writable:
+                loop.remove_writer(fd)
+            else:
+                loop.remove_reader(fd)
+
+
+def _checked(sock: Any) -> Tuple[int, int]:
+    """The descriptor and type of `sock`, which must be open and non-blocking."""
+    t = _io.target(sock)
+    try:
+        blocking = t.timeout != 0.0 if not t.shadow else os.get_blocking(t.fd)
+        if blocking:
+            raise ValueError("the socket must be non-blocking: call sock.setblocking(False) "
+                             "(as loop.sock_recv and friends require)")
+        return t.fd, t.type
+    finally:
+        if t.shadow:
+            t.sock.detach()
+
+
+# ---- sending ----------------------------------------------------------------
+
+
+async def send_many_partial(sock: Any, messages: Iterable[Any], flags: int = 0) -> int:
+    """Send as many of `messages` as fit once the socket is writable; returns the count.
+
+    The asyncio form of `afunix.send_many` on a non-blocking socket, as
+    ``sock.send`` is to ``sock.sendall``: tries at once, waits for
+    writability only while nothing at all can be sent, then returns how many
+    messages went (at least one, unless `messages` is empty).  Cancelled
+    while waiting, it has sent nothing, so the caller always knows exactly
+    which messages went: loop over it to send all with an exact count.
+
+    Args:
+        sock: a non-blocking SOCK_DGRAM or SOCK_SEQPACKET socket (or fileno()).
+        messages: bytes-like objects or `afunix.Message`s.
+        flags: MSG_* flags for sendmmsg.
+
+    Returns:
+        k: messages[:k] were sent, the rest were not.
+
+    Raises:
+        ValueError: a blocking socket; a SOCK_STREAM socket (no message
+            boundaries: use `send_many`); bad messages.
+        TypeError: bad messages.
+        OSError: from the kernel, when nothing was sent.
+    """
+    fd, type = _checked(sock)
+    if type == socket.SOCK_STREAM:
+        raise ValueError("send_many_partial needs message boundaries; on SOCK_STREAM use send_many")
+    items = messages if isinstance(messages, list) else list(messages)
+    return await _send_some(sock, fd, items, _checks.as_int(flags, "flags"))
+
+
+async def _send_some(sock: Any, fd: int, items: List[Any], flags: int) -> int:
+    flags |= _DONTWAIT
+    while True:
+        try:
+            return _send_many_now(sock, items, flags)
+        except BlockingIOError:
+            await _wait(fd, True)
+
+
+async def send_many(sock: Any, messages: Iterable[Any], flags: int = 0) -> int:
+    """Send all of `messages`, waiting for writability as needed; returns their count.
+
+    The asyncio form of `afunix.send_many` (``loop.sock_sendall`` for
+    messages): sendmmsg batches, and a wait only when the socket is full.
+    If cancelled, or failing, after k messages went, ``messages[:k]`` are
+    sent and the rest are not; k is not reported (use `send_many_partial`
+    in a loop where it must be).  On SOCK_STREAM the messages are written in
+    order, each one's descriptors on its first byte, as the synchronous
+    send_many does; a cancelled call leaves the stream cut at an unknown
+    byte, as a cancelled ``loop.sock_sendall`` does, so close the connection.
+
+    Args:
+        sock: a non-blocking socket (or an object with fileno()).
+        messages: bytes-like objects or `afunix.Message`s.
+        flags: MSG_* flags.
+
+    Returns:
+        len(messages).
+
+    Raises:
+        ValueError: a blocking socket; bad messages (before any system call).
+        TypeError: bad messages.
+        OSError: from the kernel (BrokenPipeError, ...).
+    """
+    fd, type = _checked(sock)
+    flags = _checks.as_int(flags, "flags")
+    items = messages if isinstance(messages, list) else list(messages)
+    if type == socket.SOCK_STREAM:
+        return await _send_stream(sock, fd, items, flags)
+    total = len(items)
+    sent = await _send_some(sock, fd, items, flags) if total else 0
+    while sent < total:
+        sent += await _send_some(sock, fd, items[sent:], flags)
+    return total
+
+
+async def _send_stream(sock: Any, fd: int, items: List[Any], flags: int) -> int:
+    # A stream has no message boundaries: write the bytes, tracking the
+    # position ourselves (the synchronous sendall would lose it on EAGAIN),
+    # and put each message's descriptors on its first byte, as the
+    # synchronous send_many does.
+    out = outgoing(items)
+    if out.addresses is not None:
+        raise ValueError("a connected SOCK_STREAM socket takes no per-message address")
+    n = len(out.datas)
+    extras = [
+        (out.fds[i] if out.fds is not None else (),
+         out.credentials[i] if out.credentials is not None else None)
+        for i in range(n)
+    ]
+    for (fds, cred), length in zip(extras, out.lengths):
+        if (fds or cred is not None) and length == 0:
+            raise ValueError("on SOCK_STREAM a message carrying descriptors or credentials "
+                             "needs at least one data byte")
+    i = 0
+    while i < n:
+        fds, cred = extras[i]
+        if fds or cred is not None:
+            view = memoryview(out.datas[i]).cast("B")
+            first = Message(bytes(view[:1]), fds=fds,
+                            credentials=None if cred is None else Credentials(*cred))
+            await _send_some(sock, fd, [first], flags)
+            await _send_bytes(sock, fd, view[1:], flags)
+            i += 1
+            continue
+        j = i + 1
+        while j < n and not extras[j][0] and extras[j][1] is None:
+            j += 1
+        data = out.datas[i] if j == i + 1 else b"".join(out.datas[i:j])
+        await _send_bytes(sock, fd, memoryview(data).cast("B"), flags)
+        i = j
+    return n
+
+
+async def _send_bytes(sock: Any, fd: int, view: memoryview, flags: int) -> None:
+    raw = sock if isinstance(sock, socket.socket) else None
+    flags |= _DONTWAIT | _NOSIGNAL
+    pos, end = 0, len(view)
+    while pos < end:
+        try:
+            if raw is not None:
+                pos += raw.send(view[pos:], flags)
+            else:
+                pos += _send_fd(fd, view[pos:], flags)
+        except BlockingIOError:
+            await _wait(fd, True)
+
+
+def _send_fd(fd: int, data: memoryview, flags: int) -> int:
+    twin = socket.socket(fileno=fd)
+    try:
+        return twin.send(data, flags)
+    finally:
+        twin.detach()
+
+
+async def send_fds(sock: Any, buffers: Iterable[Any], fds: Iterable[Any], flags: int = 0,
+                   address: Optional[Address] = None) -> int:
+    """Send `buffers` with `fds` attached (SCM_RIGHTS); returns the bytes sent.
+
+    The asyncio form of `afunix.send_fds` (signature of ``socket.send_fds``,
+    with `flags` and `address` honoured).  Cancelled while waiting for
+    writability, nothing was sent.  On SOCK_STREAM all of the data is
+    written, the descriptors on its first byte (see `send_many` for a
+    cancelled stream).
+
+    Raises:
+        ValueError: a blocking socket; bad buffers or descriptors.
+        TypeError: bad buffers or descriptors.
+        OSError: from the kernel.
+    """
+    fd, type = _checked(sock)
+    flags = _checks.as_int(flags, "flags")
+    if type == socket.SOCK_STREAM:
+        data = b"".join(memoryview(b) for b in buffers)
+        fd_list = list(fds)
+        if address is not None:
+            raise ValueError("a connected SOCK_STREAM socket takes no address")
+        if fd_list and not data:
+            raise ValueError("on SOCK_STREAM descriptors need at least one data byte to ride on")
+        await _send_stream(sock, fd, [Message(data, fds=tuple(fd_list))], flags)
+        return len(data)
+    buffer_list = list(buffers)
+    fd_list = list(fds)
+    flags |= _DONTWAIT
+    while True:
+        try:
+            return _send_fds_now(sock, buffer_list, fd_list, flags, address)
+        except BlockingIOError:
+            await _wait(fd, True)
+
+
+# ---- receiving --------------------------------------------------------------
+
+
+async def recv_many(sock: Any, max_messages: int, bufsize: int, flags: int = 0, *,
+                    maxfds: int = 0) -> List[Message]:
+    """Wait for the first message, then return it and those queued behind it (one recvmmsg).
+
+    The asyncio form of `afunix.recv_many` (``loop.sock_recv`` for message
+    batches): the same `Message`s, truncation flags and descriptors
+    (close-on-exec, owned by the caller).  At end of stream the list is
+    empty.  Cancelled while waiting, nothing was received.
+
+    Raises:
+        ValueError: a blocking socket; bad sizes (before any system call).
+        TypeError: bad arguments.
+        OSError: from the kernel.
+    """
+    fd, _ = _checked(sock)
+    flags = _checks.as_int(flags, "flags") | _DONTWAIT
+    while True:
+        try:
+            return _recv_many_now(sock, max_messages, bufsize, flags, maxfds=maxfds)
+        except BlockingIOError:
+            await _wait(fd, False)
+
+
+async def recv_batch(sock: Any, batch: RecvBatch, flags: int = 0) -> int:
+    """Wait for the first message, then fill `batch` with it and those queued; returns the count.
+
+    The asyncio form of ``RecvBatch.recv``: the zero-copy path, one
+    recvmmsg per wake-up, no object per message.  As ``batch.recv`` does,
+    it empties the batch (closing descriptors not taken) before it tries;
+    0 means end of stream.  Fill a batch from one task at a time.
+    Cancelled while waiting, nothing was received (the batch is empty).
+
+    Raises:
+        TypeError: `batch` is not an afunix.RecvBatch.
+        ValueError: a blocking socket.
+        OSError: from the kernel.
+    """
+    if not isinstance(batch, RecvBatch):
+        raise TypeError("batch must be an afunix.RecvBatch, not %s" % type(batch).__name__)
+    fd, _ = _checked(sock)
+    flags = _checks.as_int(flags, "flags") | _DONTWAIT
+    while True:
+        try:
+            return batch.recv(sock, flags)
+        except BlockingIOError:
+            await _wait(fd, False)
+
+
+async def recv_fds(sock: Any, bufsize: int, maxfds: int, flags: int = 0
+                   ) -> Tuple[bytes, List[int], int, Optional[Address]]:
+    """Receive one message and up to `maxfds` descriptors; returns (data, fds, msg_flags, address).
+
+    The asyncio form of `afunix.recv_fds` (signature of ``socket.recv_fds``):
+    descriptors close-on-exec, owned by the caller.  Cancelled while
+    waiting, nothing was received; once the message arrived it is returned.
+
+    Raises:
+        TruncatedError: the kernel cut the control data; the descriptors
+            that arrived are already closed, the data is on the exception.
+        ValueError: a blocking socket; bad sizes.
+        OSError: from the kernel.
+    """
+    fd, _ = _checked(sock)
+    flags = _checks.as_int(flags, "flags") | _DONTWAIT
+    while True:
+        try:
+            return _recv_fds_now(sock, bufsize, maxfds, flags)
+        except BlockingIOError:
+            await _wait(fd, False)
+
+
+# ---- connections ------------------------------------------------------------
+
+
+async def accept(listening_sock: socket.socket) -> Tuple[socket.socket, Any]:
+    """Accept a connection; returns (conn, address) with `conn` non-blocking.
+
+    Like ``loop.sock_accept``, for a listening socket from `afunix.listen`
+    (set non-blocking).  Cancelled while waiting, no connection was taken.
+    Several tasks may accept on the same socket at once.
+
+    Raises:
+        TypeError: not a socket.socket.
+        ValueError: a blocking socket.
+        OSError: from the kernel.
+    """
+    if not isinstance(listening_sock, socket.socket):
+        raise TypeError("expected a socket.socket, not %s" % type(listening_sock).__name__)
+    fd, _ = _checked(listening_sock)
+    while True:
+        try:
+            conn, address = listening_sock.accept()
+            break
+        except BlockingIOError:
+            await _wait(fd, False)
+    try:
+        conn.setblocking(False)
+    except BaseException:
+        conn.close()
+        raise
+    return conn, address
+
+
+async def connect(address: Address, type: int = socket.SOCK_STREAM) -> socket.socket:
+    """A non-blocking socket connected to the AF_UNIX server at `address`.
+
+    The asyncio form of `afunix.connect` (``loop.sock_connect`` on a new
+    socket).  A server whose backlog is full answers EAGAIN with nothing to
+    wait for, so the connect is retried after a pause that grows to 50 ms;
+    bound it with ``asyncio.wait_for`` or ``asyncio.timeout``.  Cancelled,
+    it leaves no socket open.
+
+    Args:
+        address: a path (str, bytes, os.PathLike) or an `afunix.abstract` address.
+        type: socket.SOCK_STREAM, SOCK_SEQPACKET or SOCK_DGRAM.
+
+    Raises:
+        TypeError, ValueError: bad address or type, before any system call.
+        OSError: from the kernel (ENOENT, ECONNREFUSED, ...).
+    """
+    raw, _ = _parse(address)
+    kind = _checks.supported_socket_type(type)
+    pause = 0.001
+    while True:
+        sock = socket.socket(socket.AF_UNIX, kind)
+        try:
+            sock.setblocking(False)
+            try:
+                sock.connect(raw)
+                return sock
+            except BlockingIOError as exc:
+                if exc.errno != errno.EINPROGRESS:
+                    raise
+                # Not Linux (its AF_UNIX connect never is in progress): wait, then ask.
+                await _wait(sock.fileno(), True)
+                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                if err:
+                    raise OSError(err, os.strerror(err)) from None
+                return sock
+        except BlockingIOError:
+            sock.close()  # EAGAIN: the backlog is full; retry below
+        except BaseException:
+            sock.close()
+            raise
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 0.05)
+
+
+# ---- the message Channel ----------------------------------------------------
+#
+# The asyncio Channel (framed messaging over afunix.channel) belongs here,
+# built from the same primitives: try the synchronous Channel call with
+# MSG_DONTWAIT, and on BlockingIOError `await _wait(fd, writable)`.  Add it
+# to __all__ when afunix.channel lands.
