@@ -14,6 +14,7 @@ from .activation import listen_fds, listen_fds_with_names, notify
 from .addresses import AUTOBIND, ListeningSocket, abstract, connect, listen
 from .capabilities import CAPABILITIES, MAX_PATH_BYTES, SCM_MAX_FD, supports
 from .batch import MAX_MESSAGES, RecvBatch, recv_many, send_many
+from .channel import Channel, FrameBatch, ProtocolError, channel_pair
 from .fds import pass_credentials, peer_credentials, peer_pidfd, recv_fds, send_fds
 from .message import Credentials, Message, TruncatedError, close_fds
 from .pairs import socketpair, socketpairs
@@ -22,9 +23,12 @@ __all__ = [
     "AUTOBIND",
     "BACKEND",
     "CAPABILITIES",
+    "Channel",
     "Credentials",
+    "FrameBatch",
     "MAX_MESSAGES",
     "Message",
+    "ProtocolError",
     "RecvBatch",
     "TruncatedError",
     "close_fds",
@@ -40,6 +44,7 @@ __all__ = [
     "SCM_MAX_FD",
     "__version__",
     "abstract",
+    "channel_pair",
     "connect",
     "listen",
     "listen_fds",

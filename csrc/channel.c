@@ -1,0 +1,283 @@
+/* afunix message channel: framing in C.  See channel.h for the contracts and
+ * docs/PROTOCOL.md for the wire format. */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE 1
+#endif
+#include "channel.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/socket.h>
+
+#ifndef MSG_NOSIGNAL
+#define MSG_NOSIGNAL 0 /* macOS: SO_NOSIGPIPE is the socket-level equivalent */
+#endif
+
+/* The three top header bytes of every version-1 frame: flags 0, version 1,
+ * magic 0xAF, read as one little-endian field. */
+#define HEADER_TAG (((uint32_t)AFUNIX_FRAME_MAGIC << 16) | ((uint32_t)AFUNIX_FRAME_VERSION << 8))
+
+/* Byte by byte, so the wire is little-endian on every host; compilers turn
+ * these into single loads and stores where that is correct. */
+static uint32_t get_le32(const unsigned char *p)
+{
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
+}
+
+static void put_header(unsigned char *p, uint32_t length, uint32_t nfds)
+{
+    p[0] = (unsigned char)(length & 0xff);
+    p[1] = (unsigned char)((length >> 8) & 0xff);
+    p[2] = (unsigned char)((length >> 16) & 0xff);
+    p[3] = (unsigned char)(length >> 24);
+    p[4] = (unsigned char)nfds;
+    p[5] = 0;
+    p[6] = AFUNIX_FRAME_VERSION;
+    p[7] = AFUNIX_FRAME_MAGIC;
+}
+
+struct afunix_frames *afunix_frames_new(int capacity)
+{
+    if (capacity < 1 || (size_t)capacity > SIZE_MAX / sizeof(uint32_t))
+        return NULL;
+    struct afunix_frames *f = calloc(1, sizeof(*f));
+    if (f == NULL)
+        return NULL;
+    f->capacity = capacity;
+    f->offsets = calloc((size_t)capacity, sizeof(uint32_t));
+    f->lengths = calloc((size_t)capacity, sizeof(uint32_t));
+    f->nfds = calloc((size_t)capacity, sizeof(uint32_t));
+    f->uniform = -1;
+    if (f->offsets == NULL || f->lengths == NULL || f->nfds == NULL) {
+        afunix_frames_free(f);
+        return NULL;
+    }
+    return f;
+}
+
+void afunix_frames_free(struct afunix_frames *frames)
+{
+    if (frames == NULL)
+        return;
+    free(frames->offsets);
+    free(frames->lengths);
+    free(frames->nfds);
+    free(frames);
+}
+
+int afunix_frames_parse(struct afunix_frames *frames, const char *buf, size_t start,
+                        size_t end, int max_frames, uint32_t max_frame)
+{
+    if (frames == NULL || start > end || end > UINT32_MAX || max_frames < 0)
+        return -EINVAL;
+    if (max_frames > frames->capacity)
+        max_frames = frames->capacity;
+    const unsigned char *b = (const unsigned char *)buf;
+    size_t pos = start;
+    int count = 0, with_fds = 0;
+    int64_t uniform = -1;
+    int rc = 0;
+    frames->need = 0;
+    while (count < max_frames) {
+        size_t avail = end - pos;
+        if (avail < AFUNIX_FRAME_HEADER) {
+            if (avail > 0)
+                frames->need = AFUNIX_FRAME_HEADER;
+            break;
+        }
+        const unsigned char *h = b + pos;
+        uint32_t length = get_le32(h);
+        uint32_t nfds = h[4];
+        uint32_t tag = (uint32_t)h[5] | ((uint32_t)h[6] << 8) | ((uint32_t)h[7] << 16);
+        if (tag != HEADER_TAG || nfds > AFUNIX_FRAME_MAX_NFDS) {
+            rc = -EBADMSG;
+            break;
+        }
+        if (length > max_frame) {
+            rc = -EMSGSIZE;
+            break;
+        }
+        /* avail >= 8 and length <= UINT32_MAX: no overflow in size_t. */
+        if (avail - AFUNIX_FRAME_HEADER < (size_t)length) {
+            frames->need = AFUNIX_FRAME_HEADER + (size_t)length;
+            break;
+        }
+        frames->offsets[count] = (uint32_t)(pos + AFUNIX_FRAME_HEADER);
+        frames->lengths[count] = length;
+        frames->nfds[count] = nfds;
+        if (count == 0)
+            uniform = length;
+        else if (uniform != (int64_t)length)
+            uniform = -1;
+        with_fds += nfds != 0;
+        count++;
+        pos += AFUNIX_FRAME_HEADER + (size_t)length;
+    }
+    if (count == 0 && rc < 0) {
+        frames->count = 0;
+        frames->consumed = 0;
+        frames->uniform = -1;
+        frames->with_fds = 0;
+        return rc;
+    }
+    /* A bad header behind good frames is reported by the next parse, which
+     * starts at it. */
+    frames->count = count;
+    frames->consumed = pos - start;
+    frames->uniform = count ? uniform : -1;
+    frames->with_fds = with_fds;
+    return count;
+}
+
+int64_t afunix_frames_pack(char *out, size_t outlen, const char *data,
+                           const uint32_t *lens, uint32_t uniform_len,
+                           const uint32_t *nfds, int n)
+{
+    if (n < 0 || (n > 0 && (out == NULL || data == NULL)))
+        return -EINVAL;
+    unsigned char *o = (unsigned char *)out;
+    size_t pos = 0, in = 0;
+    for (int i = 0; i < n; i++) {
+        uint32_t length = lens != NULL ? lens[i] : uniform_len;
+        uint32_t k = nfds != NULL ? nfds[i] : 0;
+        if (k > AFUNIX_FRAME_MAX_NFDS)
+            return -EINVAL;
+        if (outlen - pos < AFUNIX_FRAME_HEADER
+            || outlen - pos - AFUNIX_FRAME_HEADER < (size_t)length)
+            return -ENOBUFS;
+        put_header(o + pos, length, k);
+        memcpy(o + pos + AFUNIX_FRAME_HEADER, data + in, length);
+        pos += AFUNIX_FRAME_HEADER + (size_t)length;
+        in += length;
+    }
+    if (pos > (size_t)INT64_MAX)
+        return -EINVAL;
+    return (int64_t)pos;
+}
+
+/* ---- the benchmark's limit ------------------------------------------------ */
+
+#define REF_RECORD_MAX 65536
+#define REF_RECV_BUF (256 * 1024)
+
+static void put_le64(unsigned char *p, uint64_t v)
+{
+    for (int i = 0; i < 8; i++)
+        p[i] = (unsigned char)(v >> (8 * i));
+}
+
+static uint64_t get_le64(const unsigned char *p)
+{
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+/* Write all of buf[0, len), in records of at most REF_RECORD_MAX on SEQPACKET. */
+static int write_all(int fd, const unsigned char *buf, size_t len, int seqpacket)
+{
+    size_t done = 0;
+    while (done < len) {
+        size_t chunk = len - done;
+        if (seqpacket && chunk > REF_RECORD_MAX)
+            chunk = REF_RECORD_MAX;
+        ssize_t w = send(fd, buf + done, chunk, MSG_NOSIGNAL);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        done += (size_t)w;
+    }
+    return 0;
+}
+
+int64_t afunix_chan_ref_send(int fd, int count, int size, int batch, int seqpacket)
+{
+    if (count < 0 || size < 8 || batch < 1)
+        return -EINVAL;
+    size_t frame = AFUNIX_FRAME_HEADER + (size_t)size;
+    if (seqpacket && frame > REF_RECORD_MAX)
+        batch = 1;
+    else if (seqpacket && frame * (size_t)batch > REF_RECORD_MAX)
+        batch = (int)(REF_RECORD_MAX / frame);
+    unsigned char *out = calloc((size_t)batch, frame);
+    if (out == NULL)
+        return -ENOMEM;
+    for (int i = 0; i < batch; i++)
+        put_header(out + (size_t)i * frame, (uint32_t)size, 0);
+    int64_t sent = 0;
+    while (sent < count) {
+        int n = count - sent < batch ? (int)(count - sent) : batch;
+        for (int i = 0; i < n; i++)
+            put_le64(out + (size_t)i * frame + AFUNIX_FRAME_HEADER, (uint64_t)(sent + i));
+        int rc = write_all(fd, out, (size_t)n * frame, seqpacket);
+        if (rc < 0) {
+            free(out);
+            return rc;
+        }
+        sent += n;
+    }
+    free(out);
+    return sent;
+}
+
+int64_t afunix_chan_ref_recv(int fd, int count, int size, uint64_t *checksum)
+{
+    if (count < 0 || size < 8 || checksum == NULL)
+        return -EINVAL;
+    size_t frame = AFUNIX_FRAME_HEADER + (size_t)size;
+    size_t cap = REF_RECV_BUF;
+    while (cap < frame + REF_RECORD_MAX)
+        cap *= 2;
+    unsigned char *buf = malloc(cap);
+    if (buf == NULL)
+        return -ENOMEM;
+    size_t start = 0, end = 0;
+    int64_t got = 0;
+    uint64_t sum = 0;
+    int64_t rc = 0;
+    while (got < count) {
+        /* parse every complete frame */
+        while (end - start >= AFUNIX_FRAME_HEADER) {
+            const unsigned char *h = buf + start;
+            uint32_t length = get_le32(h);
+            if (h[7] != AFUNIX_FRAME_MAGIC || length != (uint32_t)size) {
+                rc = -EBADMSG;
+                goto out;
+            }
+            if (end - start < frame)
+                break;
+            sum += get_le64(h + AFUNIX_FRAME_HEADER);
+            start += frame;
+            got++;
+        }
+        if (got >= count)
+            break;
+        if (start == end) {
+            start = end = 0;
+        } else if (cap - end < REF_RECORD_MAX) {
+            memmove(buf, buf + start, end - start);
+            end -= start;
+            start = 0;
+        }
+        ssize_t r = recv(fd, buf + end, cap - end, 0);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            rc = -errno;
+            goto out;
+        }
+        if (r == 0)
+            break;
+        end += (size_t)r;
+    }
+    rc = got;
+out:
+    *checksum = sum;
+    free(buf);
+    return rc;
+}

@@ -1,0 +1,69 @@
+/* afunix message channel: framing in C (plain C99, no Python API).
+ *
+ * A channel is a byte stream of frames (docs/PROTOCOL.md): an 8-byte
+ * little-endian header (payload length, descriptor count, flags, version,
+ * magic) followed by the payload.  These functions pack many frames into one
+ * buffer and parse many out of one, so Python crosses into C once per batch.
+ * Every function returns a count (>= 0) or -errno.
+ */
+#ifndef AFUNIX_CHANNEL_H
+#define AFUNIX_CHANNEL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define AFUNIX_FRAME_HEADER 8         /* bytes of a frame header */
+#define AFUNIX_FRAME_VERSION 1        /* the version this core writes and reads */
+#define AFUNIX_FRAME_MAGIC 0xAF       /* last header byte of every frame */
+#define AFUNIX_FRAME_MAX_NFDS 253     /* SCM_MAX_FD */
+
+/* Where afunix_frames_parse writes: per frame, the offset of its payload in
+ * the parsed buffer, its length and its descriptor count. */
+struct afunix_frames {
+    int capacity;        /* room in the arrays */
+    uint32_t *offsets;   /* payload offsets, from the start of buf */
+    uint32_t *lengths;   /* payload lengths */
+    uint32_t *nfds;      /* declared descriptor counts */
+    int count;           /* frames found by the last parse */
+    size_t consumed;     /* bytes of those frames, headers included */
+    int64_t uniform;     /* the length every frame found has; -1 when they differ or none */
+    int with_fds;        /* frames found that declare descriptors */
+    size_t need;         /* bytes the first incomplete frame needs in all (header
+                            included; 8 while its header is incomplete), 0 when none */
+};
+
+/* NULL when out of memory or capacity < 1. */
+struct afunix_frames *afunix_frames_new(int capacity);
+void afunix_frames_free(struct afunix_frames *frames);
+
+/* Parse up to max_frames complete frames (at most frames->capacity) from
+ * buf[start, end).  Stops at the first incomplete frame, and before a frame
+ * whose header is bad when frames were found ahead of it, so that they are
+ * delivered first.  Returns the count, -EBADMSG for a malformed header
+ * (magic, version, flags or descriptor count) or -EMSGSIZE for a length over
+ * max_frame, in both cases only when it is the first frame at `start`.
+ * Offsets must fit in 32 bits: end <= UINT32_MAX, else -EINVAL. */
+int afunix_frames_parse(struct afunix_frames *frames, const char *buf, size_t start,
+                        size_t end, int max_frames, uint32_t max_frame);
+
+/* Pack n frames into out: frame i is a header declaring lens[i] bytes (or
+ * uniform_len when lens is NULL) and nfds[i] descriptors (0 when nfds is
+ * NULL), then its payload, taken in order from `data` (all payloads back to
+ * back).  Returns the bytes written, -EINVAL for a length over UINT32_MAX or a
+ * descriptor count out of range, -ENOBUFS when out is too small. */
+int64_t afunix_frames_pack(char *out, size_t outlen, const char *data,
+                           const uint32_t *lens, uint32_t uniform_len,
+                           const uint32_t *nfds, int n);
+
+/* ---- the benchmark's limit: framing in plain C, no Python ------------------ */
+
+/* Send `count` frames of `size` (>= 8) payload bytes over fd (a stream or
+ * SEQPACKET socket), `batch` frames packed per write (at most 64 KiB a write
+ * on SEQPACKET); payload i starts with i as a little-endian uint64. */
+int64_t afunix_chan_ref_send(int fd, int count, int size, int batch, int seqpacket);
+/* Receive `count` frames from fd, parsing the byte stream in C; adds the
+ * number that starts each payload to *checksum; a frame of another length is
+ * -EBADMSG.  Returns the frames received. */
+int64_t afunix_chan_ref_recv(int fd, int count, int size, uint64_t *checksum);
+
+#endif

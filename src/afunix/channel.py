@@ -1,0 +1,955 @@
+"""Message channel: framed, batched messages with descriptors over one connected socket.
+
+A `Channel` turns a connected SOCK_STREAM or SOCK_SEQPACKET socket into a
+stream of frames (docs/PROTOCOL.md): many messages per system call, packed
+and parsed by the active backend (in C on the C backend), descriptors riding
+on the frame that declares them.
+"""
+from __future__ import annotations
+
+import array
+import collections
+import contextlib
+import errno
+import os
+import socket
+import struct
+from typing import Any, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
+
+from . import _backend, _checks, _io
+from .batch import checked_fds
+from .message import Address, Message, close_fds
+
+#: Default and largest accepted `max_frame` (payload bytes of one message).
+DEFAULT_MAX_FRAME = 64 << 20
+MAX_FRAME_LIMIT = 1 << 30
+#: Bytes of a frame header.
+HEADER_SIZE = 8
+#: Most bytes one SOCK_SEQPACKET record carries (docs/PROTOCOL.md).
+RECORD_MAX = 65536
+#: Frame format version written and accepted.
+VERSION = 1
+MAGIC = 0xAF
+
+_HEADER = struct.Struct("<IBBBB")  # length, nfds, flags, version, magic
+_SCM_MAX_FD = 253
+_TABLE_CAPACITY = 4096
+_RECV_BUFFER = 256 << 10
+# Below this much room at the end of the receive buffer, move the unparsed
+# bytes to its front before reading: a short read costs a system call.
+_READ_ROOM = 32 << 10
+# Receive control space: a full SCM_RIGHTS array, plus SCM_CREDENTIALS that
+# arrive ahead of it when SO_PASSCRED is on.
+_ANCBUF = socket.CMSG_SPACE(4 * _SCM_MAX_FD) + socket.CMSG_SPACE(12)
+# Plain ints: the socket module's constants are enum members, and | or & on
+# them builds a new enum object each time.
+_STREAM = int(socket.SOCK_STREAM)
+_SEQPACKET = int(socket.SOCK_SEQPACKET)
+_NOSIGNAL = int(getattr(socket, "MSG_NOSIGNAL", 0))
+_CLOEXEC = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
+_TRUNC = int(socket.MSG_TRUNC)
+_CTRUNC = int(socket.MSG_CTRUNC)
+_SOL_SOCKET = int(socket.SOL_SOCKET)
+_SCM_RIGHTS = int(socket.SCM_RIGHTS)
+_EMPTY = memoryview(b"")
+
+_headers: Dict[int, bytes] = {}
+
+
+def _header(length: int, nfds: int = 0) -> bytes:
+    """The header of a frame of `length` payload bytes declaring `nfds` descriptors."""
+    if nfds:
+        return _HEADER.pack(length, nfds, 0, VERSION, MAGIC)
+    head = _headers.get(length)
+    if head is None:
+        head = _HEADER.pack(length, 0, 0, VERSION, MAGIC)
+        if len(_headers) < 4096:
+            _headers[length] = head
+    return head
+
+
+class ProtocolError(OSError):
+    """The peer broke the channel protocol; the channel is closed.
+
+    Raised for a peer that closed mid-frame, a frame over `max_frame`, a
+    malformed header, descriptors that do not match a frame's declared count
+    or that the kernel cut (MSG_CTRUNC), and a SOCK_SEQPACKET record over
+    RECORD_MAX bytes.  An OSError (errno EPROTO), like the kernel's own
+    answers: it is about what came over the socket, not about the caller's
+    arguments (those are TypeError/ValueError), and code that handles a
+    failed connection with ``except OSError`` handles it too.  Every
+    descriptor received and not yet handed over is closed before it is raised.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EPROTO, message)
+
+
+def _nbytes(data: Any) -> int:
+    try:
+        view = memoryview(data)
+    except TypeError:
+        raise TypeError("a message must be bytes-like or afunix.Message, not %s"
+                        % type(data).__name__) from None
+    if not view.c_contiguous:
+        raise ValueError("message buffers must be C-contiguous")
+    return view.nbytes
+
+
+class _Segment:
+    """Messages sent with one write: a run without descriptors, or one with them."""
+
+    __slots__ = ("datas", "lengths", "joined", "fds")
+
+    def __init__(self, datas: List[Any], lengths: List[int], joined: bytes,
+                 fds: Tuple[int, ...] = ()) -> None:
+        self.datas = datas
+        self.lengths = lengths
+        self.joined = joined
+        self.fds = fds
+
+
+class FrameBatch:
+    """Messages received by `Channel.recv_batch`, in place in the channel's buffer.
+
+    ``batch[i]`` is a memoryview of message i; for callers that want no
+    object per message, `buffer`, `offsets` and `lengths` give message i as
+    ``buffer[offsets[i]:offsets[i] + lengths[i]]``, and when `size` is not
+    None every message has that length and message i starts at
+    ``start + HEADER_SIZE + i * (size + HEADER_SIZE)``.  Valid until the next
+    receive on the channel.  Descriptors of message i are handed over by
+    ``fds(i)``; those not taken are closed at the next receive or close.
+    """
+
+    __slots__ = ("buffer", "offsets", "lengths", "size", "start", "end", "_fds")
+
+    def __init__(self, buffer: memoryview, offsets: memoryview, lengths: memoryview,
+                 size: Optional[int], start: int, end: int,
+                 fds: Optional[Dict[int, List[int]]]) -> None:
+        #: the channel's whole receive buffer
+        self.buffer = buffer
+        #: payload offsets into `buffer` (memoryview of format "I")
+        self.offsets = offsets
+        #: payload lengths (memoryview of format "I")
+        self.lengths = lengths
+        #: the length every message of the batch has, or None when they differ
+        self.size = size
+        #: buffer[start:end] holds the batch's frames, headers included
+        self.start = start
+        self.end = end
+        self._fds = fds
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, i: int) -> memoryview:
+        o = self.offsets[i]
+        view: memoryview = self.buffer[o:o + self.lengths[i]]
+        return view
+
+    def __iter__(self) -> Iterator[memoryview]:
+        buf = self.buffer
+        for o, n in zip(self.offsets, self.lengths):
+            yield buf[o:o + n]
+
+    def fds(self, i: int) -> List[int]:
+        """Message i's descriptors, handed to the caller (who must close them)."""
+        if i < 0:
+            i += len(self.offsets)
+        if not 0 <= i < len(self.offsets):
+            raise IndexError("FrameBatch index out of range")
+        return self._fds.pop(i, []) if self._fds else []
+
+    def _close(self) -> None:
+        if self._fds:
+            fds, self._fds = self._fds, None
+            for got in fds.values():
+                close_fds(got)
+
+
+class Channel:
+    """Framed messages over a connected SOCK_STREAM or SOCK_SEQPACKET AF_UNIX socket.
+
+    The channel owns the socket (closing the channel closes it) and follows
+    its blocking mode and timeout.  Messages are bytes; a message may carry
+    descriptors.  Sends pack many messages into one system call; receives
+    parse every message that one system call brought.  One thread at a time
+    may send, and one at a time may receive.
+
+    Args:
+        sock: a connected AF_UNIX socket, SOCK_STREAM or SOCK_SEQPACKET.
+        max_frame: the largest message accepted (received: ProtocolError;
+            sent: ValueError), at most 1 GiB.
+        write_buffer: when > 0, `send` keeps messages until this many bytes
+            are waiting (or `flush`), then writes them with one system call.
+
+    Raises:
+        TypeError, ValueError: not such a socket, or bad limits.
+    """
+
+    def __init__(self, sock: socket.socket, *, max_frame: int = DEFAULT_MAX_FRAME,
+                 write_buffer: int = 0) -> None:
+        self._closed = True  # until set up: close() and __del__ have nothing to do
+        if not isinstance(sock, socket.socket):
+            raise TypeError("Channel needs a socket.socket, not %s" % type(sock).__name__)
+        if sock.family != socket.AF_UNIX:
+            raise ValueError("Channel needs an AF_UNIX socket")
+        kind = _io._raw_type(sock)
+        if kind not in (_STREAM, _SEQPACKET):
+            raise ValueError("Channel needs a SOCK_STREAM or SOCK_SEQPACKET socket")
+        if sock.fileno() < 0:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        self._max_frame = _checks.in_range(max_frame, "max_frame", 0, MAX_FRAME_LIMIT)
+        self._write_buffer = _checks.in_range(write_buffer, "write_buffer", 0, 1 << 30)
+        self._impl = _backend.impl
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._seqpacket = kind == _SEQPACKET
+        # receive side: bytes [_start, _end) of _buffer are not parsed yet;
+        # _base is the stream offset of _buffer[0] (descriptors are matched
+        # to frames by stream offset)
+        self._buffer = bytearray(_RECV_BUFFER)
+        self._view = memoryview(self._buffer)
+        self._start = 0
+        self._end = 0
+        self._base = 0
+        self._table = self._impl.new_frame_table(_TABLE_CAPACITY)
+        self._next = 0  # next parsed frame to hand out
+        self._parsed = 0  # frames in the table
+        # descriptors not yet matched to a frame, with the stream range of
+        # the read that brought them: [lo, hi)
+        self._fd_reads: Deque[Tuple[int, int, List[int]]] = collections.deque()
+        self._frame_fds: Dict[int, List[int]] = {}  # table index -> descriptors
+        self._batch: Optional[FrameBatch] = None
+        # send side: _pending is frame bytes already promised (the tail of a
+        # partly written message, or flushed buffered ones); _queue holds
+        # buffered payloads (immutable) not packed yet, _queue_lengths their
+        # sizes and _queued their frame bytes
+        self._pending = _EMPTY
+        self._queue: List[bytes] = []
+        self._queue_lengths: List[int] = []
+        self._queued = 0
+        self._closed = False
+
+    # ---- construction helpers -------------------------------------------------
+
+    @classmethod
+    def connect(cls, address: Address, type: int = socket.SOCK_STREAM, *,
+                timeout: Optional[float] = None, **options: Any) -> "Channel":
+        """Connect to a listening AF_UNIX socket and return a Channel over it.
+
+        Like ``Channel(afunix.connect(address, type, timeout=timeout), **options)``.
+        """
+        from .addresses import connect
+        sock = connect(address, type, timeout=timeout)
+        try:
+            return cls(sock, **options)
+        except BaseException:
+            sock.close()
+            raise
+
+    @classmethod
+    def accept(cls, listener: socket.socket, **options: Any) -> "Channel":
+        """Accept one connection on `listener` (e.g. from afunix.listen) as a Channel."""
+        sock, _ = listener.accept()
+        try:
+            return cls(sock, **options)
+        except BaseException:
+            sock.close()
+            raise
+
+    # ---- state ------------------------------------------------------------------
+
+    @property
+    def socket(self) -> socket.socket:
+        """The channel's socket (owned by the channel: do not read or write it directly)."""
+        return self._sock
+
+    def fileno(self) -> int:
+        """The socket's descriptor, for selectors; -1 once closed."""
+        return -1 if self._closed else self._fd
+
+    @property
+    def closed(self) -> bool:
+        """True once the channel is closed (by close() or after a ProtocolError)."""
+        return self._closed
+
+    @property
+    def max_frame(self) -> int:
+        """The largest message accepted, in bytes."""
+        return self._max_frame
+
+    @property
+    def pending(self) -> int:
+        """Bytes of accepted messages not written to the socket yet."""
+        return len(self._pending) + self._queued
+
+    @property
+    def buffered_messages(self) -> int:
+        """Messages already received and parsed, that the next receive returns without waiting."""
+        return self._parsed - self._next
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise OSError(errno.EBADF, "the channel is closed")
+
+    # ---- send -------------------------------------------------------------------
+
+    def send(self, data: Any, fds: Iterable[Any] = ()) -> None:
+        """Send one message, with `fds` attached when given.
+
+        Like ``sock.sendall`` of one framed message.  When the socket cannot
+        take all of it (non-blocking, or the timeout ran out) after the first
+        byte went, the rest is kept and written first by the next send or
+        flush (see `pending`): a message is never half-framed on the wire.
+
+        Raises:
+            TypeError, ValueError: bad data or descriptors, a message over max_frame.
+            BlockingIOError: a non-blocking socket took none of it (nothing sent).
+            TimeoutError: nothing could be sent before the socket's timeout.
+            OSError: from the kernel.
+        """
+        if type(data) is bytes and not fds and not self._closed:
+            n = len(data)
+            if n > self._max_frame:
+                raise ValueError("message of %d bytes is over max_frame (%d)" % (n, self._max_frame))
+            if self._write_buffer:
+                self._enqueue_one(data, n, None)
+                return
+            if self._pending:
+                self.send_many([data])
+                return
+            # the common case, one call: header and payload in one write
+            frame = _header(n) + data
+            if self._sock.gettimeout() is None and not self._seqpacket:
+                # a blocking stream: the kernel writes all of it or fails
+                done = self._sock.send(frame, _NOSIGNAL)
+                if done == len(frame):
+                    return
+                self._pending = memoryview(frame)[done:]
+                self.flush()
+                return
+        self.send_many([data if not fds else Message(data, tuple(checked_fds(fds)))])
+
+    def send_many(self, messages: Iterable[Any]) -> int:
+        """Send many messages with as few system calls as the socket allows.
+
+        `messages` holds bytes-like objects or `Message`s (whose `fds` ride
+        along).  Messages without descriptors are packed back to back into
+        one write; each message with descriptors gets its own sendmsg so the
+        kernel attaches them to its bytes.  With a write buffer, messages
+        without descriptors are kept until it fills (see `flush`).
+
+        Partial results are counts, never losses: when the socket stops
+        taking bytes (non-blocking, or the timeout ran out), the messages
+        fully written and the one in progress (its tail kept in `pending`)
+        count as sent, and the rest are not: send them again from
+        ``messages[k:]``.
+
+        Returns:
+            How many messages were sent or accepted, in order from the first.
+
+        Raises:
+            TypeError, ValueError: bad messages, before anything is sent.
+            BlockingIOError: nothing accepted on a non-blocking socket.
+            TimeoutError: nothing accepted before the socket's timeout.
+            OSError: from the kernel.
+        """
+        self._check_open()
+        segments, total = self._segments(messages)
+        if not total:
+            return 0
+        if self._write_buffer:
+            return self._enqueue(segments, total)
+        deadline = _io.deadline_of(self._sock.gettimeout())
+        if (self._pending or self._queue) and not self._drain(deadline):
+            raise self._stall()
+        accepted = 0
+        for seg in segments:
+            k, exc = self._emit(seg, deadline)
+            accepted += k
+            if exc is not None:
+                if accepted and isinstance(exc, (BlockingIOError, socket.timeout)):
+                    return accepted
+                raise exc
+        return accepted
+
+    def flush(self) -> int:
+        """Write every accepted message still waiting (buffered, or a partly written tail).
+
+        Returns:
+            The bytes still pending: 0, except on a non-blocking socket that
+            stopped taking bytes (call again when it is writable).
+
+        Raises:
+            TimeoutError: the socket's timeout ran out first (the rest stays pending).
+            OSError: from the kernel.
+        """
+        self._check_open()
+        timeout = self._sock.gettimeout()
+        if not self._drain(_io.deadline_of(timeout)) and timeout != 0.0:
+            raise socket.timeout("timed out")
+        return self.pending
+
+    @contextlib.contextmanager
+    def batched(self, size: int = 1 << 20) -> Iterator["Channel"]:
+        """Within the block, `send` buffers up to `size` bytes per write; flushes at the end.
+
+        For callers who produce one message at a time::
+
+            with ch.batched():
+                for item in items:
+                    ch.send(encode(item))
+        """
+        size = _checks.in_range(size, "size", 1, 1 << 30)
+        previous = self._write_buffer
+        self._write_buffer = max(previous, size)
+        try:
+            yield self
+        except BaseException:
+            self._write_buffer = previous
+            with contextlib.suppress(OSError):
+                if not self._closed:
+                    self.flush()
+            raise
+        self._write_buffer = previous
+        if not self._closed:
+            self.flush()
+
+    def _segments(self, messages: Iterable[Any]) -> Tuple[List[_Segment], int]:
+        """Check `messages` and split them into write segments (validate once, up front)."""
+        items = messages if isinstance(messages, list) else list(messages)
+        if not items:
+            return [], 0
+        limit = self._max_frame
+        # The common case, plain byte strings: join() takes any buffer and
+        # fails on anything else (a Message is a tuple); the length sum agrees
+        # with the joined size only when every len() was the byte count.
+        try:
+            joined = b"".join(items)
+            lengths = list(map(len, items))
+        except TypeError:
+            pass
+        else:
+            if sum(lengths) == len(joined):
+                if max(lengths) > limit:
+                    raise ValueError("a message of %d bytes is over max_frame (%d)"
+                                     % (max(lengths), limit))
+                return [_Segment(items, lengths, joined)], len(items)
+        segments: List[_Segment] = []
+        run: List[Any] = []
+        run_lengths: List[int] = []
+        for item in items:
+            if isinstance(item, Message):
+                data, fds = item.data, checked_fds(item.fds)
+            else:
+                data, fds = item, ()
+            n = _nbytes(data)
+            if n > limit:
+                raise ValueError("a message of %d bytes is over max_frame (%d)" % (n, limit))
+            if fds:
+                if run:
+                    segments.append(_Segment(run, run_lengths, b"".join(run)))
+                    run, run_lengths = [], []
+                segments.append(_Segment([data], [n], bytes(data), fds))
+            else:
+                run.append(data)
+                run_lengths.append(n)
+        if run:
+            segments.append(_Segment(run, run_lengths, b"".join(run)))
+        return segments, len(items)
+
+    def _pack(self, seg: _Segment) -> memoryview:
+        nfds = [len(seg.fds)] if seg.fds else None
+        return self._impl.pack_frames(seg.datas, seg.joined, seg.lengths, nfds)
+
+    def _enqueue(self, segments: List[_Segment], total: int) -> int:
+        """Buffered mode: keep messages without descriptors; write when the buffer fills."""
+        accepted = 0
+        deadline = _io.deadline_of(self._sock.gettimeout())
+        try:
+            for seg in segments:
+                if seg.fds:
+                    # descriptors must ride on their frame's own write, after
+                    # everything buffered ahead of it
+                    if not self._drain(deadline):
+                        raise self._stall()
+                    k, exc = self._emit(seg, deadline)
+                    accepted += k
+                    if exc is not None:
+                        raise exc
+                    continue
+                joined, off = seg.joined, 0
+                for data, n in zip(seg.datas, seg.lengths):
+                    # keep bytes, never the caller's (maybe mutable) buffers
+                    self._enqueue_one(data if type(data) is bytes else joined[off:off + n],
+                                      n, deadline)
+                    off += n
+                    accepted += 1
+        except (BlockingIOError, socket.timeout):
+            if accepted:
+                return accepted
+            raise
+        return accepted
+
+    def _enqueue_one(self, data: bytes, n: int, deadline: Optional[float]) -> None:
+        """Buffer one message; write the buffer when it is full.
+
+        Raises BlockingIOError (or a timeout) when the buffer is full and the
+        socket takes nothing: the message is then not accepted.
+        """
+        size = n + HEADER_SIZE
+        limit = self._write_buffer
+        if self._queued + len(self._pending) + size > limit and (self._queued or self._pending):
+            if deadline is None:
+                deadline = _io.deadline_of(self._sock.gettimeout())
+            if not self._drain(deadline):
+                raise self._stall()
+        self._queue.append(data)
+        self._queue_lengths.append(n)
+        self._queued += size
+        if self._queued >= limit:
+            if deadline is None:
+                deadline = _io.deadline_of(self._sock.gettimeout())
+            self._drain(deadline)
+
+    def _stall(self) -> OSError:
+        """The error for "nothing accepted": BlockingIOError, or a timeout."""
+        if self._sock.gettimeout() == 0.0:
+            return BlockingIOError(errno.EAGAIN, "the socket is full; nothing was sent")
+        return socket.timeout("timed out")
+
+    def _drain(self, deadline: Optional[float]) -> bool:
+        """Write `_pending` and the queue; True when nothing is left."""
+        if self._queue:
+            queue, lengths = self._queue, self._queue_lengths
+            self._queue, self._queue_lengths, self._queued = [], [], 0
+            packed = self._impl.pack_frames(queue, b"".join(queue), lengths, None)
+            self._pending = packed if not self._pending else memoryview(
+                bytes(self._pending) + bytes(packed))
+        while self._pending:
+            done, exc = self._write(self._pending, deadline)
+            self._pending = self._pending[done:] if done < len(self._pending) else _EMPTY
+            if exc is not None:
+                if isinstance(exc, (BlockingIOError, socket.timeout)):
+                    return False
+                raise exc
+        return True
+
+    def _emit(self, seg: _Segment, deadline: Optional[float]) -> Tuple[int, Optional[BaseException]]:
+        """Write one segment; (messages accepted, the exception that stopped it or None)."""
+        packed = self._pack(seg)
+        total = len(packed)
+        done = 0
+        exc: Optional[BaseException] = None
+        if seg.fds:
+            try:
+                done = self._send_fds(packed, seg.fds, deadline)
+            except BaseException as e:  # nothing went: the message is not started
+                return 0, e
+        if done < total:
+            more, exc = self._write(packed[done:], deadline)
+            done += more
+        if done == total:
+            return len(seg.lengths), exc
+        if done == 0:
+            return 0, exc
+        # Keep the tail of the message in progress; later messages are not started.
+        end = 0
+        k = 0
+        for n in seg.lengths:
+            end += HEADER_SIZE + n
+            k += 1
+            if end >= done:
+                break
+        if end > done:
+            self._pending = packed[done:end]
+        return k, exc
+
+    def _write(self, view: memoryview, deadline: Optional[float]) -> Tuple[int, Optional[BaseException]]:
+        """Write as much of `view` as the socket takes; (bytes written, what stopped it or None)."""
+        sock = self._sock
+        timeout = sock.gettimeout()
+        total = len(view)
+        done = 0
+        twin: Optional[socket.socket] = None
+        record = RECORD_MAX if self._seqpacket else total
+        try:
+            if timeout:
+                # CPython's methods wait before every call on a socket with a
+                # timeout; try first (a unix socket polls writable only when
+                # most of its buffer is free), wait only when it is full.
+                twin = _io.nonblocking_twin(sock)
+            writer = twin if twin is not None else sock
+            while done < total:
+                try:
+                    done += writer.send(view[done:done + record], _NOSIGNAL)
+                except BlockingIOError as exc:
+                    if twin is None:
+                        return done, exc
+                    if not _io.wait(self._fd, True, deadline):
+                        return done, socket.timeout("timed out")
+        except BaseException as exc:
+            return done, exc
+        finally:
+            if twin is not None:
+                twin.detach()
+        return done, None
+
+    def _send_fds(self, packed: memoryview, fds: Tuple[int, ...], deadline: Optional[float]) -> int:
+        """The first write of a frame with descriptors: sendmsg with SCM_RIGHTS; bytes written."""
+        sock = self._sock
+        ancillary = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds).tobytes())]
+        chunk = packed[:RECORD_MAX] if self._seqpacket else packed
+        if not sock.gettimeout():
+            return sock.sendmsg([chunk], ancillary, _NOSIGNAL)
+        twin = _io.nonblocking_twin(sock)
+        try:
+            while True:
+                try:
+                    return twin.sendmsg([chunk], ancillary, _NOSIGNAL)
+                except BlockingIOError:
+                    if not _io.wait(self._fd, True, deadline):
+                        raise socket.timeout("timed out") from None
+        finally:
+            twin.detach()
+
+    # ---- receive ----------------------------------------------------------------
+
+    def recv(self) -> bytes:
+        """Receive one message, as bytes.
+
+        Waits as ``sock.recv`` would (blocking, timeout or BlockingIOError).
+        Descriptors that came with the message are closed: use
+        `recv_message` where descriptors may come.
+
+        Raises:
+            EOFError: the peer closed the channel cleanly (between messages).
+            ProtocolError: the peer broke the protocol; the channel is closed.
+            BlockingIOError, TimeoutError, OSError: as sock.recv would.
+        """
+        i = self._next
+        if i >= self._parsed:
+            if not self._fill():
+                raise EOFError("the peer closed the channel")
+            i = self._next
+        self._next = i + 1
+        if self._frame_fds:
+            close_fds(self._frame_fds.pop(i, ()))
+        t = self._table
+        o = t.offsets[i]
+        return bytes(self._view[o:o + t.lengths[i]])
+
+    def recv_many(self, max_messages: int = _TABLE_CAPACITY) -> List[bytes]:
+        """Receive up to `max_messages` messages: those one read brought, waiting only for the first.
+
+        Descriptors that came with them are closed (see `recv_message`).
+
+        Returns:
+            The messages, in order; an empty list at a clean end of stream.
+
+        Raises:
+            ProtocolError: the peer broke the protocol; the channel is closed.
+            BlockingIOError, TimeoutError, OSError: as sock.recv would.
+        """
+        if type(max_messages) is not int or max_messages < 1:
+            max_messages = _checks.in_range(max_messages, "max_messages", 1, 1 << 62)
+        if self._next >= self._parsed and not self._fill():
+            return []
+        i = self._next
+        n = min(self._parsed - i, max_messages)
+        self._next = i + n
+        if self._frame_fds:
+            for j in range(i, i + n):
+                close_fds(self._frame_fds.pop(j, ()))
+        t = self._table
+        first = t.offsets[i]
+        if n == 1:
+            return [bytes(self._view[first:first + t.lengths[i]])]
+        size = t.uniform
+        if size >= 0:
+            stride = size + HEADER_SIZE
+            blob = bytes(self._view[first:first + n * stride - HEADER_SIZE])
+            return [blob[p:p + size] for p in range(0, n * stride, stride)]
+        last = i + n - 1
+        blob = bytes(self._view[first:t.offsets[last] + t.lengths[last]])
+        return [blob[o - first:o - first + k]
+                for o, k in zip(t.offsets[i:i + n].tolist(), t.lengths[i:i + n].tolist())]
+
+    def recv_message(self) -> Message:
+        """Receive one message with its descriptors, as ``Message(data, fds)``.
+
+        The descriptors are close-on-exec and owned by the caller.
+
+        Raises:
+            EOFError: the peer closed the channel cleanly (between messages).
+            ProtocolError: the peer broke the protocol (for instance a
+                descriptor count that does not match); the channel is closed
+                and every descriptor received closed.
+            BlockingIOError, TimeoutError, OSError: as sock.recv would.
+        """
+        i = self._next
+        if i >= self._parsed:
+            if not self._fill():
+                raise EOFError("the peer closed the channel")
+            i = self._next
+        self._next = i + 1
+        fds = self._frame_fds.pop(i, []) if self._frame_fds else []
+        t = self._table
+        o = t.offsets[i]
+        return Message(bytes(self._view[o:o + t.lengths[i]]), tuple(fds))
+
+    def recv_batch(self, max_messages: int = _TABLE_CAPACITY) -> FrameBatch:
+        """Receive up to `max_messages` messages without copying them out (see FrameBatch).
+
+        The zero-copy path: no object per message.  The batch is valid until
+        the next receive on this channel.
+
+        Returns:
+            The batch; empty (len 0) at a clean end of stream.
+
+        Raises:
+            ProtocolError: the peer broke the protocol; the channel is closed.
+            BlockingIOError, TimeoutError, OSError: as sock.recv would.
+        """
+        max_messages = _checks.in_range(max_messages, "max_messages", 1, 1 << 62)
+        if self._next >= self._parsed and not self._fill():
+            batch = FrameBatch(self._view, _EMPTY.cast("I"), _EMPTY.cast("I"), None,
+                               self._start, self._start, None)
+            self._batch = batch
+            return batch
+        i = self._next
+        n = min(self._parsed - i, max_messages)
+        self._next = i + n
+        fds = None
+        if self._frame_fds:
+            fds = {j - i: self._frame_fds.pop(j) for j in range(i, i + n) if j in self._frame_fds}
+        t = self._table
+        last = i + n - 1
+        batch = FrameBatch(self._view, t.offsets[i:i + n], t.lengths[i:i + n],
+                           t.uniform if t.uniform >= 0 else None,
+                           t.offsets[i] - HEADER_SIZE, t.offsets[last] + t.lengths[last], fds)
+        self._batch = batch
+        return batch
+
+    def __iter__(self) -> Iterator[bytes]:
+        """Every message until the peer closes the channel cleanly (see recv_many)."""
+        while True:
+            messages = self.recv_many()
+            if not messages:
+                return
+            yield from messages
+
+    def _fill(self) -> bool:
+        """Receive until the table holds parsed frames; False at a clean end of stream."""
+        self._check_open()
+        if self._batch is not None:
+            self._batch._close()  # descriptors a zero-copy batch did not hand over
+            self._batch = None
+        while True:
+            if self._start < self._end and self._parse():
+                return True
+            self._check_stray_fds()
+            self._make_room()
+            if self._read() == 0:
+                if self._start == self._end and not self._fd_reads:
+                    return False
+                self._fail("the peer closed the channel in the middle of a frame"
+                           if self._start < self._end else
+                           "the peer closed the channel with descriptors no frame declared")
+
+    def _parse(self) -> int:
+        t = self._table
+        start = self._start
+        n = self._impl.parse_frames(t, self._buffer, start, self._end, t.capacity, self._max_frame)
+        if n < 0:
+            if n == -errno.EMSGSIZE:
+                length = int.from_bytes(self._buffer[start:start + 4], "little")
+                self._fail("a frame of %d bytes is over max_frame (%d)" % (length, self._max_frame))
+            self._fail("malformed frame header %s" % self._buffer[start:start + HEADER_SIZE].hex())
+        if n:
+            self._next, self._parsed = 0, n
+            self._start = start + t.consumed
+            if t.with_fds or self._fd_reads:
+                self._claim(n)
+        return n
+
+    def _claim(self, n: int) -> None:
+        """Hand each parsed frame the descriptors it declares (docs/PROTOCOL.md, Descriptors).
+
+        A frame's descriptors arrive with the read that holds its first
+        byte: the sender writes each such frame with its own sendmsg, and the
+        kernel attaches them to the first byte and ends a read after them.
+        """
+        t = self._table
+        reads = self._fd_reads
+        base = self._base
+        offsets, nfds = t.offsets, t.nfds
+        for i in range(n):
+            at = base + offsets[i] - HEADER_SIZE  # stream offset of the frame
+            while reads and reads[0][1] <= at:
+                self._fail("descriptors arrived that no frame declared")
+            k = nfds[i]
+            if not k:
+                continue
+            if not reads or not reads[0][0] <= at < reads[0][1]:
+                self._fail("a frame declares %d descriptors and none came with it" % k)
+            got = reads[0][2]
+            if len(got) != k:
+                self._fail("a frame declares %d descriptors and %d came with it" % (k, len(got)))
+            reads.popleft()
+            self._frame_fds[i] = got
+
+    def _check_stray_fds(self) -> None:
+        # Before reading on: the only descriptors that may wait are those of
+        # the incomplete frame at _start, brought by a read that began at or
+        # before it.  Any others were declared by no frame.
+        at = self._base + self._start
+        for lo, hi, _ in self._fd_reads:
+            if hi <= at or lo > at:
+                self._fail("descriptors arrived that no frame declared")
+
+    def _make_room(self) -> None:
+        """Make room after _end for a read, keeping the unparsed bytes."""
+        start, end, size = self._start, self._end, len(self._buffer)
+        used = end - start
+        # the incomplete frame must fit, and a SEQPACKET record must fit
+        # whole (the kernel drops what does not)
+        least = RECORD_MAX if self._seqpacket else 1
+        need = max(self._table.need, used) + least
+        if need > size or (not used and size > 4 * _RECV_BUFFER):
+            # A new buffer rather than a resize: views of the old one (a
+            # FrameBatch) may still be held; they keep it alive.
+            new = bytearray(max(need, _RECV_BUFFER))
+            new[:used] = self._view[start:end]
+            self._buffer = new
+            self._view = memoryview(new)
+        elif used and size - end >= max(least, _READ_ROOM):
+            return
+        elif used:
+            # bytearray slice assignment copies with memcpy: never overlap
+            chunk = self._view[start:end]
+            self._buffer[:used] = chunk if start >= used else bytes(chunk)
+        self._base += start
+        self._start, self._end = 0, used
+        self._next = self._parsed = 0
+
+    def _read(self) -> int:
+        """One recvmsg into the buffer; collects descriptors; returns the bytes read."""
+        end = self._end
+        # SEQPACKET: room for exactly one record of the largest size, so a
+        # longer one is cut (MSG_TRUNC) and refused, as the protocol says
+        view = self._view[end:end + RECORD_MAX] if self._seqpacket else self._view[end:]
+        n, ancillary, msg_flags, _ = self._sock.recvmsg_into([view], _ANCBUF, _CLOEXEC)
+        if ancillary:
+            fds: List[int] = []
+            for level, kind, payload in ancillary:
+                if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
+                    got = array.array("i")
+                    got.frombytes(payload[:len(payload) - len(payload) % got.itemsize])
+                    fds.extend(got)
+            if fds:
+                at = self._base + end
+                self._fd_reads.append((at, at + n, fds))
+                if msg_flags & _CTRUNC:
+                    self._fail("the kernel cut the descriptors of a message (MSG_CTRUNC)")
+                if n == 0:
+                    self._fail("descriptors arrived without data")
+        if msg_flags & _CTRUNC:
+            self._fail("the kernel cut the descriptors of a message (MSG_CTRUNC)")
+        if msg_flags & _TRUNC:
+            self._fail("a SOCK_SEQPACKET record longer than %d bytes" % RECORD_MAX)
+        self._end = end + n
+        return int(n)
+
+    # ---- closing ----------------------------------------------------------------
+
+    def _release_fds(self) -> None:
+        reads, self._fd_reads = self._fd_reads, collections.deque()
+        for _, _, fds in reads:
+            close_fds(fds)
+        frame_fds, self._frame_fds = self._frame_fds, {}
+        for fds in frame_fds.values():
+            close_fds(fds)
+        if self._batch is not None:
+            self._batch._close()
+            self._batch = None
+
+    def _fail(self, message: str) -> None:
+        """Close everything and raise ProtocolError(message)."""
+        self._abort()
+        raise ProtocolError(message)
+
+    def _abort(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._release_fds()
+        self._pending = _EMPTY
+        self._queue, self._queue_lengths, self._queued = [], [], 0
+        self._next = self._parsed = 0
+        self._sock.close()
+
+    def close(self) -> None:
+        """Write what is pending as `flush` would, then close the socket.
+
+        Received descriptors not handed over are closed.  Pending bytes are
+        dropped, without an error, when the peer is gone (BrokenPipeError,
+        ConnectionResetError: nobody would read them) and on a non-blocking
+        socket that cannot take them at once (check `flush()` first).
+
+        Raises:
+            TimeoutError, OSError: writing what was pending failed; the
+                channel is closed all the same.
+        """
+        if self._closed:
+            return
+        try:
+            if self._pending or self._queue:
+                timeout = self._sock.gettimeout()
+                if not self._drain(_io.deadline_of(timeout)) and timeout:
+                    raise socket.timeout("timed out")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        finally:
+            self._abort()
+
+    def __enter__(self) -> "Channel":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # The socket closes itself when collected; the descriptors received
+        # and not handed over are ours to close.
+        if not getattr(self, "_closed", True):
+            self._release_fds()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "fd=%d" % self._fd
+        return "<afunix.Channel %s %s>" % (state, "SOCK_SEQPACKET" if self._seqpacket else "SOCK_STREAM")
+
+
+def channel_pair(type: int = socket.SOCK_STREAM, **options: Any) -> Tuple[Channel, Channel]:
+    """Two connected Channels over a new socketpair (afunix.socketpair).
+
+    Args:
+        type: socket.SOCK_STREAM or socket.SOCK_SEQPACKET.
+        options: passed to each Channel (max_frame, write_buffer).
+    """
+    from .pairs import socketpair
+    kind = _checks.supported_socket_type(type)
+    if kind not in (_STREAM, _SEQPACKET):
+        raise ValueError("a channel needs SOCK_STREAM or SOCK_SEQPACKET")
+    a, b = socketpair(kind)
+    try:
+        return Channel(a, **options), Channel(b, **options)
+    except BaseException:
+        a.close()
+        b.close()
+        raise
+
+
+__all__ = ["Channel", "FrameBatch", "ProtocolError", "channel_pair", "DEFAULT_MAX_FRAME",
+           "HEADER_SIZE", "RECORD_MAX"]
