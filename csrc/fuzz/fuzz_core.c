@@ -249,13 +249,15 @@ static void fuzz_recv(void)
             continue;
         }
         CHECK(got <= max_messages);
+        size_t kept_before = 0; /* descriptors are kept back to back */
         for (int i = 0; i < got; i++) {
             CHECK(a->lens[i] <= a->bufsize);
             CHECK(a->nfds[i] >= 0 && a->nfds[i] <= (maxfds > 0 ? maxfds : 0));
             CHECK(a->addrlens[i] >= -1 && a->addrlens[i] <= AFUNIX_ADDR_MAX);
             if (a->msg_flags[i] & MSG_CTRUNC)
                 CHECK(a->nfds[i] == 0);
-            const int *mine = a->fds + (size_t)i * (size_t)(maxfds > 0 ? maxfds : 1);
+            const int *mine = a->fds + kept_before;
+            kept_before += (size_t)a->nfds[i];
             for (int j = 0; j < a->nfds[i]; j++) {
                 /* kept: one of this message's, still open, in order */
                 CHECK(mine[j] >= first_fd[i] && mine[j] < first_fd[i] + fd_count[i]);
@@ -272,6 +274,7 @@ static void fuzz_recv(void)
             for (int j = 0; j < a->nfds[i]; j++)
                 fake_close(mine[j]); /* the caller takes them */
         }
+        CHECK(kept_before == (size_t)a->total_fds);
     }
     afunix_arena_free(a);
 }
@@ -397,7 +400,7 @@ static void fuzz_send(void)
         with_creds ? creds : NULL,
     };
     sending = &c;
-    int rc = afunix_send_many(-1, n, data, lens, c.fds, c.nfds, c.addrs, c.addrlens,
+    int rc = afunix_send_many(-1, n, data, lens, 0, c.fds, c.nfds, c.addrs, c.addrlens,
                               c.creds, 0);
     sending = NULL;
     if (!valid)
