@@ -4,6 +4,7 @@ from __future__ import annotations
 import inspect
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -112,3 +113,77 @@ def test_child_backend_is_the_requested_one(backend: str) -> None:
     proc = run_python("import afunix; print(afunix.BACKEND)", backend)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == backend
+
+
+@pytest.fixture(scope="session")
+def built_without_compiler(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """afunix installed from a copy of this checkout with a C compiler that always fails."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "setup.py").exists():
+        pytest.skip("needs the source checkout")
+    src = tmp_path_factory.mktemp("src")
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    for folder in ("csrc", "src"):
+        shutil.copytree(root / folder, src / folder,
+                        ignore=shutil.ignore_patterns("*.so", "*.o", "__pycache__", "_afunix_core.c"))
+    target = tmp_path_factory.mktemp("site")
+    env = dict(os.environ, CC="/bin/false")
+    env.pop("AFUNIX_REQUIRE_C", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-v", "--no-deps",
+         "--target", str(target), str(src)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "the C core was NOT built" in proc.stdout + proc.stderr
+    return str(target)
+
+
+def test_install_without_a_compiler_runs_on_the_stdlib(backend: str, built_without_compiler: str) -> None:
+    import os
+
+    env = dict(os.environ, PYTHONPATH=built_without_compiler, AFUNIX_BACKEND=backend)
+    code = "import afunix, socket; a, b = afunix.socketpair(); print(afunix.BACKEND)"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=60, cwd="/")
+    if backend == "stdlib":
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == "stdlib"
+    else:  # forcing the C core names the reason recorded at build time
+        assert proc.returncode != 0
+        assert "AFUNIX_BACKEND=c but the C core cannot be used" in proc.stderr
+        assert "the build recorded: CompileError" in proc.stderr
+    unset = dict(env)
+    unset.pop("AFUNIX_BACKEND")
+    info = subprocess.run([sys.executable, "-m", "afunix", "info"], env=unset,
+                          capture_output=True, text=True, timeout=60, cwd="/")
+    assert info.returncode == 0, info.stderr
+    assert "backend: stdlib" in info.stdout and "CompileError" in info.stdout
+
+
+def test_require_c_makes_a_failed_build_an_error(tmp_path: "Path") -> None:
+    import os
+    import shutil
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "setup.py").exists():
+        pytest.skip("needs the source checkout")
+    src = tmp_path / "src"
+    shutil.copytree(root, src, ignore=shutil.ignore_patterns(
+        ".git", "build", "*.so", "*.o", "__pycache__", "_afunix_core.c", ".hypothesis", "*.egg-info"))
+    env = dict(os.environ, CC="/bin/false", AFUNIX_REQUIRE_C="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps",
+         "--target", str(tmp_path / "site"), str(src)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode != 0
+    # the compiler's failure, not some other one, stopped it
+    assert "/bin/false" in proc.stdout + proc.stderr
+    assert "the C core was NOT built" not in proc.stdout + proc.stderr
