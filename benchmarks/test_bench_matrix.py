@@ -17,7 +17,8 @@ from afunix.bench import runner
 from afunix.bench.matrix import IMPLEMENTATIONS, MATRIX, Row
 from afunix.bench.workloads import WORKLOADS, unavailable
 
-COUNTS = {"messages": 20000, "fds": 5000, "stream": 2000, "pingpong": 2000}
+COUNTS = {"messages": 20000, "fds": 5000, "stream": 2000, "pingpong": 2000,
+          "asyncio": 20000, "asyncio-sock": 20000}
 ROWS = [row for row in MATRIX if WORKLOADS[row.workload].two_process]
 NAMES = {"stdlib": "stdlib-loop", "c": "c-reference"}
 

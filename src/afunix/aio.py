@@ -216,6 +216,14 @@ async def _send_stream(sock: Any, fd: int, items: List[Any], flags: int) -> int:
     # position ourselves (the synchronous sendall would lose it on EAGAIN),
     # and put each message's descriptors on its first byte, as the
     # synchronous send_many does.
+    if not any(isinstance(m, Message) for m in items):
+        try:
+            data = b"".join(items)  # plain buffers: one write of all of them
+        except TypeError:
+            pass  # not all bytes-like: outgoing() below says which
+        else:
+            await _send_bytes(sock, fd, memoryview(data), flags)
+            return len(items)
     out = outgoing(items)
     if out.addresses is not None:
         raise ValueError("a connected SOCK_STREAM socket takes no per-message address")

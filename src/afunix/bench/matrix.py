@@ -50,6 +50,8 @@ MATRIX: tuple[Row, ...] = (
     Row("stream", size=64 * KIB, batch=16),
     Row("fds", size=64, batch=32, nfds=1),
     Row("fds", size=64, batch=32, nfds=16),
+    Row("asyncio", size=64, batch=256),
+    Row("asyncio-sock", size=64, batch=256),
     Row("pingpong", size=64, batch=1),
 )
 

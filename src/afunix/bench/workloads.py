@@ -581,3 +581,7 @@ def unavailable(workload: Workload, impl: str) -> Optional[str]:
     if workload.kind == "fds" and impl == "stdlib" and not hasattr(socket, "send_fds"):
         return "not available: socket.send_fds"
     return None
+
+
+# The asyncio workloads live in their own module and add themselves to the tables above.
+from . import aio_workloads  # noqa: E402,F401
