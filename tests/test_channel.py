@@ -784,3 +784,16 @@ def test_foreign_peer_receives_from_the_channel(kind: int, devnull: int) -> None
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0
     assert out.split() == [str(len(msgs) + 1), str(total), str(nfds)]
+
+
+@pytest.mark.parametrize("kind", TYPES)
+def test_send_fixed_sends_records_of_one_buffer(kind: int) -> None:
+    a, b = afunix.channel_pair(kind)
+    records = array.array("Q", range(3000))
+    with a, b:
+        assert a.send_fixed(records, 24) == 1000
+        assert a.send_fixed(b"", 8) == 0
+        with pytest.raises(ValueError):
+            a.send_fixed(b"12345", 2)
+        got = recv_n(b, 1000)
+        assert got == [records[3 * i:3 * i + 3].tobytes() for i in range(1000)]

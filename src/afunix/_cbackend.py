@@ -302,14 +302,17 @@ def parse_frames(table: FrameTable, buf: bytearray, start: int, end: int,
     return int(rc)
 
 
-def pack_frames(datas: Sequence[Any], joined: bytes, lengths: Sequence[int],
-                nfds: Optional[Sequence[int]]) -> memoryview:
-    """Frames for the payloads in `joined` (lengths[i] bytes each), packed in one C call."""
+def pack_frames(out: bytearray, datas: Sequence[Any], joined: bytes, lengths: Sequence[int],
+                nfds: Optional[Sequence[int]]) -> int:
+    """Frames for the payloads in `joined` (lengths[i] bytes each) into out, in one C call.
+
+    Returns the bytes written; `out` must have room for them (the caller
+    sizes it, and reuses it: a fresh buffer per batch costs page faults).
+    """
     n = len(lengths)
     if not n:
-        return memoryview(b"")
+        return 0
     total = len(joined) + 8 * n
-    out = bytearray(total)
     first = lengths[0]
     if lengths.count(first) == n:
         # fixed-size messages: one length for all, no array to convert
@@ -322,4 +325,4 @@ def pack_frames(datas: Sequence[Any], joined: bytes, lengths: Sequence[int],
                                 nfds_arg, n)
     if rc < 0:
         raise OSError(-rc, os.strerror(-rc))
-    return memoryview(out)
+    return int(rc)

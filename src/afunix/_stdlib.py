@@ -352,9 +352,12 @@ def parse_frames(table: FrameTable, buf: bytearray, start: int, end: int,
     return count
 
 
-def pack_frames(datas: Sequence[Any], joined: bytes, lengths: Sequence[int],
-                nfds: Optional[Sequence[int]]) -> memoryview:
-    """Frames for `datas` (lengths[i] bytes, nfds[i] descriptors declared), back to back."""
+def pack_frames(out: bytearray, datas: Sequence[Any], joined: bytes, lengths: Sequence[int],
+                nfds: Optional[Sequence[int]]) -> int:
+    """Frames for `datas` (lengths[i] bytes, nfds[i] declared) into the start of out; the bytes written.
+
+    `out` must have room for them (the caller sizes it).
+    """
     if nfds is None:
         heads = [_frame_header(n) for n in lengths]
     else:
@@ -363,4 +366,6 @@ def pack_frames(datas: Sequence[Any], joined: bytes, lengths: Sequence[int],
     parts: list[Any] = [b""] * (2 * len(heads))
     parts[0::2] = heads
     parts[1::2] = datas
-    return memoryview(b"".join(parts))
+    packed = b"".join(parts)
+    out[:len(packed)] = packed
+    return len(packed)

@@ -77,3 +77,15 @@ MODES = {
 #: The least and most a calibrated run may send (a very fast or slow cell).
 MIN_COUNT = 200
 MAX_COUNT = 2_000_000
+
+# The messaging section: afunix.Channel against what Python programs use for
+# messaging today (rows and workloads in channel_workloads.py, which registers
+# them with workloads.py).  Imported only when workloads.py is not half-way
+# through its own import (it imports this module first), so that entry
+# point goes without the section rather than failing.
+if "afunix.bench.workloads" not in __import__("sys").modules:
+    from .channel_workloads import ROWS as _MESSAGING_ROWS  # noqa: E402
+
+    # after the throughput rows, ahead of the latency ones
+    _at = next((i for i, r in enumerate(MATRIX) if r.workload == "pingpong"), len(MATRIX))
+    MATRIX = MATRIX[:_at] + _MESSAGING_ROWS + MATRIX[_at:]
