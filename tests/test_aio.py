@@ -379,6 +379,28 @@ def test_keywords_are_honoured(run: Runner[Any], short_dir: str) -> None:
     run(main())
 
 
+def test_unconnected_dgram_sender_to_a_full_queue(run: Runner[Any], short_dir: str) -> None:
+    """The sender polls writable while the receiver's queue is full: it must still get through."""
+    path = os.path.join(short_dir, "q")
+    messages = numbered(300)  # far more than net.unix.max_dgram_qlen
+
+    async def main() -> None:
+        with afunix.listen(path, socket.SOCK_DGRAM) as rx, \
+                socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as tx:
+            rx.setblocking(False)
+            tx.setblocking(False)
+            receiver = asyncio.ensure_future(collect(rx, len(messages)))
+            to = [Message(m, address=path) for m in messages]
+            assert await aio.send_many(tx, to) == len(messages)
+            assert await receiver == messages
+            receiver = asyncio.ensure_future(collect(rx, 20))
+            for m in to[:20]:  # and one at a time, through send_fds
+                await aio.send_fds(tx, [m.data], [], address=path)
+            assert await receiver == messages[:20]
+
+    run(main())
+
+
 # ---- blocking sockets and bad arguments ----------------------------------------
 
 

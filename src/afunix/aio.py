@@ -46,7 +46,7 @@ import asyncio
 import errno
 import os
 import socket
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from . import _checks, _io
 from .addresses import _parse
@@ -167,10 +167,26 @@ async def send_many_partial(sock: Any, messages: Iterable[Any], flags: int = 0) 
 
 async def _send_some(sock: Any, fd: int, items: List[Any], flags: int) -> int:
     flags |= _DONTWAIT
+    return await _until_sent(fd, lambda: _send_many_now(sock, items, flags))
+
+
+async def _until_sent(fd: int, attempt: Callable[[], int]) -> int:
+    """attempt() until it does not raise BlockingIOError, waiting for writability in between."""
+    pause = 0.0
     while True:
         try:
-            return _send_many_now(sock, items, flags)
+            return attempt()
         except BlockingIOError:
+            if pause:
+                # Writable, and still EAGAIN: an unconnected SOCK_DGRAM socket
+                # whose receiver's queue is full (net.unix.max_dgram_qlen)
+                # polls writable all along, since the kernel tracks only a
+                # connected peer.  Waiting for writability alone would spin:
+                # back off as well.
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.05)
+            else:
+                pause = 0.001
             await _wait(fd, True)
 
 
@@ -308,11 +324,8 @@ async def send_fds(sock: Any, buffers: Iterable[Any], fds: Iterable[Any], flags:
     buffer_list = list(buffers)
     fd_list = list(fds)
     flags |= _DONTWAIT
-    while True:
-        try:
-            return _send_fds_now(sock, buffer_list, fd_list, flags, address)
-        except BlockingIOError:
-            await _wait(fd, True)
+    return await _until_sent(
+        fd, lambda: _send_fds_now(sock, buffer_list, fd_list, flags, address))
 
 
 # ---- receiving --------------------------------------------------------------
