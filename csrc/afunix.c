@@ -359,7 +359,9 @@ static int recv_batch(int fd, struct mmsghdr *hdrs, int n, int flags)
 
 int afunix_recv_many(int fd, struct afunix_arena *a, int flags)
 {
-    int n = a->max_messages;
+    /* MSG_PEEK leaves the head message queued: every further slot would
+     * peek that same message again, so a peek takes one. */
+    int n = (flags & MSG_PEEK) ? 1 : a->max_messages;
     struct mmsghdr *hdrs = a->hdrs;
     struct iovec *iovs = (struct iovec *)(hdrs + n);
     struct sockaddr_un *names = a->names;

@@ -85,7 +85,7 @@ void afunix_arena_free(struct afunix_arena *arena);
 
 /* Receive into `arena` with one recvmmsg(MSG_WAITFORONE | MSG_CMSG_CLOEXEC):
  * waits for the first message as recv would, then takes those already
- * queued.  A message whose control data was cut (MSG_CTRUNC), or that
+ * queued (only the first with MSG_PEEK, which would repeat it).  A message whose control data was cut (MSG_CTRUNC), or that
  * carried more than maxfds descriptors, has all its descriptors closed and
  * MSG_CTRUNC in its flags.  Returns the count, or -errno. */
 int afunix_recv_many(int fd, struct afunix_arena *arena, int flags);

@@ -33,7 +33,8 @@ class Target(NamedTuple):
 def target(sock: Any) -> Target:
     """Check `sock` and read its descriptor, timeout and type.
 
-    Accepts a socket.socket, or any object with fileno() (used as blocking).
+    Accepts a socket.socket, or any object with fileno() (blocking or not
+    as its descriptor is, with no timeout).
 
     Raises:
         TypeError: no fileno().
