@@ -20,6 +20,9 @@ _SCM_MAX_FD = 253
 # Plain ints: the socket module's constants are enum members, and every
 # | or & on them builds a new enum object (as costly as a system call).
 _DONTWAIT = int(socket.MSG_DONTWAIT)
+# A byte stream goes through socket.sendall, which does not add it: without
+# it a hung-up peer raises SIGPIPE, fatal where the handler is SIG_DFL.
+_NOSIGNAL = int(getattr(socket, "MSG_NOSIGNAL", 0))
 _STREAM = int(socket.SOCK_STREAM)
 _DGRAM = int(socket.SOCK_DGRAM)
 _SEQPACKET = int(socket.SOCK_SEQPACKET)
@@ -218,7 +221,7 @@ def _send_stream(t: _io.Target, out: _io.Outgoing, flags: int) -> int:
     if out.addresses is not None:
         raise ValueError("a connected SOCK_STREAM socket takes no per-message address")
     if out.fds is None and out.credentials is None:
-        t.sock.sendall(b"".join(out.datas), flags)
+        t.sock.sendall(b"".join(out.datas), flags | _NOSIGNAL)
         return len(out.datas)
     extras = [
         (out.fds[i] if out.fds is not None else (),
@@ -231,12 +234,12 @@ def _send_stream(t: _io.Target, out: _io.Outgoing, flags: int) -> int:
                              "needs at least one data byte")
     for data, (fds, cred) in zip(out.datas, extras):
         if not fds and cred is None:
-            t.sock.sendall(data, flags)
+            t.sock.sendall(data, flags | _NOSIGNAL)
             continue
         view = memoryview(data).cast("B")
         first = _io.Outgoing([view[:1]], [1], [fds], None, None if cred is None else [cred])
         _send_messages(t, first, flags)  # raises unless the byte went
-        t.sock.sendall(view[1:], flags)
+        t.sock.sendall(view[1:], flags | _NOSIGNAL)
     return len(out.datas)
 
 
