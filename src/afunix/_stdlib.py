@@ -47,6 +47,9 @@ def _io_socket(sock: socket.socket) -> tuple[socket.socket, bool]:
     """`sock`, or a non-blocking twin of it when it has a timeout (see nonblocking_twin)."""
     timeout = sock.gettimeout()
     if timeout:
+        if sock.fileno() < 0:
+            # closed by another thread since the call began: as sock.recv would
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
         return nonblocking_twin(sock), True
     return sock, False
 
