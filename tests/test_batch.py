@@ -509,3 +509,13 @@ def test_recv_batch_keeps_the_backend_it_was_made_with(backend: str) -> None:
             assert batch.recv(b) == 2 and [bytes(v) for v in batch] == [b"one", b"two"]
         finally:
             _backend.use(backend)
+
+
+def test_msg_peek_takes_one_message_and_leaves_it_queued() -> None:
+    a, b = afunix.socketpair(socket.SOCK_SEQPACKET)
+    with a, b:
+        afunix.send_many(a, [b"one", b"two", b"three"])
+        assert [m.data for m in afunix.recv_many(b, 10, 100, socket.MSG_PEEK)] == [b"one"]
+        batch = afunix.RecvBatch(10, 100)
+        assert batch.recv(b, socket.MSG_PEEK) == 1 and bytes(batch[0]) == b"one"
+        assert [m.data for m in afunix.recv_many(b, 10, 100)] == [b"one", b"two", b"three"]

@@ -40,6 +40,7 @@ _NOSIGNAL = int(getattr(socket, "MSG_NOSIGNAL", 0))
 _CLOEXEC = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
 _DONTWAIT = int(socket.MSG_DONTWAIT)
 _CTRUNC = int(socket.MSG_CTRUNC)
+_PEEK = int(socket.MSG_PEEK)
 _CRED_SPACE = socket.CMSG_SPACE(12) if _CREDS is not None else 0
 
 
@@ -218,7 +219,8 @@ def recv_batch(sock: socket.socket, arena: Arena, flags: int) -> int:
     lens, all_flags, all_fds, addrs, creds = (
         arena._lens, arena._flags, arena._fds, arena._addrs, arena._creds)
     try:
-        for i in range(arena.max_messages):
+        # MSG_PEEK leaves the head queued: more slots would repeat it
+        for i in range(1 if flags & _PEEK else arena.max_messages):
             try:
                 nbytes, ancdata, msg_flags, address = recvmsg_into([slots[i]], ancbufsize, flags)
             except OSError:
