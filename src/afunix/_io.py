@@ -30,6 +30,15 @@ class Target(NamedTuple):
     shadow: bool
 
 
+def _require_unix(sock: socket.socket) -> None:
+    # Addresses, descriptors and credentials are AF_UNIX things: on another
+    # family they would be read as garbage (an AF_INET source address parsed
+    # as sun_path) or fail deep inside a backend.
+    if sock.family != socket.AF_UNIX:
+        raise OSError(errno.EAFNOSUPPORT, "afunix works on AF_UNIX sockets only, not %s"
+                      % getattr(sock.family, "name", sock.family))
+
+
 def target(sock: Any) -> Target:
     """Check `sock` and read its descriptor, timeout and type.
 
@@ -39,11 +48,13 @@ def target(sock: Any) -> Target:
     Raises:
         TypeError: no fileno().
         OSError(EBADF): a closed socket, as the stdlib methods raise.
+        OSError(EAFNOSUPPORT): not an AF_UNIX socket.
     """
     if isinstance(sock, socket.socket):
         fd = sock.fileno()
         if fd < 0:
             raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        _require_unix(sock)
         return Target(sock, fd, sock.gettimeout(), _raw_type(sock), False)
     fileno = getattr(sock, "fileno", None)
     if fileno is None:
@@ -59,6 +70,11 @@ def target(sock: Any) -> Target:
     # A default timeout (socket.setdefaulttimeout) makes the constructor set
     # O_NONBLOCK on the descriptor: put back what the caller had.
     shadow.settimeout(None if blocking else 0.0)
+    try:
+        _require_unix(shadow)
+    except OSError:
+        shadow.detach()
+        raise
     return Target(shadow, fd, shadow.gettimeout(), _raw_type(shadow), True)
 
 
