@@ -1,6 +1,7 @@
 """Hostile and wrong input to every public function: clear exceptions, never a crash."""
 from __future__ import annotations
 
+import errno
 import socket
 
 import afunix
@@ -20,3 +21,221 @@ def test_msg_trunc_flag_keeps_each_message_within_bufsize() -> None:
         assert batch.recv(b, socket.MSG_TRUNC) == 2
         assert [bytes(view) for view in batch] == [b"aaaa", b"bbbb"]
         assert bytes(batch[0]) == b"aaaa"
+
+
+# ---- table: every public callable, wrong input ---------------------------------
+
+import os  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+from typing import Any, Callable, Dict, Iterator, List, Tuple  # noqa: E402
+
+import pytest  # noqa: E402
+
+from afunix import Message  # noqa: E402
+
+# (True is an int to the stdlib too: accepted, as sock.recv(True) is)
+BAD_SIZES = [-1, 0, 2**31, 2**63, 10**30, 1.5, "8", None]
+
+
+@pytest.fixture
+def env() -> Iterator[Dict[str, Any]]:
+    """Things that are not what a call wants: a pipe, a file, AF_INET, a closed socket."""
+    a, b = afunix.socketpair(socket.SOCK_SEQPACKET)
+    a.settimeout(0.0)
+    b.settimeout(0.0)
+    r, w = os.pipe()
+    f = tempfile.TemporaryFile()
+    inet = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    inet.bind(("127.0.0.1", 0))
+    inet.connect(inet.getsockname())
+    inet.settimeout(0.0)
+    closed, other = afunix.socketpair()
+    closed.close()
+    other.close()
+    yield {"a": a, "b": b, "pipe_r": r, "pipe_w": w, "file": f, "inet": inet, "closed": closed}
+    for s in (a, b, inet, f):
+        s.close()
+    os.close(r)
+    os.close(w)
+
+
+class FileLike:
+    def __init__(self, fd: Any) -> None:
+        self.fd = fd
+
+    def fileno(self) -> Any:
+        return self.fd
+
+
+# (name of the public callable, case id, call, exceptions that are a clear answer)
+Case = Tuple[str, str, Callable[[Dict[str, Any]], Any], Tuple[type, ...]]
+# OverflowError: an integer past a C int, the stdlib's own answer (socket.socket(fileno=2**40))
+TYPE_OR_VALUE = (TypeError, ValueError, OverflowError)
+CASES: List[Case] = []
+
+
+def case(name: str, label: str, call: Callable[[Dict[str, Any]], Any], *errors: type) -> None:
+    CASES.append((name, label, call, errors))
+
+
+def not_sockets() -> List[Tuple[str, Callable[[Dict[str, Any]], Any]]]:
+    return [
+        ("closed", lambda e: e["closed"]),
+        ("pipe", lambda e: FileLike(e["pipe_r"])),
+        ("file", lambda e: e["file"]),
+        ("fd-negative", lambda e: FileLike(-5)),
+        ("fd-huge", lambda e: FileLike(2**40)),
+        ("fd-str", lambda e: FileLike("3")),
+        ("int", lambda e: 3),
+        ("none", lambda e: None),
+    ]
+
+
+for label, sock in not_sockets():
+    case("send_many", label, lambda e, s=sock: afunix.send_many(s(e), [b"x"]), OSError, *TYPE_OR_VALUE)
+    case("recv_many", label, lambda e, s=sock: afunix.recv_many(s(e), 1, 8), OSError, *TYPE_OR_VALUE)
+    case("RecvBatch", label, lambda e, s=sock: afunix.RecvBatch(1, 8).recv(s(e)), OSError, *TYPE_OR_VALUE)
+    case("send_fds", label, lambda e, s=sock: afunix.send_fds(s(e), [b"x"], [0]), OSError, *TYPE_OR_VALUE)
+    case("recv_fds", label, lambda e, s=sock: afunix.recv_fds(s(e), 8, 1), OSError, *TYPE_OR_VALUE)
+    case("peer_credentials", label, lambda e, s=sock: afunix.peer_credentials(s(e)), OSError, *TYPE_OR_VALUE)
+    case("peer_pidfd", label, lambda e, s=sock: afunix.peer_pidfd(s(e)), OSError, *TYPE_OR_VALUE)
+    case("pass_credentials", label, lambda e, s=sock: afunix.pass_credentials(s(e)), OSError, *TYPE_OR_VALUE)
+    case("Channel", label, lambda e, s=sock: afunix.Channel(s(e)), OSError, *TYPE_OR_VALUE)
+
+for size in BAD_SIZES:
+    label = repr(size)
+    case("recv_many", "max_messages=" + label, lambda e, n=size: afunix.recv_many(e["b"], n, 8), *TYPE_OR_VALUE)
+    case("recv_many", "bufsize=" + label, lambda e, n=size: afunix.recv_many(e["b"], 1, n), *TYPE_OR_VALUE)
+    case("RecvBatch", "max_messages=" + label, lambda e, n=size: afunix.RecvBatch(n, 8), *TYPE_OR_VALUE)
+    case("RecvBatch", "maxfds=" + label, lambda e, n=size: afunix.RecvBatch(1, 8, maxfds=n if n != 0 else -1),
+         *TYPE_OR_VALUE)
+    case("recv_fds", "bufsize=" + label, lambda e, n=size: afunix.recv_fds(e["b"], n, 1), *TYPE_OR_VALUE)
+    case("socketpairs", "n=" + label, lambda e, n=size: afunix.socketpairs(n if n != 0 else -1), *TYPE_OR_VALUE)
+
+for flags in [-1 << 40, 1.0, "0", None]:
+    case("send_many", "flags=%r" % (flags,), lambda e, f=flags: afunix.send_many(e["a"], [b"x"], f),
+         OSError, *TYPE_OR_VALUE)
+    case("recv_many", "flags=%r" % (flags,), lambda e, f=flags: afunix.recv_many(e["b"], 1, 8, f),
+         OSError, *TYPE_OR_VALUE)
+
+for label, msgs in [
+    ("str", ["text"]), ("int", [5]), ("none", [None]), ("not-iterable", 5),
+    ("non-contiguous", [memoryview(b"abcdef")[::2]]),
+    ("fd-negative", [Message(b"x", fds=(-1,))]), ("fd-str", [Message(b"x", fds=("0",))]),
+    ("fd-float", [Message(b"x", fds=(0.0,))]), ("fds-254", [Message(b"x", fds=(0,) * 254)]),
+    ("fd-huge", [Message(b"x", fds=(2**40,))]), ("fd-closed", [Message(b"x", fds=(2**20,))]),
+    ("address-int", [Message(b"x", address=5)]), ("address-long", [Message(b"x", address="p" * 200)]),
+    ("credentials-bad", [Message(b"x", credentials=("a", 1, 2))]),
+    ("credentials-huge", [Message(b"x", credentials=(2**40, 0, 0))]),
+]:
+    case("send_many", label, lambda e, m=msgs: afunix.send_many(e["a"], m), OSError, *TYPE_OR_VALUE)
+
+for label, fds in [("negative", [-1]), ("str", ["1"]), ("254", [0] * 254), ("huge", [2**40]),
+                   ("closed", [2**20]), ("none", None)]:
+    case("send_fds", "fds-" + label, lambda e, f=fds: afunix.send_fds(e["a"], [b"x"], f), OSError, *TYPE_OR_VALUE)
+case("send_fds", "buffers-int", lambda e: afunix.send_fds(e["a"], [5], [0]), *TYPE_OR_VALUE)
+case("recv_fds", "maxfds=254", lambda e: afunix.recv_fds(e["b"], 8, 254), *TYPE_OR_VALUE)
+case("recv_fds", "maxfds=-1", lambda e: afunix.recv_fds(e["b"], 8, -1), *TYPE_OR_VALUE)
+
+for label, t in [("type-inet", 999), ("type-str", "x"), ("type-none", None), ("type-raw", socket.SOCK_RAW)]:
+    case("socketpair", label, lambda e, t=t: afunix.socketpair(t), OSError, *TYPE_OR_VALUE)
+    case("socketpairs", label, lambda e, t=t: afunix.socketpairs(1, t), OSError, *TYPE_OR_VALUE)
+    case("listen", label, lambda e, t=t: afunix.listen(afunix.AUTOBIND, t), OSError, *TYPE_OR_VALUE)
+    case("channel_pair", label, lambda e, t=t: afunix.channel_pair(t), OSError, *TYPE_OR_VALUE)
+
+for label, address in [("int", 5), ("none", None), ("long-path", "/tmp/" + "p" * 200),
+                       ("nul-inside", "/tmp/a\0b"), ("long-abstract", b"\0" + b"a" * 200)]:
+    case("listen", "address-" + label, lambda e, a=address: afunix.listen(a), OSError, *TYPE_OR_VALUE)
+    case("connect", "address-" + label, lambda e, a=address: afunix.connect(a, timeout=1), OSError,
+         *TYPE_OR_VALUE)
+case("connect", "timeout-negative", lambda e: afunix.connect("/nonexistent/x", timeout=-1), OSError,
+     *TYPE_OR_VALUE)
+case("connect", "timeout-str", lambda e: afunix.connect("/nonexistent/x", timeout="1"), OSError, *TYPE_OR_VALUE)
+case("abstract", "int", lambda e: afunix.abstract(5), *TYPE_OR_VALUE)
+case("abstract", "too-long", lambda e: afunix.abstract("a" * 300), *TYPE_OR_VALUE)
+case("notify", "int", lambda e: afunix.notify(5), OSError, *TYPE_OR_VALUE)
+case("supports", "int", lambda e: afunix.supports(5), *TYPE_OR_VALUE)
+case("close_fds", "str", lambda e: afunix.close_fds(["x"]), *TYPE_OR_VALUE)
+case("Channel", "inet", lambda e: afunix.Channel(e["inet"]), OSError, *TYPE_OR_VALUE)
+
+NOT_CALLABLE_WITH_BAD_INPUT = {
+    "AUTOBIND", "BACKEND", "CAPABILITIES", "MAX_MESSAGES", "MAX_PATH_BYTES", "SCM_MAX_FD",
+    "__version__", "Credentials", "Message", "TruncatedError", "ProtocolError", "FrameBatch",
+    "ListeningSocket",  # value types and constants: any content is allowed
+    "listen_fds", "listen_fds_with_names",  # input is the environment: tests/test_activation.py
+}
+
+
+def test_every_public_callable_is_in_the_table() -> None:
+    covered = {name for name, *_ in CASES}
+    missing = set(afunix.__all__) - covered - NOT_CALLABLE_WITH_BAD_INPUT
+    assert not missing, "no bad-input case for %s" % sorted(missing)
+
+
+@pytest.mark.parametrize("name, label, call, errors", CASES, ids=["%s-%s" % c[:2] for c in CASES])
+def test_bad_input_is_a_clear_error(env: Dict[str, Any], name: str, label: str,
+                                    call: Callable[[Dict[str, Any]], Any],
+                                    errors: Tuple[type, ...]) -> None:
+    before = {int(f) for f in os.listdir("/proc/self/fd")}
+    try:
+        result = call(env)
+    except errors:
+        pass
+    except Exception as exc:  # any other type is not a clear answer
+        pytest.fail("%s(%s) raised %s: %s" % (name, label, type(exc).__name__, exc))
+    else:
+        # only an OSError-or-success case may succeed: say which
+        assert OSError in errors, "%s(%s) accepted bad input: %r" % (name, label, result)
+        if isinstance(result, tuple) and len(result) == 4:
+            afunix.close_fds(result[1])
+    if name != "Channel":
+        assert {int(f) for f in os.listdir("/proc/self/fd")} <= before | {max(before) + 1}
+
+
+def test_af_inet_socket_is_refused_clearly(env: Dict[str, Any]) -> None:
+    # Addresses, descriptors and credentials are AF_UNIX things: an AF_INET
+    # source address used to come back parsed as a sun_path (C backend) or
+    # fail with a TypeError deep in the stdlib backend.
+    inet = env["inet"]
+    inet.send(b"queued")
+    for call in (lambda: afunix.send_many(inet, [b"one"]), lambda: afunix.recv_many(inet, 4, 16),
+                 lambda: afunix.RecvBatch(4, 16).recv(inet), lambda: afunix.recv_fds(inet, 16, 1),
+                 lambda: afunix.send_fds(inet, [b"x"], [0]),
+                 lambda: afunix.recv_many(FileLike(inet.fileno()), 4, 16)):
+        with pytest.raises(OSError) as info:
+            call()
+        assert info.value.errno == errno.EAFNOSUPPORT
+    assert inet.recv(16) == b"queued"  # nothing was taken
+    assert inet.fileno() >= 0
+
+
+def test_buffer_resized_by_another_thread_during_send_many(env: Dict[str, Any]) -> None:
+    a, b = env["a"], env["b"]
+    buf = bytearray(b"z" * 64)
+    stop = threading.Event()
+
+    def resizer() -> None:
+        while not stop.is_set():
+            try:
+                buf.extend(b"z" * 64)
+                del buf[64:]
+            except BufferError:  # exported to a send in progress: refused, as it should be
+                pass
+
+    t = threading.Thread(target=resizer)
+    t.start()
+    try:
+        for _ in range(300):
+            try:
+                afunix.send_many(a, [buf] * 8)
+            except BlockingIOError:
+                pass
+            try:
+                for m in afunix.recv_many(b, 64, 256):
+                    assert set(m.data) == {ord("z")} and len(m.data) % 64 == 0
+            except BlockingIOError:
+                pass
+    finally:
+        stop.set()
+        t.join(10)
