@@ -109,6 +109,24 @@ class _Segment:
         self.fds = fds
 
 
+# Payload bytes joined per write: larger temporary buffers come from mmap
+# and go back at once on free, a page fault per 4 KiB every batch.
+_JOIN_MAX = 64 << 10
+
+
+def _chunked(items: List[Any], lengths: List[int]) -> List[_Segment]:
+    """`items` as segments of at most about _JOIN_MAX payload bytes each."""
+    out: List[_Segment] = []
+    start = size = 0
+    for i, n in enumerate(lengths):
+        if size and size + n > _JOIN_MAX:
+            out.append(_Segment(items[start:i], lengths[start:i], b"".join(items[start:i])))
+            start, size = i, 0
+        size += n
+    out.append(_Segment(items[start:], lengths[start:], b"".join(items[start:])))
+    return out
+
+
 class _Records:
     """Record i of a buffer of fixed-size records, made only when asked (the C backend never asks)."""
 
@@ -347,8 +365,10 @@ class Channel:
                 return
             # the common case, one call: header and payload in one write
             frame = _header(n) + data
-            if self._sock.gettimeout() is None and not self._seqpacket:
-                # a blocking stream: the kernel writes all of it or fails
+            if self._sock.gettimeout() is None and (
+                    not self._seqpacket or len(frame) <= RECORD_MAX):
+                # blocking: the kernel writes all of it (a stream) or the
+                # whole record (SEQPACKET), or fails
                 done = self._sock.send(frame, _NOSIGNAL)
                 if done == len(frame):
                     return
@@ -487,16 +507,20 @@ class Channel:
         # fails on anything else (a Message is a tuple); the length sum agrees
         # with the joined size only when every len() was the byte count.
         try:
-            joined = b"".join(items)
             lengths = list(map(len, items))
+            total = sum(lengths)
+            if total <= _JOIN_MAX:
+                chunks = [_Segment(items, lengths, b"".join(items))]
+            else:
+                chunks = _chunked(items, lengths)
         except TypeError:
             pass
         else:
-            if sum(lengths) == len(joined):
+            if sum(len(seg.joined) for seg in chunks) == total:
                 if max(lengths) > limit:
                     raise ValueError("a message of %d bytes is over max_frame (%d)"
                                      % (max(lengths), limit))
-                return [_Segment(items, lengths, joined)], len(items)
+                return chunks, len(items)
         segments: List[_Segment] = []
         run: List[Any] = []
         run_lengths: List[int] = []
@@ -740,12 +764,18 @@ class Channel:
         if n == 1:
             return [bytes(self._view[first:first + t.lengths[i]])]
         size = t.uniform
+        last = i + n - 1
+        end = t.offsets[last] + t.lengths[last]
+        view = self._view
+        if end - first > _JOIN_MAX:
+            # no large temporary copy (see _JOIN_MAX): one copy per message
+            return [view[o:o + k].tobytes()
+                    for o, k in zip(t.offsets[i:i + n].tolist(), t.lengths[i:i + n].tolist())]
         if size >= 0:
             stride = size + HEADER_SIZE
-            blob = bytes(self._view[first:first + n * stride - HEADER_SIZE])
+            blob = bytes(view[first:end])
             return [blob[p:p + size] for p in range(0, n * stride, stride)]
-        last = i + n - 1
-        blob = bytes(self._view[first:t.offsets[last] + t.lengths[last]])
+        blob = bytes(view[first:end])
         return [blob[o - first:o - first + k]
                 for o, k in zip(t.offsets[i:i + n].tolist(), t.lengths[i:i + n].tolist())]
 
