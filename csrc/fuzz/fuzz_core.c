@@ -105,8 +105,14 @@ static int issue_fd(void)
     return FD_BASE + issued++;
 }
 
+/* Set while the fake kernel writes raw bytes as control data: the
+ * "descriptors" in it are arbitrary numbers the core may close. */
+static int lying;
+
 static int fake_close(int fd)
 {
+    if (lying && !(fd >= FD_BASE && fd < FD_BASE + issued))
+        return 0;
     /* the core closes only descriptors it was given, and each once */
     CHECK(fd >= FD_BASE && fd < FD_BASE + issued);
     CHECK(fd_states[fd - FD_BASE] == FD_ISSUED);
@@ -124,7 +130,7 @@ static int is_open(int fd)
 /* For each message: whether every descriptor handed out sits in a complete
  * SCM_RIGHTS header inside msg_controllen ("honest"), as Linux writes them;
  * then every one must be kept or closed. */
-static int honest[AFUNIX_MAX_BATCH];
+static int honest[AFUNIX_MAX_BATCH], raw[AFUNIX_MAX_BATCH];
 static int first_fd[AFUNIX_MAX_BATCH], fd_count[AFUNIX_MAX_BATCH];
 
 static void fill_control(struct msghdr *m, int i)
@@ -133,6 +139,7 @@ static void fill_control(struct msghdr *m, int i)
     char *buf = m->msg_control;
     uint8_t shape = take_u8();
     honest[i] = 1;
+    raw[i] = 0;
     first_fd[i] = FD_BASE + issued;
     fd_count[i] = 0;
     if (shape & 0x80) {
@@ -141,6 +148,8 @@ static void fill_control(struct msghdr *m, int i)
         size_t len = take_u32() % (room * 2 + 64);
         m->msg_controllen = len; /* larger than the buffer: a kernel lie */
         honest[i] = 0;
+        raw[i] = 1;
+        lying = 1;
         return;
     }
     size_t off = 0;
@@ -178,6 +187,8 @@ static void fill_control(struct msghdr *m, int i)
             /* another level or type, any length: the core must skip it */
             hdr.cmsg_level = (int)take_u32();
             hdr.cmsg_type = (int)take_u32();
+            if (hdr.cmsg_level == SOL_SOCKET)
+                hdr.cmsg_type |= 0x4000; /* not SCM_RIGHTS: its payload is not descriptors */
             hdr.cmsg_len = take_u32() % (payload_room + CMSG_LEN(0) + 1);
             if (hdr.cmsg_len < CMSG_LEN(0))
                 honest[i] = hdr.cmsg_len == 0 ? honest[i] : 0;
@@ -204,6 +215,7 @@ static int fake_recvmmsg(int fd, struct mmsghdr *hdrs, unsigned int n, int flags
     (void)fd;
     (void)flags;
     (void)timeout;
+    lying = 0; /* the closes of the last round are over */
     uint8_t pick = take_u8();
     if (pick == 0xff) {
         errno = EAGAIN;
@@ -258,7 +270,7 @@ static void fuzz_recv(void)
                 CHECK(a->nfds[i] == 0);
             const int *mine = a->fds + kept_before;
             kept_before += (size_t)a->nfds[i];
-            for (int j = 0; j < a->nfds[i]; j++) {
+            for (int j = 0; j < a->nfds[i] && !raw[i]; j++) {
                 /* kept: one of this message's, still open, in order */
                 CHECK(mine[j] >= first_fd[i] && mine[j] < first_fd[i] + fd_count[i]);
                 CHECK(is_open(mine[j]));
@@ -272,7 +284,8 @@ static void fuzz_recv(void)
                 CHECK(open_count == a->nfds[i]);
             }
             for (int j = 0; j < a->nfds[i]; j++)
-                fake_close(mine[j]); /* the caller takes them */
+                if (!raw[i]) /* a raw message's "descriptors" are made-up numbers */
+                    fake_close(mine[j]); /* the caller takes them */
         }
         CHECK(kept_before == (size_t)a->total_fds);
     }
@@ -468,6 +481,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     in_data = data;
     in_left = size;
     issued = 0;
+    lying = 0;
     switch (take_u8() % 3) {
     case 0:
         fuzz_recv();
