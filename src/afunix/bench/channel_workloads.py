@@ -22,7 +22,7 @@ Python program uses today for the same job, which the row names:
 
 so the afunix/stdlib ratio of a row is the channel against that tool,
 measured in the same run.  Importing this module registers the workloads
-with workloads.py; matrix.py adds the rows (``ROWS``).
+with workloads.py; the rows are in matrix.py.
 """
 from __future__ import annotations
 
@@ -305,15 +305,6 @@ def ref_recv(sock: socket.socket, count: int, row: Row) -> Received:
 
 # ---- registration ------------------------------------------------------------------------
 
-def zmq_available() -> bool:
-    """True when pyzmq imports (the CHAN-VS-ZMQ rows run only then)."""
-    try:
-        import zmq  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 _NEEDS = ("Channel",)
 _STREAM, _SEQPACKET = socket.SOCK_STREAM, socket.SOCK_SEQPACKET
 
@@ -339,17 +330,3 @@ for _kind, (_type, (_s_send, _s_recv), (_a_send, _a_recv)) in _SIDES.items():
     for _impl in ("afunix-stdlib", "afunix-c"):
         _w.SENDERS[(_kind, _impl)] = _a_send
         _w.RECEIVERS[(_kind, _impl)] = _a_recv
-
-#: The messaging rows, in table order (matrix.py appends them to MATRIX).
-ROWS: Tuple[Row, ...] = tuple(
-    row for row in (
-        Row("chan-batched", size=64, batch=256),
-        Row("chan-batched", size=1 * KIB, batch=256),
-        Row("chan-zerocopy", size=64, batch=1024),
-        Row("chan-single", size=64, batch=1),
-        Row("chan-vs-zmq", size=64, batch=256),
-        Row("chan-vs-zmq", size=1 * KIB, batch=256),
-        Row("chan-vs-pipe", size=64, batch=256),
-    )
-    if row.workload != "chan-vs-zmq" or zmq_available()
-)

@@ -1,6 +1,7 @@
 """The benchmark matrix, as data: workload x message size x batch x implementation."""
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 #: The implementations compared in every row, in table order.
@@ -52,6 +53,16 @@ MATRIX: tuple[Row, ...] = (
     Row("fds", size=64, batch=32, nfds=16),
     Row("asyncio", size=64, batch=256),
     Row("asyncio-sock", size=64, batch=256),
+    # the messaging section: afunix.Channel against what Python programs use
+    # for messaging today (workloads in channel_workloads.py)
+    Row("chan-batched", size=64, batch=256),
+    Row("chan-batched", size=1 * KIB, batch=256),
+    Row("chan-zerocopy", size=64, batch=1024),
+    Row("chan-single", size=64, batch=1),
+    # pyzmq comes with the `bench` extra; without it these rows are left out
+    *((Row("chan-vs-zmq", size=64, batch=256), Row("chan-vs-zmq", size=1 * KIB, batch=256))
+      if importlib.util.find_spec("zmq") is not None else ()),
+    Row("chan-vs-pipe", size=64, batch=256),
     Row("pingpong", size=64, batch=1),
 )
 
@@ -78,14 +89,3 @@ MODES = {
 MIN_COUNT = 200
 MAX_COUNT = 2_000_000
 
-# The messaging section: afunix.Channel against what Python programs use for
-# messaging today (rows and workloads in channel_workloads.py, which registers
-# them with workloads.py).  Imported only when workloads.py is not half-way
-# through its own import (it imports this module first), so that entry
-# point goes without the section rather than failing.
-if "afunix.bench.workloads" not in __import__("sys").modules:
-    from .channel_workloads import ROWS as _MESSAGING_ROWS  # noqa: E402
-
-    # after the throughput rows, ahead of the latency ones
-    _at = next((i for i, r in enumerate(MATRIX) if r.workload == "pingpong"), len(MATRIX))
-    MATRIX = MATRIX[:_at] + _MESSAGING_ROWS + MATRIX[_at:]

@@ -583,5 +583,6 @@ def unavailable(workload: Workload, impl: str) -> Optional[str]:
     return None
 
 
-# The asyncio workloads live in their own module and add themselves to the tables above.
-from . import aio_workloads  # noqa: E402,F401
+# The asyncio and messaging workloads live in their own modules and add
+# themselves to the tables above.
+from . import aio_workloads, channel_workloads  # noqa: E402,F401
