@@ -42,4 +42,5 @@ def test_socketpairs(benchmark: object, record_median: Callable[..., None], impl
     benchmark.extra_info["pairs_per_call"] = N  # type: ignore[attr-defined]
     benchmark.pedantic(run, teardown=close, rounds=60, warmup_rounds=5)  # type: ignore[attr-defined]
     record_median("socketpairs x%d" % N, impl, benchmark)
+    close()  # with --benchmark-disable the teardown does not run
     assert len(made) == 0
