@@ -145,6 +145,16 @@ static void fill_control(struct msghdr *m, int i)
     if (shape & 0x80) {
         /* raw bytes: headers of any shape, lengths of any size */
         take_bytes(buf, room);
+        /* made-up numbers only: none may name a descriptor handed out
+         * earlier, which the core could then close a second time */
+        for (size_t at = 0; at + sizeof(int) <= room; at += sizeof(int)) {
+            int v;
+            memcpy(&v, buf + at, sizeof v);
+            if (v >= FD_BASE && v < FD_BASE + MAX_ISSUED) {
+                v = -1;
+                memcpy(buf + at, &v, sizeof v);
+            }
+        }
         size_t len = take_u32() % (room * 2 + 64);
         m->msg_controllen = len; /* larger than the buffer: a kernel lie */
         honest[i] = 0;
