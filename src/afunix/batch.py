@@ -221,7 +221,8 @@ def _send_stream(t: _io.Target, out: _io.Outgoing, flags: int) -> int:
     if out.addresses is not None:
         raise ValueError("a connected SOCK_STREAM socket takes no per-message address")
     if out.fds is None and out.credentials is None:
-        t.sock.sendall(b"".join(out.datas), flags | _NOSIGNAL)
+        joined = out.joined if out.joined is not None else b"".join(out.datas)
+        t.sock.sendall(joined, flags | _NOSIGNAL)
         return len(out.datas)
     extras = [
         (out.fds[i] if out.fds is not None else (),
