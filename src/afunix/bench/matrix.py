@@ -29,6 +29,7 @@ class Row:
     size: int  # bytes per message (per write, for STREAM)
     batch: int  # messages per call where the implementation batches
     nfds: int = 0  # descriptors per message
+    quick: bool = True  # part of --quick (False: the default run only)
 
     @property
     def key(self) -> str:
@@ -44,10 +45,10 @@ MATRIX: tuple[Row, ...] = (
     Row("dgram", size=64, batch=32),
     # the same with bigger batches: where the fixed cost of a call fades
     Row("dgram", size=64, batch=256),
-    Row("dgram", size=1 * KIB, batch=32),
+    Row("dgram", size=1 * KIB, batch=32, quick=False),
     Row("seqpacket", size=64, batch=32),
-    Row("seqpacket", size=64, batch=256),
-    Row("seqpacket", size=1 * KIB, batch=32),
+    Row("seqpacket", size=64, batch=256, quick=False),
+    Row("seqpacket", size=1 * KIB, batch=32, quick=False),
     Row("stream", size=64 * KIB, batch=16),
     Row("fds", size=64, batch=32, nfds=1),
     Row("fds", size=64, batch=32, nfds=16),
@@ -56,13 +57,14 @@ MATRIX: tuple[Row, ...] = (
     # the messaging section: afunix.Channel against what Python programs use
     # for messaging today (workloads in channel_workloads.py)
     Row("chan-batched", size=64, batch=256),
-    Row("chan-batched", size=1 * KIB, batch=256),
+    Row("chan-batched", size=1 * KIB, batch=256, quick=False),
     Row("chan-zerocopy", size=64, batch=1024),
-    Row("chan-single", size=64, batch=1),
+    Row("chan-single", size=64, batch=1, quick=False),
     # pyzmq comes with the `bench` extra; without it these rows are left out
-    *((Row("chan-vs-zmq", size=64, batch=256), Row("chan-vs-zmq", size=1 * KIB, batch=256))
+    *((Row("chan-vs-zmq", size=64, batch=256),
+       Row("chan-vs-zmq", size=1 * KIB, batch=256, quick=False))
       if importlib.util.find_spec("zmq") is not None else ()),
-    Row("chan-vs-pipe", size=64, batch=256),
+    Row("chan-vs-pipe", size=64, batch=256, quick=False),
     Row("pingpong", size=64, batch=1),
 )
 
@@ -80,7 +82,7 @@ class Mode:
 
 MODES = {
     "default": Mode("default", runs=5, target_seconds=0.25, warmup_count=4000),
-    "quick": Mode("quick", runs=3, target_seconds=0.08, warmup_count=1000),
+    "quick": Mode("quick", runs=3, target_seconds=0.06, warmup_count=1000),
     # For the tests: one short run, no warm-up, a fixed small count.
     "tiny": Mode("tiny", runs=1, target_seconds=0.0, warmup_count=0, fixed_count=200),
 }
