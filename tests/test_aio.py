@@ -38,7 +38,17 @@ def _uvloop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
             pytest.fail("uvloop is required under CI=true but cannot be imported: %s" % exc)
         pytest.skip("uvloop not installed: %s" % exc)
     factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    if not _UVLOOP_WARMED:
+        # libuv opens a process-wide pipe with its first loop and keeps it:
+        # open it now, before any test counts descriptors
+        loop = factory()
+        loop.run_until_complete(asyncio.sleep(0))
+        loop.close()
+        _UVLOOP_WARMED.append(True)
     return factory
+
+
+_UVLOOP_WARMED: List[bool] = []
 
 
 @pytest.fixture(params=["asyncio", "uvloop"])

@@ -37,8 +37,8 @@ Rules, the same in every coroutine here:
   direction; a readiness event wakes them all and each one tries again
   (``loop.sock_recv`` would silently replace the first waiter's callback).
 
-The message Channel (``afunix.channel``) gets its asyncio form here too:
-see the section at the end of this module.
+The message Channel (``afunix.channel``) has its asyncio form here too:
+`Channel` and `channel_pair`, at the end of this module.
 """
 from __future__ import annotations
 
@@ -58,7 +58,9 @@ from .fds import send_fds as _send_fds_now
 from .message import Address, Credentials, Message
 
 __all__ = [
+    "Channel",
     "accept",
+    "channel_pair",
     "connect",
     "recv_batch",
     "recv_fds",
@@ -480,8 +482,178 @@ async def connect(address: Address, type: int = socket.SOCK_STREAM) -> socket.so
 
 
 # ---- the message Channel ----------------------------------------------------
-#
-# The asyncio Channel (framed messaging over afunix.channel) belongs here,
-# built from the same primitives: try the synchronous Channel call with
-# MSG_DONTWAIT, and on BlockingIOError `await _wait(fd, writable)`.  Add it
-# to __all__ when afunix.channel lands.
+
+
+class Channel:
+    """The asyncio form of `afunix.Channel`: the same framed messages, on the event loop.
+
+    Wraps a synchronous `afunix.Channel` over a non-blocking socket and
+    follows the same try-first pattern as the rest of this module.  The
+    channel owns its socket.  Cancellation loses nothing: a receive cancelled
+    while it waits has consumed nothing (bytes of a message not complete yet
+    stay in the channel's buffer for the next receive); a send cancelled
+    while it waits has sent the messages before the one it was on, and that
+    one either went whole or is kept whole in `pending` for the next send or
+    `flush`, never half-framed on the wire.
+
+    Args:
+        sock: a connected, non-blocking AF_UNIX SOCK_STREAM or SOCK_SEQPACKET socket.
+        max_frame, write_buffer: as for `afunix.Channel`.
+
+    Raises:
+        ValueError: a blocking socket (see the module's rules), or what
+            `afunix.Channel` refuses.
+    """
+
+    def __init__(self, sock: socket.socket, **options: Any) -> None:
+        from .channel import Channel as _SyncChannel
+
+        self._fd, _ = _checked(sock)
+        self._ch = _SyncChannel(sock, **options)
+        self._flush_after_send = not options.get("write_buffer")
+        self._ready: List[bytes] = []  # received, not yet handed out by iteration
+
+    @classmethod
+    async def connect(cls, address: Address, type: int = socket.SOCK_STREAM,
+                      **options: Any) -> "Channel":
+        """Connect to a listening AF_UNIX socket (see `connect`) and return a Channel."""
+        sock = await connect(address, type)
+        try:
+            return cls(sock, **options)
+        except BaseException:
+            sock.close()
+            raise
+
+    @classmethod
+    async def accept(cls, listener: socket.socket, **options: Any) -> "Channel":
+        """Accept one connection on a non-blocking `listener` as a Channel."""
+        sock, _ = await accept(listener)
+        try:
+            return cls(sock, **options)
+        except BaseException:
+            sock.close()
+            raise
+
+    @property
+    def socket(self) -> socket.socket:
+        """The channel's socket (owned by the channel)."""
+        return self._ch.socket
+
+    @property
+    def pending(self) -> int:
+        """Bytes accepted but not yet written (see `flush`)."""
+        return self._ch.pending
+
+    @property
+    def closed(self) -> bool:
+        return self._ch.closed
+
+    def fileno(self) -> int:
+        return self._ch.fileno()
+
+    # ---- send -------------------------------------------------------------------
+
+    async def send(self, data: Any, fds: Iterable[Any] = ()) -> None:
+        """Send one message (with `fds` attached when given); see `send_many`."""
+        fds = tuple(fds)
+        await self.send_many([Message(data, fds) if fds else data])
+
+    async def send_many(self, messages: Iterable[Any]) -> int:
+        """Send every message, waiting for writability as needed; returns the count.
+
+        Without a write buffer it returns once every byte is written; with
+        one, once the messages are accepted (call `flush` to write them).
+        """
+        items = messages if isinstance(messages, list) else list(messages)
+        sent = 0
+        while sent < len(items):
+            try:
+                sent += self._ch.send_many(items[sent:] if sent else items)
+            except BlockingIOError:
+                await _wait(self._fd, True)
+        if self._flush_after_send:
+            await self.flush()
+        return sent
+
+    async def flush(self) -> None:
+        """Write every accepted message still waiting, waiting for writability as needed."""
+        while self._ch.flush():
+            await _wait(self._fd, True)
+
+    # ---- receive ----------------------------------------------------------------
+
+    async def _try(self, call: Callable[..., Any], *args: Any) -> Any:
+        while True:
+            try:
+                return call(*args)
+            except BlockingIOError:
+                await _wait(self._fd, False)
+
+    async def recv(self) -> bytes:
+        """Receive one message (descriptors that came with it are closed).
+
+        Raises:
+            EOFError: the peer closed the channel cleanly.
+            ProtocolError: the peer broke the protocol; the channel is closed.
+        """
+        if self._ready:
+            return self._ready.pop(0)
+        data: bytes = await self._try(self._ch.recv)
+        return data
+
+    async def recv_many(self, max_messages: int = 1 << 16) -> List[bytes]:
+        """Receive the messages one read brought, waiting only for the first; [] at end of stream."""
+        if self._ready:
+            ready, self._ready = self._ready[:max_messages], self._ready[max_messages:]
+            return ready
+        messages: List[bytes] = await self._try(self._ch.recv_many, max_messages)
+        return messages
+
+    async def recv_message(self) -> Message:
+        """Receive one message with its descriptors (owned by the caller)."""
+        if self._ready:
+            return Message(self._ready.pop(0))
+        message: Message = await self._try(self._ch.recv_message)
+        return message
+
+    async def recv_batch(self, max_messages: int = 1 << 16) -> Any:
+        """The zero-copy receive (an `afunix.FrameBatch`, valid until the next receive)."""
+        if self._ready:
+            raise RuntimeError("recv_batch after iteration left messages unread: use recv_many")
+        return await self._try(self._ch.recv_batch, max_messages)
+
+    def __aiter__(self) -> "Channel":
+        return self
+
+    async def __anext__(self) -> bytes:
+        """Every message until the peer closes the channel cleanly."""
+        if not self._ready:
+            self._ready = await self._try(self._ch.recv_many)
+            if not self._ready:
+                raise StopAsyncIteration
+        return self._ready.pop(0)
+
+    # ---- closing ----------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the channel and its socket, and every descriptor it still holds."""
+        self._ch.close()
+
+    async def __aenter__(self) -> "Channel":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+def channel_pair(type: int = socket.SOCK_STREAM, **options: Any) -> Tuple[Channel, Channel]:
+    """Two connected asyncio Channels over a new non-blocking socketpair."""
+    from .pairs import socketpair
+
+    a, b = socketpair(type, blocking=False)
+    try:
+        return Channel(a, **options), Channel(b, **options)
+    except BaseException:
+        a.close()
+        b.close()
+        raise
