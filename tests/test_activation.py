@@ -200,6 +200,16 @@ def test_non_socket_descriptor_is_an_error_and_nothing_is_closed(backend: str) -
         os.close(wr)
 
 
+def _passed_through_environment() -> list[str]:
+    # systemd-socket-activate starts the program with a clean environment:
+    # hand on what runs this interpreter as it runs here (a sanitizer
+    # runtime preloaded, its options, an import path).
+    names = ("LD_PRELOAD", "ASAN_OPTIONS", "UBSAN_OPTIONS", "LSAN_OPTIONS",
+             "PYTHONMALLOC", "PYTHONPATH", "PATH")
+    return [arg for name in names if name in os.environ
+            for arg in ("-E", "%s=%s" % (name, os.environ[name]))]
+
+
 def test_systemd_socket_activate_hands_over_a_listener(backend: str, short_dir: str) -> None:
     tool = need_tool("systemd-socket-activate")
     p = os.path.join(short_dir, "act.sock")
@@ -218,6 +228,7 @@ def test_systemd_socket_activate_hands_over_a_listener(backend: str, short_dir: 
     """)
     proc = subprocess.Popen(
         [tool, "-l", p, "--fdname=web", "-E", "AFUNIX_BACKEND=" + backend,
+         *_passed_through_environment(),
          "--", sys.executable, "-c", server_code],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
