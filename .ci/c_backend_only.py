@@ -21,20 +21,12 @@ if _options is not None:
     os.environ["ASAN_OPTIONS"] = _options.replace("detect_leaks=1", "detect_leaks=0")
 
 
-# Tests whose Python child is started by a tool that passes it only a few
-# variables of its own choosing (systemd-socket-activate -E): the child
-# loses LD_PRELOAD and cannot load a sanitizer build of the core.
-_ENVIRONMENT_CLEARED = {"test_systemd_socket_activate_hands_over_a_listener"}
-
-
 def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
-    preloaded = bool(os.environ.get("LD_PRELOAD"))
     keep, drop = [], []
     for item in items:
         callspec = getattr(item, "callspec", None)
         backend = callspec.params.get("backend") if callspec is not None else None
-        cleared = preloaded and item.originalname in _ENVIRONMENT_CLEARED
-        (keep if backend == "c" and not cleared else drop).append(item)
+        (keep if backend == "c" else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
     items[:] = keep
