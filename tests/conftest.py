@@ -6,8 +6,10 @@ AFUNIX_REQUIRE_C=1 (as in CI) a missing core fails the run instead.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from typing import Iterator
 
 import pytest
@@ -62,3 +64,21 @@ def run_python(code: str, backend: str, **kwargs: object) -> subprocess.Complete
         timeout=120,
         **kwargs,  # type: ignore[call-overload]
     )
+
+
+@pytest.fixture
+def short_dir() -> Iterator[str]:
+    """A short directory for bound paths (sun_path is 108 bytes; pytest's tmp_path is long)."""
+    d = tempfile.mkdtemp(dir="/tmp", prefix="afx")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def need_tool(name: str) -> str:
+    """Path of an external program; a missing one fails under CI=true, skips visibly elsewhere."""
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("%s is required in CI (.ci/run installs it)" % name)
+        pytest.skip("%s not installed" % name)
+    return path

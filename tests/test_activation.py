@@ -2,39 +2,22 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
-from typing import Any, Iterator, List
+from typing import Any, List
 
 import pytest
 
 import afunix
+from conftest import need_tool
 
 T = 5.0  # seconds: the bound on every blocking step in these tests
 
 
-@pytest.fixture
-def short_dir() -> Iterator[str]:
-    """A short directory for bound paths (sun_path is 108 bytes; pytest's tmp_path is long)."""
-    d = tempfile.mkdtemp(dir="/tmp", prefix="afx")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-def need_tool(name: str) -> str:
-    """Path of an external program; a missing one fails under CI=true, skips visibly elsewhere."""
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("%s is required in CI (.ci/run installs it)" % name)
-        pytest.skip("%s not installed" % name)
-    return path
 
 
 @pytest.fixture

@@ -5,45 +5,27 @@ import asyncio
 import errno
 import os
 import selectors
-import shutil
 import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
-from typing import Any, Iterator, List
+from typing import Any, List
 
 import pytest
 
 import afunix
 from afunix import addresses
 
-from conftest import open_fds
+from conftest import need_tool, open_fds
 
 LINUX = sys.platform.startswith("linux")
 needs_abstract = pytest.mark.skipif(not afunix.supports("abstract"), reason="no abstract namespace")
 T = 5.0  # seconds: the bound on every blocking step in these tests
 
 
-@pytest.fixture
-def short_dir() -> Iterator[str]:
-    """A short directory for bound paths (sun_path is 108 bytes; pytest's tmp_path is long)."""
-    d = tempfile.mkdtemp(dir="/tmp", prefix="afx")
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-def need_tool(name: str) -> str:
-    """Path of an external program; a missing one fails under CI=true, skips visibly elsewhere."""
-    path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("%s is required in CI (.ci/run installs it)" % name)
-        pytest.skip("%s not installed" % name)
-    return path
 
 
 def run(code: str, backend: str, *argv: str) -> subprocess.CompletedProcess[str]:

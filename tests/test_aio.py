@@ -8,11 +8,9 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 from typing import Any, Awaitable, Callable, Iterator, List, TypeVar
 
@@ -68,14 +66,6 @@ def run(request: pytest.FixtureRequest) -> Iterator[Runner[Any]]:
             loop.close()
 
     yield run
-
-
-@pytest.fixture
-def short_dir() -> Iterator[str]:
-    """A short directory for socket paths (sun_path is 108 bytes)."""
-    path = tempfile.mkdtemp(dir="/tmp", prefix="afx")
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def nb_pair(type: int = socket.SOCK_SEQPACKET) -> "tuple[socket.socket, socket.socket]":

@@ -13,7 +13,7 @@ import pytest
 
 import afunix
 import afunix.aio as aio
-from test_aio import Runner, run, short_dir  # noqa: F401  (fixtures)
+from test_aio import Runner, run  # noqa: F401  (the loop fixture)
 
 
 def test_round_trip_and_iteration(run: Runner[Any], fd_baseline: set[int]) -> None:

@@ -13,7 +13,6 @@ import socket
 import tempfile
 from typing import Any, Deque, List, Optional, Tuple
 
-import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, invariant, precondition, rule,

@@ -17,7 +17,7 @@ import struct
 from typing import Any, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from . import _backend, _checks, _io
-from .batch import checked_fds
+from .batch import _nbytes, checked_fds
 from .message import Address, Message, close_fds
 
 #: Default and largest accepted `max_frame` (payload bytes of one message).
@@ -85,15 +85,6 @@ class ProtocolError(OSError):
         super().__init__(errno.EPROTO, message)
 
 
-def _nbytes(data: Any) -> int:
-    try:
-        view = memoryview(data)
-    except TypeError:
-        raise TypeError("a message must be bytes-like or afunix.Message, not %s"
-                        % type(data).__name__) from None
-    if not view.c_contiguous:
-        raise ValueError("message buffers must be C-contiguous")
-    return view.nbytes
 
 
 class _Segment:
