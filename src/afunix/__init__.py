@@ -13,11 +13,12 @@ from ._version import __version__
 from .activation import listen_fds, listen_fds_with_names, notify
 from .addresses import AUTOBIND, ListeningSocket, abstract, connect, listen
 from .capabilities import CAPABILITIES, MAX_PATH_BYTES, SCM_MAX_FD, supports
-from .batch import MAX_MESSAGES, RecvBatch, recv_many, send_many
+from .batch import MAX_MESSAGES, send_many
 from .channel import Channel, FrameBatch, ProtocolError, channel_pair
 from .fds import pass_credentials, peer_credentials, peer_pidfd, recv_fds, send_fds
 from .message import Credentials, Message, TruncatedError, close_fds
 from .pairs import socketpair, socketpairs
+from .receive import RecvBatch, recv_many
 
 __all__ = [
     "AUTOBIND",

@@ -50,9 +50,10 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from . import _checks, _io
 from .addresses import _parse
-from .batch import RecvBatch, outgoing
-from .batch import recv_many as _recv_many_now
+from .batch import outgoing
 from .batch import send_many as _send_many_now
+from .receive import RecvBatch
+from .receive import recv_many as _recv_many_now
 from .fds import recv_fds as _recv_fds_now
 from .fds import send_fds as _send_fds_now
 from .message import Address, Credentials, Message

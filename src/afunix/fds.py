@@ -7,8 +7,8 @@ import struct
 from typing import Any, Iterable, List, Optional, Tuple
 
 from . import _checks, _io
-from .batch import (_cached_arena, _checked_sizes, _receive, _send_messages, _send_stream,
-                    checked_fds)
+from .batch import _send_messages, _send_stream, checked_fds
+from .receive import _cached_arena, _checked_sizes, _receive
 from .message import Address, Credentials, TruncatedError
 
 # SO_PEERPIDFD (Linux >= 6.5) and SO_PASSCRED may be missing from the socket module.
