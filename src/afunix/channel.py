@@ -13,25 +13,14 @@ import contextlib
 import errno
 import os
 import socket
-import struct
 from typing import Any, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from . import _backend, _checks, _io
 from .batch import _nbytes, checked_fds
+from .frames import (DEFAULT_MAX_FRAME, HEADER_SIZE, MAX_FRAME_LIMIT, RECORD_MAX, FrameBatch,
+                     ProtocolError, _chunked, _header, _JOIN_MAX, _Records, _Segment)
 from .message import Address, Message, close_fds
 
-#: Default and largest accepted `max_frame` (payload bytes of one message).
-DEFAULT_MAX_FRAME = 64 << 20
-MAX_FRAME_LIMIT = 1 << 30
-#: Bytes of a frame header.
-HEADER_SIZE = 8
-#: Most bytes one SOCK_SEQPACKET record carries (docs/PROTOCOL.md).
-RECORD_MAX = 65536
-#: Frame format version written and accepted.
-VERSION = 1
-MAGIC = 0xAF
-
-_HEADER = struct.Struct("<IBBBB")  # length, nfds, flags, version, magic
 _SCM_MAX_FD = 253
 _TABLE_CAPACITY = 4096
 _RECV_BUFFER = 256 << 10
@@ -52,151 +41,6 @@ _CTRUNC = int(socket.MSG_CTRUNC)
 _SOL_SOCKET = int(socket.SOL_SOCKET)
 _SCM_RIGHTS = int(socket.SCM_RIGHTS)
 _EMPTY = memoryview(b"")
-
-_headers: Dict[int, bytes] = {}
-
-
-def _header(length: int, nfds: int = 0) -> bytes:
-    """The header of a frame of `length` payload bytes declaring `nfds` descriptors."""
-    if nfds:
-        return _HEADER.pack(length, nfds, 0, VERSION, MAGIC)
-    head = _headers.get(length)
-    if head is None:
-        head = _HEADER.pack(length, 0, 0, VERSION, MAGIC)
-        if len(_headers) < 4096:
-            _headers[length] = head
-    return head
-
-
-class ProtocolError(OSError):
-    """The peer broke the channel protocol; the channel is closed.
-
-    Raised for a peer that closed mid-frame, a frame over `max_frame`, a
-    malformed header, descriptors that do not match a frame's declared count
-    or that the kernel cut (MSG_CTRUNC), and a SOCK_SEQPACKET record over
-    RECORD_MAX bytes.  An OSError (errno EPROTO), like the kernel's own
-    answers: it is about what came over the socket, not about the caller's
-    arguments (those are TypeError/ValueError), and code that handles a
-    failed connection with ``except OSError`` handles it too.  Every
-    descriptor received and not yet handed over is closed before it is raised.
-    """
-
-    def __init__(self, message: str) -> None:
-        super().__init__(errno.EPROTO, message)
-
-
-
-
-class _Segment:
-    """Messages sent with one write: a run without descriptors, or one with them."""
-
-    __slots__ = ("datas", "lengths", "joined", "fds")
-
-    def __init__(self, datas: List[Any], lengths: List[int], joined: bytes,
-                 fds: Tuple[int, ...] = ()) -> None:
-        self.datas = datas
-        self.lengths = lengths
-        self.joined = joined
-        self.fds = fds
-
-
-# Payload bytes joined per write: larger temporary buffers come from mmap
-# and go back at once on free, a page fault per 4 KiB every batch.
-_JOIN_MAX = 64 << 10
-
-
-def _chunked(items: List[Any], lengths: List[int]) -> List[_Segment]:
-    """`items` as segments of at most about _JOIN_MAX payload bytes each."""
-    out: List[_Segment] = []
-    start = size = 0
-    for i, n in enumerate(lengths):
-        if size and size + n > _JOIN_MAX:
-            out.append(_Segment(items[start:i], lengths[start:i], b"".join(items[start:i])))
-            start, size = i, 0
-        size += n
-    out.append(_Segment(items[start:], lengths[start:], b"".join(items[start:])))
-    return out
-
-
-class _Records:
-    """Record i of a buffer of fixed-size records, made only when asked (the C backend never asks)."""
-
-    __slots__ = ("view", "size", "n")
-
-    def __init__(self, view: memoryview, size: int, n: int) -> None:
-        self.view, self.size, self.n = view, size, n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> memoryview:
-        if not 0 <= i < self.n:
-            raise IndexError(i)
-        view: memoryview = self.view[i * self.size:(i + 1) * self.size]
-        return view
-
-    def __iter__(self) -> Iterator[memoryview]:
-        view, size = self.view, self.size
-        return (view[i:i + size] for i in range(0, self.n * size, size))
-
-
-class FrameBatch:
-    """Messages received by `Channel.recv_batch`, in place in the channel's buffer.
-
-    ``batch[i]`` is a memoryview of message i; for callers that want no
-    object per message, `buffer`, `offsets` and `lengths` give message i as
-    ``buffer[offsets[i]:offsets[i] + lengths[i]]``, and when `size` is not
-    None every message has that length and message i starts at
-    ``start + HEADER_SIZE + i * (size + HEADER_SIZE)``.  Valid until the next
-    receive on the channel.  Descriptors of message i are handed over by
-    ``fds(i)``; those not taken are closed at the next receive or close.
-    """
-
-    __slots__ = ("buffer", "offsets", "lengths", "size", "start", "end", "_fds")
-
-    def __init__(self, buffer: memoryview, offsets: memoryview, lengths: memoryview,
-                 size: Optional[int], start: int, end: int,
-                 fds: Optional[Dict[int, List[int]]]) -> None:
-        #: the channel's whole receive buffer
-        self.buffer = buffer
-        #: payload offsets into `buffer` (memoryview of format "I")
-        self.offsets = offsets
-        #: payload lengths (memoryview of format "I")
-        self.lengths = lengths
-        #: the length every message of the batch has, or None when they differ
-        self.size = size
-        #: buffer[start:end] holds the batch's frames, headers included
-        self.start = start
-        self.end = end
-        self._fds = fds
-
-    def __len__(self) -> int:
-        return len(self.offsets)
-
-    def __getitem__(self, i: int) -> memoryview:
-        o = self.offsets[i]
-        view: memoryview = self.buffer[o:o + self.lengths[i]]
-        return view
-
-    def __iter__(self) -> Iterator[memoryview]:
-        buf = self.buffer
-        for o, n in zip(self.offsets, self.lengths):
-            yield buf[o:o + n]
-
-    def fds(self, i: int) -> List[int]:
-        """Message i's descriptors, handed to the caller (who must close them)."""
-        if i < 0:
-            i += len(self.offsets)
-        if not 0 <= i < len(self.offsets):
-            raise IndexError("FrameBatch index out of range")
-        return self._fds.pop(i, []) if self._fds else []
-
-    def _close(self) -> None:
-        if self._fds:
-            fds, self._fds = self._fds, None
-            for got in fds.values():
-                close_fds(got)
-
 
 class Channel:
     """Framed messages over a connected SOCK_STREAM or SOCK_SEQPACKET AF_UNIX socket.
