@@ -9,7 +9,7 @@ import os
 import socket
 from typing import Any, List, Optional, Tuple
 
-from ._io import Outgoing, nonblocking_twin
+from ._io import Outgoing, _raw_type, nonblocking_twin
 
 
 def socketpairs(n: int, type: int, blocking: bool) -> list[tuple[socket.socket, socket.socket]]:
@@ -41,6 +41,7 @@ _CLOEXEC = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
 _DONTWAIT = int(socket.MSG_DONTWAIT)
 _CTRUNC = int(socket.MSG_CTRUNC)
 _PEEK = int(socket.MSG_PEEK)
+_STREAM = int(socket.SOCK_STREAM)
 _CRED_SPACE = socket.CMSG_SPACE(12) if _CREDS is not None else 0
 
 
@@ -211,7 +212,7 @@ def recv_batch(sock: socket.socket, arena: Arena, flags: int) -> int:
     """recvmsg_into for the first message, then those already queued; the count, or OSError."""
     s, twin = _io_socket(sock)
     flags |= _CLOEXEC
-    stream = sock.type == socket.SOCK_STREAM
+    stream = _raw_type(sock) == _STREAM
     count = 0
     arena._extras = 0
     recvmsg_into, slots, ancbufsize = s.recvmsg_into, arena._slots, arena._ancbufsize
