@@ -15,6 +15,8 @@ SOCKET_TYPES = {
 
 def as_int(value: Any, what: str) -> int:
     """`value` as an int, TypeError when it is not an integer (bool included, as in the stdlib)."""
+    if type(value) is int:  # the common case, without a call
+        return value
     try:
         return operator.index(value)
     except TypeError:

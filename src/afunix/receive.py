@@ -231,7 +231,7 @@ class RecvBatch:
             BlockingIOError, TimeoutError, OSError: as sock.recv would.
         """
         flags = _checks.as_int(flags, "flags")
-        if not self._busy.acquire(blocking=False):
+        if not self._busy.acquire(False):  # never wait: refuse instead
             raise RuntimeError("this RecvBatch is being filled by another thread")
         try:
             if self._fds is not _NO_FDS:
