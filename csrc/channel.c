@@ -38,35 +38,6 @@ static void put_header(unsigned char *p, uint32_t length, uint32_t nfds)
     p[7] = AFUNIX_FRAME_MAGIC;
 }
 
-struct afunix_frames *afunix_frames_new(int capacity)
-{
-    if (capacity < 1 || (size_t)capacity > SIZE_MAX / sizeof(uint32_t))
-        return NULL;
-    struct afunix_frames *f = calloc(1, sizeof(*f));
-    if (f == NULL)
-        return NULL;
-    f->capacity = capacity;
-    f->offsets = calloc((size_t)capacity, sizeof(uint32_t));
-    f->lengths = calloc((size_t)capacity, sizeof(uint32_t));
-    f->nfds = calloc((size_t)capacity, sizeof(uint32_t));
-    f->uniform = -1;
-    if (f->offsets == NULL || f->lengths == NULL || f->nfds == NULL) {
-        afunix_frames_free(f);
-        return NULL;
-    }
-    return f;
-}
-
-void afunix_frames_free(struct afunix_frames *frames)
-{
-    if (frames == NULL)
-        return;
-    free(frames->offsets);
-    free(frames->lengths);
-    free(frames->nfds);
-    free(frames);
-}
-
 int afunix_frames_parse(struct afunix_frames *frames, const char *buf, size_t start,
                         size_t end, int max_frames, uint32_t max_frame)
 {

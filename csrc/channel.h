@@ -18,7 +18,8 @@
 #define AFUNIX_FRAME_MAX_NFDS 253     /* SCM_MAX_FD */
 
 /* Where afunix_frames_parse writes: per frame, the offset of its payload in
- * the parsed buffer, its length and its descriptor count. */
+ * the parsed buffer, its length and its descriptor count.  The caller owns
+ * the struct and its three arrays of `capacity` entries (set uniform to -1). */
 struct afunix_frames {
     int capacity;        /* room in the arrays */
     uint32_t *offsets;   /* payload offsets, from the start of buf */
@@ -31,10 +32,6 @@ struct afunix_frames {
     size_t need;         /* bytes the first incomplete frame needs in all (header
                             included; 8 while its header is incomplete), 0 when none */
 };
-
-/* NULL when out of memory or capacity < 1. */
-struct afunix_frames *afunix_frames_new(int capacity);
-void afunix_frames_free(struct afunix_frames *frames);
 
 /* Parse up to max_frames complete frames (at most frames->capacity) from
  * buf[start, end).  Stops at the first incomplete frame, and before a frame

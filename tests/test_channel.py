@@ -797,3 +797,22 @@ def test_send_fixed_sends_records_of_one_buffer(kind: int) -> None:
             a.send_fixed(b"12345", 2)
         got = recv_n(b, 1000)
         assert got == [records[3 * i:3 * i + 3].tobytes() for i in range(1000)]
+
+
+def test_frame_batch_outlives_its_channel() -> None:
+    import gc
+
+    def batch_of_closed_channel() -> "afunix.FrameBatch":
+        a, b = afunix.channel_pair()
+        a.send_many([b"hello", b"world!!", b"xxx"])
+        batch = b.recv_batch()
+        a.close()
+        b.close()
+        return batch
+
+    batch = batch_of_closed_channel()
+    gc.collect()
+    junk = [bytearray(b"\xee" * 16384) for _ in range(2000)]  # reuse any freed memory
+    assert [bytes(m) for m in batch] == [b"hello", b"world!!", b"xxx"]
+    assert list(batch.lengths) == [5, 7, 3]
+    del junk

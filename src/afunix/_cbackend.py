@@ -262,14 +262,18 @@ class FrameTable:
     """Where parse_frames writes, in C memory: payload offsets, lengths, descriptor counts."""
 
     def __init__(self, capacity: int) -> None:
-        raw = lib.afunix_frames_new(capacity)
-        if raw == _FRAMES_NULL:
-            raise MemoryError("cannot allocate a frame table of %d entries" % capacity)
-        self._f = ffi.gc(raw, lib.afunix_frames_free)
+        # The arrays are owned here (ffi.new), not by C: a memoryview of an
+        # owning array keeps it alive, so a FrameBatch (or a slice of its
+        # offsets) held after the channel is gone never reads freed memory.
+        arrays = [ffi.new("uint32_t[]", capacity) for _ in range(3)]
+        f = ffi.new("struct afunix_frames *")
+        f.capacity = capacity
+        f.offsets, f.lengths, f.nfds = arrays
+        f.uniform = -1
+        self._f = f
+        self._arrays = arrays
         self.capacity = capacity
-        self.offsets = memoryview(ffi.buffer(raw.offsets, 4 * capacity)).cast("I")
-        self.lengths = memoryview(ffi.buffer(raw.lengths, 4 * capacity)).cast("I")
-        self.nfds = memoryview(ffi.buffer(raw.nfds, 4 * capacity)).cast("I")
+        self.offsets, self.lengths, self.nfds = (memoryview(ffi.buffer(a)).cast("I") for a in arrays)
         self.count = 0
         self.consumed = 0
         self.uniform = -1
