@@ -816,3 +816,25 @@ def test_frame_batch_outlives_its_channel() -> None:
     assert [bytes(m) for m in batch] == [b"hello", b"world!!", b"xxx"]
     assert list(batch.lengths) == [5, 7, 3]
     del junk
+
+
+def test_good_frames_ahead_of_a_descriptor_mismatch_are_delivered(fd_baseline: set[int]) -> None:
+    import struct
+
+    head = struct.Struct("<IBBBB")
+
+    def frame(payload: bytes, nfds: int = 0) -> bytes:
+        return head.pack(len(payload), nfds, 0, 1, 0xAF) + payload
+
+    a, b = socket.socketpair()
+    ch = afunix.Channel(b)
+    try:
+        # one write: a good frame, then one declaring a descriptor that never came
+        a.sendall(frame(b"good") + frame(b"bad", nfds=1))
+        assert ch.recv() == b"good"
+        with pytest.raises(afunix.ProtocolError, match="declares 1 descriptors"):
+            ch.recv()
+        assert ch.closed
+    finally:
+        a.close()
+        ch.close()

@@ -96,6 +96,9 @@ class Channel:
         self._fd_reads: Deque[Tuple[int, int, List[int]]] = collections.deque()
         self._frame_fds: Dict[int, List[int]] = {}  # table index -> descriptors
         self._batch: Optional[FrameBatch] = None
+        # set when a parse found a protocol error behind good frames: the
+        # error is raised once those frames are handed out
+        self._broken: Optional[str] = None
         # send side: _pending is frame bytes already promised (the tail of a
         # partly written message, or flushed buffered ones); _queue holds
         # buffered payloads (immutable) not packed yet, _queue_lengths their
@@ -684,6 +687,8 @@ class Channel:
         if self._batch is not None:
             self._batch._close()  # descriptors a zero-copy batch did not hand over
             self._batch = None
+        if self._broken is not None:
+            self._fail(self._broken)  # the frames before the bad one are all out
         while True:
             if self._start < self._end and self._parse():
                 return True
@@ -725,18 +730,25 @@ class Channel:
         offsets, nfds = t.offsets, t.nfds
         for i in range(n):
             at = base + offsets[i] - HEADER_SIZE  # stream offset of the frame
-            while reads and reads[0][1] <= at:
-                self._fail("descriptors arrived that no frame declared")
+            problem = None
             k = nfds[i]
-            if not k:
-                continue
-            if not reads or not reads[0][0] <= at < reads[0][1]:
-                self._fail("a frame declares %d descriptors and none came with it" % k)
-            got = reads[0][2]
-            if len(got) != k:
-                self._fail("a frame declares %d descriptors and %d came with it" % (k, len(got)))
-            reads.popleft()
-            self._frame_fds[i] = got
+            if reads and reads[0][1] <= at:
+                problem = "descriptors arrived that no frame declared"
+            elif k and (not reads or not reads[0][0] <= at < reads[0][1]):
+                problem = "a frame declares %d descriptors and none came with it" % k
+            elif k and len(reads[0][2]) != k:
+                problem = "a frame declares %d descriptors and %d came with it" % (k, len(reads[0][2]))
+            if problem is not None:
+                if not i:
+                    self._fail(problem)
+                # Deliver the good frames ahead of the bad one first, as for a
+                # bad header (docs/PROTOCOL.md); the next receive raises.
+                self._parsed = i
+                self._start = offsets[i] - HEADER_SIZE
+                self._broken = problem
+                return
+            if k:
+                self._frame_fds[i] = reads.popleft()[2]
 
     def _check_stray_fds(self) -> None:
         # Before reading on: the only descriptors that may wait are those of
