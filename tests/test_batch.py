@@ -519,3 +519,15 @@ def test_msg_peek_takes_one_message_and_leaves_it_queued() -> None:
         batch = afunix.RecvBatch(10, 100)
         assert batch.recv(b, socket.MSG_PEEK) == 1 and bytes(batch[0]) == b"one"
         assert [m.data for m in afunix.recv_many(b, 10, 100)] == [b"one", b"two", b"three"]
+
+
+def test_buffers_whose_len_is_not_their_byte_count() -> None:
+    import array
+    import ctypes
+
+    empty_rows = (ctypes.c_uint8 * 0 * 2)()  # len() 2, no bytes
+    shorts = array.array("H", [7, 8])  # len() 2, 4 bytes
+    a, b = afunix.socketpair(socket.SOCK_SEQPACKET)
+    with a, b:
+        assert afunix.send_many(a, [empty_rows, shorts]) == 2
+        assert [m.data for m in afunix.recv_many(b, 4, 16)] == [b"", shorts.tobytes()]

@@ -838,3 +838,15 @@ def test_good_frames_ahead_of_a_descriptor_mismatch_are_delivered(fd_baseline: s
     finally:
         a.close()
         ch.close()
+
+
+def test_channel_buffers_whose_len_is_not_their_byte_count() -> None:
+    import array
+    import ctypes
+
+    empty_rows = (ctypes.c_uint8 * 0 * 2)()
+    shorts = array.array("H", [7, 8])
+    a, b = afunix.channel_pair()
+    with a, b:
+        assert a.send_many([empty_rows, shorts]) == 2
+        assert [b.recv(), b.recv()] == [b"", shorts.tobytes()]

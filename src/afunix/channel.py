@@ -16,7 +16,7 @@ import socket
 from typing import Any, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from . import _backend, _checks, _io
-from .batch import _nbytes, checked_fds
+from .batch import _nbytes, checked_fds, plain_sizes
 from .frames import (DEFAULT_MAX_FRAME, HEADER_SIZE, MAX_FRAME_LIMIT, RECORD_MAX, FrameBatch,
                      ProtocolError, _chunked, _header, _JOIN_MAX, _Records, _Segment)
 from .message import Address, Message, close_fds
@@ -341,24 +341,14 @@ class Channel:
         if not items:
             return [], 0
         limit = self._max_frame
-        # The common case, plain byte strings: join() takes any buffer and
-        # fails on anything else (a Message is a tuple); the length sum agrees
-        # with the joined size only when every len() was the byte count.
-        try:
-            lengths = list(map(len, items))
-            total = sum(lengths)
-            if total <= _JOIN_MAX:
-                chunks = [_Segment(items, lengths, b"".join(items))]
-            else:
-                chunks = _chunked(items, lengths)
-        except TypeError:
-            pass
-        else:
-            if sum(len(seg.joined) for seg in chunks) == total:
-                if max(lengths) > limit:
-                    raise ValueError("a message of %d bytes is over max_frame (%d)"
-                                     % (max(lengths), limit))
-                return chunks, len(items)
+        lengths = plain_sizes(items)
+        if lengths is not None:  # the common case: plain byte strings
+            if max(lengths) > limit:
+                raise ValueError("a message of %d bytes is over max_frame (%d)"
+                                 % (max(lengths), limit))
+            if sum(lengths) <= _JOIN_MAX:
+                return [_Segment(items, lengths, b"".join(items))], len(items)
+            return _chunked(items, lengths), len(items)
         segments: List[_Segment] = []
         run: List[Any] = []
         run_lengths: List[int] = []
