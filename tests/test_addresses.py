@@ -973,3 +973,33 @@ def test_no_descriptor_leak_on_error_paths(short_dir: str) -> None:
                     break
         assert open_fds() == before
     assert sorted(os.listdir(short_dir)) == ["regular"]
+
+
+def test_default_timeout_also_waits_out_a_full_backlog(short_dir: str, fd_baseline: set[int]) -> None:
+    p = os.path.join(short_dir, "s")
+    with afunix.listen(p, backlog=0) as srv:
+        queued = []
+        try:
+            # fill the backlog (0 admits one pending connection on Linux)
+            for _ in range(4):
+                c = socket.socket(socket.AF_UNIX)
+                c.setblocking(False)
+                try:
+                    c.connect(p)
+                except BlockingIOError:
+                    c.close()
+                    break
+                queued.append(c)
+            old = socket.getdefaulttimeout()
+            socket.setdefaulttimeout(0.2)
+            try:
+                start = time.monotonic()
+                with pytest.raises(socket.timeout):
+                    afunix.connect(p)
+                assert time.monotonic() - start >= 0.15  # waited, not refused at once
+            finally:
+                socket.setdefaulttimeout(old)
+        finally:
+            for c in queued:
+                c.close()
+    assert srv.fileno() == -1

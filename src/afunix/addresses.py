@@ -10,6 +10,7 @@ can give the file exact permission bits without a window, and returns a
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import os
@@ -34,6 +35,8 @@ DEFAULT_BACKLOG = socket.SOMAXCONN
 
 # How many times `listen` replaces a stale file and binds again before it
 # gives up: more than one only when other processes keep racing for the path.
+#: Pause before a refused probe is asked again (see _probe).
+_STALE_RECHECK = 0.05
 _BIND_ATTEMPTS = 5
 
 
@@ -229,7 +232,21 @@ class ListeningSocket(socket.socket):
 
 
 def _probe(raw: bytes, type: int) -> Tuple[bool, str]:
-    """Whether a server answers at `raw`, without blocking; and why we think so."""
+    """Whether a server answers at `raw`, without blocking; and why we think so.
+
+    A refused connection is asked again after a short pause before it counts
+    as stale: a server that has just bound the path but not yet called
+    listen() refuses too, for the few microseconds in between, and must not
+    lose its file to a concurrent listen().
+    """
+    live, why = _probe_once(raw, type)
+    if why == "stale":
+        time.sleep(_STALE_RECHECK)
+        live, why = _probe_once(raw, type)
+    return live, why
+
+
+def _probe_once(raw: bytes, type: int) -> Tuple[bool, str]:
     probe = socket.socket(socket.AF_UNIX, type)
     try:
         # A blocking connect to a live listener whose backlog is full would
@@ -368,11 +385,11 @@ def _bind_path_with_mode(
     finally:
         if dir_fd >= 0:
             os.close(dir_fd)
-        try:
+        # never hide the error that brought us here behind a cleanup error
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        os.rmdir(tmpdir)
+        with contextlib.suppress(OSError):
+            os.rmdir(tmpdir)
 
 
 def listen(
@@ -470,6 +487,8 @@ def connect(
     try:
         if seconds is not None:
             sock.settimeout(seconds)
+        else:
+            seconds = sock.gettimeout()  # the default timeout, as the stdlib applies it
         if seconds:
             _connect_until(sock, raw, time.monotonic() + seconds)
         else:
