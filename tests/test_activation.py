@@ -338,3 +338,35 @@ def test_systemd_notify_is_received(short_dir: str, abstract: bool, fd_baseline:
         fields = b"\n".join(states).split(b"\n")
         assert b"READY=1" in fields
         assert b"STATUS=up" in fields
+
+
+def test_listen_fds_twice_gives_the_same_sockets(backend: str) -> None:
+    # Each passed descriptor gets one socket object per process: a second
+    # owner would close it under the first when collected.
+    code = textwrap.dedent("""
+        import gc, os, socket, afunix
+        first = afunix.listen_fds()
+        second = afunix.listen_fds()
+        assert len(first) == 1 and second[0] is first[0], (first, second)
+        del first
+        gc.collect()
+        second[0].send(b"still open")
+        print("ok")
+    """)
+    a, b = socket.socketpair()
+    with a, b:
+        fd = b.fileno()
+        # a launcher puts the descriptor at 3 and its own pid (kept by exec)
+        # in LISTEN_PID, as a service manager would
+        launcher = ("import os, sys; os.dup2(int(sys.argv[1]), 3); "
+                    "os.environ['LISTEN_PID'] = str(os.getpid()); "
+                    "os.execv(sys.executable, [sys.executable, '-c', sys.argv[2]])")
+        proc = subprocess.run(
+            [sys.executable, "-c", launcher, str(fd), code], pass_fds=[fd],
+            env=dict(os.environ, LISTEN_FDS="1", AFUNIX_BACKEND=backend),
+            capture_output=True, text=True, timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == "ok"
+        a.settimeout(10)
+        assert a.recv(100) == b"still open"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from typing import List, Tuple, Union
+from typing import Dict, List, Tuple, Union
 
 from .addresses import MAX_ABSTRACT_BYTES
 from .capabilities import MAX_PATH_BYTES
@@ -54,13 +54,24 @@ def _passed() -> List[Tuple[str, int]]:
     return [(names[i], LISTEN_FDS_START + i) for i in range(n)]
 
 
+# The socket object made for each passed descriptor, by process: a socket
+# object owns its descriptor (it closes it when collected), so a second call
+# must hand out the same objects, never a second owner of the same number.
+_adopted: Dict[Tuple[int, int], socket.socket] = {}
+
+
 def _as_socket(fd: int) -> socket.socket:
+    key = (os.getpid(), fd)
+    sock = _adopted.get(key)
+    if sock is not None:
+        return sock
     # Keep the descriptor's blocking mode as the manager set it (the open file
     # description may be shared with other processes) and make the socket
     # object agree with it: socket(fileno=...) alone reports blocking either way.
     blocking = os.get_blocking(fd)
     sock = socket.socket(fileno=fd)
     sock.setblocking(blocking)
+    _adopted[key] = sock
     return sock
 
 
@@ -69,7 +80,8 @@ def listen_fds_with_names(unset_environment: bool = False) -> List[Tuple[str, so
 
     Descriptors LISTEN_FDS_START (3) to 3 + LISTEN_FDS - 1 are taken when
     LISTEN_PID is this process; they are made close-on-exec and wrapped in
-    socket.socket objects of the family and type the kernel reports.  Names
+    socket.socket objects of the family and type the kernel reports, once:
+    a later call returns the same objects (each owns its descriptor).  Names
     come from LISTEN_FDNAMES ("unknown" when it is not set).
 
     Args:
@@ -90,14 +102,15 @@ def listen_fds_with_names(unset_environment: bool = False) -> List[Tuple[str, so
         for _, fd in passed:
             os.set_inheritable(fd, False)
         result: List[Tuple[str, socket.socket]] = []
+        known = set(_adopted)
         try:
             for name, fd in passed:
                 result.append((name, _as_socket(fd)))
         except BaseException:
             # The descriptors belong to the process, not to these objects:
-            # hand them back rather than close them when one is bad.
-            for _, sock in result:
-                sock.detach()
+            # hand back the ones made by this call rather than close them.
+            for key in set(_adopted) - known:
+                _adopted.pop(key).detach()
             raise
         return result
     finally:
