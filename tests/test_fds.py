@@ -543,3 +543,20 @@ def test_close_fds_ignores_closed_descriptors() -> None:
     afunix.close_fds([r, w])  # w is already closed: no error
     with pytest.raises(OSError):
         os.fstat(r)
+
+
+def test_message_fds_may_be_any_iterable(fd_baseline: set[int]) -> None:
+    a, b = afunix.socketpair(socket.SOCK_SEQPACKET)
+    r, w = os.pipe()
+    try:
+        with a, b:
+            sent = afunix.send_many(a, [Message(b"gen", fds=(x for x in (r, w))),  # type: ignore[arg-type]
+                                        Message(b"set", fds=frozenset([r]))])  # type: ignore[arg-type]
+            assert sent == 2
+            got = afunix.recv_many(b, 4, 16, maxfds=2)
+            assert [len(m.fds) for m in got] == [2, 1]
+            for m in got:
+                afunix.close_fds(m.fds)
+    finally:
+        os.close(r)
+        os.close(w)

@@ -58,6 +58,7 @@ def _nbytes(data: Any) -> int:
 
 
 _BYTES_TYPES = frozenset((bytes, bytearray))
+_SEQUENCES = frozenset((tuple, list))
 _NBYTES = operator.attrgetter("nbytes")
 _C_CONTIGUOUS = operator.attrgetter("c_contiguous")
 
@@ -137,6 +138,8 @@ def _messages_with_fds(items: list[Message]) -> Optional[_io.Outgoing]:
         return None
     joined = b"".join(datas)
     fd_lists = list(map(_FDS, items))
+    if not set(map(type, fd_lists)) <= _SEQUENCES:  # any other iterable: checked one by one
+        return None
     counts = list(map(len, fd_lists))
     flat = list(itertools.chain.from_iterable(fd_lists))
     if max(counts) > _SCM_MAX_FD or (flat and (set(map(type, flat)) != {int} or min(flat) < 0)):
