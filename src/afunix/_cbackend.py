@@ -316,7 +316,6 @@ def pack_frames(out: bytearray, datas: Sequence[Any], joined: bytes, lengths: Se
     n = len(lengths)
     if not n:
         return 0
-    total = len(joined) + 8 * n
     first = lengths[0]
     if lengths.count(first) == n:
         # fixed-size messages: one length for all, no array to convert
@@ -325,7 +324,8 @@ def pack_frames(out: bytearray, datas: Sequence[Any], joined: bytes, lengths: Se
         lens_arg, uniform = ffi.from_buffer("uint32_t[]", array.array("I", lengths)), 0
     nfds_arg = _FRAMES_NULL if nfds is None else ffi.from_buffer(
         "uint32_t[]", array.array("I", nfds))
-    rc = lib.afunix_frames_pack(ffi.from_buffer(out), total, joined, lens_arg, uniform,
+    # the room there really is, so the C side's bound check guards `out`
+    rc = lib.afunix_frames_pack(ffi.from_buffer(out), len(out), joined, lens_arg, uniform,
                                 nfds_arg, n)
     if rc < 0:
         raise OSError(-rc, os.strerror(-rc))
