@@ -850,3 +850,28 @@ def test_channel_buffers_whose_len_is_not_their_byte_count() -> None:
     with a, b:
         assert a.send_many([empty_rows, shorts]) == 2
         assert [b.recv(), b.recv()] == [b"", shorts.tobytes()]
+
+
+def test_a_large_frame_header_alone_does_not_allocate_the_frame() -> None:
+    import struct
+
+    a, b = socket.socketpair()
+    ch = afunix.Channel(b)
+    try:
+        a.sendall(struct.pack("<IBBBB", 50 << 20, 0, 0, 1, 0xAF) + b"x" * 1000)
+        ch.socket.settimeout(0.2)
+        with pytest.raises(socket.timeout):
+            ch.recv()  # the frame is incomplete: nothing to hand out yet
+        # the buffer grows with the bytes that came, not with what the header claims
+        assert len(ch._buffer) < 4 << 20
+        import threading
+
+        rest = threading.Thread(target=a.sendall, args=(b"y" * ((50 << 20) - 1000),))
+        rest.start()
+        ch.socket.settimeout(30)
+        data = ch.recv()
+        rest.join()
+        assert len(data) == 50 << 20 and data[:1000] == b"x" * 1000 and data[-1:] == b"y"
+    finally:
+        a.close()
+        ch.close()

@@ -757,10 +757,14 @@ class Channel:
         # whole (the kernel drops what does not)
         least = RECORD_MAX if self._seqpacket else 1
         need = max(self._table.need, used) + least
-        if need > size or (not used and size > 4 * _RECV_BUFFER):
+        room = max(least, _READ_ROOM)
+        if (need > size and size - used < room) or (not used and size > 4 * _RECV_BUFFER):
+            # Grow towards what the incomplete frame needs, but only when the
+            # bytes already here fill the buffer, and at most doubling: a
+            # header alone must not make a peer's 8 bytes cost max_frame.
             # A new buffer rather than a resize: views of the old one (a
             # FrameBatch) may still be held; they keep it alive.
-            new = bytearray(max(need, _RECV_BUFFER))
+            new = bytearray(max(min(need, 2 * size), used + room, _RECV_BUFFER))
             new[:used] = self._view[start:end]
             self._buffer = new
             self._view = memoryview(new)
