@@ -114,6 +114,24 @@ static int send_all(int fd, struct mmsghdr *msgs, int n)
     return 0;
 }
 
+/* Send `count` messages of `size` bytes numbered 0, 1, ... (a little-endian
+ * u64 at the start of each), `batch` per sendmmsg, through the prepared
+ * arena.  Returns count, or -errno. */
+static int64_t send_numbered(int fd, struct arena *a, int count, int size, int batch)
+{
+    int64_t sent = 0;
+    while (sent < count) {
+        int n = count - sent < batch ? (int)(count - sent) : batch;
+        for (int i = 0; i < n; i++)
+            put_u64(a->data + (size_t)i * (size_t)size, (uint64_t)(sent + i));
+        int rc = send_all(fd, a->msgs, n);
+        if (rc < 0)
+            return rc;
+        sent += n;
+    }
+    return sent;
+}
+
 int64_t afunix_ref_send(int fd, int count, int size, int batch)
 {
     if (bad_args(count, size, batch))
@@ -121,18 +139,7 @@ int64_t afunix_ref_send(int fd, int count, int size, int batch)
     struct arena a;
     if (arena_init(&a, batch, size, 0) < 0)
         return -ENOMEM;
-    int64_t sent = 0;
-    while (sent < count) {
-        int n = count - sent < batch ? (int)(count - sent) : batch;
-        for (int i = 0; i < n; i++)
-            put_u64(a.data + (size_t)i * (size_t)size, (uint64_t)(sent + i));
-        int rc = send_all(fd, a.msgs, n);
-        if (rc < 0) {
-            arena_free(&a);
-            return rc;
-        }
-        sent += n;
-    }
+    int64_t sent = send_numbered(fd, &a, count, size, batch);
     arena_free(&a);
     return sent;
 }
@@ -269,18 +276,7 @@ int64_t afunix_ref_send_fds(int fd, int count, int size, int batch, const int *f
         memcpy(CMSG_DATA(c), fds, (size_t)nfds * sizeof(int));
         a.msgs[i].msg_hdr.msg_controllen = CMSG_LEN((size_t)nfds * sizeof(int));
     }
-    int64_t sent = 0;
-    while (sent < count) {
-        int n = count - sent < batch ? (int)(count - sent) : batch;
-        for (int i = 0; i < n; i++)
-            put_u64(a.data + (size_t)i * (size_t)size, (uint64_t)(sent + i));
-        int rc = send_all(fd, a.msgs, n);
-        if (rc < 0) {
-            arena_free(&a);
-            return rc;
-        }
-        sent += n;
-    }
+    int64_t sent = send_numbered(fd, &a, count, size, batch);
     arena_free(&a);
     return sent;
 }

@@ -51,6 +51,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 from . import _checks, _io
 from .addresses import _parse
 from .batch import outgoing
+from .channel import _owning
 from .batch import send_many as _send_many_now
 from .receive import RecvBatch
 from .receive import recv_many as _recv_many_now
@@ -519,21 +520,13 @@ class Channel:
                       **options: Any) -> "Channel":
         """Connect to a listening AF_UNIX socket (see `connect`) and return a Channel."""
         sock = await connect(address, type)
-        try:
-            return cls(sock, **options)
-        except BaseException:
-            sock.close()
-            raise
+        return _owning(sock, lambda: cls(sock, **options))
 
     @classmethod
     async def accept(cls, listener: socket.socket, **options: Any) -> "Channel":
         """Accept one connection on a non-blocking `listener` as a Channel."""
         sock, _ = await accept(listener)
-        try:
-            return cls(sock, **options)
-        except BaseException:
-            sock.close()
-            raise
+        return _owning(sock, lambda: cls(sock, **options))
 
     @property
     def socket(self) -> socket.socket:

@@ -13,13 +13,15 @@ import contextlib
 import errno
 import os
 import socket
-from typing import Any, Deque, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple, TypeVar
 
 from . import _backend, _checks, _io
 from .batch import _nbytes, checked_fds, plain_sizes
 from .frames import (DEFAULT_MAX_FRAME, HEADER_SIZE, MAX_FRAME_LIMIT, RECORD_MAX, FrameBatch,
                      ProtocolError, _chunked, _header, _JOIN_MAX, _Records, _Segment)
 from .message import Address, Message, close_fds
+
+T = TypeVar("T")
 
 _SCM_MAX_FD = 253
 _TABLE_CAPACITY = 4096
@@ -41,6 +43,15 @@ _CTRUNC = int(socket.MSG_CTRUNC)
 _SOL_SOCKET = int(socket.SOL_SOCKET)
 _SCM_RIGHTS = int(socket.SCM_RIGHTS)
 _EMPTY = memoryview(b"")
+
+def _owning(sock: socket.socket, make: Callable[[], T]) -> T:
+    """make(), which takes ownership of `sock`; `sock` is closed if it fails."""
+    try:
+        return make()
+    except BaseException:
+        sock.close()
+        raise
+
 
 class Channel:
     """Framed messages over a connected SOCK_STREAM or SOCK_SEQPACKET AF_UNIX socket.
@@ -124,21 +135,13 @@ class Channel:
         """
         from .addresses import connect
         sock = connect(address, type, timeout=timeout)
-        try:
-            return cls(sock, **options)
-        except BaseException:
-            sock.close()
-            raise
+        return _owning(sock, lambda: cls(sock, **options))
 
     @classmethod
     def accept(cls, listener: socket.socket, **options: Any) -> "Channel":
         """Accept one connection on `listener` (e.g. from afunix.listen) as a Channel."""
         sock, _ = listener.accept()
-        try:
-            return cls(sock, **options)
-        except BaseException:
-            sock.close()
-            raise
+        return _owning(sock, lambda: cls(sock, **options))
 
     # ---- state ------------------------------------------------------------------
 
@@ -541,6 +544,16 @@ class Channel:
 
     # ---- receive ----------------------------------------------------------------
 
+    def _take_one(self) -> int:
+        """The table index of the next message, receiving when none is parsed yet."""
+        i = self._next
+        if i >= self._parsed:
+            if not self._fill():
+                raise EOFError("the peer closed the channel")
+            i = self._next
+        self._next = i + 1
+        return i
+
     def recv(self) -> bytes:
         """Receive one message, as bytes.
 
@@ -553,12 +566,7 @@ class Channel:
             ProtocolError: the peer broke the protocol; the channel is closed.
             BlockingIOError, TimeoutError, OSError: as sock.recv would.
         """
-        i = self._next
-        if i >= self._parsed:
-            if not self._fill():
-                raise EOFError("the peer closed the channel")
-            i = self._next
-        self._next = i + 1
+        i = self._take_one()
         if self._frame_fds:
             close_fds(self._frame_fds.pop(i, ()))
         t = self._table
@@ -619,12 +627,7 @@ class Channel:
                 and every descriptor received closed.
             BlockingIOError, TimeoutError, OSError: as sock.recv would.
         """
-        i = self._next
-        if i >= self._parsed:
-            if not self._fill():
-                raise EOFError("the peer closed the channel")
-            i = self._next
-        self._next = i + 1
+        i = self._take_one()
         fds = self._frame_fds.pop(i, []) if self._frame_fds else []
         t = self._table
         o = t.offsets[i]
