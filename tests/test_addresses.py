@@ -572,7 +572,10 @@ def race_listen(
         watchdog.cancel()
         for r in everyone:
             if r.stdin is not None:
-                r.stdin.close()
+                try:
+                    r.stdin.close()
+                except BrokenPipeError:
+                    pass  # killed by the watchdog: already reported as wrong
         for r in everyone:
             try:
                 r.wait(T)

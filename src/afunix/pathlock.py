@@ -187,8 +187,9 @@ def _release(path: bytes, fd: int) -> None:
     try:
         # Remove the file while still holding it, so the next caller creates
         # a fresh one and any waiter on this one starts over (see _acquire).
-        # In a sticky directory another user's lock file cannot be removed:
-        # it stays, harmless, for its owner's next listen() to remove.
+        # A file that cannot be removed (read-only remount, another user's
+        # in a sticky directory) stays, unlocked and harmless, for the next
+        # listen() to reuse.
         if _still_named(path, fd):
             os.unlink(path)
     except OSError:
