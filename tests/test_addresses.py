@@ -660,11 +660,20 @@ def test_listens_that_reach_the_stale_files_unlink_together_have_one_winner(
     until the first has its server at the path."""
     p = os.path.join(short_dir, "s")
     stale_socket(p)
+    stale_ino = os.lstat(p).st_ino
+    keep = os.path.join(short_dir, "keep")
+    os.link(p, keep)  # the stale inode's number is not given to the next file while linked
     raw = os.fsencode(p)
     real_unlink = os.unlink
     both_there = threading.Barrier(2)
     arrivals: List[int] = []
     guard = threading.Lock()
+
+    def replaced() -> bool:
+        try:
+            return os.lstat(p).st_ino != stale_ino
+        except FileNotFoundError:
+            return False
 
     def unlink(path: Any, *args: Any, **kwargs: Any) -> None:
         if os.fsencode(path) == raw:
@@ -677,13 +686,13 @@ def test_listens_that_reach_the_stale_files_unlink_together_have_one_winner(
                 except threading.BrokenBarrierError:
                     pass  # the other caller never came: it is waiting for this one
                 deadline = time.monotonic() + T
-                while order == 1 and not os.path.lexists(path) and time.monotonic() < deadline:
+                while order == 1 and not replaced() and time.monotonic() < deadline:
                     time.sleep(0.001)
         real_unlink(path, *args, **kwargs)
 
     monkeypatch.setattr(addresses.os, "unlink", unlink)
     one_winner_reached(p, listen_in_threads(p, modes))
-    assert os.listdir(short_dir) == []
+    assert os.listdir(short_dir) == ["keep"]
 
 
 @pytest.mark.parametrize("mode", [None, 0o600])
