@@ -115,6 +115,8 @@ _NULL = ffi.NULL
 
 def send_batch(sock: socket.socket, out: Outgoing, start: int, count: int, flags: int) -> int:
     """One sendmmsg of out[start:start+count]; the count sent, or OSError."""
+    if not count:
+        return 0  # as the stdlib backend: no message, no system call
     end = start + count
     whole = start == 0 and end == len(out.datas)
     if whole and out.joined is not None:

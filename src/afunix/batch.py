@@ -185,6 +185,8 @@ def send_many(sock: Any, messages: Iterable[Any], flags: int = 0) -> int:
 
 def _send_messages(t: _io.Target, out: _io.Outgoing, flags: int) -> int:
     total = len(out.datas)
+    if not total:
+        return 0  # an empty batch: nothing to do, whatever the socket's mode
     send_batch = _backend.impl.send_batch
     sent = 0
     deadline = None
