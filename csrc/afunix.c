@@ -395,6 +395,10 @@ int afunix_recv_many(int fd, struct afunix_arena *a, int flags)
             a->nfds[i] = 0;
             mflags |= MSG_CTRUNC;
         }
+        /* Linux echoes MSG_CMSG_CLOEXEC, which we add ourselves: report the
+         * flags as a plain recvmsg with the caller's flags would. */
+        if (!(flags & MSG_CMSG_CLOEXEC))
+            mflags &= ~MSG_CMSG_CLOEXEC;
         a->msg_flags[i] = mflags;
         size_t path_off = offsetof(struct sockaddr_un, sun_path);
         if (m->msg_namelen == 0 || m->msg_namelen < path_off) {

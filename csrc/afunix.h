@@ -87,7 +87,8 @@ void afunix_arena_free(struct afunix_arena *arena);
  * waits for the first message as recv would, then takes those already
  * queued (only the first with MSG_PEEK, which would repeat it).  A message whose control data was cut (MSG_CTRUNC), or that
  * carried more than maxfds descriptors, has all its descriptors closed and
- * MSG_CTRUNC in its flags.  Returns the count, or -errno. */
+ * MSG_CTRUNC in its flags.  MSG_CMSG_CLOEXEC is left out of the flags
+ * stored unless the caller passed it.  Returns the count, or -errno. */
 int afunix_recv_many(int fd, struct afunix_arena *arena, int flags);
 
 /* Close fds[0..n), whatever each close returns; returns n.  One crossing for
