@@ -217,6 +217,61 @@ int afunix_send_many(int fd, int n, const char *data, const size_t *lens,
     return rc;
 }
 
+/* Room for the most control data one message can carry. */
+#if AFUNIX_HAS_PASSCRED
+#define MESSAGE_CONTROL_MAX (CMSG_SPACE(AFUNIX_SCM_MAX_FD * sizeof(int)) \
+                             + CMSG_SPACE(sizeof(struct ucred)))
+#else
+#define MESSAGE_CONTROL_MAX CMSG_SPACE(AFUNIX_SCM_MAX_FD * sizeof(int))
+#endif
+
+ssize_t afunix_send_message(int fd, const char *data, size_t len,
+                            const int *fds, int nfds, const int *creds, int flags)
+{
+    if (nfds < 0 || nfds > AFUNIX_SCM_MAX_FD || (nfds > 0 && fds == NULL)
+        || (data == NULL && len > 0))
+        return -EINVAL;
+    union {
+        struct cmsghdr align;
+        char bytes[MESSAGE_CONTROL_MAX];
+    } control;
+    struct iovec iov;
+    iov.iov_base = (void *)data;
+    iov.iov_len = len;
+    struct msghdr m;
+    memset(&m, 0, sizeof m);
+    m.msg_iov = &iov;
+    m.msg_iovlen = 1;
+    size_t space = send_control_space(nfds, creds != NULL);
+    if (space > 0) {
+        memset(control.bytes, 0, space);
+        m.msg_control = control.bytes;
+        m.msg_controllen = space;
+        struct cmsghdr *c = CMSG_FIRSTHDR(&m);
+#if AFUNIX_HAS_PASSCRED
+        if (creds != NULL) {
+            struct ucred uc;
+            uc.pid = creds[0];
+            uc.uid = (uid_t)creds[1];
+            uc.gid = (gid_t)creds[2];
+            c->cmsg_level = SOL_SOCKET;
+            c->cmsg_type = SCM_CREDENTIALS;
+            c->cmsg_len = CMSG_LEN(sizeof uc);
+            memcpy(CMSG_DATA(c), &uc, sizeof uc);
+            c = CMSG_NXTHDR(&m, c);
+        }
+#endif
+        if (nfds > 0) {
+            c->cmsg_level = SOL_SOCKET;
+            c->cmsg_type = SCM_RIGHTS;
+            c->cmsg_len = CMSG_LEN((size_t)nfds * sizeof(int));
+            memcpy(CMSG_DATA(c), fds, (size_t)nfds * sizeof(int));
+        }
+    }
+    ssize_t rc = sendmsg(fd, &m, flags | MSG_NOSIGNAL);
+    return rc < 0 ? -errno : rc;
+}
+
 /* Receive side ------------------------------------------------------------ */
 
 static size_t recv_control_space(int maxfds)

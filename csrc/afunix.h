@@ -55,6 +55,16 @@ int afunix_send_many(int fd, int n, const char *data, const size_t *lens,
                      const char *addrs, const int *addrlens,
                      const int *creds, int flags);
 
+/* Send one message with one sendmsg: len bytes of data, nfds descriptors
+ * from fds (SCM_RIGHTS, none when nfds is 0) and, when creds is not NULL,
+ * creds[0..2] = pid, uid, gid (SCM_CREDENTIALS).  MSG_NOSIGNAL is always
+ * added.  On SOCK_STREAM this puts all of a message's bytes on the write
+ * that carries its control data, as socket.send_fds does.  Returns the
+ * bytes the kernel took (on SOCK_STREAM possibly fewer than len), or
+ * -errno. */
+ssize_t afunix_send_message(int fd, const char *data, size_t len,
+                            const int *fds, int nfds, const int *creds, int flags);
+
 /* A reusable receive area for up to max_messages messages of bufsize bytes
  * and maxfds descriptors each.  The arrays are outputs of afunix_recv_many,
  * valid until the next call. */

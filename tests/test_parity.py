@@ -9,7 +9,11 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from typing import Any, Callable, Iterator
+import struct
+import subprocess
+import sys
+import threading
+from typing import Any, Callable, Iterator, List
 
 import pytest
 
@@ -227,5 +231,269 @@ def test_channel_messages_carry_no_flags(fd_baseline: set[int]) -> None:
                     assert got.flags == 0 and len(got.fds) == 1
 
             asyncio.run(main())
+    finally:
+        afunix.close_fds([r, w])
+
+
+# ---- stream messages with descriptors, as socket.send_fds sends them ----------
+
+# A plain stdlib reader: one socket.recv_fds per message, as a server reading
+# "a small request plus its descriptor" does.  Prints, per read: the byte
+# count, whether the bytes are the expected ones, and the identity of each
+# descriptor that came with them.
+STDLIB_READER = r"""
+import os, socket, sys
+s = socket.socket(fileno=int(sys.argv[1]))
+s.settimeout(30)
+for size in map(int, sys.argv[2:]):
+    data, fds, flags, _ = socket.recv_fds(s, 8192, 10)
+    ids = ["%d:%d" % (os.fstat(fd).st_dev, os.fstat(fd).st_ino) for fd in fds]
+    print(len(data), data == bytes(i % 251 for i in range(size)), flags, *ids)
+    for fd in fds:
+        os.close(fd)
+"""
+
+SIZES = [1, 64, 4000]
+
+
+def _payload(size: int) -> bytes:
+    """0, 1, ..., 250, 0, 1, ... (what STDLIB_READER expects)."""
+    return (bytes(range(251)) * (size // 251 + 1))[:size]
+
+
+def _identity(fd: int) -> str:
+    st = os.fstat(fd)
+    return "%d:%d" % (st.st_dev, st.st_ino)
+
+
+@pytest.fixture
+def stdlib_reader() -> Iterator[Callable[..., "tuple[socket.socket, Callable[[], List[str]]]"]]:
+    """A stream pair whose far end is read by STDLIB_READER in a child process.
+
+    Closed here: list fd_baseline ahead of it, so the leak check comes after.
+    """
+    children: "list[subprocess.Popen[str]]" = []
+    ours: "list[socket.socket]" = []
+
+    def start(*sizes: int, blocking: bool = True) -> "tuple[socket.socket, Callable[[], List[str]]]":
+        a, b = afunix.socketpair(socket.SOCK_STREAM, blocking=blocking)
+        ours.append(a)
+        with b:
+            child = subprocess.Popen(
+                [sys.executable, "-c", STDLIB_READER, str(b.fileno()), *map(str, sizes)],
+                pass_fds=[b.fileno()], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        children.append(child)
+
+        def lines() -> List[str]:
+            out, err = child.communicate(timeout=60)
+            assert child.returncode == 0, err
+            return out.splitlines()
+
+        return a, lines
+
+    yield start
+    for child in children:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+    for a in ours:
+        a.close()
+
+
+def _expected(size: int, fds: "list[int]") -> str:
+    return " ".join(["%d True 0" % size] + [_identity(fd) for fd in fds])
+
+
+@pytest.mark.parametrize("how", ["send_fds", "send_many", "aio.send_fds", "aio.send_many"])
+@pytest.mark.parametrize("size", SIZES)
+def test_stdlib_peer_reads_a_stream_message_whole_with_its_descriptors(
+        fd_baseline: set[int], stdlib_reader: Any, how: str, size: int) -> None:
+    r, w = os.pipe()
+    try:
+        a, lines = stdlib_reader(size, blocking=not how.startswith("aio."))
+        data = _payload(size)
+        if how == "send_fds":
+            assert afunix.send_fds(a, [data], [r, w]) == size
+        elif how == "send_many":
+            assert afunix.send_many(a, [Message(data, fds=(r, w))]) == 1
+        elif how == "aio.send_fds":
+            assert asyncio.run(aio.send_fds(a, [data], [r, w])) == size
+        else:
+            assert asyncio.run(aio.send_many(a, [Message(data, fds=(r, w))])) == 1
+        assert lines() == [_expected(size, [r, w])]
+    finally:
+        afunix.close_fds([r, w])
+
+
+@pytest.mark.parametrize("how", ["send_many", "aio.send_many"])
+def test_stdlib_peer_reads_each_message_of_a_batch_whole(fd_baseline: set[int],
+                                                         stdlib_reader: Any, how: str) -> None:
+    # Back to back in one call: each recv_fds still gets exactly one message,
+    # since the kernel ends a read after the write that carried descriptors.
+    pipes = [os.pipe() for _ in SIZES]
+    try:
+        a, lines = stdlib_reader(*SIZES, blocking=how == "send_many")
+        batch = [Message(_payload(n), fds=p) for n, p in zip(SIZES, pipes)]
+        if how == "send_many":
+            assert afunix.send_many(a, batch) == len(SIZES)
+        else:
+            assert asyncio.run(aio.send_many(a, batch)) == len(SIZES)
+        assert lines() == [_expected(n, list(p)) for n, p in zip(SIZES, pipes)]
+    finally:
+        afunix.close_fds([fd for p in pipes for fd in p])
+
+
+def _read_stream(sock: socket.socket, total: int) -> "list[tuple[int, int, List[int]]]":
+    """(offset, bytes, descriptors) of every read until `total` bytes came; checks the bytes."""
+    reads = []
+    got = 0
+    expected = _payload(total)
+    sock.settimeout(30)
+    while got < total:
+        data, fds, flags, _ = socket.recv_fds(sock, 65536, 10)
+        assert data, "end of stream after %d of %d bytes" % (got, total)
+        assert flags == 0
+        assert data == expected[got:got + len(data)]
+        reads.append((got, len(data), fds))
+        got += len(data)
+    return reads
+
+
+@pytest.mark.parametrize("how", ["send_fds-timeout", "send_many-timeout", "aio.send_many"])
+def test_after_a_short_write_the_rest_follows_without_the_descriptors(
+        how: str, fd_baseline: set[int]) -> None:
+    # 4 MiB does not fit the socket buffer: the sendmsg carrying the
+    # descriptors takes part of it, the rest follows without them.
+    total = 4 << 20
+    data = _payload(total)
+    r, w = os.pipe()
+    a, b = afunix.socketpair(socket.SOCK_STREAM, blocking=not how.startswith("aio."))
+    try:
+        with a, b:
+            reads: "list[tuple[int, int, List[int]]]" = []
+            reader = threading.Thread(target=lambda: reads.extend(_read_stream(b, total)))
+            reader.start()
+            try:
+                if how == "send_fds-timeout":
+                    a.settimeout(30)
+                    assert afunix.send_fds(a, [data], [r, w]) == total
+                elif how == "send_many-timeout":
+                    a.settimeout(30)
+                    assert afunix.send_many(a, [Message(data, fds=(r, w))]) == 1
+                else:
+                    assert asyncio.run(aio.send_many(a, [Message(data, fds=(r, w))])) == 1
+            finally:
+                reader.join(60)
+            assert sum(n for _, n, _ in reads) == total
+            with_fds = [(offset, fds) for offset, _, fds in reads if fds]
+            # once, with the read that holds the first byte
+            assert [offset for offset, _ in with_fds] == [0]
+            assert [_identity(fd) for fd in with_fds[0][1]] == [_identity(r), _identity(w)]
+            assert len(reads) > 1  # it really was cut
+            afunix.close_fds(with_fds[0][1])
+    finally:
+        afunix.close_fds([r, w])
+
+
+MULTIPROCESSING_PEER = r"""
+import os, socket, sys
+from multiprocessing import reduction
+s = socket.socket(fileno=int(sys.argv[1]))
+s.settimeout(30)
+if sys.argv[2] == "recvfds":
+    for n in (1, 3):
+        fds = reduction.recvfds(s, n)
+        print(*["%d:%d" % (os.fstat(fd).st_dev, os.fstat(fd).st_ino) for fd in fds])
+else:
+    r, w = os.pipe()
+    print("%d:%d" % (os.fstat(r).st_dev, os.fstat(r).st_ino), flush=True)
+    reduction.sendfds(s, [r])
+    reduction.sendfds(s, [r, w, r])
+    s.recv(1)  # until the parent has read both
+"""
+
+
+@pytest.mark.parametrize("kind", [socket.SOCK_STREAM, socket.SOCK_SEQPACKET],
+                         ids=["stream", "seqpacket"])
+def test_multiprocessing_reduction_recvfds_is_the_peer(kind: int, fd_baseline: set[int]) -> None:
+    r, w = os.pipe()
+    a, b = afunix.socketpair(kind)
+    try:
+        with a:
+            with b:
+                child = subprocess.Popen(
+                    [sys.executable, "-c", MULTIPROCESSING_PEER, str(b.fileno()), "recvfds"],
+                    pass_fds=[b.fileno()], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                    text=True)
+            # reduction.sendfds's shape: one byte, the count, with the descriptors
+            afunix.send_fds(a, [bytes([1])], [r])
+            afunix.send_many(a, [Message(bytes([3]), fds=(r, w, r))])
+            out, err = child.communicate(timeout=60)
+        assert child.returncode == 0, err
+        assert out.splitlines() == [_identity(r), " ".join(map(_identity, [r, w, r]))]
+    finally:
+        afunix.close_fds([r, w])
+
+
+@pytest.mark.parametrize("kind", [socket.SOCK_STREAM, socket.SOCK_SEQPACKET],
+                         ids=["stream", "seqpacket"])
+def test_multiprocessing_reduction_sendfds_is_the_peer(kind: int, fd_baseline: set[int]) -> None:
+    a, b = afunix.socketpair(kind)
+    with a:
+        with b:
+            child = subprocess.Popen(
+                [sys.executable, "-c", MULTIPROCESSING_PEER, str(b.fileno()), "sendfds"],
+                pass_fds=[b.fileno()], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert child.stdout is not None
+        pipe_read_end = child.stdout.readline().strip()
+        a.settimeout(30)
+        # as multiprocessing's own recvfds reads: one byte
+        data, fds, flags, _ = afunix.recv_fds(a, 1, 1)
+        assert (data, flags) == (b"\x01", 0) and list(map(_identity, fds)) == [pipe_read_end]
+        afunix.close_fds(fds)
+        data, fds, flags, _ = afunix.recv_fds(a, 1, 3)
+        assert (data, flags) == (b"\x03", 0) and len(fds) == 3
+        assert _identity(fds[0]) == _identity(fds[2]) == pipe_read_end
+        afunix.close_fds(fds)
+        a.send(b"k")
+        _, err = child.communicate(timeout=60)
+    assert child.returncode == 0, err
+
+
+@pytest.mark.parametrize("how", ["send_many", "aio.send_many"])
+def test_frames_sent_with_send_many_keep_the_channel_protocol(how: str,
+                                                              fd_baseline: set[int]) -> None:
+    # docs/PROTOCOL.md, Descriptors: a peer that sends each frame with
+    # descriptors as one Message keeps the rule, a short write included.
+    def frame(payload: bytes, nfds: int = 0) -> bytes:
+        return struct.pack("<IBBBB", len(payload), nfds, 0, 1, 0xAF) + payload
+
+    big = _payload(4 << 20)  # over the socket buffer: a short write
+    r, w = os.pipe()
+    messages = [frame(b"plain"), Message(frame(b"small", 1), fds=(r,)), frame(b"p2"),
+                Message(frame(big, 2), fds=(r, w)), frame(b"last")]
+    a, b = afunix.socketpair(socket.SOCK_STREAM, blocking=how == "send_many")
+    b.setblocking(True)
+    ch = afunix.Channel(b)
+    try:
+        with a, ch:
+            def send() -> None:
+                if how == "send_many":
+                    a.settimeout(30)
+                    assert afunix.send_many(a, messages) == len(messages)
+                else:
+                    assert asyncio.run(aio.send_many(a, messages)) == len(messages)
+
+            sender = threading.Thread(target=send)
+            sender.start()
+            try:
+                got = [ch.recv_message() for _ in messages]
+            finally:
+                sender.join(60)
+            assert [m.data for m in got] == [b"plain", b"small", b"p2", big, b"last"]
+            assert [len(m.fds) for m in got] == [0, 1, 0, 2, 0]
+            assert _identity(got[1].fds[0]) == _identity(r)
+            assert list(map(_identity, got[3].fds)) == [_identity(r), _identity(w)]
+            afunix.close_fds([fd for m in got for fd in m.fds])
     finally:
         afunix.close_fds([r, w])

@@ -156,6 +156,20 @@ def send_batch(sock: socket.socket, out: Outgoing, start: int, count: int, flags
     return int(rc)
 
 
+def send_message(sock: socket.socket, data: Any, fds: tuple[int, ...],
+                 credentials: Optional[tuple[int, int, int]], flags: int) -> int:
+    """One sendmsg of all of `data` with its descriptors and credentials; the bytes taken, or OSError."""
+    buf = ffi.from_buffer(data)  # pinned, and measured, for the length of the call
+    rc = lib.afunix_send_message(
+        sock.fileno(), buf, len(buf),
+        _int_array(list(fds)) if fds else _NULL, len(fds),
+        _NULL if credentials is None else ffi.new("int[3]", credentials), flags,
+    )
+    if rc < 0:
+        raise OSError(-rc, os.strerror(-rc))
+    return int(rc)
+
+
 if array.array("L").itemsize == ffi.sizeof("size_t"):
     def _size_t_array(values: list[int]) -> Any:
         # array() converts a list of ints about twice as fast as ffi.new

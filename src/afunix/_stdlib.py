@@ -89,6 +89,22 @@ def send_batch(sock: socket.socket, out: Outgoing, start: int, count: int, flags
     return sent
 
 
+def send_message(sock: socket.socket, data: Any, fds: tuple[int, ...],
+                 credentials: Optional[tuple[int, int, int]], flags: int) -> int:
+    """One sendmsg of all of `data` with its descriptors and credentials; the bytes taken, or OSError."""
+    s, twin = _io_socket(sock)
+    try:
+        ancillary: List[Tuple[int, int, bytes]] = []
+        if credentials is not None and _CREDS is not None:
+            ancillary.append((socket.SOL_SOCKET, _CREDS, array.array("i", credentials).tobytes()))
+        if fds:
+            ancillary.append((socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes()))
+        return s.sendmsg([data], ancillary, flags | _NOSIGNAL)
+    finally:
+        if twin:
+            s.detach()
+
+
 class Arena:
     """A receive area in a bytearray: max_messages x bufsize bytes, plus fds and addresses."""
 

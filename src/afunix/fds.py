@@ -25,8 +25,9 @@ def send_fds(sock: Any, buffers: Iterable[Any], fds: Iterable[Any], flags: int =
     The signature of ``socket.send_fds``, but `flags` and `address` are
     honoured (the stdlib ignored them before 3.13, gh-107898), the control
     data is packed in C, and the socket's timeout applies.  On SOCK_STREAM
-    all of the data is written (as sendall), the descriptors riding on its
-    first byte.
+    the data and the descriptors go in one sendmsg, as ``socket.send_fds``
+    sends them, and all of the data is written: after a short write the
+    rest follows (as sendall) without the descriptors.
 
     Raises:
         TypeError, ValueError: bad buffers or descriptors (at most 253), before any system call.
@@ -44,7 +45,7 @@ def send_fds(sock: Any, buffers: Iterable[Any], fds: Iterable[Any], flags: int =
         out = _io.Outgoing([data], [len(data)], [fd_tuple] if fd_tuple else None,
                            None if raw_address is None else [raw_address], None)
         if t.type == _STREAM:
-            # all of it, descriptors on the first byte (see send_many)
+            # one sendmsg with all of it, the rest after a short write (see send_many)
             _send_stream(t, out, flags)
         else:
             _send_messages(t, out, flags)
