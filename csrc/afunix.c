@@ -306,7 +306,7 @@ void afunix_arena_free(struct afunix_arena *a)
 
 struct afunix_arena *afunix_arena_new(int max_messages, size_t bufsize, int maxfds)
 {
-    if (max_messages < 1 || max_messages > AFUNIX_MAX_BATCH || bufsize < 1
+    if (max_messages < 1 || max_messages > AFUNIX_MAX_BATCH
         || bufsize > SIZE_MAX / (size_t)max_messages
         || maxfds < 0 || maxfds > AFUNIX_SCM_MAX_FD)
         return NULL;
@@ -318,7 +318,8 @@ struct afunix_arena *afunix_arena_new(int max_messages, size_t bufsize, int maxf
     a->bufsize = bufsize;
     a->maxfds = maxfds;
     a->control_space = recv_control_space(maxfds);
-    a->data = malloc(n * bufsize);
+    /* bufsize 0 (descriptors without data) still needs a valid pointer */
+    a->data = malloc(n * bufsize > 0 ? n * bufsize : 1);
     a->lens = calloc(n, sizeof *a->lens);
     a->msg_flags = calloc(n, sizeof *a->msg_flags);
     a->nfds = calloc(n, sizeof *a->nfds);

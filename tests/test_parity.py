@@ -497,3 +497,100 @@ def test_frames_sent_with_send_many_keep_the_channel_protocol(how: str,
             afunix.close_fds([fd for m in got for fd in m.fds])
     finally:
         afunix.close_fds([r, w])
+
+
+# ---- recv_fds(sock, 0, maxfds): descriptors without data ------------------------
+
+
+def _recv_fds_0_story(recv_fds: Callable[..., Any], kind: int) -> "list[Any]":
+    """What recv_fds(sock, 0, 4) answers, step by step, and what is left queued."""
+    story: "list[Any]" = []
+    a, b = socket.socketpair(socket.AF_UNIX, kind)
+    r, w = os.pipe()
+    try:
+        with a, b:
+            def step() -> None:
+                data, fds, flags, address = recv_fds(b, 0, 4)
+                assert all(_identity(fd) == _identity(r) for fd in fds)
+                story.append((data, len(fds), flags, address))
+                afunix.close_fds(fds)
+
+            def left() -> None:
+                b.setblocking(False)
+                try:
+                    story.append(("left", b.recv(100)))
+                except BlockingIOError:
+                    story.append(("left", "nothing"))
+                b.setblocking(True)
+
+            socket.send_fds(a, [b"with"], [r, w])
+            step()
+            left()
+            a.send(b"without")
+            step()
+            left()
+            if kind != socket.SOCK_DGRAM:
+                a.send(b"last")
+                a.shutdown(socket.SHUT_WR)  # a message cut to nothing, then the end
+                step()
+                step()
+    finally:
+        afunix.close_fds([r, w])
+    return story
+
+
+@pytest.mark.parametrize("kind", list(TYPES.values()), ids=list(TYPES))
+def test_recv_fds_with_bufsize_0_answers_as_the_stdlib(kind: int, fd_baseline: set[int]) -> None:
+    ours = _recv_fds_0_story(afunix.recv_fds, kind)
+    assert ours == _recv_fds_0_story(socket.recv_fds, kind)
+    assert ours[0][1] == 2  # the descriptors did come
+
+
+def test_recv_fds_maxfds_over_scm_max_fd_as_the_stdlib(fd_baseline: set[int]) -> None:
+    a, b = afunix.socketpair(socket.SOCK_SEQPACKET)
+    with a, b:
+        for maxfds in (afunix.SCM_MAX_FD, afunix.SCM_MAX_FD + 1, 1000):
+            afunix.send_fds(a, [b"x"], [a] * afunix.SCM_MAX_FD)
+            data, fds, flags, _ = afunix.recv_fds(b, 8, maxfds)
+            assert (data, len(fds), flags) == (b"x", afunix.SCM_MAX_FD, 0)
+            afunix.close_fds(fds)
+        with pytest.raises(ValueError):
+            afunix.recv_fds(b, 8, -1)
+
+
+# ---- README, "Differences from the stdlib": afunix's column -----------------------
+
+
+def test_the_differences_from_the_stdlib_are_as_the_readme_says(fd_baseline: set[int]) -> None:
+    r, w = os.pipe()
+    try:
+        a, b = afunix.socketpair(socket.SOCK_STREAM)
+        with a, b:
+            # descriptors with no data on a stream: the stdlib's are dropped ...
+            assert socket.send_fds(a, [b""], [r]) == 0
+            b.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                socket.recv_fds(b, 10, 1)
+            # ... afunix refuses them
+            with pytest.raises(ValueError, match="data byte"):
+                afunix.send_fds(a, [b""], [r])
+            with pytest.raises(ValueError, match="address"):
+                afunix.send_fds(a, [b"x"], [r], address="/tmp/afx-nowhere")
+            for fds, error in (([r] * 254, ValueError), ([-1], ValueError), ([True], TypeError)):
+                with pytest.raises(error):
+                    afunix.send_fds(a, [b"x"], fds)
+            with pytest.raises(BlockingIOError):
+                b.recv(10)  # none of those sent anything
+            with os.fdopen(os.dup(r)) as as_file:  # objects with fileno() are taken too
+                assert afunix.send_fds(a, [b"x"], [as_file]) == 1
+            b.setblocking(True)
+            _, got, _, _ = afunix.recv_fds(b, 10, 1)
+            afunix.close_fds(got)
+            with pytest.raises(ValueError):
+                afunix.recv_fds(b, (16 << 20) + 1, 1)
+            with pytest.raises(ValueError):
+                afunix.recv_fds(b, 10, -1)
+        with pytest.raises(TypeError):
+            afunix.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)  # type: ignore[misc]
+    finally:
+        afunix.close_fds([r, w])

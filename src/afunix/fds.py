@@ -8,7 +8,8 @@ from typing import Any, Iterable, List, Optional, Tuple
 
 from . import _checks, _io
 from .batch import _send_messages, _send_stream, checked_fds
-from .receive import _cached_arena, _checked_sizes, _receive
+from .capabilities import SCM_MAX_FD
+from .receive import MAX_BUFSIZE, _cached_arena, _receive
 from .message import Address, Credentials, TruncatedError
 
 # SO_PEERPIDFD (Linux >= 6.5) and SO_PASSCRED may be missing from the socket module.
@@ -61,7 +62,10 @@ def recv_fds(sock: Any, bufsize: int, maxfds: int, flags: int = 0
 
     The signature of ``socket.recv_fds``, but safe: descriptors are received
     close-on-exec (MSG_CMSG_CLOEXEC), the control buffer is sized with
-    CMSG_SPACE, and truncation is never silent.
+    CMSG_SPACE, and truncation is never silent.  As with the stdlib,
+    `bufsize` 0 takes descriptors with no data (on SOCK_STREAM the data stays
+    queued); a `maxfds` over SCM_MAX_FD asks for no more than SCM_MAX_FD,
+    the most one message carries.
 
     Raises:
         TruncatedError: the kernel cut the control data (MSG_CTRUNC: too small
@@ -69,7 +73,11 @@ def recv_fds(sock: Any, bufsize: int, maxfds: int, flags: int = 0
             did arrive are closed, the data is on the exception.
         BlockingIOError, TimeoutError, OSError: as sock.recvmsg would.
     """
-    _, size, k = _checked_sizes(1, bufsize, maxfds)
+    size = _checks.in_range(bufsize, "bufsize", 0, MAX_BUFSIZE)
+    k = _checks.as_int(maxfds, "maxfds")
+    if k < 0:
+        raise ValueError("maxfds must be >= 0, got %d" % k)
+    k = min(k, SCM_MAX_FD)
     flags = _checks.as_int(flags, "flags")
     t = _io.target(sock)
     try:
