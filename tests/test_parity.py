@@ -13,6 +13,7 @@ import struct
 import subprocess
 import sys
 import threading
+import unittest
 from typing import Any, Callable, Iterator, List
 
 import pytest
@@ -594,3 +595,36 @@ def test_the_differences_from_the_stdlib_are_as_the_readme_says(fd_baseline: set
             afunix.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)  # type: ignore[misc]
     finally:
         afunix.close_fds([r, w])
+
+
+# ---- CPython's own test of socket.send_fds/recv_fds, pointed at afunix ------------
+
+
+def test_cpython_send_recv_fds_tests_pass_against_afunix(backend: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    try:
+        from test import test_socket
+    except ImportError as exc:
+        pytest.skip("this interpreter ships without its test package (test.test_socket): %s" % exc)
+    calls: "list[str]" = []
+
+    def send_fds(*args: Any, **kwargs: Any) -> int:
+        calls.append("send_fds")
+        return afunix.send_fds(*args, **kwargs)
+
+    def recv_fds(*args: Any, **kwargs: Any) -> Any:
+        calls.append("recv_fds")
+        return afunix.recv_fds(*args, **kwargs)
+
+    # test_socket calls them as socket.send_fds / socket.recv_fds
+    assert test_socket.socket is socket
+    monkeypatch.setattr(socket, "send_fds", send_fds)
+    monkeypatch.setattr(socket, "recv_fds", recv_fds)
+    suite = unittest.defaultTestLoader.loadTestsFromTestCase(test_socket.SendRecvFdsTests)
+    result = unittest.TestResult()
+    suite.run(result)
+    problems = [text for _, text in result.failures + result.errors]
+    assert result.testsRun > 0
+    assert not result.skipped, result.skipped
+    assert result.wasSuccessful(), "\n".join(problems)
+    assert "send_fds" in calls and "recv_fds" in calls  # afunix's twins really ran
