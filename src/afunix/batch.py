@@ -252,10 +252,7 @@ def _send_stream(t: _io.Target, out: _io.Outgoing, flags: int) -> int:
     while i < n:
         fds, cred = extras[i]
         if fds or cred is not None:
-            view = memoryview(out.datas[i]).cast("B")
-            sent = _send_with_control(t, view, fds, cred, flags)
-            if sent < len(view):
-                t.sock.sendall(view[sent:], flags | _NOSIGNAL)
+            write_with_control(t, out.datas[i], out.lengths[i], fds, cred, flags)
             i += 1
             continue
         j = i + 1
@@ -265,6 +262,14 @@ def _send_stream(t: _io.Target, out: _io.Outgoing, flags: int) -> int:
                        flags | _NOSIGNAL)
         i = j
     return n
+
+
+def write_with_control(t: _io.Target, data: Any, nbytes: int, fds: tuple[int, ...],
+                       credentials: Optional[tuple[int, int, int]], flags: int) -> None:
+    """All `nbytes` of `data` on a stream: one sendmsg with the control data, then the rest as sendall."""
+    sent = _send_with_control(t, data, fds, credentials, flags)
+    if sent < nbytes:  # a short write: the rest, without the control data
+        t.sock.sendall(memoryview(data).cast("B")[sent:], flags | _NOSIGNAL)
 
 
 def send_with_control(sock: Any, data: Any, fds: tuple[int, ...],
@@ -289,7 +294,7 @@ def send_with_control(sock: Any, data: Any, fds: tuple[int, ...],
             t.sock.detach()
 
 
-def _send_with_control(t: _io.Target, view: memoryview, fds: tuple[int, ...],
+def _send_with_control(t: _io.Target, data: Any, fds: tuple[int, ...],
                        credentials: Optional[tuple[int, int, int]], flags: int) -> int:
     send_message = _backend.impl.send_message
     deadline = None
@@ -299,7 +304,7 @@ def _send_with_control(t: _io.Target, view: memoryview, fds: tuple[int, ...],
         flags |= _DONTWAIT  # waiting is done here, against the deadline
     while True:
         try:
-            return send_message(t.sock, view, fds, credentials, flags)
+            return send_message(t.sock, data, fds, credentials, flags)
         except InterruptedError:
             continue  # PEP 475: handlers ran; retry
         except BlockingIOError:

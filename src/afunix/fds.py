@@ -7,7 +7,7 @@ import struct
 from typing import Any, Iterable, List, Optional, Tuple
 
 from . import _checks, _io
-from .batch import _send_messages, _send_stream, checked_fds
+from .batch import _send_messages, _send_stream, checked_fds, write_with_control
 from .capabilities import SCM_MAX_FD
 from .receive import MAX_BUFSIZE, _cached_arena, _receive
 from .message import Address, Credentials, TruncatedError
@@ -43,11 +43,14 @@ def send_fds(sock: Any, buffers: Iterable[Any], fds: Iterable[Any], flags: int =
     try:
         if t.type == _STREAM and fd_tuple and not data:
             raise ValueError("on SOCK_STREAM descriptors need at least one data byte to ride on")
+        if t.type == _STREAM and fd_tuple and raw_address is None:
+            # one sendmsg with all of it, the rest after a short write (see send_many)
+            write_with_control(t, data, len(data), fd_tuple, None, flags)
+            return len(data)
         out = _io.Outgoing([data], [len(data)], [fd_tuple] if fd_tuple else None,
                            None if raw_address is None else [raw_address], None)
         if t.type == _STREAM:
-            # one sendmsg with all of it, the rest after a short write (see send_many)
-            _send_stream(t, out, flags)
+            _send_stream(t, out, flags)  # no descriptors: sendall; an address: refused
         else:
             _send_messages(t, out, flags)
         return len(data)
