@@ -66,8 +66,8 @@ ssize_t afunix_send_message(int fd, const char *data, size_t len,
                             const int *fds, int nfds, const int *creds, int flags);
 
 /* A reusable receive area for up to max_messages messages of bufsize bytes
- * (0: descriptors without data) and maxfds descriptors each.  The arrays are outputs of afunix_recv_many,
- * valid until the next call. */
+ * (0: descriptors without data) and maxfds descriptors each.  The arrays are
+ * outputs of afunix_recv_many, valid until the next call. */
 struct afunix_arena {
     int max_messages;
     size_t bufsize;
