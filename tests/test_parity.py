@@ -586,6 +586,7 @@ def test_the_differences_from_the_stdlib_are_as_the_readme_says(fd_baseline: set
                 assert afunix.send_fds(a, [b"x"], [as_file]) == 1
             b.setblocking(True)
             _, got, _, _ = afunix.recv_fds(b, 10, 1)
+            assert not os.get_inheritable(got[0])  # close-on-exec, unlike the stdlib's
             afunix.close_fds(got)
             with pytest.raises(ValueError):
                 afunix.recv_fds(b, (16 << 20) + 1, 1)
