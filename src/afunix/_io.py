@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import _socket
+import array
 import errno
+import fcntl
 import os
 import select
 import socket
+import termios
 import time
 from typing import Any, NamedTuple, Optional
 
@@ -101,6 +104,17 @@ def peer_hung_up(fd: int) -> bool:
     poller.register(fd, select.POLLIN | _POLLRDHUP)
     events = poller.poll(0)
     return bool(events and events[0][1] & (_POLLRDHUP | select.POLLHUP))
+
+
+def queued_bytes(fd: int) -> int:
+    """Bytes waiting in the receive queue of socket `fd` (FIONREAD, SIOCINQ on Linux).
+
+    On SOCK_STREAM and SOCK_SEQPACKET Linux counts every queued byte, not
+    only those of the next record.
+    """
+    count = array.array("i", [0])
+    fcntl.ioctl(fd, termios.FIONREAD, count)
+    return count[0]
 
 
 def decode_address(raw: Optional[bytes]) -> Optional[Address]:

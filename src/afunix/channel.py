@@ -688,11 +688,26 @@ class Channel:
             self._check_stray_fds()
             self._make_room()
             if self._read() == 0:
+                if self._seqpacket:
+                    self._check_not_an_empty_record()
                 if self._start == self._end and not self._fd_reads:
                     return False
                 self._fail("the peer closed the channel in the middle of a frame"
                            if self._start < self._end else
                            "the peer closed the channel with descriptors no frame declared")
+
+    def _check_not_an_empty_record(self) -> None:
+        """After a 0-byte read on SOCK_SEQPACKET: ProtocolError unless it is the end of stream.
+
+        An empty record and the end of stream both read as 0 bytes, and the
+        protocol forbids empty records (docs/PROTOCOL.md).  The end comes
+        only after the peer hung up, so a live peer sent an empty record.  A
+        peer that sent one and then hung up cannot fake an end either while
+        bytes it sent after it still wait (Linux counts every queued byte).
+        """
+        if not _io.peer_hung_up(self._fd) or _io.queued_bytes(self._fd):
+            self._fail("an empty SOCK_SEQPACKET record (the protocol forbids them: "
+                       "they read like end of stream)")
 
     def _parse(self) -> int:
         t = self._table

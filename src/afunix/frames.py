@@ -45,7 +45,7 @@ class ProtocolError(OSError):
     Raised for a peer that closed mid-frame, a frame over `max_frame`, a
     malformed header, descriptors that do not match a frame's declared count
     or that the kernel cut (MSG_CTRUNC), and a SOCK_SEQPACKET record over
-    RECORD_MAX bytes.  An OSError (errno EPROTO), like the kernel's own
+    RECORD_MAX bytes or empty.  An OSError (errno EPROTO), like the kernel's own
     answers: it is about what came over the socket, not about the caller's
     arguments (those are TypeError/ValueError), and code that handles a
     failed connection with ``except OSError`` handles it too.  Every
