@@ -12,6 +12,7 @@ import termios
 import time
 from typing import Any, NamedTuple, Optional
 
+from . import _checks
 from .message import Address
 
 # socket.socket.type builds an enum object on every access; the C-level
@@ -68,6 +69,7 @@ def target(sock: Any) -> Target:
     fd = fileno()
     if not isinstance(fd, int) or fd < 0:
         raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+    _checks.descriptor(fd)  # no socket object takes a number past a C int
     # A socket object around the same descriptor (no dup), blocking as the
     # descriptor is; the caller detaches it afterwards.  Raises ENOTSOCK for
     # a descriptor that is not a socket.

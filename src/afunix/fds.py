@@ -32,7 +32,7 @@ def send_fds(sock: Any, buffers: Iterable[Any], fds: Iterable[Any], flags: int =
         TypeError, ValueError: bad buffers or descriptors (at most 253), before any system call.
         OSError: from the kernel.
     """
-    flags = _checks.as_int(flags, "flags")
+    flags = _checks.msg_flags(flags)
     views = [memoryview(b) for b in buffers]
     data = b"".join(views)
     fd_tuple = checked_fds(fds)
@@ -69,7 +69,7 @@ def recv_fds(sock: Any, bufsize: int, maxfds: int, flags: int = 0
         BlockingIOError, TimeoutError, OSError: as sock.recvmsg would.
     """
     _, size, k = _checked_sizes(1, bufsize, maxfds)
-    flags = _checks.as_int(flags, "flags")
+    flags = _checks.msg_flags(flags)
     t = _io.target(sock)
     try:
         arena = _cached_arena(1, size, k)
