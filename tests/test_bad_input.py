@@ -313,3 +313,49 @@ def test_credentials_in_range_reach_the_kernel_on_both_backends(env: Dict[str, A
     with pytest.raises(OSError) as info:
         afunix.send_many(env["a"], [Message(b"x", credentials=(C_INT_MAX, 0, 0))])
     assert not isinstance(info.value, ValueError)
+
+
+# ---- batch indexes: what a list takes, and TypeError for what it refuses ----------
+
+class Two:
+    def __index__(self) -> int:
+        return 2
+
+
+NOT_INDEXES = [1.5, 0.0, "0", None, b"\0", 1j]
+
+
+def test_recv_batch_index_is_an_integer_as_for_a_list(env: Dict[str, Any]) -> None:
+    afunix.send_many(env["a"], [b"zero", b"one", b"two"])
+    batch = afunix.RecvBatch(4, 16)
+    assert batch.recv(env["b"]) == 3
+    like = [b"zero", b"one", b"two"]
+    for i in NOT_INDEXES:
+        with pytest.raises(TypeError):
+            like[i]  # type: ignore[index]
+        for use in (batch.__getitem__, batch.fds, batch.flags, batch.address, batch.credentials):
+            with pytest.raises(TypeError, match="RecvBatch indices must be integers"):
+                use(i)  # type: ignore[arg-type]
+    # what a list accepts, so does the batch: bool, __index__, negative
+    assert bytes(batch[True]) == like[True]
+    assert bytes(batch[Two()]) == like[Two()]  # type: ignore[index]
+    assert batch.flags(Two()) == batch.flags(2)  # type: ignore[arg-type]
+    assert bytes(batch[-1]) == like[-1]
+    with pytest.raises(IndexError):
+        batch[3]
+
+
+def test_frame_batch_index_is_an_integer_as_for_a_list() -> None:
+    a, b = afunix.channel_pair()
+    with a, b:
+        a.send_many([b"zero", b"one", b"two"])
+        batch = b.recv_batch()
+        assert len(batch) == 3
+        for i in NOT_INDEXES:
+            for use in (batch.__getitem__, batch.fds):
+                with pytest.raises(TypeError, match="FrameBatch indices must be integers"):
+                    use(i)  # type: ignore[arg-type]
+        assert bytes(batch[Two()]) == b"two"  # type: ignore[index]
+        assert batch.fds(Two()) == []  # type: ignore[arg-type]
+        with pytest.raises(IndexError):
+            batch.fds(3)

@@ -23,6 +23,15 @@ def as_int(value: Any, what: str) -> int:
         raise TypeError("%s must be an integer, not %s" % (what, type(value).__name__)) from None
 
 
+def index(value: Any, container: str) -> int:
+    """`value` as a sequence index (operator.index), else TypeError as a list gives."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError("%s indices must be integers, not %s"
+                        % (container, type(value).__name__)) from None
+
+
 def in_range(value: Any, what: str, low: int, high: int) -> int:
     """`value` as an int in [low, high], else TypeError / ValueError naming the bounds."""
     n = as_int(value, what)

@@ -9,6 +9,7 @@ import errno
 import struct
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+from . import _checks
 from .message import close_fds
 
 #: Default and largest accepted `max_frame` (payload bytes of one message).
@@ -145,6 +146,8 @@ class FrameBatch:
         return len(self.offsets)
 
     def __getitem__(self, i: int) -> memoryview:
+        if type(i) is not int:
+            i = _checks.index(i, "FrameBatch")
         o = self.offsets[i]
         view: memoryview = self.buffer[o:o + self.lengths[i]]
         return view
@@ -156,6 +159,8 @@ class FrameBatch:
 
     def fds(self, i: int) -> List[int]:
         """Message i's descriptors, handed to the caller (who must close them)."""
+        if type(i) is not int:
+            i = _checks.index(i, "FrameBatch")
         if i < 0:
             i += len(self.offsets)
         if not 0 <= i < len(self.offsets):

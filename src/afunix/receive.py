@@ -273,6 +273,8 @@ class RecvBatch:
         return self._count
 
     def _index(self, i: int) -> int:
+        if type(i) is not int:  # 1.5 is a TypeError, as for a list, not "out of range"
+            i = _checks.index(i, "RecvBatch")
         if i < 0:
             i += self._count
         if not 0 <= i < self._count:
