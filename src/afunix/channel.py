@@ -13,6 +13,7 @@ import contextlib
 import errno
 import os
 import socket
+import weakref
 from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple, TypeVar
 
 from . import _backend, _checks, _io
@@ -52,6 +53,26 @@ _RECEIVING = "receiving"
 def _refused(side: str) -> RuntimeError:
     return RuntimeError("this Channel is already %s in another thread (or in the call a "
                         "signal handler interrupted): one caller at a time" % side)
+
+
+# Every open Channel of this process, for the fork hook below.
+_channels: "weakref.WeakSet[Channel]" = weakref.WeakSet()
+
+
+def _forget_parents_unsent() -> None:
+    """In a child after fork(): each channel's unsent bytes stay the parent's to write.
+
+    Buffered messages and the tail of a partly written one are copied into
+    the child with the rest of its memory; written from both processes
+    (each one's close() or flush()), they would reach the peer twice.
+    """
+    for ch in list(_channels):
+        ch._drop_unsent()
+        ch._busy.pop(_SENDING, None)  # a parent's thread in a send does not exist here
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_parents_unsent)
 
 
 def _owning(sock: socket.socket, make: Callable[[], T]) -> T:
@@ -147,6 +168,7 @@ class Channel:
         # (a kept tail is copied out).
         self._out = bytearray(0)
         self._closed = False
+        _channels.add(self)
 
     # ---- construction helpers -------------------------------------------------
 
@@ -966,10 +988,14 @@ class Channel:
             return
         self._closed = True
         self._release_fds()
-        self._pending = _EMPTY
-        self._queue, self._queue_lengths, self._queued = [], [], 0
+        self._drop_unsent()
         self._next = self._parsed = 0
         self._sock.close()
+        _channels.discard(self)
+
+    def _drop_unsent(self) -> None:
+        self._pending = _EMPTY
+        self._queue, self._queue_lengths, self._queued = [], [], 0
 
     def close(self) -> None:
         """Write what is pending as `flush` would, then close the socket.
