@@ -166,7 +166,7 @@ async def send_many_partial(sock: Any, messages: Iterable[Any], flags: int = 0) 
     if type == socket.SOCK_STREAM:
         raise ValueError("send_many_partial needs message boundaries; on SOCK_STREAM use send_many")
     items = messages if isinstance(messages, list) else list(messages)
-    return await _send_some(sock, fd, items, _checks.as_int(flags, "flags"))
+    return await _send_some(sock, fd, items, _checks.msg_flags(flags))
 
 
 async def _send_some(sock: Any, fd: int, items: List[Any], flags: int) -> int:
@@ -221,7 +221,7 @@ async def send_many(sock: Any, messages: Iterable[Any], flags: int = 0) -> int:
         OSError: from the kernel (BrokenPipeError, ...).
     """
     fd, type = _checked(sock)
-    flags = _checks.as_int(flags, "flags")
+    flags = _checks.msg_flags(flags)
     items = messages if isinstance(messages, list) else list(messages)
     if type == socket.SOCK_STREAM:
         return await _send_stream(sock, fd, items, flags)
@@ -316,7 +316,7 @@ async def send_fds(sock: Any, buffers: Iterable[Any], fds: Iterable[Any], flags:
         OSError: from the kernel.
     """
     fd, type = _checked(sock)
-    flags = _checks.as_int(flags, "flags")
+    flags = _checks.msg_flags(flags)
     if type == socket.SOCK_STREAM:
         data = b"".join(memoryview(b) for b in buffers)
         fd_list = list(fds)
@@ -351,7 +351,7 @@ async def recv_many(sock: Any, max_messages: int, bufsize: int, flags: int = 0, 
         OSError: from the kernel.
     """
     fd, _ = _checked(sock)
-    flags = _checks.as_int(flags, "flags") | _DONTWAIT
+    flags = _checks.msg_flags(flags) | _DONTWAIT
     while True:
         try:
             return _recv_many_now(sock, max_messages, bufsize, flags, maxfds=maxfds)
@@ -376,7 +376,7 @@ async def recv_batch(sock: Any, batch: RecvBatch, flags: int = 0) -> int:
     if not isinstance(batch, RecvBatch):
         raise TypeError("batch must be an afunix.RecvBatch, not %s" % type(batch).__name__)
     fd, _ = _checked(sock)
-    flags = _checks.as_int(flags, "flags") | _DONTWAIT
+    flags = _checks.msg_flags(flags) | _DONTWAIT
     while True:
         try:
             return batch.recv(sock, flags)
@@ -399,7 +399,7 @@ async def recv_fds(sock: Any, bufsize: int, maxfds: int, flags: int = 0
         OSError: from the kernel.
     """
     fd, _ = _checked(sock)
-    flags = _checks.as_int(flags, "flags") | _DONTWAIT
+    flags = _checks.msg_flags(flags) | _DONTWAIT
     while True:
         try:
             return _recv_fds_now(sock, bufsize, maxfds, flags)

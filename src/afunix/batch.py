@@ -32,9 +32,7 @@ def _fd_of(obj: Any) -> int:
         fd = obj.fileno()
     else:
         raise TypeError("descriptors must be ints or have fileno(), not %s" % type(obj).__name__)
-    if fd < 0:
-        raise ValueError("descriptor must be >= 0, got %d" % fd)
-    return int(fd)
+    return _checks.descriptor(fd)
 
 
 def checked_fds(fds: Any) -> tuple[int, ...]:
@@ -104,8 +102,7 @@ def outgoing(messages: Iterable[Any]) -> _io.Outgoing:
             if item.credentials is None:
                 creds.append(None)
             else:
-                pid, uid, gid = (_checks.as_int(v, "credentials") for v in item.credentials)
-                creds.append((pid, uid, gid))
+                creds.append(_checks.credentials(item.credentials))
         else:
             datas.append(item)
             fds.append(())
@@ -142,7 +139,8 @@ def _messages_with_fds(items: list[Message]) -> Optional[_io.Outgoing]:
         return None
     counts = list(map(len, fd_lists))
     flat = list(itertools.chain.from_iterable(fd_lists))
-    if max(counts) > _SCM_MAX_FD or (flat and (set(map(type, flat)) != {int} or min(flat) < 0)):
+    if max(counts) > _SCM_MAX_FD or (flat and (set(map(type, flat)) != {int} or min(flat) < 0
+                                               or max(flat) > _checks.C_INT_MAX)):
         return None
     return _io.Outgoing(datas, sizes, fd_lists if flat else None, None, None, joined,
                         counts if flat else None, flat if flat else None)
@@ -173,7 +171,7 @@ def send_many(sock: Any, messages: Iterable[Any], flags: int = 0) -> int:
         TimeoutError: nothing could be sent before the socket's timeout.
         OSError: from the kernel, when nothing was sent.
     """
-    flags = _checks.as_int(flags, "flags")
+    flags = _checks.msg_flags(flags)
     out = outgoing(messages)  # every check before the first system call
     t = _io.target(sock)
     try:

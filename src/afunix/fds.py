@@ -34,7 +34,7 @@ def send_fds(sock: Any, buffers: Iterable[Any], fds: Iterable[Any], flags: int =
         TypeError, ValueError: bad buffers or descriptors (at most 253), before any system call.
         OSError: from the kernel.
     """
-    flags = _checks.as_int(flags, "flags")
+    flags = _checks.msg_flags(flags)
     views = [memoryview(b) for b in buffers]
     data = b"".join(views)
     fd_tuple = checked_fds(fds)
@@ -81,7 +81,7 @@ def recv_fds(sock: Any, bufsize: int, maxfds: int, flags: int = 0
     if k < 0:
         raise ValueError("maxfds must be >= 0, got %d" % k)
     k = min(k, SCM_MAX_FD)
-    flags = _checks.as_int(flags, "flags")
+    flags = _checks.msg_flags(flags)
     t = _io.target(sock)
     try:
         arena = _cached_arena(1, size, k)

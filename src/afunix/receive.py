@@ -183,7 +183,7 @@ def recv_many(sock: Any, max_messages: int, bufsize: int, flags: int = 0, *,
         BlockingIOError, TimeoutError, OSError: as sock.recv would.
     """
     n, size, k = _checked_sizes(max_messages, bufsize, maxfds)
-    flags = _checks.as_int(flags, "flags")
+    flags = _checks.msg_flags(flags)
     t = _io.target(sock)
     try:
         arena = _cached_arena(n, size, k)
@@ -233,7 +233,7 @@ class RecvBatch:
             RuntimeError: the batch is in use by another thread.
             BlockingIOError, TimeoutError, OSError: as sock.recv would.
         """
-        flags = _checks.as_int(flags, "flags")
+        flags = _checks.msg_flags(flags)
         if not self._busy.acquire(False):  # never wait: refuse instead
             raise RuntimeError("this RecvBatch is being filled by another thread")
         try:
@@ -276,6 +276,8 @@ class RecvBatch:
         return self._count
 
     def _index(self, i: int) -> int:
+        if type(i) is not int:  # 1.5 is a TypeError, as for a list, not "out of range"
+            i = _checks.index(i, "RecvBatch")
         if i < 0:
             i += self._count
         if not 0 <= i < self._count:
