@@ -119,28 +119,46 @@ static int send_batch(int fd, struct mmsghdr *hdrs, int n, int flags)
 #endif
 }
 
-int afunix_send_many(int fd, int n, const char *data, const size_t *lens,
-                     size_t uniform_len, const int *fds, const int *nfds,
-                     const char *addrs, const int *addrlens,
+int afunix_send_many(int fd, int n, const char *data, size_t datalen,
+                     const size_t *lens, size_t uniform_len,
+                     const int *fds, size_t nfds_total, const int *nfds,
+                     const char *addrs, size_t addrslen, const int *addrlens,
                      const int *creds, int flags)
 {
     if (n < 0 || n > AFUNIX_MAX_BATCH)
         return -EINVAL;
     if (n == 0)
         return 0;
-    if (data == NULL || (nfds && !fds) || (addrs && !addrlens) || (addrlens && !addrs))
+    if (data == NULL || (nfds && !fds) || (!fds && nfds_total) || (addrs && !addrlens)
+        || (addrlens && !addrs) || (!addrs && addrslen))
         return -EINVAL;
 
-    /* One allocation holds the headers, iovecs, addresses and control data. */
+    /* Every length and count is checked against the size of what it is
+     * taken from before anything is read: a caller whose buffer changed
+     * size between measuring and joining gets -EINVAL, not bytes or
+     * descriptors from past the end.  One allocation holds the headers,
+     * iovecs, addresses and control data. */
     size_t control_total = 0;
+    size_t data_left = datalen, fds_left = nfds_total, addrs_left = addrslen;
     for (int i = 0; i < n; i++) {
+        size_t len = lens ? lens[i] : uniform_len;
+        if (len > data_left)
+            return -EINVAL;
+        data_left -= len;
         int k = nfds ? nfds[i] : 0;
-        if (k < 0 || k > AFUNIX_SCM_MAX_FD)
+        if (k < 0 || k > AFUNIX_SCM_MAX_FD || (size_t)k > fds_left)
             return -EINVAL;
-        if (addrlens && addrlens[i] > (int)sizeof(((struct sockaddr_un *)0)->sun_path))
-            return -EINVAL;
+        fds_left -= (size_t)k;
+        if (addrlens && addrlens[i] >= 0) {
+            if (addrlens[i] > (int)sizeof(((struct sockaddr_un *)0)->sun_path)
+                || (size_t)addrlens[i] > addrs_left)
+                return -EINVAL;
+            addrs_left -= (size_t)addrlens[i];
+        }
         control_total += send_control_space(k, creds && creds[4 * i]);
     }
+    if (data_left != 0 || fds_left != 0 || addrs_left != 0)
+        return -EINVAL; /* more handed over than the messages take: the lengths are wrong */
     size_t head = (size_t)n * (sizeof(struct mmsghdr) + sizeof(struct iovec)
                                + (addrs ? sizeof(struct sockaddr_un) : 0));
     /* control data must be aligned for struct cmsghdr */

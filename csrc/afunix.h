@@ -41,18 +41,23 @@ int afunix_socketpairs(int type, int nonblock, int n, int *fds);
 
 /* Send up to AFUNIX_MAX_BATCH messages in one sendmmsg (a sendmsg loop where
  * the platform lacks it).  Message i is lens[i] bytes of `data`, which holds
- * all the messages back to back; when lens is NULL every message is
- * uniform_len bytes (fixed-size records need no length array).
+ * all the messages back to back in datalen bytes; when lens is NULL every
+ * message is uniform_len bytes (fixed-size records need no length array).
  * Optional per-message parts, NULL when no
  * message has them:
- *   nfds[i] descriptors taken in order from `fds` (SCM_RIGHTS);
- *   addrlens[i] bytes of sun_path taken in order from `addrs`, -1 for none;
+ *   nfds[i] descriptors taken in order from `fds`, which holds nfds_total;
+ *   addrlens[i] bytes of sun_path taken in order from `addrs` (addrslen
+ *     bytes in all), -1 for none;
  *   creds[4*i .. 4*i+3] = present, pid, uid, gid (SCM_CREDENTIALS).
+ * The lengths and counts must add up to exactly datalen, nfds_total and
+ * addrslen, the sizes of what the caller handed over: -EINVAL otherwise,
+ * before any system call, so that nothing past them is read or sent.
  * MSG_NOSIGNAL is always added.  Returns how many messages went (> 0 even
  * when an error stopped the rest), or -errno when none did. */
-int afunix_send_many(int fd, int n, const char *data, const size_t *lens,
-                     size_t uniform_len, const int *fds, const int *nfds,
-                     const char *addrs, const int *addrlens,
+int afunix_send_many(int fd, int n, const char *data, size_t datalen,
+                     const size_t *lens, size_t uniform_len,
+                     const int *fds, size_t nfds_total, const int *nfds,
+                     const char *addrs, size_t addrslen, const int *addrlens,
                      const int *creds, int flags);
 
 /* A reusable receive area for up to max_messages messages of bufsize bytes
