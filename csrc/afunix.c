@@ -253,7 +253,7 @@ void afunix_arena_free(struct afunix_arena *a)
 {
     if (a == NULL)
         return;
-    free(a->data);
+    /* a->data is the caller's (see afunix_arena_new) */
     free(a->lens);
     free(a->msg_flags);
     free(a->nfds);
@@ -267,9 +267,10 @@ void afunix_arena_free(struct afunix_arena *a)
     free(a);
 }
 
-struct afunix_arena *afunix_arena_new(int max_messages, size_t bufsize, int maxfds)
+struct afunix_arena *afunix_arena_new(int max_messages, size_t bufsize, int maxfds,
+                                      char *data)
 {
-    if (max_messages < 1 || max_messages > AFUNIX_MAX_BATCH || bufsize < 1
+    if (data == NULL || max_messages < 1 || max_messages > AFUNIX_MAX_BATCH || bufsize < 1
         || bufsize > SIZE_MAX / (size_t)max_messages
         || maxfds < 0 || maxfds > AFUNIX_SCM_MAX_FD)
         return NULL;
@@ -281,7 +282,7 @@ struct afunix_arena *afunix_arena_new(int max_messages, size_t bufsize, int maxf
     a->bufsize = bufsize;
     a->maxfds = maxfds;
     a->control_space = recv_control_space(maxfds);
-    a->data = malloc(n * bufsize);
+    a->data = data;
     a->lens = calloc(n, sizeof *a->lens);
     a->msg_flags = calloc(n, sizeof *a->msg_flags);
     a->nfds = calloc(n, sizeof *a->nfds);
@@ -293,7 +294,7 @@ struct afunix_arena *afunix_arena_new(int max_messages, size_t bufsize, int maxf
     a->hdrs = calloc(n, sizeof(struct mmsghdr) + sizeof(struct iovec));
     a->names = calloc(n, sizeof(struct sockaddr_un));
     a->control = calloc(n, a->control_space);
-    if (!a->data || !a->lens || !a->msg_flags || !a->nfds || !a->fds || !a->creds
+    if (!a->lens || !a->msg_flags || !a->nfds || !a->fds || !a->creds
         || !a->addrlens || !a->addrs || !a->hdrs || !a->names || !a->control) {
         afunix_arena_free(a);
         return NULL;

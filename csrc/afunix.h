@@ -62,12 +62,13 @@ int afunix_send_many(int fd, int n, const char *data, size_t datalen,
 
 /* A reusable receive area for up to max_messages messages of bufsize bytes
  * and maxfds descriptors each.  The arrays are outputs of afunix_recv_many,
- * valid until the next call. */
+ * valid until the next call.  The data area is the caller's: views of the
+ * messages may outlive the arena, so whoever hands them out owns it. */
 struct afunix_arena {
     int max_messages;
     size_t bufsize;
     int maxfds;
-    char *data;          /* message i at data + i * bufsize */
+    char *data;          /* message i at data + i * bufsize (the caller's memory) */
     size_t *lens;        /* bytes received (<= bufsize) */
     int *msg_flags;      /* the kernel's msg_flags, plus MSG_CTRUNC when we cut */
     int *nfds;           /* descriptors kept for message i */
@@ -84,8 +85,12 @@ struct afunix_arena {
     size_t control_space;
 };
 
-/* NULL when out of memory or the sizes are out of range. */
-struct afunix_arena *afunix_arena_new(int max_messages, size_t bufsize, int maxfds);
+/* An arena receiving into `data`: max_messages * bufsize bytes that the
+ * caller owns and keeps for at least the arena's life (afunix_arena_free
+ * leaves them alone).  NULL when out of memory, data is NULL or the sizes
+ * are out of range. */
+struct afunix_arena *afunix_arena_new(int max_messages, size_t bufsize, int maxfds,
+                                      char *data);
 void afunix_arena_free(struct afunix_arena *arena);
 
 /* Receive into `arena` with one recvmmsg(MSG_WAITFORONE | MSG_CMSG_CLOEXEC):

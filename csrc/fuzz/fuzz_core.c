@@ -257,13 +257,18 @@ static void fuzz_recv(void)
     int max_messages = 1 + take_u8() % 6;
     size_t bufsize = 1 + take_u8() % 80;
     int maxfds = take_u8() % 8 == 0 ? (int)(take_u32() % 300) - 20 : take_u8() % 6;
-    struct afunix_arena *a = afunix_arena_new(max_messages, bufsize, maxfds);
+    char *data = malloc((size_t)max_messages * bufsize);
+    CHECK(data != NULL);
+    struct afunix_arena *a = afunix_arena_new(max_messages, bufsize, maxfds, data);
     if (maxfds < 0 || maxfds > AFUNIX_SCM_MAX_FD) {
         CHECK(a == NULL);
+        free(data);
         return;
     }
-    if (a == NULL)
+    if (a == NULL) {
+        free(data);
         return; /* out of memory */
+    }
     for (int round = 0; round < 3 && in_left > 0; round++) {
         int got = afunix_recv_many(-1, a, 0);
         if (got < 0) {
@@ -300,6 +305,7 @@ static void fuzz_recv(void)
         CHECK(kept_before == (size_t)a->total_fds);
     }
     afunix_arena_free(a);
+    free(data);
 }
 
 /* ---- send: sendmmsg checks what the core built --------------------------- */

@@ -200,14 +200,20 @@ class Arena:
     """A receive area in C memory: max_messages x bufsize bytes, plus fds and addresses."""
 
     def __init__(self, max_messages: int, bufsize: int, maxfds: int) -> None:
-        raw = lib.afunix_arena_new(max_messages, bufsize, maxfds)
+        # The data area is owned here (ffi.new), not by C: every view of it
+        # (RecvBatch[i], .buffer) holds the array through its buffer, so a
+        # view kept after the arena is gone reads what was received, never
+        # freed memory.  It starts zeroed: .buffer shows no old heap bytes.
+        data = ffi.new("char[]", max_messages * bufsize)
+        raw = lib.afunix_arena_new(max_messages, bufsize, maxfds, data)
         if raw == _NULL:
             raise MemoryError("cannot allocate a receive arena of %d x %d bytes" % (max_messages, bufsize))
         self._a = ffi.gc(raw, lib.afunix_arena_free)
+        self._data = data
         self.max_messages = max_messages
         self.bufsize = bufsize
         self.maxfds = maxfds
-        self._buffer = ffi.buffer(raw.data, max_messages * bufsize)
+        self._buffer = ffi.buffer(data)
         #: memoryview of the whole data area; message i starts at i * bufsize
         self.view = memoryview(self._buffer)
         #: per-message byte counts of the last recv, read in place (no copy)
