@@ -28,6 +28,10 @@ from afunix import _backend
 from afunix._io import Outgoing
 
 T = 20.0  # seconds: the bound on every wait and join
+# How long each real-thread race runs.  The deterministic tests are the ones
+# that fail on every run when a pass is unsafe; these add real concurrency
+# (and the sanitizer job watches them).
+RACE_SECONDS = 1.0
 
 
 @pytest.fixture
@@ -174,6 +178,52 @@ def test_the_callers_own_code_cannot_shrink_a_measured_buffer(backend: str) -> N
     assert [len(m.fds) for m in got] == [0, 1]
 
 
+def _cycling(buffer: bytearray, states: List[bytes]) -> Callable[[], None]:
+    """An action that moves `buffer` to its next state (a cycle of 3, so no even
+    number of steps undoes a change), and is refused while the buffer is pinned."""
+    step = [0]
+
+    def resize() -> None:
+        step[0] += 1
+        try:
+            buffer[:] = states[step[0] % len(states)]
+        except BufferError:
+            pass  # pinned by the send under way
+
+    return resize
+
+
+def test_a_bytearray_resized_at_every_step_is_sent_as_measured(backend: str) -> None:
+    states = [b"a" * 8, b"b" * 16, b"c" * 24]
+    ba = bytearray(states[0])
+    counts = (1, 8, 1100)  # 1100: more than one sendmmsg, and the socket fills up
+    got: List[bytes] = []
+    errors: List[BaseException] = []
+    a, b = afunix.socketpair(socket.SOCK_SEQPACKET)
+
+    def reader() -> None:
+        try:
+            while len(got) < sum(counts):
+                got.extend(m.data for m in afunix.recv_many(b, 1024, 64))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    with a, b:
+        b.settimeout(T)
+        t = threading.Thread(target=reader)
+        t.start()
+        try:
+            for count in counts:
+                with meddling(_cycling(ba, states)):
+                    assert afunix.send_many(a, [ba] * count) == count
+        finally:
+            t.join(T)
+    assert not errors, errors
+    bad = [m for m in got if m not in states]
+    assert not bad, "messages that were never in the buffer, e.g. %r" % bad[:3]
+    assert len(got) == sum(counts)
+
+
 def test_racing_resizes_never_put_wrong_bytes_on_the_wire(backend: str, frequent_switches: None) -> None:
     short, long = b"s" * 8, b"L" * 16
     ba = bytearray(long)
@@ -210,7 +260,7 @@ def test_racing_resizes_never_put_wrong_bytes_on_the_wire(backend: str, frequent
         for t in threads:
             t.start()
         sent = 0
-        deadline = time.monotonic() + 2.0
+        deadline = time.monotonic() + RACE_SECONDS
         try:
             while time.monotonic() < deadline and not errors:
                 sent += afunix.send_many(a, [ba] * 1100)
@@ -315,7 +365,7 @@ def test_racing_descriptor_lists_never_send_other_descriptors(backend: str, freq
             b.settimeout(T)
             for t in threads:
                 t.start()
-            deadline = time.monotonic() + 2.0
+            deadline = time.monotonic() + RACE_SECONDS
             try:
                 while time.monotonic() < deadline and not errors:
                     try:
@@ -379,6 +429,33 @@ def test_the_callers_own_code_cannot_shrink_a_buffer_the_channel_measured(backen
 
 
 @pytest.mark.parametrize("kind", [socket.SOCK_STREAM, socket.SOCK_SEQPACKET], ids=["stream", "seqpacket"])
+def test_a_bytearray_resized_at_every_step_is_framed_as_measured(backend: str, kind: int) -> None:
+    # whole (send_many, one joined chunk and several) and as 500-byte records (send_fixed)
+    states = [b"a" * 1000, b"b" * 2000, b"c" * 1500]
+    valid = set(states) | {m[:500] for m in states}
+    ba = bytearray(states[0])
+    tx, rx = afunix.channel_pair(kind)
+    got: List[bytes] = []
+    errors: List[BaseException] = []
+    reader = threading.Thread(target=_drain, args=(rx, got, errors))
+    sent = 0
+    with rx:
+        rx.socket.settimeout(T)
+        tx.socket.settimeout(T)
+        reader.start()
+        with tx:
+            for count in (1, 8, 100):
+                with meddling(_cycling(ba, states)):
+                    sent += tx.send_many([ba] * count)
+                    sent += tx.send_fixed(ba, 500)
+        reader.join(T)  # closing tx ends its iteration
+    assert not errors, errors
+    bad = [m for m in got if m not in valid]
+    assert not bad, "messages that were never in the buffer, e.g. %r" % bad[:1]
+    assert len(got) == sent
+
+
+@pytest.mark.parametrize("kind", [socket.SOCK_STREAM, socket.SOCK_SEQPACKET], ids=["stream", "seqpacket"])
 def test_racing_resizes_never_put_a_wrong_frame_on_the_wire(backend: str, kind: int,
                                                             frequent_switches: None) -> None:
     # 1000 or 2000 bytes, sent whole (send_many, more than one joined chunk)
@@ -410,7 +487,7 @@ def test_racing_resizes_never_put_a_wrong_frame_on_the_wire(backend: str, kind: 
             for t in threads:
                 t.start()
             try:
-                deadline = time.monotonic() + 2.0
+                deadline = time.monotonic() + RACE_SECONDS
                 while time.monotonic() < deadline and not errors:
                     sent += tx.send_many([ba] * 100)
                     sent += tx.send_fixed(ba, 500)
