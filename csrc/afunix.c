@@ -119,28 +119,46 @@ static int send_batch(int fd, struct mmsghdr *hdrs, int n, int flags)
 #endif
 }
 
-int afunix_send_many(int fd, int n, const char *data, const size_t *lens,
-                     size_t uniform_len, const int *fds, const int *nfds,
-                     const char *addrs, const int *addrlens,
+int afunix_send_many(int fd, int n, const char *data, size_t datalen,
+                     const size_t *lens, size_t uniform_len,
+                     const int *fds, size_t nfds_total, const int *nfds,
+                     const char *addrs, size_t addrslen, const int *addrlens,
                      const int *creds, int flags)
 {
     if (n < 0 || n > AFUNIX_MAX_BATCH)
         return -EINVAL;
     if (n == 0)
         return 0;
-    if (data == NULL || (nfds && !fds) || (addrs && !addrlens) || (addrlens && !addrs))
+    if (data == NULL || (nfds && !fds) || (!fds && nfds_total) || (addrs && !addrlens)
+        || (addrlens && !addrs) || (!addrs && addrslen))
         return -EINVAL;
 
-    /* One allocation holds the headers, iovecs, addresses and control data. */
+    /* Every length and count is checked against the size of what it is
+     * taken from before anything is read: a caller whose buffer changed
+     * size between measuring and joining gets -EINVAL, not bytes or
+     * descriptors from past the end.  One allocation holds the headers,
+     * iovecs, addresses and control data. */
     size_t control_total = 0;
+    size_t data_left = datalen, fds_left = nfds_total, addrs_left = addrslen;
     for (int i = 0; i < n; i++) {
+        size_t len = lens ? lens[i] : uniform_len;
+        if (len > data_left)
+            return -EINVAL;
+        data_left -= len;
         int k = nfds ? nfds[i] : 0;
-        if (k < 0 || k > AFUNIX_SCM_MAX_FD)
+        if (k < 0 || k > AFUNIX_SCM_MAX_FD || (size_t)k > fds_left)
             return -EINVAL;
-        if (addrlens && addrlens[i] > (int)sizeof(((struct sockaddr_un *)0)->sun_path))
-            return -EINVAL;
+        fds_left -= (size_t)k;
+        if (addrlens && addrlens[i] >= 0) {
+            if (addrlens[i] > (int)sizeof(((struct sockaddr_un *)0)->sun_path)
+                || (size_t)addrlens[i] > addrs_left)
+                return -EINVAL;
+            addrs_left -= (size_t)addrlens[i];
+        }
         control_total += send_control_space(k, creds && creds[4 * i]);
     }
+    if (data_left != 0 || fds_left != 0 || addrs_left != 0)
+        return -EINVAL; /* more handed over than the messages take: the lengths are wrong */
     size_t head = (size_t)n * (sizeof(struct mmsghdr) + sizeof(struct iovec)
                                + (addrs ? sizeof(struct sockaddr_un) : 0));
     /* control data must be aligned for struct cmsghdr */
@@ -290,7 +308,7 @@ void afunix_arena_free(struct afunix_arena *a)
 {
     if (a == NULL)
         return;
-    free(a->data);
+    /* a->data is the caller's (see afunix_arena_new) */
     free(a->lens);
     free(a->msg_flags);
     free(a->nfds);
@@ -304,9 +322,11 @@ void afunix_arena_free(struct afunix_arena *a)
     free(a);
 }
 
-struct afunix_arena *afunix_arena_new(int max_messages, size_t bufsize, int maxfds)
+struct afunix_arena *afunix_arena_new(int max_messages, size_t bufsize, int maxfds,
+                                      char *data)
 {
-    if (max_messages < 1 || max_messages > AFUNIX_MAX_BATCH
+    /* bufsize 0 (descriptors without data) still needs a valid data pointer */
+    if (data == NULL || max_messages < 1 || max_messages > AFUNIX_MAX_BATCH
         || bufsize > SIZE_MAX / (size_t)max_messages
         || maxfds < 0 || maxfds > AFUNIX_SCM_MAX_FD)
         return NULL;
@@ -318,8 +338,7 @@ struct afunix_arena *afunix_arena_new(int max_messages, size_t bufsize, int maxf
     a->bufsize = bufsize;
     a->maxfds = maxfds;
     a->control_space = recv_control_space(maxfds);
-    /* bufsize 0 (descriptors without data) still needs a valid pointer */
-    a->data = malloc(n * bufsize > 0 ? n * bufsize : 1);
+    a->data = data;
     a->lens = calloc(n, sizeof *a->lens);
     a->msg_flags = calloc(n, sizeof *a->msg_flags);
     a->nfds = calloc(n, sizeof *a->nfds);
@@ -331,7 +350,7 @@ struct afunix_arena *afunix_arena_new(int max_messages, size_t bufsize, int maxf
     a->hdrs = calloc(n, sizeof(struct mmsghdr) + sizeof(struct iovec));
     a->names = calloc(n, sizeof(struct sockaddr_un));
     a->control = calloc(n, a->control_space);
-    if (!a->data || !a->lens || !a->msg_flags || !a->nfds || !a->fds || !a->creds
+    if (!a->lens || !a->msg_flags || !a->nfds || !a->fds || !a->creds
         || !a->addrlens || !a->addrs || !a->hdrs || !a->names || !a->control) {
         afunix_arena_free(a);
         return NULL;

@@ -381,16 +381,27 @@ def pack_frames(out: bytearray, datas: Sequence[Any], joined: bytes, lengths: Se
                 nfds: Optional[Sequence[int]]) -> int:
     """Frames for `datas` (lengths[i] bytes, nfds[i] declared) into the start of out; the bytes written.
 
-    `out` must have room for them (the caller sizes it).
+    `out` must have room for them (the caller sizes it).  As the C core
+    does, it refuses (BufferError, `out` untouched) lengths that do not add
+    up to the payloads handed over: a frame never promises other bytes than
+    it carries.
     """
     if nfds is None:
         heads = [_frame_header(n) for n in lengths]
     else:
+        if len(nfds) != len(lengths):
+            raise BufferError("%d descriptor counts for %d frames" % (len(nfds), len(lengths)))
         pack = _FRAME.pack
         heads = [pack(n | (k << 32) | _FRAME_TAG) for n, k in zip(lengths, nfds)]
+    if len(datas) != len(heads):
+        raise BufferError("%d payloads for %d frames" % (len(datas), len(heads)))
     parts: list[Any] = [b""] * (2 * len(heads))
     parts[0::2] = heads
     parts[1::2] = datas
     packed = b"".join(parts)
+    declared = sum(lengths)
+    if len(packed) != declared + _FRAME_HEADER * len(heads):
+        raise BufferError("the message lengths add up to %d bytes but %d were handed over; "
+                          "nothing was sent" % (declared, len(packed) - _FRAME_HEADER * len(heads)))
     out[:len(packed)] = packed
     return len(packed)

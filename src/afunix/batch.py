@@ -7,7 +7,7 @@ from __future__ import annotations
 import itertools
 import operator
 import socket
-from typing import Any, Iterable, List, Optional
+from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 from . import _backend, _checks, _io
 from .message import Message
@@ -44,7 +44,20 @@ def checked_fds(fds: Any) -> tuple[int, ...]:
     return out
 
 
-def _nbytes(data: Any) -> int:
+def pinned(data: Any) -> Tuple[Any, int]:
+    """`data` in a form whose size cannot change while it is held, and its byte count.
+
+    bytes cannot change.  Any other buffer is held through a memoryview of it,
+    a buffer export: while afunix holds it, another thread that resizes the
+    object gets BufferError, as it would while a stdlib send has it, so the
+    count stays the count of the bytes that are joined and sent.
+
+    Raises:
+        TypeError: not a bytes-like object.
+        ValueError: not C-contiguous.
+    """
+    if type(data) is bytes:
+        return data, len(data)
     try:
         view = memoryview(data)
     except TypeError:
@@ -52,39 +65,53 @@ def _nbytes(data: Any) -> int:
                         % type(data).__name__) from None
     if not view.c_contiguous:
         raise ValueError("message buffers must be C-contiguous")
-    return view.nbytes
+    return view, view.nbytes
 
 
 _BYTES_TYPES = frozenset((bytes, bytearray))
 _SEQUENCES = frozenset((tuple, list))
 _NBYTES = operator.attrgetter("nbytes")
 _C_CONTIGUOUS = operator.attrgetter("c_contiguous")
+_VIEW: Callable[[Any], memoryview] = memoryview
 
 
-def plain_sizes(items: List[Any]) -> Optional[List[int]]:
-    """Byte counts of `items` when all are bytes/bytearray, or all contiguous memoryviews; else None.
+def plain_pinned(items: List[Any]) -> Optional[Tuple[List[Any], List[int]]]:
+    """`items` pinned (see `pinned`) and their byte counts, when all are bytes/bytearray or all contiguous memoryviews; else None.
 
-    The fast path of every send, with no check per message in Python.  len()
-    is the byte count of bytes and bytearray but not of every buffer (an
-    array of shorts; a view with an empty inner dimension has len() > 0 and
-    no bytes), so any other type takes the per-message path.
+    The fast path of every send, with no check per message in Python.  A
+    bytearray is replaced by a memoryview of it, which pins it; bytes and
+    memoryviews (themselves exports) are kept as they are.  len() is the
+    byte count of bytes and bytearray but not of every buffer (an array of
+    shorts; a view with an empty inner dimension has len() > 0 and no
+    bytes), so any other type takes the per-message path.
     """
     types = set(map(type, items))
     if types <= _BYTES_TYPES:
-        return list(map(len, items))
+        if bytearray in types:
+            items = (list(map(_VIEW, items)) if len(types) == 1 else
+                     [memoryview(x) if type(x) is bytearray else x for x in items])
+        return items, list(map(len, items))
     if types == {memoryview} and all(map(_C_CONTIGUOUS, items)):
-        return list(map(_NBYTES, items))
+        return items, list(map(_NBYTES, items))
     return None
 
 
 def outgoing(messages: Iterable[Any]) -> _io.Outgoing:
-    """Check `messages` and split them into the parallel lists the backends take."""
-    items = messages if isinstance(messages, list) else list(messages)
+    """Check `messages` and split them into the parallel lists the backends take.
+
+    Every buffer in the result is pinned (see `pinned`) for as long as the
+    result is held, so its lengths stay the lengths of its data.
+    """
+    # One reading of the caller's list: another thread may change a list
+    # between two passes over it, and a list subclass may show each pass
+    # other items (C code such as bytes.join reads a list's storage).
+    items = list(messages)
     if not items:
         return _io.Outgoing(items, [], None, None, None, b"")
-    sizes = plain_sizes(items)
-    if sizes is not None:  # the common case: plain byte strings
-        return _io.Outgoing(items, sizes, None, None, None, b"".join(items))
+    plain = plain_pinned(items)
+    if plain is not None:  # the common case: plain byte strings
+        pins, sizes = plain
+        return _io.Outgoing(pins, sizes, None, None, None, b"".join(pins))
     if set(map(type, items)) == {Message}:
         fast = _messages_with_fds(items)
         if fast is not None:
@@ -96,19 +123,22 @@ def outgoing(messages: Iterable[Any]) -> _io.Outgoing:
     creds: List[Optional[tuple[int, int, int]]] = []
     for item in items:
         if isinstance(item, Message):
-            datas.append(item.data)
-            fds.append(checked_fds(item.fds))
+            data = item.data
+            fds.append(checked_fds(item.fds))  # may run the caller's fileno()
             addrs.append(None if item.address is None else _io.encode_address(item.address))
             if item.credentials is None:
                 creds.append(None)
             else:
                 creds.append(_checks.credentials(item.credentials))
         else:
-            datas.append(item)
+            data = item
             fds.append(())
             addrs.append(None)
             creds.append(None)
-        lengths.append(_nbytes(datas[-1]))
+        # measured and pinned last: from here on its size cannot change
+        view, n = pinned(data)
+        datas.append(view)
+        lengths.append(n)
     return _io.Outgoing(
         datas, lengths,
         fds if any(fds) else None,
@@ -129,20 +159,24 @@ def _messages_with_fds(items: list[Message]) -> Optional[_io.Outgoing]:
     n = len(items)
     if list(map(_ADDRESS, items)).count(None) != n or list(map(_CREDENTIALS, items)).count(None) != n:
         return None
-    datas = list(map(_DATA, items))
-    sizes = plain_sizes(datas)
-    if sizes is None:
+    plain = plain_pinned(list(map(_DATA, items)))
+    if plain is None:
         return None
+    datas, sizes = plain
     joined = b"".join(datas)
     fd_lists = list(map(_FDS, items))
     if not set(map(type, fd_lists)) <= _SEQUENCES:  # any other iterable: checked one by one
         return None
-    counts = list(map(len, fd_lists))
-    flat = list(itertools.chain.from_iterable(fd_lists))
+    # One copy of each list, in one C call each (tuple() of a tuple is the
+    # tuple itself): another thread may change a list between the pass that
+    # counts and the pass that flattens.
+    fd_tuples = list(map(tuple, fd_lists))
+    counts = list(map(len, fd_tuples))
+    flat = list(itertools.chain.from_iterable(fd_tuples))
     if max(counts) > _SCM_MAX_FD or (flat and (set(map(type, flat)) != {int} or min(flat) < 0
                                                or max(flat) > _checks.C_INT_MAX)):
         return None
-    return _io.Outgoing(datas, sizes, fd_lists if flat else None, None, None, joined,
+    return _io.Outgoing(datas, sizes, fd_tuples if flat else None, None, None, joined,
                         counts if flat else None, flat if flat else None)
 
 

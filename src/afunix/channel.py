@@ -17,7 +17,7 @@ import weakref
 from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple, TypeVar
 
 from . import _backend, _checks, _io
-from .batch import _nbytes, checked_fds, plain_sizes
+from .batch import checked_fds, pinned, plain_pinned
 from .frames import (DEFAULT_MAX_FRAME, HEADER_SIZE, MAX_FRAME_LIMIT, RECORD_MAX, FrameBatch,
                      ProtocolError, _chunked, _header, _JOIN_MAX, _Records, _Segment)
 from .message import Address, Message, close_fds
@@ -359,13 +359,13 @@ class Channel:
     def _send_fixed(self, buffer: Any, size: int) -> int:
         self._check_open()
         size = _checks.in_range(size, "size", 1, self._max_frame)
-        nbytes = _nbytes(buffer)
+        data, nbytes = pinned(buffer)  # its size cannot change from here on
         if nbytes % size:
             raise ValueError("the buffer holds %d bytes, not a multiple of size %d" % (nbytes, size))
         n = nbytes // size
         if not n:
             return 0
-        view = memoryview(buffer).cast("B")
+        view = memoryview(data).cast("B")
         seg = _Segment(_Records(view, size, n), [size] * n, view.tobytes())  # type: ignore[arg-type]
         if self._write_buffer:
             return self._enqueue([seg], n)
@@ -433,12 +433,13 @@ class Channel:
 
     def _segments(self, messages: Iterable[Any]) -> Tuple[List[_Segment], int]:
         """Check `messages` and split them into write segments (validate once, up front)."""
-        items = messages if isinstance(messages, list) else list(messages)
+        items = list(messages)  # one reading of the caller's list (see batch.outgoing)
         if not items:
             return [], 0
         limit = self._max_frame
-        lengths = plain_sizes(items)
-        if lengths is not None:  # the common case: plain byte strings
+        plain = plain_pinned(items)
+        if plain is not None:  # the common case: plain byte strings
+            items, lengths = plain
             if max(lengths) > limit:
                 raise ValueError("a message of %d bytes is over max_frame (%d)"
                                  % (max(lengths), limit))
@@ -450,10 +451,10 @@ class Channel:
         run_lengths: List[int] = []
         for item in items:
             if isinstance(item, Message):
-                data, fds = item.data, checked_fds(item.fds)
+                data, fds = item.data, checked_fds(item.fds)  # may run the caller's fileno()
             else:
                 data, fds = item, ()
-            n = _nbytes(data)
+            data, n = pinned(data)  # measured and pinned last: its size cannot change now
             if n > limit:
                 raise ValueError("a message of %d bytes is over max_frame (%d)" % (n, limit))
             if fds:
