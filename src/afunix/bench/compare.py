@@ -89,7 +89,8 @@ def verdict(old: List[float], new: List[float], lower_is_better: bool) -> str:
 def compare(old: Dict[str, Any], new: Dict[str, Any], old_name: str = "OLD",
             new_name: str = "this run") -> List[str]:
     """The comparison table of `new` against `old`, at most 100 columns wide."""
-    lines = ["comparison: %s against %s" % (new_name, old_name)]
+    lines = textwrap.wrap("comparison: %s against %s" % (new_name, old_name), WIDTH,
+                          subsequent_indent="  ", break_long_words=False)
     for name, doc in ((old_name, old), (new_name, new)):
         i, m = doc["interpreter"], doc["machine"]
         lines += textwrap.wrap("%s: afunix %s, %s %s, backend %s, %s %s, %s CPUs, %s" % (

@@ -13,10 +13,10 @@ that it cannot race, deadlock or starve:
   runner's socketpair; the sender connects (dials), sends a hello, and both
   wait until the hello has arrived.  All of this is setup, done before the
   runner starts the clock, so no run pays for a connection or a retry.
-- The sender never closes before the receiver has everything: pyzmq closes
-  with linger; pynng (whose close may drop queued messages) waits for the
-  receiver's "done" byte on the socketpair; a Queue's feeder thread is
-  joined.
+- Neither side closes before the receiver has everything: after the clock
+  stopped, the receiver sends "done" on the socketpair and the sender waits
+  for it (pynng's close, for one, may drop queued messages); a Queue's
+  feeder thread is joined.
 - A tool's own threads (pyzmq's I/O thread, nng's workers, a Queue's feeder
   thread) are started after the runner pinned the process, so they run on
   that process's CPU: on two-cpus, the sender with all its threads on one
@@ -80,11 +80,25 @@ def _expect_byte(sock: socket.socket, want: bytes) -> None:
 
 @dataclass
 class Endpoint:
-    """One side of a tool's connection, and the socketpair the handshake used."""
+    """One side of a tool's connection, and the socketpair the handshake used.
+
+    `finish` runs after the clock stopped: the receiver says "done" on the
+    socketpair, the sender waits for it, and only then does either close, so
+    that closing neither loses a message nor is timed.
+    """
 
     tool: Any  # the tool's socket
     pair: socket.socket
     close: Callable[[], None]
+    receiving: bool
+
+    def finish(self) -> None:
+        """Teardown, untimed: the receiver's "done", the sender's wait for it, then close."""
+        if self.receiving:
+            self.pair.sendall(b"d")
+        else:
+            _expect_byte(self.pair, b"d")
+        self.close()
 
 
 def _private_address() -> Tuple[str, Callable[[], None]]:
@@ -111,13 +125,14 @@ def zmq_setup_recv(sock: socket.socket, row: Row, shared: Any) -> Endpoint:
         raise Mismatch("pyzmq: the first message is not the hello")
     pull.rcvtimeo = -1
     sock.sendall(b"k")
+    sock.settimeout(None)  # the run's own timeout applies from here
 
     def close() -> None:
         pull.close(linger=0)
         ctx.term()
         remove()
 
-    return Endpoint(pull, sock, close)
+    return Endpoint(pull, sock, close, receiving=True)
 
 
 def zmq_setup_send(sock: socket.socket, row: Row, shared: Any) -> Endpoint:
@@ -132,13 +147,13 @@ def zmq_setup_send(sock: socket.socket, row: Row, shared: Any) -> Endpoint:
     push.connect(address)
     push.send(b"hello")
     _expect_byte(sock, b"k")
+    sock.settimeout(None)
 
     def close() -> None:
-        # linger: until the receiver has every message (it has, once it said done)
-        push.close(linger=int(SETUP_TIMEOUT * 1000))
+        push.close(linger=0)  # the receiver has said it has every message
         ctx.term()
 
-    return Endpoint(push, sock, close)
+    return Endpoint(push, sock, close, receiving=False)
 
 
 def tool_send(end: Endpoint, count: int, row: Row) -> Received:
@@ -147,8 +162,6 @@ def tool_send(end: Endpoint, count: int, row: Row) -> Received:
     for start in range(0, count, _GROUP):
         for message in list(map(make, range(start, min(start + _GROUP, count)))):
             send(message)
-    _expect_byte(end.pair, b"d")  # the receiver has them all: closing loses nothing
-    end.close()
     return Received(count)
 
 
@@ -158,8 +171,6 @@ def tool_recv(end: Endpoint, count: int, row: Row) -> Received:
     total = 0
     for start in range(0, count, _GROUP):
         total += checksum_of([recv() for _ in range(min(_GROUP, count - start))], size)
-    end.pair.sendall(b"d")
-    end.close()
     return Received(count, total)
 
 
@@ -178,12 +189,13 @@ def nng_setup_recv(sock: socket.socket, row: Row, shared: Any) -> Endpoint:
         raise Mismatch("pynng: the first message is not the hello")
     pull.recv_timeout = -1
     sock.sendall(b"k")
+    sock.settimeout(None)
 
     def close() -> None:
         pull.close()
         remove()
 
-    return Endpoint(pull, sock, close)
+    return Endpoint(pull, sock, close, receiving=True)
 
 
 def nng_setup_send(sock: socket.socket, row: Row, shared: Any) -> Endpoint:
@@ -196,7 +208,8 @@ def nng_setup_send(sock: socket.socket, row: Row, shared: Any) -> Endpoint:
     push.dial(address, block=True)
     push.send(b"hello")
     _expect_byte(sock, b"k")
-    return Endpoint(push, sock, push.close)
+    sock.settimeout(None)
+    return Endpoint(push, sock, push.close, receiving=False)
 
 
 # ---- multiprocessing.Pipe and multiprocessing.Queue -----------------------------------------

@@ -22,7 +22,7 @@ from .workloads import WORKLOADS, Workload
 
 WIDTH = 100
 #: label, placement, unit, four cells, two ratios
-_WIDTHS = (22, 3, 6, 10, 10, 10, 10, 7, 7)
+COLUMN_WIDTHS = (22, 3, 6, 10, 10, 10, 10, 7, 7)
 _SHORT_UNITS = {"pairs/s": "pair/s", "msgs/s": "msg/s"}
 _CPUS = {"two-cpus": "2", "one-cpu": "1", "-": "-"}
 
@@ -110,10 +110,16 @@ def number(value: float) -> str:
     return sign + "%.3gT" % (value / 1e12)
 
 
+def spread_text(spread: float) -> str:
+    """A spread in at most 3 characters: "7%", "45%"; from 100% on as a multiple, "2x"."""
+    if spread < 0.995:
+        return "%d%%" % round(100 * spread)
+    return "%dx" % min(99, round(spread))
+
+
 def _figure(values: Sequence[float]) -> str:
     med, spread = median_and_spread(values)
-    pct = "%d%%" % round(100 * spread) if spread < 9.995 else ">999%"
-    text = "%s +-%s" % (number(med), pct)
+    text = "%s +-%s" % (number(med), spread_text(spread))
     return text if len(text) <= 10 else text.replace(" ", "")
 
 
@@ -144,9 +150,9 @@ def ratio(num: Optional[float], den: Optional[float], lower_is_better: bool) -> 
 
 
 def _line(fields: Sequence[str]) -> str:
-    out = [fields[0].ljust(_WIDTHS[0])]
+    out = [fields[0].ljust(COLUMN_WIDTHS[0])]
     for i, text in enumerate(fields[1:], 1):
-        out.append(text.rjust(_WIDTHS[i]))
+        out.append(text.rjust(COLUMN_WIDTHS[i]))
     return (out[0] + " " + out[1] + "".join("  " + f for f in out[2:])).rstrip()
 
 

@@ -99,6 +99,10 @@ def _child(side: Side, setup: Optional[Setup], sock: Optional[socket.socket], sh
         t0 = time.perf_counter()
         got = side(state, count, row)
         t1 = time.perf_counter()
+        # A peer's teardown (waiting for "done", closing) is not timed.
+        finish = getattr(state, "finish", None)
+        if finish is not None:
+            finish()
         payload: object = ("ok", got, t0, t1)
     except BaseException as exc:  # reported, never raised across the fork
         payload = ("error", "%s: %s" % (type(exc).__name__, exc), 0.0, 0.0)

@@ -592,7 +592,8 @@ SENDERS: Dict[Tuple[str, str], Side] = {}
 #: (workload, implementation) -> the receiving side (the echo side, for "pingpong").
 RECEIVERS: Dict[Tuple[str, str], Side] = {}
 #: (workload, implementation) -> (sender's setup, receiver's setup): run in each
-#: child before it says it is ready, so a peer's handshake is never timed.
+#: child before it says it is ready, so a peer's handshake is never timed.  When
+#: what a setup returns has a finish() method, it runs after the clock stops.
 SETUPS: Dict[Tuple[str, str], Tuple[Optional[Setup], Optional[Setup]]] = {}
 #: (workload, implementation) -> what the runner makes before the fork.
 SHARED: Dict[Tuple[str, str], Shared] = {}
