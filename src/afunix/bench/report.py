@@ -336,6 +336,10 @@ def plot_groups(results: Results) -> List[Group]:
     return groups
 
 
+#: Groups per panel of the chart: more are drawn as further panels, below.
+PANEL_GROUPS = 14
+
+
 def plot(results: Results, path: str, session_facts: Dict[str, Any]) -> None:
     """Draw each column's speed relative to its row's base, with min-max error bars."""
     import matplotlib
@@ -344,37 +348,45 @@ def plot(results: Results, path: str, session_facts: Dict[str, Any]) -> None:
     from matplotlib.ticker import FuncFormatter, LogLocator
 
     groups = plot_groups(results)
-    fig, ax = plt.subplots(figsize=(max(10.0, 0.55 * len(groups) + 2), 7.0))
+    panels = [groups[i:i + PANEL_GROUPS] for i in range(0, len(groups), PANEL_GROUPS)] or [[]]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(14.0, 1.0 + 4.2 * len(panels)),
+                             squeeze=False)
     width = 0.8 / len(IMPLEMENTATIONS)
-    for k, impl in enumerate(IMPLEMENTATIONS):
-        xs, meds, lows, highs = [], [], [], []
-        for i, (_, bars) in enumerate(groups):
-            if impl in bars:
-                med, lo, hi = bars[impl]
-                xs.append(i + (k - (len(IMPLEMENTATIONS) - 1) / 2) * width)
-                meds.append(med)
-                lows.append(med - lo)
-                highs.append(hi - med)
-        ax.bar(xs, meds, width, yerr=[lows, highs], capsize=2, label=LABELS[impl],
-               error_kw={"elinewidth": 0.8, "ecolor": "black"})
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_yscale("log")
-    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(0.1, 0.2, 0.5, 1.0)))
-    ax.yaxis.set_minor_locator(LogLocator(base=10, subs=()))
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _pos: "%gx" % y))
-    ax.set_xticks(range(len(groups)))
-    ax.set_xticklabels([text for text, _ in groups], fontsize=7, rotation=90)
-    ax.set_xlim(-0.6, len(groups) - 0.4)
-    ax.set_ylabel("speed relative to the row's base (log; for p50/p99 latency: base time / time)")
+    for panel, ax in zip(panels, axes[:, 0]):
+        for k, impl in enumerate(IMPLEMENTATIONS):
+            xs, meds, lows, highs = [], [], [], []
+            for i, (_, bars) in enumerate(panel):
+                if impl in bars:
+                    med, lo, hi = bars[impl]
+                    xs.append(i + (k - (len(IMPLEMENTATIONS) - 1) / 2) * width)
+                    meds.append(med)
+                    lows.append(med - lo)
+                    highs.append(hi - med)
+            ax.bar(xs, meds, width, yerr=[lows, highs], capsize=2, label=LABELS[impl],
+                   color="C%d" % k, error_kw={"elinewidth": 0.8, "ecolor": "black"})
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=30))
+        ax.yaxis.set_minor_locator(LogLocator(base=10, subs=(), numticks=30))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _pos: "%gx" % y))
+        ax.set_xticks(range(len(panel)))
+        ax.set_xticklabels([text.replace(" ", "\n", 1) if "\n" in text else text
+                            for text, _ in panel], fontsize=7)
+        ax.set_xlim(-0.6, PANEL_GROUPS - 0.4)
+        ax.set_ylabel("x the base (log)", fontsize=8)
+        ax.grid(axis="y", linewidth=0.3)
+    handles, names = axes[0, 0].get_legend_handles_labels()
     interp, m = session_facts["interpreter"], session_facts["machine"]
-    ax.set_title("afunix %s, %s %s, %s %s, %s CPUs; bars: median of runs, whiskers: min-max;"
-                 " rows without a base column are in the table only" % (
+    fig.suptitle("afunix %s, %s %s, %s %s, %s CPUs: each column's speed relative to its row's "
+                 "base (latency p50/p99: base time / time)\nbar: median of the runs; whiskers: "
+                 "slowest to fastest run; rows without a base column are in the table only" % (
                      session_facts["afunix"], interp["implementation"], interp["version"],
                      m["system"], m["kernel"], m["cpus"]), fontsize=9)
-    ax.legend(fontsize=8)
-    ax.grid(axis="y", linewidth=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    top = 1 - 0.75 / (1.0 + 4.2 * len(panels))
+    fig.legend(handles, names, loc="upper center", ncol=len(IMPLEMENTATIONS), fontsize=8,
+               bbox_to_anchor=(0.5, top), frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, top - 0.25 / (1.0 + 4.2 * len(panels))))
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
