@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     facts = report.facts()
     results = measure(_rows(args.only, args.quick), where, mode, report.progress)
     out = report.header(mode, where, facts) + [""] + report.table(results)
-    out += [""] + report.legend(results) + ["", report.footer(results)]
+    out += [""] + report.legend(results) + [""] + report.footer(results)
     sys.stdout.write("\n".join(out) + "\n")
     text = report.to_json(results, mode, where, facts, sys.argv)
     if args.json:

@@ -214,8 +214,8 @@ def legend(results: Results) -> List[str]:
     return lines
 
 
-def footer(results: Results) -> str:
-    """The last line: what the session did, in how long."""
+def footer(results: Results) -> List[str]:
+    """The last lines: what the session did, in how long."""
     noisy = sum(r.noisy for r in results.rows)
     text = "(%d rows, %d cells in %.0f s; %d re-run%s; %d row%s noisy" % (
         len(results.rows), len(results.cells), results.elapsed, results.reruns,
@@ -223,7 +223,7 @@ def footer(results: Results) -> str:
     if results.not_rerun:
         text += "; %d noisy row%s not re-run: the time budget was spent" % (
             results.not_rerun, "" if results.not_rerun == 1 else "s")
-    return text + ")"
+    return _wrap(text + ")")
 
 
 # ---- JSON -------------------------------------------------------------------------------
