@@ -75,7 +75,7 @@ def checksum_of(messages: List[Any], size: int) -> int:
     """The sum of the numbers of `messages`, checking each is `size` bytes; no Python loop."""
     if not messages:
         return 0
-    if min(map(len, messages)) != size or max(map(len, messages)) != size:
+    if set(map(len, messages)) != {size}:
         raise Mismatch("a message of another length than %d bytes" % size)
     total = 0
     # joined a slice at a time: a large temporary buffer would come from

@@ -177,11 +177,10 @@ def zmq_setup_send(sock: socket.socket, row: Row, shared: Any) -> Endpoint:
 
 
 def tool_send(end: Endpoint, count: int, row: Row) -> Received:
-    """The tool's send() once per message (pyzmq: copy=True), messages made a group at a time."""
+    """The tool's send() once per message (pyzmq: copy=True), each message made as it goes."""
     make, send = message_maker(row.size), end.tool.send
-    for start in range(0, count, _GROUP):
-        for message in list(map(make, range(start, min(start + _GROUP, count)))):
-            send(message)
+    for message in map(make, range(count)):
+        send(message)
     return Received(count)
 
 
@@ -275,9 +274,8 @@ def _the_queue(sock: socket.socket, row: Row, shared: Any) -> Any:
 def queue_put(queue: Any, count: int, row: Row) -> Received:
     """Queue.put() once per message; the feeder thread joined before the side ends."""
     make, put = message_maker(row.size), queue.put
-    for start in range(0, count, _GROUP):
-        for message in list(map(make, range(start, min(start + _GROUP, count)))):
-            put(message)
+    for message in map(make, range(count)):
+        put(message)
     queue.close()
     queue.join_thread()
     return Received(count)
