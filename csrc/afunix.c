@@ -217,6 +217,61 @@ int afunix_send_many(int fd, int n, const char *data, const size_t *lens,
     return rc;
 }
 
+/* Room for the most control data one message can carry. */
+#if AFUNIX_HAS_PASSCRED
+#define MESSAGE_CONTROL_MAX (CMSG_SPACE(AFUNIX_SCM_MAX_FD * sizeof(int)) \
+                             + CMSG_SPACE(sizeof(struct ucred)))
+#else
+#define MESSAGE_CONTROL_MAX CMSG_SPACE(AFUNIX_SCM_MAX_FD * sizeof(int))
+#endif
+
+ssize_t afunix_send_message(int fd, const char *data, size_t len,
+                            const int *fds, int nfds, const int *creds, int flags)
+{
+    if (nfds < 0 || nfds > AFUNIX_SCM_MAX_FD || (nfds > 0 && fds == NULL)
+        || (data == NULL && len > 0))
+        return -EINVAL;
+    union {
+        struct cmsghdr align;
+        char bytes[MESSAGE_CONTROL_MAX];
+    } control;
+    struct iovec iov;
+    iov.iov_base = (void *)data;
+    iov.iov_len = len;
+    struct msghdr m;
+    memset(&m, 0, sizeof m);
+    m.msg_iov = &iov;
+    m.msg_iovlen = 1;
+    size_t space = send_control_space(nfds, creds != NULL);
+    if (space > 0) {
+        memset(control.bytes, 0, space);
+        m.msg_control = control.bytes;
+        m.msg_controllen = space;
+        struct cmsghdr *c = CMSG_FIRSTHDR(&m);
+#if AFUNIX_HAS_PASSCRED
+        if (creds != NULL) {
+            struct ucred uc;
+            uc.pid = creds[0];
+            uc.uid = (uid_t)creds[1];
+            uc.gid = (gid_t)creds[2];
+            c->cmsg_level = SOL_SOCKET;
+            c->cmsg_type = SCM_CREDENTIALS;
+            c->cmsg_len = CMSG_LEN(sizeof uc);
+            memcpy(CMSG_DATA(c), &uc, sizeof uc);
+            c = CMSG_NXTHDR(&m, c);
+        }
+#endif
+        if (nfds > 0) {
+            c->cmsg_level = SOL_SOCKET;
+            c->cmsg_type = SCM_RIGHTS;
+            c->cmsg_len = CMSG_LEN((size_t)nfds * sizeof(int));
+            memcpy(CMSG_DATA(c), fds, (size_t)nfds * sizeof(int));
+        }
+    }
+    ssize_t rc = sendmsg(fd, &m, flags | MSG_NOSIGNAL);
+    return rc < 0 ? -errno : rc;
+}
+
 /* Receive side ------------------------------------------------------------ */
 
 static size_t recv_control_space(int maxfds)
@@ -251,7 +306,7 @@ void afunix_arena_free(struct afunix_arena *a)
 
 struct afunix_arena *afunix_arena_new(int max_messages, size_t bufsize, int maxfds)
 {
-    if (max_messages < 1 || max_messages > AFUNIX_MAX_BATCH || bufsize < 1
+    if (max_messages < 1 || max_messages > AFUNIX_MAX_BATCH
         || bufsize > SIZE_MAX / (size_t)max_messages
         || maxfds < 0 || maxfds > AFUNIX_SCM_MAX_FD)
         return NULL;
@@ -263,7 +318,8 @@ struct afunix_arena *afunix_arena_new(int max_messages, size_t bufsize, int maxf
     a->bufsize = bufsize;
     a->maxfds = maxfds;
     a->control_space = recv_control_space(maxfds);
-    a->data = malloc(n * bufsize);
+    /* bufsize 0 (descriptors without data) still needs a valid pointer */
+    a->data = malloc(n * bufsize > 0 ? n * bufsize : 1);
     a->lens = calloc(n, sizeof *a->lens);
     a->msg_flags = calloc(n, sizeof *a->msg_flags);
     a->nfds = calloc(n, sizeof *a->nfds);
@@ -395,6 +451,10 @@ int afunix_recv_many(int fd, struct afunix_arena *a, int flags)
             a->nfds[i] = 0;
             mflags |= MSG_CTRUNC;
         }
+        /* Linux echoes MSG_CMSG_CLOEXEC, which we add ourselves: report the
+         * flags as a plain recvmsg with the caller's flags would. */
+        if (!(flags & MSG_CMSG_CLOEXEC))
+            mflags &= ~MSG_CMSG_CLOEXEC;
         a->msg_flags[i] = mflags;
         size_t path_off = offsetof(struct sockaddr_un, sun_path);
         if (m->msg_namelen == 0 || m->msg_namelen < path_off) {

@@ -55,9 +55,19 @@ int afunix_send_many(int fd, int n, const char *data, const size_t *lens,
                      const char *addrs, const int *addrlens,
                      const int *creds, int flags);
 
+/* Send one message with one sendmsg: len bytes of data, nfds descriptors
+ * from fds (SCM_RIGHTS, none when nfds is 0) and, when creds is not NULL,
+ * creds[0..2] = pid, uid, gid (SCM_CREDENTIALS).  MSG_NOSIGNAL is always
+ * added.  On SOCK_STREAM this puts all of a message's bytes on the write
+ * that carries its control data, as socket.send_fds does.  Returns the
+ * bytes the kernel took (on SOCK_STREAM possibly fewer than len), or
+ * -errno. */
+ssize_t afunix_send_message(int fd, const char *data, size_t len,
+                            const int *fds, int nfds, const int *creds, int flags);
+
 /* A reusable receive area for up to max_messages messages of bufsize bytes
- * and maxfds descriptors each.  The arrays are outputs of afunix_recv_many,
- * valid until the next call. */
+ * (0: descriptors without data) and maxfds descriptors each.  The arrays are
+ * outputs of afunix_recv_many, valid until the next call. */
 struct afunix_arena {
     int max_messages;
     size_t bufsize;
@@ -87,7 +97,8 @@ void afunix_arena_free(struct afunix_arena *arena);
  * waits for the first message as recv would, then takes those already
  * queued (only the first with MSG_PEEK, which would repeat it).  A message whose control data was cut (MSG_CTRUNC), or that
  * carried more than maxfds descriptors, has all its descriptors closed and
- * MSG_CTRUNC in its flags.  Returns the count, or -errno. */
+ * MSG_CTRUNC in its flags.  MSG_CMSG_CLOEXEC is left out of the flags
+ * stored unless the caller passed it.  Returns the count, or -errno. */
 int afunix_recv_many(int fd, struct afunix_arena *arena, int flags);
 
 /* Close fds[0..n), whatever each close returns; returns n.  One crossing for

@@ -115,6 +115,8 @@ _NULL = ffi.NULL
 
 def send_batch(sock: socket.socket, out: Outgoing, start: int, count: int, flags: int) -> int:
     """One sendmmsg of out[start:start+count]; the count sent, or OSError."""
+    if not count:
+        return 0  # as the stdlib backend: no message, no system call
     end = start + count
     whole = start == 0 and end == len(out.datas)
     if whole and out.joined is not None:
@@ -148,6 +150,20 @@ def send_batch(sock: socket.socket, out: Outgoing, start: int, count: int, flags
     rc = lib.afunix_send_many(
         sock.fileno(), count, data, lens_arg, uniform,
         fds, nfds, addrs, addrlens, creds, flags,
+    )
+    if rc < 0:
+        raise OSError(-rc, os.strerror(-rc))
+    return int(rc)
+
+
+def send_message(sock: socket.socket, data: Any, fds: tuple[int, ...],
+                 credentials: Optional[tuple[int, int, int]], flags: int) -> int:
+    """One sendmsg of all of `data` with its descriptors and credentials; the bytes taken, or OSError."""
+    buf = ffi.from_buffer(data)  # pinned, and measured, for the length of the call
+    rc = lib.afunix_send_message(
+        sock.fileno(), buf, len(buf),
+        _int_array(list(fds)) if fds else _NULL, len(fds),
+        _NULL if credentials is None else ffi.new("int[3]", credentials), flags,
     )
     if rc < 0:
         raise OSError(-rc, os.strerror(-rc))

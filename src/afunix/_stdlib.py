@@ -89,6 +89,22 @@ def send_batch(sock: socket.socket, out: Outgoing, start: int, count: int, flags
     return sent
 
 
+def send_message(sock: socket.socket, data: Any, fds: tuple[int, ...],
+                 credentials: Optional[tuple[int, int, int]], flags: int) -> int:
+    """One sendmsg of all of `data` with its descriptors and credentials; the bytes taken, or OSError."""
+    s, twin = _io_socket(sock)
+    try:
+        ancillary: List[Tuple[int, int, bytes]] = []
+        if credentials is not None and _CREDS is not None:
+            ancillary.append((socket.SOL_SOCKET, _CREDS, array.array("i", credentials).tobytes()))
+        if fds:
+            ancillary.append((socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes()))
+        return s.sendmsg([data], ancillary, flags | _NOSIGNAL)
+    finally:
+        if twin:
+            s.detach()
+
+
 class Arena:
     """A receive area in a bytearray: max_messages x bufsize bytes, plus fds and addresses."""
 
@@ -211,6 +227,9 @@ def _send_plain(s: socket.socket, datas: list[Any], start: int, count: int, flag
 def recv_batch(sock: socket.socket, arena: Arena, flags: int) -> int:
     """recvmsg_into for the first message, then those already queued; the count, or OSError."""
     s, twin = _io_socket(sock)
+    # Linux echoes MSG_CMSG_CLOEXEC in msg_flags: leave it out unless the
+    # caller asked for it, as a plain recvmsg would report the flags
+    keep = ~0 if flags & _CLOEXEC else ~_CLOEXEC
     flags |= _CLOEXEC
     stream = _raw_type(sock) == _STREAM
     count = 0
@@ -229,11 +248,11 @@ def recv_batch(sock: socket.socket, arena: Arena, flags: int) -> int:
                     break  # as recvmmsg: return what arrived
                 raise
             if ancdata or address is not None or msg_flags & _CTRUNC:
-                arena._store(i, nbytes, ancdata, msg_flags, address)
+                arena._store(i, nbytes, ancdata, msg_flags & keep, address)
             else:  # the common case, inline: only bytes arrived
                 # with MSG_TRUNC in flags the count is the datagram's, not ours
                 lens[i] = nbytes if nbytes <= bufsize else bufsize
-                all_flags[i] = int(msg_flags)
+                all_flags[i] = msg_flags & keep
                 all_fds[i] = []
                 addrs[i] = None
                 creds[i] = None

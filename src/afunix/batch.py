@@ -160,7 +160,9 @@ def send_many(sock: Any, messages: Iterable[Any], flags: int = 0) -> int:
     returned; an error after k > 0 messages also returns k (the kernel
     reports it again on the next call, as sendmmsg does).  On SOCK_STREAM,
     which has no message boundaries, it behaves as ``sendall`` of the
-    concatenation: all are written, or it raises.
+    concatenation: all are written, or it raises; a message with descriptors
+    or credentials goes in one sendmsg with all of its bytes, as
+    ``socket.send_fds`` sends one (see `send_with_control`).
 
     Returns:
         How many messages were sent, in order from the first.
@@ -185,6 +187,8 @@ def send_many(sock: Any, messages: Iterable[Any], flags: int = 0) -> int:
 
 def _send_messages(t: _io.Target, out: _io.Outgoing, flags: int) -> int:
     total = len(out.datas)
+    if not total:
+        return 0  # an empty batch: nothing to do, whatever the socket's mode
     send_batch = _backend.impl.send_batch
     sent = 0
     deadline = None
@@ -224,8 +228,10 @@ def _send_messages(t: _io.Target, out: _io.Outgoing, flags: int) -> int:
 
 def _send_stream(t: _io.Target, out: _io.Outgoing, flags: int) -> int:
     # A byte stream has no boundaries: a half-written message cannot be
-    # expressed as a count, so this is sendall of the concatenation.
-    # Descriptors ride on the first byte of their message.
+    # expressed as a count, so this is sendall of the concatenation.  A
+    # message with descriptors or credentials goes out as socket.send_fds
+    # sends it (see send_with_control); runs of plain messages between
+    # such messages are joined into one sendall.
     if out.addresses is not None:
         raise ValueError("a connected SOCK_STREAM socket takes no per-message address")
     if out.fds is None and out.credentials is None:
@@ -241,12 +247,68 @@ def _send_stream(t: _io.Target, out: _io.Outgoing, flags: int) -> int:
         if (fds or cred is not None) and length == 0:
             raise ValueError("on SOCK_STREAM a message carrying descriptors or credentials "
                              "needs at least one data byte")
-    for data, (fds, cred) in zip(out.datas, extras):
-        if not fds and cred is None:
-            t.sock.sendall(data, flags | _NOSIGNAL)
+    n = len(out.datas)
+    i = 0
+    while i < n:
+        fds, cred = extras[i]
+        if fds or cred is not None:
+            write_with_control(t, out.datas[i], out.lengths[i], fds, cred, flags)
+            i += 1
             continue
-        view = memoryview(data).cast("B")
-        first = _io.Outgoing([view[:1]], [1], [fds], None, None if cred is None else [cred])
-        _send_messages(t, first, flags)  # raises unless the byte went
-        t.sock.sendall(view[1:], flags | _NOSIGNAL)
-    return len(out.datas)
+        j = i + 1
+        while j < n and not extras[j][0] and extras[j][1] is None:
+            j += 1
+        t.sock.sendall(out.datas[i] if j == i + 1 else b"".join(out.datas[i:j]),
+                       flags | _NOSIGNAL)
+        i = j
+    return n
+
+
+def write_with_control(t: _io.Target, data: Any, nbytes: int, fds: tuple[int, ...],
+                       credentials: Optional[tuple[int, int, int]], flags: int) -> None:
+    """All `nbytes` of `data` on a stream: one sendmsg with the control data, then the rest as sendall."""
+    sent = _send_with_control(t, data, fds, credentials, flags)
+    if sent < nbytes:  # a short write: the rest, without the control data
+        t.sock.sendall(memoryview(data).cast("B")[sent:], flags | _NOSIGNAL)
+
+
+def send_with_control(sock: Any, data: Any, fds: tuple[int, ...],
+                      credentials: Optional[tuple[int, int, int]], flags: int = 0) -> int:
+    """One sendmsg carrying all of `data` with its descriptors and credentials; the bytes it took.
+
+    Like ``socket.send_fds`` (one ``sock.sendmsg``): on SOCK_STREAM the
+    kernel attaches the control data to the bytes of that write, so a reader
+    gets a small message whole, with its descriptors, in one recvmsg.  Only
+    a short write (a signal, a full socket) takes fewer bytes than `data`
+    holds; the caller writes the rest, without control data.  Waits as the
+    socket's blocking mode and timeout say.  Arguments are checked by the caller.
+
+    Raises:
+        BlockingIOError, TimeoutError, OSError: when nothing was sent.
+    """
+    t = _io.target(sock)
+    try:
+        return _send_with_control(t, memoryview(data).cast("B"), fds, credentials, flags)
+    finally:
+        if t.shadow:
+            t.sock.detach()
+
+
+def _send_with_control(t: _io.Target, data: Any, fds: tuple[int, ...],
+                       credentials: Optional[tuple[int, int, int]], flags: int) -> int:
+    send_message = _backend.impl.send_message
+    deadline = None
+    may_wait = t.timeout != 0.0 and not flags & _DONTWAIT
+    if t.timeout is not None:
+        deadline = _io.deadline_of(t.timeout)
+        flags |= _DONTWAIT  # waiting is done here, against the deadline
+    while True:
+        try:
+            return send_message(t.sock, data, fds, credentials, flags)
+        except InterruptedError:
+            continue  # PEP 475: handlers ran; retry
+        except BlockingIOError:
+            if not may_wait:
+                raise
+            if not _io.wait(t.fd, True, deadline):
+                raise socket.timeout("timed out") from None

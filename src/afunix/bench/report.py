@@ -43,8 +43,8 @@ def header(mode: Mode, placements: Sequence[Placement], facts: Dict[str, Any]) -
             reruns += " (while the session is under %.0f s)" % mode.rerun_budget
         reruns += ", then"
     lines = _wrap(
-        "afunix %s benchmark, %s mode: each cell is calibrated by one run, then measured %d "
-        "time%s; a row's columns run in interleaved rounds (A B C D, A B C D, ...); a figure is "
+        "afunix %s benchmark, %s mode: each cell is calibrated by 1-3 short runs, then measured "
+        "%d time%s; a row's columns run in interleaved rounds (A B C D, A B C D, ...); a figure is "
         "the median of its runs, +-(max-min)/median; %s marked noisy." % (
             facts["afunix"], mode.name, mode.runs, "" if mode.runs == 1 else "s", reruns))
     load = " ".join("%.2f" % v for v in m["loadavg"]) or "unknown"
