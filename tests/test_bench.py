@@ -426,6 +426,19 @@ def test_the_table_fits_100_columns_whatever_the_figures() -> None:
     assert max(len(line) for line in header + report.legend(_extreme_results())) <= WIDTH
 
 
+@pytest.mark.parametrize("value, text", [
+    (0.5, "0.50"), (7.53, "7.53"), (61.7, "61.7"), (999.4, "999"), (999.7, "1000"),
+    (5960.0, "5960"), (12345.0, "12.3k"), (999_600.0, "1M"), (1_094_600.0, "1.09M"),
+    (116_280_000.0, "116M"), (-2651.0, "-2651")])
+def test_figures_take_at_most_five_characters(value: float, text: str) -> None:
+    assert report.number(value) == text
+
+
+def test_spreads_take_at_most_three_characters() -> None:
+    assert [report.spread_text(s) for s in (0.0, 0.07, 0.994, 1.0, 2.4, 150.0)] == \
+        ["0%", "7%", "99%", "1x", "2x", "99x"]
+
+
 def test_the_header_warns_of_a_busy_machine() -> None:
     quiet = machine.busy_reasons([0.1, 0.1, 0.1], 2, {"busy_share": 0.02, "steal_share": 0.0})
     assert quiet == []
