@@ -1,8 +1,8 @@
 """Benchmarks (pytest-benchmark): same public call, implementations side by side.
 
 Run: python -m pytest benchmarks --benchmark-only
-At the end, each group's medians are printed as ratios to its baseline
-(the plain stdlib loop), all measured in the same run.
+At the end, each group's medians are printed as ratios to its base
+(the column "base": what Python programs use today), all measured in the same run.
 """
 from __future__ import annotations
 
@@ -30,9 +30,9 @@ def pytest_terminal_summary(terminalreporter: object) -> None:
         return
     write = terminalreporter.write_line  # type: ignore[attr-defined]
     write("")
-    write("ratios to the plain stdlib loop (median time, same run; > 1 is faster):")
+    write("ratios to the base (median time, same run; > 1 is faster):")
     for group, medians in sorted(_MEDIANS.items()):
-        base = medians.get("stdlib-loop")
+        base = medians.get("base")
         for impl, median in sorted(medians.items()):
             if base:
                 write("  %-28s %-16s %.2fx" % (group, impl, base / median))

@@ -18,20 +18,23 @@ from afunix.bench.matrix import IMPLEMENTATIONS, MATRIX, Row
 from afunix.bench.workloads import WORKLOADS, unavailable
 
 # messages per run, by workload kind; 20000 for any kind not named here
-COUNTS = {"fds": 5000, "stream": 2000, "pingpong": 2000}
+COUNTS = {"fds": 5000, "stream": 2000, "pingpong": 2000, "single-fds": 5000,
+          "chan-vs-nng": 2000, "large-stream": 16, "large-vs-pipe": 16}
 ROWS = [row for row in MATRIX if WORKLOADS[row.workload].two_process]
-NAMES = {"stdlib": "stdlib-loop", "c": "c-reference"}
+NAMES = {"c": "c-reference"}
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("row", ROWS, ids=[row.key for row in ROWS])
 def test_matrix(benchmark: object, record_median: Callable[..., None], row: Row,
                 impl: str) -> None:
+    if impl not in WORKLOADS[row.workload].columns:
+        pytest.skip("%s has no %s column" % (row.workload, impl))
     reason = unavailable(WORKLOADS[row.workload], impl)
     if reason:
         pytest.skip(reason)
     placement = (runner.placements(("two-cpus",)) or runner.placements(("one-cpu",)))[0]
-    count = COUNTS.get(WORKLOADS[row.workload].kind, 20000)
+    count = COUNTS.get(row.workload, 20000)
     results = []
 
     def run() -> None:

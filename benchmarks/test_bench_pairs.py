@@ -19,14 +19,14 @@ Pairs = List[Tuple[socket.socket, socket.socket]]
 
 
 @pytest.mark.parametrize(
-    "impl", ["stdlib-loop", "afunix-stdlib", "afunix-c", "c-reference"]
+    "impl", ["base", "afunix-stdlib", "afunix-c", "c-reference"]
 )
 def test_socketpairs(benchmark: object, record_median: Callable[..., None], impl: str) -> None:
     try:
         if impl.startswith("afunix-"):
             _backend.use(impl.split("-")[1])
         make, close_pairs = workloads.pair_maker(
-            {"stdlib-loop": "stdlib", "c-reference": "c"}.get(impl, "afunix"))
+            {"base": "stdlib", "c-reference": "c"}.get(impl, "afunix"))
     except ImportError as exc:
         pytest.skip(str(exc))
     made: List[Any] = []

@@ -15,9 +15,11 @@ its own asyncio event loop:
   ``loop.sock_recv`` once per message on the SEQPACKET pair itself.
 
 In both, the afunix columns send with ``afunix.aio.send_many`` (a batch a
-call) and receive with ``afunix.aio.recv_batch`` (no object per message),
-and the C reference column is the plain C sendmmsg/recvmmsg loop, the limit.
-This module adds itself to the tables of `afunix.bench.workloads`.
+call) and receive with ``afunix.aio.recv_batch`` (no object per message).
+The C column of ``asyncio-sock`` is the plain C sendmmsg/recvmmsg loop on
+the same SEQPACKET pair; ``asyncio`` has none (its plain C program, a stream
+of 64-byte writes, is the row ``stream 64 B x256``).  This module registers
+itself with `afunix.bench.workloads`.
 """
 from __future__ import annotations
 
@@ -29,8 +31,7 @@ from typing import Awaitable, Callable
 import afunix
 
 from .matrix import Row
-from .workloads import (RECEIVERS, SENDERS, WORKLOADS, Mismatch, Received, StreamChecker,
-                        Workload, recv_c, send_c, stream_recv_c, stream_send_c)
+from .workloads import Mismatch, Received, StreamChecker, Workload, recv_c, register, send_c
 
 _SEQ = struct.Struct("<Q")
 _LENGTH = struct.Struct("<I")
@@ -206,23 +207,18 @@ def recv_sock(sock: socket.socket, count: int, row: Row) -> Received:
 # ---- registration ----------------------------------------------------------------
 
 _NEEDS = ("aio", "RecvBatch")
+_AIO = "afunix.aio.send_many + afunix.aio.recv_batch (a batch per wake-up)"
 
-WORKLOADS.update({
-    "asyncio": Workload("asyncio", "asyncio throughput: afunix.aio vs asyncio streams",
-                        "asyncio", socket.SOCK_STREAM, "msgs/s", _NEEDS),
-    "asyncio-sock": Workload("asyncio-sock", "asyncio throughput: afunix.aio vs loop.sock_recv",
-                             "asyncio-sock", socket.SOCK_SEQPACKET, "msgs/s", _NEEDS),
-})
-
-_SIDES: dict[tuple[str, str], tuple[Callable[..., Received], Callable[..., Received]]] = {
-    ("asyncio", "stdlib"): (send_streams, recv_streams),
-    ("asyncio", "c"): (stream_send_c, stream_recv_c),
-    ("asyncio-sock", "stdlib"): (send_sock, recv_sock),
-    ("asyncio-sock", "c"): (send_c, recv_c),
-}
-for _impl in ("afunix-stdlib", "afunix-c"):
-    _SIDES[("asyncio", _impl)] = (send_aio, recv_aio_stream)
-    _SIDES[("asyncio-sock", _impl)] = (send_aio, recv_aio)
-for _key, (_send, _recv) in _SIDES.items():
-    SENDERS[_key] = _send
-    RECEIVERS[_key] = _recv
+register(Workload("asyncio", "asyncio", "messages", socket.SOCK_STREAM, "msgs/s", _NEEDS,
+                  base="asyncio streams: writer.write per length-prefixed frame, drain per"
+                       " batch; reader.readexactly",
+                  afunix=_AIO + ", SOCK_STREAM"),
+         {"base": (send_streams, recv_streams),
+          "afunix-stdlib": (send_aio, recv_aio_stream), "afunix-c": (send_aio, recv_aio_stream)})
+register(Workload("asyncio-sock", "asyncio sock", "messages", socket.SOCK_SEQPACKET, "msgs/s",
+                  _NEEDS,
+                  base="loop.sock_sendall / loop.sock_recv once per message",
+                  afunix=_AIO,
+                  c="sendmmsg / recvmmsg on the same SEQPACKET pair, blocking, no event loop"),
+         {"base": (send_sock, recv_sock), "c": (send_c, recv_c),
+          "afunix-stdlib": (send_aio, recv_aio), "afunix-c": (send_aio, recv_aio)})

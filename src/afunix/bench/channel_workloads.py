@@ -2,27 +2,26 @@
 
 Every row moves numbered messages (a little-endian uint64 sequence number
 in the first 8 bytes) one way between two processes; the receiver checks the
-count and the sum of the numbers, as everywhere in the benchmark.  The
-columns keep their meaning: the two afunix columns are the channel on each
-backend, "C reference" is framing in plain C (csrc/channel.c: 256 frames per
-write, parsed in C: the limit), and the "stdlib loop" column is what a
-Python program uses today for the same job, which the row names:
+count and the sum of the numbers, as everywhere in the benchmark.  In these
+rows the two afunix columns are the channel on each backend and the base
+column is what a Python program uses today for the same job, which the
+row's workload names:
 
-  CHAN-BATCHED   send_many / recv_many   vs a careful stdlib framed stream
+  chan-batched   send_many / recv_many   vs a careful stdlib framed stream
                  (length prefix, bytearray batches + sendall; recv_into +
                  struct.unpack_from)
-  CHAN-ZEROCOPY  send_fixed / recv_batch (no object per message)  vs the
+  chan-zerocopy  send_fixed / recv_batch (no object per message)  vs the
                  same careful framed stream
-  CHAN-SINGLE    one send / one recv call per message, SOCK_SEQPACKET  vs
+  chan-single    one send / one recv call per message, SOCK_SEQPACKET  vs
                  the stdlib SEQPACKET send/recv loop
-  CHAN-VS-ZMQ    send_many / recv_many   vs pyzmq ipc PUSH/PULL (only with
-                 pyzmq installed: pip install 'afunix[bench]')
-  CHAN-VS-PIPE   send_many / recv_many   vs multiprocessing.Pipe
-                 (send_bytes / recv_bytes)
+  large-stream   Channel.send / recv of 1 MiB and 16 MiB messages  vs a
+                 careful sendall / recv_into loop (and sendmmsg / recv in C)
 
-so the afunix/stdlib ratio of a row is the channel against that tool,
-measured in the same run.  Importing this module registers the workloads
-with workloads.py; the rows are in matrix.py.
+The channel's framing in plain C (csrc/channel.c) is a different program
+from every one of these, so it has a row of its own, ``c-framing``, with
+only the C column.  The rows against third-party tools and
+multiprocessing are in peers.py.  Importing this module registers the
+workloads with workloads.py; the rows are in matrix.py.
 """
 from __future__ import annotations
 
@@ -31,14 +30,13 @@ import os
 import socket
 import struct
 import sys
-import tempfile
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import afunix
 
 from . import workloads as _w
 from .matrix import KIB, Row
-from .workloads import Mismatch, Received, Workload
+from .workloads import Mismatch, Received, Workload, register
 
 _SEQ = struct.Struct("<Q")
 _PREFIX = struct.Struct("<I")  # the careful stdlib stream's length prefix
@@ -46,16 +44,38 @@ _LITTLE = sys.byteorder == "little"
 _CHANNEL_HEADER = 8
 
 
-def _maker(size: int) -> Callable[[int], bytes]:
+def message_maker(size: int) -> Callable[[int], bytes]:
     """A function i -> the numbered message i of `size` bytes, one C call per message."""
     return struct.Struct("<Q%dx" % (size - 8)).pack
 
 
-def _checksum(messages: List[Any], size: int) -> int:
+class Numbered:
+    """Numbered messages of one size: new bytes for small ones, one buffer renumbered for large.
+
+    A large message is not rebuilt per send (that would time the allocator):
+    the sender writes the next number into the same buffer, as a program
+    sending from its own buffer does.  Only for calls that are done with the
+    buffer when they return.
+    """
+
+    LARGE = 64 * KIB
+
+    def __init__(self, size: int) -> None:
+        self._make = message_maker(size) if size < self.LARGE else None
+        self._buf = bytearray(size if self._make is None else 0)
+
+    def __call__(self, i: int) -> Any:
+        if self._make is not None:
+            return self._make(i)
+        _SEQ.pack_into(self._buf, 0, i)
+        return self._buf
+
+
+def checksum_of(messages: List[Any], size: int) -> int:
     """The sum of the numbers of `messages`, checking each is `size` bytes; no Python loop."""
     if not messages:
         return 0
-    if min(map(len, messages)) != size or max(map(len, messages)) != size:
+    if set(map(len, messages)) != {size}:
         raise Mismatch("a message of another length than %d bytes" % size)
     total = 0
     # joined a slice at a time: a large temporary buffer would come from
@@ -80,7 +100,7 @@ def _channel(sock: socket.socket) -> Any:
 def chan_send_batched(sock: socket.socket, count: int, row: Row) -> Received:
     """Channel.send_many() of a batch of messages per call."""
     ch = _channel(sock)
-    make, send_many, batch = _maker(row.size), ch.send_many, row.batch
+    make, send_many, batch = message_maker(row.size), ch.send_many, row.batch
     for start in range(0, count, batch):
         messages = list(map(make, range(start, min(start + batch, count))))
         if send_many(messages) != len(messages):
@@ -99,7 +119,7 @@ def chan_recv_many(sock: socket.socket, count: int, row: Row) -> Received:
         if not messages:
             break
         got += len(messages)
-        total += _checksum(messages, size)
+        total += checksum_of(messages, size)
     return Received(got, total)
 
 
@@ -145,11 +165,11 @@ def chan_recv_batch(sock: socket.socket, count: int, row: Row) -> Received:
 
 
 def chan_send_single(sock: socket.socket, count: int, row: Row) -> Received:
-    """Channel.send() once per message."""
+    """Channel.send() once per message (from one renumbered buffer, when large)."""
     ch = _channel(sock)
-    make, send = _maker(row.size), ch.send
+    message, send = Numbered(row.size), ch.send
     for i in range(count):
-        send(make(i))
+        send(message(i))
     ch.close()
     return Received(count)
 
@@ -171,7 +191,7 @@ def chan_recv_single(sock: socket.socket, count: int, row: Row) -> Received:
 
 def framed_send_stdlib(sock: socket.socket, count: int, row: Row) -> Received:
     """Length-prefixed messages gathered in a bytearray, one sendall per batch."""
-    make, sendall, batch = _maker(row.size), sock.sendall, row.batch
+    make, sendall, batch = message_maker(row.size), sock.sendall, row.batch
     head = _PREFIX.pack(row.size)
     for start in range(0, count, batch):
         buf = bytearray()
@@ -206,77 +226,8 @@ def framed_recv_stdlib(sock: socket.socket, count: int, row: Row) -> Received:
             messages.append(buf[start + 4:start + 4 + length])
             start += 4 + length
         got += len(messages)
-        total += _checksum(messages, size)
+        total += checksum_of(messages, size)
     return Received(got, total)
-
-
-# ---- pyzmq ipc PUSH/PULL, multiprocessing.Pipe -----------------------------------------
-
-def _ipc_address() -> str:
-    # Both children of one run share the runner's pid; runs are sequential.
-    return "ipc://%s/afunix-bench-%d.ipc" % (tempfile.gettempdir(), os.getppid())
-
-
-def zmq_send(sock: socket.socket, count: int, row: Row) -> Received:
-    """pyzmq PUSH over ipc://, one send() per message."""
-    import zmq
-
-    ctx = zmq.Context()
-    push = ctx.socket(zmq.PUSH)
-    push.bind(_ipc_address())
-    make, send = _maker(row.size), push.send
-    for i in range(count):
-        send(make(i))
-    push.close(linger=-1)  # until the peer has everything
-    ctx.term()
-    return Received(count)
-
-
-def zmq_recv(sock: socket.socket, count: int, row: Row) -> Received:
-    """pyzmq PULL over ipc://, one recv() per message."""
-    import zmq
-
-    ctx = zmq.Context()
-    pull = ctx.socket(zmq.PULL)
-    pull.connect(_ipc_address())
-    recv, unpack, size = pull.recv, _SEQ.unpack_from, row.size
-    total = 0
-    for _ in range(count):
-        data = recv()
-        if len(data) != size:
-            raise Mismatch("a message of %d bytes, %d expected" % (len(data), size))
-        total += unpack(data)[0]
-    pull.close()
-    ctx.term()
-    return Received(count, total)
-
-
-def pipe_send(sock: socket.socket, count: int, row: Row) -> Received:
-    """multiprocessing.Pipe's Connection.send_bytes() once per message (over the runner's socketpair)."""
-    from multiprocessing.connection import Connection
-
-    conn = Connection(os.dup(sock.fileno()))
-    make, send_bytes = _maker(row.size), conn.send_bytes
-    for i in range(count):
-        send_bytes(make(i))
-    conn.close()
-    return Received(count)
-
-
-def pipe_recv(sock: socket.socket, count: int, row: Row) -> Received:
-    """multiprocessing.Pipe's Connection.recv_bytes() once per message."""
-    from multiprocessing.connection import Connection
-
-    conn = Connection(os.dup(sock.fileno()))
-    recv_bytes, unpack, size = conn.recv_bytes, _SEQ.unpack_from, row.size
-    total = 0
-    for _ in range(count):
-        data = recv_bytes()
-        if len(data) != size:
-            raise Mismatch("a message of %d bytes, %d expected" % (len(data), size))
-        total += unpack(data)[0]
-    conn.close()
-    return Received(count, total)
 
 
 # ---- plain C framing: the limit -------------------------------------------------------
@@ -303,30 +254,84 @@ def ref_recv(sock: socket.socket, count: int, row: Row) -> Received:
     return Received(int(rc), int(checksum[0]))
 
 
+# ---- large messages, one per call ------------------------------------------------------
+
+def large_send_stdlib(sock: socket.socket, count: int, row: Row) -> Received:
+    """A careful stdlib loop: sendall of a 4-byte length, then sendall of the message."""
+    message, sendall = Numbered(row.size), sock.sendall
+    head = _PREFIX.pack(row.size)
+    for i in range(count):
+        sendall(head)
+        sendall(message(i))
+    return Received(count)
+
+
+def _recv_exactly(recv_into: Callable[..., int], view: memoryview) -> bool:
+    got, n = 0, len(view)
+    while got < n:
+        k = recv_into(view[got:])
+        if not k:
+            return False
+        got += k
+    return True
+
+
+def large_recv_stdlib(sock: socket.socket, count: int, row: Row) -> Received:
+    """recv_into the length, then recv_into a preallocated buffer until the message is whole."""
+    head = bytearray(4)
+    buf = bytearray(row.size)
+    view, recv_into, unpack = memoryview(buf), sock.recv_into, _SEQ.unpack_from
+    total = 0
+    for i in range(count):
+        if not _recv_exactly(recv_into, memoryview(head)):
+            return Received(i, total)
+        (length,) = _PREFIX.unpack(head)
+        if length != row.size:
+            raise Mismatch("a message of %d bytes, %d expected" % (length, row.size))
+        if not _recv_exactly(recv_into, view):
+            return Received(i, total)
+        total += unpack(buf)[0]
+    return Received(count, total)
+
+
 # ---- registration ------------------------------------------------------------------------
 
 _NEEDS = ("Channel",)
 _STREAM, _SEQPACKET = socket.SOCK_STREAM, socket.SOCK_SEQPACKET
+_FRAMED = ("a careful stdlib framed stream: 4-byte length prefixes, a batch gathered in a"
+           " bytearray and sent with sendall; recv_into + struct.unpack_from")
+_BATCHED = "Channel.send_many / Channel.recv_many, a batch per call"
 
-# kind -> (socket type, (stdlib sender, receiver), (afunix sender, receiver))
-_SIDES: Dict[str, Tuple[int, Tuple[Callable[..., Received], Callable[..., Received]],
-                        Tuple[Callable[..., Received], Callable[..., Received]]]] = {
-    "chan-batched": (_STREAM, (framed_send_stdlib, framed_recv_stdlib),
-                     (chan_send_batched, chan_recv_many)),
-    "chan-zerocopy": (_STREAM, (framed_send_stdlib, framed_recv_stdlib),
-                      (chan_send_fixed, chan_recv_batch)),
-    "chan-single": (_SEQPACKET, (_w.send_stdlib, _w.recv_stdlib),
-                    (chan_send_single, chan_recv_single)),
-    "chan-vs-zmq": (_STREAM, (zmq_send, zmq_recv), (chan_send_batched, chan_recv_many)),
-    "chan-vs-pipe": (_STREAM, (pipe_send, pipe_recv), (chan_send_batched, chan_recv_many)),
-}
 
-for _kind, (_type, (_s_send, _s_recv), (_a_send, _a_recv)) in _SIDES.items():
-    _w.WORKLOADS[_kind] = Workload(_kind, "messaging: " + _kind, _kind, _type, "msgs/s", _NEEDS)
-    _w.SENDERS[(_kind, "stdlib")] = _s_send
-    _w.RECEIVERS[(_kind, "stdlib")] = _s_recv
-    _w.SENDERS[(_kind, "c")] = ref_send
-    _w.RECEIVERS[(_kind, "c")] = ref_recv
-    for _impl in ("afunix-stdlib", "afunix-c"):
-        _w.SENDERS[(_kind, _impl)] = _a_send
-        _w.RECEIVERS[(_kind, _impl)] = _a_recv
+def _chan(name: str, title: str, sock_type: int, base: str, afunix_text: str,
+          base_sides: Tuple[_w.Side, _w.Side], afunix_sides: Tuple[_w.Side, _w.Side],
+          unit: str = "msgs/s", c: str = "", c_sides: Optional[Tuple[_w.Side, _w.Side]] = None,
+          ) -> None:
+    sides: Dict[str, Tuple[_w.Side, Optional[_w.Side]]] = {
+        "base": base_sides, "afunix-stdlib": afunix_sides, "afunix-c": afunix_sides}
+    if c_sides is not None:
+        sides["c"] = c_sides
+    register(Workload(name, title, "messages", sock_type, unit, _NEEDS,
+                      base=base, afunix=afunix_text, c=c), sides)
+
+
+_chan("chan-batched", "CHAN/framed", _STREAM, _FRAMED, _BATCHED,
+      (framed_send_stdlib, framed_recv_stdlib), (chan_send_batched, chan_recv_many))
+_chan("chan-zerocopy", "CHAN 0-copy", _STREAM, _FRAMED,
+      "Channel.send_fixed / Channel.recv_batch (no object per message)",
+      (framed_send_stdlib, framed_recv_stdlib), (chan_send_fixed, chan_recv_batch))
+_chan("chan-single", "CHAN/1-call", _SEQPACKET, "sock.send / sock.recv once per message",
+      "Channel.send / Channel.recv once per message, on SOCK_SEQPACKET",
+      (_w.send_stdlib, _w.recv_stdlib), (chan_send_single, chan_recv_single))
+_chan("large-stream", "LARGE/stream", _STREAM,
+      "a careful stdlib loop: sendall(length), sendall(message); recv_into a preallocated"
+      " buffer until whole",
+      "Channel.send / Channel.recv once per message (inline in the stream)",
+      (large_send_stdlib, large_recv_stdlib), (chan_send_single, chan_recv_single),
+      unit="MB/s", c="sendmmsg of one message per call / recv() until whole",
+      c_sides=(_w.stream_send_c, _w.stream_recv_c))
+register(Workload("c-framing", "C framing", "messages", _STREAM, "msgs/s", (),
+                  base="", afunix="",
+                  c="the channel's framing in plain C (csrc/channel.c): 256 frames packed per"
+                    " write, parsed in C; the limit for any CHAN row"),
+         {"c": (ref_send, ref_recv)})

@@ -1,31 +1,37 @@
-"""``python -m afunix bench``: run the matrix, print the table, write JSON or a chart."""
+"""``python -m afunix bench``: run the matrix, print the table, write JSON or a chart, compare."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import sys
 import tempfile
-import time
 from typing import List, Optional
 
-from . import report
-from .matrix import IMPLEMENTATIONS, MATRIX, MODES, PLACEMENTS, Row
-from .runner import CellResult, Placement, placements, run_cell
-from .workloads import WORKLOADS, unavailable
+from . import compare, report
+from .matrix import MATRIX, MODES, PLACEMENTS, Row
+from .runner import placements
+from .session import measure
+from .workloads import WORKLOADS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Declare the bench options on `parser` (the ``bench`` subcommand)."""
     parser.add_argument("--quick", action="store_true",
-                        help="fewer, shorter runs: about 20 s instead of about 2 minutes")
+                        help="fewer rows, shorter runs: about 30 s instead of several minutes")
     parser.add_argument("--only", action="append", choices=sorted(WORKLOADS), metavar="WORKLOAD",
                         help="run only this workload (repeatable): %s" % ", ".join(WORKLOADS))
     parser.add_argument("--placement", choices=PLACEMENTS + ("both",), default="both",
                         help="sender and receiver on two CPUs, on one CPU, or both (default)")
-    parser.add_argument("--json", metavar="FILE", help="write every figure and the platform as JSON")
+    parser.add_argument("--json", metavar="FILE",
+                        help="write every run's figure, the machine, interpreter and backend as "
+                             "JSON (the schema is afunix.bench.schema)")
     parser.add_argument("--plot", metavar="FILE.png",
-                        help="draw throughput relative to the stdlib (needs matplotlib)")
+                        help="draw speed relative to each row's base (needs matplotlib)")
+    parser.add_argument("--compare", nargs="+", metavar="FILE.json",
+                        help="OLD.json: run, then print each cell's ratio against that earlier "
+                             "run; OLD.json NEW.json: compare two files without running")
     # For the tests: a tiny matrix (one run of a fixed small count per cell).
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--runs", type=int, help=argparse.SUPPRESS)
@@ -64,6 +70,20 @@ def _unwritable(path: str) -> Optional[str]:
     return None
 
 
+def _compare_files(paths: List[str]) -> int:
+    if len(paths) > 2:
+        sys.stderr.write("--compare takes OLD.json, or OLD.json NEW.json\n")
+        return 2
+    try:
+        docs = [compare.load(path) for path in paths]
+    except compare.CompareError as exc:
+        sys.stderr.write("--compare: %s\n" % exc)
+        return 2
+    if len(docs) == 2:
+        sys.stdout.write("\n".join(compare.compare(docs[0], docs[1], paths[0], paths[1])) + "\n")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark as `args` say; return the exit status."""
     # Output paths are checked before anything runs: a bad one is a line
@@ -79,6 +99,13 @@ def run(args: argparse.Namespace) -> int:
     if args.plot and not report.plot_available():
         sys.stderr.write(report.PLOT_MISSING + "\n")
         return 2
+    old = None
+    if args.compare:
+        # Read (and so check) the files before measuring anything.
+        status = _compare_files(args.compare)
+        if status or len(args.compare) == 2:
+            return status
+        old = compare.load(args.compare[0])
     mode = MODES["tiny" if args.tiny else "quick" if args.quick else "default"]
     if args.runs or args.messages:
         from dataclasses import replace
@@ -91,30 +118,19 @@ def run(args: argparse.Namespace) -> int:
                          % (args.placement, len(placements(("one-cpu",)))))
         return 2
     _raise_fd_limit()
-    plan: List[tuple[Row, str, Placement]] = []
-    for row in _rows(args.only, args.quick):
-        for p in (where if WORKLOADS[row.workload].two_process else where[:1]):
-            for impl in IMPLEMENTATIONS:
-                plan.append((row, impl, p))
-    started = time.monotonic()
-    cells: List[CellResult] = []
-    for done, (row, impl, p) in enumerate(plan, 1):
-        reason = unavailable(WORKLOADS[row.workload], impl)
-        if reason is not None:
-            name = p.name if WORKLOADS[row.workload].two_process else "-"
-            cell = CellResult(row, impl, name, "n/a", reason)
-        else:
-            cell = run_cell(row, impl, p, mode)
-        cells.append(cell)
-        report.progress(done, len(plan), cell)
-    out = report.header(mode, where) + [""] + report.table(cells)
-    out.append("")
-    out.append("(%d cells in %.0f s; afunix/stdlib and afunix/C compare afunix[c], "
-               "> 1 means afunix is faster)" % (len(cells), time.monotonic() - started))
+    facts = report.facts()
+    results = measure(_rows(args.only, args.quick), where, mode, report.progress)
+    out = report.header(mode, where, facts) + [""] + report.table(results)
+    out += [""] + report.legend(results) + [""] + report.footer(results)
     sys.stdout.write("\n".join(out) + "\n")
+    text = report.to_json(results, mode, where, facts, sys.argv)
     if args.json:
         with open(args.json, "w") as f:
-            f.write(report.to_json(cells, mode, where))
+            f.write(text)
     if args.plot:
-        report.plot(cells, args.plot)
-    return 1 if any(c.status == "FAILED" for c in cells) else 0
+        report.plot(results, args.plot, facts)
+    if old is not None:
+        new = json.loads(text)
+        lines = compare.compare(old, new, args.compare[0])
+        sys.stdout.write("\n" + "\n".join(lines) + "\n")
+    return 1 if any(c.status == "FAILED" for c in results.cells) else 0

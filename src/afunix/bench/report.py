@@ -1,184 +1,292 @@
-"""What the benchmark prints and writes: the machine, the table, JSON and a chart."""
+"""What the benchmark prints and writes: the header, the table, what each column measured, JSON, a chart.
+
+The table fits 100 columns: a row label (workload, size, batch), the
+placement, the unit, the four columns and two ratios; a noisy row gets a
+second line saying so.  Under the table every workload present is spelled
+out column by column, so that no figure stands without what it measured.
+"""
 from __future__ import annotations
 
+import datetime
 import json
-import os
-import platform
 import sys
+import textwrap
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .. import _backend
-from .._version import __version__
-from .matrix import IMPLEMENTATIONS, KIB, LABELS, Mode, Row
-from .runner import CellResult, Placement, allowed_cpus, median_and_spread
-from .workloads import WORKLOADS
+from . import machine as _machine
+from . import schema
+from .matrix import IMPLEMENTATIONS, KIB, LABELS, MIB, Mode, Row
+from .runner import CellResult, Placement, median_and_spread
+from .session import Results, RowResult
+from .workloads import WORKLOADS, Workload
+
+WIDTH = 100
+#: label, placement, unit, four cells, two ratios
+COLUMN_WIDTHS = (22, 3, 6, 10, 10, 10, 10, 7, 7)
+_SHORT_UNITS = {"pairs/s": "pair/s", "msgs/s": "msg/s"}
+_CPUS = {"two-cpus": "2", "one-cpu": "1", "-": "-"}
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+# ---- the header ----------------------------------------------------------------------
+
+def _wrap(text: str) -> List[str]:
+    return textwrap.wrap(text, WIDTH, subsequent_indent="  ", break_on_hyphens=False)
 
 
-def machine() -> Dict[str, Any]:
-    """The platform the figures belong to."""
-    return {
-        "afunix": __version__,
-        "backend": _backend.name,
-        "c_core": "loaded" if _backend.c_core_error is None and _backend.name == "c"
-        else (_backend.c_core_error or "not active"),
-        "python": "%s %s" % (platform.python_implementation(), platform.python_version()),
-        "system": platform.system(),
-        "kernel": platform.release(),
-        "arch": platform.machine(),
-        "cpus": os.cpu_count(),
-        "cpus_allowed": allowed_cpus(),
-        "cpu_model": _cpu_model(),
-        # Other work on the machine shows as spread: worth seeing next to it.
-        "loadavg": list(os.getloadavg()),
-    }
-
-
-def header(mode: Mode, placements: Sequence[Placement]) -> List[str]:
-    """The lines above the table: the machine, the method, the placements."""
-    m = machine()
-    lines = [
-        "afunix %s benchmark (%s: warm-up, then %d run%s per cell; median, +-spread = "
-        "(max-min)/median)" % (m["afunix"], mode.name, mode.runs, "" if mode.runs == 1 else "s"),
-        "machine: %s %s %s, %s CPUs (%s), load %.1f, %s; active backend: %s" % (
-            m["system"], m["kernel"], m["arch"], m["cpus"], m["cpu_model"], m["loadavg"][0],
-            m["python"], m["backend"]),
-    ]
-    for p in placements:
-        lines.append("placement " + p.describe())
+def header(mode: Mode, placements: Sequence[Placement], facts: Dict[str, Any]) -> List[str]:
+    """The lines above the table: method, machine, interpreter, placements, columns, warnings."""
+    m, interp, backend = facts["machine"], facts["interpreter"], facts["backend"]
+    reruns = "a row spreading over %.0f%% is " % (100 * mode.noise_limit)
+    if mode.reruns:
+        reruns += "re-run up to %d times" % mode.reruns
+        if mode.rerun_budget is not None:
+            reruns += " (while the session is under %.0f s)" % mode.rerun_budget
+        reruns += ", then"
+    lines = _wrap(
+        "afunix %s benchmark, %s mode: each cell is calibrated by 1-3 short runs, then measured "
+        "%d time%s; a row's columns run in interleaved rounds (A B C D, A B C D, ...); a figure is "
+        "the median of its runs, +-(max-min)/median; %s marked noisy." % (
+            facts["afunix"], mode.name, mode.runs, "" if mode.runs == 1 else "s", reruns))
+    load = " ".join("%.2f" % v for v in m["loadavg"]) or "unknown"
+    lines += _wrap("machine: %s %s %s, %s CPUs (%s), load average %s at the start" % (
+        m["system"], m["kernel"], m["arch"], m["cpus"], m["cpu_model"], load))
+    lines += _wrap("interpreter: %s %s%s; active backend: %s (C core: %s)" % (
+        interp["implementation"], interp["version"],
+        ", cffi %s" % interp["cffi"] if interp.get("cffi") else "",
+        backend["active"], backend["c_core"]))
+    where = "; ".join("cpu %s = %s" % (_CPUS[p.name], p.describe().split(": ", 1)[1])
+                      for p in placements)
+    lines += _wrap("placement: %s; cpu - = one process. A peer's own threads (pyzmq's I/O "
+                   "thread, nng's, a Queue's feeder) run on its process's CPU." % where)
+    lines += _wrap("columns: base = what Python programs use today for the row's job; "
+                   "af[stdlib], af[c] = afunix on its stdlib and C backends; C = the same "
+                   "operation in plain C (same socket type, batch and placement), empty where "
+                   "there is none; af/base, af/C = af[c] against them, > 1 means afunix is "
+                   "faster (times inverted). Each row's columns are spelled out under the table.")
+    if m.get("busy"):
+        lines += _wrap("WARNING: the machine was busy at the start (%s): expect spread and "
+                       "noisy rows; measure again on a quiet machine before quoting figures."
+                       % "; ".join(m["busy"]))
     return lines
 
 
+# ---- the table ----------------------------------------------------------------------
+
 def _size(row: Row) -> str:
     if WORKLOADS[row.workload].kind == "pairs":
-        return "-"
-    if row.size >= KIB and row.size % KIB == 0:
-        return "%d KiB" % (row.size // KIB)
+        return ""
+    for unit, name in ((MIB, "MiB"), (KIB, "KiB")):
+        if row.size >= unit and row.size % unit == 0:
+            return "%d %s" % (row.size // unit, name)
     return "%d B" % row.size
 
 
-def _title(row: Row, p99: bool = False) -> str:
+def label(row: Row, metric: str = "") -> str:
+    """The row's name in the table and the chart: workload, size, batch (and p50/p99)."""
     w = WORKLOADS[row.workload]
-    if w.kind == "fds":
-        return "fds %d/msg" % row.nfds
-    if w.kind == "pingpong":
-        return "ping-pong p99" if p99 else "ping-pong p50"
-    return {"pairs": "socketpairs", "stream": "STREAM"}.get(w.kind, w.name.upper())
+    title = "fds %d/msg" % row.nfds if w.name == "fds" else w.title
+    if metric:
+        title += " " + metric
+    words = [title, _size(row)]
+    if row.batch > 1:
+        words.append("x%d" % row.batch)
+    return " ".join(word for word in words if word)
 
 
-def _number(value: float) -> str:
-    if value >= 1e6:
-        return "%.2fM" % (value / 1e6)
-    if value >= 1e4:
-        return "%.0fk" % (value / 1e3)
-    if value >= 100:
-        return "%.0f" % value
-    return "%.1f" % value
+def number(value: float) -> str:
+    """A figure in at most 5 characters: 3 significant digits and a k/M/G suffix."""
+    sign, value = ("-", -value) if value < 0 else ("", value)
+    if value < 1000:
+        text = "%.3g" % value if value >= 1 else "%.2f" % value
+        if "e" not in text:
+            return sign + text
+    if value < 10000:
+        return sign + "%.0f" % value
+    for scale, suffix in ((1e3, "k"), (1e6, "M"), (1e9, "G")):
+        scaled = value / scale
+        text = "%.3g" % scaled
+        if scaled < 999.5 and "e" not in text:
+            return sign + text + suffix
+    return sign + "%.3gT" % (value / 1e12)
 
 
-def _cell_text(cell: Optional[CellResult], p99: bool) -> str:
-    if cell is None or cell.status == "n/a":
+def spread_text(spread: float) -> str:
+    """A spread in at most 3 characters: "7%", "45%"; from 100% on as a multiple, "2x"."""
+    if spread < 0.995:
+        return "%d%%" % round(100 * spread)
+    return "%dx" % min(99, round(spread))
+
+
+def _figure(values: Sequence[float]) -> str:
+    med, spread = median_and_spread(values)
+    text = "%s +-%s" % (number(med), spread_text(spread))
+    return text if len(text) <= 10 else text.replace(" ", "")
+
+
+def _cell_text(cell: Optional[CellResult], metric: str) -> str:
+    if cell is None:
+        return ""
+    if cell.status == "n/a":
         return "n/a"
     if cell.status != "ok":
         return "FAILED"
-    values = cell.p99s if p99 else cell.values
-    med, spread = median_and_spread(values)
-    return "%s +-%.0f%%" % (_number(med), 100 * spread)
+    values = cell.p99s if metric == "p99" else cell.values
+    return _figure(values) if values else "-"
 
 
-def _ratio(num: Optional[CellResult], den: Optional[CellResult], lower_is_better: bool,
-           p99: bool) -> str:
-    if num is None or den is None or num.status != "ok" or den.status != "ok":
+def _median(cell: Optional[CellResult], metric: str) -> Optional[float]:
+    if cell is None or cell.status != "ok":
+        return None
+    values = cell.p99s if metric == "p99" else cell.values
+    return median_and_spread(values)[0] if values else None
+
+
+def ratio(num: Optional[float], den: Optional[float], lower_is_better: bool) -> str:
+    """num against den as 'N.NNx', > 1 when num is better; '-' when either is missing."""
+    if not num or not den:
         return "-"
-    a = median_and_spread(num.p99s if p99 else num.values)[0]
-    b = median_and_spread(den.p99s if p99 else den.values)[0]
-    if not a or not b:
-        return "-"
-    return "%.2fx" % (b / a if lower_is_better else a / b)
+    r = den / num if lower_is_better else num / den
+    return "%.2fx" % r if r < 10 else "%.1fx" % r if r < 100 else "%.0fx" % r
 
 
-Key = Tuple[Row, str]
+def _line(fields: Sequence[str]) -> str:
+    out = [fields[0].ljust(COLUMN_WIDTHS[0])]
+    for i, text in enumerate(fields[1:], 1):
+        out.append(text.rjust(COLUMN_WIDTHS[i]))
+    return (out[0] + " " + out[1] + "".join("  " + f for f in out[2:])).rstrip()
 
 
-def group(cells: Sequence[CellResult]) -> List[Tuple[Key, Dict[str, CellResult]]]:
-    """Cells by (row, placement), in the order they ran."""
-    groups: Dict[Key, Dict[str, CellResult]] = {}
-    for cell in cells:
-        groups.setdefault((cell.row, cell.placement), {})[cell.impl] = cell
-    return list(groups.items())
+def _metrics(workload: Workload) -> Tuple[str, ...]:
+    return ("p50", "p99") if workload.kind == "pingpong" else ("",)
 
 
-def table(cells: Sequence[CellResult]) -> List[str]:
-    """The results table, then a note for every n/a and FAILED cell."""
-    heads = ["workload", "size", "batch", "placement", "unit"] + [
-        LABELS[i] for i in IMPLEMENTATIONS] + ["afunix/stdlib", "afunix/C"]
-    rows: List[List[str]] = []
+def table(results: Results) -> List[str]:
+    """The results table (at most 100 columns), then a note per n/a, FAILED and skipped row."""
+    heads = ["row", "cpu", "unit", *[LABELS[i] for i in IMPLEMENTATIONS], "af/base", "af/C"]
+    lines = [_line(heads)]
     notes: List[str] = []
-    for (row, placement), by_impl in group(cells):
-        w = WORKLOADS[row.workload]
-        latency = w.unit == "us"
-        for p99 in ((False, True) if latency else (False,)):
-            afunix_cell = by_impl.get("afunix-c")
-            rows.append([
-                _title(row, p99), _size(row), str(row.batch), placement, w.unit,
-                *[_cell_text(by_impl.get(i), p99) for i in IMPLEMENTATIONS],
-                _ratio(afunix_cell, by_impl.get("stdlib"), latency, p99),
-                _ratio(afunix_cell, by_impl.get("c"), latency, p99),
-            ])
+    for result in results.rows:
+        w = WORKLOADS[result.row.workload]
+        cells = result.cells
+        for metric in _metrics(w):
+            mine = _median(cells.get("afunix-c"), metric)
+            lines.append(_line([
+                label(result.row, metric), _CPUS[result.placement_name],
+                _SHORT_UNITS.get(w.unit, w.unit),
+                *[_cell_text(cells.get(i), metric) for i in IMPLEMENTATIONS],
+                ratio(mine, _median(cells.get("base"), metric), w.lower_is_better),
+                ratio(mine, _median(cells.get("c"), metric), w.lower_is_better),
+            ]))
+        if result.noisy:
+            lines.append("  ^ noisy: a column spread %.0f%% (limit %.0f%%) after %d measurement%s"
+                         % (100 * result.spread, 100 * results.noise_limit, result.attempts,
+                            "" if result.attempts == 1 else "s"))
         for impl in IMPLEMENTATIONS:
-            cell = by_impl.get(impl)
+            cell = cells.get(impl)
             if cell is not None and cell.status == "FAILED":
-                notes.append("FAILED %s %s %s %s: %s" % (
-                    _title(row), _size(row), placement, LABELS[impl], cell.note))
+                notes += _wrap("FAILED %s cpu %s %s: %s" % (
+                    label(result.row), _CPUS[result.placement_name], LABELS[impl], cell.note))
             elif cell is not None and cell.status == "n/a":
                 note = "n/a %s: %s" % (LABELS[impl], cell.note)
                 if note not in notes:
                     notes.append(note)
-    widths = [max(len(r[i]) for r in rows + [heads]) for i in range(len(heads))]
-    left = 2  # workload and size read better left-aligned
-    lines = []
-    for r in [heads] + rows:
-        lines.append("  ".join(
-            c.ljust(widths[i]) if i < left else c.rjust(widths[i]) for i, c in enumerate(r)
-        ).rstrip())
-    return lines + [""] + notes if notes else lines
+    notes += results.skipped
+    return lines + ([""] + notes if notes else [])
 
 
-def to_json(cells: Sequence[CellResult], mode: Mode, placements: Sequence[Placement]) -> str:
-    """Every figure, with the platform, as JSON."""
-    return json.dumps({
-        "platform": machine(),
-        "mode": {"name": mode.name, "runs": mode.runs, "target_seconds": mode.target_seconds},
+def legend(results: Results) -> List[str]:
+    """What each column of each workload in `results` measured, in words."""
+    lines = ["What each row's columns ran (af = afunix, on either backend):"]
+    seen: Dict[Tuple[str, str, str], List[str]] = {}
+    for result in results.rows:
+        w = WORKLOADS[result.row.workload]
+        title = "fds" if w.name == "fds" else w.title
+        names = seen.setdefault((w.base, w.afunix, w.c), [])
+        if title not in names:
+            names.append(title)
+    for (base, afunix_text, c), titles in seen.items():
+        parts = ["base: " + base if base else "no base",
+                 "af: " + afunix_text if afunix_text else "no af",
+                 "C: " + c if c else "no C"]
+        lines += textwrap.wrap("%s -- %s." % (", ".join(titles), "; ".join(parts)), WIDTH,
+                               initial_indent="- ", subsequent_indent="    ",
+                               break_on_hyphens=False)
+    return lines
+
+
+def footer(results: Results) -> List[str]:
+    """The last lines: what the session did, in how long."""
+    noisy = sum(r.noisy for r in results.rows)
+    text = "(%d rows, %d cells in %.0f s; %d re-run%s; %d row%s noisy" % (
+        len(results.rows), len(results.cells), results.elapsed, results.reruns,
+        "" if results.reruns == 1 else "s", noisy, "" if noisy == 1 else "s")
+    if results.not_rerun:
+        text += "; %d noisy row%s not re-run: the time budget was spent" % (
+            results.not_rerun, "" if results.not_rerun == 1 else "s")
+    return _wrap(text + ")")
+
+
+# ---- JSON -------------------------------------------------------------------------------
+
+def facts() -> Dict[str, Any]:
+    """The machine, interpreter and backend, read once at the start of a session."""
+    return {"afunix": _machine.afunix_version(), "machine": _machine.machine(),
+            "interpreter": _machine.interpreter(), "backend": _machine.backend()}
+
+
+def _cell_json(cell: CellResult) -> Dict[str, Any]:
+    w = WORKLOADS[cell.row.workload]
+    ok = cell.status == "ok" and bool(cell.values)
+    return {
+        "key": cell.row.key,
+        "workload": cell.row.workload,
+        "size": cell.row.size,
+        "batch": cell.row.batch,
+        "nfds": cell.row.nfds,
+        "placement": cell.placement,
+        "implementation": cell.impl,
+        "measures": {"base": w.base, "c": w.c}.get(cell.impl, w.afunix),
+        "status": cell.status,
+        "note": cell.note,
+        "unit": w.unit,
+        "lower_is_better": w.lower_is_better,
+        "count_per_run": cell.count,
+        "runs": cell.values,
+        "p99_runs": cell.p99s,
+        "median": cell.median if ok else None,
+        "spread": cell.spread if ok else None,
+        "min": min(cell.values) if ok else None,
+        "max": max(cell.values) if ok else None,
+        "noisy": cell.noisy,
+        "attempts": [{"runs": runs, "p99_runs": p99s} for runs, p99s in cell.attempts],
+    }
+
+
+def to_json(results: Results, mode: Mode, placements: Sequence[Placement],
+            session_facts: Dict[str, Any], command: Sequence[str] = ()) -> str:
+    """Every figure, with the machine, interpreter and backend, as JSON (schema.SCHEMA)."""
+    doc = {
+        "schema": schema.NAME,
+        "version": schema.VERSION,
+        "afunix": session_facts["afunix"],
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": list(command),
+        "machine": session_facts["machine"],
+        "interpreter": session_facts["interpreter"],
+        "backend": session_facts["backend"],
+        "mode": {"name": mode.name, "runs": mode.runs, "target_seconds": mode.target_seconds,
+                 "noise_limit": mode.noise_limit, "reruns": mode.reruns},
         "placements": [p.__dict__ for p in placements],
-        "cells": [{
-            "key": c.row.key,
-            "workload": c.row.workload,
-            "size": c.row.size,
-            "batch": c.row.batch,
-            "nfds": c.row.nfds,
-            "implementation": c.impl,
-            "placement": c.placement,
-            "status": c.status,
-            "note": c.note,
-            "unit": WORKLOADS[c.row.workload].unit,
-            "count_per_run": c.count,
-            "runs": c.values,
-            "p99_runs": c.p99s,
-            "median": c.median if c.values else None,
-            "spread": c.spread if c.values else None,
-        } for c in cells],
-    }, indent=2) + "\n"
+        "rows": [{"key": r.row.key, "placement": r.placement_name, "noisy": r.noisy,
+                  "attempts": r.attempts, "spread": r.spread} for r in results.rows],
+        "skipped": results.skipped,
+        "elapsed_seconds": results.elapsed,
+        "cells": [_cell_json(c) for c in results.cells],
+    }
+    return json.dumps(doc, indent=2) + "\n"
 
+
+# ---- the chart ----------------------------------------------------------------------------
 
 PLOT_MISSING = ("--plot needs matplotlib, which is not installed: "
                 "pip install 'afunix[plot]' (or pip install matplotlib)")
@@ -193,62 +301,107 @@ def plot_available() -> bool:
     return True
 
 
-def plot(cells: Sequence[CellResult], path: str) -> None:
-    """Draw each implementation's throughput relative to the stdlib loop as bars."""
+Group = Tuple[str, Dict[str, Tuple[float, float, float]]]
+
+
+def plot_groups(results: Results) -> List[Group]:
+    """(label, impl -> (median, min, max) relative to the base median) per row with a base.
+
+    Relative figures are "times the base's speed": times (latency) are
+    inverted, so everywhere higher is better.
+    """
+    groups: List[Group] = []
+    for result in results.rows:
+        w = WORKLOADS[result.row.workload]
+        for metric in _metrics(w):
+            base = _median(result.cells.get("base"), metric)
+            if not base:
+                continue
+            bars: Dict[str, Tuple[float, float, float]] = {}
+            for impl in IMPLEMENTATIONS:
+                cell = result.cells.get(impl)
+                values = (cell.p99s if metric == "p99" else cell.values) if cell else []
+                if cell is None or cell.status != "ok" or not values:
+                    continue
+                rel = sorted((base / v if w.lower_is_better else v / base) for v in values
+                             if v > 0)
+                if rel:
+                    med = median_and_spread(rel)[0]
+                    bars[impl] = (med, rel[0], rel[-1])
+            cpus = {"two-cpus": "2 CPUs", "one-cpu": "1 CPU"}.get(result.placement_name,
+                                                                     "1 process")
+            text = "%s\n%s%s" % (label(result.row, metric), cpus,
+                                 " (noisy)" if result.noisy else "")
+            groups.append((text, bars))
+    return groups
+
+
+#: Groups per panel of the chart: more are drawn as further panels, below.
+PANEL_GROUPS = 14
+
+
+def plot(results: Results, path: str, session_facts: Dict[str, Any]) -> None:
+    """Draw each column's speed relative to its row's base, with min-max error bars."""
     import matplotlib
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
-
-    labels: List[str] = []
-    series: Dict[str, List[float]] = {i: [] for i in IMPLEMENTATIONS}
-    for (row, placement), by_impl in group(cells):
-        base = by_impl.get("stdlib")
-        if base is None or base.status != "ok":
-            continue
-        latency = WORKLOADS[row.workload].unit == "us"
-        words = [_title(row).replace(" p50", ""), _size(row), "\n" + placement]
-        labels.append(" ".join(w for w in words if w.strip() != "-"))
-        for impl in IMPLEMENTATIONS:
-            cell = by_impl.get(impl)
-            if cell is None or cell.status != "ok" or not cell.median:
-                series[impl].append(0.0)
-            else:
-                # Latency is inverted so that, everywhere, higher is better.
-                series[impl].append(base.median / cell.median if latency
-                                    else cell.median / base.median)
     from matplotlib.ticker import FuncFormatter, LogLocator
 
-    fig, ax = plt.subplots(figsize=(max(9.0, 0.8 * len(labels)), 6.0))
+    groups = plot_groups(results)
+    panels = [groups[i:i + PANEL_GROUPS] for i in range(0, len(groups), PANEL_GROUPS)] or [[]]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(14.0, 1.0 + 4.2 * len(panels)),
+                             squeeze=False)
     width = 0.8 / len(IMPLEMENTATIONS)
-    for k, impl in enumerate(IMPLEMENTATIONS):
-        xs = [i + (k - (len(IMPLEMENTATIONS) - 1) / 2) * width for i in range(len(labels))]
-        ax.bar(xs, series[impl], width, label=LABELS[impl])
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_yscale("log")
-    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(0.1, 0.2, 0.5, 1.0)))
-    ax.yaxis.set_minor_locator(LogLocator(base=10, subs=()))
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _pos: "%gx" % y))
-    ax.set_xticks(range(len(labels)))
-    ax.set_xticklabels(labels, fontsize=7, rotation=45, ha="right")
-    ax.set_ylabel("throughput relative to the stdlib loop (log; latency inverted)")
-    m = machine()
-    ax.set_title("afunix %s on %s %s, %s CPUs, %s" % (
-        m["afunix"], m["system"], m["kernel"], m["cpus"], m["python"]), fontsize=10)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    for panel, ax in zip(panels, axes[:, 0]):
+        for k, impl in enumerate(IMPLEMENTATIONS):
+            xs, meds, lows, highs = [], [], [], []
+            for i, (_, bars) in enumerate(panel):
+                if impl in bars:
+                    med, lo, hi = bars[impl]
+                    xs.append(i + (k - (len(IMPLEMENTATIONS) - 1) / 2) * width)
+                    meds.append(med)
+                    lows.append(med - lo)
+                    highs.append(hi - med)
+            ax.bar(xs, meds, width, yerr=[lows, highs], capsize=2, label=LABELS[impl],
+                   color="C%d" % k, error_kw={"elinewidth": 0.8, "ecolor": "black"})
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=30))
+        ax.yaxis.set_minor_locator(LogLocator(base=10, subs=(), numticks=30))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _pos: "%gx" % y))
+        ax.set_xticks(range(len(panel)))
+        ax.set_xticklabels([text.replace(" ", "\n", 1) if "\n" in text else text
+                            for text, _ in panel], fontsize=7)
+        ax.set_xlim(-0.6, PANEL_GROUPS - 0.4)
+        ax.set_ylabel("x the base (log)", fontsize=8)
+        ax.grid(axis="y", linewidth=0.3)
+    handles, names = axes[0, 0].get_legend_handles_labels()
+    interp, m = session_facts["interpreter"], session_facts["machine"]
+    fig.suptitle("afunix %s, %s %s, %s %s, %s CPUs: each column's speed relative to its row's "
+                 "base (latency p50/p99: base time / time)\nbar: median of the runs; whiskers: "
+                 "slowest to fastest run; rows without a base column are in the table only" % (
+                     session_facts["afunix"], interp["implementation"], interp["version"],
+                     m["system"], m["kernel"], m["cpus"]), fontsize=9)
+    top = 1 - 0.75 / (1.0 + 4.2 * len(panels))
+    fig.legend(handles, names, loc="upper center", ncol=len(IMPLEMENTATIONS), fontsize=8,
+               bbox_to_anchor=(0.5, top), frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, top - 0.25 / (1.0 + 4.2 * len(panels))))
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def progress(done: int, total: int, cell: CellResult) -> None:
-    """One line on stderr per finished cell (overwritten in place on a terminal)."""
-    text = _cell_text(cell, False) if cell.status == "ok" else cell.status
-    line = "[%*d/%d] %s %s %s %s: %s" % (
-        len(str(total)), done, total, _title(cell.row).replace(" p50", ""), _size(cell.row),
-        cell.placement, LABELS[cell.impl], text)
+# ---- progress ------------------------------------------------------------------------------
+
+def progress(done: int, total: int, result: RowResult, what: str) -> None:
+    """One line on stderr per measured row (overwritten in place on a terminal)."""
+    figures = " | ".join("%s %s" % (LABELS[impl], _cell_text(cell, "p50" if
+                                    WORKLOADS[result.row.workload].kind == "pingpong" else ""))
+                         for impl, cell in result.cells.items())
+    line = "[%*d/%d]%s %s cpu %s: %s" % (
+        len(str(total)), done, total, " " + what if what else "", label(result.row),
+        _CPUS[result.placement_name], figures)
     if sys.stderr.isatty():
-        end = "\n" if done == total else ""
-        sys.stderr.write("\r\x1b[K" + line + end)
+        sys.stderr.write("\r\x1b[K" + line[:WIDTH] + ("\n" if done == total else ""))
     else:
         sys.stderr.write(line + "\n")
     sys.stderr.flush()

@@ -15,13 +15,16 @@ import socket
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from .matrix import MAX_COUNT, MIN_COUNT, Mode, Row
-from .workloads import RECEIVERS, SENDERS, WORKLOADS, Received, expected
+from .matrix import MAX_COUNT, Mode, Row, fixed_count, min_count, warmup_count
+from .workloads import (RECEIVERS, SENDERS, SETUPS, SHARED, WORKLOADS, Received, Setup, Side,
+                        expected)
 
 #: A run that has not finished by then is killed and reported as FAILED.
 RUN_TIMEOUT = 60.0
+#: Both sides must be ready (a peer's handshake done) by then.
+SETUP_TIMEOUT = 30.0
 
 
 class RunFailed(Exception):
@@ -70,27 +73,36 @@ class RunResult:
     count: int
     elapsed: float
     samples: List[int] = field(default_factory=list)
+    value: Optional[float] = None  # a figure the workload computed itself
 
 
 # ---- the two children -----------------------------------------------------------
 
-def _child(side: Callable[..., Received], sock: Optional[socket.socket], count: int,
-           row: Row, backend: Optional[str], cpu: int, ready_w: int, go_r: int,
+def _child(side: Side, setup: Optional[Setup], sock: Optional[socket.socket], shared: Any,
+           count: int, row: Row, backend: Optional[str], cpu: int, ready_w: int, go_r: int,
            result_w: int) -> None:
     # Ctrl-C in the terminal reaches the children too: let it end them at
     # once instead of raising inside a half-sent batch.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     try:
+        # Pinned first: threads a peer starts in its setup (pyzmq's I/O
+        # thread, nng's workers, a Queue's feeder) inherit this CPU.
         if hasattr(os, "sched_setaffinity"):  # Linux; elsewhere the scheduler places
             os.sched_setaffinity(0, {cpu})
         if backend is not None:
             from .. import _backend
             _backend.use(backend)
+        # A peer's handshake happens here, before the clock starts.
+        state: Any = sock if setup is None else setup(sock, row, shared)
         os.write(ready_w, b"r")
         os.read(go_r, 1)
         t0 = time.perf_counter()
-        got = side(sock, count, row)
+        got = side(state, count, row)
         t1 = time.perf_counter()
+        # A peer's teardown (waiting for "done", closing) is not timed.
+        finish = getattr(state, "finish", None)
+        if finish is not None:
+            finish()
         payload: object = ("ok", got, t0, t1)
     except BaseException as exc:  # reported, never raised across the fork
         payload = ("error", "%s: %s" % (type(exc).__name__, exc), 0.0, 0.0)
@@ -125,16 +137,32 @@ def _read_results(fds: Dict[int, bytearray], deadline: float) -> None:
                 open_fds.remove(fd)
 
 
-def _wait_ready(fd: int, n: int, deadline: float) -> None:
+def _wait_ready(fd: int, n: int, results: Dict[int, bytearray], deadline: float) -> None:
+    # A child whose setup failed reports on its result pipe instead of saying
+    # ready: stop waiting at once and fail the run with its reason.
     got = 0
     while got < n:
         left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            raise RunFailed("a process did not start")
+        readable = select.select([fd, *results], [], [], max(left, 0))[0] if left > 0 else []
+        if not readable:
+            raise RunFailed("a process did not start within %.0f s" % SETUP_TIMEOUT)
+        if fd not in readable:
+            for early in readable:  # its report is short and complete once it exits
+                _read_results({early: results[early]}, deadline)
+            raise RunFailed(_first_error(results) or "a process ended before it started")
         chunk = os.read(fd, n - got)
         if not chunk:
             raise RunFailed("a process ended before it started")
         got += len(chunk)
+
+
+def _first_error(results: Dict[int, bytearray]) -> Optional[str]:
+    for data in results.values():
+        if data:
+            status, got, _, _ = pickle.loads(bytes(data))
+            if status != "ok":
+                return str(got)
+    return None
 
 
 def _backend_of(impl: str) -> Optional[str]:
@@ -144,34 +172,40 @@ def _backend_of(impl: str) -> Optional[str]:
 def run_once(row: Row, impl: str, placement: Placement, count: int) -> RunResult:
     """Run `count` messages of `row` with `impl` once; RunFailed unless verified."""
     workload = WORKLOADS[row.workload]
-    key = (workload.kind, impl)
+    key = (row.workload, impl)
     backend = _backend_of(impl)
+    send_setup, recv_setup = SETUPS.get(key, (None, None))
     a: Optional[socket.socket] = None
     b: Optional[socket.socket] = None
-    sides: List[Tuple[Callable[..., Received], Optional[socket.socket], int]]
+    sides: List[Tuple[Side, Optional[Setup], Optional[socket.socket], int]]
     if workload.two_process:
         a, b = socket.socketpair(socket.AF_UNIX, workload.sock_type)
-        sides = [(SENDERS[key], a, placement.sender_cpu),
-                 (RECEIVERS[key], b, placement.receiver_cpu)]
+        sides = [(SENDERS[key], send_setup, a, placement.sender_cpu),
+                 (RECEIVERS[key], recv_setup, b, placement.receiver_cpu)]
     else:
-        sides = [(SENDERS[key], None, placement.sender_cpu)]
+        sides = [(SENDERS[key], None, None, placement.sender_cpu)]
+    shared, close_shared = SHARED[key](row) if key in SHARED else (None, None)
     ready_r, ready_w = os.pipe()
     go_r, go_w = os.pipe()
     pids: List[int] = []
     results: Dict[int, bytearray] = {}
     pipes: List[int] = []
     try:
-        for side, sock, cpu in sides:
+        for side, setup, sock, cpu in sides:
             result_r, result_w = os.pipe()
 
-            def target(side: Callable[..., Received] = side, sock: Optional[socket.socket] = sock,
-                       cpu: int = cpu, result_w: int = result_w) -> None:
+            def target(side: Side = side, setup: Optional[Setup] = setup,
+                       sock: Optional[socket.socket] = sock, cpu: int = cpu,
+                       result_w: int = result_w) -> None:
                 # Each child keeps only its own end: the peer's end closed,
                 # so a dead peer reads as end-of-stream, not a hang.
                 for other in (a, b):
                     if other is not None and other is not sock:
                         other.close()
-                _child(side, sock, count, row, backend, cpu, ready_w, go_r, result_w)
+                for fd in pipes:  # the other child's result pipe: not ours to hold
+                    os.close(fd)
+                _child(side, setup, sock, shared, count, row, backend, cpu, ready_w, go_r,
+                       result_w)
 
             pids.append(_spawn(target))
             os.close(result_w)
@@ -180,10 +214,9 @@ def run_once(row: Row, impl: str, placement: Placement, count: int) -> RunResult
         for s in (a, b):
             if s is not None:
                 s.close()
-        deadline = time.monotonic() + RUN_TIMEOUT
-        _wait_ready(ready_r, len(sides), deadline)
+        _wait_ready(ready_r, len(sides), results, time.monotonic() + SETUP_TIMEOUT)
         os.write(go_w, b"g" * len(sides))
-        _read_results(results, deadline)
+        _read_results(results, time.monotonic() + RUN_TIMEOUT)
     finally:
         for pid in pids:
             _reap(pid)
@@ -192,6 +225,8 @@ def run_once(row: Row, impl: str, placement: Placement, count: int) -> RunResult
         for s in (a, b):
             if s is not None:
                 s.close()
+        if close_shared is not None:
+            close_shared()
     outcomes = [pickle.loads(bytes(results[fd])) if results[fd] else
                 ("error", "process died", 0.0, 0.0) for fd in pipes]
     return _verify(row, count, outcomes)
@@ -213,9 +248,13 @@ def _verify(row: Row, count: int, outcomes: List[Tuple[str, object, float, float
     sent = outcomes[0][1]
     assert isinstance(sent, Received)
     want = expected(row, count)
-    if sent.count != count:
+    if sent.count != count and WORKLOADS[row.workload].kind != "overhead":
         raise RunFailed("sender reports %d of %d" % (sent.count, count))
     if len(outcomes) == 1:
+        if WORKLOADS[row.workload].kind == "overhead":
+            if sent.value is None:
+                raise RunFailed("no figure reported")
+            return RunResult(count, outcomes[0][3] - outcomes[0][2], value=sent.value)
         if sent.elapsed is None:
             raise RunFailed("no time reported")
         return RunResult(count, sent.elapsed)
@@ -242,21 +281,43 @@ def _verify(row: Row, count: int, outcomes: List[Tuple[str, object, float, float
     return RunResult(count, t1 - t0, checked.samples)
 
 
-# ---- a cell: warm-up, calibration, runs -------------------------------------------
+# ---- a row: calibration, then interleaved runs ------------------------------------------
 
-def calibrated_count(row: Row, impl: str, placement: Placement, mode: Mode) -> int:
-    """Warm up once and return the count that makes a run last about mode.target_seconds."""
+#: run_once, or a stand-in with its signature (the tests give one)
+RunOnce = Callable[[Row, str, Placement, int], RunResult]
+
+
+#: Calibration runs at most, each sized from the one before.
+CALIBRATION_RUNS = 3
+
+
+def calibrated_count(row: Row, impl: str, placement: Placement, mode: Mode,
+                     run: Optional[RunOnce] = None) -> int:
+    """The count that makes a run of `impl` last about mode.target_seconds.
+
+    A short first run overstates the fixed cost of starting (the first
+    message's wake-up, a peer's pipeline filling) and so sizes the runs too
+    short, which understates a fast implementation: while a run lasts less
+    than half the target, another is made with the count it suggests.
+    """
     if mode.fixed_count:
-        return mode.fixed_count
-    warm = run_once(row, impl, placement, mode.warmup_count)
-    per_item = max(warm.elapsed, 1e-6) / mode.warmup_count
-    return int(min(MAX_COUNT, max(MIN_COUNT, mode.target_seconds / per_item)))
+        return fixed_count(row, mode)
+    count = warmup_count(row, mode)
+    low = min_count(row)
+    for _ in range(CALIBRATION_RUNS):
+        warm = (run or run_once)(row, impl, placement, count)
+        per_item = max(warm.elapsed, 1e-6) / count
+        wanted = int(min(MAX_COUNT, max(low, mode.target_seconds / per_item)))
+        if warm.elapsed >= mode.target_seconds / 2 or wanted <= count:
+            return wanted
+        count = wanted
+    return count
 
 
-def median_and_spread(values: List[float]) -> Tuple[float, float]:
-    """The median and the spread (max - min) / median of a cell's runs."""
+def median_and_spread(values: Sequence[float]) -> Tuple[float, float]:
+    """The median and the spread (max - min) / |median| of a cell's runs."""
     med = statistics.median(values)
-    return med, (max(values) - min(values)) / med if med else 0.0
+    return med, (max(values) - min(values)) / abs(med) if med else 0.0
 
 
 def percentile(samples: List[int], fraction: float) -> float:
@@ -277,6 +338,9 @@ class CellResult:
     count: int = 0  # messages (pairs, chunks, round trips) per run
     values: List[float] = field(default_factory=list)  # per run, in the workload's unit
     p99s: List[float] = field(default_factory=list)  # per run, ping-pong only (us)
+    #: every measurement of this cell: [values, p99s] per attempt, the kept one included
+    attempts: List[Tuple[List[float], List[float]]] = field(default_factory=list)
+    noisy: bool = False  # still spread over the mode's limit after its re-runs
 
     @property
     def median(self) -> float:
@@ -292,6 +356,8 @@ class CellResult:
 def _value(row: Row, result: RunResult) -> Tuple[float, float]:
     """A run's figure in its workload's unit, and its p99 (ping-pong)."""
     unit = WORKLOADS[row.workload].unit
+    if result.value is not None:
+        return result.value, 0.0
     if unit == "us":
         return statistics.median(result.samples) / 1e3, percentile(result.samples, 0.99) / 1e3
     if unit == "MB/s":
@@ -299,17 +365,42 @@ def _value(row: Row, result: RunResult) -> Tuple[float, float]:
     return result.count / result.elapsed, 0.0
 
 
-def run_cell(row: Row, impl: str, placement: Placement, mode: Mode) -> CellResult:
-    """Warm up, calibrate, and run `mode.runs` verified runs; a failure ends the cell."""
+def run_row(row: Row, impls: Sequence[str], placement: Placement, mode: Mode,
+            counts: Optional[Dict[str, int]] = None, run: Optional[RunOnce] = None,
+            ) -> Dict[str, CellResult]:
+    """Measure the cells of one row side by side: `mode.runs` rounds of A B C D, A B C D, ...
+
+    Each implementation is first calibrated (unless `counts` gives its count
+    from an earlier attempt); then every round runs each implementation once,
+    in table order, so that drift on the machine falls on all of them alike.
+    A cell that fails is FAILED with the reason and leaves the later rounds.
+    """
+    run = run or run_once
     name = placement.name if WORKLOADS[row.workload].two_process else "-"
-    cell = CellResult(row, impl, name, "ok")
-    try:
-        cell.count = calibrated_count(row, impl, placement, mode)
-        for _ in range(mode.runs):
-            value, p99 = _value(row, run_once(row, impl, placement, cell.count))
+    cells = {impl: CellResult(row, impl, name, "ok") for impl in impls}
+
+    def fail(cell: CellResult, exc: Exception) -> None:
+        cell.status, cell.note, cell.values, cell.p99s = "FAILED", str(exc), [], []
+
+    for impl, cell in cells.items():
+        try:
+            cell.count = counts[impl] if counts and impl in counts else \
+                calibrated_count(row, impl, placement, mode, run)
+        except (RunFailed, OSError) as exc:
+            fail(cell, exc)
+    for _ in range(mode.runs):
+        for impl, cell in cells.items():
+            if cell.status != "ok":
+                continue
+            try:
+                value, p99 = _value(row, run(row, impl, placement, cell.count))
+            except (RunFailed, OSError) as exc:
+                fail(cell, exc)
+                continue
             cell.values.append(value)
             if p99:
                 cell.p99s.append(p99)
-    except (RunFailed, OSError) as exc:
-        cell.status, cell.note, cell.values, cell.p99s = "FAILED", str(exc), [], []
-    return cell
+    for cell in cells.values():
+        if cell.status == "ok":
+            cell.attempts.append((list(cell.values), list(cell.p99s)))
+    return cells

@@ -6,13 +6,17 @@ messages it got and the sum of their numbers, so the runner can check that
 exactly what was sent arrived: ``count`` and ``count * (count - 1) // 2``.
 
 Functions take ``(sock, count, row)`` and are looked up in SENDERS and
-RECEIVERS by ``(kind, implementation)``.  The afunix functions are looked up
-on the package at call time, so an implementation of a function that does not
-exist yet is reported as not available rather than breaking the benchmark.
+RECEIVERS by ``(workload, implementation)``; a workload whose sides must
+meet first (a peer's handshake) also has SETUPS, run before the timing
+starts, whose result the side gets instead of the socket.  The afunix
+functions are looked up on the package at call time, so an implementation of
+a function that does not exist yet is reported as not available rather than
+breaking the benchmark.
 """
 from __future__ import annotations
 
 import array
+import importlib.util
 import os
 import socket
 import struct
@@ -28,7 +32,7 @@ from .matrix import Row
 _SEQ = struct.Struct("<Q")
 # A plain int: socket.MSG_* are IntFlag members, and `|` or `&` on them in a
 # loop costs as much as the receive itself.
-_CUT = int(socket.MSG_TRUNC) | int(socket.MSG_CTRUNC)
+CUT = int(socket.MSG_TRUNC) | int(socket.MSG_CTRUNC)
 
 
 class Mismatch(Exception):
@@ -44,40 +48,95 @@ class Received:
     fds_closed: int = 0
     samples: list[int] = field(default_factory=list)  # round trips, ns
     elapsed: Optional[float] = None  # set by workloads that time themselves
+    value: Optional[float] = None  # set by workloads that compute their own figure
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A module outside the stdlib that a base column needs, and how to install it."""
+
+    module: str  # what to import
+    name: str  # what users call it
+    install: str  # the command that installs it
+
+
+#: The extra that installs every peer the benchmark knows (pyproject.toml).
+BENCH_EXTRA = "pip install 'afunix[bench]'"
 
 
 @dataclass(frozen=True)
 class Workload:
-    """What the runner needs to know about one workload."""
+    """One workload: how it is verified, and what each of its columns runs.
+
+    `base`, `afunix` and `c` say in words what the base column, the two afunix
+    columns and the C column measure; an empty string leaves that column
+    empty.  The C column is the same operation written in plain C (the same
+    socket type, batch and placement), never another program: a different
+    program gets a workload of its own.
+    """
 
     name: str
-    title: str
-    kind: str  # "pairs", "messages", "stream", "fds", "pingpong"
+    title: str  # the table's row label, before size and batch (13 characters at most)
+    kind: str  # "pairs", "messages", "pingpong" or "overhead": how a run is checked
     sock_type: int
-    unit: str  # what the table shows: "pairs/s", "msgs/s", "MB/s", "us"
+    unit: str  # what the table shows: "pairs/s", "msgs/s", "MB/s", "us", "ns"
     afunix_needs: Tuple[str, ...]  # names the afunix implementations call
+    base: str  # what the base column runs ("" for none)
+    afunix: str  # what the afunix columns run ("" for none)
+    c: str = ""  # what the C column runs ("" for none)
+    peer: Optional[Peer] = None  # a module the base column needs
 
     @property
     def two_process(self) -> bool:
         """True when a sender and a receiver run in two processes."""
-        return self.kind != "pairs"
+        return self.kind not in ("pairs", "overhead")
 
+    @property
+    def lower_is_better(self) -> bool:
+        """True for times (latency, overhead), False for rates."""
+        return self.unit in ("us", "ns")
+
+    @property
+    def columns(self) -> Tuple[str, ...]:
+        """The implementations this workload has, in table order."""
+        present = {"base": bool(self.base), "afunix-stdlib": bool(self.afunix),
+                   "afunix-c": bool(self.afunix), "c": bool(self.c)}
+        return tuple(impl for impl in ("base", "afunix-stdlib", "afunix-c", "c") if present[impl])
+
+
+_BATCH_IO = ("send_many", "RecvBatch")
 
 WORKLOADS: Dict[str, Workload] = {
     w.name: w
     for w in (
-        Workload("socketpairs", "socketpair creation", "pairs", socket.SOCK_STREAM,
-                 "pairs/s", ("socketpairs",)),
-        Workload("dgram", "DGRAM throughput", "messages", socket.SOCK_DGRAM,
-                 "msgs/s", ("send_many", "RecvBatch")),
-        Workload("seqpacket", "SEQPACKET throughput", "messages", socket.SOCK_SEQPACKET,
-                 "msgs/s", ("send_many", "RecvBatch")),
-        Workload("stream", "STREAM bandwidth", "stream", socket.SOCK_STREAM,
-                 "MB/s", ("send_many", "RecvBatch")),
-        Workload("fds", "descriptor passing", "fds", socket.SOCK_SEQPACKET,
-                 "msgs/s", ("send_many", "RecvBatch", "Message", "close_fds")),
-        Workload("pingpong", "ping-pong latency", "pingpong", socket.SOCK_SEQPACKET,
-                 "us", ("send_many", "RecvBatch")),
+        Workload("socketpairs", "socketpairs", "pairs", socket.SOCK_STREAM, "pairs/s",
+                 ("socketpairs",),
+                 base="a socket.socketpair() loop",
+                 afunix="afunix.socketpairs(n)",
+                 c="socketpair() in a C loop"),
+        Workload("dgram", "DGRAM", "messages", socket.SOCK_DGRAM, "msgs/s", _BATCH_IO,
+                 base="sock.send / sock.recv once per message",
+                 afunix="send_many + RecvBatch.recv, a batch per call",
+                 c="sendmmsg / recvmmsg(MSG_WAITFORONE), a batch per call"),
+        Workload("seqpacket", "SEQPACKET", "messages", socket.SOCK_SEQPACKET, "msgs/s",
+                 _BATCH_IO,
+                 base="sock.send / sock.recv once per message",
+                 afunix="send_many + RecvBatch.recv, a batch per call",
+                 c="sendmmsg / recvmmsg(MSG_WAITFORONE), a batch per call"),
+        Workload("stream", "STREAM", "messages", socket.SOCK_STREAM, "MB/s", _BATCH_IO,
+                 base="sock.sendall per write / sock.recv_into a write-sized buffer",
+                 afunix="send_many of a batch of writes + RecvBatch.recv",
+                 c="sendmmsg of a batch of writes / recv() a write-sized buffer"),
+        Workload("fds", "fds", "messages", socket.SOCK_SEQPACKET, "msgs/s",
+                 _BATCH_IO + ("Message", "close_fds"),
+                 base="socket.send_fds / socket.recv_fds once per message",
+                 afunix="send_many of Message(data, fds) + RecvBatch.recv, all_fds, close_fds",
+                 c="sendmmsg / recvmmsg with SCM_RIGHTS, descriptors closed in C"),
+        Workload("pingpong", "ping-pong", "pingpong", socket.SOCK_SEQPACKET, "us",
+                 _BATCH_IO,
+                 base="sock.send + sock.recv per round trip (the echo side likewise)",
+                 afunix="send_many([m]) + RecvBatch(1, size).recv per round trip",
+                 c="send() + recv() per round trip, timed in C"),
     )
 }
 
@@ -356,13 +415,14 @@ def stream_recv_c(sock: socket.socket, count: int, row: Row) -> Received:
 def _fds_to_send(row: Row) -> list[int]:
     # The same descriptor row.nfds times: the kernel installs a new one for
     # each on the receiving side, which is the cost being measured.
-    return [_devnull()] * row.nfds
+    return [devnull()] * row.nfds
 
 
 _DEVNULL: list[int] = []
 
 
-def _devnull() -> int:
+def devnull() -> int:
+    """A descriptor of /dev/null, opened once per process: what the descriptor rows pass."""
     if not _DEVNULL:
         _DEVNULL.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
     return _DEVNULL[0]
@@ -389,7 +449,7 @@ def fds_recv_stdlib(sock: socket.socket, count: int, row: Row) -> Received:
         for fd in fds:
             close(fd)
         closed += len(fds)
-        if len(data) != size or flags & _CUT:
+        if len(data) != size or flags & CUT:
             raise Mismatch("message of %d bytes, flags %#x" % (len(data), flags))
         total += unpack(data)[0]
     return Received(count, total, fds_closed=closed)
@@ -521,44 +581,65 @@ def echo_c(sock: socket.socket, count: int, row: Row) -> Received:
 
 _AFUNIX = ("afunix-stdlib", "afunix-c")
 
-#: (kind, implementation) -> the sending side (the only side, for "pairs").
-SENDERS: Dict[Tuple[str, str], Callable[..., Received]] = {
-    ("pairs", "stdlib"): pairs_stdlib,
-    ("pairs", "c"): pairs_c,
-    ("messages", "stdlib"): send_stdlib,
-    ("messages", "c"): send_c,
-    ("stream", "stdlib"): stream_send_stdlib,
-    ("stream", "c"): stream_send_c,
-    ("fds", "stdlib"): fds_send_stdlib,
-    ("fds", "c"): fds_send_c,
-    ("pingpong", "stdlib"): ping_stdlib,
-    ("pingpong", "c"): ping_c,
-}
-#: (kind, implementation) -> the receiving side (the echo side, for "pingpong").
-RECEIVERS: Dict[Tuple[str, str], Callable[..., Received]] = {
-    ("messages", "stdlib"): recv_stdlib,
-    ("messages", "c"): recv_c,
-    ("stream", "stdlib"): stream_recv_stdlib,
-    ("stream", "c"): stream_recv_c,
-    ("fds", "stdlib"): fds_recv_stdlib,
-    ("fds", "c"): fds_recv_c,
-    ("pingpong", "stdlib"): echo_stdlib,
-    ("pingpong", "c"): echo_c,
-}
-for _impl in _AFUNIX:
-    SENDERS.update({
-        ("pairs", _impl): pairs_afunix,
-        ("messages", _impl): send_afunix,
-        ("stream", _impl): stream_send_afunix,
-        ("fds", _impl): fds_send_afunix,
-        ("pingpong", _impl): ping_afunix,
-    })
-    RECEIVERS.update({
-        ("messages", _impl): recv_afunix,
-        ("stream", _impl): stream_recv_afunix,
-        ("fds", _impl): fds_recv_afunix,
-        ("pingpong", _impl): echo_afunix,
-    })
+Side = Callable[..., Received]
+#: setup(sock, row, shared) -> what the side's function gets instead of the socket.
+Setup = Callable[[Any, Row, Any], Any]
+#: made in the runner before the fork: (object both sides share, close it)
+Shared = Callable[[Row], Tuple[Any, Callable[[], None]]]
+
+#: (workload, implementation) -> the sending side (the only side, for one process).
+SENDERS: Dict[Tuple[str, str], Side] = {}
+#: (workload, implementation) -> the receiving side (the echo side, for "pingpong").
+RECEIVERS: Dict[Tuple[str, str], Side] = {}
+#: (workload, implementation) -> (sender's setup, receiver's setup): run in each
+#: child before it says it is ready, so a peer's handshake is never timed.  When
+#: what a setup returns has a finish() method, it runs after the clock stops.
+SETUPS: Dict[Tuple[str, str], Tuple[Optional[Setup], Optional[Setup]]] = {}
+#: (workload, implementation) -> what the runner makes before the fork.
+SHARED: Dict[Tuple[str, str], Shared] = {}
+
+
+def register(workload: Workload, sides: Dict[str, Tuple[Side, Optional[Side]]],
+             setups: Optional[Dict[str, Tuple[Optional[Setup], Optional[Setup]]]] = None,
+             shared: Optional[Dict[str, Shared]] = None) -> None:
+    """Declare `workload` and its sides: implementation -> (sender, receiver or None)."""
+    WORKLOADS[workload.name] = workload
+    for impl, (send, recv) in sides.items():
+        SENDERS[(workload.name, impl)] = send
+        if recv is not None:
+            RECEIVERS[(workload.name, impl)] = recv
+    for impl, pair in (setups or {}).items():
+        SETUPS[(workload.name, impl)] = pair
+    for impl, make in (shared or {}).items():
+        SHARED[(workload.name, impl)] = make
+
+
+def _same_for_afunix(sides: Dict[str, Tuple[Side, Optional[Side]]],
+                     afunix: Tuple[Side, Optional[Side]]) -> Dict[str, Tuple[Side, Optional[Side]]]:
+    return {**sides, **{impl: afunix for impl in _AFUNIX}}
+
+
+register(WORKLOADS["socketpairs"], _same_for_afunix(
+    {"base": (pairs_stdlib, None), "c": (pairs_c, None)}, (pairs_afunix, None)))
+for _name in ("dgram", "seqpacket"):
+    register(WORKLOADS[_name], _same_for_afunix(
+        {"base": (send_stdlib, recv_stdlib), "c": (send_c, recv_c)}, (send_afunix, recv_afunix)))
+register(WORKLOADS["stream"], _same_for_afunix(
+    {"base": (stream_send_stdlib, stream_recv_stdlib), "c": (stream_send_c, stream_recv_c)},
+    (stream_send_afunix, stream_recv_afunix)))
+register(WORKLOADS["fds"], _same_for_afunix(
+    {"base": (fds_send_stdlib, fds_recv_stdlib), "c": (fds_send_c, fds_recv_c)},
+    (fds_send_afunix, fds_recv_afunix)))
+register(WORKLOADS["pingpong"], _same_for_afunix(
+    {"base": (ping_stdlib, echo_stdlib), "c": (ping_c, echo_c)}, (ping_afunix, echo_afunix)))
+
+
+def missing_peer(workload: Workload) -> Optional[str]:
+    """One line saying how to install the module `workload`'s base needs, or None."""
+    peer = workload.peer
+    if peer is None or importlib.util.find_spec(peer.module) is not None:
+        return None
+    return "%s is not installed: %s" % (peer.name, peer.install)
 
 
 def unavailable(workload: Workload, impl: str) -> Optional[str]:
@@ -578,11 +659,13 @@ def unavailable(workload: Workload, impl: str) -> Optional[str]:
             from . import _reference  # noqa: F401
         except ImportError:
             return "not available: C core not built"
-    if workload.kind == "fds" and impl == "stdlib" and not hasattr(socket, "send_fds"):
-        return "not available: socket.send_fds"
+    if workload.name in ("fds", "single-fds") and impl == "base" \
+            and not hasattr(socket, "send_fds"):
+        return "not available: socket.send_fds (Python 3.9+)"
+    if impl == "base" and workload.peer is not None:
+        return missing_peer(workload)
     return None
 
 
-# The asyncio and messaging workloads live in their own modules and add
-# themselves to the tables above.
-from . import aio_workloads, channel_workloads  # noqa: E402,F401
+# The other workloads live in their own modules and register themselves.
+from . import aio_workloads, channel_workloads, peers, single_call_workloads  # noqa: E402,F401
