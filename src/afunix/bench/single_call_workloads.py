@@ -176,15 +176,24 @@ def _bare_calls(sock: socket.socket, size: int) -> Tuple[Callable[[bytes], Any],
         from .._cbackend import ffi, lib
 
         fd, null = sock.fileno(), ffi.NULL
-        arena = lib.afunix_arena_new(1, size, 0)
+        data_area = ffi.new("char[]", size)  # the caller owns the data area
+        arena = lib.afunix_arena_new(1, size, 0, data_area)
         if arena == null:
             raise MemoryError("afunix_arena_new")
         send_many, recv_many = lib.afunix_send_many, lib.afunix_recv_many
 
         def send(data: bytes) -> Any:
-            return send_many(fd, 1, data, null, size, null, null, null, null, null, 0)
+            return send_many(fd, 1, data, size, null, size, null, 0, null, null, 0, null, null, 0)
 
-        return send, (lambda: recv_many(fd, arena, 0)), (lambda: lib.afunix_arena_free(arena))
+        def recv() -> Any:
+            return recv_many(fd, arena, 0)
+
+        def free() -> None:
+            lib.afunix_arena_free(arena)
+            del holder[:]  # the data area goes only after the arena that points into it
+
+        holder = [data_area]
+        return send, recv, free
     buf = bytearray(size)
     stdlib_send, recvmsg_into, buffers = sock.send, sock.recvmsg_into, [buf]
     return ((lambda data: stdlib_send(data, _NOSIGNAL)), (lambda: recvmsg_into(buffers)),
