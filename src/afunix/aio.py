@@ -49,6 +49,7 @@ import socket
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from . import _checks, _io
+from ._kernel import MSG_NOSIGNAL
 from .addresses import _parse
 from .batch import outgoing
 from .channel import _owning
@@ -77,7 +78,7 @@ __all__ = [
 # descriptor it cannot see the blocking mode of.
 _DONTWAIT = int(socket.MSG_DONTWAIT)
 # A closed peer is BrokenPipeError, never SIGPIPE (as in the synchronous layer).
-_NOSIGNAL = int(getattr(socket, "MSG_NOSIGNAL", 0))
+_NOSIGNAL = MSG_NOSIGNAL
 
 
 # ---- waiting for readiness -------------------------------------------------
