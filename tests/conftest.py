@@ -5,6 +5,7 @@ AFUNIX_REQUIRE_C=1 (as in CI) a missing core fails the run instead.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import platform
 import shutil
@@ -83,6 +84,31 @@ def short_dir() -> Iterator[str]:
     d = tempfile.mkdtemp(dir="/tmp", prefix="afx")
     yield d
     shutil.rmtree(d, ignore_errors=True)
+
+
+def need_library(name: str) -> None:
+    """Import the event-loop library `name` (uvloop, trio); a missing one fails
+    under CI=true (the test extra installs it), skips visibly elsewhere."""
+    try:
+        importlib.import_module(name)
+    except ImportError as exc:
+        if name == "uvloop" and platform.python_implementation() != "CPython":
+            pytest.skip("uvloop is built for CPython only (the test extra installs it there)")
+        if os.environ.get("CI") == "true":
+            pytest.fail("%s is required in CI (the test extra installs it): %s" % (name, exc))
+        pytest.skip("%s not installed: %s" % (name, exc))
+
+
+@pytest.fixture(params=[
+    pytest.param(("asyncio", {}), id="asyncio"),
+    pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
+    pytest.param(("trio", {}), id="trio"),
+])
+def anyio_backend(request: pytest.FixtureRequest) -> "tuple[str, dict[str, bool]]":
+    """The event loops of tests marked anyio: asyncio's own, uvloop and trio."""
+    name, options = request.param
+    need_library("uvloop" if options.get("use_uvloop") else name)
+    return name, options
 
 
 def need_tool(name: str) -> str:

@@ -19,22 +19,18 @@ import pytest
 import afunix
 import afunix.aio as aio
 from afunix import Message, RecvBatch, TruncatedError
-from conftest import open_fds
+from conftest import need_library, open_fds
 
 T = TypeVar("T")
 Runner = Callable[[Awaitable[T]], T]
 
-CI = os.environ.get("CI", "") == "true"
 BOUND = 30.0  # seconds any one test may run on a loop
 
 
 def _uvloop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
-    try:
-        import uvloop
-    except ImportError as exc:
-        if CI:
-            pytest.fail("uvloop is required under CI=true but cannot be imported: %s" % exc)
-        pytest.skip("uvloop not installed: %s" % exc)
+    need_library("uvloop")
+    import uvloop
+
     factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
     if not _UVLOOP_WARMED:
         # libuv opens a process-wide pipe with its first loop and keeps it:
