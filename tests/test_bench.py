@@ -142,3 +142,27 @@ def test_stream_checker_finds_the_numbers_wherever_reads_cut() -> None:
         pos += len(piece)
     assert checker.pos == len(stream)
     assert checker.total == count * (count - 1) // 2
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux /proc")
+def test_pin_moves_the_process_where_the_os_module_cannot(backend: str) -> None:
+    """The libc path PyPy 3.9 takes (no os.sched_setaffinity), checked on any interpreter."""
+    import os
+
+    from conftest import run_python
+
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
+    code = (
+        "from afunix.bench import affinity\n"
+        "def allowed():\n"
+        "    with open('/proc/self/status') as f:\n"
+        "        return f.read().split('Cpus_allowed_list:')[1].split()[0]\n"
+        "for cpu in %r:\n"
+        "    affinity._pin_through_libc(cpu)\n"
+        "    print(allowed())\n"
+        "affinity.pin(%d)\n"
+        "print(allowed())\n" % (cpus, cpus[0])
+    )
+    proc = run_python(code, backend)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [str(cpu) for cpu in cpus] + [str(cpus[0])]

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
+from .affinity import pin
 from .matrix import MAX_COUNT, MIN_COUNT, Mode, Row
 from .workloads import RECEIVERS, SENDERS, WORKLOADS, Received, expected
 
@@ -81,8 +82,7 @@ def _child(side: Callable[..., Received], sock: Optional[socket.socket], count: 
     # once instead of raising inside a half-sent batch.
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     try:
-        if hasattr(os, "sched_setaffinity"):  # Linux; elsewhere the scheduler places
-            os.sched_setaffinity(0, {cpu})
+        pin(cpu)
         if backend is not None:
             from .. import _backend
             _backend.use(backend)
