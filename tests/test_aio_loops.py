@@ -532,3 +532,19 @@ async def test_abstract_address_round_trip() -> None:
         with client, conn:
             await aio.send_many(client, [b"one", b"two"])
             assert await collect(conn, 2) == [b"one", b"two"]
+
+
+# ---- the README's trio example ----------------------------------------------------
+
+
+def test_readme_trio_example(backend: str) -> None:
+    from pathlib import Path
+
+    from conftest import need_library, run_python
+
+    need_library("trio")
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    code = readme.split("<!-- example:trio -->\n```python\n", 1)[1].split("```", 1)[0]
+    proc = run_python(code, backend)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "[b'one', b'two']\n"
