@@ -15,6 +15,36 @@ REQUIRE_C = os.environ.get("AFUNIX_REQUIRE_C", "") not in ("", "0")
 MISSING_NOTE = os.path.join("afunix", "_core_missing.txt")
 
 
+NOT_BUILT = """
+*** afunix: the C core was NOT built (%s).
+*** afunix will run on its stdlib backend: every function works, without the C core's speed.
+*** To get the C core, install a C compiler and the Python headers
+***   (Debian/Ubuntu: apt-get install gcc python3-dev, or pypy3-dev for PyPy;
+***    Fedora: dnf install gcc python3-devel), then build afunix again:
+***   pip install --force-reinstall --no-deps --no-cache-dir afunix
+***   (from a checkout: `.` in place of afunix).
+*** `python -m afunix info` says which backend runs and why.
+
+"""
+
+
+def _tell(message):
+    """Say `message` where the person installing sees it.
+
+    pip shows a successful build's output only with -v, so the message also
+    goes straight to the terminal when there is one.
+    """
+    sys.stderr.write(message)
+    sys.stderr.flush()
+    if os.isatty(2):
+        return  # stderr is the terminal already (setup.py run by hand)
+    try:
+        with open("/dev/tty", "w") as tty:
+            tty.write(message)
+    except OSError:
+        pass  # no terminal (CI, a container build): pip -v and `afunix info` say it
+
+
 class optional_build_ext(build_ext):
     """build_ext that turns a C build failure into a recorded warning."""
 
@@ -36,10 +66,7 @@ class optional_build_ext(build_ext):
             raise
         # First line only, and bounded: a failed compiler command is long.
         reason = ("%s: %s" % (type(exc).__name__, exc)).splitlines()[0][:300]
-        sys.stderr.write(
-            "\n*** afunix: the C core was NOT built (%s).\n"
-            "*** afunix will run on its stdlib backend.\n\n" % reason
-        )
+        _tell(NOT_BUILT % reason)
         self._write_note(reason)
 
     def _write_note(self, reason):

@@ -532,3 +532,27 @@ def test_a_writable_output_path_is_left_as_it_was_until_the_run_writes_it(
     assert status == 2 and out == "" and "cannot write --plot" in err
     assert json_path.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux /proc")
+def test_pin_moves_the_process_where_the_os_module_cannot(backend: str) -> None:
+    """The libc path PyPy 3.9 takes (no os.sched_setaffinity), checked on any interpreter."""
+    import os
+
+    from conftest import run_python
+
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
+    code = (
+        "from afunix.bench import affinity\n"
+        "def allowed():\n"
+        "    with open('/proc/self/status') as f:\n"
+        "        return f.read().split('Cpus_allowed_list:')[1].split()[0]\n"
+        "for cpu in %r:\n"
+        "    affinity._pin_through_libc(cpu)\n"
+        "    print(allowed())\n"
+        "affinity.pin(%d)\n"
+        "print(allowed())\n" % (cpus, cpus[0])
+    )
+    proc = run_python(code, backend)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [str(cpu) for cpu in cpus] + [str(cpus[0])]

@@ -329,3 +329,43 @@ def test_close_from_another_thread_during_blocking_send(backend: str) -> None:
     assert len(outcome) == 1
     assert isinstance(outcome[0], (OSError, int))
 
+
+
+# ---- a wrapper lost to an exception never closes the caller's descriptor ----------
+
+def test_a_wrapper_lost_before_its_detach_leaves_the_callers_descriptor_open(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # afunix wraps a caller's descriptor in a socket object (a timeout-0 twin,
+    # or a shadow for an object with only fileno()) and detaches it when
+    # done.  An exception from a signal handler can land between making the
+    # wrapper and the try that detaches it: collecting the lost wrapper must
+    # not close the caller's descriptor (a later open() would reuse it).
+    import gc
+
+    from afunix import _io
+
+    class Interrupt(Exception):
+        pass
+
+    def interrupted(self: socket.socket, value: object) -> None:
+        raise Interrupt()
+
+    a, b = afunix.socketpair()
+    with a, b:
+        a.settimeout(5.0)
+        monkeypatch.setattr(_io.BorrowedSocket, "settimeout", interrupted)
+        with pytest.raises(Interrupt):
+            _io.nonblocking_twin(a)
+
+        class FilenoOnly:
+            def fileno(self) -> int:
+                return b.fileno()
+
+        with pytest.raises(Interrupt):
+            afunix.send_many(FilenoOnly(), [b"x"])
+        gc.collect()
+        monkeypatch.undo()
+        a.sendall(b"still open")
+        assert b.recv(64) == b"still open"
+        b.sendall(b"both")
+        assert a.recv(64) == b"both"

@@ -1,6 +1,7 @@
 """supports() and `python -m afunix info`."""
 from __future__ import annotations
 
+import platform
 import socket
 import subprocess
 import sys
@@ -39,6 +40,11 @@ def test_info_command(backend: str) -> None:
     for name in afunix.CAPABILITIES:
         assert name in out
     assert "SCM_MAX_FD" in out and "253" in out
+    # the interpreter, named with its own version (PyPy 7.3.11 is Python 3.9)
+    own = sys.implementation.version
+    assert "python: %s %d.%d.%d" % (platform.python_implementation(), own.major, own.minor,
+                                     own.micro) in out
+    assert platform.python_version() in out and sys.executable in out
     assert "sun_path" in out and str(afunix.MAX_PATH_BYTES) in out
     if sys.platform.startswith("linux"):
         with open("/proc/sys/net/unix/max_dgram_qlen") as f:

@@ -224,7 +224,9 @@ class Arena:
         raw = lib.afunix_arena_new(max_messages, bufsize, maxfds, data)
         if raw == _NULL:
             raise MemoryError("cannot allocate a receive arena of %d x %d bytes" % (max_messages, bufsize))
-        self._a = ffi.gc(raw, lib.afunix_arena_free)
+        # size: PyPy's collector counts the C memory this object holds (up to
+        # 256 MiB), so a dropped arena is freed soon, not when Python memory runs low.
+        self._a = ffi.gc(raw, lib.afunix_arena_free, size=max_messages * bufsize)
         self._data = data
         self.max_messages = max_messages
         self.bufsize = bufsize

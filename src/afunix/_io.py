@@ -26,6 +26,26 @@ _AF_UNIX = int(socket.AF_UNIX)
 _POLLRDHUP = getattr(select, "POLLRDHUP", 0x2000)
 
 
+class BorrowedSocket(socket.socket):
+    """A socket object over a descriptor that another object owns: collecting it never closes it.
+
+    afunix wraps a caller's descriptor (a twin with another timeout, an
+    object that only has fileno()) and detaches the wrapper when done.  An
+    exception from a signal handler can land between making the wrapper and
+    the ``try`` that detaches it; a plain socket.socket would then close the
+    caller's descriptor when collected, and a later open() could reuse the
+    number under the caller's feet.  Defining __del__ replaces the closing
+    finalizer of the socket type, so a lost wrapper lets go of the
+    descriptor instead.
+    """
+
+    __slots__ = ()
+
+    def __del__(self) -> None:
+        if self.fileno() >= 0:
+            self.detach()
+
+
 class Target(NamedTuple):
     """The socket an I/O call works on, and how it is set up."""
 
@@ -74,7 +94,7 @@ def target(sock: Any) -> Target:
     # descriptor is; the caller detaches it afterwards.  Raises ENOTSOCK for
     # a descriptor that is not a socket.
     blocking = os.get_blocking(fd)
-    shadow = socket.socket(fileno=fd)
+    shadow = BorrowedSocket(fileno=fd)
     # A default timeout (socket.setdefaulttimeout) makes the constructor set
     # O_NONBLOCK on the descriptor: put back what the caller had.
     shadow.settimeout(None if blocking else 0.0)
@@ -168,6 +188,6 @@ def nonblocking_twin(sock: socket.socket) -> socket.socket:
     wait out the whole timeout.  The descriptor of such a socket is already
     O_NONBLOCK, so a twin with timeout 0 changes nothing at the kernel level.
     """
-    twin = socket.socket(sock.family, sock.type, sock.proto, sock.fileno())
+    twin = BorrowedSocket(sock.family, sock.type, sock.proto, sock.fileno())
     twin.settimeout(0.0)
     return twin

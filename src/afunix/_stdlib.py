@@ -10,6 +10,7 @@ import socket
 from typing import Any, List, Optional, Tuple
 
 from ._io import Outgoing, _raw_type, nonblocking_twin
+from ._kernel import MSG_CMSG_CLOEXEC, MSG_NOSIGNAL, SCM_CREDENTIALS
 
 
 def socketpairs(n: int, type: int, blocking: bool) -> list[tuple[socket.socket, socket.socket]]:
@@ -34,10 +35,10 @@ def socketpairs(n: int, type: int, blocking: bool) -> list[tuple[socket.socket, 
 
 MAX_BATCH = 1024
 _SCM_MAX_FD = 253
-_CREDS = getattr(socket, "SCM_CREDENTIALS", None)
+_CREDS = SCM_CREDENTIALS
 # plain ints: | and & on the socket module's enum flags are slow
-_NOSIGNAL = int(getattr(socket, "MSG_NOSIGNAL", 0))
-_CLOEXEC = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
+_NOSIGNAL = MSG_NOSIGNAL
+_CLOEXEC = MSG_CMSG_CLOEXEC
 _DONTWAIT = int(socket.MSG_DONTWAIT)
 _CTRUNC = int(socket.MSG_CTRUNC)
 _PEEK = int(socket.MSG_PEEK)

@@ -24,6 +24,7 @@ import time
 from typing import Any, Optional, Tuple, Union
 
 from . import _checks
+from ._kernel import O_PATH
 from .capabilities import MAX_PATH_BYTES, supports
 from .pathlock import PathLock
 
@@ -279,11 +280,10 @@ def _clear_stale(raw: bytes, type: int) -> None:
     # Hold the probed inode open (O_PATH, Linux) until the unlink decision:
     # a stale socket's inode is otherwise free, and its number can be given
     # at once to a new file created in its place, defeating the st_ino check.
-    o_path = getattr(os, "O_PATH", 0)
     pin = -1
     try:
-        if o_path:
-            pin = os.open(raw, o_path | os.O_NOFOLLOW | os.O_CLOEXEC)
+        if O_PATH:
+            pin = os.open(raw, O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
             before = os.fstat(pin)
         else:
             before = os.lstat(raw)

@@ -1,16 +1,23 @@
-"""asyncio versions of the afunix I/O functions, on loop.add_reader/add_writer.
+"""Async versions of the afunix I/O functions, for asyncio, uvloop and trio.
 
 asyncio has no sendmsg/recvmsg of its own (``loop.sock_recv`` and friends
 move bytes only), so an asyncio service cannot pass descriptors or batch
 datagrams without hand-written reader callbacks.  These coroutines do it on
-any event loop that implements ``add_reader``/``add_writer`` (the default
-loop and uvloop).
+any asyncio event loop that implements ``add_reader``/``add_writer`` (the
+default loop and uvloop) and under trio; anyio programs get them on either
+of its backends.  The same coroutines serve all: each call asks which
+library runs it (a program that never imported trio is asyncio; otherwise
+sniffio says).  trio is never needed by asyncio users.
 
 Every coroutine follows one pattern: call the synchronous afunix function
 on the non-blocking socket first; only when the kernel answers EAGAIN, wait
-for readiness with ``loop.add_reader``/``add_writer`` and try again.  There
-are no threads and no polling loops, and a call that finds its data already
-queued costs no event-loop round trip at all.
+for readiness (``loop.add_reader``/``add_writer``, or trio's
+``wait_readable``/``wait_writable``) and try again.  There are no threads
+and no polling loops.  Under asyncio a call that finds its data already
+queued costs no event-loop round trip at all; under trio every call is a
+checkpoint, as trio's own socket methods are: a cancelled scope raises
+before anything is taken, and after a call that took something at once the
+task yields shielded from cancellation, so nothing taken is dropped.
 
 Rules, the same in every coroutine here:
 
@@ -32,23 +39,28 @@ Rules, the same in every coroutine here:
   cancelled (or fails) after k messages went, ``messages[:k]`` are sent and
   the rest are not.  When k must be known, loop over `send_many_partial`.
   The CancelledError itself is not replaced by a subclass: ``asyncio.timeout``
-  (3.11) converts only CancelledError itself into TimeoutError.
+  (3.11) converts only CancelledError itself into TimeoutError.  Under trio
+  the same holds for ``trio.Cancelled``.
 - **One waiter or many.**  Several tasks may wait on the same socket and
   direction; a readiness event wakes them all and each one tries again
   (``loop.sock_recv`` would silently replace the first waiter's callback).
 
-The message Channel (``afunix.channel``) has its asyncio form here too:
+The message Channel (``afunix.channel``) has its async form here too:
 `Channel` and `channel_pair`, at the end of this module.
 """
 from __future__ import annotations
 
 import asyncio
 import errno
+import importlib
 import os
 import socket
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+import sys
+from types import ModuleType
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, TypeVar
 
 from . import _checks, _io
+from ._kernel import MSG_NOSIGNAL
 from .addresses import _parse
 from .batch import outgoing, send_with_control
 from .channel import _owning
@@ -77,7 +89,81 @@ __all__ = [
 # descriptor it cannot see the blocking mode of.
 _DONTWAIT = int(socket.MSG_DONTWAIT)
 # A closed peer is BrokenPipeError, never SIGPIPE (as in the synchronous layer).
-_NOSIGNAL = int(getattr(socket, "MSG_NOSIGNAL", 0))
+_NOSIGNAL = MSG_NOSIGNAL
+
+
+# ---- the running library: asyncio (and uvloop) or trio ----------------------
+
+R = TypeVar("R")
+_trio_module: List[ModuleType] = []  # afunix._trio, once trio itself was imported
+
+
+def _trio_running() -> Optional[ModuleType]:
+    """afunix._trio when the calling task runs under trio, else None (asyncio, uvloop).
+
+    A program that never imported trio runs on asyncio: one dict lookup.
+    Otherwise sniffio (a dependency of trio) names the running library.
+    """
+    if "trio" not in sys.modules:
+        return None
+    if not _trio_module:
+        _trio_module.append(importlib.import_module("afunix._trio"))
+    trio_support = _trio_module[0]
+    return trio_support if trio_support.running() else None
+
+
+async def _sleep(seconds: float) -> None:
+    trio_support = _trio_running()
+    if trio_support is not None:
+        await trio_support.sleep(seconds)
+    else:
+        await asyncio.sleep(seconds)
+
+
+def _waiting(fd: int, writable: bool) -> bool:
+    """Whether a task of the running loop waits on `fd` in that direction (for tests)."""
+    trio_support = _trio_running()
+    if trio_support is not None:
+        return bool(trio_support.is_waiting(fd, writable))
+    return (asyncio.get_running_loop(), fd, writable) in _waiters
+
+
+async def _retry(fd: int, writable: bool, attempt: Callable[[], R], backoff: bool = False) -> R:
+    """attempt() until it does not raise BlockingIOError, waiting for readiness in between.
+
+    Under trio the call is a checkpoint, as trio's own socket methods are:
+    a cancelled scope raises before the first try, so nothing was taken, and
+    a try that succeeds at once is followed by a cancel-shielded yield, so
+    what it took is returned, never dropped.  Under asyncio it adds no await.
+    With `backoff`, a wait that found the socket writable and the send still
+    refused is followed by a growing pause (see below).
+    """
+    trio_support = _trio_running()
+    if trio_support is not None:
+        await trio_support.checkpoint_if_cancelled()
+    pause = 0.0
+    waited = False
+    while True:
+        try:
+            result = attempt()
+        except BlockingIOError:
+            if backoff:
+                if pause:
+                    # Writable, and still EAGAIN: an unconnected SOCK_DGRAM
+                    # socket whose receiver's queue is full
+                    # (net.unix.max_dgram_qlen) polls writable all along, since
+                    # the kernel tracks only a connected peer.  Waiting for
+                    # writability alone would spin: back off as well.
+                    await _sleep(pause)
+                    pause = min(pause * 2, 0.05)
+                else:
+                    pause = 0.001
+            await _wait(fd, writable)
+            waited = True
+            continue
+        if trio_support is not None and not waited:
+            await trio_support.cancel_shielded_checkpoint()
+        return result
 
 
 # ---- waiting for readiness -------------------------------------------------
@@ -97,7 +183,14 @@ def _wake(key: _Key) -> None:
 
 
 async def _wait(fd: int, writable: bool) -> None:
-    """Wait until `fd` is readable (or writable), with a reader/writer callback on the loop."""
+    """Wait until `fd` is readable (or writable), with a reader/writer callback on the loop.
+
+    Under trio, on trio's own readiness waits (afunix._trio).
+    """
+    trio_support = _trio_running()
+    if trio_support is not None:
+        await trio_support.wait(fd, writable)
+        return
     loop = asyncio.get_running_loop()
     key = (loop, fd, writable)
     fut: asyncio.Future[None] = loop.create_future()
@@ -171,27 +264,7 @@ async def send_many_partial(sock: Any, messages: Iterable[Any], flags: int = 0) 
 
 async def _send_some(sock: Any, fd: int, items: List[Any], flags: int) -> int:
     flags |= _DONTWAIT
-    return await _until_sent(fd, lambda: _send_many_now(sock, items, flags))
-
-
-async def _until_sent(fd: int, attempt: Callable[[], int]) -> int:
-    """attempt() until it does not raise BlockingIOError, waiting for writability in between."""
-    pause = 0.0
-    while True:
-        try:
-            return attempt()
-        except BlockingIOError:
-            if pause:
-                # Writable, and still EAGAIN: an unconnected SOCK_DGRAM socket
-                # whose receiver's queue is full (net.unix.max_dgram_qlen)
-                # polls writable all along, since the kernel tracks only a
-                # connected peer.  Waiting for writability alone would spin:
-                # back off as well.
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 0.05)
-            else:
-                pause = 0.001
-            await _wait(fd, True)
+    return await _retry(fd, True, lambda: _send_many_now(sock, items, flags), backoff=True)
 
 
 async def send_many(sock: Any, messages: Iterable[Any], flags: int = 0) -> int:
@@ -264,8 +337,8 @@ async def _send_stream(sock: Any, fd: int, items: List[Any], flags: int) -> int:
         fds, cred = extras[i]
         if fds or cred is not None:
             view = memoryview(out.datas[i]).cast("B")
-            sent = await _until_sent(fd, lambda: send_with_control(
-                sock, view, fds, cred, flags | _DONTWAIT))
+            sent = await _retry(fd, True, lambda: send_with_control(
+                sock, view, fds, cred, flags | _DONTWAIT), backoff=True)
             await _send_bytes(sock, fd, view[sent:], flags)
             i += 1
             continue
@@ -283,17 +356,14 @@ async def _send_bytes(sock: Any, fd: int, view: memoryview, flags: int) -> None:
     flags |= _DONTWAIT | _NOSIGNAL
     pos, end = 0, len(view)
     while pos < end:
-        try:
-            if raw is not None:
-                pos += raw.send(view[pos:], flags)
-            else:
-                pos += _send_fd(fd, view[pos:], flags)
-        except BlockingIOError:
-            await _wait(fd, True)
+        if raw is not None:
+            pos += await _retry(fd, True, lambda: raw.send(view[pos:], flags))
+        else:
+            pos += await _retry(fd, True, lambda: _send_fd(fd, view[pos:], flags))
 
 
 def _send_fd(fd: int, data: memoryview, flags: int) -> int:
-    twin = socket.socket(fileno=fd)
+    twin = _io.BorrowedSocket(fileno=fd)
     try:
         return twin.send(data, flags)
     finally:
@@ -329,8 +399,8 @@ async def send_fds(sock: Any, buffers: Iterable[Any], fds: Iterable[Any], flags:
     buffer_list = list(buffers)
     fd_list = list(fds)
     flags |= _DONTWAIT
-    return await _until_sent(
-        fd, lambda: _send_fds_now(sock, buffer_list, fd_list, flags, address))
+    return await _retry(
+        fd, True, lambda: _send_fds_now(sock, buffer_list, fd_list, flags, address), backoff=True)
 
 
 # ---- receiving --------------------------------------------------------------
@@ -352,11 +422,8 @@ async def recv_many(sock: Any, max_messages: int, bufsize: int, flags: int = 0, 
     """
     fd, _ = _checked(sock)
     flags = _checks.msg_flags(flags) | _DONTWAIT
-    while True:
-        try:
-            return _recv_many_now(sock, max_messages, bufsize, flags, maxfds=maxfds)
-        except BlockingIOError:
-            await _wait(fd, False)
+    return await _retry(
+        fd, False, lambda: _recv_many_now(sock, max_messages, bufsize, flags, maxfds=maxfds))
 
 
 async def recv_batch(sock: Any, batch: RecvBatch, flags: int = 0) -> int:
@@ -377,11 +444,7 @@ async def recv_batch(sock: Any, batch: RecvBatch, flags: int = 0) -> int:
         raise TypeError("batch must be an afunix.RecvBatch, not %s" % type(batch).__name__)
     fd, _ = _checked(sock)
     flags = _checks.msg_flags(flags) | _DONTWAIT
-    while True:
-        try:
-            return batch.recv(sock, flags)
-        except BlockingIOError:
-            await _wait(fd, False)
+    return await _retry(fd, False, lambda: batch.recv(sock, flags))
 
 
 async def recv_fds(sock: Any, bufsize: int, maxfds: int, flags: int = 0
@@ -400,11 +463,7 @@ async def recv_fds(sock: Any, bufsize: int, maxfds: int, flags: int = 0
     """
     fd, _ = _checked(sock)
     flags = _checks.msg_flags(flags) | _DONTWAIT
-    while True:
-        try:
-            return _recv_fds_now(sock, bufsize, maxfds, flags)
-        except BlockingIOError:
-            await _wait(fd, False)
+    return await _retry(fd, False, lambda: _recv_fds_now(sock, bufsize, maxfds, flags))
 
 
 # ---- connections ------------------------------------------------------------
@@ -425,12 +484,7 @@ async def accept(listening_sock: socket.socket) -> Tuple[socket.socket, Any]:
     if not isinstance(listening_sock, socket.socket):
         raise TypeError("expected a socket.socket, not %s" % type(listening_sock).__name__)
     fd, _ = _checked(listening_sock)
-    while True:
-        try:
-            conn, address = listening_sock.accept()
-            break
-        except BlockingIOError:
-            await _wait(fd, False)
+    conn, address = await _retry(fd, False, listening_sock.accept)
     try:
         conn.setblocking(False)
     except BaseException:
@@ -458,6 +512,9 @@ async def connect(address: Address, type: int = socket.SOCK_STREAM) -> socket.so
     """
     raw, _ = _parse(address)
     kind = _checks.supported_socket_type(type)
+    trio_support = _trio_running()
+    if trio_support is not None:
+        await trio_support.checkpoint_if_cancelled()
     pause = 0.001
     while True:
         sock = socket.socket(socket.AF_UNIX, kind)
@@ -480,7 +537,7 @@ async def connect(address: Address, type: int = socket.SOCK_STREAM) -> socket.so
         except BaseException:
             sock.close()
             raise
-        await asyncio.sleep(pause)
+        await _sleep(pause)
         pause = min(pause * 2, 0.05)
 
 
@@ -488,7 +545,7 @@ async def connect(address: Address, type: int = socket.SOCK_STREAM) -> socket.so
 
 
 class Channel:
-    """The asyncio form of `afunix.Channel`: the same framed messages, on the event loop.
+    """The async form of `afunix.Channel` (asyncio, uvloop, trio): the same framed messages.
 
     Wraps a synchronous `afunix.Channel` over a non-blocking socket and
     follows the same try-first pattern as the rest of this module.  The
@@ -562,10 +619,8 @@ class Channel:
         items = messages if isinstance(messages, list) else list(messages)
         sent = 0
         while sent < len(items):
-            try:
-                sent += self._ch.send_many(items[sent:] if sent else items)
-            except BlockingIOError:
-                await _wait(self._fd, True)
+            rest = items[sent:] if sent else items
+            sent += await _retry(self._fd, True, lambda: self._ch.send_many(rest))
         if self._flush_after_send:
             await self.flush()
         return sent
@@ -578,11 +633,7 @@ class Channel:
     # ---- receive ----------------------------------------------------------------
 
     async def _try(self, call: Callable[..., Any], *args: Any) -> Any:
-        while True:
-            try:
-                return call(*args)
-            except BlockingIOError:
-                await _wait(self._fd, False)
+        return await _retry(self._fd, False, lambda: call(*args))
 
     async def recv(self) -> bytes:
         """Receive one message (descriptors that came with it are closed).

@@ -10,6 +10,7 @@ import socket
 from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 from . import _backend, _checks, _io
+from ._kernel import MSG_NOSIGNAL
 from .message import Message
 
 #: Most messages one call takes or returns (UIO_MAXIOV).
@@ -21,7 +22,7 @@ _SCM_MAX_FD = 253
 _DONTWAIT = int(socket.MSG_DONTWAIT)
 # A byte stream goes through socket.sendall, which does not add it: without
 # it a hung-up peer raises SIGPIPE, fatal where the handler is SIG_DFL.
-_NOSIGNAL = int(getattr(socket, "MSG_NOSIGNAL", 0))
+_NOSIGNAL = MSG_NOSIGNAL
 _STREAM = int(socket.SOCK_STREAM)
 
 

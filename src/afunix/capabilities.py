@@ -8,6 +8,7 @@ import sys
 from typing import Callable, Dict
 
 from . import _backend
+from ._kernel import MSG_CMSG_CLOEXEC, SCM_CREDENTIALS, SO_PASSCRED, SO_PEERCRED
 
 #: Most descriptors one SCM_RIGHTS message may carry (Linux SCM_MAX_FD).
 SCM_MAX_FD = 253
@@ -49,10 +50,10 @@ _PROBES: Dict[str, Callable[[], bool]] = {
     "sendmmsg": lambda: _backend.name == "c" and bool(_cbackend_flag("AFUNIX_HAS_SENDMMSG")),
     "seqpacket": _probe_seqpacket,
     "abstract": lambda: _LINUX,
-    "peercred": lambda: hasattr(socket, "SO_PEERCRED"),
-    "passcred": lambda: hasattr(socket, "SO_PASSCRED") and hasattr(socket, "SCM_CREDENTIALS"),
+    "peercred": lambda: SO_PEERCRED is not None,
+    "passcred": lambda: SO_PASSCRED is not None and SCM_CREDENTIALS is not None,
     "peerpidfd": lambda: _LINUX and _probe_sockopt(_SO_PEERPIDFD),
-    "cmsg_cloexec": lambda: hasattr(socket, "MSG_CMSG_CLOEXEC"),
+    "cmsg_cloexec": lambda: MSG_CMSG_CLOEXEC != 0,
 }
 
 

@@ -17,6 +17,7 @@ import weakref
 from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple, TypeVar
 
 from . import _backend, _checks, _io
+from ._kernel import MSG_CMSG_CLOEXEC, MSG_NOSIGNAL
 from .batch import checked_fds, pinned, plain_pinned
 from .frames import (DEFAULT_MAX_FRAME, HEADER_SIZE, MAX_FRAME_LIMIT, RECORD_MAX, FrameBatch,
                      ProtocolError, _chunked, _header, _JOIN_MAX, _Records, _Segment)
@@ -37,8 +38,8 @@ _ANCBUF = socket.CMSG_SPACE(4 * _SCM_MAX_FD) + socket.CMSG_SPACE(12)
 # them builds a new enum object each time.
 _STREAM = int(socket.SOCK_STREAM)
 _SEQPACKET = int(socket.SOCK_SEQPACKET)
-_NOSIGNAL = int(getattr(socket, "MSG_NOSIGNAL", 0))
-_CLOEXEC = int(getattr(socket, "MSG_CMSG_CLOEXEC", 0))
+_NOSIGNAL = MSG_NOSIGNAL
+_CLOEXEC = MSG_CMSG_CLOEXEC
 _TRUNC = int(socket.MSG_TRUNC)
 _CTRUNC = int(socket.MSG_CTRUNC)
 _SOL_SOCKET = int(socket.SOL_SOCKET)

@@ -1,20 +1,21 @@
 """Descriptor passing and peer identity, safe by default."""
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import struct
 from typing import Any, Iterable, List, Optional, Tuple
 
 from . import _checks, _io
+from ._kernel import SO_PASSCRED, SO_PEERCRED
 from .batch import _send_messages, _send_stream, checked_fds, write_with_control
 from .capabilities import SCM_MAX_FD
 from .receive import MAX_BUFSIZE, _cached_arena, _receive
 from .message import Address, Credentials, TruncatedError
 
-# SO_PEERPIDFD (Linux >= 6.5) and SO_PASSCRED may be missing from the socket module.
+# SO_PEERPIDFD (Linux >= 6.5) may be missing from the socket module.
 _SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
-_SO_PASSCRED = getattr(socket, "SO_PASSCRED", 16)
 _STREAM = int(socket.SOCK_STREAM)
 _CTRUNC = int(socket.MSG_CTRUNC)
 
@@ -100,14 +101,22 @@ def recv_fds(sock: Any, bufsize: int, maxfds: int, flags: int = 0
     return data, fds, msg_flags, address
 
 
+def _known_option(option: Optional[int], name: str) -> int:
+    """`option`, or OSError(ENOPROTOOPT), as the kernel answers an option it lacks."""
+    if option is None:
+        raise OSError(errno.ENOPROTOOPT, "%s is not known on this platform" % name)
+    return option
+
+
 def peer_credentials(sock: Any) -> Credentials:
     """The connected peer's pid, uid and gid at connect time (SO_PEERCRED).
 
     Like ``sock.getsockopt(SOL_SOCKET, SO_PEERCRED, ...)`` unpacked by hand.
     """
+    option = _known_option(SO_PEERCRED, "SO_PEERCRED")
     t = _io.target(sock)
     try:
-        raw = t.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+        raw = t.sock.getsockopt(socket.SOL_SOCKET, option, 12)
     finally:
         if t.shadow:
             t.sock.detach()
@@ -136,9 +145,10 @@ def peer_pidfd(sock: Any) -> int:
 
 def pass_credentials(sock: Any, on: bool = True) -> None:
     """Turn SO_PASSCRED on (or off): received messages then carry the sender's credentials."""
+    option = _known_option(SO_PASSCRED, "SO_PASSCRED")
     t = _io.target(sock)
     try:
-        t.sock.setsockopt(socket.SOL_SOCKET, _SO_PASSCRED, 1 if on else 0)
+        t.sock.setsockopt(socket.SOL_SOCKET, option, 1 if on else 0)
     finally:
         if t.shadow:
             t.sock.detach()

@@ -44,6 +44,16 @@ def kernel_limits() -> List[Tuple[str, str]]:
     return rows
 
 
+def interpreter() -> str:
+    """The running interpreter: "CPython 3.11.7", "PyPy 7.3.11 (Python 3.9.16)"."""
+    name = platform.python_implementation()
+    python = platform.python_version()
+    if name == "CPython":
+        return "CPython %s" % python
+    own = sys.implementation.version
+    return "%s %d.%d.%d (Python %s)" % (name, own.major, own.minor, own.micro, python)
+
+
 def report() -> str:
     """The full info text."""
     lines = [
@@ -52,12 +62,14 @@ def report() -> str:
     ]
     if _backend.c_core_error is not None:
         lines.append("C core: not used: %s" % _backend.c_core_error)
+        lines.append("  to get it: install a C compiler and the Python headers, then "
+                     "pip install --force-reinstall --no-deps --no-cache-dir afunix")
     elif _backend.name == "stdlib":
         lines.append("C core: %s (AFUNIX_BACKEND=stdlib)" % (
             "built" if supports("c_core") else "not built"))
     else:
         lines.append("C core: loaded")
-    lines.append("python: %s %s" % (platform.python_implementation(), sys.version.split()[0]))
+    lines.append("python: %s, %s" % (interpreter(), sys.executable))
     lines.append("platform: %s %s %s" % (platform.system(), platform.release(), platform.machine()))
     lines.append("")
     lines.append("capabilities:")

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from .affinity import pin
 from .matrix import MAX_COUNT, Mode, Row, fixed_count, min_count, warmup_count
 from .workloads import (RECEIVERS, SENDERS, SETUPS, SHARED, WORKLOADS, Received, Setup, Side,
                         expected)
@@ -87,8 +88,7 @@ def _child(side: Side, setup: Optional[Setup], sock: Optional[socket.socket], sh
     try:
         # Pinned first: threads a peer starts in its setup (pyzmq's I/O
         # thread, nng's workers, a Queue's feeder) inherit this CPU.
-        if hasattr(os, "sched_setaffinity"):  # Linux; elsewhere the scheduler places
-            os.sched_setaffinity(0, {cpu})
+        pin(cpu)
         if backend is not None:
             from .. import _backend
             _backend.use(backend)

@@ -1,0 +1,50 @@
+"""Kernel constants that an interpreter's socket and os modules may lack.
+
+PyPy 3.9 (7.3) has no ``socket.MSG_NOSIGNAL``, ``MSG_CMSG_CLOEXEC``,
+``SO_PEERCRED``, ``SO_PASSCRED`` or ``SCM_CREDENTIALS`` and no ``os.O_PATH``,
+though its sockets pass any flag or option number straight to the kernel.
+Without them a send to a closed peer raises SIGPIPE, received descriptors
+are inheritable, and peer credentials cannot be asked for.  Each name here
+is the interpreter's own value when it has one, else the value of the Linux
+UAPI headers, else 0 (a flag that adds nothing) or None (an option that
+is not there).  This module is the one owner of these numbers.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import sys
+from types import ModuleType
+from typing import Optional
+
+_LINUX = sys.platform.startswith("linux")
+# SO_PASSCRED, SO_PEERCRED and O_PATH have other numbers on these
+# architectures (asm/socket.h, asm/fcntl.h of each); there only the
+# interpreter's own values are used.
+_GENERIC_ABI = _LINUX and not platform.machine().lower().startswith(
+    ("alpha", "mips", "parisc", "hppa", "ppc", "powerpc", "sparc"))
+
+
+def _value(module: ModuleType, name: str, linux: Optional[int]) -> Optional[int]:
+    own = getattr(module, name, None)
+    if own is not None:
+        return int(own)
+    return linux
+
+
+# linux/socket.h: the same on every architecture.
+#: Send flag: a closed peer is EPIPE, never SIGPIPE (0 where unknown).
+MSG_NOSIGNAL: int = _value(socket, "MSG_NOSIGNAL", 0x4000 if _LINUX else None) or 0
+#: Receive flag: descriptors arrive close-on-exec (0 where unknown).
+MSG_CMSG_CLOEXEC: int = _value(socket, "MSG_CMSG_CLOEXEC", 0x40000000 if _LINUX else None) or 0
+#: Control message type of struct ucred (None where unknown).
+SCM_CREDENTIALS: Optional[int] = _value(socket, "SCM_CREDENTIALS", 2 if _LINUX else None)
+
+# asm-generic/socket.h and asm-generic/fcntl.h.
+#: Socket option: the connected peer's struct ucred (None where unknown).
+SO_PEERCRED: Optional[int] = _value(socket, "SO_PEERCRED", 17 if _GENERIC_ABI else None)
+#: Socket option: receive SCM_CREDENTIALS with every message (None where unknown).
+SO_PASSCRED: Optional[int] = _value(socket, "SO_PASSCRED", 16 if _GENERIC_ABI else None)
+#: open() flag: a descriptor that only names a file (0 where unknown).
+O_PATH: int = _value(os, "O_PATH", 0o10000000 if _GENERIC_ABI else None) or 0

@@ -1,0 +1,62 @@
+"""afunix.aio under trio: readiness waits, sleeps and checkpoints on trio's own primitives.
+
+Imported by afunix.aio only once trio itself has been imported, so asyncio
+programs never need trio (or sniffio, which trio depends on).
+
+trio lets one task at a time wait for a descriptor in one direction
+(``wait_readable`` raises BusyResourceError for a second waiter), where
+afunix.aio promises that several tasks may wait on one socket.  So the
+first task to wait calls ``wait_readable``/``wait_writable`` and the
+others wait on an Event it sets when it returns, for any reason: readiness,
+or its own cancellation.  Every woken task tries its call again and waits
+again on EAGAIN, so a wake-up that finds nothing to do costs one system
+call and loses nothing.
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import sniffio
+import trio
+
+# (run, fd, writable) -> the Event of the task waiting on trio for that event.
+# The run's token is in the key: two trio runs in two threads are unrelated.
+_Key = Tuple[object, int, bool]
+_leaders: Dict[_Key, trio.Event] = {}
+
+sleep = trio.sleep
+#: Raise Cancelled if the surrounding scope is cancelled; never yields otherwise.
+checkpoint_if_cancelled = trio.lowlevel.checkpoint_if_cancelled
+#: Yield to the scheduler without raising Cancelled (after a call that took something).
+cancel_shielded_checkpoint = trio.lowlevel.cancel_shielded_checkpoint
+
+
+def running() -> bool:
+    """Whether the calling task runs under trio (sniffio asks the running library)."""
+    try:
+        return sniffio.current_async_library() == "trio"
+    except sniffio.AsyncLibraryNotFoundError:
+        return False
+
+
+async def wait(fd: int, writable: bool) -> None:
+    """Wait until `fd` may be readable (or writable): the caller tries again either way."""
+    key = (trio.lowlevel.current_trio_token(), fd, writable)
+    leader = _leaders.get(key)
+    if leader is not None:
+        await leader.wait()
+        return
+    woken = _leaders[key] = trio.Event()
+    try:
+        if writable:
+            await trio.lowlevel.wait_writable(fd)
+        else:
+            await trio.lowlevel.wait_readable(fd)
+    finally:
+        del _leaders[key]
+        woken.set()
+
+
+def is_waiting(fd: int, writable: bool) -> bool:
+    """Whether a task of this trio run waits on `fd` in that direction (for tests)."""
+    return (trio.lowlevel.current_trio_token(), fd, writable) in _leaders
