@@ -534,18 +534,18 @@ async def test_abstract_address_round_trip() -> None:
             assert await collect(conn, 2) == [b"one", b"two"]
 
 
-# ---- the README's trio example ----------------------------------------------------
+# ---- the trio example of docs/async.md -------------------------------------------
 
 
-def test_readme_trio_example(backend: str) -> None:
+def test_docs_trio_example(backend: str) -> None:
     from pathlib import Path
 
     from conftest import need_library, run_python
 
     need_library("trio")
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    guide = (Path(__file__).resolve().parent.parent / "docs" / "async.md").read_text()
     # (tests/test_docs.py runs it too; this checks what it prints)
-    code = readme.split("```python\nimport socket, trio,", 1)[1].split("```", 1)[0]
+    code = guide.split("```python\nimport socket, trio,", 1)[1].split("```", 1)[0]
     code = "import socket, trio," + code
     proc = run_python(code, backend)
     assert proc.returncode == 0, proc.stderr

@@ -559,10 +559,10 @@ def test_recv_fds_maxfds_over_scm_max_fd_as_the_stdlib(fd_baseline: set[int]) ->
             afunix.recv_fds(b, 8, -1)
 
 
-# ---- README, "Differences from the stdlib": afunix's column -----------------------
+# ---- docs/stdlib.md, "Differences from the stdlib": afunix's column ---------------
 
 
-def test_the_differences_from_the_stdlib_are_as_the_readme_says(fd_baseline: set[int]) -> None:
+def test_the_differences_from_the_stdlib_are_as_the_docs_say(fd_baseline: set[int]) -> None:
     r, w = os.pipe()
     try:
         a, b = afunix.socketpair(socket.SOCK_STREAM)

@@ -558,7 +558,7 @@ class Channel:
 
     Args:
         sock: a connected, non-blocking AF_UNIX SOCK_STREAM or SOCK_SEQPACKET socket.
-        max_frame, write_buffer: as for `afunix.Channel`.
+        **options: ``max_frame`` and ``write_buffer``, as for `afunix.Channel`.
 
     Raises:
         ValueError: a blocking socket (see the module's rules), or what
