@@ -19,15 +19,20 @@ VERSION = re.search(
     (HERE.parent / "src" / "afunix" / "_version.py").read_text(),
 ).group(1)
 
-# Every csrc/*.cdef is part of the interface, every csrc/*.h is included and
-# every csrc/*.c compiled: adding a file is all it takes.
+# What the product extension is made of, named one by one: csrc/ also holds
+# code that is not the product's (csrc/reference/, the benchmark's C loops,
+# built by csrc/reference/build.py; csrc/fuzz/).
+CDEFS = ["afunix.cdef", "channel.cdef"]
+HEADERS = ["afunix.h", "channel.h"]
+SOURCES = ["afunix.c", "channel.c"]
+
 ffibuilder = FFI()
-ffibuilder.cdef("\n".join(p.read_text() for p in sorted(HERE.glob("*.cdef"))))
+ffibuilder.cdef("\n".join((HERE / name).read_text() for name in CDEFS))
 ffibuilder.set_source(
     "afunix._afunix_core",
-    "\n".join('#include "%s"' % p.name for p in sorted(HERE.glob("*.h"))),
+    "\n".join('#include "%s"' % name for name in HEADERS),
     # Relative to the working directory: setuptools wants relative paths.
-    sources=sorted(os.path.relpath(p) for p in HERE.glob("*.c")),
+    sources=[os.path.relpath(HERE / name) for name in SOURCES],
     include_dirs=[str(HERE)],
     define_macros=[("_GNU_SOURCE", "1"), ("AFUNIX_VERSION", '"%s"' % VERSION)],
     extra_compile_args=["-std=c99", "-O2", "-Wall", "-Wextra"]

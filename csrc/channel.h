@@ -54,15 +54,4 @@ int64_t afunix_frames_pack(char *out, size_t outlen, const char *data, size_t da
                            const uint32_t *lens, uint32_t uniform_len,
                            const uint32_t *nfds, size_t nfds_count, int n);
 
-/* ---- the benchmark's limit: framing in plain C, no Python ------------------ */
-
-/* Send `count` frames of `size` (>= 8) payload bytes over fd (a stream or
- * SEQPACKET socket), `batch` frames packed per write (at most 64 KiB a write
- * on SEQPACKET); payload i starts with i as a little-endian uint64. */
-int64_t afunix_chan_ref_send(int fd, int count, int size, int batch, int seqpacket);
-/* Receive `count` frames from fd, parsing the byte stream in C; adds the
- * number that starts each payload to *checksum; a frame of another length is
- * -EBADMSG.  Returns the frames received. */
-int64_t afunix_chan_ref_recv(int fd, int count, int size, uint64_t *checksum);
-
 #endif
