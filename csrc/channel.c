@@ -55,7 +55,7 @@ int afunix_frames_parse(struct afunix_frames *frames, const char *buf, size_t st
         uint32_t length = get_le32(h);
         uint32_t nfds = h[4];
         uint32_t tag = (uint32_t)h[5] | ((uint32_t)h[6] << 8) | ((uint32_t)h[7] << 16);
-        if (tag != HEADER_TAG || nfds > AFUNIX_FRAME_MAX_NFDS) {
+        if (tag != HEADER_TAG || nfds > AFUNIX_SCM_MAX_FD) {
             rc = -EBADMSG;
             break;
         }
@@ -107,7 +107,7 @@ int64_t afunix_frames_pack(char *out, size_t outlen, const char *data, size_t da
     size_t left = datalen;
     for (int i = 0; i < n; i++) {
         uint32_t length = lens != NULL ? lens[i] : uniform_len;
-        if ((size_t)length > left || (nfds != NULL && nfds[i] > AFUNIX_FRAME_MAX_NFDS))
+        if ((size_t)length > left || (nfds != NULL && nfds[i] > AFUNIX_SCM_MAX_FD))
             return -EINVAL;
         left -= length;
     }

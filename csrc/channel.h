@@ -12,10 +12,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define AFUNIX_FRAME_HEADER 8         /* bytes of a frame header */
-#define AFUNIX_FRAME_VERSION 1        /* the version this core writes and reads */
-#define AFUNIX_FRAME_MAGIC 0xAF       /* last header byte of every frame */
-#define AFUNIX_FRAME_MAX_NFDS 253     /* SCM_MAX_FD */
+#include "afunix_limits.h" /* AFUNIX_FRAME_HEADER, _VERSION, _MAGIC; AFUNIX_SCM_MAX_FD */
 
 /* Where afunix_frames_parse writes: per frame, the offset of its payload in
  * the parsed buffer, its length and its descriptor count.  The caller owns

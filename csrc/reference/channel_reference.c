@@ -7,7 +7,7 @@
 #define _GNU_SOURCE 1
 #endif
 #include "channel_reference.h"
-#include "channel.h"
+#include "afunix_limits.h"
 
 #include <errno.h>
 #include <stdlib.h>
@@ -36,7 +36,6 @@ static void put_header(unsigned char *p, uint32_t length, uint32_t nfds)
     p[7] = AFUNIX_FRAME_MAGIC;
 }
 
-#define REF_RECORD_MAX 65536
 #define REF_RECV_BUF (256 * 1024)
 
 static void put_le64(unsigned char *p, uint64_t v)
@@ -53,14 +52,14 @@ static uint64_t get_le64(const unsigned char *p)
     return v;
 }
 
-/* Write all of buf[0, len), in records of at most REF_RECORD_MAX on SEQPACKET. */
+/* Write all of buf[0, len), in records of at most AFUNIX_RECORD_MAX on SEQPACKET. */
 static int write_all(int fd, const unsigned char *buf, size_t len, int seqpacket)
 {
     size_t done = 0;
     while (done < len) {
         size_t chunk = len - done;
-        if (seqpacket && chunk > REF_RECORD_MAX)
-            chunk = REF_RECORD_MAX;
+        if (seqpacket && chunk > AFUNIX_RECORD_MAX)
+            chunk = AFUNIX_RECORD_MAX;
         ssize_t w = send(fd, buf + done, chunk, MSG_NOSIGNAL);
         if (w < 0) {
             if (errno == EINTR)
@@ -77,10 +76,10 @@ int64_t afunix_chan_ref_send(int fd, int count, int size, int batch, int seqpack
     if (count < 0 || size < 8 || batch < 1)
         return -EINVAL;
     size_t frame = AFUNIX_FRAME_HEADER + (size_t)size;
-    if (seqpacket && frame > REF_RECORD_MAX)
+    if (seqpacket && frame > AFUNIX_RECORD_MAX)
         batch = 1;
-    else if (seqpacket && frame * (size_t)batch > REF_RECORD_MAX)
-        batch = (int)(REF_RECORD_MAX / frame);
+    else if (seqpacket && frame * (size_t)batch > AFUNIX_RECORD_MAX)
+        batch = (int)(AFUNIX_RECORD_MAX / frame);
     unsigned char *out = calloc((size_t)batch, frame);
     if (out == NULL)
         return -ENOMEM;
@@ -108,7 +107,7 @@ int64_t afunix_chan_ref_recv(int fd, int count, int size, uint64_t *checksum)
         return -EINVAL;
     size_t frame = AFUNIX_FRAME_HEADER + (size_t)size;
     size_t cap = REF_RECV_BUF;
-    while (cap < frame + REF_RECORD_MAX)
+    while (cap < frame + AFUNIX_RECORD_MAX)
         cap *= 2;
     unsigned char *buf = malloc(cap);
     if (buf == NULL)
@@ -136,7 +135,7 @@ int64_t afunix_chan_ref_recv(int fd, int count, int size, uint64_t *checksum)
             break;
         if (start == end) {
             start = end = 0;
-        } else if (cap - end < REF_RECORD_MAX) {
+        } else if (cap - end < AFUNIX_RECORD_MAX) {
             memmove(buf, buf + start, end - start);
             end -= start;
             start = 0;
