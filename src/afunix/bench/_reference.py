@@ -9,22 +9,22 @@ or raises OSError.
 """
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 from typing import Any, Optional
 
-ffi: Any
-lib: Any
-MISSING: Optional[str]  # why the module cannot be used, or None when it can
+ffi: Any = None
+lib: Any = None
+MISSING: Optional[str] = None  # why the module cannot be used, or None when it can
 try:
-    from ._afunix_reference import ffi, lib
+    _compiled = importlib.import_module("afunix.bench._afunix_reference")
 except ImportError as exc:
-    ffi = lib = None
     _note = Path(__file__).with_name("_reference_missing.txt")
     _why = ("its build failed: " + _note.read_text().strip()) if _note.exists() else str(exc)
     MISSING = "the C reference loops are not built (%s)" % _why
 else:
-    MISSING = None
+    ffi, lib = _compiled.ffi, _compiled.lib
 
 
 def _check(rc: int) -> int:

@@ -33,6 +33,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import afunix
 
+from .._limits import FRAME_HEADER
 from . import _reference
 from . import workloads as _w
 from .matrix import KIB, Row
@@ -41,7 +42,6 @@ from .workloads import Mismatch, Received, Workload, register
 _SEQ = struct.Struct("<Q")
 _PREFIX = struct.Struct("<I")  # the careful stdlib stream's length prefix
 _LITTLE = sys.byteorder == "little"
-_CHANNEL_HEADER = 8
 
 
 def message_maker(size: int) -> Callable[[int], bytes]:
@@ -146,7 +146,7 @@ def chan_recv_batch(sock: socket.socket, count: int, row: Row) -> Received:
     """Channel.recv_batch(): the zero-copy receive, numbers summed in place, no object per message."""
     ch = _channel(sock)
     size = row.size
-    stride = (size + _CHANNEL_HEADER) // 8
+    stride = (size + FRAME_HEADER) // 8
     got = total = 0
     while got < count:
         batch = ch.recv_batch()
@@ -156,8 +156,8 @@ def chan_recv_batch(sock: socket.socket, count: int, row: Row) -> Received:
         if batch.size != size:
             raise Mismatch("a message of another length than %d bytes" % size)
         if _LITTLE and size % 8 == 0:
-            frames = batch.buffer[batch.start + _CHANNEL_HEADER:batch.end].cast("B")
-            total += sum(frames[:n * stride * 8 - _CHANNEL_HEADER].cast("Q")[::stride])
+            frames = batch.buffer[batch.start + FRAME_HEADER:batch.end].cast("B")
+            total += sum(frames[:n * stride * 8 - FRAME_HEADER].cast("Q")[::stride])
         else:
             total += sum(_SEQ.unpack_from(view)[0] for view in batch)
         got += n
