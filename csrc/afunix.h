@@ -15,6 +15,8 @@
 #include <sys/types.h>
 #include <sys/socket.h>
 
+#include "afunix_limits.h"
+
 /* The package version this core was built for; the Python side refuses to
  * run a core whose version differs (a stale build in the source tree). */
 const char *afunix_version(void);
@@ -27,9 +29,7 @@ int afunix_socketpairs(int type, int nonblock, int n, int *fds);
 
 /* ---- batched message I/O ------------------------------------------------ */
 
-#define AFUNIX_MAX_BATCH 1024      /* UIO_MAXIOV: most messages per call */
-#define AFUNIX_SCM_MAX_FD 253      /* most descriptors per SCM_RIGHTS message */
-#define AFUNIX_ADDR_MAX 108        /* bytes of sun_path we keep per address */
+/* AFUNIX_MAX_BATCH, AFUNIX_SCM_MAX_FD, AFUNIX_ADDR_MAX: afunix_limits.h. */
 
 #if defined(__linux__)
 #define AFUNIX_HAS_SENDMMSG 1

@@ -6,14 +6,7 @@
 #include "channel.h"
 
 #include <errno.h>
-#include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
-#include <sys/socket.h>
-
-#ifndef MSG_NOSIGNAL
-#define MSG_NOSIGNAL 0 /* macOS: SO_NOSIGPIPE is the socket-level equivalent */
-#endif
 
 /* The three top header bytes of every version-1 frame: flags 0, version 1,
  * magic 0xAF, read as one little-endian field. */
@@ -62,7 +55,7 @@ int afunix_frames_parse(struct afunix_frames *frames, const char *buf, size_t st
         uint32_t length = get_le32(h);
         uint32_t nfds = h[4];
         uint32_t tag = (uint32_t)h[5] | ((uint32_t)h[6] << 8) | ((uint32_t)h[7] << 16);
-        if (tag != HEADER_TAG || nfds > AFUNIX_FRAME_MAX_NFDS) {
+        if (tag != HEADER_TAG || nfds > AFUNIX_SCM_MAX_FD) {
             rc = -EBADMSG;
             break;
         }
@@ -114,7 +107,7 @@ int64_t afunix_frames_pack(char *out, size_t outlen, const char *data, size_t da
     size_t left = datalen;
     for (int i = 0; i < n; i++) {
         uint32_t length = lens != NULL ? lens[i] : uniform_len;
-        if ((size_t)length > left || (nfds != NULL && nfds[i] > AFUNIX_FRAME_MAX_NFDS))
+        if ((size_t)length > left || (nfds != NULL && nfds[i] > AFUNIX_SCM_MAX_FD))
             return -EINVAL;
         left -= length;
     }
@@ -136,129 +129,4 @@ int64_t afunix_frames_pack(char *out, size_t outlen, const char *data, size_t da
         in += length;
     }
     return (int64_t)total;
-}
-
-/* ---- the benchmark's limit ------------------------------------------------ */
-
-#define REF_RECORD_MAX 65536
-#define REF_RECV_BUF (256 * 1024)
-
-static void put_le64(unsigned char *p, uint64_t v)
-{
-    for (int i = 0; i < 8; i++)
-        p[i] = (unsigned char)(v >> (8 * i));
-}
-
-static uint64_t get_le64(const unsigned char *p)
-{
-    uint64_t v = 0;
-    for (int i = 7; i >= 0; i--)
-        v = (v << 8) | p[i];
-    return v;
-}
-
-/* Write all of buf[0, len), in records of at most REF_RECORD_MAX on SEQPACKET. */
-static int write_all(int fd, const unsigned char *buf, size_t len, int seqpacket)
-{
-    size_t done = 0;
-    while (done < len) {
-        size_t chunk = len - done;
-        if (seqpacket && chunk > REF_RECORD_MAX)
-            chunk = REF_RECORD_MAX;
-        ssize_t w = send(fd, buf + done, chunk, MSG_NOSIGNAL);
-        if (w < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        done += (size_t)w;
-    }
-    return 0;
-}
-
-int64_t afunix_chan_ref_send(int fd, int count, int size, int batch, int seqpacket)
-{
-    if (count < 0 || size < 8 || batch < 1)
-        return -EINVAL;
-    size_t frame = AFUNIX_FRAME_HEADER + (size_t)size;
-    if (seqpacket && frame > REF_RECORD_MAX)
-        batch = 1;
-    else if (seqpacket && frame * (size_t)batch > REF_RECORD_MAX)
-        batch = (int)(REF_RECORD_MAX / frame);
-    unsigned char *out = calloc((size_t)batch, frame);
-    if (out == NULL)
-        return -ENOMEM;
-    for (int i = 0; i < batch; i++)
-        put_header(out + (size_t)i * frame, (uint32_t)size, 0);
-    int64_t sent = 0;
-    while (sent < count) {
-        int n = count - sent < batch ? (int)(count - sent) : batch;
-        for (int i = 0; i < n; i++)
-            put_le64(out + (size_t)i * frame + AFUNIX_FRAME_HEADER, (uint64_t)(sent + i));
-        int rc = write_all(fd, out, (size_t)n * frame, seqpacket);
-        if (rc < 0) {
-            free(out);
-            return rc;
-        }
-        sent += n;
-    }
-    free(out);
-    return sent;
-}
-
-int64_t afunix_chan_ref_recv(int fd, int count, int size, uint64_t *checksum)
-{
-    if (count < 0 || size < 8 || checksum == NULL)
-        return -EINVAL;
-    size_t frame = AFUNIX_FRAME_HEADER + (size_t)size;
-    size_t cap = REF_RECV_BUF;
-    while (cap < frame + REF_RECORD_MAX)
-        cap *= 2;
-    unsigned char *buf = malloc(cap);
-    if (buf == NULL)
-        return -ENOMEM;
-    size_t start = 0, end = 0;
-    int64_t got = 0;
-    uint64_t sum = 0;
-    int64_t rc = 0;
-    while (got < count) {
-        /* parse every complete frame */
-        while (end - start >= AFUNIX_FRAME_HEADER) {
-            const unsigned char *h = buf + start;
-            uint32_t length = get_le32(h);
-            if (h[7] != AFUNIX_FRAME_MAGIC || length != (uint32_t)size) {
-                rc = -EBADMSG;
-                goto out;
-            }
-            if (end - start < frame)
-                break;
-            sum += get_le64(h + AFUNIX_FRAME_HEADER);
-            start += frame;
-            got++;
-        }
-        if (got >= count)
-            break;
-        if (start == end) {
-            start = end = 0;
-        } else if (cap - end < REF_RECORD_MAX) {
-            memmove(buf, buf + start, end - start);
-            end -= start;
-            start = 0;
-        }
-        ssize_t r = recv(fd, buf + end, cap - end, 0);
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            rc = -errno;
-            goto out;
-        }
-        if (r == 0)
-            break;
-        end += (size_t)r;
-    }
-    rc = got;
-out:
-    *checksum = sum;
-    free(buf);
-    return rc;
 }

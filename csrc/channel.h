@@ -12,10 +12,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define AFUNIX_FRAME_HEADER 8         /* bytes of a frame header */
-#define AFUNIX_FRAME_VERSION 1        /* the version this core writes and reads */
-#define AFUNIX_FRAME_MAGIC 0xAF       /* last header byte of every frame */
-#define AFUNIX_FRAME_MAX_NFDS 253     /* SCM_MAX_FD */
+#include "afunix_limits.h" /* AFUNIX_FRAME_HEADER, _VERSION, _MAGIC; AFUNIX_SCM_MAX_FD */
 
 /* Where afunix_frames_parse writes: per frame, the offset of its payload in
  * the parsed buffer, its length and its descriptor count.  The caller owns
@@ -53,16 +50,5 @@ int afunix_frames_parse(struct afunix_frames *frames, const char *buf, size_t st
 int64_t afunix_frames_pack(char *out, size_t outlen, const char *data, size_t datalen,
                            const uint32_t *lens, uint32_t uniform_len,
                            const uint32_t *nfds, size_t nfds_count, int n);
-
-/* ---- the benchmark's limit: framing in plain C, no Python ------------------ */
-
-/* Send `count` frames of `size` (>= 8) payload bytes over fd (a stream or
- * SEQPACKET socket), `batch` frames packed per write (at most 64 KiB a write
- * on SEQPACKET); payload i starts with i as a little-endian uint64. */
-int64_t afunix_chan_ref_send(int fd, int count, int size, int batch, int seqpacket);
-/* Receive `count` frames from fd, parsing the byte stream in C; adds the
- * number that starts each payload to *checksum; a frame of another length is
- * -EBADMSG.  Returns the frames received. */
-int64_t afunix_chan_ref_recv(int fd, int count, int size, uint64_t *checksum);
 
 #endif

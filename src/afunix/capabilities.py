@@ -9,9 +9,8 @@ from typing import Callable, Dict
 
 from . import _backend
 from ._kernel import MSG_CMSG_CLOEXEC, SCM_CREDENTIALS, SO_PASSCRED, SO_PEERCRED
-
-#: Most descriptors one SCM_RIGHTS message may carry (Linux SCM_MAX_FD).
-SCM_MAX_FD = 253
+# Most descriptors one SCM_RIGHTS message may carry (Linux SCM_MAX_FD), public here.
+from ._limits import SCM_MAX_FD as SCM_MAX_FD
 #: Longest filesystem path that fits in sockaddr_un.sun_path, without its NUL.
 MAX_PATH_BYTES = 107 if sys.platform.startswith("linux") else 103
 

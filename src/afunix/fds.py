@@ -10,7 +10,7 @@ from typing import Any, Iterable, List, Optional, Tuple
 from . import _checks, _io
 from ._kernel import SO_PASSCRED, SO_PEERCRED
 from .batch import _send_messages, _send_stream, checked_fds, write_with_control
-from .capabilities import SCM_MAX_FD
+from ._limits import SCM_MAX_FD
 from .receive import MAX_BUFSIZE, _cached_arena, _receive
 from .message import Address, Credentials, TruncatedError
 

@@ -1,18 +1,30 @@
-"""The C reference loops (csrc/reference.c): what this machine allows, without Python.
+"""The C reference loops (csrc/reference/): what this machine allows, without Python.
 
-Importing this module raises ImportError when the C core is not built; the
-benchmark then shows the reference column as n/a.  One function per C
-function, named without the ``afunix_ref_`` prefix; each returns a count or
-raises OSError.
+They live in their own extension module, afunix.bench._afunix_reference,
+built beside the product's core but never part of it.  When it is not built,
+MISSING says why and the benchmark leaves out only its C column.  One
+function per C function, named without the ``afunix_ref_`` prefix (the
+channel's framing: ``chan_`` for ``afunix_chan_ref_``); each returns a count
+or raises OSError.
 """
 from __future__ import annotations
 
+import importlib
 import os
+from pathlib import Path
+from typing import Any, Optional
 
-from .._cbackend import ffi, lib
-
-if not hasattr(lib, "afunix_ref_send"):
-    raise ImportError("the C core was built without csrc/reference.c")
+ffi: Any = None
+lib: Any = None
+MISSING: Optional[str] = None  # why the module cannot be used, or None when it can
+try:
+    _compiled = importlib.import_module("afunix.bench._afunix_reference")
+except ImportError as exc:
+    _note = Path(__file__).with_name("_reference_missing.txt")
+    _why = ("its build failed: " + _note.read_text().strip()) if _note.exists() else str(exc)
+    MISSING = "the C reference loops are not built (%s)" % _why
+else:
+    ffi, lib = _compiled.ffi, _compiled.lib
 
 
 def _check(rc: int) -> int:
@@ -81,3 +93,15 @@ def ping(fd: int, count: int, size: int) -> list[int]:
 def echo(fd: int, count: int, size: int) -> int:
     """Echo count messages back to the sender."""
     return _check(lib.afunix_ref_echo(fd, count, size))
+
+
+def chan_send(fd: int, count: int, size: int, batch: int, seqpacket: bool) -> int:
+    """Send count numbered frames of size payload bytes, batch frames packed per write."""
+    return _check(lib.afunix_chan_ref_send(fd, count, size, batch, int(seqpacket)))
+
+
+def chan_recv(fd: int, count: int, size: int) -> tuple[int, int]:
+    """Receive count frames, parsing the byte stream in C; return (count, checksum)."""
+    checksum = ffi.new("uint64_t *")
+    got = _check(lib.afunix_chan_ref_recv(fd, count, size, checksum))
+    return got, int(checksum[0])

@@ -17,16 +17,15 @@ row's workload names:
   large-stream   Channel.send / recv of 1 MiB and 16 MiB messages  vs a
                  careful sendall / recv_into loop (and sendmmsg / recv in C)
 
-The channel's framing in plain C (csrc/channel.c) is a different program
-from every one of these, so it has a row of its own, ``c-framing``, with
-only the C column.  The rows against third-party tools and
+The channel's framing in plain C (csrc/reference/channel_reference.c) is
+a different program from every one of these, so it has a row of its own,
+``c-framing``, with only the C column.  The rows against third-party tools and
 multiprocessing are in peers.py.  Importing this module registers the
 workloads with workloads.py; the rows are in matrix.py.
 """
 from __future__ import annotations
 
 import array
-import os
 import socket
 import struct
 import sys
@@ -34,6 +33,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import afunix
 
+from .._limits import FRAME_HEADER
+from . import _reference
 from . import workloads as _w
 from .matrix import KIB, Row
 from .workloads import Mismatch, Received, Workload, register
@@ -41,7 +42,6 @@ from .workloads import Mismatch, Received, Workload, register
 _SEQ = struct.Struct("<Q")
 _PREFIX = struct.Struct("<I")  # the careful stdlib stream's length prefix
 _LITTLE = sys.byteorder == "little"
-_CHANNEL_HEADER = 8
 
 
 def message_maker(size: int) -> Callable[[int], bytes]:
@@ -146,7 +146,7 @@ def chan_recv_batch(sock: socket.socket, count: int, row: Row) -> Received:
     """Channel.recv_batch(): the zero-copy receive, numbers summed in place, no object per message."""
     ch = _channel(sock)
     size = row.size
-    stride = (size + _CHANNEL_HEADER) // 8
+    stride = (size + FRAME_HEADER) // 8
     got = total = 0
     while got < count:
         batch = ch.recv_batch()
@@ -156,8 +156,8 @@ def chan_recv_batch(sock: socket.socket, count: int, row: Row) -> Received:
         if batch.size != size:
             raise Mismatch("a message of another length than %d bytes" % size)
         if _LITTLE and size % 8 == 0:
-            frames = batch.buffer[batch.start + _CHANNEL_HEADER:batch.end].cast("B")
-            total += sum(frames[:n * stride * 8 - _CHANNEL_HEADER].cast("Q")[::stride])
+            frames = batch.buffer[batch.start + FRAME_HEADER:batch.end].cast("B")
+            total += sum(frames[:n * stride * 8 - FRAME_HEADER].cast("Q")[::stride])
         else:
             total += sum(_SEQ.unpack_from(view)[0] for view in batch)
         got += n
@@ -233,25 +233,15 @@ def framed_recv_stdlib(sock: socket.socket, count: int, row: Row) -> Received:
 # ---- plain C framing: the limit -------------------------------------------------------
 
 def ref_send(sock: socket.socket, count: int, row: Row) -> Received:
-    """csrc/channel.c: 256 frames packed per write, no Python per message."""
-    from .._cbackend import lib
-
-    seqpacket = int(sock.type == socket.SOCK_SEQPACKET)
-    rc = lib.afunix_chan_ref_send(sock.fileno(), count, row.size, 256, seqpacket)
-    if rc < 0:
-        raise OSError(-rc, os.strerror(-rc))
-    return Received(int(rc))
+    """csrc/reference/channel_reference.c: 256 frames packed per write, no Python per message."""
+    seqpacket = sock.type == socket.SOCK_SEQPACKET
+    return Received(_reference.chan_send(sock.fileno(), count, row.size, 256, seqpacket))
 
 
 def ref_recv(sock: socket.socket, count: int, row: Row) -> Received:
-    """csrc/channel.c: frames parsed from the byte stream in C."""
-    from .._cbackend import ffi, lib
-
-    checksum = ffi.new("uint64_t *")
-    rc = lib.afunix_chan_ref_recv(sock.fileno(), count, row.size, checksum)
-    if rc < 0:
-        raise OSError(-rc, os.strerror(-rc))
-    return Received(int(rc), int(checksum[0]))
+    """csrc/reference/channel_reference.c: frames parsed from the byte stream in C."""
+    got, total = _reference.chan_recv(sock.fileno(), count, row.size)
+    return Received(got, total)
 
 
 # ---- large messages, one per call ------------------------------------------------------
@@ -332,6 +322,6 @@ _chan("large-stream", "LARGE/stream", _STREAM,
       c_sides=(_w.stream_send_c, _w.stream_recv_c))
 register(Workload("c-framing", "C framing", "messages", _STREAM, "msgs/s", (),
                   base="", afunix="",
-                  c="the channel's framing in plain C (csrc/channel.c): 256 frames packed per"
-                    " write, parsed in C; the limit for any CHAN row"),
+                  c="the channel's framing in plain C (csrc/reference/channel_reference.c): 256"
+                    " frames packed per write, parsed in C; the limit for any CHAN row"),
          {"c": (ref_send, ref_recv)})

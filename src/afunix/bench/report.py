@@ -187,10 +187,11 @@ def table(results: Results) -> List[str]:
                 notes += _wrap("FAILED %s cpu %s %s: %s" % (
                     label(result.row), _CPUS[result.placement_name], LABELS[impl], cell.note))
             elif cell is not None and cell.status == "n/a":
-                note = "n/a %s: %s" % (LABELS[impl], cell.note)
-                if note not in notes:
-                    notes.append(note)
-    notes += results.skipped
+                note = _wrap("n/a %s: %s" % (LABELS[impl], cell.note))
+                if note[0] not in notes:
+                    notes += note
+    for line in results.skipped:
+        notes += _wrap(line)
     return lines + ([""] + notes if notes else [])
 
 

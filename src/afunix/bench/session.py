@@ -108,14 +108,17 @@ def measure(rows: Sequence[Row], where: Sequence[Placement], mode: Mode,
     started = time.monotonic()
     results = Results(noise_limit=mode.noise_limit)
     todo = []
+    left_out: Dict[str, List[str]] = {}  # reason -> the titles of the rows it leaves out
     for row in rows:
         reason = missing_peer(WORKLOADS[row.workload])
         if reason is not None:
-            line = "skipped %s rows: %s" % (WORKLOADS[row.workload].title, reason)
-            if line not in results.skipped:
-                results.skipped.append(line)
+            titles = left_out.setdefault(reason, [])
+            if WORKLOADS[row.workload].title not in titles:
+                titles.append(WORKLOADS[row.workload].title)
         else:
             todo.append(row)
+    results.skipped += ["skipped %s rows: %s" % (", ".join(titles), reason)
+                        for reason, titles in left_out.items()]
     steps = plan(todo, where)
     for done, (row, p) in enumerate(steps, 1):
         result = RowResult(row, p, _measure(row, p, mode, run))

@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import afunix
 
+from . import _reference
 from .matrix import Row
 
 _SEQ = struct.Struct("<Q")
@@ -85,6 +86,7 @@ class Workload:
     afunix: str  # what the afunix columns run ("" for none)
     c: str = ""  # what the C column runs ("" for none)
     peer: Optional[Peer] = None  # a module the base column needs
+    c_peer: bool = False  # every column's other side is the plain C loop (_reference)
 
     @property
     def two_process(self) -> bool:
@@ -175,8 +177,6 @@ def pair_maker(impl: str) -> PairMaker:
         pair = socket.socketpair
         return (lambda n: [pair() for _ in range(n)]), _close_pairs
     if impl == "c":
-        from . import _reference
-
         def make(n: int) -> List[Any]:
             fds = _reference.socketpairs(socket.SOCK_STREAM, n)
             return [fds[i:i + 2] for i in range(0, len(fds), 2)]
@@ -310,13 +310,11 @@ def recv_afunix(sock: socket.socket, count: int, row: Row) -> Received:
 
 def send_c(sock: socket.socket, count: int, row: Row) -> Received:
     """The C reference: sendmmsg, a batch per call."""
-    from . import _reference
     return Received(_reference.send(sock.fileno(), count, row.size, row.batch))
 
 
 def recv_c(sock: socket.socket, count: int, row: Row) -> Received:
     """The C reference: recvmmsg(MSG_WAITFORONE), a batch per call."""
-    from . import _reference
     got, total = _reference.recv(sock.fileno(), count, row.size, row.batch)
     return Received(got, total)
 
@@ -399,13 +397,11 @@ def stream_recv_afunix(sock: socket.socket, count: int, row: Row) -> Received:
 
 def stream_send_c(sock: socket.socket, count: int, row: Row) -> Received:
     """The C reference: sendmmsg of a batch of chunks."""
-    from . import _reference
     return Received(_reference.stream_send(sock.fileno(), count, row.size, row.batch))
 
 
 def stream_recv_c(sock: socket.socket, count: int, row: Row) -> Received:
     """The C reference: recv() a chunk-sized buffer in a loop."""
-    from . import _reference
     got, total = _reference.stream_recv(sock.fileno(), count, row.size)
     return Received(got, total)
 
@@ -494,14 +490,12 @@ def fds_recv_afunix(sock: socket.socket, count: int, row: Row) -> Received:
 
 def fds_send_c(sock: socket.socket, count: int, row: Row) -> Received:
     """The C reference: sendmmsg with SCM_RIGHTS, a batch per call."""
-    from . import _reference
     return Received(_reference.send_fds(sock.fileno(), count, row.size, row.batch,
                                         _fds_to_send(row)))
 
 
 def fds_recv_c(sock: socket.socket, count: int, row: Row) -> Received:
     """The C reference: recvmmsg, closing each descriptor in C."""
-    from . import _reference
     got, total, closed = _reference.recv_fds(sock.fileno(), count, row.size, row.batch,
                                              row.nfds)
     return Received(got, total, fds_closed=closed)
@@ -568,14 +562,12 @@ def echo_afunix(sock: socket.socket, count: int, row: Row) -> Received:
 
 def ping_c(sock: socket.socket, count: int, row: Row) -> Received:
     """The C reference: send() and recv(), timed with clock_gettime in C."""
-    from . import _reference
     samples = _reference.ping(sock.fileno(), count, row.size)
     return Received(len(samples), count * (count - 1) // 2, samples=samples)
 
 
 def echo_c(sock: socket.socket, count: int, row: Row) -> Received:
     """The C reference: recv() and send() it back."""
-    from . import _reference
     return Received(_reference.echo(sock.fileno(), count, row.size))
 
 
@@ -635,7 +627,9 @@ register(WORKLOADS["pingpong"], _same_for_afunix(
 
 
 def missing_peer(workload: Workload) -> Optional[str]:
-    """One line saying how to install the module `workload`'s base needs, or None."""
+    """Why `workload` cannot run at all here (a peer it needs is missing), or None."""
+    if workload.c_peer and _reference.MISSING is not None:
+        return "their other side is the plain C loop, and " + _reference.MISSING
     peer = workload.peer
     if peer is None or importlib.util.find_spec(peer.module) is not None:
         return None
@@ -654,11 +648,8 @@ def unavailable(workload: Workload, impl: str) -> Optional[str]:
                 _backend.load("c")
             except ImportError:
                 return "not available: C core not built"
-    if impl == "c":
-        try:
-            from . import _reference  # noqa: F401
-        except ImportError:
-            return "not available: C core not built"
+    if impl == "c" and _reference.MISSING is not None:
+        return "not available: " + _reference.MISSING
     if workload.name in ("fds", "single-fds") and impl == "base" \
             and not hasattr(socket, "send_fds"):
         return "not available: socket.send_fds (Python 3.9+)"

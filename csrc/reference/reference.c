@@ -6,6 +6,7 @@
  * interrupted run as failed rather than measuring it.
  */
 #include "reference.h"
+#include "afunix_limits.h"
 
 #include <errno.h>
 #include <stdlib.h>
@@ -16,9 +17,9 @@
 #include <sys/uio.h>
 
 /* Bounds that keep the buffers below reasonable; the benchmark uses far less. */
-#define REF_MAX_BATCH 1024
+#define REF_MAX_BATCH AFUNIX_MAX_BATCH
 #define REF_MAX_SIZE (1 << 24)
-#define REF_MAX_FDS 253 /* SCM_MAX_FD */
+#define REF_MAX_FDS AFUNIX_SCM_MAX_FD
 
 static void put_u64(unsigned char *p, uint64_t v)
 {
