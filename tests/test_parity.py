@@ -629,3 +629,50 @@ def test_cpython_send_recv_fds_tests_pass_against_afunix(backend: str,
     assert not result.skipped, result.skipped
     assert result.wasSuccessful(), "\n".join(problems)
     assert "send_fds" in calls and "recv_fds" in calls  # afunix's twins really ran
+
+
+# ---- cut descriptors never pass for the end of the stream ---------------------------
+
+def test_descriptors_cut_from_a_zero_byte_read_raise_truncated_error(fd_baseline: set[int]) -> None:
+    # bufsize 0 on a stream: the read takes no byte, only the control data,
+    # and room for 1 descriptor of the 2 sent cuts it (MSG_CTRUNC).  That is
+    # a TruncatedError, as for any cut, not (b"", [], 0, None), which reads
+    # as the end of the stream.
+    a, b = socket.socketpair()
+    r, w = os.pipe()
+    try:
+        socket.send_fds(a, [b"hello"], [r, w])
+        with pytest.raises(afunix.TruncatedError) as info:
+            afunix.recv_fds(b, 0, 1)
+        assert info.value.data == b"" and info.value.flags & socket.MSG_CTRUNC
+        assert b.recv(16) == b"hello"  # the bytes are still queued
+    finally:
+        for fd in (r, w):
+            os.close(fd)
+        a.close()
+        b.close()
+
+
+def test_an_empty_record_whose_descriptors_were_cut_is_not_the_end(fd_baseline: set[int]) -> None:
+    # SEQPACKET: an empty record carrying descriptors, then the peer closes.
+    # With room for fewer descriptors than came, recv_fds raises
+    # TruncatedError, and recv_many hands the record over flagged; only the
+    # read after it is the end.
+    for receive in ("recv_fds", "recv_many"):
+        a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        r, w = os.pipe()
+        try:
+            socket.send_fds(a, [b""], [r, w])
+            a.close()
+            if receive == "recv_fds":
+                with pytest.raises(afunix.TruncatedError):
+                    afunix.recv_fds(b, 10, 1)
+            else:
+                got = afunix.recv_many(b, 8, 10, maxfds=1)
+                assert len(got) == 1 and got[0].flags & socket.MSG_CTRUNC and got[0].fds == ()
+            assert afunix.recv_many(b, 8, 10) == []
+        finally:
+            for fd in (r, w):
+                os.close(fd)
+            a.close()
+            b.close()

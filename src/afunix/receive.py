@@ -20,6 +20,7 @@ _DONTWAIT = int(socket.MSG_DONTWAIT)
 _DGRAM = int(socket.SOCK_DGRAM)
 _SEQPACKET = int(socket.SOCK_SEQPACKET)
 _TRUNC = int(socket.MSG_TRUNC)
+_CTRUNC = int(socket.MSG_CTRUNC)
 _message = tuple.__new__
 
 
@@ -67,9 +68,11 @@ def _strip_end_of_stream(t: _io.Target, arena: Any, count: int) -> int:
     # count as the end only once the peer has hung up.
     if t.type == _SEQPACKET and not _io.peer_hung_up(t.fd):
         return count
-    # A message cut to 0 bytes (recv_fds with bufsize 0) is a message, not the end.
+    # A message cut to 0 bytes (recv_fds with bufsize 0) is a message, not
+    # the end; so is one whose descriptors were cut (and closed): it must
+    # reach the caller flagged, never pass for the end of the stream.
     while (count and arena.length(count - 1) == 0 and not arena.fds(count - 1)
-           and not arena.msg_flags(count - 1) & _TRUNC):
+           and not arena.msg_flags(count - 1) & (_TRUNC | _CTRUNC)):
         count -= 1
     arena.count = count
     return count
