@@ -676,3 +676,66 @@ def test_an_empty_record_whose_descriptors_were_cut_is_not_the_end(fd_baseline: 
                 os.close(fd)
             a.close()
             b.close()
+
+
+# ---- a non-blocking stream reports how much of a partial write went ----------------
+
+def _drain(sock: socket.socket) -> tuple[int, list[int]]:
+    """Read everything queued on `sock` (non-blocking): bytes and descriptors received."""
+    sock.setblocking(False)
+    total, fds = 0, []
+    while True:
+        try:
+            data, got, _, _ = socket.recv_fds(sock, 1 << 20, 8)
+        except BlockingIOError:
+            return total, fds
+        total += len(data)
+        fds.extend(got)
+
+
+@pytest.mark.parametrize("how", ["nonblocking", "dontwait"])
+def test_send_fds_on_a_full_stream_returns_what_went(how: str, fd_baseline: set[int]) -> None:
+    # socket.send_fds returns sendmsg's count; afunix's, after a short write
+    # that a non-blocking socket cannot complete, the bytes that went
+    # (descriptors included) instead of raising as if nothing had.
+    a, b = socket.socketpair()
+    r, w = os.pipe()
+    try:
+        flags = 0
+        if how == "nonblocking":
+            a.setblocking(False)
+        else:
+            flags = socket.MSG_DONTWAIT
+        big = b"x" * (4 << 20)
+        sent = afunix.send_fds(a, [big], [r], flags)
+        assert 0 < sent < len(big)
+        total, fds = _drain(b)
+        assert total == sent and len(fds) == 1
+        afunix.close_fds(fds)
+    finally:
+        for fd in (r, w):
+            os.close(fd)
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("with_fds", [False, True])
+def test_send_many_on_a_full_stream_says_how_many_bytes_went(with_fds: bool,
+                                                           fd_baseline: set[int]) -> None:
+    a, b = socket.socketpair()
+    r, w = os.pipe()
+    try:
+        a.setblocking(False)
+        first = afunix.Message(b"head", fds=(r,)) if with_fds else b"head"
+        with pytest.raises(BlockingIOError) as info:
+            afunix.send_many(a, [first, b"y" * (4 << 20)])
+        written = info.value.characters_written
+        assert 0 < written < 4 + (4 << 20)
+        total, fds = _drain(b)
+        assert total == written and len(fds) == (1 if with_fds else 0)
+        afunix.close_fds(fds)
+    finally:
+        for fd in (r, w):
+            os.close(fd)
+        a.close()
+        b.close()

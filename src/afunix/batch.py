@@ -4,6 +4,7 @@ The receiving side (recv_many, RecvBatch) is in receive.py.
 """
 from __future__ import annotations
 
+import errno
 import itertools
 import operator
 import socket
@@ -193,7 +194,9 @@ def send_many(sock: Any, messages: Iterable[Any], flags: int = 0) -> int:
     returned; an error after k > 0 messages also returns k (the kernel
     reports it again on the next call, as sendmmsg does).  On SOCK_STREAM,
     which has no message boundaries, it behaves as ``sendall`` of the
-    concatenation: all are written, or it raises; a message with descriptors
+    concatenation: all are written, or it raises (on a non-blocking socket,
+    or with MSG_DONTWAIT, a BlockingIOError whose `characters_written` says
+    how many bytes went, as the io module's writers report it); a message with descriptors
     or credentials goes in one sendmsg with all of its bytes, as
     ``socket.send_fds`` sends one (see `send_with_control`).
 
@@ -267,9 +270,10 @@ def _send_stream(t: _io.Target, out: _io.Outgoing, flags: int) -> int:
     # such messages are joined into one sendall.
     if out.addresses is not None:
         raise ValueError("a connected SOCK_STREAM socket takes no per-message address")
+    nonblocking = t.timeout == 0.0 or bool(flags & _DONTWAIT)
     if out.fds is None and out.credentials is None:
         joined = out.joined if out.joined is not None else b"".join(out.datas)
-        t.sock.sendall(joined, flags | _NOSIGNAL)
+        _write_all(t, joined, flags, nonblocking)
         return len(out.datas)
     extras = [
         (out.fds[i] if out.fds is not None else (),
@@ -282,27 +286,74 @@ def _send_stream(t: _io.Target, out: _io.Outgoing, flags: int) -> int:
                              "needs at least one data byte")
     n = len(out.datas)
     i = 0
-    while i < n:
-        fds, cred = extras[i]
-        if fds or cred is not None:
-            write_with_control(t, out.datas[i], out.lengths[i], fds, cred, flags)
-            i += 1
-            continue
-        j = i + 1
-        while j < n and not extras[j][0] and extras[j][1] is None:
-            j += 1
-        t.sock.sendall(out.datas[i] if j == i + 1 else b"".join(out.datas[i:j]),
-                       flags | _NOSIGNAL)
-        i = j
+    written = 0  # bytes of this call on the wire, for a partial write's report
+    try:
+        while i < n:
+            fds, cred = extras[i]
+            if fds or cred is not None:
+                written += write_with_control(t, out.datas[i], out.lengths[i], fds, cred, flags)
+                i += 1
+                continue
+            j = i + 1
+            while j < n and not extras[j][0] and extras[j][1] is None:
+                j += 1
+            written += _write_all(t, out.datas[i] if j == i + 1 else b"".join(out.datas[i:j]),
+                                  flags, nonblocking)
+            i = j
+    except BlockingIOError as exc:
+        if written:  # bytes already went: say how many, as io's writers do
+            exc.characters_written = written + _characters_written(exc)
+        raise
     return n
 
 
+def _characters_written(exc: BlockingIOError) -> int:
+    try:
+        return exc.characters_written
+    except AttributeError:  # not set: nothing was written
+        return 0
+
+
+def _write_all(t: _io.Target, data: Any, flags: int, nonblocking: bool) -> int:
+    """Write all of `data` on a stream; its byte count.
+
+    Blocking or with a timeout, this is sendall.  On a non-blocking socket
+    (or with MSG_DONTWAIT) sendall would raise BlockingIOError part-way and
+    lose how much went: here the BlockingIOError carries it in
+    `characters_written`, as the io module's writers do.
+    """
+    if not nonblocking:
+        t.sock.sendall(data, flags | _NOSIGNAL)
+        return len(data) if type(data) is bytes else memoryview(data).nbytes
+    view = memoryview(data).cast("B")
+    total, done = len(view), 0
+    send = t.sock.send
+    while done < total:
+        try:
+            done += send(view[done:], flags | _NOSIGNAL)
+        except BlockingIOError:
+            raise BlockingIOError(errno.EAGAIN, "the socket took %d of %d bytes; the rest "
+                                  "was not sent" % (done, total), done) from None
+    return done
+
+
 def write_with_control(t: _io.Target, data: Any, nbytes: int, fds: tuple[int, ...],
-                       credentials: Optional[tuple[int, int, int]], flags: int) -> None:
-    """All `nbytes` of `data` on a stream: one sendmsg with the control data, then the rest as sendall."""
+                       credentials: Optional[tuple[int, int, int]], flags: int) -> int:
+    """All `nbytes` of `data` on a stream: one sendmsg with the control data, then the rest as sendall.
+
+    Returns `nbytes`.  On a non-blocking socket (or with MSG_DONTWAIT) a
+    short write whose rest the socket does not take raises BlockingIOError
+    with `characters_written`: the bytes (and the control data) that went.
+    """
     sent = _send_with_control(t, data, fds, credentials, flags)
     if sent < nbytes:  # a short write: the rest, without the control data
-        t.sock.sendall(memoryview(data).cast("B")[sent:], flags | _NOSIGNAL)
+        nonblocking = t.timeout == 0.0 or bool(flags & _DONTWAIT)
+        try:
+            _write_all(t, memoryview(data).cast("B")[sent:], flags, nonblocking)
+        except BlockingIOError as exc:
+            exc.characters_written = sent + _characters_written(exc)
+            raise
+    return nbytes
 
 
 def send_with_control(sock: Any, data: Any, fds: tuple[int, ...],

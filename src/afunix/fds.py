@@ -29,7 +29,9 @@ def send_fds(sock: Any, buffers: Iterable[Any], fds: Iterable[Any], flags: int =
     data is packed in C, and the socket's timeout applies.  On SOCK_STREAM
     the data and the descriptors go in one sendmsg, as ``socket.send_fds``
     sends them, and all of the data is written: after a short write the
-    rest follows (as sendall) without the descriptors.
+    rest follows (as sendall) without the descriptors.  On a non-blocking
+    socket (or with MSG_DONTWAIT) a short write whose rest the socket does
+    not take returns the bytes that went, as ``socket.send_fds`` does.
 
     Raises:
         TypeError, ValueError: bad buffers or descriptors (at most 253), before any system call.
@@ -44,17 +46,24 @@ def send_fds(sock: Any, buffers: Iterable[Any], fds: Iterable[Any], flags: int =
     try:
         if t.type == _STREAM and fd_tuple and not data:
             raise ValueError("on SOCK_STREAM descriptors need at least one data byte to ride on")
-        if t.type == _STREAM and fd_tuple and raw_address is None:
-            # one sendmsg with all of it, the rest after a short write (see send_many)
-            write_with_control(t, data, len(data), fd_tuple, None, flags)
+        try:
+            if t.type == _STREAM and fd_tuple and raw_address is None:
+                # one sendmsg with all of it, the rest after a short write (see send_many)
+                return write_with_control(t, data, len(data), fd_tuple, None, flags)
+            out = _io.Outgoing([data], [len(data)], [fd_tuple] if fd_tuple else None,
+                               None if raw_address is None else [raw_address], None)
+            if t.type == _STREAM:
+                _send_stream(t, out, flags)  # no descriptors: sendall; an address: refused
+            else:
+                _send_messages(t, out, flags)
             return len(data)
-        out = _io.Outgoing([data], [len(data)], [fd_tuple] if fd_tuple else None,
-                           None if raw_address is None else [raw_address], None)
-        if t.type == _STREAM:
-            _send_stream(t, out, flags)  # no descriptors: sendall; an address: refused
-        else:
-            _send_messages(t, out, flags)
-        return len(data)
+        except BlockingIOError as exc:
+            # A non-blocking stream took part of it: the count, as
+            # socket.send_fds returns sendmsg's (nothing at all: raise)
+            written = getattr(exc, "characters_written", 0)
+            if written:
+                return int(written)
+            raise
     finally:
         if t.shadow:
             t.sock.detach()
