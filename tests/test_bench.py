@@ -556,3 +556,12 @@ def test_pin_moves_the_process_where_the_os_module_cannot(backend: str) -> None:
     proc = run_python(code, backend)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == [str(cpu) for cpu in cpus] + [str(cpus[0])]
+
+
+def test_a_plot_format_matplotlib_cannot_write_is_one_line_before_any_run(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    status, out, err = bench(capsys, "--only", "dgram", "--plot", str(tmp_path / "out.xyz"))
+    assert status == 2 and out == ""  # nothing ran
+    assert err.count("\n") == 1 and "cannot write --plot" in err and "'xyz'" in err, err
+    assert list(tmp_path.iterdir()) == []

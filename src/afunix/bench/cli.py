@@ -99,6 +99,10 @@ def run(args: argparse.Namespace) -> int:
     if args.plot and not report.plot_available():
         sys.stderr.write(report.PLOT_MISSING + "\n")
         return 2
+    problem = report.plot_format_problem(args.plot) if args.plot else None
+    if problem is not None:
+        sys.stderr.write("afunix bench: cannot write --plot %s: %s\n" % (args.plot, problem))
+        return 2
     old = None
     if args.compare:
         # Read (and so check) the files before measuring anything.

@@ -11,6 +11,7 @@ import datetime
 import json
 import sys
 import textwrap
+import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from . import machine as _machine
@@ -300,6 +301,20 @@ def plot_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def plot_format_problem(path: str) -> Optional[str]:
+    """Why matplotlib cannot write a figure to `path` (its extension), or None when it can."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display: render to files only
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    ext = os.path.splitext(path)[1].lstrip(".").lower()
+    if ext not in formats:
+        return "matplotlib cannot write %r files (use one of: %s)" % (
+            ext or "extension-less", ", ".join(sorted(formats)))
+    return None
 
 
 Group = Tuple[str, Dict[str, Tuple[float, float, float]]]
