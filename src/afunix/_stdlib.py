@@ -5,9 +5,12 @@ Used where the C core is not built, and forced with AFUNIX_BACKEND=stdlib.
 from __future__ import annotations
 
 import array
+import collections
+import itertools
+import operator
 import os
 import socket
-from typing import Any, List, Optional, Tuple
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple
 
 from ._io import Outgoing, _raw_type, nonblocking_twin
 
@@ -90,59 +93,56 @@ def send_batch(sock: socket.socket, out: Outgoing, start: int, count: int, flags
 
 
 class Arena:
-    """A receive area in a bytearray: max_messages x bufsize bytes, plus fds and addresses."""
+    """A receive area in a bytearray: max_messages x bufsize bytes, plus fds and addresses.
+
+    The same hand-over state as the C arena (csrc/afunix.h): messages
+    [delivered, count) are not given to the caller yet, and descriptors
+    stay the arena's (closed by the next receive or `release_fds`) until
+    given over.  Python cannot record a socket call's result inside the
+    call; recv_batch comes closest (see there).
+    """
 
     def __init__(self, max_messages: int, bufsize: int, maxfds: int) -> None:
         self.max_messages = max_messages
         self.bufsize = bufsize
         self.maxfds = maxfds
+        self.owner: Any = None
         self._data = bytearray(max_messages * bufsize)
         #: memoryview of the whole data area; message i starts at i * bufsize
         self.view = memoryview(self._data)
-        self._slots = [self.view[i * bufsize:(i + 1) * bufsize] for i in range(max_messages)]
+        self._slots = [[self.view[i * bufsize:(i + 1) * bufsize]] for i in range(max_messages)]
         # Room for maxfds descriptors and for SO_PASSCRED credentials, as the
         # C core sizes it, so both backends cut (MSG_CTRUNC) at the same point.
         self._ancbufsize = socket.CMSG_SPACE(4 * max(maxfds, 1)) + _CRED_SPACE
+        # recvmsg_into results not yet taken in (see recv_batch)
+        self._inbox: list[Any] = []
+        self._peek = 0  # whether the inbox holds what a MSG_PEEK call saw
         self.count = 0
-        self._lens = [0] * max_messages
-        self._flags = [0] * max_messages
-        self._fds: list[list[int]] = [[] for _ in range(max_messages)]
-        self._addrs: list[Optional[bytes]] = [None] * max_messages
-        self._creds: list[Optional[tuple[int, int, int]]] = [None] * max_messages
+        self.delivered = 0
+        self.all_handed = 1
+        self._handed: list[bool] = []
+        self._lens: list[int] = []
+        self._flags: list[int] = []
+        self._fds: list[list[int]] = []
+        self._addrs: list[Optional[bytes]] = []
+        self._creds: list[Optional[tuple[int, int, int]]] = []
         #: per-message byte counts of the last recv
         self.lens = self._lens
         self._extras = 0
 
-    def _store(self, i: int, nbytes: int, ancdata: list[Any], msg_flags: int, address: Any) -> None:
-        fds: list[int] = []
-        creds: Optional[Tuple[int, int, int]] = None
-        seen = 0
-        for level, kind, payload in ancdata:
-            if level != socket.SOL_SOCKET:
-                continue
-            if kind == socket.SCM_RIGHTS:
-                got = array.array("i")
-                got.frombytes(payload[: len(payload) - len(payload) % got.itemsize])
-                seen += len(got)
-                fds.extend(got)
-            elif kind == _CREDS and len(payload) >= 12:
-                pid, uid, gid = array.array("i", payload[:12])
-                creds = (pid, uid, gid)
-        msg_flags = int(msg_flags)
-        if msg_flags & _CTRUNC or seen > self.maxfds:
-            # cut control data: close what arrived, flag the cut (as the C core)
-            for fd in fds:
-                os.close(fd)
-            fds = []
-            msg_flags |= _CTRUNC
-        # MSG_TRUNC in flags makes recvmsg report the full datagram length
-        self._lens[i] = min(nbytes, self.bufsize)
-        self._flags[i] = msg_flags
-        self._fds[i] = fds
-        self._addrs[i] = _raw_address(address)
-        self._creds[i] = creds
-        if fds or creds is not None or address is not None:
-            self._extras += 1
+    def first(self) -> int:
+        return self.delivered if self.delivered < self.count else 0
+
+    def pending(self) -> bool:
+        return self.delivered < self.count or bool(self._inbox)
+
+    def deliver(self, upto: int, hand_fds: bool) -> None:
+        """Give messages [.., upto) to the caller, and with hand_fds all their descriptors (stores only)."""
+        self.delivered = upto
+        if hand_fds:
+            self.all_handed = 1
+        if upto >= self.count:
+            self.owner = None
 
     def length(self, i: int) -> int:
         return self._lens[i]
@@ -150,14 +150,45 @@ class Arena:
     def msg_flags(self, i: int) -> int:
         return self._flags[i]
 
-    def fds(self, i: int) -> list[int]:
-        return list(self._fds[i])
+    def held_fds(self, start: int, stop: int) -> list[tuple[int, ...]]:
+        fds, handed = self._fds, self._handed
+        all_handed, delivered = self.all_handed, self.delivered
+        return [tuple(fds[i]) if i >= delivered or not (all_handed or handed[i]) else ()
+                for i in range(start, stop)]
 
-    def all_fds(self) -> list[int]:
-        return [fd for fds in self._fds[:self.count] for fd in fds]
+    def take_fds(self, i: int) -> list[int]:
+        fds = list(self.held_fds(i, i + 1)[0])
+        self._handed[i] = True
+        return fds
+
+    def take_all_fds(self, count: int) -> list[int]:
+        fds = [fd for got in self.held_fds(0, count) for fd in got]
+        self.all_handed = 1
+        return fds
+
+    def hand_all(self) -> None:
+        """Give every descriptor of the last receive to the caller (a store)."""
+        self.all_handed = 1
+
+    def release_fds(self) -> None:
+        """Close the descriptors the arena holds; drop undelivered messages."""
+        if self._inbox:
+            _take_in(self)
+        doomed = map(os.close, [fd for got in self.held_fds(0, self.count) for fd in got])
+        self.delivered = self.count
+        self.all_handed = 1
+        _consume(doomed)  # the closes run in one C loop, right after the stores
 
     def fd_counts(self, count: int) -> list[int]:
         return [len(fds) for fds in self._fds[:count]]
+
+    def __del__(self) -> None:
+        # the C arena's free does the same
+        if getattr(self, "count", 0) or getattr(self, "_inbox", None):
+            try:
+                self.release_fds()
+            except (AttributeError, TypeError):  # interpreter shutdown: modules gone
+                pass
 
     def address(self, i: int) -> Optional[bytes]:
         return self._addrs[i]
@@ -165,17 +196,89 @@ class Arena:
     def credentials(self, i: int) -> Optional[tuple[int, int, int]]:
         return self._creds[i]
 
-    def plain(self, count: int) -> bool:
+    def plain(self) -> bool:
         return self._extras == 0
 
-    def chunks(self, count: int) -> list[bytes]:
-        return [self._slots[i][:n].tobytes() for i, n in enumerate(self._lens[:count])]
+    def chunks(self, start: int, stop: int) -> list[bytes]:
+        slots, lens = self._slots, self._lens
+        return [slots[i][0][:lens[i]].tobytes() for i in range(start, stop)]
 
-    def all_flags(self, count: int) -> list[int]:
-        return self._flags[:count]
+    def all_flags(self, start: int, stop: int) -> list[int]:
+        return self._flags[start:stop]
 
     def lengths(self, count: int) -> list[int]:
         return self._lens[:count]
+
+
+# Runs an iterator to its end in C (no Python code, so no signal handler, in
+# between): map(os.close, fds) closes them all in one step.
+_consume: Callable[[Iterable[Any]], None] = collections.deque(maxlen=0).extend
+
+
+def _take_in(arena: Arena) -> None:
+    """Turn the recvmsg_into results in arena._inbox into the arena's messages.
+
+    Works on copies and commits with stores only, so an exception from a
+    signal handler leaves the inbox to be taken in again, whole; descriptors
+    of a message whose control data was cut are closed after the commit (an
+    exception just there would leak them, never close them twice).
+    """
+    inbox = arena._inbox
+    lens: list[int] = []
+    all_flags: list[int] = []
+    all_fds: list[list[int]] = []
+    addrs: list[Optional[bytes]] = []
+    creds: list[Optional[tuple[int, int, int]]] = []
+    doomed: list[int] = []
+    extras = 0
+    bufsize = arena.bufsize
+    for nbytes, ancdata, msg_flags, address in inbox:
+        fds: list[int] = []
+        cred: Optional[Tuple[int, int, int]] = None
+        msg_flags = int(msg_flags)
+        if ancdata:
+            seen = 0
+            for level, kind, payload in ancdata:
+                if level != socket.SOL_SOCKET:
+                    continue
+                if kind == socket.SCM_RIGHTS:
+                    got = array.array("i")
+                    got.frombytes(payload[: len(payload) - len(payload) % got.itemsize])
+                    seen += len(got)
+                    fds.extend(got)
+                elif kind == _CREDS and len(payload) >= 12:
+                    pid, uid, gid = array.array("i", payload[:12])
+                    cred = (pid, uid, gid)
+            if msg_flags & _CTRUNC or seen > arena.maxfds:
+                # cut control data: close what arrived, flag the cut (as the C core)
+                doomed.extend(fds)
+                fds = []
+                msg_flags |= _CTRUNC
+        # MSG_TRUNC in flags makes recvmsg report the full datagram length
+        lens.append(nbytes if nbytes <= bufsize else bufsize)
+        all_flags.append(msg_flags)
+        all_fds.append(fds)
+        addrs.append(_raw_address(address))
+        creds.append(cred)
+        if fds or cred is not None or address is not None:
+            extras += 1
+    closer = map(os.close, doomed)
+    handed = [False] * len(inbox)
+    count = len(inbox)
+    # the commit: stores only
+    arena._lens = arena.lens = lens
+    arena._flags = all_flags
+    arena._fds = all_fds
+    arena._addrs = addrs
+    arena._creds = creds
+    arena._handed = handed
+    arena._extras = extras
+    arena.all_handed = 0
+    # a peeked message is still queued: never hand it out a second time
+    arena.delivered = count if arena._peek else 0
+    arena.count = count
+    arena._inbox = []
+    _consume(closer)
 
 
 def _raw_address(address: Any) -> Optional[bytes]:
@@ -209,44 +312,46 @@ def _send_plain(s: socket.socket, datas: list[Any], start: int, count: int, flag
 
 
 def recv_batch(sock: socket.socket, arena: Arena, flags: int) -> int:
-    """recvmsg_into for the first message, then those already queued; the count, or OSError."""
-    s, twin = _io_socket(sock)
+    """recvmsg_into for the first message, then those already queued; the count, or OSError.
+
+    The messages an interrupted call left in the arena come first, without
+    a system call.  The results go straight from recvmsg_into into the
+    arena's inbox: ``inbox.extend(map(recvmsg_into, ...))`` stores each in
+    C, with no Python code (so no signal handler) between the kernel's
+    answer and the store.  A handler that raises while recvmsg_into waits
+    (EINTR, PEP 475) ends the loop with the earlier results kept.
+    """
+    if arena._inbox:
+        _take_in(arena)
+    if arena.delivered < arena.count:
+        return arena.count - arena.delivered
+    arena.release_fds()
+    arena._peek = flags & _PEEK
     flags |= _CLOEXEC
-    stream = _raw_type(sock) == _STREAM
-    count = 0
-    arena._extras = 0
-    recvmsg_into, slots, ancbufsize = s.recvmsg_into, arena._slots, arena._ancbufsize
-    bufsize = arena.bufsize
-    lens, all_flags, all_fds, addrs, creds = (
-        arena._lens, arena._flags, arena._fds, arena._addrs, arena._creds)
+    s, twin = _io_socket(sock)
     try:
         # MSG_PEEK leaves the head queued: more slots would repeat it
-        for i in range(1 if flags & _PEEK else arena.max_messages):
-            try:
-                nbytes, ancdata, msg_flags, address = recvmsg_into([slots[i]], ancbufsize, flags)
-            except OSError:
-                if count:
-                    break  # as recvmmsg: return what arrived
-                raise
-            if ancdata or address is not None or msg_flags & _CTRUNC:
-                arena._store(i, nbytes, ancdata, msg_flags, address)
-            else:  # the common case, inline: only bytes arrived
-                # with MSG_TRUNC in flags the count is the datagram's, not ours
-                lens[i] = nbytes if nbytes <= bufsize else bufsize
-                all_flags[i] = int(msg_flags)
-                all_fds[i] = []
-                addrs[i] = None
-                creds[i] = None
-            count += 1
-            if nbytes == 0 and stream:
-                break  # end of stream: every further read is the same
-            # MSG_WAITFORONE: after the first, take only what is queued
-            flags |= _DONTWAIT
+        n = 1 if arena._peek else arena.max_messages
+        slots = arena._slots if n == len(arena._slots) else arena._slots[:n]
+        # MSG_WAITFORONE: after the first, take only what is queued
+        every_flags = itertools.chain((flags,), itertools.repeat(flags | _DONTWAIT))
+        calls: Iterator[Any] = map(s.recvmsg_into, slots, itertools.repeat(arena._ancbufsize), every_flags)
+        if _raw_type(sock) == _STREAM:
+            # end of stream: every further read is the same empty one
+            calls = itertools.takewhile(_first_item, calls)
+        try:
+            arena._inbox.extend(calls)
+        except OSError:
+            if not arena._inbox:
+                raise  # as recvmmsg: an error only when nothing arrived
     finally:
         if twin:
             s.detach()
-    arena.count = count
-    return count
+    _take_in(arena)
+    return arena.count
+
+
+_first_item = operator.itemgetter(0)
 
 
 def close_fds(fds: list[int]) -> None:
