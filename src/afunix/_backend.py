@@ -75,6 +75,28 @@ class FrameTable(Protocol):
     need: int  # bytes the first incomplete frame needs in all, 0 when none
 
 
+class ChanState(Protocol):
+    """The fields of a channel's receive state (struct afunix_chan_rx, csrc/channel.h)."""
+
+    end: int
+    base: int
+    errors: int
+    head: int
+    tail: int
+    lo: Any  # per slot, indexable
+    hi: Any
+    frame: Any
+    nfds: Any
+
+
+class ChanRx(Protocol):
+    """A channel's receive state: what new_chan_rx returns and chan_recv records into."""
+
+    s: ChanState
+    reads: int  # slots for held reads
+    no_data: int  # the bit in s.errors for descriptors that came with no byte
+
+
 class Backend(Protocol):
     """The backend contract: what _cbackend and _stdlib both define, and nothing more.
 
@@ -106,6 +128,16 @@ class Backend(Protocol):
         self, out: bytearray, datas: Sequence[Any], joined: bytes, lengths: Sequence[int],
         nfds: Optional[Sequence[int]],
     ) -> int: ...
+
+    def new_chan_rx(self) -> ChanRx: ...
+
+    def chan_recv(
+        self, sock: socket.socket, rx: ChanRx, buffer: bytearray, maxlen: int, flags: int,
+    ) -> int: ...
+
+    def chan_drop(self, rx: ChanRx, upto: int, every: bool) -> None: ...
+
+    def chan_fds(self, rx: ChanRx, slot: int) -> list[int]: ...
 
     def close_fds(self, fds: list[int]) -> None: ...
 

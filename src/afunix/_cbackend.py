@@ -388,3 +388,50 @@ def pack_frames(out: bytearray, datas: Sequence[Any], joined: bytes, lengths: Se
     if rc < 0:
         raise OSError(-rc, os.strerror(-rc))
     return int(rc)
+
+
+# ---- the channel's receive state ----
+
+CHAN_READS = lib.AFUNIX_CHAN_READS
+CHAN_FDS_NO_DATA = lib.AFUNIX_CHAN_FDS_NO_DATA
+_CHAN_SLOT = lib.AFUNIX_FRAME_MAX_NFDS
+
+
+class ChanRx:
+    """A channel's receive state (struct afunix_chan_rx): `s` has its fields, read and set in place."""
+
+    reads = CHAN_READS  # slots for held reads
+    no_data = CHAN_FDS_NO_DATA  # in errors: descriptors came with no byte
+
+    def __init__(self) -> None:
+        self.s = ffi.new("struct afunix_chan_rx *")  # zeroed: nothing held, head == tail
+        self._buf: Optional[bytearray] = None
+        self._cbuf: Any = _NULL
+
+
+def new_chan_rx() -> ChanRx:
+    """Receive state for one channel."""
+    return ChanRx()
+
+
+def chan_recv(sock: socket.socket, rx: ChanRx, buffer: bytearray, maxlen: int, flags: int) -> int:
+    """One recvmsg appended to buffer at rx.s.end, recorded in rx by the same C call; the bytes, or OSError."""
+    if buffer is not rx._buf:
+        rx._cbuf = ffi.from_buffer(buffer)
+        rx._buf = buffer
+    rc = lib.afunix_chan_recv(sock.fileno(), rx.s, rx._cbuf, len(buffer), maxlen, flags)
+    if rc < 0:
+        raise OSError(-rc, os.strerror(-rc))
+    return int(rc)
+
+
+def chan_drop(rx: ChanRx, upto: int, every: bool) -> None:
+    """Close the held reads claimed by frames before stream offset `upto` (every held read with `every`)."""
+    lib.afunix_chan_drop(rx.s, upto, 1 if every else 0)
+
+
+def chan_fds(rx: ChanRx, slot: int) -> list[int]:
+    """The descriptors held in `slot` (pure: nothing is given over)."""
+    s = rx.s
+    n = s.nfds[slot]
+    return list(ffi.unpack(s.fds + slot * _CHAN_SLOT, n)) if n else []

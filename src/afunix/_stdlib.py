@@ -480,3 +480,112 @@ def pack_frames(out: bytearray, datas: Sequence[Any], joined: bytes, lengths: Se
     packed = b"".join(parts)
     out[:len(packed)] = packed
     return len(packed)
+
+
+# ---- the channel's receive state ----
+# The twin of struct afunix_chan_rx (csrc/channel.h), in Python.
+
+CHAN_READS = 8
+CHAN_FDS_NO_DATA = 0x40000000
+_CHAN_ANCBUF = socket.CMSG_SPACE(4 * _FRAME_MAX_NFDS) + socket.CMSG_SPACE(64)
+_TRUNC = int(socket.MSG_TRUNC)
+
+
+class _ChanState:
+    """The fields of struct afunix_chan_rx, with the same names."""
+
+    def __init__(self) -> None:
+        self.end = 0
+        self.base = 0
+        self.errors = 0
+        self.head = 0
+        self.tail = 0
+        self.lo = [0] * CHAN_READS
+        self.hi = [0] * CHAN_READS
+        self.frame = [-1] * CHAN_READS
+        self.nfds = [0] * CHAN_READS
+        self.fds: list[list[int]] = [[] for _ in range(CHAN_READS)]
+
+
+class ChanRx:
+    """A channel's receive state: `s` has the fields, `inbox` recvmsg_into results not taken in."""
+
+    reads = CHAN_READS  # slots for held reads
+    no_data = CHAN_FDS_NO_DATA  # in errors: descriptors came with no byte
+
+    def __init__(self) -> None:
+        self.s = _ChanState()
+        self.inbox: list[Any] = []
+
+
+def new_chan_rx() -> ChanRx:
+    """Receive state for one channel."""
+    return ChanRx()
+
+
+def chan_recv(sock: socket.socket, rx: ChanRx, buffer: bytearray, maxlen: int, flags: int) -> int:
+    """One recvmsg_into appended to buffer at rx.s.end and recorded in rx; the bytes, or OSError.
+
+    As in recv_batch, the result goes into rx.inbox from C (extend over
+    map), then is taken in with stores only.  A read an interrupted call
+    left in the inbox is taken in first, and counts as this one.
+    """
+    if rx.inbox:
+        return _chan_take_in(rx)
+    s = rx.s
+    if s.tail - s.head >= CHAN_READS or s.end >= len(buffer):
+        raise OSError(errno.ENOBUFS, os.strerror(errno.ENOBUFS))
+    view = memoryview(buffer)[s.end:s.end + min(maxlen, len(buffer) - s.end)]
+    rx.inbox.extend(map(sock.recvmsg_into, [[view]], [_CHAN_ANCBUF], [flags | _CLOEXEC]))
+    return _chan_take_in(rx)
+
+
+def _chan_take_in(rx: ChanRx) -> int:
+    s = rx.s
+    nbytes, ancdata, msg_flags, _ = rx.inbox[0]
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            got = array.array("i")
+            got.frombytes(payload[: len(payload) - len(payload) % got.itemsize])
+            fds.extend(got)
+    n = nbytes  # at most the view's length: MSG_TRUNC is not asked for
+    errors = s.errors | (int(msg_flags) & (_TRUNC | _CTRUNC))
+    if fds and not n:
+        errors |= CHAN_FDS_NO_DATA
+    slot = s.tail % CHAN_READS
+    lo = s.base + s.end
+    # the commit: stores only
+    if fds:
+        s.lo[slot] = lo
+        s.hi[slot] = lo + n
+        s.frame[slot] = -1
+        s.nfds[slot] = len(fds)
+        s.fds[slot] = fds
+        s.tail = s.tail + 1
+    s.end = s.end + n
+    s.errors = errors
+    rx.inbox = []
+    return int(n)
+
+
+def chan_drop(rx: ChanRx, upto: int, every: bool) -> None:
+    """Close the held reads claimed by frames before stream offset `upto` (every held read with `every`)."""
+    if rx.inbox:
+        _chan_take_in(rx)
+    s = rx.s
+    head, doomed = s.head, []
+    while head < s.tail:
+        slot = head % CHAN_READS
+        if not every and not 0 <= s.frame[slot] < upto:
+            break
+        doomed.extend(s.fds[slot][:s.nfds[slot]])
+        head += 1
+    closer = map(os.close, doomed)
+    s.head = head
+    _consume(closer)  # right after the store, in one C loop
+
+
+def chan_fds(rx: ChanRx, slot: int) -> list[int]:
+    """The descriptors held in `slot` (pure: nothing is given over)."""
+    return list(rx.s.fds[slot][:rx.s.nfds[slot]])

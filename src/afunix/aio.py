@@ -513,7 +513,6 @@ class Channel:
         self._fd, _ = _checked(sock)
         self._ch = _SyncChannel(sock, **options)
         self._flush_after_send = not options.get("write_buffer")
-        self._ready: List[bytes] = []  # received, not yet handed out by iteration
 
     @classmethod
     async def connect(cls, address: Address, type: int = socket.SOCK_STREAM,
@@ -575,11 +574,15 @@ class Channel:
             await _wait(self._fd, True)
 
     # ---- receive ----------------------------------------------------------------
+    #
+    # Each receive returns what the synchronous channel returned, with no
+    # call in between (a call is where a signal handler's exception lands):
+    # the messages a receive took are given out, or stay in the channel.
 
-    async def _try(self, call: Callable[..., Any], *args: Any) -> Any:
+    async def _try(self, call: Callable[[], Any]) -> Any:
         while True:
             try:
-                return call(*args)
+                return call()
             except BlockingIOError:
                 await _wait(self._fd, False)
 
@@ -590,42 +593,39 @@ class Channel:
             EOFError: the peer closed the channel cleanly.
             ProtocolError: the peer broke the protocol; the channel is closed.
         """
-        if self._ready:
-            return self._ready.pop(0)
         data: bytes = await self._try(self._ch.recv)
         return data
 
     async def recv_many(self, max_messages: int = 1 << 16) -> List[bytes]:
         """Receive the messages one read brought, waiting only for the first; [] at end of stream."""
-        if self._ready:
-            ready, self._ready = self._ready[:max_messages], self._ready[max_messages:]
-            return ready
-        messages: List[bytes] = await self._try(self._ch.recv_many, max_messages)
+        ch = self._ch
+        messages: List[bytes] = await self._try(lambda: ch.recv_many(max_messages))
         return messages
 
     async def recv_message(self) -> Message:
         """Receive one message with its descriptors (owned by the caller)."""
-        if self._ready:
-            return Message(self._ready.pop(0))
         message: Message = await self._try(self._ch.recv_message)
         return message
 
     async def recv_batch(self, max_messages: int = 1 << 16) -> Any:
         """The zero-copy receive (an `afunix.FrameBatch`, valid until the next receive)."""
-        if self._ready:
-            raise RuntimeError("recv_batch after iteration left messages unread: use recv_many")
-        return await self._try(self._ch.recv_batch, max_messages)
+        ch = self._ch
+        return await self._try(lambda: ch.recv_batch(max_messages))
 
     def __aiter__(self) -> "Channel":
         return self
 
     async def __anext__(self) -> bytes:
-        """Every message until the peer closes the channel cleanly."""
-        if not self._ready:
-            self._ready = await self._try(self._ch.recv_many)
-            if not self._ready:
-                raise StopAsyncIteration
-        return self._ready.pop(0)
+        """Every message until the peer closes the channel cleanly.
+
+        One message a step, from what the channel parsed (one read brings
+        many): nothing is held here that an exception could drop.
+        """
+        try:
+            data: bytes = await self._try(self._ch.recv)
+        except EOFError:
+            raise StopAsyncIteration from None
+        return data
 
     # ---- closing ----------------------------------------------------------------
 
