@@ -839,8 +839,10 @@ class Channel:
         elif used and size - end >= max(least, _READ_ROOM):
             return
         elif used:
-            unparsed = bytes(self._view[start:end])
-            self._buffer[:used] = unparsed
+            # a copy first where the ranges overlap: the source must stay
+            # whole until the commit below (an interrupted move is redone)
+            chunk = self._view[start:end]
+            self._buffer[:used] = chunk if start >= used else bytes(chunk)
         base = rs.base + start
         # the commit: stores only
         rs.base = base

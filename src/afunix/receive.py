@@ -53,6 +53,7 @@ def _receive(t: _io.Target, arena: Any, flags: int, owner: Any,
         deadline = _io.deadline_of(t.timeout)
         flags |= _DONTWAIT  # waiting is done here, against the deadline
     arena.owner = owner  # before the call: whatever it hands over is owner's
+    count = 0
     while True:
         try:
             count = recv_batch(t.sock, arena, flags)
@@ -60,10 +61,15 @@ def _receive(t: _io.Target, arena: Any, flags: int, owner: Any,
         except InterruptedError:
             continue  # PEP 475: handlers ran; retry
         except BlockingIOError:
+            if may_wait and _io.wait(t.fd, False, deadline):
+                continue
+            arena.owner = None  # nothing arrived: hold no reference to the socket
             if not may_wait:
                 raise
-            if not _io.wait(t.fd, False, deadline):
-                raise socket.timeout("timed out") from None
+            raise socket.timeout("timed out") from None
+        except OSError:
+            arena.owner = None
+            raise
     first = arena.first()
     end = first + count
     if count and t.type != _DGRAM and arena.length(end - 1) == 0:
