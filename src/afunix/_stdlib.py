@@ -332,10 +332,14 @@ def recv_batch(sock: socket.socket, arena: Arena, flags: int) -> int:
     try:
         # MSG_PEEK leaves the head queued: more slots would repeat it
         n = 1 if arena._peek else arena.max_messages
-        slots = arena._slots if n == len(arena._slots) else arena._slots[:n]
-        # MSG_WAITFORONE: after the first, take only what is queued
-        every_flags = itertools.chain((flags,), itertools.repeat(flags | _DONTWAIT))
-        calls: Iterator[Any] = map(s.recvmsg_into, slots, itertools.repeat(arena._ancbufsize), every_flags)
+        calls: Iterator[Any]
+        if n == 1:
+            calls = map(s.recvmsg_into, (arena._slots[0],), (arena._ancbufsize,), (flags,))
+        else:
+            slots = arena._slots if n == len(arena._slots) else arena._slots[:n]
+            # MSG_WAITFORONE: after the first, take only what is queued
+            every_flags = itertools.chain((flags,), itertools.repeat(flags | _DONTWAIT))
+            calls = map(s.recvmsg_into, slots, itertools.repeat(arena._ancbufsize), every_flags)
         if _raw_type(sock) == _STREAM:
             # end of stream: every further read is the same empty one
             calls = itertools.takewhile(_first_item, calls)

@@ -513,6 +513,10 @@ class Channel:
         self._fd, _ = _checked(sock)
         self._ch = _SyncChannel(sock, **options)
         self._flush_after_send = not options.get("write_buffer")
+        # messages received for iteration, handed out from _ready[_ready_at:]
+        # (an index moved by a store, not pop(): see "receive" below)
+        self._ready: List[bytes] = []
+        self._ready_at = 0
 
     @classmethod
     async def connect(cls, address: Address, type: int = socket.SOCK_STREAM,
@@ -576,8 +580,9 @@ class Channel:
     # ---- receive ----------------------------------------------------------------
     #
     # Each receive returns what the synchronous channel returned, with no
-    # call in between (a call is where a signal handler's exception lands):
-    # the messages a receive took are given out, or stay in the channel.
+    # call in between (a call is where a signal handler's exception lands),
+    # and takes from _ready by moving _ready_at with a store: the messages a
+    # receive took are given out, or stay in the channel or in _ready.
 
     async def _try(self, call: Callable[[], Any]) -> Any:
         while True:
@@ -593,22 +598,40 @@ class Channel:
             EOFError: the peer closed the channel cleanly.
             ProtocolError: the peer broke the protocol; the channel is closed.
         """
-        data: bytes = await self._try(self._ch.recv)
-        return data
+        ready, i = self._ready, self._ready_at
+        if i < len(ready):
+            data = ready[i]
+            self._ready_at = i + 1
+            return data
+        received: bytes = await self._try(self._ch.recv)
+        return received
 
     async def recv_many(self, max_messages: int = 1 << 16) -> List[bytes]:
         """Receive the messages one read brought, waiting only for the first; [] at end of stream."""
+        ready, i = self._ready, self._ready_at
+        if i < len(ready):
+            part = ready[i:i + max_messages]
+            end = i + len(part)
+            self._ready_at = end
+            return part
         ch = self._ch
         messages: List[bytes] = await self._try(lambda: ch.recv_many(max_messages))
         return messages
 
     async def recv_message(self) -> Message:
         """Receive one message with its descriptors (owned by the caller)."""
-        message: Message = await self._try(self._ch.recv_message)
+        ready, i = self._ready, self._ready_at
+        if i < len(ready):
+            message = Message(ready[i])  # its descriptors were closed (recv_many)
+            self._ready_at = i + 1
+            return message
+        message: Message = await self._try(self._ch.recv_message)  # type: ignore[no-redef]
         return message
 
     async def recv_batch(self, max_messages: int = 1 << 16) -> Any:
         """The zero-copy receive (an `afunix.FrameBatch`, valid until the next receive)."""
+        if self._ready_at < len(self._ready):
+            raise RuntimeError("recv_batch after iteration left messages unread: use recv_many")
         ch = self._ch
         return await self._try(lambda: ch.recv_batch(max_messages))
 
@@ -616,15 +639,17 @@ class Channel:
         return self
 
     async def __anext__(self) -> bytes:
-        """Every message until the peer closes the channel cleanly.
-
-        One message a step, from what the channel parsed (one read brings
-        many): nothing is held here that an exception could drop.
-        """
-        try:
-            data: bytes = await self._try(self._ch.recv)
-        except EOFError:
-            raise StopAsyncIteration from None
+        """Every message until the peer closes the channel cleanly."""
+        ready, i = self._ready, self._ready_at
+        if i >= len(ready):
+            ch = self._ch
+            ready = await self._try(ch.recv_many)
+            # stores only from here: the messages are here, or still in ready
+            self._ready, self._ready_at, i = ready, 0, 0
+            if not ready:
+                raise StopAsyncIteration
+        data = ready[i]
+        self._ready_at = i + 1
         return data
 
     # ---- closing ----------------------------------------------------------------

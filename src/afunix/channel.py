@@ -716,9 +716,11 @@ class Channel:
         if self._broken is not None:
             self._fail(self._broken)  # the frames before the bad one are all out
         rs = self._rs
-        # descriptors of the frames handed out (taken, or to be closed)
-        self._impl.chan_drop(self._rx, rs.base + self._start, False)
-        self._check_errors()
+        if rs.head < rs.tail:
+            # descriptors of the frames handed out (taken, or to be closed)
+            self._impl.chan_drop(self._rx, rs.base + self._start, False)
+        if rs.errors:
+            self._check_errors()
         while True:
             if self._start < rs.end and self._parse():
                 return True
@@ -870,7 +872,8 @@ class Channel:
                     raise
                 if not _io.wait(self._fd, False, deadline):
                     raise socket.timeout("timed out") from None
-        self._check_errors()
+        if self._rs.errors:
+            self._check_errors()
         return n
 
     # ---- closing ----------------------------------------------------------------

@@ -8,7 +8,7 @@ from typing import Any, Iterable, List, Optional, Tuple
 
 from . import _checks, _io
 from .batch import _send_messages, _send_stream, checked_fds
-from .receive import _arena_for, _checked_sizes, _receive
+from .receive import _checked_sizes, _receive, arena_for
 from .message import Address, Credentials, TruncatedError
 
 # SO_PEERPIDFD (Linux >= 6.5) and SO_PASSCRED may be missing from the socket module.
@@ -72,7 +72,7 @@ def recv_fds(sock: Any, bufsize: int, maxfds: int, flags: int = 0
     flags = _checks.as_int(flags, "flags")
     t = _io.target(sock)
     try:
-        arena = _arena_for(sock, 1, size, k)
+        arena = arena_for(sock, 1, size, k)
         first, count, end = _receive(t, arena, flags, sock)
     finally:
         if t.shadow:

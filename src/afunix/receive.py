@@ -134,7 +134,7 @@ class _Arenas(threading.local):
 _arenas = _Arenas()
 
 
-def _arena_for(sock: Any, n: int, size: int, maxfds: int) -> Any:
+def arena_for(sock: Any, n: int, size: int, maxfds: int) -> Any:
     """The arena for a receive on `sock`: the one holding its undelivered messages, else the thread's."""
     mine = _arenas
     arena = mine.arena
@@ -193,7 +193,7 @@ def recv_many(sock: Any, max_messages: int, bufsize: int, flags: int = 0, *,
     flags = _checks.as_int(flags, "flags")
     t = _io.target(sock)
     try:
-        arena = _arena_for(sock, n, size, k)
+        arena = arena_for(sock, n, size, k)
         first, count, end = _receive(t, arena, flags, sock)
     finally:
         if t.shadow:
