@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import inspect
 import os
 import random
 import selectors
@@ -497,4 +498,105 @@ def test_recv_batch_usable_after_an_exception_at_any_line_of_recv(backend: str) 
         else:
             pytest.fail("RecvBatch.recv has more than 200 line events")
     assert k > 5
+    assert open_fds() == before
+
+
+# ---- where an interrupted receive leaves what it took ----------------------------------
+
+
+def _line_of(function: Any, text: str) -> int:
+    lines, first = inspect.getsourcelines(function)
+    hits = [first + k for k, line in enumerate(lines) if text in line]
+    assert len(hits) == 1, (text, hits)
+    return hits[0]
+
+
+def _raising_before(function: Any, text: str, call: Callable[[], R]) -> None:
+    """call(), which must raise Injected just before the line of `function` holding `text`."""
+    code, line = function.__code__, _line_of(function, text)
+
+    def local(frame: FrameType, event: str, arg: Any) -> Any:
+        if event == "line" and frame.f_lineno == line:
+            raise Injected()
+        return local
+
+    sys.settrace(lambda frame, event, arg: local if frame.f_code is code else None)
+    try:
+        with pytest.raises(Injected):
+            call()
+    finally:
+        sys.settrace(None)
+
+
+def test_recv_many_interrupted_keeps_its_messages_for_that_socket(backend: str) -> None:
+    before = open_fds()
+    a, b = afunix.socketpair(SEQPACKET)
+    c, d = afunix.socketpair(SEQPACKET)
+    null = os.open(os.devnull, os.O_RDONLY)
+    afunix.send_many(a, [b"a0", afunix.Message(b"a1", fds=[null]), b"a2"])
+    afunix.send_many(c, [b"c0", b"c1"])
+    # the kernel handed a0..a2 over; the exception lands before they are returned
+    _raising_before(afunix.recv_many, "messages = _messages(", lambda: afunix.recv_many(b, 8, 16, maxfds=2))
+    assert [m.data for m in afunix.recv_many(d, 8, 16)] == [b"c0", b"c1"]  # another socket
+    afunix.send_many(a, [b"a3"])
+    got = afunix.recv_many(b, 2, 16, maxfds=2)  # smaller: the rest waits for the next call
+    assert [m.data for m in got] == [b"a0", b"a1"] and len(got[1].fds) == 1
+    os.close(got[1].fds[0])
+    _, fds, _, _ = afunix.recv_fds(b, 16, 2)  # a2, left by the same interrupted call
+    assert afunix.recv_fds(b, 16, 2)[0] == b"a3"  # and only then the kernel's next one
+    # an interrupted call on a socket closed before its next receive: descriptors closed
+    afunix.send_many(a, [afunix.Message(b"a4", fds=[null, null])])
+    _raising_before(afunix.recv_many, "messages = _messages(", lambda: afunix.recv_many(b, 8, 16, maxfds=2))
+    for s in (a, b, c):
+        s.close()
+    assert afunix.recv_many(d, 8, 16) == []  # any receive in this thread lets go of them
+    d.close()
+    os.close(null)
+    assert open_fds() == before
+
+
+def test_recv_batch_interrupted_keeps_its_messages_for_that_socket(backend: str) -> None:
+    before = open_fds()
+    a, b = afunix.socketpair(SEQPACKET)
+    c, d = afunix.socketpair(SEQPACKET)
+    null = os.open(os.devnull, os.O_RDONLY)
+    batch = afunix.RecvBatch(8, 16, maxfds=2)
+    afunix.send_many(a, [b"a0", afunix.Message(b"a1", fds=[null])])
+    _raising_before(afunix.RecvBatch.recv, "lens = arena.lens", lambda: batch.recv(b))
+    assert len(batch) == 0
+    afunix.send_many(c, [b"c0"])
+    with pytest.raises(RuntimeError, match="another socket"):
+        batch.recv(d)  # a0, a1 came from b: not delivered as d's
+    assert batch.recv(b) == 2 and [bytes(v) for v in batch] == [b"a0", b"a1"]
+    fds = batch.fds(1)
+    assert len(fds) == 1
+    os.close(fds[0])
+    afunix.send_many(a, [afunix.Message(b"a2", fds=[null])])
+    _raising_before(afunix.RecvBatch.recv, "lens = arena.lens", lambda: batch.recv(b))
+    batch.close()  # drops a2, closes its descriptor
+    assert batch.recv(d) == 1 and bytes(batch[0]) == b"c0"
+    for s in (a, b, c, d):
+        s.close()
+    os.close(null)
+    assert open_fds() == before
+
+
+@CHANNEL_KINDS
+def test_channel_read_interrupted_loses_no_byte(backend: str, kind: int) -> None:
+    before = open_fds()
+    x, y = afunix.channel_pair(kind)
+    null = os.open(os.devnull, os.O_RDONLY)
+    with x, y:
+        x.send_many([b"one", afunix.Message(b"two", fds=[null]), b"three"])
+        x.send(b"four")
+        # the read brought the bytes; the exception lands before they are parsed
+        _raising_before(afunix.Channel._read, "return n", y.recv)
+        assert y.recv() == b"one"
+        m = y.recv_message()
+        assert m.data == b"two" and len(m.fds) == 1
+        os.close(m.fds[0])
+        # the message is built; the exception lands before it is given out
+        _raising_before(afunix.Channel.recv, "self._next = i + 1", y.recv)
+        assert y.recv_many() == [b"three"] + ([b"four"] if kind == socket.SOCK_STREAM else [])
+    os.close(null)
     assert open_fds() == before
