@@ -389,8 +389,8 @@ int afunix_recv_many(int fd, struct afunix_arena *a, int flags)
     /* An earlier call's messages come first: the kernel already gave them
      * to us, and the caller's bookkeeping was interrupted before it took
      * them (a Python exception from a signal handler). */
-    if (a->delivered < a->count)
-        return a->count - a->delivered;
+    if (a->delivered >= 0 && a->delivered < a->count)
+        return a->count - a->delivered; /* delivered is the caller's to set: checked */
     afunix_arena_release(a);
     a->count = a->delivered = 0;
     /* MSG_PEEK leaves the head message queued: every further slot would
