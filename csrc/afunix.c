@@ -119,28 +119,46 @@ static int send_batch(int fd, struct mmsghdr *hdrs, int n, int flags)
 #endif
 }
 
-int afunix_send_many(int fd, int n, const char *data, const size_t *lens,
-                     size_t uniform_len, const int *fds, const int *nfds,
-                     const char *addrs, const int *addrlens,
+int afunix_send_many(int fd, int n, const char *data, size_t datalen,
+                     const size_t *lens, size_t uniform_len,
+                     const int *fds, size_t nfds_total, const int *nfds,
+                     const char *addrs, size_t addrslen, const int *addrlens,
                      const int *creds, int flags)
 {
     if (n < 0 || n > AFUNIX_MAX_BATCH)
         return -EINVAL;
     if (n == 0)
         return 0;
-    if (data == NULL || (nfds && !fds) || (addrs && !addrlens) || (addrlens && !addrs))
+    if (data == NULL || (nfds && !fds) || (!fds && nfds_total) || (addrs && !addrlens)
+        || (addrlens && !addrs) || (!addrs && addrslen))
         return -EINVAL;
 
-    /* One allocation holds the headers, iovecs, addresses and control data. */
+    /* Every length and count is checked against the size of what it is
+     * taken from before anything is read: a caller whose buffer changed
+     * size between measuring and joining gets -EINVAL, not bytes or
+     * descriptors from past the end.  One allocation holds the headers,
+     * iovecs, addresses and control data. */
     size_t control_total = 0;
+    size_t data_left = datalen, fds_left = nfds_total, addrs_left = addrslen;
     for (int i = 0; i < n; i++) {
+        size_t len = lens ? lens[i] : uniform_len;
+        if (len > data_left)
+            return -EINVAL;
+        data_left -= len;
         int k = nfds ? nfds[i] : 0;
-        if (k < 0 || k > AFUNIX_SCM_MAX_FD)
+        if (k < 0 || k > AFUNIX_SCM_MAX_FD || (size_t)k > fds_left)
             return -EINVAL;
-        if (addrlens && addrlens[i] > (int)sizeof(((struct sockaddr_un *)0)->sun_path))
-            return -EINVAL;
+        fds_left -= (size_t)k;
+        if (addrlens && addrlens[i] >= 0) {
+            if (addrlens[i] > (int)sizeof(((struct sockaddr_un *)0)->sun_path)
+                || (size_t)addrlens[i] > addrs_left)
+                return -EINVAL;
+            addrs_left -= (size_t)addrlens[i];
+        }
         control_total += send_control_space(k, creds && creds[4 * i]);
     }
+    if (data_left != 0 || fds_left != 0 || addrs_left != 0)
+        return -EINVAL; /* more handed over than the messages take: the lengths are wrong */
     size_t head = (size_t)n * (sizeof(struct mmsghdr) + sizeof(struct iovec)
                                + (addrs ? sizeof(struct sockaddr_un) : 0));
     /* control data must be aligned for struct cmsghdr */
@@ -217,6 +235,61 @@ int afunix_send_many(int fd, int n, const char *data, const size_t *lens,
     return rc;
 }
 
+/* Room for the most control data one message can carry. */
+#if AFUNIX_HAS_PASSCRED
+#define MESSAGE_CONTROL_MAX (CMSG_SPACE(AFUNIX_SCM_MAX_FD * sizeof(int)) \
+                             + CMSG_SPACE(sizeof(struct ucred)))
+#else
+#define MESSAGE_CONTROL_MAX CMSG_SPACE(AFUNIX_SCM_MAX_FD * sizeof(int))
+#endif
+
+ssize_t afunix_send_message(int fd, const char *data, size_t len,
+                            const int *fds, int nfds, const int *creds, int flags)
+{
+    if (nfds < 0 || nfds > AFUNIX_SCM_MAX_FD || (nfds > 0 && fds == NULL)
+        || (data == NULL && len > 0))
+        return -EINVAL;
+    union {
+        struct cmsghdr align;
+        char bytes[MESSAGE_CONTROL_MAX];
+    } control;
+    struct iovec iov;
+    iov.iov_base = (void *)data;
+    iov.iov_len = len;
+    struct msghdr m;
+    memset(&m, 0, sizeof m);
+    m.msg_iov = &iov;
+    m.msg_iovlen = 1;
+    size_t space = send_control_space(nfds, creds != NULL);
+    if (space > 0) {
+        memset(control.bytes, 0, space);
+        m.msg_control = control.bytes;
+        m.msg_controllen = space;
+        struct cmsghdr *c = CMSG_FIRSTHDR(&m);
+#if AFUNIX_HAS_PASSCRED
+        if (creds != NULL) {
+            struct ucred uc;
+            uc.pid = creds[0];
+            uc.uid = (uid_t)creds[1];
+            uc.gid = (gid_t)creds[2];
+            c->cmsg_level = SOL_SOCKET;
+            c->cmsg_type = SCM_CREDENTIALS;
+            c->cmsg_len = CMSG_LEN(sizeof uc);
+            memcpy(CMSG_DATA(c), &uc, sizeof uc);
+            c = CMSG_NXTHDR(&m, c);
+        }
+#endif
+        if (nfds > 0) {
+            c->cmsg_level = SOL_SOCKET;
+            c->cmsg_type = SCM_RIGHTS;
+            c->cmsg_len = CMSG_LEN((size_t)nfds * sizeof(int));
+            memcpy(CMSG_DATA(c), fds, (size_t)nfds * sizeof(int));
+        }
+    }
+    ssize_t rc = sendmsg(fd, &m, flags | MSG_NOSIGNAL);
+    return rc < 0 ? -errno : rc;
+}
+
 /* Receive side ------------------------------------------------------------ */
 
 static size_t recv_control_space(int maxfds)
@@ -260,7 +333,7 @@ void afunix_arena_free(struct afunix_arena *a)
         return;
     afunix_arena_release(a);
     free(a->handed);
-    free(a->data);
+    /* a->data is the caller's (see afunix_arena_new) */
     free(a->lens);
     free(a->msg_flags);
     free(a->nfds);
@@ -274,9 +347,11 @@ void afunix_arena_free(struct afunix_arena *a)
     free(a);
 }
 
-struct afunix_arena *afunix_arena_new(int max_messages, size_t bufsize, int maxfds)
+struct afunix_arena *afunix_arena_new(int max_messages, size_t bufsize, int maxfds,
+                                      char *data)
 {
-    if (max_messages < 1 || max_messages > AFUNIX_MAX_BATCH || bufsize < 1
+    /* bufsize 0 (descriptors without data) still needs a valid data pointer */
+    if (data == NULL || max_messages < 1 || max_messages > AFUNIX_MAX_BATCH
         || bufsize > SIZE_MAX / (size_t)max_messages
         || maxfds < 0 || maxfds > AFUNIX_SCM_MAX_FD)
         return NULL;
@@ -288,7 +363,7 @@ struct afunix_arena *afunix_arena_new(int max_messages, size_t bufsize, int maxf
     a->bufsize = bufsize;
     a->maxfds = maxfds;
     a->control_space = recv_control_space(maxfds);
-    a->data = malloc(n * bufsize);
+    a->data = data;
     a->lens = calloc(n, sizeof *a->lens);
     a->msg_flags = calloc(n, sizeof *a->msg_flags);
     a->nfds = calloc(n, sizeof *a->nfds);
@@ -302,7 +377,7 @@ struct afunix_arena *afunix_arena_new(int max_messages, size_t bufsize, int maxf
     a->control = calloc(n, a->control_space);
     a->handed = calloc(n, 1);
     a->all_handed = 1;
-    if (!a->data || !a->lens || !a->msg_flags || !a->nfds || !a->fds || !a->creds
+    if (!a->lens || !a->msg_flags || !a->nfds || !a->fds || !a->creds
         || !a->addrlens || !a->addrs || !a->hdrs || !a->names || !a->control || !a->handed) {
         afunix_arena_free(a);
         return NULL;
@@ -429,6 +504,10 @@ int afunix_recv_many(int fd, struct afunix_arena *a, int flags)
             a->nfds[i] = 0;
             mflags |= MSG_CTRUNC;
         }
+        /* Linux echoes MSG_CMSG_CLOEXEC, which we add ourselves: report the
+         * flags as a plain recvmsg with the caller's flags would. */
+        if (!(flags & MSG_CMSG_CLOEXEC))
+            mflags &= ~MSG_CMSG_CLOEXEC;
         a->msg_flags[i] = mflags;
         size_t path_off = offsetof(struct sockaddr_un, sun_path);
         if (m->msg_namelen == 0 || m->msg_namelen < path_off) {

@@ -41,23 +41,40 @@ int afunix_socketpairs(int type, int nonblock, int n, int *fds);
 
 /* Send up to AFUNIX_MAX_BATCH messages in one sendmmsg (a sendmsg loop where
  * the platform lacks it).  Message i is lens[i] bytes of `data`, which holds
- * all the messages back to back; when lens is NULL every message is
- * uniform_len bytes (fixed-size records need no length array).
+ * all the messages back to back in datalen bytes; when lens is NULL every
+ * message is uniform_len bytes (fixed-size records need no length array).
  * Optional per-message parts, NULL when no
  * message has them:
- *   nfds[i] descriptors taken in order from `fds` (SCM_RIGHTS);
- *   addrlens[i] bytes of sun_path taken in order from `addrs`, -1 for none;
+ *   nfds[i] descriptors taken in order from `fds`, which holds nfds_total;
+ *   addrlens[i] bytes of sun_path taken in order from `addrs` (addrslen
+ *     bytes in all), -1 for none;
  *   creds[4*i .. 4*i+3] = present, pid, uid, gid (SCM_CREDENTIALS).
+ * The lengths and counts must add up to exactly datalen, nfds_total and
+ * addrslen, the sizes of what the caller handed over: -EINVAL otherwise,
+ * before any system call, so that nothing past them is read or sent.
  * MSG_NOSIGNAL is always added.  Returns how many messages went (> 0 even
  * when an error stopped the rest), or -errno when none did. */
-int afunix_send_many(int fd, int n, const char *data, const size_t *lens,
-                     size_t uniform_len, const int *fds, const int *nfds,
-                     const char *addrs, const int *addrlens,
+int afunix_send_many(int fd, int n, const char *data, size_t datalen,
+                     const size_t *lens, size_t uniform_len,
+                     const int *fds, size_t nfds_total, const int *nfds,
+                     const char *addrs, size_t addrslen, const int *addrlens,
                      const int *creds, int flags);
 
+/* Send one message with one sendmsg: len bytes of data, nfds descriptors
+ * from fds (SCM_RIGHTS, none when nfds is 0) and, when creds is not NULL,
+ * creds[0..2] = pid, uid, gid (SCM_CREDENTIALS).  MSG_NOSIGNAL is always
+ * added.  On SOCK_STREAM this puts all of a message's bytes on the write
+ * that carries its control data, as socket.send_fds does.  Returns the
+ * bytes the kernel took (on SOCK_STREAM possibly fewer than len), or
+ * -errno. */
+ssize_t afunix_send_message(int fd, const char *data, size_t len,
+                            const int *fds, int nfds, const int *creds, int flags);
+
 /* A reusable receive area for up to max_messages messages of bufsize bytes
- * and maxfds descriptors each.  The arrays are outputs of afunix_recv_many,
- * valid until the next call.
+ * (0: descriptors without data) and maxfds descriptors each.  The arrays are
+ * outputs of afunix_recv_many, valid until the next call.  The data area is
+ * the caller's: views of the messages may outlive the arena, so whoever hands
+ * them out owns it.
  *
  * Hand-over state.  What the kernel handed over is recorded by the same call
  * that received it, so an exception that interrupts the caller's bookkeeping
@@ -74,7 +91,7 @@ struct afunix_arena {
     int max_messages;
     size_t bufsize;
     int maxfds;
-    char *data;          /* message i at data + i * bufsize */
+    char *data;          /* message i at data + i * bufsize (the caller's memory) */
     size_t *lens;        /* bytes received (<= bufsize) */
     int *msg_flags;      /* the kernel's msg_flags, plus MSG_CTRUNC when we cut */
     int *nfds;           /* descriptors kept for message i */
@@ -95,15 +112,20 @@ struct afunix_arena {
     size_t control_space;
 };
 
-/* NULL when out of memory or the sizes are out of range. */
-struct afunix_arena *afunix_arena_new(int max_messages, size_t bufsize, int maxfds);
+/* An arena receiving into `data`: max_messages * bufsize bytes that the
+ * caller owns and keeps for at least the arena's life (afunix_arena_free
+ * leaves them alone).  NULL when out of memory, data is NULL or the sizes
+ * are out of range. */
+struct afunix_arena *afunix_arena_new(int max_messages, size_t bufsize, int maxfds,
+                                      char *data);
 void afunix_arena_free(struct afunix_arena *arena);
 
 /* Receive into `arena` with one recvmmsg(MSG_WAITFORONE | MSG_CMSG_CLOEXEC):
  * waits for the first message as recv would, then takes those already
  * queued (only the first with MSG_PEEK, which would repeat it).  A message whose control data was cut (MSG_CTRUNC), or that
  * carried more than maxfds descriptors, has all its descriptors closed and
- * MSG_CTRUNC in its flags.
+ * MSG_CTRUNC in its flags.  MSG_CMSG_CLOEXEC is left out of the flags
+ * stored unless the caller passed it.
  * When messages of an earlier call are still undelivered, returns their
  * number (count - delivered) and receives nothing; otherwise first closes
  * the descriptors the arena still holds (afunix_arena_release), then sets

@@ -103,30 +103,40 @@ int afunix_frames_parse(struct afunix_frames *frames, const char *buf, size_t st
     return count;
 }
 
-int64_t afunix_frames_pack(char *out, size_t outlen, const char *data,
+int64_t afunix_frames_pack(char *out, size_t outlen, const char *data, size_t datalen,
                            const uint32_t *lens, uint32_t uniform_len,
-                           const uint32_t *nfds, int n)
+                           const uint32_t *nfds, size_t nfds_count, int n)
 {
-    if (n < 0 || (n > 0 && (out == NULL || data == NULL)))
+    if (n < 0 || (n > 0 && (out == NULL || data == NULL))
+        || (nfds != NULL && nfds_count != (size_t)n))
+        return -EINVAL;
+    /* The payloads must be exactly the data handed over, checked before
+     * anything is written: a frame never promises bytes that are not there. */
+    size_t left = datalen;
+    for (int i = 0; i < n; i++) {
+        uint32_t length = lens != NULL ? lens[i] : uniform_len;
+        if ((size_t)length > left || (nfds != NULL && nfds[i] > AFUNIX_FRAME_MAX_NFDS))
+            return -EINVAL;
+        left -= length;
+    }
+    if (left != 0)
+        return -EINVAL;
+    if (datalen > outlen || (outlen - datalen) / AFUNIX_FRAME_HEADER < (size_t)n)
+        return -ENOBUFS;
+    size_t total = datalen + (size_t)n * AFUNIX_FRAME_HEADER; /* <= outlen: no overflow */
+    if (total > (size_t)INT64_MAX)
         return -EINVAL;
     unsigned char *o = (unsigned char *)out;
     size_t pos = 0, in = 0;
     for (int i = 0; i < n; i++) {
         uint32_t length = lens != NULL ? lens[i] : uniform_len;
         uint32_t k = nfds != NULL ? nfds[i] : 0;
-        if (k > AFUNIX_FRAME_MAX_NFDS)
-            return -EINVAL;
-        if (outlen - pos < AFUNIX_FRAME_HEADER
-            || outlen - pos - AFUNIX_FRAME_HEADER < (size_t)length)
-            return -ENOBUFS;
         put_header(o + pos, length, k);
         memcpy(o + pos + AFUNIX_FRAME_HEADER, data + in, length);
         pos += AFUNIX_FRAME_HEADER + (size_t)length;
         in += length;
     }
-    if (pos > (size_t)INT64_MAX)
-        return -EINVAL;
-    return (int64_t)pos;
+    return (int64_t)total;
 }
 
 /* ---- receiving ------------------------------------------------------------ */

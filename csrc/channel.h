@@ -47,11 +47,13 @@ int afunix_frames_parse(struct afunix_frames *frames, const char *buf, size_t st
 /* Pack n frames into out: frame i is a header declaring lens[i] bytes (or
  * uniform_len when lens is NULL) and nfds[i] descriptors (0 when nfds is
  * NULL), then its payload, taken in order from `data` (all payloads back to
- * back).  Returns the bytes written, -EINVAL for a length over UINT32_MAX or a
- * descriptor count out of range, -ENOBUFS when out is too small. */
-int64_t afunix_frames_pack(char *out, size_t outlen, const char *data,
+ * back, datalen bytes).  nfds_count is the number of entries nfds holds.
+ * Returns the bytes written; -EINVAL, before anything is written, when the
+ * lengths do not add up to exactly datalen, nfds does not hold n entries or
+ * a descriptor count is out of range; -ENOBUFS when out is too small. */
+int64_t afunix_frames_pack(char *out, size_t outlen, const char *data, size_t datalen,
                            const uint32_t *lens, uint32_t uniform_len,
-                           const uint32_t *nfds, int n);
+                           const uint32_t *nfds, size_t nfds_count, int n);
 
 /* ---- receiving: the hand-over recorded by the call that receives ------------ */
 

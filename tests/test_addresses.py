@@ -17,7 +17,7 @@ from typing import Any, List
 import pytest
 
 import afunix
-from afunix import addresses
+from afunix import addresses, pathlock
 
 from conftest import need_tool, open_fds
 
@@ -468,6 +468,395 @@ def test_file_replaced_between_probe_and_unlink_is_kept(
     finally:
         for s in newcomer:
             s.close()
+
+
+# --- concurrent listen() calls ---------------------------------------------------
+
+# Races per test in the normal run; AFUNIX_LISTEN_RACES=1000 runs more.
+LISTEN_RACES = int(os.environ.get("AFUNIX_LISTEN_RACES", "50"))
+
+# One racing process: on "race T" it calls listen() at time T and says whether
+# it won; on "check TOKEN" it says whether the connection that sent TOKEN
+# reached its server (the losers' probes are there too, and read EOF), then
+# closes the server.
+RACER = """
+import afunix, socket, sys, time
+path, mode = sys.argv[1], eval(sys.argv[2])
+srv = None
+for line in sys.stdin:
+    command, arg = line.split()
+    if command == "race":
+        time.sleep(max(0.0, float(arg) - time.time()))
+        try:
+            srv = afunix.listen(path, mode=mode)
+        except OSError as exc:
+            print("lost", exc.errno, flush=True)
+        else:
+            print("won", 0, flush=True)
+    elif command == "check":
+        reached = False
+        if srv is not None:
+            srv.setblocking(False)
+            while True:
+                try:
+                    conn, _ = srv.accept()
+                except BlockingIOError:
+                    break
+                with conn:
+                    conn.settimeout(5)
+                    reached = reached or conn.recv(100) == arg.encode()
+            srv.close()
+            srv = None
+        print("reached" if reached else "missed", flush=True)
+"""
+
+
+def race_listen(
+    directory: str, backend: str, mode: Any, races: int, paths: int = 4, per_path: int = 3
+) -> List[str]:
+    """Run `races` races of `per_path` processes calling listen() on one stale file, on
+    `paths` paths at once; return what went wrong (each race: one winner, reached)."""
+    env = dict(os.environ, AFUNIX_BACKEND=backend)
+    names = [os.path.join(directory, "race%d" % k) for k in range(paths)]
+    racers = [
+        [subprocess.Popen([sys.executable, "-c", RACER, name, repr(mode)], env=env,
+                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+         for _ in range(per_path)]
+        for name in names
+    ]
+    everyone = [r for group in racers for r in group]
+    # A racer that hangs must fail the test, not stall the suite.
+    watchdog = threading.Timer(30 + races * 0.5, lambda: [r.kill() for r in everyone])
+    watchdog.start()
+
+    def tell(group: List[subprocess.Popen[str]], line: str) -> None:
+        for r in group:
+            assert r.stdin is not None
+            r.stdin.write(line + "\n")
+            r.stdin.flush()
+
+    def answers(group: List[subprocess.Popen[str]]) -> List[str]:
+        return [r.stdout.readline().strip() for r in group if r.stdout is not None]
+
+    wrong: List[str] = []
+    try:
+        done = 0
+        while done < races:
+            now = min(paths, races - done)
+            for name in names[:now]:
+                stale_socket(name)
+            start = time.time() + 0.02  # every racer is waiting by then
+            for group in racers[:now]:
+                tell(group, "race %r" % start)
+            for k in range(now):
+                outcome = answers(racers[k])
+                token = "race-%d" % (done + k)
+                with socket.socket(socket.AF_UNIX) as c:
+                    c.settimeout(T)
+                    try:
+                        c.connect(names[k])
+                        c.sendall(token.encode())
+                    except OSError as exc:
+                        wrong.append("race %d: %r, connect failed: %s" % (done + k, outcome, exc))
+                    tell(racers[k], "check " + token)
+                    reached = answers(racers[k])
+                won = [i for i, o in enumerate(outcome) if o == "won 0"]
+                lost = [o for o in outcome if o != "won 0"]
+                if (len(won) != 1 or reached[won[0]] != "reached"
+                        or lost != ["lost %d" % errno.EADDRINUSE] * (per_path - 1)):
+                    wrong.append("race %d: %r %r" % (done + k, outcome, reached))
+                if os.path.lexists(names[k]):  # a loser's file; the next race needs a stale one
+                    os.unlink(names[k])
+            done += now
+    finally:
+        watchdog.cancel()
+        for r in everyone:
+            if r.stdin is not None:
+                try:
+                    r.stdin.close()
+                except BrokenPipeError:
+                    pass  # killed by the watchdog: already reported as wrong
+        for r in everyone:
+            try:
+                r.wait(T)
+            except subprocess.TimeoutExpired:
+                r.kill()
+                r.wait(T)
+            if r.stdout is not None:
+                r.stdout.close()
+    return wrong
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", [None, 0o600])
+def test_concurrent_listens_on_a_stale_file_have_one_winner(
+    short_dir: str, backend: str, mode: Any
+) -> None:
+    """Processes replacing the same stale file at once: exactly one wins, and the path is its."""
+    wrong = race_listen(short_dir, backend, mode, LISTEN_RACES)
+    assert not wrong, "%d of %d races went wrong:\n%s" % (
+        len(wrong), LISTEN_RACES, "\n".join(wrong[:20]))
+    assert os.listdir(short_dir) == [], "lock files or temporary directories left behind"
+
+
+def pending_token(srv: socket.socket, token: bytes) -> bool:
+    """Whether a connection that sent `token` waits in `srv`'s accept queue (probes read EOF)."""
+    srv.setblocking(False)
+    found = False
+    while True:
+        try:
+            conn, _ = srv.accept()
+        except BlockingIOError:
+            return found
+        with conn:
+            conn.settimeout(T)
+            found = found or conn.recv(100) == token
+
+
+def listen_in_threads(p: str, modes: List[Any]) -> List[Any]:
+    """Call afunix.listen(p, mode=m) for each of `modes` in threads at once: sockets or errors."""
+    results: List[Any] = [None] * len(modes)
+
+    def contender(i: int) -> None:
+        try:
+            results[i] = afunix.listen(p, mode=modes[i])
+        except OSError as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=contender, args=(i,), daemon=True) for i in range(len(modes))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(3 * T)
+        assert not t.is_alive(), "listen() hung"
+    return results
+
+
+def one_winner_reached(p: str, results: List[Any]) -> None:
+    """Exactly one of `results` is a server, the others EADDRINUSE; a connect to `p` reaches it."""
+    try:
+        servers = [r for r in results if isinstance(r, socket.socket)]
+        errors = [r for r in results if not isinstance(r, socket.socket)]
+        assert len(servers) == 1, "%d callers won: %r" % (len(servers), results)
+        assert all(isinstance(e, OSError) and e.errno == errno.EADDRINUSE for e in errors), errors
+        with socket.socket(socket.AF_UNIX) as c:
+            c.settimeout(T)
+            c.connect(p)
+            c.sendall(b"who")
+            assert pending_token(servers[0], b"who"), "the path does not reach the winner"
+    finally:
+        for r in results:
+            if isinstance(r, socket.socket):
+                r.close()
+
+
+@pytest.mark.parametrize("modes", [[None, None], [0o600, 0o600], [None, 0o600]])
+def test_listens_that_reach_the_stale_files_unlink_together_have_one_winner(
+    short_dir: str, modes: List[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two callers that both found the file stale: the one to unlink second must not remove
+    what the first put in its place.  The window is made wide: each caller's unlink of the
+    path waits (up to 0.5 s) for the other to get there too, and the second one then waits
+    until the first has its server at the path."""
+    p = os.path.join(short_dir, "s")
+    stale_socket(p)
+    stale_ino = os.lstat(p).st_ino
+    keep = os.path.join(short_dir, "keep")
+    os.link(p, keep)  # the stale inode's number is not given to the next file while linked
+    raw = os.fsencode(p)
+    real_unlink = os.unlink
+    both_there = threading.Barrier(2)
+    arrivals: List[int] = []
+    guard = threading.Lock()
+
+    def replaced() -> bool:
+        try:
+            return os.lstat(p).st_ino != stale_ino
+        except FileNotFoundError:
+            return False
+
+    def unlink(path: Any, *args: Any, **kwargs: Any) -> None:
+        if os.fsencode(path) == raw:
+            with guard:
+                order = len(arrivals)
+                arrivals.append(order)
+            if order < 2:
+                try:
+                    both_there.wait(0.5)
+                except threading.BrokenBarrierError:
+                    pass  # the other caller never came: it is waiting for this one
+                deadline = time.monotonic() + T
+                while order == 1 and not replaced() and time.monotonic() < deadline:
+                    time.sleep(0.001)
+        real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(addresses.os, "unlink", unlink)
+    one_winner_reached(p, listen_in_threads(p, modes))
+    assert os.listdir(short_dir) == ["keep"]
+
+
+@pytest.mark.parametrize("mode", [None, 0o600])
+def test_server_slow_between_bind_and_listen_keeps_its_path(
+    short_dir: str, mode: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A listen() preempted for longer than the stale recheck (50 ms) between its bind and its
+    listen: another listen() on the same path waits for it instead of taking its file."""
+    p = os.path.join(short_dir, "s")
+    real_listen = addresses.ListeningSocket.listen
+    bound = threading.Event()
+    first: List[Any] = []
+
+    def slow_listen(self: socket.socket, *args: Any) -> None:
+        if threading.current_thread() is slow:
+            bound.set()
+            time.sleep(0.3)
+        real_listen(self, *args)
+
+    def serve() -> None:
+        try:
+            first.append(afunix.listen(p))
+        except OSError as exc:  # pragma: no cover - reported by the assertions
+            first.append(exc)
+
+    monkeypatch.setattr(addresses.ListeningSocket, "listen", slow_listen)
+    slow = threading.Thread(target=serve, daemon=True)
+    slow.start()
+    try:
+        assert bound.wait(T)
+        with pytest.raises(OSError) as info:
+            afunix.listen(p, mode=mode).close()
+        assert info.value.errno == errno.EADDRINUSE
+    finally:
+        slow.join(T)
+    one_winner_reached(p, first)
+
+
+# --- the listen() lock file -------------------------------------------------------
+
+
+def lock_path(p: str) -> str:
+    return p + os.fsdecode(pathlock.LOCK_SUFFIX)
+
+
+HOLD_LOCK = """
+import os, sys, time
+from afunix.pathlock import PathLock
+with PathLock(os.fsencode(sys.argv[1])):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("mode", [None, 0o600])
+def test_lock_held_too_long_is_in_use_and_a_killed_holder_blocks_nobody(
+    short_dir: str, backend: str, mode: Any, monkeypatch: pytest.MonkeyPatch,
+    fd_baseline: set[int],
+) -> None:
+    p = os.path.join(short_dir, "s")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, p], env=dict(os.environ, AFUNIX_BACKEND=backend),
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        monkeypatch.setattr(pathlock, "LOCK_WAIT", 0.3)
+        start = time.monotonic()
+        with pytest.raises(OSError) as info:
+            afunix.listen(p, mode=mode)
+        assert info.value.errno == errno.EADDRINUSE and info.value.filename == p
+        assert time.monotonic() - start >= 0.3
+        assert sorted(os.listdir(short_dir)) == ["s" + os.fsdecode(pathlock.LOCK_SUFFIX)]
+    finally:
+        holder.kill()
+        holder.communicate(timeout=T)
+    # Killed while holding: its file stays, its lock went with it.
+    assert os.path.isfile(lock_path(p))
+    with afunix.listen(p, mode=mode) as srv:
+        assert echo_once(srv) == b"ping"
+        assert os.listdir(short_dir) == ["s"]  # the leftover lock file is gone too
+    assert os.listdir(short_dir) == []
+
+
+def test_lock_path_taken_by_something_else_is_left_alone(short_dir: str, fd_baseline: set[int]) -> None:
+    p = os.path.join(short_dir, "s")
+    lock = lock_path(p)
+    precious = os.path.join(short_dir, "precious")
+    with open(precious, "w") as f:
+        f.write("precious")
+    makers = [
+        ("directory", lambda: os.mkdir(lock), os.path.isdir),
+        ("symlink", lambda: os.symlink(precious, lock), os.path.islink),
+        ("fifo", lambda: os.mkfifo(lock), lambda q: stat.S_ISFIFO(os.lstat(q).st_mode)),
+        ("socket", lambda: stale_socket(lock), lambda q: stat.S_ISSOCK(os.lstat(q).st_mode)),
+    ]
+    for what, make, still in makers:
+        make()
+        for mode in (None, 0o600):
+            with pytest.raises(FileExistsError, match="lock path"):
+                afunix.listen(p, mode=mode)
+            assert still(lock), what
+        assert sorted(os.listdir(short_dir)) == ["precious", os.path.basename(lock)], what
+        (os.rmdir if what == "directory" else os.unlink)(lock)
+    with open(precious) as f:
+        assert f.read() == "precious"
+
+
+def test_filesystem_without_file_locks(short_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where flock() is refused (NFS without a lock manager), listen works as it did unlocked."""
+    def no_flock(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(pathlock.fcntl, "flock", no_flock)
+    p = os.path.join(short_dir, "s")
+    stale_socket(p)
+    for mode in (None, 0o600):
+        with afunix.listen(p, mode=mode) as srv:
+            assert os.listdir(short_dir) == ["s"]
+            assert echo_once(srv) == b"ping"
+    assert os.listdir(short_dir) == []
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
+                    reason="needs root, to run a child as another user")
+def test_lock_files_between_users_in_a_sticky_directory(short_dir: str, backend: str) -> None:
+    """As in /tmp: each user's listen() removes its own lock file; another user's leftover
+    one is a clear PermissionError; a directory nobody may write to fails as it did."""
+    os.chmod(short_dir, 0o1777)
+    mine = os.path.join(short_dir, "mine")
+    theirs = os.path.join(short_dir, "theirs")
+    # root's listen() at `mine` was killed while it held the lock: the file stays.
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, mine], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+    holder.kill()
+    holder.communicate(timeout=T)
+    closed = os.path.join(short_dir, "closed")
+    os.mkdir(closed, 0o755)
+    as_nobody = """
+        import afunix, errno, os, sys
+        os.setgid(65534); os.setuid(65534)
+        mine, theirs, closed = sys.argv[1:4]
+        try:
+            afunix.listen(mine)
+        except PermissionError as exc:
+            print("mine:", exc.filename == mine + ".afunix-lock", "another user" in str(exc))
+        with afunix.listen(theirs, mode=0o600) as srv:
+            print("theirs:", sorted(os.listdir(os.path.dirname(theirs))))
+        try:
+            afunix.listen(os.path.join(closed, "s"))
+        except PermissionError as exc:
+            print("closed:", exc.errno == errno.EACCES, os.listdir(closed))
+    """
+    r = run(as_nobody, backend, mine, theirs, closed)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        "mine: True True",
+        "theirs: ['closed', 'mine.afunix-lock', 'theirs']",
+        "closed: True []",
+    ]
+    assert sorted(os.listdir(short_dir)) == ["closed", "mine.afunix-lock"]
+    with afunix.listen(mine) as srv:  # its owner's next listen() takes it back and removes it
+        assert echo_once(srv) == b"ping"
+    assert sorted(os.listdir(short_dir)) == ["closed"]
 
 
 # --- mode ---------------------------------------------------------------------

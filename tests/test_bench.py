@@ -142,3 +142,35 @@ def test_stream_checker_finds_the_numbers_wherever_reads_cut() -> None:
         pos += len(piece)
     assert checker.pos == len(stream)
     assert checker.total == count * (count - 1) // 2
+
+
+@pytest.mark.parametrize("option", ["--json", "--plot"])
+def test_an_output_path_that_cannot_be_written_is_one_line_before_any_run(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, option: str) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("kept")
+    for bad, why in [(tmp_path / "missing-dir" / "out", "No such file or directory"),
+                     (tmp_path, "is a directory"),
+                     (a_file / "out", "Not a directory")]:
+        status, out, err = bench(capsys, "--only", "dgram", option, str(bad))
+        assert status == 2
+        assert out == ""  # nothing ran
+        assert err.count("\n") == 1 and "Traceback" not in err
+        assert err.startswith("afunix bench: cannot write %s %s: " % (option, bad)) and why in err, err
+    assert a_file.read_text() == "kept" and sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_a_writable_output_path_is_left_as_it_was_until_the_run_writes_it(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    same = tmp_path / "same"
+    status, out, err = bench(capsys, "--only", "dgram", "--json", str(same), "--plot", str(same))
+    assert status == 2 and out == "" and "the same file" in err and not same.exists()
+    json_path = tmp_path / "out.json"
+    json_path.write_text("old")
+    # --json passes the check, --plot does not: nothing runs, and the check
+    # itself neither truncated the file nor left one behind
+    status, out, err = bench(capsys, "--only", "dgram", "--json", str(json_path),
+                             "--plot", str(tmp_path / "missing-dir" / "out.png"))
+    assert status == 2 and out == "" and "cannot write --plot" in err
+    assert json_path.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]

@@ -64,6 +64,15 @@ fd = int(os.environ["AFUNIX_TEST_FD"])
 sock = socket.socket(fileno=fd)
 sock.settimeout(10)
 def fds(): return {int(f) for f in os.listdir("/proc/self/fd")}
+# Fill the free numbers below the highest open descriptor (the inherited
+# socket may be a high number): the kernel installs received descriptors at
+# the lowest free numbers, so holes would give it room past the limit below.
+top = max(fds())
+while True:
+    hole = os.open(os.devnull, os.O_RDONLY)
+    if hole > top:
+        os.close(hole)
+        break
 before = fds()
 # room for 3 more descriptors, then the kernel cannot install the rest
 limit = max(before) + 4

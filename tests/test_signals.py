@@ -596,7 +596,7 @@ def test_channel_read_interrupted_loses_no_byte(backend: str, kind: int) -> None
         assert m.data == b"two" and len(m.fds) == 1
         os.close(m.fds[0])
         # the message is built; the exception lands before it is given out
-        _raising_before(afunix.Channel.recv, "self._next = i + 1", y.recv)
+        _raising_before(afunix.Channel._recv, "self._next = i + 1", y.recv)
         assert y.recv_many() == [b"three"] + ([b"four"] if kind == socket.SOCK_STREAM else [])
     os.close(null)
     assert open_fds() == before

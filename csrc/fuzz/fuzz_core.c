@@ -257,13 +257,18 @@ static void fuzz_recv(void)
     int max_messages = 1 + take_u8() % 6;
     size_t bufsize = 1 + take_u8() % 80;
     int maxfds = take_u8() % 8 == 0 ? (int)(take_u32() % 300) - 20 : take_u8() % 6;
-    struct afunix_arena *a = afunix_arena_new(max_messages, bufsize, maxfds);
+    char *data = malloc((size_t)max_messages * bufsize);
+    CHECK(data != NULL);
+    struct afunix_arena *a = afunix_arena_new(max_messages, bufsize, maxfds, data);
     if (maxfds < 0 || maxfds > AFUNIX_SCM_MAX_FD) {
         CHECK(a == NULL);
+        free(data);
         return;
     }
-    if (a == NULL)
+    if (a == NULL) {
+        free(data);
         return; /* out of memory */
+    }
     for (int round = 0; round < 3 && in_left > 0; round++) {
         int got = afunix_recv_many(-1, a, 0);
         if (got < 0) {
@@ -308,6 +313,7 @@ static void fuzz_recv(void)
         a->all_handed = 1;
     }
     afunix_arena_free(a);
+    free(data);
 }
 
 /* ---- send: sendmmsg checks what the core built --------------------------- */
@@ -430,9 +436,26 @@ static void fuzz_send(void)
         with_addrs ? addrs : NULL, with_addrs ? addrlens : NULL,
         with_creds ? creds : NULL,
     };
+    /* Now and then a size that is not what is handed over (a buffer that
+     * changed size between measuring and joining): refused before any read. */
+    size_t data_arg = data_len, fds_arg = with_fds ? fd_total : 0;
+    size_t addrs_arg = with_addrs ? addr_total : 0;
+    uint8_t lie = take_u8();
+    int lied = 1;
+    switch (lie % 16) {
+    case 1: data_arg += 1 + lie / 16; break;
+    case 2: if (data_len > 0) data_arg -= 1; else lied = 0; break;
+    case 3: fds_arg += 1 + lie / 16; break;
+    case 4: if (fds_arg > 0) fds_arg -= 1; else lied = 0; break;
+    case 5: addrs_arg += 1 + lie / 16; break;
+    case 6: if (addrs_arg > 0) addrs_arg -= 1; else lied = 0; break;
+    default: lied = 0; break;
+    }
+    if (lied && n != 0)
+        valid = 0;
     sending = &c;
-    int rc = afunix_send_many(-1, n, data, lens, 0, c.fds, c.nfds, c.addrs, c.addrlens,
-                              c.creds, 0);
+    int rc = afunix_send_many(-1, n, data, data_arg, lens, 0, c.fds, fds_arg, c.nfds,
+                              c.addrs, addrs_arg, c.addrlens, c.creds, 0);
     sending = NULL;
     if (!valid)
         CHECK(rc == -EINVAL);

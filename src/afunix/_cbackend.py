@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import _socket
 import array
+import errno
 import importlib
 import os
 import socket
@@ -114,7 +115,14 @@ _NULL = ffi.NULL
 
 
 def send_batch(sock: socket.socket, out: Outgoing, start: int, count: int, flags: int) -> int:
-    """One sendmmsg of out[start:start+count]; the count sent, or OSError."""
+    """One sendmmsg of out[start:start+count]; the count sent, or OSError.
+
+    The core is told the size of everything it reads (the joined data, the
+    descriptor array, the addresses) and refuses lengths that do not add up
+    to it: BufferError, and nothing is sent.
+    """
+    if not count:
+        return 0  # as the stdlib backend: no message, no system call
     end = start + count
     whole = start == 0 and end == len(out.datas)
     if whole and out.joined is not None:
@@ -122,36 +130,77 @@ def send_batch(sock: socket.socket, out: Outgoing, start: int, count: int, flags
     else:
         data = b"".join(out.datas if whole else out.datas[start:end])
     lens = out.lengths if whole else out.lengths[start:end]
+    if len(lens) != count:
+        raise BufferError("%d message lengths for %d messages" % (len(lens), count))
     if lens.count(lens[0]) == count:
         # fixed-size records: one length for all, no array to convert
         lens_arg, uniform = _NULL, lens[0]
     else:
         lens_arg, uniform = _size_t_array(lens), 0
     fds = nfds = addrs = addrlens = creds = _NULL
+    counts: list[int] = []
+    nfds_total = addrslen = 0
     if out.fds is not None:
         if whole and out.fd_counts is not None and out.fd_flat is not None:
-            nfds, fds = _int_array(out.fd_counts), _int_array(out.fd_flat)
+            counts, flat = out.fd_counts, out.fd_flat
         else:
             per = out.fds[start:end]
-            flat = [fd for f in per for fd in f]
-            if flat:  # a chunk of the batch may carry none
-                nfds, fds = _int_array([len(f) for f in per]), _int_array(flat)
+            counts, flat = [len(f) for f in per], [fd for f in per for fd in f]
+        if flat:  # a chunk of the batch may carry none
+            if len(counts) != count:
+                raise BufferError("%d descriptor counts for %d messages" % (len(counts), count))
+            nfds, fds, nfds_total = _int_array(counts), _int_array(flat), len(flat)
     if out.addresses is not None:
         per_addr = out.addresses[start:end]
         addrlens = ffi.new("int[]", [-1 if a is None else len(a) for a in per_addr])
         addrs = b"".join(a for a in per_addr if a is not None)
+        addrslen = len(addrs)
     if out.credentials is not None:
         quads: list[int] = []  # present, pid, uid, gid per message
         for c in out.credentials[start:end]:
             quads.extend((0, 0, 0, 0) if c is None else (1, c[0], c[1], c[2]))
         creds = ffi.new("int[]", quads)
     rc = lib.afunix_send_many(
-        sock.fileno(), count, data, lens_arg, uniform,
-        fds, nfds, addrs, addrlens, creds, flags,
+        sock.fileno(), count, data, len(data), lens_arg, uniform,
+        fds, nfds_total, nfds, addrs, addrslen, addrlens, creds, flags,
+    )
+    if rc < 0:
+        if rc == _EINVAL:
+            _refuse_mismatch(sum(lens), len(data), sum(counts), nfds_total)
+        raise OSError(-rc, os.strerror(-rc))
+    return int(rc)
+
+
+def send_message(sock: socket.socket, data: Any, fds: tuple[int, ...],
+                 credentials: Optional[tuple[int, int, int]], flags: int) -> int:
+    """One sendmsg of all of `data` with its descriptors and credentials; the bytes taken, or OSError."""
+    buf = ffi.from_buffer(data)  # pinned, and measured, for the length of the call
+    rc = lib.afunix_send_message(
+        sock.fileno(), buf, len(buf),
+        _int_array(list(fds)) if fds else _NULL, len(fds),
+        _NULL if credentials is None else ffi.new("int[3]", credentials), flags,
     )
     if rc < 0:
         raise OSError(-rc, os.strerror(-rc))
     return int(rc)
+
+
+_EINVAL = -errno.EINVAL
+
+
+def _refuse_mismatch(lengths: int, data: int, declared: int = 0, fds: int = 0) -> None:
+    """Raise BufferError when lengths or counts do not add up to what was handed to C.
+
+    The core refused them (-EINVAL) before reading: said plainly here, since
+    it means a buffer or list changed between being measured and being sent.
+    Returns when they add up (the EINVAL is then the kernel's).
+    """
+    if lengths != data:
+        raise BufferError("the message lengths add up to %d bytes but %d were handed over; "
+                          "nothing was sent" % (lengths, data))
+    if declared != fds:
+        raise BufferError("the messages declare %d descriptors but %d were handed over; "
+                          "nothing was sent" % (declared, fds))
 
 
 if array.array("L").itemsize == ffi.sizeof("size_t"):
@@ -176,16 +225,22 @@ class Arena:
     """
 
     def __init__(self, max_messages: int, bufsize: int, maxfds: int) -> None:
-        raw = lib.afunix_arena_new(max_messages, bufsize, maxfds)
+        # The data area is owned here (ffi.new), not by C: every view of it
+        # (RecvBatch[i], .buffer) holds the array through its buffer, so a
+        # view kept after the arena is gone reads what was received, never
+        # freed memory.  It starts zeroed: .buffer shows no old heap bytes.
+        data = ffi.new("char[]", max_messages * bufsize)
+        raw = lib.afunix_arena_new(max_messages, bufsize, maxfds, data)
         if raw == _NULL:
             raise MemoryError("cannot allocate a receive arena of %d x %d bytes" % (max_messages, bufsize))
         self._a = ffi.gc(raw, lib.afunix_arena_free)
+        self._data = data
         self.max_messages = max_messages
         self.bufsize = bufsize
         self.maxfds = maxfds
         #: the socket object whose messages an interrupted receive left here
         self.owner: Any = None
-        self._buffer = ffi.buffer(raw.data, max_messages * bufsize)
+        self._buffer = ffi.buffer(data)
         #: memoryview of the whole data area; message i starts at i * bufsize
         self.view = memoryview(self._buffer)
         #: per-message byte counts of the last recv, read in place (no copy)
@@ -383,12 +438,20 @@ def pack_frames(out: bytearray, datas: Sequence[Any], joined: bytes, lengths: Se
         lens_arg, uniform = _FRAMES_NULL, first
     else:
         lens_arg, uniform = ffi.from_buffer("uint32_t[]", array.array("I", lengths)), 0
-    nfds_arg = _FRAMES_NULL if nfds is None else ffi.from_buffer(
-        "uint32_t[]", array.array("I", nfds))
-    # the room there really is, so the C side's bound check guards `out`
-    rc = lib.afunix_frames_pack(ffi.from_buffer(out), len(out), joined, lens_arg, uniform,
-                                nfds_arg, n)
+    if nfds is None:
+        nfds_arg, nfds_count = _FRAMES_NULL, 0
+    else:
+        counts = array.array("I", nfds)
+        nfds_arg, nfds_count = ffi.from_buffer("uint32_t[]", counts), len(counts)
+    # The sizes there really are: the room in `out` (pinned by from_buffer
+    # for the call) and the payload bytes, so the C side's checks guard both.
+    rc = lib.afunix_frames_pack(ffi.from_buffer(out), len(out), joined, len(joined),
+                                lens_arg, uniform, nfds_arg, nfds_count, n)
     if rc < 0:
+        if rc == _EINVAL:
+            _refuse_mismatch(sum(lengths), len(joined))
+            if nfds is not None and nfds_count != n:
+                raise BufferError("%d descriptor counts for %d frames" % (nfds_count, n))
         raise OSError(-rc, os.strerror(-rc))
     return int(rc)
 

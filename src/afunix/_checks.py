@@ -23,12 +23,55 @@ def as_int(value: Any, what: str) -> int:
         raise TypeError("%s must be an integer, not %s" % (what, type(value).__name__)) from None
 
 
+def index(value: Any, container: str) -> int:
+    """`value` as a sequence index (operator.index), else TypeError as a list gives."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError("%s indices must be integers, not %s"
+                        % (container, type(value).__name__)) from None
+
+
 def in_range(value: Any, what: str, low: int, high: int) -> int:
     """`value` as an int in [low, high], else TypeError / ValueError naming the bounds."""
     n = as_int(value, what)
     if not low <= n <= high:
         raise ValueError("%s must be from %d to %d, got %d" % (what, low, high, n))
     return n
+
+
+#: The largest C int: descriptors, MSG_* flags and the pid, uid and gid of
+#: credentials are C ints to both backends (and to the kernel's calls).
+C_INT_MAX = (1 << 31) - 1
+
+
+def msg_flags(value: Any) -> int:
+    """MSG_* flags for a send or receive: an int from 0 to C_INT_MAX."""
+    if type(value) is int and 0 <= value <= C_INT_MAX:  # the common case, without a call
+        return value
+    return in_range(value, "flags", 0, C_INT_MAX)
+
+
+def descriptor(value: Any) -> int:
+    """A descriptor number: an int from 0 to C_INT_MAX."""
+    if type(value) is int and 0 <= value <= C_INT_MAX:
+        return value
+    return in_range(value, "descriptor", 0, C_INT_MAX)
+
+
+def credentials(value: Any) -> tuple[int, int, int]:
+    """Credentials to send: (pid, uid, gid), each an int from 0 to C_INT_MAX.
+
+    Both backends pass them to the kernel as C ints; a negative one is
+    never valid there (ESRCH or EINVAL), so it is refused here too.
+    """
+    try:
+        pid, uid, gid = value
+    except (TypeError, ValueError):
+        raise TypeError("credentials must be (pid, uid, gid), not %r" % (value,)) from None
+    return (in_range(pid, "credentials pid", 0, C_INT_MAX),
+            in_range(uid, "credentials uid", 0, C_INT_MAX),
+            in_range(gid, "credentials gid", 0, C_INT_MAX))
 
 
 def socket_type(value: Any) -> int:

@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import _socket
+import array
 import errno
+import fcntl
 import os
 import select
 import socket
+import termios
 import time
 from typing import Any, NamedTuple, Optional
 
+from . import _checks
 from .message import Address
 
 # socket.socket.type builds an enum object on every access; the C-level
@@ -65,6 +69,7 @@ def target(sock: Any) -> Target:
     fd = fileno()
     if not isinstance(fd, int) or fd < 0:
         raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+    _checks.descriptor(fd)  # no socket object takes a number past a C int
     # A socket object around the same descriptor (no dup), blocking as the
     # descriptor is; the caller detaches it afterwards.  Raises ENOTSOCK for
     # a descriptor that is not a socket.
@@ -101,6 +106,17 @@ def peer_hung_up(fd: int) -> bool:
     poller.register(fd, select.POLLIN | _POLLRDHUP)
     events = poller.poll(0)
     return bool(events and events[0][1] & (_POLLRDHUP | select.POLLHUP))
+
+
+def queued_bytes(fd: int) -> int:
+    """Bytes waiting in the receive queue of socket `fd` (FIONREAD, SIOCINQ on Linux).
+
+    On SOCK_STREAM and SOCK_SEQPACKET Linux counts every queued byte, not
+    only those of the next record.
+    """
+    count = array.array("i", [0])
+    fcntl.ioctl(fd, termios.FIONREAD, count)
+    return count[0]
 
 
 def decode_address(raw: Optional[bytes]) -> Optional[Address]:

@@ -92,6 +92,22 @@ def send_batch(sock: socket.socket, out: Outgoing, start: int, count: int, flags
     return sent
 
 
+def send_message(sock: socket.socket, data: Any, fds: tuple[int, ...],
+                 credentials: Optional[tuple[int, int, int]], flags: int) -> int:
+    """One sendmsg of all of `data` with its descriptors and credentials; the bytes taken, or OSError."""
+    s, twin = _io_socket(sock)
+    try:
+        ancillary: List[Tuple[int, int, bytes]] = []
+        if credentials is not None and _CREDS is not None:
+            ancillary.append((socket.SOL_SOCKET, _CREDS, array.array("i", credentials).tobytes()))
+        if fds:
+            ancillary.append((socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes()))
+        return s.sendmsg([data], ancillary, flags | _NOSIGNAL)
+    finally:
+        if twin:
+            s.detach()
+
+
 class Arena:
     """A receive area in a bytearray: max_messages x bufsize bytes, plus fds and addresses.
 
@@ -117,6 +133,9 @@ class Arena:
         # recvmsg_into results not yet taken in (see recv_batch)
         self._inbox: list[Any] = []
         self._peek = 0  # whether the inbox holds what a MSG_PEEK call saw
+        # the msg_flags bits the inbox's call reports: Linux echoes
+        # MSG_CMSG_CLOEXEC, which is left out unless that call passed it
+        self._keep_flags = ~_CLOEXEC
         self.count = 0
         self.delivered = 0
         self.all_handed = 1
@@ -232,6 +251,7 @@ def _take_in(arena: Arena) -> None:
     doomed: list[int] = []
     extras = 0
     bufsize = arena.bufsize
+    keep = arena._keep_flags
     for nbytes, ancdata, msg_flags, address in inbox:
         fds: list[int] = []
         cred: Optional[Tuple[int, int, int]] = None
@@ -256,7 +276,7 @@ def _take_in(arena: Arena) -> None:
                 msg_flags |= _CTRUNC
         # MSG_TRUNC in flags makes recvmsg report the full datagram length
         lens.append(nbytes if nbytes <= bufsize else bufsize)
-        all_flags.append(msg_flags)
+        all_flags.append(msg_flags & keep)
         all_fds.append(fds)
         addrs.append(_raw_address(address))
         creds.append(cred)
@@ -327,11 +347,17 @@ def recv_batch(sock: socket.socket, arena: Arena, flags: int) -> int:
         return arena.count - arena.delivered
     arena.release_fds()
     arena._peek = flags & _PEEK
+    # Linux echoes MSG_CMSG_CLOEXEC in msg_flags: leave it out unless the
+    # caller asked for it, as a plain recvmsg would report the flags
+    arena._keep_flags = ~0 if flags & _CLOEXEC else ~_CLOEXEC
     flags |= _CLOEXEC
     s, twin = _io_socket(sock)
     try:
-        # MSG_PEEK leaves the head queued: more slots would repeat it
-        n = 1 if arena._peek else arena.max_messages
+        stream = _raw_type(sock) == _STREAM
+        # MSG_PEEK leaves the head queued: more slots would repeat it.  On a
+        # stream a 0-byte buffer reads 0 bytes every time: one read (with its
+        # descriptors) is the message, as recv_fds(sock, 0, maxfds) takes it.
+        n = 1 if arena._peek or (stream and not arena.bufsize) else arena.max_messages
         calls: Iterator[Any]
         if n == 1:
             calls = map(s.recvmsg_into, (arena._slots[0],), (arena._ancbufsize,), (flags,))
@@ -340,8 +366,9 @@ def recv_batch(sock: socket.socket, arena: Arena, flags: int) -> int:
             # MSG_WAITFORONE: after the first, take only what is queued
             every_flags = itertools.chain((flags,), itertools.repeat(flags | _DONTWAIT))
             calls = map(s.recvmsg_into, slots, itertools.repeat(arena._ancbufsize), every_flags)
-        if _raw_type(sock) == _STREAM:
-            # end of stream: every further read is the same empty one
+        if stream and n > 1:
+            # end of stream: every further read is the same empty one (it
+            # carries nothing; a single read's is kept for the caller's check)
             calls = itertools.takewhile(_first_item, calls)
         try:
             arena._inbox.extend(calls)
@@ -471,17 +498,28 @@ def pack_frames(out: bytearray, datas: Sequence[Any], joined: bytes, lengths: Se
                 nfds: Optional[Sequence[int]]) -> int:
     """Frames for `datas` (lengths[i] bytes, nfds[i] declared) into the start of out; the bytes written.
 
-    `out` must have room for them (the caller sizes it).
+    `out` must have room for them (the caller sizes it).  As the C core
+    does, it refuses (BufferError, `out` untouched) lengths that do not add
+    up to the payloads handed over: a frame never promises other bytes than
+    it carries.
     """
     if nfds is None:
         heads = [_frame_header(n) for n in lengths]
     else:
+        if len(nfds) != len(lengths):
+            raise BufferError("%d descriptor counts for %d frames" % (len(nfds), len(lengths)))
         pack = _FRAME.pack
         heads = [pack(n | (k << 32) | _FRAME_TAG) for n, k in zip(lengths, nfds)]
+    if len(datas) != len(heads):
+        raise BufferError("%d payloads for %d frames" % (len(datas), len(heads)))
     parts: list[Any] = [b""] * (2 * len(heads))
     parts[0::2] = heads
     parts[1::2] = datas
     packed = b"".join(parts)
+    declared = sum(lengths)
+    if len(packed) != declared + _FRAME_HEADER * len(heads):
+        raise BufferError("the message lengths add up to %d bytes but %d were handed over; "
+                          "nothing was sent" % (declared, len(packed) - _FRAME_HEADER * len(heads)))
     out[:len(packed)] = packed
     return len(packed)
 

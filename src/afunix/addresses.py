@@ -7,6 +7,8 @@ unique abstract name.  `listen` replaces a stale socket file left by a crash,
 never steals a live server's, never removes anything that is not a socket,
 can give the file exact permission bits without a window, and returns a
 `ListeningSocket` that removes its own file, and only its own, on close.
+Concurrent `listen` calls on one path take turns (see `pathlock`), so exactly
+one of them gets it.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from typing import Any, Optional, Tuple, Union
 
 from . import _checks
 from .capabilities import MAX_PATH_BYTES, supports
+from .pathlock import PathLock
 
 __all__ = ["AUTOBIND", "ListeningSocket", "abstract", "connect", "listen"]
 
@@ -237,7 +240,9 @@ def _probe(raw: bytes, type: int) -> Tuple[bool, str]:
     A refused connection is asked again after a short pause before it counts
     as stale: a server that has just bound the path but not yet called
     listen() refuses too, for the few microseconds in between, and must not
-    lose its file to a concurrent listen().
+    lose its file to a concurrent listen().  (An afunix listen() holds the
+    path's lock from its bind to its listen, so the pause is for servers that
+    do not use afunix.)
     """
     live, why = _probe_once(raw, type)
     if why == "stale":
@@ -316,24 +321,30 @@ def _ident(raw: bytes) -> Tuple[int, int]:
 
 
 def _bind_path(sock: ListeningSocket, raw: bytes, type: int, backlog: int) -> None:
-    """Bind `sock` at `raw` directly, replacing a stale file, then listen."""
-    for _ in range(_BIND_ATTEMPTS):
-        try:
-            sock.bind(raw)
-        except OSError as exc:
-            if exc.errno != errno.EADDRINUSE:
-                raise
-            _clear_stale(raw, type)
-            continue
-        try:
-            ident = _ident(raw)
-        except OSError:
-            ident = None  # pragma: no cover - removed by someone else at once
-        if ident is not None:
-            sock._own(raw, ident)
-        if type != socket.SOCK_DGRAM:
-            sock.listen(backlog)
-        return
+    """Bind `sock` at `raw` directly, replacing a stale file, then listen.
+
+    The path's lock is held from the first bind to listen(): another
+    listen() must not probe the file between the two, when it refuses
+    connections like a stale one.
+    """
+    with PathLock(raw):
+        for _ in range(_BIND_ATTEMPTS):
+            try:
+                sock.bind(raw)
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                _clear_stale(raw, type)
+                continue
+            try:
+                ident = _ident(raw)
+            except OSError:
+                ident = None  # pragma: no cover - removed by someone else at once
+            if ident is not None:
+                sock._own(raw, ident)
+            if type != socket.SOCK_DGRAM:
+                sock.listen(backlog)
+            return
     raise OSError(errno.EADDRINUSE, "Address already in use (path keeps being taken)", os.fsdecode(raw))
 
 
@@ -351,6 +362,7 @@ def _bind_path_with_mode(
     is never clobbered, and the file appears with its final mode and already
     accepting, so a concurrent listen() cannot mistake it for stale.  A
     connect resolves the path to the inode, so the link reaches the socket.
+    The path's lock is held around the link and any stale-file removal.
     """
     parent = os.path.dirname(raw) or b"."
     tmpdir = tempfile.mkdtemp(prefix=b".afx", dir=parent)
@@ -373,14 +385,15 @@ def _bind_path_with_mode(
         if type != socket.SOCK_DGRAM:
             sock.listen(backlog)
         ident = _ident(tmp)
-        for _ in range(_BIND_ATTEMPTS):
-            try:
-                os.link(tmp, raw)
-            except FileExistsError:
-                _clear_stale(raw, type)
-                continue
-            sock._own(raw, ident)
-            return
+        with PathLock(raw):
+            for _ in range(_BIND_ATTEMPTS):
+                try:
+                    os.link(tmp, raw)
+                except FileExistsError:
+                    _clear_stale(raw, type)
+                    continue
+                sock._own(raw, ident)
+                return
         raise OSError(errno.EADDRINUSE, "Address already in use (path keeps being taken)", os.fsdecode(raw))
     finally:
         if dir_fd >= 0:
@@ -406,7 +419,9 @@ def listen(
     crash) it is removed and the bind goes ahead; when a server answers, the
     file is left alone and OSError(EADDRINUSE) is raised.  Anything at the path
     that is not a socket is never removed.  The probe shows up at a live
-    server as a connection that closes at once.
+    server as a connection that closes at once.  Concurrent calls on one path
+    take turns through a lock file beside it (PATH + ".afunix-lock", removed
+    again when done), so exactly one of them wins.
 
     Args:
         address: a path (str, bytes, os.PathLike; at most MAX_PATH_BYTES
@@ -424,9 +439,12 @@ def listen(
     Raises:
         TypeError, ValueError: bad address, type, backlog or mode, before any
             system call (path too long, empty, NUL inside).
-        FileExistsError: something that is not a socket is at the path.
-        OSError: EADDRINUSE when a live server has the address; other errors
-            from the kernel; nothing is leaked.
+        FileExistsError: something that is not a socket is at the path, or
+            something that is not a regular file at the lock path.
+        PermissionError: the lock file beside the path is another user's.
+        OSError: EADDRINUSE when a live server has the address, or another
+            listen() has held the path's lock for pathlock.LOCK_WAIT seconds;
+            other errors from the kernel; nothing is leaked.
     """
     t = _checks.supported_socket_type(type)
     n = _checks.in_range(backlog, "backlog", 0, 1 << 30)

@@ -50,14 +50,14 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from . import _checks, _io
 from .addresses import _parse
-from .batch import outgoing
+from .batch import outgoing, send_with_control
 from .channel import _owning
 from .batch import send_many as _send_many_now
 from .receive import RecvBatch
 from .receive import recv_many as _recv_many_now
 from .fds import recv_fds as _recv_fds_now
 from .fds import send_fds as _send_fds_now
-from .message import Address, Credentials, Message
+from .message import Address, Message
 
 __all__ = [
     "Channel",
@@ -166,7 +166,7 @@ async def send_many_partial(sock: Any, messages: Iterable[Any], flags: int = 0) 
     if type == socket.SOCK_STREAM:
         raise ValueError("send_many_partial needs message boundaries; on SOCK_STREAM use send_many")
     items = messages if isinstance(messages, list) else list(messages)
-    return await _send_some(sock, fd, items, _checks.as_int(flags, "flags"))
+    return await _send_some(sock, fd, items, _checks.msg_flags(flags))
 
 
 async def _send_some(sock: Any, fd: int, items: List[Any], flags: int) -> int:
@@ -202,9 +202,10 @@ async def send_many(sock: Any, messages: Iterable[Any], flags: int = 0) -> int:
     If cancelled, or failing, after k messages went, ``messages[:k]`` are
     sent and the rest are not; k is not reported (use `send_many_partial`
     in a loop where it must be).  On SOCK_STREAM the messages are written in
-    order, each one's descriptors on its first byte, as the synchronous
-    send_many does; a cancelled call leaves the stream cut at an unknown
-    byte, as a cancelled ``loop.sock_sendall`` does, so close the connection.
+    order, a message with descriptors in one sendmsg with all of its bytes,
+    as the synchronous send_many does; a cancelled call leaves the stream
+    cut at an unknown byte, as a cancelled ``loop.sock_sendall`` does, so
+    close the connection.
 
     Args:
         sock: a non-blocking socket (or an object with fileno()).
@@ -220,7 +221,7 @@ async def send_many(sock: Any, messages: Iterable[Any], flags: int = 0) -> int:
         OSError: from the kernel (BrokenPipeError, ...).
     """
     fd, type = _checked(sock)
-    flags = _checks.as_int(flags, "flags")
+    flags = _checks.msg_flags(flags)
     items = messages if isinstance(messages, list) else list(messages)
     if type == socket.SOCK_STREAM:
         return await _send_stream(sock, fd, items, flags)
@@ -234,8 +235,9 @@ async def send_many(sock: Any, messages: Iterable[Any], flags: int = 0) -> int:
 async def _send_stream(sock: Any, fd: int, items: List[Any], flags: int) -> int:
     # A stream has no message boundaries: write the bytes, tracking the
     # position ourselves (the synchronous sendall would lose it on EAGAIN),
-    # and put each message's descriptors on its first byte, as the
-    # synchronous send_many does.
+    # and send each message with descriptors or credentials as the
+    # synchronous send_many does: one sendmsg with all of its bytes and the
+    # control data, the rest (after a short write) without it.
     if not any(isinstance(m, Message) for m in items):
         try:
             data = b"".join(items)  # plain buffers: one write of all of them
@@ -262,10 +264,9 @@ async def _send_stream(sock: Any, fd: int, items: List[Any], flags: int) -> int:
         fds, cred = extras[i]
         if fds or cred is not None:
             view = memoryview(out.datas[i]).cast("B")
-            first = Message(bytes(view[:1]), fds=fds,
-                            credentials=None if cred is None else Credentials(*cred))
-            await _send_some(sock, fd, [first], flags)
-            await _send_bytes(sock, fd, view[1:], flags)
+            sent = await _until_sent(fd, lambda: send_with_control(
+                sock, view, fds, cred, flags | _DONTWAIT))
+            await _send_bytes(sock, fd, view[sent:], flags)
             i += 1
             continue
         j = i + 1
@@ -306,8 +307,8 @@ async def send_fds(sock: Any, buffers: Iterable[Any], fds: Iterable[Any], flags:
     The asyncio form of `afunix.send_fds` (signature of ``socket.send_fds``,
     with `flags` and `address` honoured).  Cancelled while waiting for
     writability, nothing was sent.  On SOCK_STREAM all of the data is
-    written, the descriptors on its first byte (see `send_many` for a
-    cancelled stream).
+    written, in one sendmsg with the descriptors unless the socket takes
+    less (see `send_many` for a cancelled stream).
 
     Raises:
         ValueError: a blocking socket; bad buffers or descriptors.
@@ -315,7 +316,7 @@ async def send_fds(sock: Any, buffers: Iterable[Any], fds: Iterable[Any], flags:
         OSError: from the kernel.
     """
     fd, type = _checked(sock)
-    flags = _checks.as_int(flags, "flags")
+    flags = _checks.msg_flags(flags)
     if type == socket.SOCK_STREAM:
         data = b"".join(memoryview(b) for b in buffers)
         fd_list = list(fds)
@@ -350,7 +351,7 @@ async def recv_many(sock: Any, max_messages: int, bufsize: int, flags: int = 0, 
         OSError: from the kernel.
     """
     fd, _ = _checked(sock)
-    flags = _checks.as_int(flags, "flags") | _DONTWAIT
+    flags = _checks.msg_flags(flags) | _DONTWAIT
     while True:
         try:
             return _recv_many_now(sock, max_messages, bufsize, flags, maxfds=maxfds)
@@ -375,7 +376,7 @@ async def recv_batch(sock: Any, batch: RecvBatch, flags: int = 0) -> int:
     if not isinstance(batch, RecvBatch):
         raise TypeError("batch must be an afunix.RecvBatch, not %s" % type(batch).__name__)
     fd, _ = _checked(sock)
-    flags = _checks.as_int(flags, "flags") | _DONTWAIT
+    flags = _checks.msg_flags(flags) | _DONTWAIT
     while True:
         try:
             return batch.recv(sock, flags)
@@ -398,7 +399,7 @@ async def recv_fds(sock: Any, bufsize: int, maxfds: int, flags: int = 0
         OSError: from the kernel.
     """
     fd, _ = _checked(sock)
-    flags = _checks.as_int(flags, "flags") | _DONTWAIT
+    flags = _checks.msg_flags(flags) | _DONTWAIT
     while True:
         try:
             return _recv_fds_now(sock, bufsize, maxfds, flags)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import itertools
 import operator
 import socket
-from typing import Any, Iterable, List, Optional
+from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 from . import _backend, _checks, _io
 from .message import Message
@@ -32,9 +32,7 @@ def _fd_of(obj: Any) -> int:
         fd = obj.fileno()
     else:
         raise TypeError("descriptors must be ints or have fileno(), not %s" % type(obj).__name__)
-    if fd < 0:
-        raise ValueError("descriptor must be >= 0, got %d" % fd)
-    return int(fd)
+    return _checks.descriptor(fd)
 
 
 def checked_fds(fds: Any) -> tuple[int, ...]:
@@ -46,7 +44,20 @@ def checked_fds(fds: Any) -> tuple[int, ...]:
     return out
 
 
-def _nbytes(data: Any) -> int:
+def pinned(data: Any) -> Tuple[Any, int]:
+    """`data` in a form whose size cannot change while it is held, and its byte count.
+
+    bytes cannot change.  Any other buffer is held through a memoryview of it,
+    a buffer export: while afunix holds it, another thread that resizes the
+    object gets BufferError, as it would while a stdlib send has it, so the
+    count stays the count of the bytes that are joined and sent.
+
+    Raises:
+        TypeError: not a bytes-like object.
+        ValueError: not C-contiguous.
+    """
+    if type(data) is bytes:
+        return data, len(data)
     try:
         view = memoryview(data)
     except TypeError:
@@ -54,39 +65,53 @@ def _nbytes(data: Any) -> int:
                         % type(data).__name__) from None
     if not view.c_contiguous:
         raise ValueError("message buffers must be C-contiguous")
-    return view.nbytes
+    return view, view.nbytes
 
 
 _BYTES_TYPES = frozenset((bytes, bytearray))
 _SEQUENCES = frozenset((tuple, list))
 _NBYTES = operator.attrgetter("nbytes")
 _C_CONTIGUOUS = operator.attrgetter("c_contiguous")
+_VIEW: Callable[[Any], memoryview] = memoryview
 
 
-def plain_sizes(items: List[Any]) -> Optional[List[int]]:
-    """Byte counts of `items` when all are bytes/bytearray, or all contiguous memoryviews; else None.
+def plain_pinned(items: List[Any]) -> Optional[Tuple[List[Any], List[int]]]:
+    """`items` pinned (see `pinned`) and their byte counts, when all are bytes/bytearray or all contiguous memoryviews; else None.
 
-    The fast path of every send, with no check per message in Python.  len()
-    is the byte count of bytes and bytearray but not of every buffer (an
-    array of shorts; a view with an empty inner dimension has len() > 0 and
-    no bytes), so any other type takes the per-message path.
+    The fast path of every send, with no check per message in Python.  A
+    bytearray is replaced by a memoryview of it, which pins it; bytes and
+    memoryviews (themselves exports) are kept as they are.  len() is the
+    byte count of bytes and bytearray but not of every buffer (an array of
+    shorts; a view with an empty inner dimension has len() > 0 and no
+    bytes), so any other type takes the per-message path.
     """
     types = set(map(type, items))
     if types <= _BYTES_TYPES:
-        return list(map(len, items))
+        if bytearray in types:
+            items = (list(map(_VIEW, items)) if len(types) == 1 else
+                     [memoryview(x) if type(x) is bytearray else x for x in items])
+        return items, list(map(len, items))
     if types == {memoryview} and all(map(_C_CONTIGUOUS, items)):
-        return list(map(_NBYTES, items))
+        return items, list(map(_NBYTES, items))
     return None
 
 
 def outgoing(messages: Iterable[Any]) -> _io.Outgoing:
-    """Check `messages` and split them into the parallel lists the backends take."""
-    items = messages if isinstance(messages, list) else list(messages)
+    """Check `messages` and split them into the parallel lists the backends take.
+
+    Every buffer in the result is pinned (see `pinned`) for as long as the
+    result is held, so its lengths stay the lengths of its data.
+    """
+    # One reading of the caller's list: another thread may change a list
+    # between two passes over it, and a list subclass may show each pass
+    # other items (C code such as bytes.join reads a list's storage).
+    items = list(messages)
     if not items:
         return _io.Outgoing(items, [], None, None, None, b"")
-    sizes = plain_sizes(items)
-    if sizes is not None:  # the common case: plain byte strings
-        return _io.Outgoing(items, sizes, None, None, None, b"".join(items))
+    plain = plain_pinned(items)
+    if plain is not None:  # the common case: plain byte strings
+        pins, sizes = plain
+        return _io.Outgoing(pins, sizes, None, None, None, b"".join(pins))
     if set(map(type, items)) == {Message}:
         fast = _messages_with_fds(items)
         if fast is not None:
@@ -98,20 +123,22 @@ def outgoing(messages: Iterable[Any]) -> _io.Outgoing:
     creds: List[Optional[tuple[int, int, int]]] = []
     for item in items:
         if isinstance(item, Message):
-            datas.append(item.data)
-            fds.append(checked_fds(item.fds))
+            data = item.data
+            fds.append(checked_fds(item.fds))  # may run the caller's fileno()
             addrs.append(None if item.address is None else _io.encode_address(item.address))
             if item.credentials is None:
                 creds.append(None)
             else:
-                pid, uid, gid = (_checks.as_int(v, "credentials") for v in item.credentials)
-                creds.append((pid, uid, gid))
+                creds.append(_checks.credentials(item.credentials))
         else:
-            datas.append(item)
+            data = item
             fds.append(())
             addrs.append(None)
             creds.append(None)
-        lengths.append(_nbytes(datas[-1]))
+        # measured and pinned last: from here on its size cannot change
+        view, n = pinned(data)
+        datas.append(view)
+        lengths.append(n)
     return _io.Outgoing(
         datas, lengths,
         fds if any(fds) else None,
@@ -132,19 +159,24 @@ def _messages_with_fds(items: list[Message]) -> Optional[_io.Outgoing]:
     n = len(items)
     if list(map(_ADDRESS, items)).count(None) != n or list(map(_CREDENTIALS, items)).count(None) != n:
         return None
-    datas = list(map(_DATA, items))
-    sizes = plain_sizes(datas)
-    if sizes is None:
+    plain = plain_pinned(list(map(_DATA, items)))
+    if plain is None:
         return None
+    datas, sizes = plain
     joined = b"".join(datas)
     fd_lists = list(map(_FDS, items))
     if not set(map(type, fd_lists)) <= _SEQUENCES:  # any other iterable: checked one by one
         return None
-    counts = list(map(len, fd_lists))
-    flat = list(itertools.chain.from_iterable(fd_lists))
-    if max(counts) > _SCM_MAX_FD or (flat and (set(map(type, flat)) != {int} or min(flat) < 0)):
+    # One copy of each list, in one C call each (tuple() of a tuple is the
+    # tuple itself): another thread may change a list between the pass that
+    # counts and the pass that flattens.
+    fd_tuples = list(map(tuple, fd_lists))
+    counts = list(map(len, fd_tuples))
+    flat = list(itertools.chain.from_iterable(fd_tuples))
+    if max(counts) > _SCM_MAX_FD or (flat and (set(map(type, flat)) != {int} or min(flat) < 0
+                                               or max(flat) > _checks.C_INT_MAX)):
         return None
-    return _io.Outgoing(datas, sizes, fd_lists if flat else None, None, None, joined,
+    return _io.Outgoing(datas, sizes, fd_tuples if flat else None, None, None, joined,
                         counts if flat else None, flat if flat else None)
 
 
@@ -160,7 +192,9 @@ def send_many(sock: Any, messages: Iterable[Any], flags: int = 0) -> int:
     returned; an error after k > 0 messages also returns k (the kernel
     reports it again on the next call, as sendmmsg does).  On SOCK_STREAM,
     which has no message boundaries, it behaves as ``sendall`` of the
-    concatenation: all are written, or it raises.
+    concatenation: all are written, or it raises; a message with descriptors
+    or credentials goes in one sendmsg with all of its bytes, as
+    ``socket.send_fds`` sends one (see `send_with_control`).
 
     Returns:
         How many messages were sent, in order from the first.
@@ -171,7 +205,7 @@ def send_many(sock: Any, messages: Iterable[Any], flags: int = 0) -> int:
         TimeoutError: nothing could be sent before the socket's timeout.
         OSError: from the kernel, when nothing was sent.
     """
-    flags = _checks.as_int(flags, "flags")
+    flags = _checks.msg_flags(flags)
     out = outgoing(messages)  # every check before the first system call
     t = _io.target(sock)
     try:
@@ -185,6 +219,8 @@ def send_many(sock: Any, messages: Iterable[Any], flags: int = 0) -> int:
 
 def _send_messages(t: _io.Target, out: _io.Outgoing, flags: int) -> int:
     total = len(out.datas)
+    if not total:
+        return 0  # an empty batch: nothing to do, whatever the socket's mode
     send_batch = _backend.impl.send_batch
     sent = 0
     deadline = None
@@ -224,8 +260,10 @@ def _send_messages(t: _io.Target, out: _io.Outgoing, flags: int) -> int:
 
 def _send_stream(t: _io.Target, out: _io.Outgoing, flags: int) -> int:
     # A byte stream has no boundaries: a half-written message cannot be
-    # expressed as a count, so this is sendall of the concatenation.
-    # Descriptors ride on the first byte of their message.
+    # expressed as a count, so this is sendall of the concatenation.  A
+    # message with descriptors or credentials goes out as socket.send_fds
+    # sends it (see send_with_control); runs of plain messages between
+    # such messages are joined into one sendall.
     if out.addresses is not None:
         raise ValueError("a connected SOCK_STREAM socket takes no per-message address")
     if out.fds is None and out.credentials is None:
@@ -241,12 +279,68 @@ def _send_stream(t: _io.Target, out: _io.Outgoing, flags: int) -> int:
         if (fds or cred is not None) and length == 0:
             raise ValueError("on SOCK_STREAM a message carrying descriptors or credentials "
                              "needs at least one data byte")
-    for data, (fds, cred) in zip(out.datas, extras):
-        if not fds and cred is None:
-            t.sock.sendall(data, flags | _NOSIGNAL)
+    n = len(out.datas)
+    i = 0
+    while i < n:
+        fds, cred = extras[i]
+        if fds or cred is not None:
+            write_with_control(t, out.datas[i], out.lengths[i], fds, cred, flags)
+            i += 1
             continue
-        view = memoryview(data).cast("B")
-        first = _io.Outgoing([view[:1]], [1], [fds], None, None if cred is None else [cred])
-        _send_messages(t, first, flags)  # raises unless the byte went
-        t.sock.sendall(view[1:], flags | _NOSIGNAL)
-    return len(out.datas)
+        j = i + 1
+        while j < n and not extras[j][0] and extras[j][1] is None:
+            j += 1
+        t.sock.sendall(out.datas[i] if j == i + 1 else b"".join(out.datas[i:j]),
+                       flags | _NOSIGNAL)
+        i = j
+    return n
+
+
+def write_with_control(t: _io.Target, data: Any, nbytes: int, fds: tuple[int, ...],
+                       credentials: Optional[tuple[int, int, int]], flags: int) -> None:
+    """All `nbytes` of `data` on a stream: one sendmsg with the control data, then the rest as sendall."""
+    sent = _send_with_control(t, data, fds, credentials, flags)
+    if sent < nbytes:  # a short write: the rest, without the control data
+        t.sock.sendall(memoryview(data).cast("B")[sent:], flags | _NOSIGNAL)
+
+
+def send_with_control(sock: Any, data: Any, fds: tuple[int, ...],
+                      credentials: Optional[tuple[int, int, int]], flags: int = 0) -> int:
+    """One sendmsg carrying all of `data` with its descriptors and credentials; the bytes it took.
+
+    Like ``socket.send_fds`` (one ``sock.sendmsg``): on SOCK_STREAM the
+    kernel attaches the control data to the bytes of that write, so a reader
+    gets a small message whole, with its descriptors, in one recvmsg.  Only
+    a short write (a signal, a full socket) takes fewer bytes than `data`
+    holds; the caller writes the rest, without control data.  Waits as the
+    socket's blocking mode and timeout say.  Arguments are checked by the caller.
+
+    Raises:
+        BlockingIOError, TimeoutError, OSError: when nothing was sent.
+    """
+    t = _io.target(sock)
+    try:
+        return _send_with_control(t, memoryview(data).cast("B"), fds, credentials, flags)
+    finally:
+        if t.shadow:
+            t.sock.detach()
+
+
+def _send_with_control(t: _io.Target, data: Any, fds: tuple[int, ...],
+                       credentials: Optional[tuple[int, int, int]], flags: int) -> int:
+    send_message = _backend.impl.send_message
+    deadline = None
+    may_wait = t.timeout != 0.0 and not flags & _DONTWAIT
+    if t.timeout is not None:
+        deadline = _io.deadline_of(t.timeout)
+        flags |= _DONTWAIT  # waiting is done here, against the deadline
+    while True:
+        try:
+            return send_message(t.sock, data, fds, credentials, flags)
+        except InterruptedError:
+            continue  # PEP 475: handlers ran; retry
+        except BlockingIOError:
+            if not may_wait:
+                raise
+            if not _io.wait(t.fd, True, deadline):
+                raise socket.timeout("timed out") from None

@@ -12,10 +12,11 @@ import contextlib
 import errno
 import os
 import socket
+import weakref
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, TypeVar
 
 from . import _backend, _checks, _io
-from .batch import _nbytes, checked_fds, plain_sizes
+from .batch import checked_fds, pinned, plain_pinned
 from .frames import (DEFAULT_MAX_FRAME, HEADER_SIZE, MAX_FRAME_LIMIT, RECORD_MAX, FrameBatch,
                      ProtocolError, _chunked, _header, _JOIN_MAX, _Records, _Segment)
 from .message import Address, Message
@@ -39,6 +40,36 @@ _CTRUNC = int(socket.MSG_CTRUNC)
 _SOL_SOCKET = int(socket.SOL_SOCKET)
 _SCM_RIGHTS = int(socket.SCM_RIGHTS)
 _EMPTY = memoryview(b"")
+# The two sides of a channel, each used by one caller at a time (see
+# Channel._busy): the keys of the claims, and how the refusal names them.
+_SENDING = "sending"
+_RECEIVING = "receiving"
+
+
+def _refused(side: str) -> RuntimeError:
+    return RuntimeError("this Channel is already %s in another thread (or in the call a "
+                        "signal handler interrupted): one caller at a time" % side)
+
+
+# Every open Channel of this process, for the fork hook below.
+_channels: "weakref.WeakSet[Channel]" = weakref.WeakSet()
+
+
+def _forget_parents_unsent() -> None:
+    """In a child after fork(): each channel's unsent bytes stay the parent's to write.
+
+    Buffered messages and the tail of a partly written one are copied into
+    the child with the rest of its memory; written from both processes
+    (each one's close() or flush()), they would reach the peer twice.
+    """
+    for ch in list(_channels):
+        ch._drop_unsent()
+        ch._busy.pop(_SENDING, None)  # a parent's thread in a send does not exist here
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_parents_unsent)
+
 
 def _owning(sock: socket.socket, make: Callable[[], T]) -> T:
     """make(), which takes ownership of `sock`; `sock` is closed if it fails."""
@@ -56,7 +87,8 @@ class Channel:
     its blocking mode and timeout.  Messages are bytes; a message may carry
     descriptors.  Sends pack many messages into one system call; receives
     parse every message that one system call brought.  One thread at a time
-    may send, and one at a time may receive.
+    may send, and one at a time may receive: a second caller on the same
+    side gets RuntimeError at once.
 
     Args:
         sock: a connected AF_UNIX socket, SOCK_STREAM or SOCK_SEQPACKET.
@@ -72,6 +104,19 @@ class Channel:
     def __init__(self, sock: socket.socket, *, max_frame: int = DEFAULT_MAX_FRAME,
                  write_buffer: int = 0) -> None:
         self._closed = True  # until set up: close() and __del__ have nothing to do
+        # Which call is using each side (_SENDING, _RECEIVING).  Two threads
+        # receiving at once would hand out one message twice or parse half
+        # of another's read; two sending would interleave their bytes; so
+        # would a signal handler that sends or receives inside the call it
+        # interrupted.  A second caller is refused, never made to wait.  Each
+        # public call claims its side with one atomic dict.setdefault inside
+        # its try, with a token only it holds, and its finally releases only
+        # its own claim, with no call in between (from CPython 3.11 pending
+        # signals and thread switches are taken only at calls and backward
+        # jumps): an exception at any point, a handler's KeyboardInterrupt
+        # included, never leaves the side claimed.  (Not a decorator:
+        # *args/**kwargs cost about 100 ns per message.)
+        self._busy: Dict[str, object] = {}
         if not isinstance(sock, socket.socket):
             raise TypeError("Channel needs a socket.socket, not %s" % type(sock).__name__)
         if sock.family != socket.AF_UNIX:
@@ -122,6 +167,7 @@ class Channel:
         # (a kept tail is copied out).
         self._out = bytearray(0)
         self._closed = False
+        _channels.add(self)
 
     # ---- construction helpers -------------------------------------------------
 
@@ -192,7 +238,19 @@ class Channel:
             BlockingIOError: a non-blocking socket took none of it (nothing sent).
             TimeoutError: nothing could be sent before the socket's timeout.
             OSError: from the kernel.
+            RuntimeError: another thread is sending on this channel.
         """
+        busy = self._busy
+        me: List[object] = []  # a fresh token, held by this call only
+        try:
+            if busy.setdefault(_SENDING, me) is not me:
+                raise _refused(_SENDING)
+            self._send(data, fds)
+        finally:
+            if _SENDING in busy and busy[_SENDING] is me:
+                del busy[_SENDING]
+
+    def _send(self, data: Any, fds: Iterable[Any]) -> None:
         if type(data) is bytes and not fds and not self._closed:
             n = len(data)
             if n > self._max_frame:
@@ -201,7 +259,7 @@ class Channel:
                 self._enqueue_one(data, n, None)
                 return
             if self._pending:
-                self.send_many([data])
+                self._send_many([data])
                 return
             # the common case, one call: header and payload in one write
             frame = _header(n) + data
@@ -213,9 +271,9 @@ class Channel:
                 if done == len(frame):
                     return
                 self._pending = memoryview(frame)[done:]
-                self.flush()
+                self._flush()
                 return
-        self.send_many([data if not fds else Message(data, tuple(checked_fds(fds)))])
+        self._send_many([data if not fds else Message(data, tuple(checked_fds(fds)))])
 
     def send_many(self, messages: Iterable[Any]) -> int:
         """Send many messages with as few system calls as the socket allows.
@@ -240,7 +298,19 @@ class Channel:
             BlockingIOError: nothing accepted on a non-blocking socket.
             TimeoutError: nothing accepted before the socket's timeout.
             OSError: from the kernel.
+            RuntimeError: another thread is sending on this channel.
         """
+        busy = self._busy
+        me: List[object] = []  # a fresh token, held by this call only
+        try:
+            if busy.setdefault(_SENDING, me) is not me:
+                raise _refused(_SENDING)
+            return self._send_many(messages)
+        finally:
+            if _SENDING in busy and busy[_SENDING] is me:
+                del busy[_SENDING]
+
+    def _send_many(self, messages: Iterable[Any]) -> int:
         self._check_open()
         segments, total = self._segments(messages)
         if not total:
@@ -273,17 +343,28 @@ class Channel:
         Raises:
             TypeError, ValueError: not a C-contiguous buffer, size < 1, a
                 length that is not a multiple of size, size over max_frame.
-            BlockingIOError, TimeoutError, OSError: as for send_many.
+            BlockingIOError, TimeoutError, OSError, RuntimeError: as for send_many.
         """
+        busy = self._busy
+        me: List[object] = []  # a fresh token, held by this call only
+        try:
+            if busy.setdefault(_SENDING, me) is not me:
+                raise _refused(_SENDING)
+            return self._send_fixed(buffer, size)
+        finally:
+            if _SENDING in busy and busy[_SENDING] is me:
+                del busy[_SENDING]
+
+    def _send_fixed(self, buffer: Any, size: int) -> int:
         self._check_open()
         size = _checks.in_range(size, "size", 1, self._max_frame)
-        nbytes = _nbytes(buffer)
+        data, nbytes = pinned(buffer)  # its size cannot change from here on
         if nbytes % size:
             raise ValueError("the buffer holds %d bytes, not a multiple of size %d" % (nbytes, size))
         n = nbytes // size
         if not n:
             return 0
-        view = memoryview(buffer).cast("B")
+        view = memoryview(data).cast("B")
         seg = _Segment(_Records(view, size, n), [size] * n, view.tobytes())  # type: ignore[arg-type]
         if self._write_buffer:
             return self._enqueue([seg], n)
@@ -305,7 +386,19 @@ class Channel:
         Raises:
             TimeoutError: the socket's timeout ran out first (the rest stays pending).
             OSError: from the kernel.
+            RuntimeError: another thread is sending on this channel.
         """
+        busy = self._busy
+        me: List[object] = []  # a fresh token, held by this call only
+        try:
+            if busy.setdefault(_SENDING, me) is not me:
+                raise _refused(_SENDING)
+            return self._flush()
+        finally:
+            if _SENDING in busy and busy[_SENDING] is me:
+                del busy[_SENDING]
+
+    def _flush(self) -> int:
         self._check_open()
         timeout = self._sock.gettimeout()
         if not self._drain(_io.deadline_of(timeout)) and timeout != 0.0:
@@ -339,12 +432,13 @@ class Channel:
 
     def _segments(self, messages: Iterable[Any]) -> Tuple[List[_Segment], int]:
         """Check `messages` and split them into write segments (validate once, up front)."""
-        items = messages if isinstance(messages, list) else list(messages)
+        items = list(messages)  # one reading of the caller's list (see batch.outgoing)
         if not items:
             return [], 0
         limit = self._max_frame
-        lengths = plain_sizes(items)
-        if lengths is not None:  # the common case: plain byte strings
+        plain = plain_pinned(items)
+        if plain is not None:  # the common case: plain byte strings
+            items, lengths = plain
             if max(lengths) > limit:
                 raise ValueError("a message of %d bytes is over max_frame (%d)"
                                  % (max(lengths), limit))
@@ -356,10 +450,10 @@ class Channel:
         run_lengths: List[int] = []
         for item in items:
             if isinstance(item, Message):
-                data, fds = item.data, checked_fds(item.fds)
+                data, fds = item.data, checked_fds(item.fds)  # may run the caller's fileno()
             else:
                 data, fds = item, ()
-            n = _nbytes(data)
+            data, n = pinned(data)  # measured and pinned last: its size cannot change now
             if n > limit:
                 raise ValueError("a message of %d bytes is over max_frame (%d)" % (n, limit))
             if fds:
@@ -565,7 +659,19 @@ class Channel:
             EOFError: the peer closed the channel cleanly (between messages).
             ProtocolError: the peer broke the protocol; the channel is closed.
             BlockingIOError, TimeoutError, OSError: as sock.recv would.
+            RuntimeError: another thread is receiving on this channel.
         """
+        busy = self._busy
+        me: List[object] = []  # a fresh token, held by this call only
+        try:
+            if busy.setdefault(_RECEIVING, me) is not me:
+                raise _refused(_RECEIVING)
+            return self._recv()
+        finally:
+            if _RECEIVING in busy and busy[_RECEIVING] is me:
+                del busy[_RECEIVING]
+
+    def _recv(self) -> bytes:
         i = self._ready()
         t = self._table
         o = t.offsets[i]
@@ -584,7 +690,19 @@ class Channel:
         Raises:
             ProtocolError: the peer broke the protocol; the channel is closed.
             BlockingIOError, TimeoutError, OSError: as sock.recv would.
+            RuntimeError: another thread is receiving on this channel.
         """
+        busy = self._busy
+        me: List[object] = []  # a fresh token, held by this call only
+        try:
+            if busy.setdefault(_RECEIVING, me) is not me:
+                raise _refused(_RECEIVING)
+            return self._recv_many(max_messages)
+        finally:
+            if _RECEIVING in busy and busy[_RECEIVING] is me:
+                del busy[_RECEIVING]
+
+    def _recv_many(self, max_messages: int) -> List[bytes]:
         if type(max_messages) is not int or max_messages < 1:
             max_messages = _checks.in_range(max_messages, "max_messages", 1, 1 << 62)
         if self._next >= self._parsed and not self._fill():
@@ -628,7 +746,19 @@ class Channel:
                 descriptor count that does not match); the channel is closed
                 and every descriptor received closed.
             BlockingIOError, TimeoutError, OSError: as sock.recv would.
+            RuntimeError: another thread is receiving on this channel.
         """
+        busy = self._busy
+        me: List[object] = []  # a fresh token, held by this call only
+        try:
+            if busy.setdefault(_RECEIVING, me) is not me:
+                raise _refused(_RECEIVING)
+            return self._recv_message()
+        finally:
+            if _RECEIVING in busy and busy[_RECEIVING] is me:
+                del busy[_RECEIVING]
+
+    def _recv_message(self) -> Message:
         i = self._ready()
         t = self._table
         o = t.offsets[i]
@@ -662,7 +792,19 @@ class Channel:
         Raises:
             ProtocolError: the peer broke the protocol; the channel is closed.
             BlockingIOError, TimeoutError, OSError: as sock.recv would.
+            RuntimeError: another thread is receiving on this channel.
         """
+        busy = self._busy
+        me: List[object] = []  # a fresh token, held by this call only
+        try:
+            if busy.setdefault(_RECEIVING, me) is not me:
+                raise _refused(_RECEIVING)
+            return self._recv_batch(max_messages)
+        finally:
+            if _RECEIVING in busy and busy[_RECEIVING] is me:
+                del busy[_RECEIVING]
+
+    def _recv_batch(self, max_messages: int) -> FrameBatch:
         max_messages = _checks.in_range(max_messages, "max_messages", 1, 1 << 62)
         if self._next >= self._parsed and not self._fill():
             batch = FrameBatch(self._view, _EMPTY.cast("I"), _EMPTY.cast("I"), None,
@@ -727,11 +869,26 @@ class Channel:
             self._check_stray_fds()
             self._make_room()
             if self._read() == 0:
+                if self._seqpacket:
+                    self._check_not_an_empty_record()
                 if self._start == rs.end and rs.head == rs.tail:
                     return False
                 self._fail("the peer closed the channel in the middle of a frame"
                            if self._start < rs.end else
                            "the peer closed the channel with descriptors no frame declared")
+
+    def _check_not_an_empty_record(self) -> None:
+        """After a 0-byte read on SOCK_SEQPACKET: ProtocolError unless it is the end of stream.
+
+        An empty record and the end of stream both read as 0 bytes, and the
+        protocol forbids empty records (docs/PROTOCOL.md).  The end comes
+        only after the peer hung up, so a live peer sent an empty record.  A
+        peer that sent one and then hung up cannot fake an end either while
+        bytes it sent after it still wait (Linux counts every queued byte).
+        """
+        if not _io.peer_hung_up(self._fd) or _io.queued_bytes(self._fd):
+            self._fail("an empty SOCK_SEQPACKET record (the protocol forbids them: "
+                       "they read like end of stream)")
 
     def _parse(self) -> int:
         t = self._table
@@ -895,18 +1052,24 @@ class Channel:
             return
         self._release_fds()  # first: a close() after an interrupted abort closes them
         self._closed = True
-        self._pending = _EMPTY
-        self._queue, self._queue_lengths, self._queued = [], [], 0
+        self._drop_unsent()
         self._next = self._parsed = 0
         self._sock.close()
+        _channels.discard(self)
+
+    def _drop_unsent(self) -> None:
+        self._pending = _EMPTY
+        self._queue, self._queue_lengths, self._queued = [], [], 0
 
     def close(self) -> None:
         """Write what is pending as `flush` would, then close the socket.
 
         Received descriptors not handed over are closed.  Pending bytes are
         dropped, without an error, when the peer is gone (BrokenPipeError,
-        ConnectionResetError: nobody would read them) and on a non-blocking
-        socket that cannot take them at once (check `flush()` first).
+        ConnectionResetError: nobody would read them), on a non-blocking
+        socket that cannot take them at once (check `flush()` first), and
+        while another thread is sending (its write and this one would
+        interleave).
 
         Raises:
             TimeoutError, OSError: writing what was pending failed; the
@@ -914,14 +1077,20 @@ class Channel:
         """
         if self._closed:
             return
+        busy = self._busy
+        me: List[object] = []  # a fresh token, held by this call only
         try:
-            if self._pending or self._queue:
+            # (claimed as the sending calls do: a thread sending now would
+            # interleave with this write, so its pending bytes are dropped)
+            if busy.setdefault(_SENDING, me) is me and (self._pending or self._queue):
                 timeout = self._sock.gettimeout()
                 if not self._drain(_io.deadline_of(timeout)) and timeout:
                     raise socket.timeout("timed out")
         except (BrokenPipeError, ConnectionResetError):
             pass
         finally:
+            if _SENDING in busy and busy[_SENDING] is me:
+                del busy[_SENDING]
             self._abort()
 
     def __enter__(self) -> "Channel":

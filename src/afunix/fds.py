@@ -7,8 +7,9 @@ import struct
 from typing import Any, Iterable, List, Optional, Tuple
 
 from . import _checks, _io
-from .batch import _send_messages, _send_stream, checked_fds
-from .receive import _checked_sizes, _receive, arena_for
+from .batch import _send_messages, _send_stream, checked_fds, write_with_control
+from .capabilities import SCM_MAX_FD
+from .receive import MAX_BUFSIZE, _receive, arena_for
 from .message import Address, Credentials, TruncatedError
 
 # SO_PEERPIDFD (Linux >= 6.5) and SO_PASSCRED may be missing from the socket module.
@@ -25,14 +26,15 @@ def send_fds(sock: Any, buffers: Iterable[Any], fds: Iterable[Any], flags: int =
     The signature of ``socket.send_fds``, but `flags` and `address` are
     honoured (the stdlib ignored them before 3.13, gh-107898), the control
     data is packed in C, and the socket's timeout applies.  On SOCK_STREAM
-    all of the data is written (as sendall), the descriptors riding on its
-    first byte.
+    the data and the descriptors go in one sendmsg, as ``socket.send_fds``
+    sends them, and all of the data is written: after a short write the
+    rest follows (as sendall) without the descriptors.
 
     Raises:
         TypeError, ValueError: bad buffers or descriptors (at most 253), before any system call.
         OSError: from the kernel.
     """
-    flags = _checks.as_int(flags, "flags")
+    flags = _checks.msg_flags(flags)
     views = [memoryview(b) for b in buffers]
     data = b"".join(views)
     fd_tuple = checked_fds(fds)
@@ -41,11 +43,14 @@ def send_fds(sock: Any, buffers: Iterable[Any], fds: Iterable[Any], flags: int =
     try:
         if t.type == _STREAM and fd_tuple and not data:
             raise ValueError("on SOCK_STREAM descriptors need at least one data byte to ride on")
+        if t.type == _STREAM and fd_tuple and raw_address is None:
+            # one sendmsg with all of it, the rest after a short write (see send_many)
+            write_with_control(t, data, len(data), fd_tuple, None, flags)
+            return len(data)
         out = _io.Outgoing([data], [len(data)], [fd_tuple] if fd_tuple else None,
                            None if raw_address is None else [raw_address], None)
         if t.type == _STREAM:
-            # all of it, descriptors on the first byte (see send_many)
-            _send_stream(t, out, flags)
+            _send_stream(t, out, flags)  # no descriptors: sendall; an address: refused
         else:
             _send_messages(t, out, flags)
         return len(data)
@@ -60,7 +65,10 @@ def recv_fds(sock: Any, bufsize: int, maxfds: int, flags: int = 0
 
     The signature of ``socket.recv_fds``, but safe: descriptors are received
     close-on-exec (MSG_CMSG_CLOEXEC), the control buffer is sized with
-    CMSG_SPACE, and truncation is never silent.
+    CMSG_SPACE, and truncation is never silent.  As with the stdlib,
+    `bufsize` 0 takes descriptors with no data (on SOCK_STREAM the data stays
+    queued); a `maxfds` over SCM_MAX_FD asks for no more than SCM_MAX_FD,
+    the most one message carries.
 
     Raises:
         TruncatedError: the kernel cut the control data (MSG_CTRUNC: too small
@@ -68,8 +76,12 @@ def recv_fds(sock: Any, bufsize: int, maxfds: int, flags: int = 0
             did arrive are closed, the data is on the exception.
         BlockingIOError, TimeoutError, OSError: as sock.recvmsg would.
     """
-    _, size, k = _checked_sizes(1, bufsize, maxfds)
-    flags = _checks.as_int(flags, "flags")
+    size = _checks.in_range(bufsize, "bufsize", 0, MAX_BUFSIZE)
+    k = _checks.as_int(maxfds, "maxfds")
+    if k < 0:
+        raise ValueError("maxfds must be >= 0, got %d" % k)
+    k = min(k, SCM_MAX_FD)
+    flags = _checks.msg_flags(flags)
     t = _io.target(sock)
     try:
         arena = arena_for(sock, 1, size, k)

@@ -9,6 +9,7 @@ import errno
 import struct
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
+from . import _checks
 
 #: Default and largest accepted `max_frame` (payload bytes of one message).
 DEFAULT_MAX_FRAME = 64 << 20
@@ -44,7 +45,7 @@ class ProtocolError(OSError):
     Raised for a peer that closed mid-frame, a frame over `max_frame`, a
     malformed header, descriptors that do not match a frame's declared count
     or that the kernel cut (MSG_CTRUNC), and a SOCK_SEQPACKET record over
-    RECORD_MAX bytes.  An OSError (errno EPROTO), like the kernel's own
+    RECORD_MAX bytes or empty.  An OSError (errno EPROTO), like the kernel's own
     answers: it is about what came over the socket, not about the caller's
     arguments (those are TypeError/ValueError), and code that handles a
     failed connection with ``except OSError`` handles it too.  Every
@@ -145,6 +146,8 @@ class FrameBatch:
         return len(self.offsets)
 
     def __getitem__(self, i: int) -> memoryview:
+        if type(i) is not int:
+            i = _checks.index(i, "FrameBatch")
         o = self.offsets[i]
         view: memoryview = self.buffer[o:o + self.lengths[i]]
         return view
@@ -156,6 +159,8 @@ class FrameBatch:
 
     def fds(self, i: int) -> List[int]:
         """Message i's descriptors, handed to the caller (who must close them)."""
+        if type(i) is not int:
+            i = _checks.index(i, "FrameBatch")
         if i < 0:
             i += len(self.offsets)
         if not 0 <= i < len(self.offsets):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Iterable, NamedTuple, Optional, Tuple, Union
 
+from . import _checks
+
 #: What an AF_UNIX address looks like in Python, as the socket module gives it:
 #: a filesystem path as str, an abstract name as bytes starting with NUL.
 Address = Union[str, bytes]
@@ -61,6 +63,12 @@ def close_fds(fds: Iterable[int]) -> None:
     fds = fds if isinstance(fds, list) else list(fds)
     if not fds:
         return
+    # Checked here, not by each backend with its own OverflowError text.  A
+    # negative one that fits a C int is EBADF to both backends: ignored.
+    top, bottom = max(fds), min(fds)
+    if top > _checks.C_INT_MAX or bottom < -_checks.C_INT_MAX - 1:
+        raise ValueError("descriptor must be from 0 to %d, got %d"
+                         % (_checks.C_INT_MAX, top if top > _checks.C_INT_MAX else bottom))
     from . import _backend  # here, not at the top: _backend imports this module's users
 
     _backend.impl.close_fds(fds)

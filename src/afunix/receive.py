@@ -18,6 +18,7 @@ _SCM_MAX_FD = 253
 _DONTWAIT = int(socket.MSG_DONTWAIT)
 _DGRAM = int(socket.SOCK_DGRAM)
 _SEQPACKET = int(socket.SOCK_SEQPACKET)
+_TRUNC = int(socket.MSG_TRUNC)
 _message = tuple.__new__
 _thread_id = threading.get_ident
 _FILLER = "filler"
@@ -84,8 +85,10 @@ def _strip_end_of_stream(t: _io.Target, arena: Any, first: int, count: int) -> i
     # count as the end only once the peer has hung up.
     if t.type == _SEQPACKET and not _io.peer_hung_up(t.fd):
         return count
+    # A message cut to 0 bytes (recv_fds with bufsize 0) is a message, not the end.
     fd_counts = arena.fd_counts(first + count)
-    while count and arena.length(first + count - 1) == 0 and not fd_counts[first + count - 1]:
+    while (count and arena.length(first + count - 1) == 0 and not fd_counts[first + count - 1]
+           and not arena.msg_flags(first + count - 1) & _TRUNC):
         count -= 1
     return count
 
@@ -190,7 +193,7 @@ def recv_many(sock: Any, max_messages: int, bufsize: int, flags: int = 0, *,
         BlockingIOError, TimeoutError, OSError: as sock.recv would.
     """
     n, size, k = _checked_sizes(max_messages, bufsize, maxfds)
-    flags = _checks.as_int(flags, "flags")
+    flags = _checks.msg_flags(flags)
     t = _io.target(sock)
     try:
         arena = arena_for(sock, n, size, k)
@@ -251,7 +254,7 @@ class RecvBatch:
                 (recv that socket, or close() to drop them).
             BlockingIOError, TimeoutError, OSError: as sock.recv would.
         """
-        flags = _checks.as_int(flags, "flags")
+        flags = _checks.msg_flags(flags)
         me = _thread_id()
         filling = self._filling
         try:
@@ -307,6 +310,8 @@ class RecvBatch:
         return self._count
 
     def _index(self, i: int) -> int:
+        if type(i) is not int:  # 1.5 is a TypeError, as for a list, not "out of range"
+            i = _checks.index(i, "RecvBatch")
         if i < 0:
             i += self._count
         if not 0 <= i < self._count:

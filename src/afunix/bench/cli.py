@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import sys
+import tempfile
 import time
 from typing import List, Optional
 
@@ -46,8 +48,34 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
+def _unwritable(path: str) -> Optional[str]:
+    """Why `path` cannot be written (without changing it, or leaving a file), or None."""
+    if os.path.isdir(path):
+        return "it is a directory"
+    try:
+        if os.path.exists(path):
+            open(path, "ab").close()  # append mode: opened for writing, not truncated
+        else:
+            # a nameless file in the same directory: created and gone again
+            with tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(path))):
+                pass
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark as `args` say; return the exit status."""
+    # Output paths are checked before anything runs: a bad one is a line
+    # now, not a traceback after minutes of measuring.
+    if args.json and args.plot and os.path.abspath(args.json) == os.path.abspath(args.plot):
+        sys.stderr.write("afunix bench: --json and --plot name the same file: %s\n" % args.json)
+        return 2
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        why = _unwritable(path) if path else None
+        if why is not None:
+            sys.stderr.write("afunix bench: cannot write %s %s: %s\n" % (option, path, why))
+            return 2
     if args.plot and not report.plot_available():
         sys.stderr.write(report.PLOT_MISSING + "\n")
         return 2
