@@ -600,3 +600,24 @@ def test_channel_read_interrupted_loses_no_byte(backend: str, kind: int) -> None
         assert y.recv_many() == [b"three"] + ([b"four"] if kind == socket.SOCK_STREAM else [])
     os.close(null)
     assert open_fds() == before
+
+
+@CHANNEL_KINDS
+def test_a_twin_left_by_an_exception_never_closes_the_socket(backend: str, kind: int) -> None:
+    # A socket with a timeout is written through a timeout-0 twin on the same
+    # descriptor.  An exception between making the twin and detaching it
+    # used to leave the twin to be collected, closing the channel's
+    # descriptor (or, later, another file's that reused the number).
+    x, y = afunix.channel_pair(kind)
+    with x, y:
+        x.socket.settimeout(20.0)
+        y.socket.settimeout(20.0)
+        _raising_before(afunix._io.nonblocking_twin, "twin.settimeout(0.0)",
+                        lambda: x.send(b"one"))
+        gc.collect()
+        os.fstat(x.socket.fileno())  # still open
+        x.send(b"two")
+        got = [y.recv()]
+        if got[0] != b"two":  # the interrupted message may still be sent first
+            got.append(y.recv())
+        assert got[-1] == b"two" and set(got) <= {b"one", b"two"}

@@ -74,7 +74,7 @@ def target(sock: Any) -> Target:
     # descriptor is; the caller detaches it afterwards.  Raises ENOTSOCK for
     # a descriptor that is not a socket.
     blocking = os.get_blocking(fd)
-    shadow = socket.socket(fileno=fd)
+    shadow = BorrowedSocket(fileno=fd)
     # A default timeout (socket.setdefaulttimeout) makes the constructor set
     # O_NONBLOCK on the descriptor: put back what the caller had.
     shadow.settimeout(None if blocking else 0.0)
@@ -160,6 +160,22 @@ class Outgoing(NamedTuple):
     fd_flat: Optional[list[int]] = None    # every fds entry back to back, when already made
 
 
+class BorrowedSocket(socket.socket):
+    """A socket object on a descriptor that another object owns: collected, it lets go of it.
+
+    afunix wraps a descriptor in one for the length of a call (a timeout-0
+    twin, a bare fileno()) and detaches it afterwards.  An exception that
+    lands in between (a signal handler's, at any call) leaves the wrapper to
+    be collected; a plain socket object would then close the descriptor,
+    its owner's or, by that time, another file's that reuses the number.
+    """
+
+    __slots__ = ()
+
+    def __del__(self) -> None:
+        self.detach()
+
+
 def nonblocking_twin(sock: socket.socket) -> socket.socket:
     """A timeout-0 socket object on the same descriptor as `sock` (detach it after use).
 
@@ -168,6 +184,6 @@ def nonblocking_twin(sock: socket.socket) -> socket.socket:
     wait out the whole timeout.  The descriptor of such a socket is already
     O_NONBLOCK, so a twin with timeout 0 changes nothing at the kernel level.
     """
-    twin = socket.socket(sock.family, sock.type, sock.proto, sock.fileno())
+    twin = BorrowedSocket(sock.family, sock.type, sock.proto, sock.fileno())
     twin.settimeout(0.0)
     return twin

@@ -293,7 +293,7 @@ async def _send_bytes(sock: Any, fd: int, view: memoryview, flags: int) -> None:
 
 
 def _send_fd(fd: int, data: memoryview, flags: int) -> int:
-    twin = socket.socket(fileno=fd)
+    twin = _io.BorrowedSocket(fileno=fd)
     try:
         return twin.send(data, flags)
     finally:
