@@ -304,10 +304,35 @@ static size_t recv_control_space(int maxfds)
     return space;
 }
 
+/* Whether the arena still holds message i's descriptors (afunix.h). */
+static int holds_fds(const struct afunix_arena *a, int i)
+{
+    return i >= a->delivered || (!a->all_handed && !a->handed[i]);
+}
+
+int afunix_arena_release(struct afunix_arena *a)
+{
+    int closed = 0, at = 0;
+    int count = a->count < a->max_messages ? a->count : a->max_messages;
+    for (int i = 0; i < count; i++) {
+        int k = a->nfds[i];
+        if (k > 0 && holds_fds(a, i)) {
+            close_all(a->fds + at, k);
+            closed += k;
+        }
+        at += k > 0 ? k : 0;
+    }
+    a->delivered = a->count;
+    a->all_handed = 1;
+    return closed;
+}
+
 void afunix_arena_free(struct afunix_arena *a)
 {
     if (a == NULL)
         return;
+    afunix_arena_release(a);
+    free(a->handed);
     /* a->data is the caller's (see afunix_arena_new) */
     free(a->lens);
     free(a->msg_flags);
@@ -350,8 +375,10 @@ struct afunix_arena *afunix_arena_new(int max_messages, size_t bufsize, int maxf
     a->hdrs = calloc(n, sizeof(struct mmsghdr) + sizeof(struct iovec));
     a->names = calloc(n, sizeof(struct sockaddr_un));
     a->control = calloc(n, a->control_space);
+    a->handed = calloc(n, 1);
+    a->all_handed = 1;
     if (!a->lens || !a->msg_flags || !a->nfds || !a->fds || !a->creds
-        || !a->addrlens || !a->addrs || !a->hdrs || !a->names || !a->control) {
+        || !a->addrlens || !a->addrs || !a->hdrs || !a->names || !a->control || !a->handed) {
         afunix_arena_free(a);
         return NULL;
     }
@@ -434,6 +461,13 @@ static int recv_batch(int fd, struct mmsghdr *hdrs, int n, int flags)
 
 int afunix_recv_many(int fd, struct afunix_arena *a, int flags)
 {
+    /* An earlier call's messages come first: the kernel already gave them
+     * to us, and the caller's bookkeeping was interrupted before it took
+     * them (a Python exception from a signal handler). */
+    if (a->delivered >= 0 && a->delivered < a->count)
+        return a->count - a->delivered; /* delivered is the caller's to set: checked */
+    afunix_arena_release(a);
+    a->count = a->delivered = 0;
     /* MSG_PEEK leaves the head message queued: every further slot would
      * peek that same message again, so a peek takes one. */
     int n = (flags & MSG_PEEK) ? 1 : a->max_messages;
@@ -489,6 +523,15 @@ int afunix_recv_many(int fd, struct afunix_arena *a, int flags)
         }
         if (a->addrlens[i] >= 0 || a->nfds[i] > 0 || a->creds[4 * i])
             a->extras++;
+    }
+    if (got > 0) {
+        /* Recorded here, in the call that received them: from now on the
+         * messages and descriptors are the arena's until given over. */
+        memset(a->handed, 0, (size_t)got);
+        a->all_handed = 0;
+        a->count = got;
+        /* a peeked message stays queued: never hand it out a second time */
+        a->delivered = (flags & MSG_PEEK) ? got : 0;
     }
     return got;
 }

@@ -71,9 +71,22 @@ ssize_t afunix_send_message(int fd, const char *data, size_t len,
                             const int *fds, int nfds, const int *creds, int flags);
 
 /* A reusable receive area for up to max_messages messages of bufsize bytes
- * (0: descriptors without data) and maxfds descriptors each.  The arrays are outputs of afunix_recv_many,
- * valid until the next call.  The data area is the caller's: views of the
- * messages may outlive the arena, so whoever hands them out owns it. */
+ * (0: descriptors without data) and maxfds descriptors each.  The arrays are
+ * outputs of afunix_recv_many, valid until the next call.  The data area is
+ * the caller's: views of the messages may outlive the arena, so whoever hands
+ * them out owns it.
+ *
+ * Hand-over state.  What the kernel handed over is recorded by the same call
+ * that received it, so an exception that interrupts the caller's bookkeeping
+ * (a Python signal handler) loses nothing:
+ *   messages [delivered, count) were received and not yet given to the
+ *   caller: the next afunix_recv_many returns them again (count - delivered)
+ *   without asking the kernel;
+ *   the descriptors of message i are held by the arena, which closes them
+ *   (at the next receive, afunix_arena_release or afunix_arena_free), while
+ *   i >= delivered, or while neither all_handed nor handed[i] is set.
+ * The caller gives messages over by raising delivered, and descriptors by
+ * setting handed[i] or all_handed: plain stores, no call. */
 struct afunix_arena {
     int max_messages;
     size_t bufsize;
@@ -88,6 +101,10 @@ struct afunix_arena {
     int *addrlens;       /* sun_path bytes in addrs, -1 when no address */
     char *addrs;         /* message i's at addrs + i * AFUNIX_ADDR_MAX */
     int extras;          /* messages of the last call with fds, address or creds */
+    int count;           /* messages received by the last call that asked the kernel */
+    int delivered;       /* of those, how many the caller has taken */
+    int all_handed;      /* every descriptor of [0, count) belongs to the caller */
+    unsigned char *handed; /* handed[i]: message i's descriptors belong to the caller */
     /* private to afunix.c */
     void *hdrs;
     void *names;
@@ -108,8 +125,19 @@ void afunix_arena_free(struct afunix_arena *arena);
  * queued (only the first with MSG_PEEK, which would repeat it).  A message whose control data was cut (MSG_CTRUNC), or that
  * carried more than maxfds descriptors, has all its descriptors closed and
  * MSG_CTRUNC in its flags.  MSG_CMSG_CLOEXEC is left out of the flags
- * stored unless the caller passed it.  Returns the count, or -errno. */
+ * stored unless the caller passed it.
+ * When messages of an earlier call are still undelivered, returns their
+ * number (count - delivered) and receives nothing; otherwise first closes
+ * the descriptors the arena still holds (afunix_arena_release), then sets
+ * count to what arrived and delivered to 0 (to count for MSG_PEEK: a peeked
+ * message is still queued, so it is never redelivered from here; its
+ * descriptors are held until handed over).  Returns the count, or -errno. */
 int afunix_recv_many(int fd, struct afunix_arena *arena, int flags);
+
+/* Close every descriptor the arena holds (see the hand-over state) and drop
+ * undelivered messages: afterwards delivered == count and all_handed is set.
+ * Returns the number of descriptors closed. */
+int afunix_arena_release(struct afunix_arena *arena);
 
 /* Close fds[0..n), whatever each close returns; returns n.  One crossing for
  * a whole batch of received descriptors. */

@@ -7,6 +7,13 @@
 
 #include <errno.h>
 #include <string.h>
+#include <unistd.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+#ifndef MSG_NOSIGNAL
+#define MSG_NOSIGNAL 0 /* macOS: SO_NOSIGPIPE is the socket-level equivalent */
+#endif
 
 /* The three top header bytes of every version-1 frame: flags 0, version 1,
  * magic 0xAF, read as one little-endian field. */
@@ -130,3 +137,105 @@ int64_t afunix_frames_pack(char *out, size_t outlen, const char *data, size_t da
     }
     return (int64_t)total;
 }
+
+/* ---- receiving ------------------------------------------------------------ */
+
+#ifndef MSG_CMSG_CLOEXEC
+#define MSG_CMSG_CLOEXEC 0
+#endif
+
+/* Room for a full SCM_RIGHTS array, plus SCM_CREDENTIALS that arrive ahead of
+ * it when SO_PASSCRED is on. */
+#define CHAN_CONTROL (CMSG_SPACE(AFUNIX_SCM_MAX_FD * sizeof(int)) + CMSG_SPACE(64))
+
+int64_t afunix_chan_recv(int fd, struct afunix_chan_rx *rx, char *buf, size_t cap,
+                         size_t maxlen, int flags)
+{
+    if (rx == NULL || buf == NULL || rx->end > cap || rx->tail < rx->head
+        || rx->tail - rx->head > AFUNIX_CHAN_READS)
+        return -EINVAL;
+    if (rx->tail - rx->head == AFUNIX_CHAN_READS || rx->end == cap)
+        return -ENOBUFS;
+    size_t len = cap - rx->end < maxlen ? cap - rx->end : maxlen;
+    union {
+        struct cmsghdr align;
+        char bytes[CHAN_CONTROL];
+    } control;
+    struct iovec iov;
+    iov.iov_base = buf + rx->end;
+    iov.iov_len = len;
+    struct msghdr m;
+    memset(&m, 0, sizeof m);
+    m.msg_iov = &iov;
+    m.msg_iovlen = 1;
+    m.msg_control = control.bytes;
+    m.msg_controllen = sizeof control.bytes;
+    ssize_t n = recvmsg(fd, &m, flags | MSG_CMSG_CLOEXEC);
+    if (n < 0)
+        return -errno;
+    if ((size_t)n > len)
+        n = (ssize_t)len; /* MSG_TRUNC in flags reports the record's length */
+    int slot = (int)(rx->tail % AFUNIX_CHAN_READS);
+    int *out = rx->fds + slot * AFUNIX_SCM_MAX_FD;
+    int kept = 0;
+    size_t total = m.msg_controllen < sizeof control.bytes ? m.msg_controllen : sizeof control.bytes;
+    for (size_t off = 0; m.msg_control != NULL && total - off >= CMSG_LEN(0);) {
+        struct cmsghdr hdr;
+        memcpy(&hdr, control.bytes + off, sizeof hdr);
+        if (hdr.cmsg_len < CMSG_LEN(0))
+            break;
+        size_t clen = hdr.cmsg_len < total - off ? hdr.cmsg_len : total - off;
+        if (hdr.cmsg_level == SOL_SOCKET && hdr.cmsg_type == SCM_RIGHTS) {
+            size_t count = (clen - CMSG_LEN(0)) / sizeof(int);
+            for (size_t j = 0; j < count; j++) {
+                int got;
+                memcpy(&got, control.bytes + off + CMSG_LEN(0) + j * sizeof(int), sizeof got);
+                if (kept < AFUNIX_SCM_MAX_FD)
+                    out[kept++] = got;
+                else
+                    close(got); /* cannot be: SCM_MAX_FD; never keep what has no room */
+            }
+        }
+        size_t step = (hdr.cmsg_len + sizeof(size_t) - 1) / sizeof(size_t) * sizeof(size_t);
+        if (step == 0 || step > total - off)
+            break;
+        off += step;
+    }
+    /* Recorded before returning: from here on, the bytes and descriptors are
+     * the caller's state, not a return value that could be dropped. */
+    int64_t lo = rx->base + (int64_t)rx->end;
+    rx->end += (size_t)n;
+    rx->errors |= m.msg_flags & (MSG_TRUNC | MSG_CTRUNC);
+    if (kept > 0) {
+        if (n == 0)
+            rx->errors |= AFUNIX_CHAN_FDS_NO_DATA;
+        rx->lo[slot] = lo;
+        rx->hi[slot] = lo + (int64_t)n;
+        rx->frame[slot] = -1;
+        rx->nfds[slot] = kept;
+        rx->tail++;
+    }
+    return (int64_t)n;
+}
+
+int afunix_chan_drop(struct afunix_chan_rx *rx, int64_t upto, int all)
+{
+    int closed = 0;
+    if (rx == NULL || rx->tail < rx->head || rx->tail - rx->head > AFUNIX_CHAN_READS)
+        return -EINVAL;
+    while (rx->head < rx->tail) {
+        int slot = (int)(rx->head % AFUNIX_CHAN_READS);
+        if (!all && !(rx->frame[slot] >= 0 && rx->frame[slot] < upto))
+            break;
+        int k = rx->nfds[slot];
+        if (k > AFUNIX_SCM_MAX_FD)
+            k = AFUNIX_SCM_MAX_FD;
+        for (int j = 0; j < k; j++)
+            close(rx->fds[slot * AFUNIX_SCM_MAX_FD + j]);
+        closed += k > 0 ? k : 0;
+        rx->nfds[slot] = 0;
+        rx->head++;
+    }
+    return closed;
+}
+

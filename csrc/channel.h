@@ -11,6 +11,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/types.h>
 
 #include "afunix_limits.h" /* AFUNIX_FRAME_HEADER, _VERSION, _MAGIC; AFUNIX_SCM_MAX_FD */
 
@@ -50,5 +51,43 @@ int afunix_frames_parse(struct afunix_frames *frames, const char *buf, size_t st
 int64_t afunix_frames_pack(char *out, size_t outlen, const char *data, size_t datalen,
                            const uint32_t *lens, uint32_t uniform_len,
                            const uint32_t *nfds, size_t nfds_count, int n);
+
+/* ---- receiving: the hand-over recorded by the call that receives ------------ */
+
+#define AFUNIX_CHAN_READS 8           /* reads with descriptors held at once */
+
+/* A channel's receive state.  afunix_chan_recv appends what one recvmsg
+ * brought to the caller's buffer and records it here in the same call: the
+ * bytes by moving `end`, the descriptors as a held read.  An exception that
+ * interrupts the caller's bookkeeping afterwards (a Python signal handler)
+ * so loses nothing.  The caller owns the struct (zeroed, then head = tail)
+ * and moves start-of-buffer state (base, end) itself when it compacts. */
+struct afunix_chan_rx {
+    size_t end;          /* buffer bytes [0, end) hold data; a read appends at end */
+    int64_t base;        /* stream offset of buffer[0] */
+    int errors;          /* MSG_TRUNC / MSG_CTRUNC of any read, AFUNIX_CHAN_FDS_NO_DATA */
+    int64_t head, tail;  /* held reads [head, tail); read r is in slot r % AFUNIX_CHAN_READS */
+    int64_t lo[AFUNIX_CHAN_READS];    /* stream offsets of the bytes read r brought: [lo, hi) */
+    int64_t hi[AFUNIX_CHAN_READS];
+    int64_t frame[AFUNIX_CHAN_READS]; /* stream offset of the frame that claimed them, -1: none */
+    int nfds[AFUNIX_CHAN_READS];      /* its descriptors; 0 once given to the caller */
+    int fds[AFUNIX_CHAN_READS * AFUNIX_SCM_MAX_FD];  /* slot s at s * AFUNIX_SCM_MAX_FD */
+};
+
+#define AFUNIX_CHAN_FDS_NO_DATA 0x40000000 /* descriptors came with no byte */
+
+/* One recvmsg (MSG_CMSG_CLOEXEC | flags) of at most min(maxlen, cap - end)
+ * bytes into buf + rx->end.  Adds the bytes to end, the kernel's MSG_TRUNC
+ * and MSG_CTRUNC to errors, and descriptors as held read `tail`.  Refuses
+ * with -ENOBUFS, before any system call, when no slot is free or there is
+ * no room (end >= cap); -EINVAL for end > cap.  Returns the bytes or -errno. */
+int64_t afunix_chan_recv(int fd, struct afunix_chan_rx *rx, char *buf, size_t cap,
+                         size_t maxlen, int flags);
+
+/* Close the descriptors of held reads from head on and let go of them: all
+ * of them when `all`, else while the read was claimed by a frame before
+ * stream offset `upto` (frame >= 0 and frame < upto).  Returns the
+ * descriptors closed. */
+int afunix_chan_drop(struct afunix_chan_rx *rx, int64_t upto, int all);
 
 #endif

@@ -303,6 +303,14 @@ static void fuzz_recv(void)
                     fake_close(mine[j]); /* the caller takes them */
         }
         CHECK(kept_before == (size_t)a->total_fds);
+        CHECK(a->count == got && a->delivered == 0);
+        if (got > 0) {
+            CHECK(!a->all_handed);
+            /* until given over, the same messages come back, the kernel not asked */
+            CHECK(afunix_recv_many(-1, a, 0) == got);
+        }
+        a->delivered = a->count; /* the caller took messages and descriptors */
+        a->all_handed = 1;
     }
     afunix_arena_free(a);
     free(data);

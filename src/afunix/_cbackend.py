@@ -213,7 +213,16 @@ else:  # pragma: no cover - platforms where unsigned long is not size_t
 
 
 class Arena:
-    """A receive area in C memory: max_messages x bufsize bytes, plus fds and addresses."""
+    """A receive area in C memory: max_messages x bufsize bytes, plus fds and addresses.
+
+    What the kernel handed over is recorded by the C call that received it
+    (struct afunix_arena, csrc/afunix.h): messages [delivered, count) are
+    not given to the caller yet and the next recv_batch returns them again;
+    the arena closes the descriptors it still holds.  `deliver`,
+    `take_fds` and `take_all_fds` give things over with plain stores, no
+    call in between: CPython runs a signal handler (whose exception could
+    cut a sequence short) only at calls and backward jumps.
+    """
 
     def __init__(self, max_messages: int, bufsize: int, maxfds: int) -> None:
         # The data area is owned here (ffi.new), not by C: every view of it
@@ -231,12 +240,35 @@ class Arena:
         self.max_messages = max_messages
         self.bufsize = bufsize
         self.maxfds = maxfds
+        #: the socket object whose messages an interrupted receive left here
+        self.owner: Any = None
         self._buffer = ffi.buffer(data)
         #: memoryview of the whole data area; message i starts at i * bufsize
         self.view = memoryview(self._buffer)
         #: per-message byte counts of the last recv, read in place (no copy)
         self.lens = memoryview(ffi.buffer(raw.lens, max_messages * ffi.sizeof("size_t"))).cast("N")  # type: ignore[call-overload]
-        self.count = 0
+
+    def first(self) -> int:
+        """Where the messages recv_batch just returned start: past those already delivered."""
+        a = self._a
+        return int(a.delivered) if a.delivered < a.count else 0
+
+    def pending(self) -> bool:
+        """Whether the arena holds messages received and not delivered (an interrupted call)."""
+        a = self._a
+        return bool(a.delivered < a.count)
+
+    def deliver(self, upto: int, hand_fds: bool) -> None:
+        """Give messages [.., upto) to the caller, and with hand_fds all their descriptors.
+
+        Stores only: done whole or not at all, whatever a signal handler raises.
+        """
+        a = self._a
+        a.delivered = upto
+        if hand_fds:
+            a.all_handed = 1
+        if upto >= a.count:
+            self.owner = None
 
     def length(self, i: int) -> int:
         return int(self._a.lens[i])
@@ -244,17 +276,46 @@ class Arena:
     def msg_flags(self, i: int) -> int:
         return int(self._a.msg_flags[i])
 
-    def fds(self, i: int) -> list[int]:
+    def held_fds(self, start: int, stop: int) -> list[tuple[int, ...]]:
+        """The descriptors the arena still holds, per message of [start, stop)."""
         a = self._a
-        n = a.nfds[i]
-        if not n:
-            return []
-        start = sum(ffi.unpack(a.nfds, i)) if i else 0  # kept back to back
-        return list(ffi.unpack(a.fds + start, n))
+        if not a.total_fds:
+            return [()] * (stop - start)
+        if start == 0 and stop == 1:  # recv_fds, a batch of one
+            held = a.delivered == 0 or not (a.all_handed or a.handed[0])
+            return [tuple(ffi.unpack(a.fds, a.nfds[0])) if held else ()]
+        counts = ffi.unpack(a.nfds, stop)
+        flat = ffi.unpack(a.fds, a.total_fds)
+        handed = ffi.unpack(a.handed, stop)
+        all_handed, delivered = a.all_handed, a.delivered
+        out: list[tuple[int, ...]] = []
+        at = sum(counts[:start])
+        for i in range(start, stop):
+            k = counts[i]
+            held = i >= delivered or not (all_handed or handed[i])
+            out.append(tuple(flat[at:at + k]) if k and held else ())
+            at += k
+        return out
 
-    def all_fds(self) -> list[int]:
-        n = self._a.total_fds
-        return list(ffi.unpack(self._a.fds, n)) if n else []
+    def take_fds(self, i: int) -> list[int]:
+        """Message i's descriptors, given to the caller once; [] after that."""
+        fds = list(self.held_fds(i, i + 1)[0])
+        self._a.handed[i] = 1
+        return fds
+
+    def take_all_fds(self, count: int) -> list[int]:
+        """Every descriptor of messages [0, count) not given yet, given to the caller."""
+        fds = [fd for got in self.held_fds(0, count) for fd in got]
+        self._a.all_handed = 1
+        return fds
+
+    def hand_all(self) -> None:
+        """Give every descriptor of the last receive to the caller (a store)."""
+        self._a.all_handed = 1
+
+    def release_fds(self) -> None:
+        """Close the descriptors the arena holds; drop undelivered messages."""
+        lib.afunix_arena_release(self._a)
 
     def fd_counts(self, count: int) -> list[int]:
         return list(ffi.unpack(self._a.nfds, count))
@@ -267,18 +328,19 @@ class Arena:
         c = self._a.creds
         return (int(c[4 * i + 1]), int(c[4 * i + 2]), int(c[4 * i + 3])) if c[4 * i] else None
 
-    def plain(self, count: int) -> bool:
-        """Whether messages [0, count) carry no descriptors, addresses or credentials."""
+    def plain(self) -> bool:
+        """Whether no message of the last receive carries descriptors, an address or credentials."""
         return bool(self._a.extras == 0)  # counted in C during the receive
 
-    def chunks(self, count: int) -> list[bytes]:
-        """Copies of the data of messages [0, count), in one pass."""
+    def chunks(self, start: int, stop: int) -> list[bytes]:
+        """Copies of the data of messages [start, stop), in one pass."""
         buf = self._buffer
         size = self.bufsize
-        return [buf[i * size:i * size + n] for i, n in enumerate(ffi.unpack(self._a.lens, count))]
+        lens = ffi.unpack(self._a.lens, stop)
+        return [buf[i * size:i * size + lens[i]] for i in range(start, stop)]
 
-    def all_flags(self, count: int) -> list[int]:
-        return list(ffi.unpack(self._a.msg_flags, count))
+    def all_flags(self, start: int, stop: int) -> list[int]:
+        return list(ffi.unpack(self._a.msg_flags, stop)[start:])
 
     def lengths(self, count: int) -> list[int]:
         return self.lens[:count].tolist()  # type: ignore[no-any-return]
@@ -290,11 +352,10 @@ def new_arena(max_messages: int, bufsize: int, maxfds: int) -> Arena:
 
 
 def recv_batch(sock: socket.socket, arena: Arena, flags: int) -> int:
-    """One recvmmsg into `arena`; the count received, or OSError."""
+    """One recvmmsg into `arena` (or the messages an interrupted call left there); the count, or OSError."""
     rc = lib.afunix_recv_many(sock.fileno(), arena._a, flags)
     if rc < 0:
         raise OSError(-rc, os.strerror(-rc))
-    arena.count = rc
     return int(rc)
 
 
@@ -395,3 +456,50 @@ def pack_frames(out: bytearray, datas: Sequence[Any], joined: bytes, lengths: Se
                 raise BufferError("%d descriptor counts for %d frames" % (nfds_count, n))
         raise OSError(-rc, os.strerror(-rc))
     return int(rc)
+
+
+# ---- the channel's receive state ----
+
+CHAN_READS = lib.AFUNIX_CHAN_READS
+CHAN_FDS_NO_DATA = lib.AFUNIX_CHAN_FDS_NO_DATA
+_CHAN_SLOT = lib.AFUNIX_SCM_MAX_FD
+
+
+class ChanRx:
+    """A channel's receive state (struct afunix_chan_rx): `s` has its fields, read and set in place."""
+
+    reads = CHAN_READS  # slots for held reads
+    no_data = CHAN_FDS_NO_DATA  # in errors: descriptors came with no byte
+
+    def __init__(self) -> None:
+        self.s = ffi.new("struct afunix_chan_rx *")  # zeroed: nothing held, head == tail
+        self._buf: Optional[bytearray] = None
+        self._cbuf: Any = _NULL
+
+
+def new_chan_rx() -> ChanRx:
+    """Receive state for one channel."""
+    return ChanRx()
+
+
+def chan_recv(sock: socket.socket, rx: ChanRx, buffer: bytearray, maxlen: int, flags: int) -> int:
+    """One recvmsg appended to buffer at rx.s.end, recorded in rx by the same C call; the bytes, or OSError."""
+    if buffer is not rx._buf:
+        rx._cbuf = ffi.from_buffer(buffer)
+        rx._buf = buffer
+    rc = lib.afunix_chan_recv(sock.fileno(), rx.s, rx._cbuf, len(buffer), maxlen, flags)
+    if rc < 0:
+        raise OSError(-rc, os.strerror(-rc))
+    return int(rc)
+
+
+def chan_drop(rx: ChanRx, upto: int, every: bool) -> None:
+    """Close the held reads claimed by frames before stream offset `upto` (every held read with `every`)."""
+    lib.afunix_chan_drop(rx.s, upto, 1 if every else 0)
+
+
+def chan_fds(rx: ChanRx, slot: int) -> list[int]:
+    """The descriptors held in `slot` (pure: nothing is given over)."""
+    s = rx.s
+    n = s.nfds[slot]
+    return list(ffi.unpack(s.fds + slot * _CHAN_SLOT, n)) if n else []

@@ -5,9 +5,12 @@ Used where the C core is not built, and forced with AFUNIX_BACKEND=stdlib.
 from __future__ import annotations
 
 import array
+import collections
+import itertools
+import operator
 import os
 import socket
-from typing import Any, List, Optional, Tuple
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple
 
 from ._io import Outgoing, _raw_type, nonblocking_twin
 from ._kernel import MSG_CMSG_CLOEXEC, MSG_NOSIGNAL, SCM_CREDENTIALS
@@ -107,59 +110,59 @@ def send_message(sock: socket.socket, data: Any, fds: tuple[int, ...],
 
 
 class Arena:
-    """A receive area in a bytearray: max_messages x bufsize bytes, plus fds and addresses."""
+    """A receive area in a bytearray: max_messages x bufsize bytes, plus fds and addresses.
+
+    The same hand-over state as the C arena (csrc/afunix.h): messages
+    [delivered, count) are not given to the caller yet, and descriptors
+    stay the arena's (closed by the next receive or `release_fds`) until
+    given over.  Python cannot record a socket call's result inside the
+    call; recv_batch comes closest (see there).
+    """
 
     def __init__(self, max_messages: int, bufsize: int, maxfds: int) -> None:
         self.max_messages = max_messages
         self.bufsize = bufsize
         self.maxfds = maxfds
+        self.owner: Any = None
         self._data = bytearray(max_messages * bufsize)
         #: memoryview of the whole data area; message i starts at i * bufsize
         self.view = memoryview(self._data)
-        self._slots = [self.view[i * bufsize:(i + 1) * bufsize] for i in range(max_messages)]
+        self._slots = [[self.view[i * bufsize:(i + 1) * bufsize]] for i in range(max_messages)]
         # Room for maxfds descriptors and for SO_PASSCRED credentials, as the
         # C core sizes it, so both backends cut (MSG_CTRUNC) at the same point.
         self._ancbufsize = socket.CMSG_SPACE(4 * max(maxfds, 1)) + _CRED_SPACE
+        # recvmsg_into results not yet taken in (see recv_batch)
+        self._inbox: list[Any] = []
+        self._peek = 0  # whether the inbox holds what a MSG_PEEK call saw
+        # the msg_flags bits the inbox's call reports: Linux echoes
+        # MSG_CMSG_CLOEXEC, which is left out unless that call passed it
+        self._keep_flags = ~_CLOEXEC
         self.count = 0
-        self._lens = [0] * max_messages
-        self._flags = [0] * max_messages
-        self._fds: list[list[int]] = [[] for _ in range(max_messages)]
-        self._addrs: list[Optional[bytes]] = [None] * max_messages
-        self._creds: list[Optional[tuple[int, int, int]]] = [None] * max_messages
+        self.delivered = 0
+        self.all_handed = 1
+        self._handed: list[bool] = []
+        self._lens: list[int] = []
+        self._flags: list[int] = []
+        self._fds: list[list[int]] = []
+        self._addrs: list[Optional[bytes]] = []
+        self._creds: list[Optional[tuple[int, int, int]]] = []
         #: per-message byte counts of the last recv
         self.lens = self._lens
         self._extras = 0
 
-    def _store(self, i: int, nbytes: int, ancdata: list[Any], msg_flags: int, address: Any) -> None:
-        fds: list[int] = []
-        creds: Optional[Tuple[int, int, int]] = None
-        seen = 0
-        for level, kind, payload in ancdata:
-            if level != socket.SOL_SOCKET:
-                continue
-            if kind == socket.SCM_RIGHTS:
-                got = array.array("i")
-                got.frombytes(payload[: len(payload) - len(payload) % got.itemsize])
-                seen += len(got)
-                fds.extend(got)
-            elif kind == _CREDS and len(payload) >= 12:
-                pid, uid, gid = array.array("i", payload[:12])
-                creds = (pid, uid, gid)
-        msg_flags = int(msg_flags)
-        if msg_flags & _CTRUNC or seen > self.maxfds:
-            # cut control data: close what arrived, flag the cut (as the C core)
-            for fd in fds:
-                os.close(fd)
-            fds = []
-            msg_flags |= _CTRUNC
-        # MSG_TRUNC in flags makes recvmsg report the full datagram length
-        self._lens[i] = min(nbytes, self.bufsize)
-        self._flags[i] = msg_flags
-        self._fds[i] = fds
-        self._addrs[i] = _raw_address(address)
-        self._creds[i] = creds
-        if fds or creds is not None or address is not None:
-            self._extras += 1
+    def first(self) -> int:
+        return self.delivered if self.delivered < self.count else 0
+
+    def pending(self) -> bool:
+        return self.delivered < self.count or bool(self._inbox)
+
+    def deliver(self, upto: int, hand_fds: bool) -> None:
+        """Give messages [.., upto) to the caller, and with hand_fds all their descriptors (stores only)."""
+        self.delivered = upto
+        if hand_fds:
+            self.all_handed = 1
+        if upto >= self.count:
+            self.owner = None
 
     def length(self, i: int) -> int:
         return self._lens[i]
@@ -167,14 +170,45 @@ class Arena:
     def msg_flags(self, i: int) -> int:
         return self._flags[i]
 
-    def fds(self, i: int) -> list[int]:
-        return list(self._fds[i])
+    def held_fds(self, start: int, stop: int) -> list[tuple[int, ...]]:
+        fds, handed = self._fds, self._handed
+        all_handed, delivered = self.all_handed, self.delivered
+        return [tuple(fds[i]) if i >= delivered or not (all_handed or handed[i]) else ()
+                for i in range(start, stop)]
 
-    def all_fds(self) -> list[int]:
-        return [fd for fds in self._fds[:self.count] for fd in fds]
+    def take_fds(self, i: int) -> list[int]:
+        fds = list(self.held_fds(i, i + 1)[0])
+        self._handed[i] = True
+        return fds
+
+    def take_all_fds(self, count: int) -> list[int]:
+        fds = [fd for got in self.held_fds(0, count) for fd in got]
+        self.all_handed = 1
+        return fds
+
+    def hand_all(self) -> None:
+        """Give every descriptor of the last receive to the caller (a store)."""
+        self.all_handed = 1
+
+    def release_fds(self) -> None:
+        """Close the descriptors the arena holds; drop undelivered messages."""
+        if self._inbox:
+            _take_in(self)
+        doomed = map(os.close, [fd for got in self.held_fds(0, self.count) for fd in got])
+        self.delivered = self.count
+        self.all_handed = 1
+        _consume(doomed)  # the closes run in one C loop, right after the stores
 
     def fd_counts(self, count: int) -> list[int]:
         return [len(fds) for fds in self._fds[:count]]
+
+    def __del__(self) -> None:
+        # the C arena's free does the same
+        if getattr(self, "count", 0) or getattr(self, "_inbox", None):
+            try:
+                self.release_fds()
+            except (AttributeError, TypeError):  # interpreter shutdown: modules gone
+                pass
 
     def address(self, i: int) -> Optional[bytes]:
         return self._addrs[i]
@@ -182,17 +216,90 @@ class Arena:
     def credentials(self, i: int) -> Optional[tuple[int, int, int]]:
         return self._creds[i]
 
-    def plain(self, count: int) -> bool:
+    def plain(self) -> bool:
         return self._extras == 0
 
-    def chunks(self, count: int) -> list[bytes]:
-        return [self._slots[i][:n].tobytes() for i, n in enumerate(self._lens[:count])]
+    def chunks(self, start: int, stop: int) -> list[bytes]:
+        slots, lens = self._slots, self._lens
+        return [slots[i][0][:lens[i]].tobytes() for i in range(start, stop)]
 
-    def all_flags(self, count: int) -> list[int]:
-        return self._flags[:count]
+    def all_flags(self, start: int, stop: int) -> list[int]:
+        return self._flags[start:stop]
 
     def lengths(self, count: int) -> list[int]:
         return self._lens[:count]
+
+
+# Runs an iterator to its end in C (no Python code, so no signal handler, in
+# between): map(os.close, fds) closes them all in one step.
+_consume: Callable[[Iterable[Any]], None] = collections.deque(maxlen=0).extend
+
+
+def _take_in(arena: Arena) -> None:
+    """Turn the recvmsg_into results in arena._inbox into the arena's messages.
+
+    Works on copies and commits with stores only, so an exception from a
+    signal handler leaves the inbox to be taken in again, whole; descriptors
+    of a message whose control data was cut are closed after the commit (an
+    exception just there would leak them, never close them twice).
+    """
+    inbox = arena._inbox
+    lens: list[int] = []
+    all_flags: list[int] = []
+    all_fds: list[list[int]] = []
+    addrs: list[Optional[bytes]] = []
+    creds: list[Optional[tuple[int, int, int]]] = []
+    doomed: list[int] = []
+    extras = 0
+    bufsize = arena.bufsize
+    keep = arena._keep_flags
+    for nbytes, ancdata, msg_flags, address in inbox:
+        fds: list[int] = []
+        cred: Optional[Tuple[int, int, int]] = None
+        msg_flags = int(msg_flags)
+        if ancdata:
+            seen = 0
+            for level, kind, payload in ancdata:
+                if level != socket.SOL_SOCKET:
+                    continue
+                if kind == socket.SCM_RIGHTS:
+                    got = array.array("i")
+                    got.frombytes(payload[: len(payload) - len(payload) % got.itemsize])
+                    seen += len(got)
+                    fds.extend(got)
+                elif kind == _CREDS and len(payload) >= 12:
+                    pid, uid, gid = array.array("i", payload[:12])
+                    cred = (pid, uid, gid)
+            if msg_flags & _CTRUNC or seen > arena.maxfds:
+                # cut control data: close what arrived, flag the cut (as the C core)
+                doomed.extend(fds)
+                fds = []
+                msg_flags |= _CTRUNC
+        # MSG_TRUNC in flags makes recvmsg report the full datagram length
+        lens.append(nbytes if nbytes <= bufsize else bufsize)
+        all_flags.append(msg_flags & keep)
+        all_fds.append(fds)
+        addrs.append(_raw_address(address))
+        creds.append(cred)
+        if fds or cred is not None or address is not None:
+            extras += 1
+    closer = map(os.close, doomed)
+    handed = [False] * len(inbox)
+    count = len(inbox)
+    # the commit: stores only
+    arena._lens = arena.lens = lens
+    arena._flags = all_flags
+    arena._fds = all_fds
+    arena._addrs = addrs
+    arena._creds = creds
+    arena._handed = handed
+    arena._extras = extras
+    arena.all_handed = 0
+    # a peeked message is still queued: never hand it out a second time
+    arena.delivered = count if arena._peek else 0
+    arena.count = count
+    arena._inbox = []
+    _consume(closer)
 
 
 def _raw_address(address: Any) -> Optional[bytes]:
@@ -226,47 +333,57 @@ def _send_plain(s: socket.socket, datas: list[Any], start: int, count: int, flag
 
 
 def recv_batch(sock: socket.socket, arena: Arena, flags: int) -> int:
-    """recvmsg_into for the first message, then those already queued; the count, or OSError."""
-    s, twin = _io_socket(sock)
+    """recvmsg_into for the first message, then those already queued; the count, or OSError.
+
+    The messages an interrupted call left in the arena come first, without
+    a system call.  The results go straight from recvmsg_into into the
+    arena's inbox: ``inbox.extend(map(recvmsg_into, ...))`` stores each in
+    C, with no Python code (so no signal handler) between the kernel's
+    answer and the store.  A handler that raises while recvmsg_into waits
+    (EINTR, PEP 475) ends the loop with the earlier results kept.
+    """
+    if arena._inbox:
+        _take_in(arena)
+    if arena.delivered < arena.count:
+        return arena.count - arena.delivered
+    arena.release_fds()
+    arena._peek = flags & _PEEK
     # Linux echoes MSG_CMSG_CLOEXEC in msg_flags: leave it out unless the
     # caller asked for it, as a plain recvmsg would report the flags
-    keep = ~0 if flags & _CLOEXEC else ~_CLOEXEC
+    arena._keep_flags = ~0 if flags & _CLOEXEC else ~_CLOEXEC
     flags |= _CLOEXEC
-    stream = _raw_type(sock) == _STREAM
-    count = 0
-    arena._extras = 0
-    recvmsg_into, slots, ancbufsize = s.recvmsg_into, arena._slots, arena._ancbufsize
-    bufsize = arena.bufsize
-    lens, all_flags, all_fds, addrs, creds = (
-        arena._lens, arena._flags, arena._fds, arena._addrs, arena._creds)
+    s, twin = _io_socket(sock)
     try:
-        # MSG_PEEK leaves the head queued: more slots would repeat it
-        for i in range(1 if flags & _PEEK else arena.max_messages):
-            try:
-                nbytes, ancdata, msg_flags, address = recvmsg_into([slots[i]], ancbufsize, flags)
-            except OSError:
-                if count:
-                    break  # as recvmmsg: return what arrived
-                raise
-            if ancdata or address is not None or msg_flags & _CTRUNC:
-                arena._store(i, nbytes, ancdata, msg_flags & keep, address)
-            else:  # the common case, inline: only bytes arrived
-                # with MSG_TRUNC in flags the count is the datagram's, not ours
-                lens[i] = nbytes if nbytes <= bufsize else bufsize
-                all_flags[i] = msg_flags & keep
-                all_fds[i] = []
-                addrs[i] = None
-                creds[i] = None
-            count += 1
-            if nbytes == 0 and stream:
-                break  # end of stream: every further read is the same
+        stream = _raw_type(sock) == _STREAM
+        # MSG_PEEK leaves the head queued: more slots would repeat it.  On a
+        # stream a 0-byte buffer reads 0 bytes every time: one read (with its
+        # descriptors) is the message, as recv_fds(sock, 0, maxfds) takes it.
+        n = 1 if arena._peek or (stream and not arena.bufsize) else arena.max_messages
+        calls: Iterator[Any]
+        if n == 1:
+            calls = map(s.recvmsg_into, (arena._slots[0],), (arena._ancbufsize,), (flags,))
+        else:
+            slots = arena._slots if n == len(arena._slots) else arena._slots[:n]
             # MSG_WAITFORONE: after the first, take only what is queued
-            flags |= _DONTWAIT
+            every_flags = itertools.chain((flags,), itertools.repeat(flags | _DONTWAIT))
+            calls = map(s.recvmsg_into, slots, itertools.repeat(arena._ancbufsize), every_flags)
+        if stream and n > 1:
+            # end of stream: every further read is the same empty one (it
+            # carries nothing; a single read's is kept for the caller's check)
+            calls = itertools.takewhile(_first_item, calls)
+        try:
+            arena._inbox.extend(calls)
+        except OSError:
+            if not arena._inbox:
+                raise  # as recvmmsg: an error only when nothing arrived
     finally:
         if twin:
             s.detach()
-    arena.count = count
-    return count
+    _take_in(arena)
+    return arena.count
+
+
+_first_item = operator.itemgetter(0)
 
 
 def close_fds(fds: list[int]) -> None:
@@ -406,3 +523,112 @@ def pack_frames(out: bytearray, datas: Sequence[Any], joined: bytes, lengths: Se
                           "nothing was sent" % (declared, len(packed) - _FRAME_HEADER * len(heads)))
     out[:len(packed)] = packed
     return len(packed)
+
+
+# ---- the channel's receive state ----
+# The twin of struct afunix_chan_rx (csrc/channel.h), in Python.
+
+CHAN_READS = 8
+CHAN_FDS_NO_DATA = 0x40000000
+_CHAN_ANCBUF = socket.CMSG_SPACE(4 * _FRAME_MAX_NFDS) + socket.CMSG_SPACE(64)
+_TRUNC = int(socket.MSG_TRUNC)
+
+
+class _ChanState:
+    """The fields of struct afunix_chan_rx, with the same names."""
+
+    def __init__(self) -> None:
+        self.end = 0
+        self.base = 0
+        self.errors = 0
+        self.head = 0
+        self.tail = 0
+        self.lo = [0] * CHAN_READS
+        self.hi = [0] * CHAN_READS
+        self.frame = [-1] * CHAN_READS
+        self.nfds = [0] * CHAN_READS
+        self.fds: list[list[int]] = [[] for _ in range(CHAN_READS)]
+
+
+class ChanRx:
+    """A channel's receive state: `s` has the fields, `inbox` recvmsg_into results not taken in."""
+
+    reads = CHAN_READS  # slots for held reads
+    no_data = CHAN_FDS_NO_DATA  # in errors: descriptors came with no byte
+
+    def __init__(self) -> None:
+        self.s = _ChanState()
+        self.inbox: list[Any] = []
+
+
+def new_chan_rx() -> ChanRx:
+    """Receive state for one channel."""
+    return ChanRx()
+
+
+def chan_recv(sock: socket.socket, rx: ChanRx, buffer: bytearray, maxlen: int, flags: int) -> int:
+    """One recvmsg_into appended to buffer at rx.s.end and recorded in rx; the bytes, or OSError.
+
+    As in recv_batch, the result goes into rx.inbox from C (extend over
+    map), then is taken in with stores only.  A read an interrupted call
+    left in the inbox is taken in first, and counts as this one.
+    """
+    if rx.inbox:
+        return _chan_take_in(rx)
+    s = rx.s
+    if s.tail - s.head >= CHAN_READS or s.end >= len(buffer):
+        raise OSError(errno.ENOBUFS, os.strerror(errno.ENOBUFS))
+    view = memoryview(buffer)[s.end:s.end + min(maxlen, len(buffer) - s.end)]
+    rx.inbox.extend(map(sock.recvmsg_into, [[view]], [_CHAN_ANCBUF], [flags | _CLOEXEC]))
+    return _chan_take_in(rx)
+
+
+def _chan_take_in(rx: ChanRx) -> int:
+    s = rx.s
+    nbytes, ancdata, msg_flags, _ = rx.inbox[0]
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            got = array.array("i")
+            got.frombytes(payload[: len(payload) - len(payload) % got.itemsize])
+            fds.extend(got)
+    n = nbytes  # at most the view's length: MSG_TRUNC is not asked for
+    errors = s.errors | (int(msg_flags) & (_TRUNC | _CTRUNC))
+    if fds and not n:
+        errors |= CHAN_FDS_NO_DATA
+    slot = s.tail % CHAN_READS
+    lo = s.base + s.end
+    # the commit: stores only
+    if fds:
+        s.lo[slot] = lo
+        s.hi[slot] = lo + n
+        s.frame[slot] = -1
+        s.nfds[slot] = len(fds)
+        s.fds[slot] = fds
+        s.tail = s.tail + 1
+    s.end = s.end + n
+    s.errors = errors
+    rx.inbox = []
+    return int(n)
+
+
+def chan_drop(rx: ChanRx, upto: int, every: bool) -> None:
+    """Close the held reads claimed by frames before stream offset `upto` (every held read with `every`)."""
+    if rx.inbox:
+        _chan_take_in(rx)
+    s = rx.s
+    head, doomed = s.head, []
+    while head < s.tail:
+        slot = head % CHAN_READS
+        if not every and not 0 <= s.frame[slot] < upto:
+            break
+        doomed.extend(s.fds[slot][:s.nfds[slot]])
+        head += 1
+    closer = map(os.close, doomed)
+    s.head = head
+    _consume(closer)  # right after the store, in one C loop
+
+
+def chan_fds(rx: ChanRx, slot: int) -> list[int]:
+    """The descriptors held in `slot` (pure: nothing is given over)."""
+    return list(rx.s.fds[slot][:rx.s.nfds[slot]])

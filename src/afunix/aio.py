@@ -571,7 +571,10 @@ class Channel:
         self._fd, _ = _checked(sock)
         self._ch = _SyncChannel(sock, **options)
         self._flush_after_send = not options.get("write_buffer")
-        self._ready: List[bytes] = []  # received, not yet handed out by iteration
+        # messages received for iteration, handed out from _ready[_ready_at:]
+        # (an index moved by a store, not pop(): see "receive" below)
+        self._ready: List[bytes] = []
+        self._ready_at = 0
 
     @classmethod
     async def connect(cls, address: Address, type: int = socket.SOCK_STREAM,
@@ -631,9 +634,15 @@ class Channel:
             await _wait(self._fd, True)
 
     # ---- receive ----------------------------------------------------------------
+    #
+    # Each receive returns what the synchronous channel returned, with no
+    # call in between (a call is where a signal handler's exception lands),
+    # and takes from _ready by moving _ready_at with a store: the messages a
+    # receive took are given out, or stay in the channel or in _ready.
 
-    async def _try(self, call: Callable[..., Any], *args: Any) -> Any:
-        return await _retry(self._fd, False, lambda: call(*args))
+    async def _try(self, call: Callable[[], Any]) -> Any:
+        # (under trio a checkpoint, as every other call; see _retry)
+        return await _retry(self._fd, False, call)
 
     async def recv(self) -> bytes:
         """Receive one message (descriptors that came with it are closed).
@@ -642,42 +651,59 @@ class Channel:
             EOFError: the peer closed the channel cleanly.
             ProtocolError: the peer broke the protocol; the channel is closed.
         """
-        if self._ready:
-            return self._ready.pop(0)
-        data: bytes = await self._try(self._ch.recv)
-        return data
+        ready, i = self._ready, self._ready_at
+        if i < len(ready):
+            data = ready[i]
+            self._ready_at = i + 1
+            return data
+        received: bytes = await self._try(self._ch.recv)
+        return received
 
     async def recv_many(self, max_messages: int = 1 << 16) -> List[bytes]:
         """Receive the messages one read brought, waiting only for the first; [] at end of stream."""
-        if self._ready:
-            ready, self._ready = self._ready[:max_messages], self._ready[max_messages:]
-            return ready
-        messages: List[bytes] = await self._try(self._ch.recv_many, max_messages)
+        ready, i = self._ready, self._ready_at
+        if i < len(ready):
+            part = ready[i:i + max_messages]
+            end = i + len(part)
+            self._ready_at = end
+            return part
+        ch = self._ch
+        messages: List[bytes] = await self._try(lambda: ch.recv_many(max_messages))
         return messages
 
     async def recv_message(self) -> Message:
         """Receive one message with its descriptors (owned by the caller)."""
-        if self._ready:
-            return Message(self._ready.pop(0))
-        message: Message = await self._try(self._ch.recv_message)
+        ready, i = self._ready, self._ready_at
+        if i < len(ready):
+            message = Message(ready[i])  # its descriptors were closed (recv_many)
+            self._ready_at = i + 1
+            return message
+        message: Message = await self._try(self._ch.recv_message)  # type: ignore[no-redef]
         return message
 
     async def recv_batch(self, max_messages: int = 1 << 16) -> Any:
         """The zero-copy receive (an `afunix.FrameBatch`, valid until the next receive)."""
-        if self._ready:
+        if self._ready_at < len(self._ready):
             raise RuntimeError("recv_batch after iteration left messages unread: use recv_many")
-        return await self._try(self._ch.recv_batch, max_messages)
+        ch = self._ch
+        return await self._try(lambda: ch.recv_batch(max_messages))
 
     def __aiter__(self) -> "Channel":
         return self
 
     async def __anext__(self) -> bytes:
         """Every message until the peer closes the channel cleanly."""
-        if not self._ready:
-            self._ready = await self._try(self._ch.recv_many)
-            if not self._ready:
+        ready, i = self._ready, self._ready_at
+        if i >= len(ready):
+            ch = self._ch
+            ready = await self._try(ch.recv_many)
+            # stores only from here: the messages are here, or still in ready
+            self._ready, self._ready_at, i = ready, 0, 0
+            if not ready:
                 raise StopAsyncIteration
-        return self._ready.pop(0)
+        data = ready[i]
+        self._ready_at = i + 1
+        return data
 
     # ---- closing ----------------------------------------------------------------
 

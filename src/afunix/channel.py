@@ -8,20 +8,19 @@ on the frame that declares them.
 from __future__ import annotations
 
 import array
-import collections
 import contextlib
 import errno
 import os
 import socket
 import weakref
-from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, TypeVar
 
 from . import _backend, _checks, _io
 from ._kernel import MSG_CMSG_CLOEXEC, MSG_NOSIGNAL
 from .batch import checked_fds, pinned, plain_pinned
 from .frames import (DEFAULT_MAX_FRAME, HEADER_SIZE, MAX_FRAME_LIMIT, RECORD_MAX, FrameBatch,
                      ProtocolError, _chunked, _header, _JOIN_MAX, _Records, _Segment)
-from .message import Address, Message, close_fds
+from .message import Address, Message
 
 T = TypeVar("T")
 
@@ -31,9 +30,6 @@ _RECV_BUFFER = 256 << 10
 # Below this much room at the end of the receive buffer, move the unparsed
 # bytes to its front before reading: a short read costs a system call.
 _READ_ROOM = 32 << 10
-# Receive control space: a full SCM_RIGHTS array, plus SCM_CREDENTIALS that
-# arrive ahead of it when SO_PASSCRED is on.
-_ANCBUF = socket.CMSG_SPACE(4 * _SCM_MAX_FD) + socket.CMSG_SPACE(12)
 # Plain ints: the socket module's constants are enum members, and | or & on
 # them builds a new enum object each time.
 _STREAM = int(socket.SOCK_STREAM)
@@ -137,21 +133,24 @@ class Channel:
         self._sock = sock
         self._fd = sock.fileno()
         self._seqpacket = kind == _SEQPACKET
-        # receive side: bytes [_start, _end) of _buffer are not parsed yet;
-        # _base is the stream offset of _buffer[0] (descriptors are matched
-        # to frames by stream offset)
+        # receive side: bytes [_start, _rs.end) of _buffer are not parsed
+        # yet; _rs.base is the stream offset of _buffer[0] (descriptors are
+        # matched to frames by stream offset).  _rx is the backend's receive
+        # state: the call that reads records there, at once, the bytes (end)
+        # and the descriptors it brought (held reads, see csrc/channel.h),
+        # so an exception from a signal handler cannot drop them.  Every
+        # other change to the receive state is made with stores only, after
+        # what it gives out is built (CPython runs signal handlers only at
+        # calls and backward jumps).
         self._buffer = bytearray(_RECV_BUFFER)
         self._view = memoryview(self._buffer)
         self._start = 0
-        self._end = 0
-        self._base = 0
+        self._rx = self._impl.new_chan_rx()
+        self._rs = self._rx.s
+        self._reads = self._rx.reads  # slots for held reads
         self._table = self._impl.new_frame_table(_TABLE_CAPACITY)
         self._next = 0  # next parsed frame to hand out
         self._parsed = 0  # frames in the table
-        # descriptors not yet matched to a frame, with the stream range of
-        # the read that brought them: [lo, hi)
-        self._fd_reads: Deque[Tuple[int, int, List[int]]] = collections.deque()
-        self._frame_fds: Dict[int, List[int]] = {}  # table index -> descriptors
         self._batch: Optional[FrameBatch] = None
         # set when a parse found a protocol error behind good frames: the
         # error is raised once those frames are handed out
@@ -638,16 +637,17 @@ class Channel:
             twin.detach()
 
     # ---- receive ----------------------------------------------------------------
+    #
+    # Each receive builds what it returns first, then commits (moves _next)
+    # with stores only and returns: an exception from a signal handler
+    # either comes before the commit (the next receive returns the same
+    # messages) or not at all.
 
-    def _take_one(self) -> int:
+    def _ready(self) -> int:
         """The table index of the next message, receiving when none is parsed yet."""
-        i = self._next
-        if i >= self._parsed:
-            if not self._fill():
-                raise EOFError("the peer closed the channel")
-            i = self._next
-        self._next = i + 1
-        return i
+        if self._next >= self._parsed and not self._fill():
+            raise EOFError("the peer closed the channel")
+        return self._next
 
     def recv(self) -> bytes:
         """Receive one message, as bytes.
@@ -673,12 +673,12 @@ class Channel:
                 del busy[_RECEIVING]
 
     def _recv(self) -> bytes:
-        i = self._take_one()
-        if self._frame_fds:
-            close_fds(self._frame_fds.pop(i, ()))
+        i = self._ready()
         t = self._table
         o = t.offsets[i]
-        return bytes(self._view[o:o + t.lengths[i]])
+        data = bytes(self._view[o:o + t.lengths[i]])
+        self._next = i + 1  # its descriptors are closed by the next receive
+        return data
 
     def recv_many(self, max_messages: int = _TABLE_CAPACITY) -> List[bytes]:
         """Receive up to `max_messages` messages: those one read brought, waiting only for the first.
@@ -710,10 +710,12 @@ class Channel:
             return []
         i = self._next
         n = min(self._parsed - i, max_messages)
+        messages = self._copies(i, n)
         self._next = i + n
-        if self._frame_fds:
-            for j in range(i, i + n):
-                close_fds(self._frame_fds.pop(j, ()))
+        return messages
+
+    def _copies(self, i: int, n: int) -> List[bytes]:
+        """Copies of the payloads of parsed frames [i, i + n)."""
         t = self._table
         first = t.offsets[i]
         if n == 1:
@@ -758,11 +760,26 @@ class Channel:
                 del busy[_RECEIVING]
 
     def _recv_message(self) -> Message:
-        i = self._take_one()
-        fds = self._frame_fds.pop(i, []) if self._frame_fds else []
+        i = self._ready()
         t = self._table
         o = t.offsets[i]
-        return Message(bytes(self._view[o:o + t.lengths[i]]), tuple(fds))
+        slot = self._slot_of(i) if t.nfds[i] else -1
+        fds = self._impl.chan_fds(self._rx, slot) if slot >= 0 else []
+        message = Message(bytes(self._view[o:o + t.lengths[i]]), tuple(fds))
+        if slot >= 0:
+            self._rs.nfds[slot] = 0  # given over
+        self._next = i + 1
+        return message
+
+    def _slot_of(self, i: int) -> int:
+        """The slot of the held read claimed by parsed frame i, -1 when none (pure)."""
+        rs = self._rs
+        at = rs.base + self._table.offsets[i] - HEADER_SIZE
+        for r in range(rs.head, rs.tail):
+            slot = r % self._reads
+            if rs.frame[slot] == at:
+                return slot if rs.nfds[slot] else -1
+        return -1
 
     def recv_batch(self, max_messages: int = _TABLE_CAPACITY) -> FrameBatch:
         """Receive up to `max_messages` messages without copying them out (see FrameBatch).
@@ -797,17 +814,32 @@ class Channel:
             return batch
         i = self._next
         n = min(self._parsed - i, max_messages)
-        self._next = i + n
-        fds = None
-        if self._frame_fds:
-            fds = {j - i: self._frame_fds.pop(j) for j in range(i, i + n) if j in self._frame_fds}
         t = self._table
+        take = None
+        if t.with_fds:
+            slots = {j: self._slot_of(i + j) for j in range(n) if t.nfds[i + j]}
+            take = self._taker({j: s for j, s in slots.items() if s >= 0})
         last = i + n - 1
         batch = FrameBatch(self._view, t.offsets[i:i + n], t.lengths[i:i + n],
                            t.uniform if t.uniform >= 0 else None,
-                           t.offsets[i] - HEADER_SIZE, t.offsets[last] + t.lengths[last], fds)
+                           t.offsets[i] - HEADER_SIZE, t.offsets[last] + t.lengths[last], take)
         self._batch = batch
+        self._next = i + n
         return batch
+
+    def _taker(self, slots: Dict[int, int]) -> Callable[[int], List[int]]:
+        """FrameBatch.fds for a batch whose message j's descriptors are held in slots[j]."""
+        rx, rs, fds_of = self._rx, self._rs, self._impl.chan_fds
+
+        def take(j: int) -> List[int]:
+            slot = slots.get(j, -1)
+            if slot < 0 or not rs.nfds[slot]:
+                return []
+            fds = fds_of(rx, slot)
+            rs.nfds[slot] = 0  # given over: a store, then return
+            return fds
+
+        return take
 
     def __iter__(self) -> Iterator[bytes]:
         """Every message until the peer closes the channel cleanly (see recv_many)."""
@@ -820,23 +852,30 @@ class Channel:
     def _fill(self) -> bool:
         """Receive until the table holds parsed frames; False at a clean end of stream."""
         self._check_open()
-        if self._batch is not None:
-            self._batch._close()  # descriptors a zero-copy batch did not hand over
+        batch = self._batch
+        if batch is not None:
+            batch._close()  # its messages' descriptors not taken are closed below
             self._batch = None
         if self._broken is not None:
             self._fail(self._broken)  # the frames before the bad one are all out
+        rs = self._rs
+        if rs.head < rs.tail:
+            # descriptors of the frames handed out (taken, or to be closed)
+            self._impl.chan_drop(self._rx, rs.base + self._start, False)
+        if rs.errors:
+            self._check_errors()
         while True:
-            if self._start < self._end and self._parse():
+            if self._start < rs.end and self._parse():
                 return True
             self._check_stray_fds()
             self._make_room()
             if self._read() == 0:
                 if self._seqpacket:
                     self._check_not_an_empty_record()
-                if self._start == self._end and not self._fd_reads:
+                if self._start == rs.end and rs.head == rs.tail:
                     return False
                 self._fail("the peer closed the channel in the middle of a frame"
-                           if self._start < self._end else
+                           if self._start < rs.end else
                            "the peer closed the channel with descriptors no frame declared")
 
     def _check_not_an_empty_record(self) -> None:
@@ -855,64 +894,91 @@ class Channel:
     def _parse(self) -> int:
         t = self._table
         start = self._start
-        n = self._impl.parse_frames(t, self._buffer, start, self._end, t.capacity, self._max_frame)
+        rs = self._rs
+        n = self._impl.parse_frames(t, self._buffer, start, rs.end, t.capacity, self._max_frame)
         if n < 0:
             if n == -errno.EMSGSIZE:
                 length = int.from_bytes(self._buffer[start:start + 4], "little")
                 self._fail("a frame of %d bytes is over max_frame (%d)" % (length, self._max_frame))
             self._fail("malformed frame header %s" % self._buffer[start:start + HEADER_SIZE].hex())
         if n:
-            self._next, self._parsed = 0, n
-            self._start = start + t.consumed
-            if t.with_fds or self._fd_reads:
-                self._claim(n)
+            good, problem = n, None
+            if t.with_fds or rs.head < rs.tail:
+                good, problem = self._claim(n)
+                if problem is not None and not good:
+                    self._fail(problem)
+            # the commit: stores only
+            self._broken = problem
+            self._next, self._parsed = 0, good
+            self._start = start + t.consumed if problem is None else t.offsets[good] - HEADER_SIZE
         return n
 
-    def _claim(self, n: int) -> None:
-        """Hand each parsed frame the descriptors it declares (docs/PROTOCOL.md, Descriptors).
+    def _claim(self, n: int) -> Tuple[int, Optional[str]]:
+        """Match each parsed frame to the descriptors it declares (docs/PROTOCOL.md, Descriptors).
 
         A frame's descriptors arrive with the read that holds its first
         byte: the sender writes each such frame with its own sendmsg, and the
         kernel attaches them to the first byte and ends a read after them.
+        A held read is claimed by setting its frame (a store, the same one
+        when the same bytes are parsed again after an interruption).
+
+        Returns:
+            How many frames are good, and the problem of the first bad one
+            (None when all are good): the good ones are delivered first, as
+            for a bad header.
         """
         t = self._table
-        reads = self._fd_reads
-        base = self._base
+        rs = self._rs
+        reads = self._reads
+        base = rs.base
         offsets, nfds = t.offsets, t.nfds
+        r = rs.head  # the first held read not claimed by an earlier frame
         for i in range(n):
             at = base + offsets[i] - HEADER_SIZE  # stream offset of the frame
-            problem = None
+            while r < rs.tail and 0 <= rs.frame[r % reads] < at:
+                r += 1
+            slot = r % reads
+            held = r < rs.tail
             k = nfds[i]
-            if reads and reads[0][1] <= at:
-                problem = "descriptors arrived that no frame declared"
-            elif k and (not reads or not reads[0][0] <= at < reads[0][1]):
-                problem = "a frame declares %d descriptors and none came with it" % k
-            elif k and len(reads[0][2]) != k:
-                problem = "a frame declares %d descriptors and %d came with it" % (k, len(reads[0][2]))
-            if problem is not None:
-                if not i:
-                    self._fail(problem)
-                # Deliver the good frames ahead of the bad one first, as for a
-                # bad header (docs/PROTOCOL.md); the next receive raises.
-                self._parsed = i
-                self._start = offsets[i] - HEADER_SIZE
-                self._broken = problem
-                return
+            if held and rs.hi[slot] <= at:
+                return i, "descriptors arrived that no frame declared"
+            if k and (not held or not rs.lo[slot] <= at < rs.hi[slot]):
+                return i, "a frame declares %d descriptors and none came with it" % k
+            if k and rs.nfds[slot] != k and rs.frame[slot] != at:
+                return i, "a frame declares %d descriptors and %d came with it" % (k, rs.nfds[slot])
             if k:
-                self._frame_fds[i] = reads.popleft()[2]
+                rs.frame[slot] = at
+                r += 1
+        return n, None
 
     def _check_stray_fds(self) -> None:
         # Before reading on: the only descriptors that may wait are those of
         # the incomplete frame at _start, brought by a read that began at or
         # before it.  Any others were declared by no frame.
-        at = self._base + self._start
-        for lo, hi, _ in self._fd_reads:
-            if hi <= at or lo > at:
+        rs = self._rs
+        at = rs.base + self._start
+        for r in range(rs.head, rs.tail):
+            slot = r % self._reads
+            if rs.frame[slot] < 0 and (rs.hi[slot] <= at or rs.lo[slot] > at):
                 self._fail("descriptors arrived that no frame declared")
 
+    def _check_errors(self) -> None:
+        errors = self._rs.errors
+        if errors & self._rx.no_data:
+            self._fail("descriptors arrived without data")
+        if errors & _CTRUNC:
+            self._fail("the kernel cut the descriptors of a message (MSG_CTRUNC)")
+        if errors & _TRUNC:
+            self._fail("a SOCK_SEQPACKET record longer than %d bytes" % RECORD_MAX)
+
     def _make_room(self) -> None:
-        """Make room after _end for a read, keeping the unparsed bytes."""
-        start, end, size = self._start, self._end, len(self._buffer)
+        """Make room after the data for a read, keeping the unparsed bytes.
+
+        Bytes are moved first, to a new buffer or to the front (a slice store
+        from a copy), then the state is committed with stores only.
+        """
+        rs = self._rs
+        start, end, size = self._start, rs.end, len(self._buffer)
         used = end - start
         # the incomplete frame must fit, and a SEQPACKET record must fit
         # whole (the kernel drops what does not)
@@ -927,58 +993,55 @@ class Channel:
             # FrameBatch) may still be held; they keep it alive.
             new = bytearray(max(min(need, 2 * size), used + room, _RECV_BUFFER))
             new[:used] = self._view[start:end]
+            view = memoryview(new)
             self._buffer = new
-            self._view = memoryview(new)
+            self._view = view
         elif used and size - end >= max(least, _READ_ROOM):
             return
         elif used:
-            # bytearray slice assignment copies with memcpy: never overlap
+            # a copy first where the ranges overlap: the source must stay
+            # whole until the commit below (an interrupted move is redone)
             chunk = self._view[start:end]
             self._buffer[:used] = chunk if start >= used else bytes(chunk)
-        self._base += start
-        self._start, self._end = 0, used
+        base = rs.base + start
+        # the commit: stores only
+        rs.base = base
+        rs.end = used
+        self._start = 0
         self._next = self._parsed = 0
 
     def _read(self) -> int:
-        """One recvmsg into the buffer; collects descriptors; returns the bytes read."""
-        end = self._end
+        """One read into the buffer, recorded by the backend's call; returns the bytes read."""
         # SEQPACKET: room for exactly one record of the largest size, so a
         # longer one is cut (MSG_TRUNC) and refused, as the protocol says
-        view = self._view[end:end + RECORD_MAX] if self._seqpacket else self._view[end:]
-        n, ancillary, msg_flags, _ = self._sock.recvmsg_into([view], _ANCBUF, _CLOEXEC)
-        if ancillary:
-            fds: List[int] = []
-            for level, kind, payload in ancillary:
-                if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
-                    got = array.array("i")
-                    got.frombytes(payload[:len(payload) - len(payload) % got.itemsize])
-                    fds.extend(got)
-            if fds:
-                at = self._base + end
-                self._fd_reads.append((at, at + n, fds))
-                if msg_flags & _CTRUNC:
-                    self._fail("the kernel cut the descriptors of a message (MSG_CTRUNC)")
-                if n == 0:
-                    self._fail("descriptors arrived without data")
-        if msg_flags & _CTRUNC:
-            self._fail("the kernel cut the descriptors of a message (MSG_CTRUNC)")
-        if msg_flags & _TRUNC:
-            self._fail("a SOCK_SEQPACKET record longer than %d bytes" % RECORD_MAX)
-        self._end = end + n
-        return int(n)
+        maxlen = RECORD_MAX if self._seqpacket else len(self._buffer)
+        timeout = self._sock.gettimeout()
+        deadline = _io.deadline_of(timeout) if timeout else None
+        while True:
+            try:
+                n = self._impl.chan_recv(self._sock, self._rx, self._buffer, maxlen, 0)
+                break
+            except InterruptedError:
+                continue  # PEP 475: handlers ran; retry
+            except BlockingIOError:
+                # a socket with a timeout is O_NONBLOCK: wait here, as
+                # sock.recvmsg would
+                if not timeout:
+                    raise
+                if not _io.wait(self._fd, False, deadline):
+                    raise socket.timeout("timed out") from None
+        if self._rs.errors:
+            self._check_errors()
+        return n
 
     # ---- closing ----------------------------------------------------------------
 
     def _release_fds(self) -> None:
-        reads, self._fd_reads = self._fd_reads, collections.deque()
-        for _, _, fds in reads:
-            close_fds(fds)
-        frame_fds, self._frame_fds = self._frame_fds, {}
-        for fds in frame_fds.values():
-            close_fds(fds)
-        if self._batch is not None:
-            self._batch._close()
+        batch = self._batch
+        if batch is not None:
+            batch._close()
             self._batch = None
+        self._impl.chan_drop(self._rx, 0, True)  # one call: closes every one held
 
     def _fail(self, message: str) -> None:
         """Close everything and raise ProtocolError(message)."""
@@ -988,8 +1051,8 @@ class Channel:
     def _abort(self) -> None:
         if self._closed:
             return
+        self._release_fds()  # first: a close() after an interrupted abort closes them
         self._closed = True
-        self._release_fds()
         self._drop_unsent()
         self._next = self._parsed = 0
         self._sock.close()

@@ -11,7 +11,7 @@ from . import _checks, _io
 from ._kernel import SO_PASSCRED, SO_PEERCRED
 from .batch import _send_messages, _send_stream, checked_fds, write_with_control
 from ._limits import SCM_MAX_FD
-from .receive import MAX_BUFSIZE, _cached_arena, _receive
+from .receive import MAX_BUFSIZE, _receive, arena_for
 from .message import Address, Credentials, TruncatedError
 
 # SO_PEERPIDFD (Linux >= 6.5) may be missing from the socket module.
@@ -94,20 +94,27 @@ def recv_fds(sock: Any, bufsize: int, maxfds: int, flags: int = 0
     flags = _checks.msg_flags(flags)
     t = _io.target(sock)
     try:
-        arena = _cached_arena(1, size, k)
-        if _receive(t, arena, flags) == 0:
-            return b"", [], 0, None  # end of stream
-        data = bytes(arena.chunks(1)[0])
-        msg_flags = arena.msg_flags(0)
-        address = _io.decode_address(arena.address(0))
-        fds = arena.fds(0)
+        arena = arena_for(sock, 1, size, k)
+        first, count, end = _receive(t, arena, flags, sock)
     finally:
         if t.shadow:
             t.sock.detach()
+    if not count:
+        arena.deliver(end, True)
+        return b"", [], 0, None  # end of stream
+    data = bytes(arena.chunks(first, first + 1)[0])
+    msg_flags = arena.msg_flags(first)
+    address = _io.decode_address(arena.address(first))
+    fds = list(arena.held_fds(first, first + 1)[0])
+    upto = end if count == 1 else first + 1  # one message (an interrupted recv_many may have left more)
     if msg_flags & _CTRUNC:
         # the backend already closed the descriptors of a cut message
-        raise TruncatedError(data, msg_flags, address)
-    return data, fds, msg_flags, address
+        error = TruncatedError(data, msg_flags, address)
+        arena.deliver(upto, True)
+        raise error
+    result = data, fds, msg_flags, address
+    arena.deliver(upto, True)  # stores only: given over whole, or not at all
+    return result
 
 
 def _known_option(option: Optional[int], name: str) -> int:

@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import errno
 import struct
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from . import _checks
-from .message import close_fds
 
 #: Default and largest accepted `max_frame` (payload bytes of one message).
 DEFAULT_MAX_FRAME = 64 << 20
@@ -124,11 +123,11 @@ class FrameBatch:
     ``fds(i)``; those not taken are closed at the next receive or close.
     """
 
-    __slots__ = ("buffer", "offsets", "lengths", "size", "start", "end", "_fds")
+    __slots__ = ("buffer", "offsets", "lengths", "size", "start", "end", "_take")
 
     def __init__(self, buffer: memoryview, offsets: memoryview, lengths: memoryview,
                  size: Optional[int], start: int, end: int,
-                 fds: Optional[Dict[int, List[int]]]) -> None:
+                 take: Optional[Callable[[int], List[int]]]) -> None:
         #: the channel's whole receive buffer
         self.buffer = buffer
         #: payload offsets into `buffer` (memoryview of format "I")
@@ -140,7 +139,8 @@ class FrameBatch:
         #: buffer[start:end] holds the batch's frames, headers included
         self.start = start
         self.end = end
-        self._fds = fds
+        # gives message i's descriptors over, once (the channel holds them)
+        self._take = take
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -165,10 +165,9 @@ class FrameBatch:
             i += len(self.offsets)
         if not 0 <= i < len(self.offsets):
             raise IndexError("FrameBatch index out of range")
-        return self._fds.pop(i, []) if self._fds else []
+        take = self._take
+        return take(i) if take is not None else []
 
     def _close(self) -> None:
-        if self._fds:
-            fds, self._fds = self._fds, None
-            for got in fds.values():
-                close_fds(got)
+        """The next receive began: descriptors not taken stay the channel's, which closes them."""
+        self._take = None

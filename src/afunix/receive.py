@@ -1,7 +1,6 @@
 """Batched receiving: recv_many and RecvBatch over recvmmsg (the sending side is batch.py)."""
 from __future__ import annotations
 
-import itertools
 import socket
 import threading
 from typing import Any, Iterator, Optional, Sequence
@@ -22,6 +21,8 @@ _SEQPACKET = int(socket.SOCK_SEQPACKET)
 _TRUNC = int(socket.MSG_TRUNC)
 _CTRUNC = int(socket.MSG_CTRUNC)
 _message = tuple.__new__
+_thread_id = threading.get_ident
+_FILLER = "filler"
 
 
 def _checked_sizes(max_messages: Any, bufsize: Any, maxfds: Any) -> tuple[int, int, int]:
@@ -34,10 +35,18 @@ def _checked_sizes(max_messages: Any, bufsize: Any, maxfds: Any) -> tuple[int, i
     return n, size, k
 
 
-def _receive(t: _io.Target, arena: Any, flags: int, backend: Optional[_backend.Backend] = None) -> int:
+def _receive(t: _io.Target, arena: Any, flags: int, owner: Any,
+             backend: Optional[_backend.Backend] = None) -> tuple[int, int, int]:
     """Wait for the first message as sock.recv would, take the queued rest; strip end of stream.
 
-    `backend` is the one that made `arena` (default: the active one).
+    Messages an interrupted earlier call on `owner` left in `arena` come
+    first, with no system call.  `backend` is the one that made `arena`
+    (default: the active one).
+
+    Returns:
+        (first, count, end): messages [first, first + count) are the
+        caller's to deliver; [first, end) also holds the empty reads of
+        the end of the stream, delivered with the last message.
     """
     recv_batch = (backend or _backend.impl).recv_batch
     deadline = None
@@ -45,6 +54,8 @@ def _receive(t: _io.Target, arena: Any, flags: int, backend: Optional[_backend.B
     if t.timeout is not None:
         deadline = _io.deadline_of(t.timeout)
         flags |= _DONTWAIT  # waiting is done here, against the deadline
+    arena.owner = owner  # before the call: whatever it hands over is owner's
+    count = 0
     while True:
         try:
             count = recv_batch(t.sock, arena, flags)
@@ -52,16 +63,23 @@ def _receive(t: _io.Target, arena: Any, flags: int, backend: Optional[_backend.B
         except InterruptedError:
             continue  # PEP 475: handlers ran; retry
         except BlockingIOError:
+            if may_wait and _io.wait(t.fd, False, deadline):
+                continue
+            arena.owner = None  # nothing arrived: hold no reference to the socket
             if not may_wait:
                 raise
-            if not _io.wait(t.fd, False, deadline):
-                raise socket.timeout("timed out") from None
-    if count and t.type != _DGRAM and arena.length(count - 1) == 0:
-        count = _strip_end_of_stream(t, arena, count)
-    return count
+            raise socket.timeout("timed out") from None
+        except OSError:
+            arena.owner = None
+            raise
+    first = arena.first()
+    end = first + count
+    if count and t.type != _DGRAM and arena.length(end - 1) == 0:
+        count = _strip_end_of_stream(t, arena, first, count)
+    return first, count, end
 
 
-def _strip_end_of_stream(t: _io.Target, arena: Any, count: int) -> int:
+def _strip_end_of_stream(t: _io.Target, arena: Any, first: int, count: int) -> int:
     # End of stream reads as a 0-byte message, and recvmmsg keeps reading it
     # until the batch is full.  On a stream every 0-byte read is the end; on
     # SEQPACKET an empty message reads the same, so trailing empty reads
@@ -71,100 +89,92 @@ def _strip_end_of_stream(t: _io.Target, arena: Any, count: int) -> int:
     # A message cut to 0 bytes (recv_fds with bufsize 0) is a message, not
     # the end; so is one whose descriptors were cut (and closed): it must
     # reach the caller flagged, never pass for the end of the stream.
-    while (count and arena.length(count - 1) == 0 and not arena.fds(count - 1)
-           and not arena.msg_flags(count - 1) & (_TRUNC | _CTRUNC)):
+    fd_counts = arena.fd_counts(first + count)
+    while (count and arena.length(first + count - 1) == 0 and not fd_counts[first + count - 1]
+           and not arena.msg_flags(first + count - 1) & (_TRUNC | _CTRUNC)):
         count -= 1
-    arena.count = count
     return count
 
 
-class _ReceivedFds:
-    """The descriptors of one receive: a flat array, handed out per message or all at once.
+def _messages(arena: Any, first: int, count: int) -> list[Message]:
+    """Messages [first, first + count) of `arena` with the descriptors it still holds (pure).
 
-    Whatever is not handed out is closed by `release()`, so none leaks.
+    Nothing is given over here: the caller commits (arena.deliver) once the
+    list is whole, so an exception while it is built loses nothing.
     """
-
-    __slots__ = ("_flat", "_counts", "_offsets", "_taken", "_all_taken")
-
-    def __init__(self, flat: list[int], counts: list[int]) -> None:
-        self._flat = flat
-        self._counts = counts
-        self._offsets: Optional[list[int]] = None
-        self._taken: set[int] = set()
-        self._all_taken = not flat
-
-    def take(self, i: int) -> list[int]:
-        """Message i's descriptors, once; [] after that."""
-        if self._all_taken or i in self._taken or not self._counts[i]:
-            return []
-        if self._offsets is None:
-            self._offsets = [0, *itertools.accumulate(self._counts)]
-        self._taken.add(i)
-        start = self._offsets[i]
-        return self._flat[start:start + self._counts[i]]
-
-    def take_all(self) -> list[int]:
-        """Every descriptor not handed out yet, in message order."""
-        if self._all_taken:
-            return []
-        self._all_taken = True
-        if not self._taken:
-            return self._flat
-        return [fd for i in range(len(self._counts)) if i not in self._taken
-                for fd in self._per_message(i)]
-
-    def _per_message(self, i: int) -> list[int]:
-        assert self._offsets is not None
-        start = self._offsets[i]
-        return self._flat[start:start + self._counts[i]]
-
-    def release(self) -> None:
-        """Close what was not handed out."""
-        fds = self.take_all()
-        if fds:
-            _backend.impl.close_fds(fds)
-
-
-_NO_FDS = _ReceivedFds([], [])
-
-
-def _received_fds(arena: Any, count: int) -> _ReceivedFds:
-    flat = arena.all_fds()
-    return _ReceivedFds(flat, arena.fd_counts(count)) if flat else _NO_FDS
-
-
-def _messages(arena: Any, count: int, fds: Optional[_ReceivedFds] = None) -> list[Message]:
-    """Copy messages [0, count) out of `arena`, handing their descriptors to the caller."""
-    if fds is None:
-        fds = _received_fds(arena, count)
-    chunks = arena.chunks(count)
-    flags = arena.all_flags(count)
-    if arena.plain(count):
+    stop = first + count
+    chunks = arena.chunks(first, stop)
+    flags = arena.all_flags(first, stop)
+    if arena.plain():
         return [_message(Message, (d, (), None, f, None)) for d, f in zip(chunks, flags)]
+    fds = arena.held_fds(first, stop)
     out = []
-    for i in range(count):
-        creds = arena.credentials(i)
+    for j in range(count):
+        creds = arena.credentials(first + j)
         out.append(_message(Message, (
-            chunks[i],
-            tuple(fds.take(i)),
-            _io.decode_address(arena.address(i)),
-            flags[i],
+            chunks[j],
+            fds[j],
+            _io.decode_address(arena.address(first + j)),
+            flags[j],
             None if creds is None else Credentials(*creds),
         )))
     return out
 
 
-_local = threading.local()
+class _Arenas(threading.local):
+    """One thread's receive arenas for recv_many and recv_fds.
+
+    Allocating max_messages x bufsize on every call would cost more than the
+    call, so a thread reuses one arena per backend and sizes.  An arena that
+    an interrupted call left holding messages is kept for its socket (by
+    identity) until a receive on that socket delivers them; one whose socket
+    is closed is released (its descriptors closed).
+    """
+
+    def __init__(self) -> None:
+        self.key: Any = None
+        self.arena: Any = None
+        self.held: dict[int, Any] = {}
 
 
-def _cached_arena(n: int, size: int, maxfds: int) -> Any:
-    # recv_many reuses one arena per thread and per backend: allocating
-    # max_messages x bufsize on every call would cost more than the call.
+_arenas = _Arenas()
+
+
+def arena_for(sock: Any, n: int, size: int, maxfds: int) -> Any:
+    """The arena for a receive on `sock`: the one holding its undelivered messages, else the thread's."""
+    mine = _arenas
+    arena = mine.arena
+    if arena is not None and arena.owner is not None and arena.pending():
+        if arena.owner is sock:
+            return arena
+        mine.held[id(arena.owner)] = arena  # kept for its socket's next receive
+        mine.arena = mine.key = None
+    if mine.held:
+        held = mine.held.get(id(sock))
+        if held is not None and held.owner is sock and held.pending():
+            return held
+        _forget_delivered(mine.held)
     key = (_backend.name, n, size, maxfds)
-    if getattr(_local, "key", None) != key:
-        _local.arena = _backend.impl.new_arena(n, size, maxfds)
-        _local.key = key
-    return _local.arena
+    if mine.key != key:
+        mine.arena = _backend.impl.new_arena(n, size, maxfds)
+        mine.key = key
+    return mine.arena
+
+
+def _forget_delivered(held: dict[int, Any]) -> None:
+    for key, arena in list(held.items()):
+        if arena.owner is None or not arena.pending():
+            del held[key]
+        elif _closed(arena.owner):
+            arena.release_fds()
+            del held[key]
+
+
+def _closed(sock: Any) -> bool:
+    try:
+        return bool(sock.fileno() < 0)
+    except (OSError, ValueError):
+        return True
 
 
 def recv_many(sock: Any, max_messages: int, bufsize: int, flags: int = 0, *,
@@ -189,11 +199,16 @@ def recv_many(sock: Any, max_messages: int, bufsize: int, flags: int = 0, *,
     flags = _checks.msg_flags(flags)
     t = _io.target(sock)
     try:
-        arena = _cached_arena(n, size, k)
-        return _messages(arena, _receive(t, arena, flags))
+        arena = arena_for(sock, n, size, k)
+        first, count, end = _receive(t, arena, flags, sock)
     finally:
         if t.shadow:
             t.sock.detach()
+    if count > n:  # left by an interrupted call with a larger max_messages
+        count, end = n, first + n
+    messages = _messages(arena, first, count)
+    arena.deliver(end, True)  # stores only: given over whole, or not at all
+    return messages
 
 
 class RecvBatch:
@@ -207,7 +222,6 @@ class RecvBatch:
     """
 
     def __init__(self, max_messages: int, bufsize: int, *, maxfds: int = 0) -> None:
-        self._fds = _NO_FDS
         n, size, k = _checked_sizes(max_messages, bufsize, maxfds)
         self._backend = _backend.impl
         self._arena = _backend.impl.new_arena(n, size, k)
@@ -215,7 +229,8 @@ class RecvBatch:
         self._bufsize = size
         self._count = 0
         self._lens: Sequence[int] = []
-        self._busy = threading.Lock()
+        # {_FILLER: thread id} while a thread fills the batch (see recv)
+        self._filling: dict[str, int] = {}
 
     @property
     def max_messages(self) -> int:
@@ -232,38 +247,56 @@ class RecvBatch:
     def recv(self, sock: Any, flags: int = 0) -> int:
         """Receive into the arena as `recv_many` does; returns the count.
 
+        Descriptors of the last recv not taken are closed first.  Messages
+        that an interrupted recv on the same socket took are returned before
+        the kernel is asked again.
+
         Raises:
-            RuntimeError: the batch is in use by another thread.
+            RuntimeError: the batch is in use by another thread, or holds
+                messages an interrupted recv took from another socket
+                (recv that socket, or close() to drop them).
             BlockingIOError, TimeoutError, OSError: as sock.recv would.
         """
         flags = _checks.msg_flags(flags)
-        if not self._busy.acquire(False):  # never wait: refuse instead
-            raise RuntimeError("this RecvBatch is being filled by another thread")
+        me = _thread_id()
+        filling = self._filling
         try:
-            if self._fds is not _NO_FDS:
-                self._release_untaken()
+            # Claimed inside the try, atomically (dict.setdefault under the
+            # GIL), and released with a store as the last step: an exception
+            # from a signal handler can land at any call, and must neither
+            # leave the batch claimed nor escape after the messages were given.
+            if filling.setdefault(_FILLER, me) != me:
+                raise RuntimeError("this RecvBatch is being filled by another thread")
+            arena = self._arena
+            if arena.pending() and arena.owner is not sock:
+                raise RuntimeError(
+                    "this RecvBatch holds messages an interrupted recv took from another "
+                    "socket: recv() that socket to get them, or close() to drop them")
             self._count = 0
             t = _io.target(sock)
             try:
-                count = _receive(t, self._arena, flags, self._backend)
+                first, count, end = _receive(t, arena, flags, sock, self._backend)
             finally:
                 if t.shadow:
                     t.sock.detach()
+            lens = arena.lens
+            arena.deliver(end, False)  # the descriptors stay the batch's until taken
+            # the rest of the commit: stores only, then return
+            self._lens = lens
             self._count = count
-            self._lens = self._arena.lens
-            if self._arena.maxfds:
-                self._fds = _received_fds(self._arena, count)
+            del filling[_FILLER]
             return count
-        finally:
-            self._busy.release()
-
-    def _release_untaken(self) -> None:
-        fds, self._fds = self._fds, _NO_FDS
-        fds.release()
+        except BaseException:
+            if filling.get(_FILLER) == me:
+                del filling[_FILLER]
+            raise
 
     def close(self) -> None:
-        """Close descriptors not taken with fds(); the arena stays usable."""
-        self._release_untaken()
+        """Close descriptors not taken with fds(); the arena stays usable.
+
+        Messages an interrupted recv took and did not deliver are dropped.
+        """
+        self._arena.release_fds()
 
     def __enter__(self) -> "RecvBatch":
         return self
@@ -272,8 +305,9 @@ class RecvBatch:
         self.close()
 
     def __del__(self) -> None:
-        if self._fds is not _NO_FDS:
-            self._release_untaken()
+        arena = getattr(self, "_arena", None)
+        if arena is not None:
+            arena.release_fds()
 
     def __len__(self) -> int:
         return self._count
@@ -318,7 +352,7 @@ class RecvBatch:
 
     def fds(self, i: int) -> list[int]:
         """Message i's descriptors, handed to the caller (who must close them)."""
-        return self._fds.take(self._index(i))
+        return self._arena.take_fds(self._index(i))
 
     def all_fds(self) -> list[int]:
         """Every descriptor of the last recv not yet taken, in message order, handed to the caller.
@@ -326,7 +360,7 @@ class RecvBatch:
         The bulk twin of `fds(i)`, for consumers that handle a batch at
         once; `fd_counts()` says how many each message carried.
         """
-        return self._fds.take_all()
+        return self._arena.take_all_fds(self._count)
 
     def fd_counts(self) -> list[int]:
         """How many descriptors each message of the last recv carried."""
@@ -343,4 +377,6 @@ class RecvBatch:
 
     def messages(self) -> list[Message]:
         """Copy every message out as a `Message`, handing over all descriptors."""
-        return _messages(self._arena, self._count, self._fds)
+        messages = _messages(self._arena, 0, self._count)
+        self._arena.hand_all()  # stores only: the descriptors are now in messages
+        return messages
