@@ -739,3 +739,22 @@ def test_send_many_on_a_full_stream_says_how_many_bytes_went(with_fds: bool,
             os.close(fd)
         a.close()
         b.close()
+
+
+def test_send_fds_refuses_a_strided_buffer_as_the_stdlib_does() -> None:
+    a, b = afunix.socketpair()
+    r, w = os.pipe()
+    try:
+        strided = memoryview(b"abcdef")[::2]
+        with pytest.raises(BufferError):
+            socket.send_fds(a, [strided], [r])
+        with pytest.raises(BufferError):
+            afunix.send_fds(a, [strided], [r])
+        b.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            b.recv(1)  # nothing was sent
+    finally:
+        for fd in (r, w):
+            os.close(fd)
+        a.close()
+        b.close()

@@ -39,6 +39,9 @@ def send_fds(sock: Any, buffers: Iterable[Any], fds: Iterable[Any], flags: int =
     """
     flags = _checks.msg_flags(flags)
     views = [memoryview(b) for b in buffers]
+    if not all(v.c_contiguous for v in views):
+        # as socket.send_fds (sendmsg) refuses it, before any system call
+        raise BufferError("send_fds: a buffer is not C-contiguous")
     data = b"".join(views)
     fd_tuple = checked_fds(fds)
     raw_address = None if address is None else _io.encode_address(address)
