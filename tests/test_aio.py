@@ -868,3 +868,26 @@ def test_no_descriptor_leak_over_many_calls(run: Runner[Any], fd_baseline: set[i
             run(main())
         finally:
             afunix.close_fds([r, w])
+
+
+def test_send_many_reads_the_callers_list_once(backend: str) -> None:
+    # The caller's list, cleared while send_many waits for the socket to
+    # drain, must not leave the loop spinning (nor change what is sent).
+    async def main() -> tuple[int, int]:
+        a, b = afunix.socketpair(socket.SOCK_DGRAM, blocking=False)
+        with a, b:
+            msgs = [b"x" * 100] * 3000
+            task = asyncio.ensure_future(afunix.aio.send_many(a, msgs))
+            await asyncio.sleep(0.05)  # the socket is full: send_many waits
+            msgs.clear()
+            received = 0
+            while not task.done() or received < 3000:
+                try:
+                    received += len(afunix.recv_many(b, 256, 128, socket.MSG_DONTWAIT))
+                except BlockingIOError:
+                    await asyncio.sleep(0.001)
+                if received >= 3000 and task.done():
+                    break
+            return await asyncio.wait_for(task, 5), received
+    sent, received = asyncio.run(asyncio.wait_for(main(), 20))
+    assert sent == 3000 and received == 3000

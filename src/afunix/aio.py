@@ -258,7 +258,8 @@ async def send_many_partial(sock: Any, messages: Iterable[Any], flags: int = 0) 
     fd, type = _checked(sock)
     if type == socket.SOCK_STREAM:
         raise ValueError("send_many_partial needs message boundaries; on SOCK_STREAM use send_many")
-    items = messages if isinstance(messages, list) else list(messages)
+    # One reading of the caller's list: it may change while we wait
+    items = list(messages)
     return await _send_some(sock, fd, items, _checks.msg_flags(flags))
 
 
@@ -295,7 +296,8 @@ async def send_many(sock: Any, messages: Iterable[Any], flags: int = 0) -> int:
     """
     fd, type = _checked(sock)
     flags = _checks.msg_flags(flags)
-    items = messages if isinstance(messages, list) else list(messages)
+    # One reading of the caller's list: it may change while we wait
+    items = list(messages)
     if type == socket.SOCK_STREAM:
         return await _send_stream(sock, fd, items, flags)
     total = len(items)
@@ -619,7 +621,8 @@ class Channel:
         Without a write buffer it returns once every byte is written; with
         one, once the messages are accepted (call `flush` to write them).
         """
-        items = messages if isinstance(messages, list) else list(messages)
+        # One reading of the caller's list: it may change while we wait
+        items = list(messages)
         sent = 0
         while sent < len(items):
             rest = items[sent:] if sent else items
