@@ -746,8 +746,9 @@ def test_send_fds_refuses_a_strided_buffer_as_the_stdlib_does() -> None:
     r, w = os.pipe()
     try:
         strided = memoryview(b"abcdef")[::2]
-        with pytest.raises(BufferError):
-            socket.send_fds(a, [strided], [r])
+        if sys.implementation.name == "cpython":  # (PyPy's sendmsg takes it)
+            with pytest.raises(BufferError):
+                socket.send_fds(a, [strided], [r])
         with pytest.raises(BufferError):
             afunix.send_fds(a, [strided], [r])
         b.setblocking(False)

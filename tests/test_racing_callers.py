@@ -23,6 +23,14 @@ from typing import Any, Callable, Iterator, List
 
 import pytest
 
+# PyPy does not lock a bytearray while a memoryview exports it, so another
+# thread's resize is not refused with BufferError there: the C core still
+# refuses lengths that do not add up (nothing is sent), which these tests,
+# written for the pinning, do not expect.  docs/reliability.md says so.
+pytestmark = pytest.mark.skipif(
+    sys.implementation.name == "pypy",
+    reason="PyPy lets a bytearray be resized while a memoryview exports it (no pin)")
+
 import afunix
 from afunix import _backend
 from afunix._io import Outgoing
