@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import sys
 
 import afunix
 
@@ -213,6 +214,9 @@ def test_af_inet_socket_is_refused_clearly(env: Dict[str, Any]) -> None:
     assert inet.fileno() >= 0
 
 
+@pytest.mark.skipif(sys.implementation.name == "pypy",
+                    reason="PyPy lets a bytearray be resized while a memoryview exports it "
+                           "(no pin; the C core still refuses the mismatch: docs/reliability.md)")
 def test_buffer_resized_by_another_thread_during_send_many(env: Dict[str, Any]) -> None:
     a, b = env["a"], env["b"]
     buf = bytearray(b"z" * 64)

@@ -327,9 +327,9 @@ class Interrupt(Exception):
 
 
 @pytest.mark.skipif(
-    sys.version_info < (3, 10),
-    reason="before Python 3.10 a signal handler may run between any two instructions, "
-           "also inside the finally that releases the claim (docs/channel.md)")
+    sys.version_info < (3, 11),
+    reason="before Python 3.11 a signal handler may run inside the finally that "
+           "releases the claim (docs/channel.md)")
 def test_an_exception_from_a_signal_handler_never_leaves_a_side_claimed() -> None:
     # The claim is taken inside the try: a handler raising at any point of a
     # call (a 30 us timer here, landing all over afunix's own code) leaves
