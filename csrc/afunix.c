@@ -327,13 +327,14 @@ int afunix_arena_release(struct afunix_arena *a)
     return closed;
 }
 
-void afunix_arena_free(struct afunix_arena *a)
+void afunix_arena_clear(struct afunix_arena *a)
 {
     if (a == NULL)
         return;
-    afunix_arena_release(a);
+    if (a->handed != NULL)  /* set up: close what it still holds */
+        afunix_arena_release(a);
     free(a->handed);
-    /* a->data is the caller's (see afunix_arena_new) */
+    /* a->data is the caller's (see afunix_arena_init) */
     free(a->lens);
     free(a->msg_flags);
     free(a->nfds);
@@ -344,20 +345,18 @@ void afunix_arena_free(struct afunix_arena *a)
     free(a->hdrs);
     free(a->names);
     free(a->control);
-    free(a);
+    memset(a, 0, sizeof *a);
 }
 
-struct afunix_arena *afunix_arena_new(int max_messages, size_t bufsize, int maxfds,
-                                      char *data)
+int afunix_arena_init(struct afunix_arena *a, int max_messages, size_t bufsize, int maxfds,
+                      char *data)
 {
     /* bufsize 0 (descriptors without data) still needs a valid data pointer */
-    if (data == NULL || max_messages < 1 || max_messages > AFUNIX_MAX_BATCH
+    if (a == NULL || data == NULL || max_messages < 1 || max_messages > AFUNIX_MAX_BATCH
         || bufsize > SIZE_MAX / (size_t)max_messages
         || maxfds < 0 || maxfds > AFUNIX_SCM_MAX_FD)
-        return NULL;
-    struct afunix_arena *a = calloc(1, sizeof *a);
-    if (a == NULL)
-        return NULL;
+        return -EINVAL;
+    memset(a, 0, sizeof *a);
     size_t n = (size_t)max_messages;
     a->max_messages = max_messages;
     a->bufsize = bufsize;
@@ -375,14 +374,15 @@ struct afunix_arena *afunix_arena_new(int max_messages, size_t bufsize, int maxf
     a->hdrs = calloc(n, sizeof(struct mmsghdr) + sizeof(struct iovec));
     a->names = calloc(n, sizeof(struct sockaddr_un));
     a->control = calloc(n, a->control_space);
-    a->handed = calloc(n, 1);
     a->all_handed = 1;
-    if (!a->lens || !a->msg_flags || !a->nfds || !a->fds || !a->creds
-        || !a->addrlens || !a->addrs || !a->hdrs || !a->names || !a->control || !a->handed) {
-        afunix_arena_free(a);
-        return NULL;
+    /* handed last: clear() takes a non-NULL handed to mean "set up" */
+    a->handed = calloc(n, 1);
+    if (!a->lens || !a->msg_flags || !a->nfds || !a->fds || !a->creds || !a->addrlens
+        || !a->addrs || !a->hdrs || !a->names || !a->control || !a->handed) {
+        afunix_arena_clear(a);
+        return -ENOMEM;
     }
-    return a;
+    return 0;
 }
 
 /* Copy message i's descriptors and credentials out of its control data.

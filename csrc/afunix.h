@@ -83,7 +83,7 @@ ssize_t afunix_send_message(int fd, const char *data, size_t len,
  *   caller: the next afunix_recv_many returns them again (count - delivered)
  *   without asking the kernel;
  *   the descriptors of message i are held by the arena, which closes them
- *   (at the next receive, afunix_arena_release or afunix_arena_free), while
+ *   (at the next receive, afunix_arena_release or afunix_arena_clear), while
  *   i >= delivered, or while neither all_handed nor handed[i] is set.
  * The caller gives messages over by raising delivered, and descriptors by
  * setting handed[i] or all_handed: plain stores, no call. */
@@ -112,13 +112,20 @@ struct afunix_arena {
     size_t control_space;
 };
 
-/* An arena receiving into `data`: max_messages * bufsize bytes that the
- * caller owns and keeps for at least the arena's life (afunix_arena_free
- * leaves them alone).  NULL when out of memory, data is NULL or the sizes
- * are out of range. */
-struct afunix_arena *afunix_arena_new(int max_messages, size_t bufsize, int maxfds,
-                                      char *data);
-void afunix_arena_free(struct afunix_arena *arena);
+/* Set up the arena `a` (memory the caller owns, such as a Python-owned
+ * struct) to receive into `data`: max_messages * bufsize bytes that the
+ * caller owns and keeps for at least the arena's life (afunix_arena_clear
+ * leaves them alone).  The caller allocates the struct, and can arrange for
+ * afunix_arena_clear to run before it calls this, so that no exception
+ * between the two calls can lose what init allocates.  Returns 0, -ENOMEM,
+ * or -EINVAL when data is NULL or the sizes are out of range; on failure the
+ * arena is left cleared. */
+int afunix_arena_init(struct afunix_arena *a, int max_messages, size_t bufsize, int maxfds,
+                      char *data);
+/* Close the descriptors `a` still holds, free what afunix_arena_init
+ * allocated and zero the struct (not `a` itself, nor its data).  Safe on a
+ * zeroed struct and a second time. */
+void afunix_arena_clear(struct afunix_arena *a);
 
 /* Receive into `arena` with one recvmmsg(MSG_WAITFORONE | MSG_CMSG_CLOEXEC):
  * waits for the first message as recv would, then takes those already

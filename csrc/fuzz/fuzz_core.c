@@ -259,13 +259,16 @@ static void fuzz_recv(void)
     int maxfds = take_u8() % 8 == 0 ? (int)(take_u32() % 300) - 20 : take_u8() % 6;
     char *data = malloc((size_t)max_messages * bufsize);
     CHECK(data != NULL);
-    struct afunix_arena *a = afunix_arena_new(max_messages, bufsize, maxfds, data);
+    struct afunix_arena arena;
+    struct afunix_arena *a = &arena;
+    int set_up = afunix_arena_init(a, max_messages, bufsize, maxfds, data);
     if (maxfds < 0 || maxfds > AFUNIX_SCM_MAX_FD) {
-        CHECK(a == NULL);
+        CHECK(set_up == -EINVAL);
         free(data);
         return;
     }
-    if (a == NULL) {
+    if (set_up != 0) {
+        CHECK(set_up == -ENOMEM);
         free(data);
         return; /* out of memory */
     }
@@ -312,7 +315,7 @@ static void fuzz_recv(void)
         a->delivered = a->count; /* the caller took messages and descriptors */
         a->all_handed = 1;
     }
-    afunix_arena_free(a);
+    afunix_arena_clear(a);
     free(data);
 }
 

@@ -230,12 +230,17 @@ class Arena:
         # view kept after the arena is gone reads what was received, never
         # freed memory.  It starts zeroed: .buffer shows no old heap bytes.
         data = ffi.new("char[]", max_messages * bufsize)
-        raw = lib.afunix_arena_new(max_messages, bufsize, maxfds, data)
-        if raw == _NULL:
-            raise MemoryError("cannot allocate a receive arena of %d x %d bytes" % (max_messages, bufsize))
+        # The struct is Python-owned and given its destructor before C
+        # allocates anything into it: a signal handler's exception raised
+        # right after afunix_arena_init returns drops the struct through
+        # afunix_arena_clear, so nothing init allocated is lost.
         # size: PyPy's collector counts the C memory this object holds (up to
         # 256 MiB), so a dropped arena is freed soon, not when Python memory runs low.
-        self._a = ffi.gc(raw, lib.afunix_arena_free, size=max_messages * bufsize)
+        raw = ffi.gc(ffi.new("struct afunix_arena *"), lib.afunix_arena_clear,
+                     size=max_messages * bufsize)
+        self._a = raw
+        if lib.afunix_arena_init(raw, max_messages, bufsize, maxfds, data) != 0:
+            raise MemoryError("cannot allocate a receive arena of %d x %d bytes" % (max_messages, bufsize))
         self._data = data
         self.max_messages = max_messages
         self.bufsize = bufsize

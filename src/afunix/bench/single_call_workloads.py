@@ -177,9 +177,9 @@ def _bare_calls(sock: socket.socket, size: int) -> Tuple[Callable[[bytes], Any],
 
         fd, null = sock.fileno(), ffi.NULL
         data_area = ffi.new("char[]", size)  # the caller owns the data area
-        arena = lib.afunix_arena_new(1, size, 0, data_area)
-        if arena == null:
-            raise MemoryError("afunix_arena_new")
+        arena = ffi.new("struct afunix_arena *")
+        if lib.afunix_arena_init(arena, 1, size, 0, data_area) != 0:
+            raise MemoryError("afunix_arena_init")
         send_many, recv_many = lib.afunix_send_many, lib.afunix_recv_many
 
         def send(data: bytes) -> Any:
@@ -189,10 +189,10 @@ def _bare_calls(sock: socket.socket, size: int) -> Tuple[Callable[[bytes], Any],
             return recv_many(fd, arena, 0)
 
         def free() -> None:
-            lib.afunix_arena_free(arena)
-            del holder[:]  # the data area goes only after the arena that points into it
+            lib.afunix_arena_clear(arena)
+            del holder[:]  # the struct and data area go only after the arena is cleared
 
-        holder = [data_area]
+        holder = [arena, data_area]
         return send, recv, free
     buf = bytearray(size)
     stdlib_send, recvmsg_into, buffers = sock.send, sock.recvmsg_into, [buf]
