@@ -160,8 +160,8 @@ def place_parts(pickled: PickledObject, writer: Optional[RegionWriter], *,
                 threshold: int = DEFAULT_THRESHOLD) -> List[Optional[Slot]]:
     """Copy each part of at least `threshold` bytes into a free slot of `writer`; None: inline.
 
-    Never waits: a part for which no slot is free now stays inline, as all
-    do without a writer.  On an error, the slots already taken are given
+    Never waits: a part for which no slot is free now, or that is larger
+    than the region, stays inline, as all do without a writer.  On an error, the slots already taken are given
     back before it is raised.
     """
     threshold = _checks.in_range(threshold, "threshold", 1, (1 << 63) - 1)
@@ -170,7 +170,8 @@ def place_parts(pickled: PickledObject, writer: Optional[RegionWriter], *,
     placed: List[Optional[Slot]] = []
     try:
         for view in pickled.parts:
-            placed.append(writer.try_copy(view) if view.nbytes >= threshold else None)
+            fits = threshold <= view.nbytes <= writer.size
+            placed.append(writer.try_copy(view) if fits else None)
     except BaseException:
         for slot in placed:
             if slot is not None:

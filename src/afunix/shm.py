@@ -265,11 +265,14 @@ class Loan:
     does.  Used as a context manager, a loan not committed when the block
     ends is abandoned.
 
-    A buffer still exported from the view (a numpy array made over it, a
-    ``memoryview(loan.view)``) makes `commit` and `abandon` raise BufferError
-    and leaves the loan open: delete that object first.  Slices of the view
-    (``loan.view[a:b]``) share the slot's memory without such an export and
-    cannot be reached by `commit`: do not keep them past it.
+    A buffer exported from the view and still alive (``pickle.PickleBuffer(
+    loan.view)``, anything that holds the view's buffer) makes `commit` and
+    `abandon` raise BufferError on CPython and leaves the loan open: drop it
+    first.  Slices of the view, ``memoryview(loan.view)`` and what is built
+    on them (``numpy.frombuffer``) share the slot's memory without such an
+    export, as PyPy's buffers all do: the release cannot reach them, so do
+    not keep them past `commit` (a write through them changes the message
+    in flight; the peer maps the region read-only and never faults).
     """
 
     __slots__ = ("slot", "_view", "_allocator")
@@ -478,7 +481,8 @@ class RegionReader:
         Raises:
             ValueError: it is not a slot held.
             BufferError: a buffer exported from its view is still alive (the
-                slot stays held, so the sender cannot overwrite what it reads).
+                slot stays held, so the sender cannot overwrite what it reads;
+                CPython only, see `Loan` for what counts as an export).
         """
         view = self._views.get(offset)
         if view is None or view.nbytes != length:
