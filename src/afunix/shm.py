@@ -30,7 +30,7 @@ import os
 import stat
 import sys
 from types import TracebackType
-from typing import Any, Optional, Type
+from typing import Any, Callable, Optional, Type
 
 from . import _checks
 from ._kernel import (F_ADD_SEALS, F_GET_SEALS, F_SEAL_GROW, F_SEAL_SEAL, F_SEAL_SHRINK,
@@ -66,6 +66,16 @@ def _need_support() -> None:
     reason = unsupported_reason()
     if reason is not None:
         raise OSError(errno.ENOSYS, "shared-memory regions unavailable: " + reason)
+
+
+def _reserve(fd: int, size: int) -> None:
+    """Allocate the file's memory now (posix_fallocate), raising OSError when it cannot."""
+    # PyPy 3.9 (7.3.11) returns posix_fallocate's error number instead of
+    # raising it: without this check a failed reservation would pass silently.
+    fallocate: Callable[[int, int, int], Any] = os.posix_fallocate
+    error = fallocate(fd, 0, size)
+    if error:
+        raise OSError(error, os.strerror(error))
 
 
 def _map(fd: int, size: int, writable: bool) -> mmap.mmap:
@@ -124,7 +134,7 @@ class Region:
         fd = os.memfd_create(REGION_NAME, MFD_CLOEXEC | MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)
-            os.posix_fallocate(fd, 0, size)
+            _reserve(fd, size)
             fcntl.fcntl(fd, F_ADD_SEALS, REQUIRED_SEALS)  # type: ignore[arg-type]
             mapping = _map(fd, size, writable=True)
         except BaseException:
