@@ -417,8 +417,13 @@ class RegionWriter:
             slot = self.allocator.try_allocate(nbytes)
             if slot is None:
                 return None
-            with self.region.view(slot.offset, nbytes) as target:
-                target[:] = source if source.format == "B" and source.ndim == 1 else source.cast("B")
+            try:
+                with self.region.view(slot.offset, nbytes) as target:
+                    flat = source.cast("B") if source.format != "B" or source.ndim != 1 else source
+                    target[:] = flat
+            except BaseException:
+                self.allocator.free(slot.offset, slot.length)
+                raise
         return slot
 
     def give_back(self, offset: int, length: int) -> None:
@@ -469,7 +474,8 @@ class RegionReader:
         self.region = region
         #: the slots held
         self.ledger = ledger
-        self._views: "dict[int, memoryview]" = {}
+        # offset -> (the view handed out, the slot's length)
+        self._views: "dict[int, tuple[memoryview, int]]" = {}
 
     def claim(self, offset: int, length: int) -> memoryview:
         """A read-only view of the slot the peer named, recorded as held.
@@ -482,7 +488,7 @@ class RegionReader:
             raise ValueError("I/O operation on closed region")
         slot = self.ledger.claim(offset, length)
         view = self.region.view(slot.offset, slot.length)
-        self._views[slot.offset] = view
+        self._views[slot.offset] = (view, slot.length)
         return view
 
     def release(self, offset: int, length: int) -> Slot:
@@ -494,16 +500,16 @@ class RegionReader:
                 slot stays held, so the sender cannot overwrite what it reads;
                 CPython only, see `Loan` for what counts as an export).
         """
-        view = self._views.get(offset)
-        if view is None or view.nbytes != length:
+        held = self._views.get(offset)
+        if held is None or held[1] != length:
             raise ValueError("slot (offset %r, length %r) is not held" % (offset, length))
-        view.release()
+        held[0].release()  # a no-op when the caller released it already
         del self._views[offset]
         return self.ledger.release(offset, length)
 
     def close(self) -> None:
         """Close the region (idempotent); held slots are forgotten, their views released where possible."""
-        for view in self._views.values():
+        for view, _ in self._views.values():
             try:
                 view.release()
             except BufferError:
