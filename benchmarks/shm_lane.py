@@ -17,11 +17,15 @@ size, a sender moves the same bytes to a receiver process three ways:
               two copies, no system call per byte
 
 The region is passed once with socket.send_fds; waiting for a free slot is
-a blocking read of the returns.  Figures are GB/s (10^9 bytes/s) of payload,
+a blocking read of the returns.  The region holds --slots messages: how far
+the sender may run ahead of the receiver.  A small region keeps the slots
+in the CPU caches (first fit reuses the slot just returned); a large one
+lets the sender write ahead into cold memory, which at 1 MiB costs more
+than the lane saves (compare --slots 2 and --slots 64).  Figures are GB/s (10^9 bytes/s) of payload,
 best and median of the rounds, from one run; the machine is shared, so
 compare the rows of one run rather than absolute values.
 
-    python benchmarks/shm_lane.py [--sizes 1,16] [--total-mib 1024] [--rounds 5]
+    python benchmarks/shm_lane.py [--sizes 1,16] [--total-mib 1024] [--rounds 5] [--slots 4]
 """
 from __future__ import annotations
 
@@ -157,6 +161,8 @@ def main() -> int:
     p.add_argument("--sizes", default="1,16", help="message sizes in MiB, comma-separated")
     p.add_argument("--total-mib", type=int, default=1024, help="payload moved per round")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--slots", type=int, default=4,
+                   help="region size in messages: how far the sender may run ahead")
     args = p.parse_args()
     reason = shm.unsupported_reason()
     if reason is not None:
@@ -170,7 +176,7 @@ def main() -> int:
         size = mib << 20
         count = max(1, (args.total_mib << 20) // size)
         payload = os.urandom(size)
-        region_size = max(4 * size, 64 << 20)  # room for a few messages in flight
+        region_size = args.slots * size
         results: Dict[str, List[float]] = {k: [] for k in kinds}
         for _ in range(args.rounds):  # interleaved, so a noisy moment hits every way
             for kind in kinds:
