@@ -16,6 +16,14 @@ size, a sender moves the same bytes to a receiver process three ways:
               buffer, as the socket loop's receiver has the bytes in its own:
               two copies, no system call per byte
 
+With --objects, two more rows move a bytes object of each size:
+
+  pipe-object  multiprocessing.Pipe: conn.send(obj) / conn.recv() (pickle)
+  lane-object  afunix.objects: pickle_object (the bytes out of band),
+               place_parts into the region, the OBJECT payload (inline, 40
+               bytes here) over the socket, then parse_envelope, claim,
+               load_object (bytes(view): one copy out) and the slot returned
+
 The region is passed once with socket.send_fds; waiting for a free slot is
 a blocking read of the returns.  The region holds --slots messages: how far
 the sender may run ahead of the receiver.  A small region keeps the slots
@@ -25,7 +33,7 @@ than the lane saves (compare --slots 2 and --slots 64).  Figures are GB/s (10^9 
 best and median of the rounds, from one run; the machine is shared, so
 compare the rows of one run rather than absolute values.
 
-    python benchmarks/shm_lane.py [--sizes 1,16] [--total-mib 1024] [--rounds 5] [--slots 4]
+    python benchmarks/shm_lane.py [--sizes 1,16] [--total-mib 1024] [--rounds 5] [--slots 4] [--objects]
 """
 from __future__ import annotations
 
@@ -39,7 +47,8 @@ import sys
 import time
 from typing import Callable, Dict, List
 
-from afunix import shm
+from afunix import objects, shm
+from afunix.slots import Slot
 
 NOTICE = struct.Struct("<QQ")  # offset, length: the SLOT / RETURN pair of the draft protocol
 
@@ -94,6 +103,38 @@ def lane_receiver(sock: socket.socket, size: int, count: int, copy_out: bool) ->
     sock.sendall(b"k")
 
 
+def pipe_object_receiver(conn: "multiprocessing.connection.Connection", size: int, count: int) -> None:
+    conn.send_bytes(b"r")
+    for _ in range(count):
+        obj = conn.recv()
+        assert len(obj) == size
+    conn.send_bytes(b"k")
+
+
+def lane_object_receiver(sock: socket.socket, size: int, count: int) -> None:
+    data, fds, _, _ = socket.recv_fds(sock, 8, 1)
+    (region_size,) = struct.unpack("<Q", data)
+    reader = shm.RegionReader(fds[0], region_size)
+    sock.sendall(b"r")
+    head = memoryview(bytearray(4))
+    for _ in range(count):
+        _recv_exact(sock, head)
+        payload = memoryview(bytearray(int.from_bytes(head, "little")))
+        _recv_exact(sock, payload)
+        envelope = objects.parse_envelope(payload)
+        parts = [bytes(reader.claim(*p)) if isinstance(p, Slot) else p for p in envelope.parts]
+        obj = objects.load_object(parts[0], parts[1:])
+        assert len(obj) == size
+        returns = bytearray()
+        for p in envelope.parts:
+            if isinstance(p, Slot):
+                reader.release(*p)
+                returns += NOTICE.pack(*p)
+        sock.sendall(returns)
+    reader.close()
+    sock.sendall(b"k")
+
+
 # ---- senders (this process) -------------------------------------------------
 
 
@@ -131,6 +172,76 @@ def lane_sender(sock: socket.socket, payload: bytes, count: int, writer: shm.Reg
     return time.perf_counter() - start
 
 
+def pipe_object_sender(conn: "multiprocessing.connection.Connection", obj: bytes, count: int) -> float:
+    assert conn.recv_bytes() == b"r"
+    start = time.perf_counter()
+    for _ in range(count):
+        conn.send(obj)
+    assert conn.recv_bytes() == b"k"
+    return time.perf_counter() - start
+
+
+def lane_object_sender(sock: socket.socket, obj: bytes, count: int, writer: shm.RegionWriter) -> float:
+    socket.send_fds(sock, [struct.pack("<Q", writer.size)], [writer.fileno()])
+    assert sock.recv(1) == b"r"
+    start = time.perf_counter()
+    returns = bytearray()
+
+    def take_returns() -> None:
+        chunk = sock.recv(NOTICE.size * 64)
+        if not chunk:
+            raise EOFError("peer closed")
+        returns.extend(chunk)
+        whole = len(returns) - len(returns) % NOTICE.size
+        for at in range(0, whole, NOTICE.size):
+            writer.give_back(*NOTICE.unpack_from(returns, at))
+        del returns[:whole]
+
+    for _ in range(count):
+        with objects.pickle_object(obj) as pickled:
+            while writer.allocator.largest_free < len(obj):  # wait for room, as the channel will
+                take_returns()
+            placed = objects.place_parts(pickled, writer)
+            parts = objects.encode_object(pickled, placed)
+            length = sum(memoryview(part).nbytes for part in parts)
+            sock.sendmsg([length.to_bytes(4, "little"), *parts])
+    while writer.allocator.slots_in_use:
+        take_returns()
+    tail = bytes(returns)  # the end mark may have come with the last returns
+    while not tail.endswith(b"k"):
+        tail += sock.recv(65536)
+    return time.perf_counter() - start
+
+
+def run_object_once(kind: str, size: int, count: int, obj: bytes, region_size: int) -> float:
+    ctx = multiprocessing.get_context("fork")
+    if kind == "pipe-object":
+        left, right = ctx.Pipe()
+        child = ctx.Process(target=pipe_object_receiver, args=(right, size, count))
+        child.start()
+        right.close()
+        try:
+            elapsed = pipe_object_sender(left, obj, count)
+        finally:
+            left.close()
+            child.join(60)
+    else:
+        a, b = socket.socketpair()
+        writer = shm.RegionWriter(region_size)
+        child = ctx.Process(target=lane_object_receiver, args=(b, size, count))
+        child.start()
+        b.close()
+        try:
+            elapsed = lane_object_sender(a, obj, count, writer)
+        finally:
+            a.close()
+            child.join(60)
+            writer.close()
+    if child.exitcode != 0:
+        raise RuntimeError("%s receiver failed with exit code %s" % (kind, child.exitcode))
+    return size * count / elapsed / 1e9
+
+
 def run_once(kind: str, size: int, count: int, payload: bytes, region_size: int) -> float:
     a, b = socket.socketpair()
     ctx = multiprocessing.get_context("fork")
@@ -161,6 +272,8 @@ def main() -> int:
     p.add_argument("--sizes", default="1,16", help="message sizes in MiB, comma-separated")
     p.add_argument("--total-mib", type=int, default=1024, help="payload moved per round")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--objects", action="store_true",
+                   help="also move bytes objects: multiprocessing.Pipe against afunix.objects")
     p.add_argument("--slots", type=int, default=4,
                    help="region size in messages: how far the sender may run ahead")
     args = p.parse_args()
@@ -169,6 +282,8 @@ def main() -> int:
         print("shared-memory regions unavailable: %s" % reason, file=sys.stderr)
         return 1
     kinds = ["socket", "lane-view", "lane-copy"]
+    if args.objects:
+        kinds += ["pipe-object", "lane-object"]
     print("python %s, %d CPUs, %s" % (sys.version.split()[0], os.cpu_count() or 0, os.uname().release))
     print("%-8s %-10s %8s %8s   (GB/s, %d rounds of %d MiB)"
           % ("size", "way", "best", "median", args.rounds, args.total_mib))
@@ -180,7 +295,8 @@ def main() -> int:
         results: Dict[str, List[float]] = {k: [] for k in kinds}
         for _ in range(args.rounds):  # interleaved, so a noisy moment hits every way
             for kind in kinds:
-                results[kind].append(run_once(kind, size, count, payload, region_size))
+                run = run_object_once if kind.endswith("-object") else run_once
+                results[kind].append(run(kind, size, count, payload, region_size))
         base = statistics.median(results["socket"])
         for kind in kinds:
             r = results[kind]
