@@ -1,7 +1,9 @@
 """afunix._kernel: the kernel numbers afunix supplies where the interpreter lacks them."""
 from __future__ import annotations
 
+import fcntl
 import importlib.util
+import mmap
 import os
 import socket
 import sys
@@ -15,6 +17,9 @@ from afunix import _kernel
 NAMES = [
     ("MSG_NOSIGNAL", socket), ("MSG_CMSG_CLOEXEC", socket), ("SCM_CREDENTIALS", socket),
     ("SO_PEERCRED", socket), ("SO_PASSCRED", socket), ("O_PATH", os),
+    ("F_ADD_SEALS", fcntl), ("F_GET_SEALS", fcntl), ("F_SEAL_SEAL", fcntl),
+    ("F_SEAL_SHRINK", fcntl), ("F_SEAL_GROW", fcntl), ("MFD_CLOEXEC", os),
+    ("MFD_ALLOW_SEALING", os), ("MAP_POPULATE", mmap),
 ]
 LINUX = sys.platform.startswith("linux")
 
@@ -45,3 +50,5 @@ def test_linux_has_every_number() -> None:
     assert _kernel.SCM_CREDENTIALS is not None
     assert afunix.supports("cmsg_cloexec") and afunix.supports("passcred")
     assert afunix.supports("peercred")
+    assert _kernel.F_ADD_SEALS is not None and _kernel.F_GET_SEALS is not None
+    assert _kernel.MFD_ALLOW_SEALING and _kernel.MAP_POPULATE

@@ -8,9 +8,15 @@ are inheritable, and peer credentials cannot be asked for.  Each name here
 is the interpreter's own value when it has one, else the value of the Linux
 UAPI headers, else 0 (a flag that adds nothing) or None (an option that
 is not there).  This module is the one owner of these numbers.
+
+PyPy 3.9 also has no ``fcntl.F_ADD_SEALS``, ``F_GET_SEALS`` or ``F_SEAL_*``,
+and CPython before 3.10 no ``mmap.MAP_POPULATE``: the shared-memory lane
+(afunix.shm) seals and maps its memfd regions with these numbers.
 """
 from __future__ import annotations
 
+import fcntl
+import mmap
 import os
 import platform
 import socket
@@ -48,3 +54,23 @@ SO_PEERCRED: Optional[int] = _value(socket, "SO_PEERCRED", 17 if _GENERIC_ABI el
 SO_PASSCRED: Optional[int] = _value(socket, "SO_PASSCRED", 16 if _GENERIC_ABI else None)
 #: open() flag: a descriptor that only names a file (0 where unknown).
 O_PATH: int = _value(os, "O_PATH", 0o10000000 if _GENERIC_ABI else None) or 0
+
+# linux/fcntl.h: F_LINUX_SPECIFIC_BASE (1024) + 9 and + 10, and the seal
+# bits, the same on every architecture.
+#: fcntl command: add seals to a memfd (None where unknown).
+F_ADD_SEALS: Optional[int] = _value(fcntl, "F_ADD_SEALS", 1033 if _LINUX else None)
+#: fcntl command: the seals of a memfd (None where unknown).
+F_GET_SEALS: Optional[int] = _value(fcntl, "F_GET_SEALS", 1034 if _LINUX else None)
+#: Seal: no more seals can be added.
+F_SEAL_SEAL: int = _value(fcntl, "F_SEAL_SEAL", 0x0001) or 0x0001
+#: Seal: the file cannot shrink (so a mapping of it never meets SIGBUS).
+F_SEAL_SHRINK: int = _value(fcntl, "F_SEAL_SHRINK", 0x0002) or 0x0002
+#: Seal: the file cannot grow.
+F_SEAL_GROW: int = _value(fcntl, "F_SEAL_GROW", 0x0004) or 0x0004
+#: os.memfd_create flags (linux/memfd.h): close-on-exec, and seals allowed.
+MFD_CLOEXEC: int = _value(os, "MFD_CLOEXEC", 0x0001 if _LINUX else None) or 0
+MFD_ALLOW_SEALING: int = _value(os, "MFD_ALLOW_SEALING", 0x0002 if _LINUX else None) or 0
+
+# asm-generic/mman-common.h; other numbers on the architectures above.
+#: mmap flag: fault every page of the mapping in at once (0 where unknown).
+MAP_POPULATE: int = _value(mmap, "MAP_POPULATE", 0x8000 if _GENERIC_ABI else None) or 0

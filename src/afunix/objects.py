@@ -1,0 +1,320 @@
+"""Python objects as messages: pickle protocol 5 with large buffers out of band.
+
+Pure functions, no socket I/O, for the channel's ``send_object`` /
+``recv_object`` (not yet wired in).  Sending:
+
+1. `pickle_object` pickles with protocol 5; every buffer of at least
+   `threshold` bytes -- a `pickle.PickleBuffer` from numpy and other
+   protocol-5 types, and large ``bytes`` / ``bytearray`` objects, which
+   pickle otherwise copies into the stream -- is kept out of band, the rest
+   stays in the pickle stream.
+2. The caller copies each large part (the stream too, when it is large)
+   into a slot of its region (`place_parts` does it with a `RegionWriter`,
+   without waiting) or leaves it inline.
+3. `encode_object` gives the parts of the OBJECT payload (docs/PROTOCOL.md,
+   "Shared-memory lane"): they are sent as one message, without joining.
+
+Receiving: `parse_envelope` checks the payload and names each buffer (inline
+bytes of the payload, or a slot to claim), `load_object` unpickles with the
+buffers.  Unpickling runs code the peer chose, so `check_unpickle_peer`
+refuses a peer that runs as another user unless the caller trusts it.
+"""
+from __future__ import annotations
+
+import errno
+import io
+import os
+import pickle
+import struct
+from typing import Any, List, NamedTuple, Optional, Sequence, Union
+
+from . import _checks
+from .fds import peer_credentials
+from .frames import ProtocolError
+from .shm import RegionWriter
+from .slots import Slot
+
+#: Default threshold: buffers of at least this many bytes travel out of band
+#: (in a slot of the region when there is one).  Below it a copy through the
+#: socket costs less than a slot and its return frame.
+DEFAULT_THRESHOLD = 64 << 10
+
+#: OBJECT payload header: number of parts (the stream and the out-of-band
+#: buffers), reserved (0).
+ENVELOPE_HEADER = struct.Struct("<II")
+#: One entry per part: kind, 7 reserved zero bytes, offset, length.
+ENVELOPE_ENTRY = struct.Struct("<B7sQQ")
+#: Entry kinds: the buffer's bytes follow in the payload, or lie in a slot of the region.
+INLINE = 0
+IN_REGION = 1
+
+_RESERVED = bytes(7)
+
+
+class PickledObject:
+    """An object pickled with protocol 5: the stream and its out-of-band buffers.
+
+    `parts` is the pickle stream followed by the out-of-band buffers, in the
+    order the stream names them; each a flat read-only byte view (the
+    buffers are views of the object's own memory, no copy yet).  They keep
+    those buffers exported: `release` them when the message is sent (a
+    ``with`` block does).
+    """
+
+    __slots__ = ("parts",)
+
+    def __init__(self, parts: List[memoryview]) -> None:
+        #: the pickle stream, then the out-of-band buffers: 1-D memoryviews of format "B"
+        self.parts = parts
+
+    @property
+    def pickle(self) -> memoryview:
+        """The pickle stream."""
+        return self.parts[0]
+
+    @property
+    def buffers(self) -> List[memoryview]:
+        """The out-of-band buffers."""
+        return self.parts[1:]
+
+    def release(self) -> None:
+        """Release the views of the stream and the object's buffers (idempotent)."""
+        for view in self.parts:
+            view.release()
+
+    def __enter__(self) -> "PickledObject":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
+class _OutOfBandPickler(pickle.Pickler):
+    """A protocol-5 pickler that keeps buffers of at least `threshold` bytes out of band."""
+
+    def __init__(self, file: io.BytesIO, threshold: int, buffers: List[memoryview]) -> None:
+        super().__init__(file, protocol=5, buffer_callback=self._buffer)
+        self._threshold = threshold
+        self._buffers = buffers
+
+    def _buffer(self, buffer: pickle.PickleBuffer) -> bool:
+        # True: serialize in band (small, or not one flat block of memory).
+        with memoryview(buffer) as shape:
+            if not shape.contiguous or shape.nbytes < self._threshold:
+                return True
+        view = buffer.raw()
+        self._buffers.append(view.toreadonly())
+        view.release()
+        return False
+
+
+class _BytesOutOfBand:
+    """Stands for a large bytes or bytearray object given itself: pickled as
+    ``bytes(buffer)`` / ``bytearray(buffer)`` of an out-of-band PickleBuffer.
+
+    pickle writes bytes and bytearray objects into the stream whatever their
+    size, and CPython's pickler asks no hook (reducer_override, the dispatch
+    table) about exact bytes or bytearray objects; so only one given itself
+    can be sent out of band, by standing in for it here.
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: Union[bytes, bytearray]) -> None:
+        self.data = data
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # The stream names only builtins.bytes or bytearray: the peer needs no afunix to load it.
+        return type(self.data), (pickle.PickleBuffer(self.data),)
+
+
+def pickle_object(obj: Any, *, threshold: int = DEFAULT_THRESHOLD) -> PickledObject:
+    """Pickle `obj` with protocol 5, buffers of at least `threshold` bytes out of band.
+
+    Like ``pickle.dumps(obj, protocol=5, buffer_callback=...)``: protocol-5
+    buffers (numpy arrays, `pickle.PickleBuffer`) of at least `threshold`
+    bytes are kept out of band, and so are large bytearray objects and a
+    large bytes object given itself.  A large bytes object inside a
+    container stays in the stream (pickle gives no hook for exact bytes);
+    the stream itself can then travel in a slot.
+
+    Raises:
+        ValueError: threshold below 1.
+        pickle.PicklingError (and whatever pickling `obj` raises).
+    """
+    threshold = _checks.in_range(threshold, "threshold", 1, (1 << 63) - 1)
+    if (type(obj) is bytes or type(obj) is bytearray) and len(obj) >= threshold:
+        obj = _BytesOutOfBand(obj)
+    buffers: List[memoryview] = []
+    stream = io.BytesIO()
+    try:
+        _OutOfBandPickler(stream, threshold, buffers).dump(obj)
+    except BaseException:
+        for view in buffers:
+            view.release()
+        raise
+    return PickledObject([memoryview(stream.getvalue()), *buffers])
+
+
+def place_parts(pickled: PickledObject, writer: Optional[RegionWriter], *,
+                threshold: int = DEFAULT_THRESHOLD) -> List[Optional[Slot]]:
+    """Copy each part of at least `threshold` bytes into a free slot of `writer`; None: inline.
+
+    Never waits: a part for which no slot is free now, or that is larger
+    than the region, stays inline, as all do without a writer.  On an error, the slots already taken are given
+    back before it is raised.
+    """
+    threshold = _checks.in_range(threshold, "threshold", 1, (1 << 63) - 1)
+    if writer is None:
+        return [None] * len(pickled.parts)
+    placed: List[Optional[Slot]] = []
+    try:
+        for view in pickled.parts:
+            fits = threshold <= view.nbytes <= writer.size
+            placed.append(writer.try_copy(view) if fits else None)
+    except BaseException:
+        for slot in placed:
+            if slot is not None:
+                writer.give_back(slot.offset, slot.length)
+        raise
+    return placed
+
+
+def encode_object(pickled: PickledObject, slots: Sequence[Optional[Slot]]) -> List[Any]:
+    """The OBJECT payload as parts to send back to back as one message (no join).
+
+    `slots[i]` is the slot part i (0: the stream) was copied into, or
+    None: that part goes inline.
+
+    Raises:
+        ValueError: `slots` does not have one entry per part, or a slot's
+            length is not its part's.
+    """
+    parts = pickled.parts
+    if len(slots) != len(parts):
+        raise ValueError("%d slots for %d parts" % (len(slots), len(parts)))
+    table = bytearray(ENVELOPE_HEADER.pack(len(parts), 0))
+    inline: List[Any] = []
+    for view, slot in zip(parts, slots):
+        if slot is None:
+            table += ENVELOPE_ENTRY.pack(INLINE, _RESERVED, 0, view.nbytes)
+            if view.nbytes:
+                inline.append(view)
+        else:
+            if slot.length != view.nbytes:
+                raise ValueError("slot of %d bytes for a part of %d" % (slot.length, view.nbytes))
+            table += ENVELOPE_ENTRY.pack(IN_REGION, _RESERVED, slot.offset, slot.length)
+    return [bytes(table), *inline]
+
+
+class ObjectEnvelope(NamedTuple):
+    """A received OBJECT payload: the pickle stream and the out-of-band buffers, in order.
+
+    Each part is a memoryview of the payload (inline) or the `Slot` that
+    holds it (to claim from the region, and return when read).
+    """
+
+    parts: List[Union[memoryview, Slot]]
+
+    @property
+    def pickle(self) -> Union[memoryview, Slot]:
+        """The pickle stream (part 0)."""
+        return self.parts[0]
+
+    @property
+    def buffers(self) -> List[Union[memoryview, Slot]]:
+        """The out-of-band buffers (parts 1 and on)."""
+        return self.parts[1:]
+
+
+def parse_envelope(payload: Any) -> ObjectEnvelope:
+    """Check an OBJECT payload received from the peer and name its parts (no copy).
+
+    Raises:
+        ProtocolError: shorter than its header and table, no parts, reserved
+            bytes not zero, an unknown entry kind, an empty stream or slot,
+            inline lengths that do not add up to the payload.
+    """
+    view = memoryview(payload).cast("B")
+    size = view.nbytes
+    if size < ENVELOPE_HEADER.size:
+        raise ProtocolError("object payload of %d bytes is shorter than its header" % size)
+    count, reserved = ENVELOPE_HEADER.unpack_from(view)
+    if reserved:
+        raise ProtocolError("object payload: reserved header field is %d, not 0" % reserved)
+    position = ENVELOPE_HEADER.size + count * ENVELOPE_ENTRY.size
+    if count == 0 or position > size:
+        raise ProtocolError("object payload of %d bytes cannot hold %d parts" % (size, count))
+    parts: List[Union[memoryview, Slot]] = []
+    for i in range(count):
+        kind, pad, offset, length = ENVELOPE_ENTRY.unpack_from(
+            view, ENVELOPE_HEADER.size + i * ENVELOPE_ENTRY.size)
+        if pad != _RESERVED:
+            raise ProtocolError("object payload: reserved bytes of part %d are not 0" % i)
+        if i == 0 and length == 0:
+            raise ProtocolError("object payload: empty pickle stream")
+        if kind == INLINE:
+            if offset != 0 or length > size - position:
+                raise ProtocolError("object payload: inline part %d (%d bytes) overruns it"
+                                    % (i, length))
+            parts.append(view[position:position + length])
+            position += length
+        elif kind == IN_REGION:
+            if length == 0:
+                raise ProtocolError("object payload: part %d names an empty slot" % i)
+            parts.append(Slot(offset, length))
+        else:
+            raise ProtocolError("object payload: part %d has unknown kind %d" % (i, kind))
+    if position != size:
+        raise ProtocolError("object payload: %d bytes after its last part" % (size - position))
+    return ObjectEnvelope(parts)
+
+
+def load_object(stream: Any, buffers: Sequence[Any]) -> Any:
+    """Unpickle `stream` with its out-of-band `buffers` (bytes-like objects, in order).
+
+    Like ``pickle.loads(stream, buffers=buffers)``.  A bytes or bytearray
+    object sent out of band is rebuilt as a copy; an object that keeps its
+    buffer (a numpy array) refers to the buffer given, so pass a copy of a
+    region's view unless that slot stays held as long as the object lives.
+    Call `check_unpickle_peer` first.
+
+    Raises:
+        what pickle.loads raises for a bad stream (pickle.UnpicklingError and others).
+    """
+    return pickle.loads(stream, buffers=buffers)
+
+
+def peer_uid(sock: Any) -> Optional[int]:
+    """The connected peer's effective uid (SO_PEERCRED), or None where the kernel cannot say."""
+    try:
+        return peer_credentials(sock).uid
+    except OSError:
+        return None
+
+
+def check_unpickle_peer(uid: Optional[int], *, trusted: bool = False) -> None:
+    """Refuse to unpickle from a peer running as another user, unless it is trusted.
+
+    `uid` is the peer's uid from SO_PEERCRED (`peer_uid`, read once per
+    connection), None when unknown.  Unpickling runs whatever code the peer
+    put into the stream, with this process's rights: that is only harmless
+    from a peer that already has them, one with this process's effective
+    uid (``os.geteuid()``: a set-user-ID program must not run code for the
+    user who started it).  ``trusted=True`` skips the check, as
+    ``multiprocessing`` trusts a peer that knows its authkey.
+
+    Raises:
+        PermissionError: the peer's uid is unknown or not this process's
+            effective uid, and `trusted` is false.
+    """
+    if trusted:
+        return
+    own = os.geteuid()
+    if uid is None:
+        raise PermissionError(errno.EACCES, "refusing to unpickle: the peer's uid is unknown "
+                              "(open the channel as trusting its peer to allow it)")
+    if uid != own:
+        raise PermissionError(errno.EACCES, "refusing to unpickle from a peer of uid %d (this "
+                              "process runs as uid %d; open the channel as trusting its peer "
+                              "to allow it)" % (uid, own))

@@ -1,0 +1,525 @@
+"""Shared-memory regions for the channel's lane: sealed memfds, mapped once, reused.
+
+A sender makes a `Region` (``memfd_create``, sized, space reserved, sealed
+against shrinking and growing, mapped read-write), passes its descriptor to
+the peer once (SCM_RIGHTS), and then moves large messages by writing them
+into slots of it (afunix.slots) and naming the slot in a small frame.  The
+receiver adopts the descriptor (`Region.adopt`): it checks the seals and the
+size before it maps anything, and maps read-only.  `RegionWriter` and
+`RegionReader` pair a region with the bookkeeping of its slots; a `Loan` is
+a writable view of one slot, filled in place and then handed over.
+
+Why sealed: a mapping of a file that shrinks under it raises SIGBUS on the
+next access to the lost pages, which kills a Python process.  With
+F_SEAL_SHRINK on the file, and its size checked against the announced size,
+no access to the mapping can fault; F_SEAL_SEAL keeps the seals as they are.
+
+Why memfd and not a named segment (multiprocessing.shared_memory): it has no
+name to leak after a crash, is freed when the last descriptor and mapping go,
+and is not bounded by the size of /dev/shm.
+
+Linux only.  Not yet used by `afunix.Channel`; the frames that will carry it
+are drafted in docs/PROTOCOL.md ("Shared-memory lane").
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+import stat
+import sys
+from types import TracebackType
+from typing import Any, Callable, Optional, Type
+
+from . import _checks
+from ._kernel import (F_ADD_SEALS, F_GET_SEALS, F_SEAL_GROW, F_SEAL_SEAL, F_SEAL_SHRINK,
+                      MAP_POPULATE, MFD_ALLOW_SEALING, MFD_CLOEXEC)
+from .frames import ProtocolError
+from .slots import DEFAULT_ALIGNMENT, DEFAULT_MAX_SLOTS, Slot, SlotAllocator, SlotLedger
+
+#: The seals every region carries, and a receiver requires.
+REQUIRED_SEALS = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL
+
+#: The largest region: the mapping must fit the address space of a 64-bit
+#: process many times over; a 32-bit one is refused by mmap itself.
+MAX_REGION_SIZE = 1 << 40
+
+#: The name a region shows in /proc/PID/maps and /proc/PID/fd (no file has it).
+REGION_NAME = "afunix-lane"
+
+# CPython 3.13 can map without keeping a duplicate of the descriptor
+# (mmap's trackfd=False): one descriptor per region instead of two.
+_MMAP_KEYWORDS = {"trackfd": False} if sys.version_info >= (3, 13) else {}
+
+
+def unsupported_reason() -> Optional[str]:
+    """Why regions cannot be made here (None when they can): no memfd, no seals."""
+    if not hasattr(os, "memfd_create"):
+        return "os.memfd_create is missing (Linux 3.17 and glibc 2.27 or later needed)"
+    if F_ADD_SEALS is None or F_GET_SEALS is None:
+        return "file sealing (F_ADD_SEALS) is Linux only"
+    return None
+
+
+def _need_support() -> None:
+    reason = unsupported_reason()
+    if reason is not None:
+        raise OSError(errno.ENOSYS, "shared-memory regions unavailable: " + reason)
+
+
+def _reserve(fd: int, size: int) -> None:
+    """Allocate the file's memory now (posix_fallocate), raising OSError when it cannot."""
+    # PyPy 3.9 (7.3.11) returns posix_fallocate's error number instead of
+    # raising it: without this check a failed reservation would pass silently.
+    fallocate: Callable[[int, int, int], Any] = os.posix_fallocate
+    error = fallocate(fd, 0, size)
+    if error:
+        raise OSError(error, os.strerror(error))
+
+
+def _map(fd: int, size: int, writable: bool) -> mmap.mmap:
+    # MAP_POPULATE: fault every page in now, once, instead of one fault per
+    # 4 KiB inside every later copy.
+    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+    return mmap.mmap(fd, size, flags=mmap.MAP_SHARED | MAP_POPULATE, prot=prot,
+                     **_MMAP_KEYWORDS)
+
+
+class Region:
+    """A sealed memfd of a fixed size, mapped into this process.
+
+    Made by `Region.create` (the sender: mapped read-write) or
+    `Region.adopt` (the receiver: mapped read-only, after checking the
+    seals and the size).  Owns its descriptor and its mapping; `close`
+    releases both.  The stdlib twin is ``multiprocessing.shared_memory``,
+    without a name and sealed.
+
+    Views (`view`) keep the memory they point into alive: on CPython, a
+    view that outlives `close` still reads (and, for a created region,
+    writes) the region's memory, which is unmapped when the last view goes
+    (``mmap.close`` refuses while a buffer is exported, so `close` leaves the
+    unmapping to the mmap object's own deallocator).  PyPy's mmap unmaps at
+    `close` whatever is exported and then shows every view of it as empty
+    (length 0): no access can reach the unmapped memory either way.
+    """
+
+    __slots__ = ("_fd", "_map", "_root", "_size", "_writable", "__weakref__")
+
+    def __init__(self, fd: int, mapping: mmap.mmap, size: int, writable: bool) -> None:
+        # Use Region.create or Region.adopt; this takes ownership of fd and mapping.
+        self._fd = fd
+        self._map: Optional[mmap.mmap] = mapping
+        root = memoryview(mapping)
+        self._root: Optional[memoryview] = root if writable else root.toreadonly()
+        if not writable:
+            root.release()
+        self._size = size
+        self._writable = writable
+
+    @classmethod
+    def create(cls, size: int) -> "Region":
+        """A new region of `size` bytes, space reserved, sealed, mapped read-write.
+
+        The memory is reserved at once (posix_fallocate), so running out of
+        it is an OSError here and never a fault later.
+
+        Raises:
+            TypeError, ValueError: `size` is not an int from 1 to MAX_REGION_SIZE.
+            OSError: ENOSYS where memfd or sealing is missing; the kernel's
+                answer otherwise (ENOMEM, ENOSPC, EMFILE).
+        """
+        size = _checks.in_range(size, "size", 1, MAX_REGION_SIZE)
+        _need_support()
+        fd = os.memfd_create(REGION_NAME, MFD_CLOEXEC | MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, size)
+            _reserve(fd, size)
+            fcntl.fcntl(fd, F_ADD_SEALS, REQUIRED_SEALS)  # type: ignore[arg-type]
+            mapping = _map(fd, size, writable=True)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd, mapping, size, writable=True)
+
+    @classmethod
+    def adopt(cls, fd: int, size: int) -> "Region":
+        """The region behind `fd`, received from a peer who announced `size` bytes; read-only.
+
+        Takes ownership of `fd`: it is closed on every failure, and by
+        `close` after success.  Checks, before mapping: the descriptor is a
+        regular file with the seals F_SEAL_SHRINK, F_SEAL_GROW and
+        F_SEAL_SEAL (so its size is fixed for good), and its size is `size`.
+
+        Raises:
+            ProtocolError: the descriptor is not a sealed memfd, lacks a
+                seal, has another size, or cannot be mapped for reading.
+            TypeError, ValueError: `fd` or `size` is not an int in range
+                (the descriptor is closed all the same when it is an int).
+            OSError: ENOSYS where sealing is missing.
+        """
+        fd = _checks.descriptor(fd)
+        try:
+            size = _checks.in_range(size, "size", 1, MAX_REGION_SIZE)
+            _need_support()
+            try:
+                seals = fcntl.fcntl(fd, F_GET_SEALS)  # type: ignore[arg-type]
+            except OSError as exc:
+                raise ProtocolError("region descriptor takes no seals (%s): not a memfd"
+                                    % os.strerror(exc.errno or 0)) from None
+            if seals & REQUIRED_SEALS != REQUIRED_SEALS:
+                raise ProtocolError("region is not sealed: seals 0x%x, 0x%x required"
+                                    % (seals, REQUIRED_SEALS))
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise ProtocolError("region descriptor is not a regular file")
+            if st.st_size != size:
+                raise ProtocolError("region has %d bytes, %d announced" % (st.st_size, size))
+            try:
+                mapping = _map(fd, size, writable=False)
+            except (OSError, ValueError) as exc:
+                raise ProtocolError("region cannot be mapped for reading: %s" % exc) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd, mapping, size, writable=False)
+
+    @property
+    def size(self) -> int:
+        """Bytes of the region."""
+        return self._size
+
+    @property
+    def writable(self) -> bool:
+        """True for a region this process created, False for one adopted from a peer."""
+        return self._writable
+
+    @property
+    def closed(self) -> bool:
+        """True after `close`."""
+        return self._root is None
+
+    def fileno(self) -> int:
+        """The region's descriptor (to pass to the peer); still owned by the region.
+
+        Raises:
+            ValueError: the region is closed.
+        """
+        if self._root is None:
+            raise ValueError("I/O operation on closed region")
+        return self._fd
+
+    def view(self, offset: int, length: int) -> memoryview:
+        """A memoryview of ``region[offset:offset + length]``; read-only for an adopted region.
+
+        Raises:
+            ValueError: the region is closed, or the range is not inside it.
+            TypeError: offset or length is not an int.
+        """
+        root = self._root
+        if root is None:
+            raise ValueError("I/O operation on closed region")
+        offset = _checks.in_range(offset, "offset", 0, self._size)
+        length = _checks.in_range(length, "length", 0, self._size - offset)
+        view: memoryview = root[offset:offset + length]
+        return view
+
+    def close(self) -> None:
+        """Close the descriptor and unmap the region (at once, or when the last view goes).
+
+        Idempotent.  Never raises for views that still exist (see the class
+        notes on what they read).
+        """
+        root, mapping = self._root, self._map
+        if root is None:
+            return
+        self._root = self._map = None
+        root.release()
+        try:
+            os.close(self._fd)
+        finally:
+            if mapping is not None:
+                try:
+                    mapping.close()
+                except BufferError:
+                    # CPython: a view made by `view` (or one derived from it) is
+                    # alive.  Dropping our reference leaves the mapping to the
+                    # mmap object, which unmaps it when that view is released.
+                    pass
+
+    def __enter__(self) -> "Region":
+        return self
+
+    def __exit__(self, exc_type: Optional[Type[BaseException]], exc: Optional[BaseException],
+                 tb: Optional[TracebackType]) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # A region dropped without close() still gives its descriptor back.
+        if getattr(self, "_root", None) is not None:
+            self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._root is None else "fd=%d" % self._fd
+        return "<Region %s size=%d %s>" % (state, self._size, "rw" if self._writable else "ro")
+
+
+class Loan:
+    """A writable view of one slot, filled in place and then handed over or given up.
+
+    Made by `RegionWriter.try_loan`.  `view` is the slot's memory; write the
+    message into it (``loan.view[:n] = data``, ``numpy.frombuffer(loan.view,
+    ...)``).  `commit` hands the slot over (the caller announces it to the
+    peer) and releases the view; `abandon` gives the slot back to the free
+    space.  After either, `view` raises ValueError, as a released memoryview
+    does.  Used as a context manager, a loan not committed when the block
+    ends is abandoned.
+
+    A buffer exported from the view and still alive (``pickle.PickleBuffer(
+    loan.view)``, anything that holds the view's buffer) makes `commit` and
+    `abandon` raise BufferError on CPython and leaves the loan open: drop it
+    first.  Slices of the view, ``memoryview(loan.view)`` and what is built
+    on them (``numpy.frombuffer``) share the slot's memory without such an
+    export, as PyPy's buffers all do: the release cannot reach them, so do
+    not keep them past `commit` (a write through them changes the message
+    in flight; the peer maps the region read-only and never faults).
+    """
+
+    __slots__ = ("slot", "_view", "_allocator")
+
+    def __init__(self, slot: Slot, view: memoryview, allocator: SlotAllocator) -> None:
+        #: the slot lent: its offset and length in the region
+        self.slot = slot
+        self._view: Optional[memoryview] = view
+        self._allocator = allocator
+
+    @property
+    def view(self) -> memoryview:
+        """The slot's memory, writable, until `commit` or `abandon`.
+
+        Raises:
+            ValueError: the loan was committed or abandoned.
+        """
+        view = self._view
+        if view is None:
+            raise ValueError("operation forbidden on released memoryview object")
+        return view
+
+    @property
+    def open(self) -> bool:
+        """True until `commit` or `abandon`."""
+        return self._view is not None
+
+    def _finish(self) -> None:
+        view = self._view
+        if view is None:
+            raise ValueError("the loan was already committed or abandoned")
+        view.release()  # BufferError while an export exists: the loan stays open
+        self._view = None
+
+    def commit(self) -> Slot:
+        """Hand the filled slot over; return it, for the frame that names it.
+
+        The slot stays in use until the peer returns it
+        (`RegionWriter.give_back`).
+
+        Raises:
+            ValueError: already committed or abandoned.
+            BufferError: a buffer exported from `view` is still alive.
+        """
+        self._finish()
+        return self.slot
+
+    def abandon(self) -> None:
+        """Give the slot back unsent.
+
+        Raises:
+            ValueError: already committed or abandoned.
+            BufferError: a buffer exported from `view` is still alive.
+        """
+        self._finish()
+        self._allocator.free(self.slot.offset, self.slot.length)
+
+    def __enter__(self) -> "Loan":
+        return self
+
+    def __exit__(self, exc_type: Optional[Type[BaseException]], exc: Optional[BaseException],
+                 tb: Optional[TracebackType]) -> None:
+        if self._view is not None:
+            self.abandon()
+
+    def __repr__(self) -> str:
+        state = "open" if self._view is not None else "released"
+        return "<Loan offset=%d length=%d %s>" % (self.slot.offset, self.slot.length, state)
+
+
+class RegionWriter:
+    """The sending end of a lane: a region this process created and its free space.
+
+    ``RegionWriter(size)`` makes the region (`Region.create`); pass
+    `fileno()` to the peer once with ``size``.  Then per message:
+    `try_copy` (copy the bytes into a free slot) or `try_loan` (fill a
+    slot in place), announce the slot, and `give_back` each slot the peer
+    returns.  The try calls never wait: None means no room now.
+    """
+
+    __slots__ = ("region", "allocator")
+
+    def __init__(self, size: int, *, alignment: int = DEFAULT_ALIGNMENT) -> None:
+        """Args:
+            size: bytes of the region.
+            alignment: of every slot's offset (a power of two).
+
+        Raises:
+            as `Region.create` and `SlotAllocator`.
+        """
+        allocator = SlotAllocator(size, alignment=alignment)  # checks before any system call
+        #: the region, mapped read-write
+        self.region = Region.create(size)
+        #: its free space
+        self.allocator = allocator
+
+    @property
+    def size(self) -> int:
+        """Bytes of the region."""
+        return self.region.size
+
+    def fileno(self) -> int:
+        """The region's descriptor, to pass to the peer (still owned here)."""
+        return self.region.fileno()
+
+    def try_loan(self, length: int) -> Optional[Loan]:
+        """A `Loan` of a free slot of `length` bytes, or None when none is free now.
+
+        Raises:
+            ValueError: `length` below 1 or over the region's size, or the region is closed.
+        """
+        if self.region.closed:
+            raise ValueError("I/O operation on closed region")
+        slot = self.allocator.try_allocate(length)
+        if slot is None:
+            return None
+        return Loan(slot, self.region.view(slot.offset, slot.length), self.allocator)
+
+    def try_copy(self, data: Any) -> Optional[Slot]:
+        """Copy the bytes-like `data` into a free slot; the slot, or None when none is free now.
+
+        Raises:
+            TypeError: `data` is not a bytes-like object.
+            ValueError: `data` is empty or larger than the region, or the region is closed.
+        """
+        with memoryview(data) as source:
+            if not source.c_contiguous:
+                raise BufferError("data must be a C-contiguous buffer")
+            nbytes = source.nbytes
+            if self.region.closed:
+                raise ValueError("I/O operation on closed region")
+            slot = self.allocator.try_allocate(nbytes)
+            if slot is None:
+                return None
+            try:
+                with self.region.view(slot.offset, nbytes) as target:
+                    flat = source.cast("B") if source.format != "B" or source.ndim != 1 else source
+                    target[:] = flat
+            except BaseException:
+                self.allocator.free(slot.offset, slot.length)
+                raise
+        return slot
+
+    def give_back(self, offset: int, length: int) -> None:
+        """Take back the slot the peer returned.
+
+        Raises:
+            ProtocolError: it is out of range or not a slot in use (see `SlotAllocator.free`).
+        """
+        self.allocator.free(offset, length)
+
+    def close(self) -> None:
+        """Close the region (idempotent); every slot is forgotten."""
+        self.region.close()
+        self.allocator.reset()
+
+    def __enter__(self) -> "RegionWriter":
+        return self
+
+    def __exit__(self, exc_type: Optional[Type[BaseException]], exc: Optional[BaseException],
+                 tb: Optional[TracebackType]) -> None:
+        self.close()
+
+
+class RegionReader:
+    """The receiving end of a lane: a region adopted from the peer, and the slots being read.
+
+    ``RegionReader(fd, size)`` adopts the descriptor (`Region.adopt`; takes
+    ownership of it, closes it on failure).  Per message: `claim` the slot
+    the peer named (a read-only view of it), and `release` it when its bytes
+    are no longer read; send the returned slot back to the peer.
+    """
+
+    __slots__ = ("region", "ledger", "_views")
+
+    def __init__(self, fd: int, size: int, *, max_slots: int = DEFAULT_MAX_SLOTS) -> None:
+        """Raises:
+            as `Region.adopt` (ProtocolError for a region without the seals
+            or of another size); ValueError for a bad max_slots (the
+            descriptor is closed then too).
+        """
+        region = Region.adopt(fd, size)
+        try:
+            ledger = SlotLedger(region.size, max_slots=max_slots)
+        except BaseException:
+            region.close()
+            raise
+        #: the region, mapped read-only
+        self.region = region
+        #: the slots held
+        self.ledger = ledger
+        # offset -> (the view handed out, the slot's length)
+        self._views: "dict[int, tuple[memoryview, int]]" = {}
+
+    def claim(self, offset: int, length: int) -> memoryview:
+        """A read-only view of the slot the peer named, recorded as held.
+
+        Raises:
+            ProtocolError: out of range, empty, overlapping a slot held, or too many held.
+            ValueError: the region is closed.
+        """
+        if self.region.closed:
+            raise ValueError("I/O operation on closed region")
+        slot = self.ledger.claim(offset, length)
+        view = self.region.view(slot.offset, slot.length)
+        self._views[slot.offset] = (view, slot.length)
+        return view
+
+    def release(self, offset: int, length: int) -> Slot:
+        """Stop reading a held slot: its view is released; return the slot to send back.
+
+        Raises:
+            ValueError: it is not a slot held.
+            BufferError: a buffer exported from its view is still alive (the
+                slot stays held, so the sender cannot overwrite what it reads;
+                CPython only, see `Loan` for what counts as an export).
+        """
+        held = self._views.get(offset)
+        if held is None or held[1] != length:
+            raise ValueError("slot (offset %r, length %r) is not held" % (offset, length))
+        held[0].release()  # a no-op when the caller released it already
+        del self._views[offset]
+        return self.ledger.release(offset, length)
+
+    def close(self) -> None:
+        """Close the region (idempotent); held slots are forgotten, their views released where possible."""
+        for view, _ in self._views.values():
+            try:
+                view.release()
+            except BufferError:
+                pass  # the caller's export keeps the mapping alive (see Region)
+        self._views.clear()
+        self.region.close()
+
+    def __enter__(self) -> "RegionReader":
+        return self
+
+    def __exit__(self, exc_type: Optional[Type[BaseException]], exc: Optional[BaseException],
+                 tb: Optional[TracebackType]) -> None:
+        self.close()

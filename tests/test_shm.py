@@ -1,0 +1,761 @@
+"""Shared-memory regions, slots and loans (afunix.shm, afunix.slots), and the object helpers (afunix.objects).
+
+Real memfds, peers in other processes that receive or send the region's
+descriptor with nothing but socket.send_fds / socket.recv_fds, and the
+hostile cases: a region without its seals, of another size, not a memfd, a
+peer shrinking it, slots out of range or overlapping, second closes, views
+that outlive their region.  The module does not depend on the backend; the
+suite runs it on both all the same.
+"""
+from __future__ import annotations
+
+import array
+import errno
+import fcntl
+import gc
+import hashlib
+import os
+import pickle
+import platform
+import random
+import socket
+import subprocess
+import sys
+import textwrap
+from typing import List, Optional
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from afunix import ProtocolError, _kernel, objects, shm
+from afunix.slots import Slot, SlotAllocator, SlotLedger
+
+from conftest import open_fds, run_python
+
+PYPY = platform.python_implementation() == "PyPy"
+REASON = shm.unsupported_reason()
+pytestmark = pytest.mark.skipif(REASON is not None, reason="shared-memory regions: %s" % REASON)
+
+MiB = 1 << 20
+T = 60.0
+
+
+def region_mappings() -> int:
+    """Mappings of afunix regions in this process (/proc/self/maps)."""
+    with open("/proc/self/maps") as f:
+        return sum(1 for line in f if "memfd:" + shm.REGION_NAME in line)
+
+
+def memfd(size: int, seals: Optional[int]) -> int:
+    """A memfd of `size` bytes, with `seals` added (None: made without sealing allowed)."""
+    flags = os.MFD_CLOEXEC | (0 if seals is None else os.MFD_ALLOW_SEALING)
+    fd = os.memfd_create("test", flags)
+    os.ftruncate(fd, size)
+    if seals:
+        fcntl.fcntl(fd, _kernel.F_ADD_SEALS, seals)  # type: ignore[arg-type]
+    return fd
+
+
+def is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError as exc:
+        assert exc.errno == errno.EBADF
+        return False
+    return True
+
+
+# ---- the region --------------------------------------------------------------
+
+
+def test_a_created_region_is_sealed_sized_and_shared(fd_baseline: set) -> None:
+    with shm.Region.create(3 * 4096 + 5) as region:
+        fd = region.fileno()
+        assert region.size == os.fstat(fd).st_size == 3 * 4096 + 5
+        assert region.writable and not region.closed
+        seals = fcntl.fcntl(fd, _kernel.F_GET_SEALS)  # type: ignore[arg-type]
+        assert seals & shm.REQUIRED_SEALS == shm.REQUIRED_SEALS
+        # the file can neither shrink nor grow, and no seal can be added or taken away
+        for size in (0, 4096, 4 * 4096):
+            with pytest.raises(PermissionError):
+                os.ftruncate(fd, size)
+        with pytest.raises(PermissionError):
+            fcntl.fcntl(fd, _kernel.F_ADD_SEALS, 0x0008)  # type: ignore[arg-type]  # F_SEAL_WRITE
+        assert fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+        # what is written through a view is in the file
+        region.view(4096, 5)[:] = b"hello"
+        assert os.pread(fd, 5, 4096) == b"hello"
+        assert region_mappings() >= 1
+    assert region.closed
+    assert region_mappings() == 0
+
+
+def test_bad_arguments_are_refused_before_any_system_call(fd_baseline: set) -> None:
+    with pytest.raises(TypeError):
+        shm.Region.create("4096")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        shm.Region.create(0)
+    with pytest.raises(ValueError):
+        shm.Region.create(shm.MAX_REGION_SIZE + 1)
+    with shm.Region.create(100) as region:
+        for offset, length in ((-1, 1), (0, 101), (100, 1), (50, 51)):
+            with pytest.raises(ValueError):
+                region.view(offset, length)
+        with pytest.raises(TypeError):
+            region.view(0.0, 1)  # type: ignore[arg-type]
+        assert region.view(100, 0).nbytes == 0
+    with pytest.raises(ValueError):
+        SlotAllocator(100, alignment=3)
+    with pytest.raises(ValueError):
+        SlotAllocator(0)
+
+
+def _child(code: str, backend: str, sock: socket.socket) -> "tuple[int, str, str]":
+    """Run `code` in another interpreter with `sock` as descriptor SOCK (a variable)."""
+    prelude = "import os, socket, sys\nSOCK = socket.socket(fileno=%d)\n" % sock.fileno()
+    done = run_python(prelude + textwrap.dedent(code), backend, pass_fds=(sock.fileno(),))
+    return done.returncode, done.stdout, done.stderr
+
+
+def _spawn(code: str, backend: str, sock: socket.socket) -> "subprocess.Popen[bytes]":
+    """Start `code` in another interpreter, with `sock` as SOCK, running beside this test."""
+    prelude = "import os, socket, sys\nSOCK = socket.socket(fileno=%d)\n" % sock.fileno()
+    return subprocess.Popen([sys.executable, "-c", prelude + textwrap.dedent(code)],
+                            pass_fds=(sock.fileno(),), stderr=subprocess.PIPE,
+                            env=dict(os.environ, AFUNIX_BACKEND=backend))
+
+
+def test_a_peer_process_adopts_the_region_and_reads_it_in_place(backend: str, fd_baseline: set) -> None:
+    a, b = socket.socketpair()
+    with a, b, shm.RegionWriter(4 * MiB) as writer:
+        payload = bytes(random.Random(1).getrandbits(8) for _ in range(1000)) * 1000
+        slot = writer.try_copy(payload)
+        assert slot is not None
+        socket.send_fds(a, [b"%d %d %d" % (writer.size, slot.offset, slot.length)], [writer.fileno()])
+        code, out, err = _child("""
+            import hashlib
+            from afunix import shm
+            data, fds, _, _ = socket.recv_fds(SOCK, 100, 1)
+            size, offset, length = map(int, data.split())
+            with shm.RegionReader(fds[0], size) as reader:
+                view = reader.claim(offset, length)
+                assert view.readonly
+                try:
+                    view[0] = 0
+                except TypeError:
+                    pass
+                else:
+                    raise AssertionError("the peer's view is writable")
+                digest = hashlib.sha256(view).hexdigest()
+                reader.release(offset, length)
+            SOCK.sendall(("%s %d %d" % (digest, offset, length)).encode())
+        """, backend, b)
+        assert code == 0, err
+        a.settimeout(T)
+        digest, offset, length = a.recv(200).split()
+        assert digest.decode() == hashlib.sha256(payload).hexdigest()
+        writer.give_back(int(offset), int(length))
+        assert writer.allocator.slots_in_use == 0
+
+
+HOSTILE_REGIONS = {
+    # name: (seals, size made, size announced)
+    "unsealed": (None, 8192, 8192),
+    "sealing allowed, no seal": (0, 8192, 8192),
+    "no shrink seal": (_kernel.F_SEAL_GROW | _kernel.F_SEAL_SEAL, 8192, 8192),
+    "no grow seal": (_kernel.F_SEAL_SHRINK | _kernel.F_SEAL_SEAL, 8192, 8192),
+    "no seal seal": (_kernel.F_SEAL_SHRINK | _kernel.F_SEAL_GROW, 8192, 8192),
+    "smaller than announced": (shm.REQUIRED_SEALS, 4096, 8192),
+    "larger than announced": (shm.REQUIRED_SEALS, 3 * 4096, 8192),
+    "empty": (shm.REQUIRED_SEALS, 0, 8192),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE_REGIONS))
+def test_a_region_without_its_seals_or_size_is_a_protocol_error(kind: str, fd_baseline: set) -> None:
+    seals, made, announced = HOSTILE_REGIONS[kind]
+    fd = memfd(made, seals)
+    maps = region_mappings()
+    with pytest.raises(ProtocolError) as info:
+        shm.Region.adopt(fd, announced)
+    assert info.value.errno == errno.EPROTO
+    assert not is_open(fd)  # taken over and closed: fd_baseline checks nothing else is left
+    assert region_mappings() == maps
+
+
+@pytest.mark.parametrize("kind", ["pipe", "socket", "regular file", "directory"])
+def test_a_descriptor_that_is_no_memfd_is_a_protocol_error(kind: str, tmp_path: object, fd_baseline: set) -> None:
+    others: List[int] = []
+    if kind == "pipe":
+        fd, other = os.pipe()
+        others.append(other)
+    elif kind == "socket":
+        s1, s2 = socket.socketpair()
+        fd, other = s1.detach(), s2.detach()
+        others.append(other)
+    elif kind == "regular file":
+        path = os.path.join(str(tmp_path), "f")
+        with open(path, "wb") as f:
+            f.write(b"x" * 8192)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    else:
+        fd = os.open("/", os.O_RDONLY | os.O_CLOEXEC)
+    with pytest.raises(ProtocolError):
+        shm.Region.adopt(fd, 8192)
+    assert not is_open(fd)
+    for other in others:
+        os.close(other)
+
+
+def test_adopt_closes_the_descriptor_on_bad_arguments_too(fd_baseline: set) -> None:
+    for size in (0, -1, shm.MAX_REGION_SIZE + 1):
+        fd = memfd(4096, shm.REQUIRED_SEALS)
+        with pytest.raises(ValueError):
+            shm.Region.adopt(fd, size)
+        assert not is_open(fd)
+    fd = memfd(4096, shm.REQUIRED_SEALS)
+    with pytest.raises(TypeError):
+        shm.Region.adopt(fd, "4096")  # type: ignore[arg-type]
+    assert not is_open(fd)
+
+
+def test_a_hostile_peer_process_sends_bad_regions(backend: str, fd_baseline: set) -> None:
+    # the peer makes each region itself and announces a size: every one is refused
+    a, b = socket.socketpair()
+    with a, b:
+        a.settimeout(T)
+        code, out, err = _child("""
+            import fcntl
+            from afunix import _kernel, shm
+            def send(fd, size):
+                socket.send_fds(SOCK, [str(size).encode().ljust(32)], [fd])
+                os.close(fd)
+            fd = os.memfd_create("x", os.MFD_CLOEXEC); os.ftruncate(fd, 8192); send(fd, 8192)
+            fd = os.memfd_create("x", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING); os.ftruncate(fd, 8192)
+            fcntl.fcntl(fd, _kernel.F_ADD_SEALS, shm.REQUIRED_SEALS); send(fd, 16384)
+            r, w = os.pipe(); send(r, 8192); os.close(w)
+        """, backend, b)
+        assert code == 0, err
+        for _ in range(3):
+            data, fds, _, _ = socket.recv_fds(a, 32, 1)
+            assert len(fds) == 1
+            with pytest.raises(ProtocolError):
+                shm.RegionReader(fds[0], int(data))
+            assert not is_open(fds[0])
+        assert region_mappings() == 0
+
+
+def test_the_peer_cannot_shrink_the_region_under_a_reader(backend: str, fd_baseline: set) -> None:
+    # Were the shrink to succeed, reading the lost pages would kill this
+    # process with SIGBUS; the seals make it EPERM in the peer, and every
+    # page reads.
+    a, b = socket.socketpair()
+    with a, b:
+        a.settimeout(T)
+        child = _spawn("""
+            from afunix import shm
+            with shm.Region.create(64 * 4096) as region:
+                region.view(0, region.size)[:] = b"\\x5a" * region.size
+                socket.send_fds(SOCK, [b"%d" % region.size], [region.fileno()])
+                assert SOCK.recv(2) == b"go"
+                for size in (0, 4096):
+                    try:
+                        os.ftruncate(region.fileno(), size)
+                    except PermissionError:
+                        pass
+                    else:
+                        raise AssertionError("the region shrank")
+                try:  # PyPy 3.9 returns the error number instead of raising it
+                    error = os.posix_fallocate(region.fileno(), 0, 2 * region.size)
+                except PermissionError:
+                    error = 1
+                assert error == 1 and os.fstat(region.fileno()).st_size == region.size, error
+                SOCK.sendall(b"tried")
+                assert SOCK.recv(4) == b"done"
+        """, backend, b)
+        try:
+            data, fds, _, _ = socket.recv_fds(a, 32, 1)
+            with shm.Region.adopt(fds[0], int(data)) as region:
+                a.sendall(b"go")
+                assert a.recv(5) == b"tried"
+                whole = region.view(0, region.size)
+                assert whole.tobytes() == b"\x5a" * region.size  # every page, after the attempts
+                whole.release()
+                a.sendall(b"done")
+        finally:
+            _, err = child.communicate(timeout=T)
+        assert child.returncode == 0, err.decode()
+
+
+def test_close_twice_and_use_after_close(fd_baseline: set) -> None:
+    region = shm.Region.create(4096)
+    fd = region.fileno()
+    region.close()
+    region.close()
+    assert region.closed and not is_open(fd)
+    with pytest.raises(ValueError):
+        region.fileno()
+    with pytest.raises(ValueError):
+        region.view(0, 1)
+    writer = shm.RegionWriter(4096)
+    writer.close()
+    writer.close()
+    with pytest.raises(ValueError):
+        writer.try_loan(10)
+    with pytest.raises(ValueError):
+        writer.try_copy(b"x")
+    reader = shm.RegionReader(memfd(4096, shm.REQUIRED_SEALS), 4096)
+    reader.close()
+    reader.close()
+    with pytest.raises(ValueError):
+        reader.claim(0, 10)
+
+
+def test_a_region_dropped_without_close_gives_its_descriptor_back(fd_baseline: set) -> None:
+    region = shm.Region.create(4096)
+    fd = region.fileno()
+    del region
+    gc.collect()
+    assert not is_open(fd)
+
+
+VIEWS_OUTLIVE = """
+import gc, platform
+from afunix import shm
+def maps():
+    with open("/proc/self/maps") as f:
+        return sum(1 for line in f if "memfd:" + shm.REGION_NAME in line)
+writer = shm.RegionWriter(1 << 20)
+loan = writer.try_loan(4096)
+loan.view[:5] = b"abcde"
+kept = writer.region.view(0, 4096)            # a view the region made
+sliced = kept[1:3]                            # and one derived from it
+fd = writer.fileno()
+writer.close()
+writer.close()
+try:
+    os.fstat(fd)
+    raise AssertionError("descriptor still open")
+except OSError:
+    pass
+gc.collect()
+if platform.python_implementation() == "PyPy":
+    # PyPy's mmap unmaps at close and shows its views as empty
+    assert len(kept) == 0 and bytes(kept) == b"" and bytes(sliced) == b"", bytes(kept[:5])
+    assert maps() == 0
+    print("empty")
+else:
+    # CPython: mmap.close refuses while views exist; the mapping stays theirs
+    assert bytes(kept[:5]) == b"abcde" and bytes(sliced) == b"bc"
+    kept[0] = ord("z")                        # still the region's memory, still writable
+    assert bytes(loan.view[:1]) == b"z"
+    assert maps() == 1
+    del kept, sliced, loan
+    gc.collect()
+    assert maps() == 0, maps()                # unmapped when the last view went
+    print("kept")
+"""
+
+
+def test_views_that_outlive_close_never_crash(backend: str) -> None:
+    # in a process of its own: a view of unmapped memory would be a SIGSEGV
+    done = run_python("import os\n" + VIEWS_OUTLIVE, backend)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ("empty" if PYPY else "kept")
+
+
+def test_a_reader_views_outlive_close(fd_baseline: set) -> None:
+    with shm.RegionWriter(MiB) as writer:
+        slot = writer.try_copy(b"payload")
+        assert slot is not None
+        reader = shm.RegionReader(os.dup(writer.fileno()), writer.size)
+        view = reader.claim(*slot)
+        kept = view[:]  # a slice the reader cannot release
+        reader.close()
+        with pytest.raises(ValueError):
+            view[0]  # the claimed view itself is released by close
+        assert bytes(kept) == (b"" if PYPY else b"payload")  # see Region: CPython keeps, PyPy empties
+        del kept
+        gc.collect()
+
+
+# ---- slots -------------------------------------------------------------------
+
+
+def test_slots_are_aligned_first_fit_and_coalesce() -> None:
+    alloc = SlotAllocator(1000, alignment=64)
+    a = alloc.try_allocate(100)
+    b = alloc.try_allocate(1)
+    c = alloc.try_allocate(64)
+    assert (a, b, c) == (Slot(0, 100), Slot(128, 1), Slot(192, 64))
+    assert alloc.bytes_in_use == 128 + 64 + 64 and alloc.slots_in_use == 3
+    # the last range of the region is shorter than a rounded length: the slot takes the rest
+    d = alloc.try_allocate(1000 - 256)
+    assert d == Slot(256, 744) and alloc.largest_free == 0
+    assert alloc.try_allocate(1) is None  # full: no wait, None
+    alloc.free(*b)
+    assert alloc.try_allocate(65) is None and alloc.try_allocate(64) == Slot(128, 64)
+    alloc.free(128, 64)
+    for slot in (c, a, d):  # out of order: the free ranges join up again
+        alloc.free(*slot)
+    assert alloc.slots_in_use == 0 and alloc.bytes_in_use == 0
+    assert alloc.try_allocate(1000) == Slot(0, 1000)
+    with pytest.raises(ValueError):
+        alloc.try_allocate(1001)  # never fits: not None
+    with pytest.raises(ValueError):
+        alloc.try_allocate(0)
+
+
+def test_a_bad_return_is_a_protocol_error_and_changes_nothing() -> None:
+    alloc = SlotAllocator(4096, alignment=64)
+    a = alloc.try_allocate(100)
+    b = alloc.try_allocate(200)
+    assert a is not None and b is not None
+    bad = [
+        (4000, 200),    # out of range
+        (-64, 100),     # out of range
+        (0, 0),         # empty
+        (0, 99),        # not the slot's length
+        (64, 36),       # inside a slot
+        (0, 300),       # overlapping two
+        (1024, 64),     # free space
+        (a.offset + 1, 100),
+    ]
+    for offset, length in bad:
+        with pytest.raises(ProtocolError):
+            alloc.free(offset, length)
+        assert alloc.slots_in_use == 2 and alloc.bytes_in_use == 128 + 256
+    with pytest.raises(TypeError):
+        alloc.free(0.0, 100)  # type: ignore[arg-type]
+    alloc.free(*a)
+    with pytest.raises(ProtocolError):
+        alloc.free(*a)  # twice
+    alloc.free(*b)
+    assert alloc.try_allocate(4096) == Slot(0, 4096)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 3000), st.integers(0, 1 << 30)), max_size=120),
+       st.sampled_from([1, 8, 64, 4096]))
+def test_slot_allocator_property(steps: "list[tuple[bool, int, int]]", alignment: int) -> None:
+    size = 10007
+    alloc = SlotAllocator(size, alignment=alignment)
+    ledger = SlotLedger(size)  # the receiver's view of the same slots
+    used: List[Slot] = []
+    for take, length, pick in steps:
+        if take or not used:
+            slot = alloc.try_allocate(length)
+            if slot is None:
+                assert alloc.largest_free < length
+                continue
+            assert slot.offset % alignment == 0 and 0 <= slot.offset <= size - length
+            assert slot.length == length
+            ledger.claim(*slot)  # would raise if it overlapped a slot in use
+            used.append(slot)
+        else:
+            slot = used.pop(pick % len(used))
+            ledger.release(*slot)
+            alloc.free(*slot)
+        assert alloc.slots_in_use == len(used) == len(ledger)
+    for slot in used:
+        alloc.free(*slot)
+    assert alloc.try_allocate(size) == Slot(0, size)
+
+
+def test_the_receiver_refuses_slots_out_of_range_or_overlapping() -> None:
+    ledger = SlotLedger(1000, max_slots=4)
+    assert ledger.claim(100, 100) == Slot(100, 100)
+    for offset, length in [(0, 0), (-1, 10), (995, 10), (1000, 1), (1 << 64, 1),
+                           (100, 100), (150, 10), (50, 51), (199, 5), (0, 1000)]:
+        with pytest.raises(ProtocolError):
+            ledger.claim(offset, length)
+    assert ledger.held() == [Slot(100, 100)]
+    assert ledger.claim(0, 100) and ledger.claim(200, 800)  # touching is not overlapping
+    ledger.release(0, 100)
+    assert ledger.claim(50, 50) and ledger.claim(0, 50)  # the freed range, in two
+    assert len(ledger) == 4
+    one = SlotLedger(1000, max_slots=1)
+    one.claim(0, 1)
+    with pytest.raises(ProtocolError):
+        one.claim(10, 1)
+    with pytest.raises(ValueError):
+        ledger.release(1, 1)
+
+
+# ---- loans -------------------------------------------------------------------
+
+
+def test_a_loan_is_filled_in_place_and_released_at_commit(fd_baseline: set) -> None:
+    with shm.RegionWriter(MiB) as writer:
+        loan = writer.try_loan(1000)
+        assert loan is not None and loan.open and not loan.view.readonly
+        loan.view[:] = b"\x07" * 1000
+        view = loan.view
+        slot = loan.commit()
+        assert slot == loan.slot and not loan.open
+        with pytest.raises(ValueError):
+            loan.view
+        with pytest.raises(ValueError):
+            view[0]  # the view handed out is released, as memoryview.release does
+        with pytest.raises(ValueError):
+            loan.commit()
+        with pytest.raises(ValueError):
+            loan.abandon()
+        assert writer.allocator.slots_in_use == 1  # in flight until the peer returns it
+        assert bytes(writer.region.view(slot.offset, slot.length)) == b"\x07" * 1000
+        writer.give_back(*slot)
+
+        with writer.try_loan(10) as loan2:  # not committed: abandoned by the with block
+            loan2.view[:2] = b"ab"
+        assert not loan2.open and writer.allocator.slots_in_use == 0
+        with pytest.raises(RuntimeError):
+            with writer.try_loan(10):
+                raise RuntimeError
+        assert writer.allocator.slots_in_use == 0
+        big = writer.try_loan(MiB)
+        assert big is not None and writer.try_loan(1) is None  # no room now: None, no wait
+        big.abandon()
+        with pytest.raises(ValueError):
+            writer.try_loan(MiB + 1)
+
+
+@pytest.mark.skipif(PYPY, reason="PyPy's memoryview does not count the buffers exported from it")
+def test_a_loan_with_a_buffer_exported_stays_open() -> None:
+    with shm.RegionWriter(MiB) as writer:
+        loan = writer.try_loan(100)
+        assert loan is not None
+        held = pickle.PickleBuffer(loan.view)
+        with pytest.raises(BufferError):
+            loan.commit()
+        assert loan.open
+        del held
+        loan.commit()
+
+
+def test_try_copy_takes_any_contiguous_buffer(fd_baseline: set) -> None:
+    with shm.RegionWriter(MiB) as writer:
+        ints = array.array("i", range(1000))
+        grid = memoryview(bytearray(range(256)) * 4).cast("B", (32, 32))
+        for data, expected in ((ints, ints.tobytes()), (grid, grid.tobytes()),
+                               (bytearray(b"ba"), b"ba"), (memoryview(b"xyz")[1:], b"yz")):
+            slot = writer.try_copy(data)
+            assert slot is not None and slot.length == len(expected)
+            assert bytes(writer.region.view(*slot)) == expected
+            writer.give_back(*slot)
+        with pytest.raises(BufferError):
+            writer.try_copy(memoryview(b"abcdef")[::2])  # strided: refused, no slot taken
+        with pytest.raises(TypeError):
+            writer.try_copy("text")
+        with pytest.raises(ValueError):
+            writer.try_copy(b"")
+        with pytest.raises(ValueError):
+            writer.try_copy(bytes(MiB + 1))  # never fits
+        assert writer.allocator.slots_in_use == 0
+
+
+def test_a_reader_releases_a_slot_whose_view_the_caller_released(fd_baseline: set) -> None:
+    with shm.RegionWriter(MiB) as writer:
+        reader = shm.RegionReader(os.dup(writer.fileno()), writer.size)
+        slot = writer.try_copy(b"abc")
+        assert slot is not None
+        reader.claim(*slot).release()
+        assert reader.release(*slot) == slot
+        with pytest.raises(ValueError):
+            reader.release(*slot)  # not held any more
+        reader.close()
+
+
+@pytest.mark.skipif(PYPY, reason="PyPy's memoryview does not count the buffers exported from it")
+def test_a_slot_whose_view_is_exported_stays_held() -> None:
+    with shm.RegionWriter(MiB) as writer:
+        reader = shm.RegionReader(os.dup(writer.fileno()), writer.size)
+        slot = writer.try_copy(b"abc")
+        assert slot is not None
+        held = pickle.PickleBuffer(reader.claim(*slot))
+        with pytest.raises(BufferError):
+            reader.release(*slot)
+        assert reader.ledger.held() == [slot]  # the sender cannot get it back yet
+        del held
+        assert reader.release(*slot) == slot
+        reader.close()
+
+
+def test_ten_thousand_cycles_leave_descriptors_and_mappings_flat(fd_baseline: set) -> None:
+    rng = random.Random(7)
+    with shm.RegionWriter(4 * MiB) as writer:
+        reader = shm.RegionReader(os.dup(writer.fileno()), writer.size)
+        fds, maps = open_fds(), region_mappings()
+        for i in range(10000):
+            n = rng.randrange(1, 256 << 10)
+            if i % 2:
+                slot = writer.try_copy(b"\x01" * n)
+            else:
+                loan = writer.try_loan(n)
+                assert loan is not None
+                loan.view[:1] = b"\x01"
+                slot = loan.commit()
+            assert slot is not None
+            view = reader.claim(*slot)
+            assert view[0] == 1
+            writer.give_back(*reader.release(*slot))
+        assert open_fds() == fds and region_mappings() == maps
+        assert writer.allocator.slots_in_use == 0 and len(reader.ledger) == 0
+        reader.close()
+    assert region_mappings() == 0
+
+
+def test_region_create_and_close_cycles_leave_nothing(fd_baseline: set) -> None:
+    for _ in range(500):
+        with shm.RegionWriter(64 << 10) as writer:
+            shm.RegionReader(os.dup(writer.fileno()), writer.size).close()
+    gc.collect()
+    assert region_mappings() == 0
+
+
+# ---- Python objects ----------------------------------------------------------
+
+
+def _round_trip(obj: object, writer: Optional[shm.RegionWriter], reader: Optional[shm.RegionReader],
+                threshold: int = 1024) -> "tuple[object, List[Optional[Slot]]]":
+    with objects.pickle_object(obj, threshold=threshold) as pickled:
+        placed = objects.place_parts(pickled, writer, threshold=threshold)
+        payload = b"".join(bytes(part) for part in objects.encode_object(pickled, placed))
+    envelope = objects.parse_envelope(payload)
+    parts = []
+    for part in envelope.parts:
+        if isinstance(part, Slot):
+            assert reader is not None
+            parts.append(bytes(reader.claim(*part)))  # a copy: the slot goes back at once
+            assert writer is not None
+            writer.give_back(*reader.release(*part))
+        else:
+            parts.append(part)
+    return objects.load_object(parts[0], parts[1:]), placed
+
+
+class Blob:
+    """A protocol-5 type with one buffer, as numpy arrays are."""
+
+    def __init__(self, data: bytearray) -> None:
+        self.data = data
+
+    def __reduce_ex__(self, protocol: object) -> object:
+        return Blob, (pickle.PickleBuffer(self.data),)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Blob) and bytes(self.data) == bytes(other.data)
+
+
+def test_objects_round_trip_with_large_buffers_in_slots(fd_baseline: set) -> None:
+    with shm.RegionWriter(4 * MiB) as writer:
+        reader = shm.RegionReader(os.dup(writer.fileno()), writer.size)
+        cases = [
+            b"x" * 5000,                                   # large bytes given itself
+            bytearray(b"y" * 3000),
+            b"small",
+            {"blob": Blob(bytearray(b"z" * 4000)), "tiny": Blob(bytearray(b"t")), "n": [1, 2.5]},
+            [b"q" * 100000, "text"],                      # large bytes inside: in the stream
+        ]
+        for obj in cases:
+            out, placed = _round_trip(obj, writer, reader)
+            assert out == obj and type(out) is type(obj)
+        assert _round_trip(b"x" * 5000, writer, reader)[1][1] is not None   # out of band, in a slot
+        assert _round_trip(b"small", writer, reader)[1] == [None]
+        blob_parts = _round_trip({"b": Blob(bytearray(5000)), "s": Blob(bytearray(10))}, writer, reader)[1]
+        assert len(blob_parts) == 2 and blob_parts[1] is not None          # only the large one
+        assert _round_trip([b"q" * 100000], writer, reader)[1][0] is not None  # the stream in a slot
+        # without a region every part is inline
+        out, placed = _round_trip({"blob": Blob(bytearray(5000))}, None, None)
+        assert placed == [None, None] and out == {"blob": Blob(bytearray(5000))}
+        assert writer.allocator.slots_in_use == 0
+        reader.close()
+
+
+def test_an_object_larger_than_the_free_space_goes_inline(fd_baseline: set) -> None:
+    with shm.RegionWriter(64 << 10) as writer:
+        reader = shm.RegionReader(os.dup(writer.fileno()), writer.size)
+        out, placed = _round_trip(b"w" * (100 << 10), writer, reader)
+        assert out == b"w" * (100 << 10) and placed[1] is None
+        reader.close()
+
+
+def _envelope(*entries: "tuple[int, bytes, int, int]", tail: bytes = b"", count: Optional[int] = None,
+              reserved: int = 0) -> bytes:
+    head = objects.ENVELOPE_HEADER.pack(len(entries) if count is None else count, reserved)
+    return head + b"".join(objects.ENVELOPE_ENTRY.pack(*e) for e in entries) + tail
+
+
+def test_a_bad_object_payload_is_a_protocol_error() -> None:
+    z = bytes(7)
+    good = _envelope((objects.INLINE, z, 0, 4), (objects.IN_REGION, z, 64, 10), tail=b"abcd")
+    envelope = objects.parse_envelope(good)
+    assert bytes(envelope.pickle) == b"abcd" and envelope.buffers == [Slot(64, 10)]  # type: ignore[arg-type]
+    bad = [
+        b"",
+        b"\x01\x00\x00",
+        _envelope(count=0),
+        _envelope((objects.INLINE, z, 0, 4), tail=b"abcd", reserved=1),
+        _envelope((objects.INLINE, z, 0, 4), tail=b"abc"),              # short
+        _envelope((objects.INLINE, z, 0, 4), tail=b"abcde"),            # trailing bytes
+        _envelope((objects.INLINE, z, 0, 0)),                            # empty stream
+        _envelope((objects.INLINE, b"\x01" + bytes(6), 0, 1), tail=b"a"),
+        _envelope((objects.INLINE, z, 8, 1), tail=b"a"),                 # an offset for inline bytes
+        _envelope((objects.IN_REGION, z, 0, 0)),                         # an empty slot
+        _envelope((2, z, 0, 1), tail=b"a"),                              # unknown kind
+        _envelope((objects.INLINE, z, 0, 1), count=1000, tail=b"a"),    # more entries than bytes
+        _envelope((objects.INLINE, z, 0, 1 << 63), tail=b"a"),
+    ]
+    for payload in bad:
+        with pytest.raises(ProtocolError):
+            objects.parse_envelope(payload)
+
+
+def test_unpickling_is_refused_from_a_peer_of_another_uid() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        uid = objects.peer_uid(a)
+        assert uid == os.geteuid()
+        objects.check_unpickle_peer(uid)
+    with pytest.raises(PermissionError) as info:
+        objects.check_unpickle_peer(os.geteuid() + 1)
+    assert info.value.errno == errno.EACCES and "uid %d" % (os.geteuid() + 1) in str(info.value)
+    with pytest.raises(PermissionError):
+        objects.check_unpickle_peer(None)
+    objects.check_unpickle_peer(os.geteuid() + 1, trusted=True)
+    objects.check_unpickle_peer(None, trusted=True)
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # no SO_PEERCRED answer: unknown
+    with s:
+        assert objects.peer_uid(s) is None
+
+
+def test_a_peer_of_another_uid_is_refused(short_dir: str) -> None:
+    # SO_PEERCRED of a connection from a process that runs as nobody
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run a peer as another user")
+    os.chmod(short_dir, 0o777)
+    path = os.path.join(short_dir, "s")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        os.chmod(path, 0o777)
+        listener.listen(1)
+        listener.settimeout(T)
+        child = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+            import os, socket, sys
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            c.connect(sys.argv[1])
+            c.recv(1)
+        """), path])
+        try:
+            conn, _ = listener.accept()
+            with conn:
+                uid = objects.peer_uid(conn)
+                assert uid == 65534
+                with pytest.raises(PermissionError):
+                    objects.check_unpickle_peer(uid)
+                objects.check_unpickle_peer(uid, trusted=True)
+                conn.sendall(b"x")
+        finally:
+            assert child.wait(timeout=T) == 0
