@@ -109,7 +109,6 @@ def _wrap_pairs(fds: list[int], type: int, blocking: bool) -> list[tuple[socket.
 
 # ---- batched message I/O --------------------------------------------------
 
-MAX_BATCH = lib.AFUNIX_MAX_BATCH
 _ADDR_MAX = lib.AFUNIX_ADDR_MAX
 _NULL = ffi.NULL
 

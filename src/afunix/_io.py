@@ -149,24 +149,6 @@ def decode_address(raw: Optional[bytes]) -> Optional[Address]:
     return os.fsdecode(raw if nul < 0 else raw[:nul])
 
 
-def encode_address(address: Any) -> bytes:
-    """sun_path bytes for `address` (str/bytes/PathLike; b"\\0..." is abstract).
-
-    Raises:
-        TypeError, ValueError: not an address, or longer than sun_path.
-    """
-    from .capabilities import MAX_PATH_BYTES
-
-    if isinstance(address, (str, bytes, os.PathLike)):
-        raw = os.fsencode(address)
-    else:
-        raise TypeError("address must be str, bytes or os.PathLike, not %s" % type(address).__name__)
-    limit = MAX_PATH_BYTES + (1 if raw[:1] == b"\0" else 0)
-    if len(raw) > limit:
-        raise ValueError("AF_UNIX address is %d bytes, the limit is %d" % (len(raw), limit))
-    return raw
-
-
 class Outgoing(NamedTuple):
     """Messages to send, checked and split into parallel lists by the topic layer."""
 

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple
 
 from ._io import Outgoing, _raw_type, nonblocking_twin
 from ._kernel import MSG_CMSG_CLOEXEC, MSG_NOSIGNAL, SCM_CREDENTIALS
+from ._limits import FRAME_HEADER, FRAME_MAGIC, FRAME_VERSION, SCM_MAX_FD
 
 
 def socketpairs(n: int, type: int, blocking: bool) -> list[tuple[socket.socket, socket.socket]]:
@@ -36,8 +37,6 @@ def socketpairs(n: int, type: int, blocking: bool) -> list[tuple[socket.socket, 
 
 # ---- batched message I/O --------------------------------------------------
 
-MAX_BATCH = 1024
-_SCM_MAX_FD = 253
 _CREDS = SCM_CREDENTIALS
 # plain ints: | and & on the socket module's enum flags are slow
 _NOSIGNAL = MSG_NOSIGNAL
@@ -402,12 +401,10 @@ import struct
 from typing import Sequence
 
 _FRAME = struct.Struct("<Q")  # the header as one little-endian word
-_FRAME_HEADER = 8
-# bits 40..63 of the header word: flags 0, version 1, magic 0xAF
-_FRAME_TAG = 0xAF0100 << 40
+# bits 40..63 of the header word: flags 0, then the version, then the magic byte
+_FRAME_TAG = ((FRAME_MAGIC << 16) | (FRAME_VERSION << 8)) << 40
 _FRAME_TAG_MASK = 0xFFFFFF << 40
 _FRAME_LENGTH = 0xFFFFFFFF
-_FRAME_MAX_NFDS = 253
 # Headers of descriptor-less frames by payload length: most channels send a
 # few sizes over and over, and a dict lookup is cheaper than a pack.
 _frame_headers: dict[int, bytes] = {}
@@ -456,23 +453,23 @@ def parse_frames(table: FrameTable, buf: bytearray, start: int, end: int,
     pos, count, with_fds, uniform, rc, need = start, 0, 0, -1, 0, 0
     while count < limit:
         avail = end - pos
-        if avail < _FRAME_HEADER:
+        if avail < FRAME_HEADER:
             if avail:
-                need = _FRAME_HEADER
+                need = FRAME_HEADER
             break
         (word,) = unpack(buf, pos)
         k = (word >> 32) & 0xFF
-        if word & _FRAME_TAG_MASK != _FRAME_TAG or k > _FRAME_MAX_NFDS:
+        if word & _FRAME_TAG_MASK != _FRAME_TAG or k > SCM_MAX_FD:
             rc = -errno.EBADMSG
             break
         length = word & _FRAME_LENGTH
         if length > max_frame:
             rc = -errno.EMSGSIZE
             break
-        if avail - _FRAME_HEADER < length:
-            need = _FRAME_HEADER + length
+        if avail - FRAME_HEADER < length:
+            need = FRAME_HEADER + length
             break
-        offsets[count] = pos + _FRAME_HEADER
+        offsets[count] = pos + FRAME_HEADER
         lengths[count] = length
         if k:
             with_fds += 1
@@ -482,7 +479,7 @@ def parse_frames(table: FrameTable, buf: bytearray, start: int, end: int,
         elif uniform != length:
             uniform = -1
         count += 1
-        pos += _FRAME_HEADER + length
+        pos += FRAME_HEADER + length
     table.need = need
     if count == 0 and rc:
         table.count = table.consumed = table.with_fds = 0
@@ -518,9 +515,9 @@ def pack_frames(out: bytearray, datas: Sequence[Any], joined: bytes, lengths: Se
     parts[1::2] = datas
     packed = b"".join(parts)
     declared = sum(lengths)
-    if len(packed) != declared + _FRAME_HEADER * len(heads):
+    if len(packed) != declared + FRAME_HEADER * len(heads):
         raise BufferError("the message lengths add up to %d bytes but %d were handed over; "
-                          "nothing was sent" % (declared, len(packed) - _FRAME_HEADER * len(heads)))
+                          "nothing was sent" % (declared, len(packed) - FRAME_HEADER * len(heads)))
     out[:len(packed)] = packed
     return len(packed)
 
@@ -530,7 +527,7 @@ def pack_frames(out: bytearray, datas: Sequence[Any], joined: bytes, lengths: Se
 
 CHAN_READS = 8
 CHAN_FDS_NO_DATA = 0x40000000
-_CHAN_ANCBUF = socket.CMSG_SPACE(4 * _FRAME_MAX_NFDS) + socket.CMSG_SPACE(64)
+_CHAN_ANCBUF = socket.CMSG_SPACE(4 * SCM_MAX_FD) + socket.CMSG_SPACE(64)
 _TRUNC = int(socket.MSG_TRUNC)
 
 

@@ -61,7 +61,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, TypeVar
 
 from . import _checks, _io
 from ._kernel import MSG_NOSIGNAL
-from .addresses import _parse
+from .addresses import encode_address
 from .batch import outgoing, send_with_control
 from .channel import _owning
 from .batch import send_many as _send_many_now
@@ -512,7 +512,7 @@ async def connect(address: Address, type: int = socket.SOCK_STREAM) -> socket.so
         TypeError, ValueError: bad address or type, before any system call.
         OSError: from the kernel (ENOENT, ECONNREFUSED, ...).
     """
-    raw, _ = _parse(address)
+    raw, _ = encode_address(address)
     kind = _checks.supported_socket_type(type)
     trio_support = _trio_running()
     if trio_support is not None:

@@ -11,12 +11,13 @@ import socket
 from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 from . import _backend, _checks, _io
+from .addresses import encode_address
 from ._kernel import MSG_NOSIGNAL
+from ._limits import MAX_BATCH, SCM_MAX_FD
 from .message import Message
 
-#: Most messages one call takes or returns (UIO_MAXIOV).
-MAX_MESSAGES = 1024
-_SCM_MAX_FD = 253
+#: Most messages one call takes or returns (UIO_MAXIOV): the public name of MAX_BATCH.
+MAX_MESSAGES = MAX_BATCH
 
 # Plain ints: the socket module's constants are enum members, and every
 # | or & on them builds a new enum object (as costly as a system call).
@@ -40,9 +41,9 @@ def _fd_of(obj: Any) -> int:
 def checked_fds(fds: Any) -> tuple[int, ...]:
     """Descriptors to pass, as a tuple of ints, within SCM_MAX_FD."""
     out = tuple(_fd_of(f) for f in fds)
-    if len(out) > _SCM_MAX_FD:
+    if len(out) > SCM_MAX_FD:
         raise ValueError("at most %d descriptors per message (SCM_MAX_FD), got %d"
-                         % (_SCM_MAX_FD, len(out)))
+                         % (SCM_MAX_FD, len(out)))
     return out
 
 
@@ -127,7 +128,7 @@ def outgoing(messages: Iterable[Any]) -> _io.Outgoing:
         if isinstance(item, Message):
             data = item.data
             fds.append(checked_fds(item.fds))  # may run the caller's fileno()
-            addrs.append(None if item.address is None else _io.encode_address(item.address))
+            addrs.append(None if item.address is None else encode_address(item.address)[0])
             if item.credentials is None:
                 creds.append(None)
             else:
@@ -175,7 +176,7 @@ def _messages_with_fds(items: list[Message]) -> Optional[_io.Outgoing]:
     fd_tuples = list(map(tuple, fd_lists))
     counts = list(map(len, fd_tuples))
     flat = list(itertools.chain.from_iterable(fd_tuples))
-    if max(counts) > _SCM_MAX_FD or (flat and (set(map(type, flat)) != {int} or min(flat) < 0
+    if max(counts) > SCM_MAX_FD or (flat and (set(map(type, flat)) != {int} or min(flat) < 0
                                                or max(flat) > _checks.C_INT_MAX)):
         return None
     return _io.Outgoing(datas, sizes, fd_tuples if flat else None, None, None, joined,
@@ -232,7 +233,7 @@ def _send_messages(t: _io.Target, out: _io.Outgoing, flags: int) -> int:
     if t.timeout is not None:
         deadline = _io.deadline_of(t.timeout)
         flags |= _DONTWAIT  # waiting is done here, against the deadline
-    if deadline is None and total <= MAX_MESSAGES and not flags & _DONTWAIT:
+    if deadline is None and total <= MAX_BATCH and not flags & _DONTWAIT:
         # a blocking socket and one call's worth: the common case, tried first
         try:
             sent = send_batch(t.sock, out, 0, total, flags)
@@ -241,7 +242,7 @@ def _send_messages(t: _io.Target, out: _io.Outgoing, flags: int) -> int:
         if sent == total:
             return sent
     while sent < total:
-        count = min(total - sent, MAX_MESSAGES)
+        count = min(total - sent, MAX_BATCH)
         try:
             sent += send_batch(t.sock, out, sent, count, flags)
         except InterruptedError:

@@ -8,14 +8,13 @@ import struct
 from typing import Any, Iterable, List, Optional, Tuple
 
 from . import _checks, _io
-from ._kernel import SO_PASSCRED, SO_PEERCRED
+from .addresses import encode_address
+from ._kernel import SO_PASSCRED, SO_PEERCRED, SO_PEERPIDFD
 from .batch import _send_messages, _send_stream, checked_fds, write_with_control
 from ._limits import SCM_MAX_FD
 from .receive import MAX_BUFSIZE, _receive, arena_for
 from .message import Address, Credentials, TruncatedError
 
-# SO_PEERPIDFD (Linux >= 6.5) may be missing from the socket module.
-_SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
 _STREAM = int(socket.SOCK_STREAM)
 _CTRUNC = int(socket.MSG_CTRUNC)
 
@@ -44,7 +43,7 @@ def send_fds(sock: Any, buffers: Iterable[Any], fds: Iterable[Any], flags: int =
         raise BufferError("send_fds: a buffer is not C-contiguous")
     data = b"".join(views)
     fd_tuple = checked_fds(fds)
-    raw_address = None if address is None else _io.encode_address(address)
+    raw_address = None if address is None else encode_address(address)[0]
     t = _io.target(sock)
     try:
         if t.type == _STREAM and fd_tuple and not data:
@@ -154,7 +153,7 @@ def peer_pidfd(sock: Any) -> int:
     """
     t = _io.target(sock)
     try:
-        fd = t.sock.getsockopt(socket.SOL_SOCKET, _SO_PEERPIDFD)
+        fd = t.sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
     finally:
         if t.shadow:
             t.sock.detach()

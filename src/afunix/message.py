@@ -1,6 +1,7 @@
 """Value types of afunix: Message, Credentials, TruncatedError, and close_fds."""
 from __future__ import annotations
 
+import os
 from typing import Iterable, NamedTuple, Optional, Tuple, Union
 
 from . import _checks
@@ -8,6 +9,8 @@ from . import _checks
 #: What an AF_UNIX address looks like in Python, as the socket module gives it:
 #: a filesystem path as str, an abstract name as bytes starting with NUL.
 Address = Union[str, bytes]
+#: What the calls that take an address accept: an `Address`, or a path as os.PathLike.
+AddressLike = Union[Address, "os.PathLike[str]", "os.PathLike[bytes]"]
 
 
 class Credentials(NamedTuple):

@@ -6,13 +6,12 @@ import threading
 from typing import Any, Iterator, Optional, Sequence
 
 from . import _backend, _checks, _io
-from .batch import MAX_MESSAGES
+from ._limits import MAX_BATCH, SCM_MAX_FD
 from .message import Address, Credentials, Message
 
 #: Largest bufsize per message; and the largest arena (max_messages x bufsize).
 MAX_BUFSIZE = 16 << 20
 MAX_ARENA_BYTES = 256 << 20
-_SCM_MAX_FD = 253
 
 # Plain ints: | and & on the socket module's enum flags build enum objects.
 _DONTWAIT = int(socket.MSG_DONTWAIT)
@@ -26,9 +25,9 @@ _FILLER = "filler"
 
 
 def _checked_sizes(max_messages: Any, bufsize: Any, maxfds: Any) -> tuple[int, int, int]:
-    n = _checks.in_range(max_messages, "max_messages", 1, MAX_MESSAGES)
+    n = _checks.in_range(max_messages, "max_messages", 1, MAX_BATCH)
     size = _checks.in_range(bufsize, "bufsize", 1, MAX_BUFSIZE)
-    k = _checks.in_range(maxfds, "maxfds", 0, _SCM_MAX_FD)
+    k = _checks.in_range(maxfds, "maxfds", 0, SCM_MAX_FD)
     if n * size > MAX_ARENA_BYTES:
         raise ValueError("max_messages x bufsize is %d bytes, the limit is %d"
                          % (n * size, MAX_ARENA_BYTES))
