@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import afunix
-from afunix import _backend
+from afunix import _backend, _contract
 from conftest import REQUIRE_C, run_python
 
 
@@ -40,7 +40,7 @@ def test_both_backends_provide_exactly_the_contract() -> None:
     for name in _backend.FUNCTIONS:
         assert c_funcs[name] == s_funcs[name], name
         # and both match the written contract, minus its `self`
-        contract = inspect.signature(getattr(_backend.Backend, name))
+        contract = inspect.signature(getattr(_contract.Backend, name))
         params = list(contract.parameters.values())[1:]
         assert c_funcs[name] == contract.replace(parameters=params), name
 

@@ -1,7 +1,6 @@
-"""Plumbing shared by the I/O topic modules: sockets, waiting, addresses."""
+"""Plumbing shared by the I/O topic modules: the target socket, waiting, received addresses."""
 from __future__ import annotations
 
-import _socket
 import array
 import errno
 import fcntl
@@ -13,37 +12,19 @@ import time
 from typing import Any, NamedTuple, Optional
 
 from . import _checks
+# BorrowedSocket and nonblocking_twin are _sockets' (the backends use them too);
+# the I/O modules reach them here, with the target socket they serve.
+from ._sockets import BorrowedSocket as BorrowedSocket
+from ._sockets import nonblocking_twin as nonblocking_twin
+from ._sockets import raw_family, raw_type
 from .message import Address
 
-# socket.socket.type builds an enum object on every access; the C-level
-# member under it is the plain int (flags already masked off since 3.7).
-_raw_type = _socket.socket.type.__get__
-# The same for socket.family (an enum made on every access: ~0.4 us).
-_raw_family = _socket.socket.family.__get__
+# The name channel.py reads until it imports raw_type from _sockets.
+_raw_type = raw_type
 _AF_UNIX = int(socket.AF_UNIX)
 
 # Linux: POLLRDHUP tells that the peer closed or shut down its writing side.
 _POLLRDHUP = getattr(select, "POLLRDHUP", 0x2000)
-
-
-class BorrowedSocket(socket.socket):
-    """A socket object over a descriptor that another object owns: collecting it never closes it.
-
-    afunix wraps a caller's descriptor (a twin with another timeout, an
-    object that only has fileno()) and detaches the wrapper when done.  An
-    exception from a signal handler can land between making the wrapper and
-    the ``try`` that detaches it; a plain socket.socket would then close the
-    caller's descriptor when collected, and a later open() could reuse the
-    number under the caller's feet.  Defining __del__ replaces the closing
-    finalizer of the socket type, so a lost wrapper lets go of the
-    descriptor instead.
-    """
-
-    __slots__ = ()
-
-    def __del__(self) -> None:
-        if self.fileno() >= 0:
-            self.detach()
 
 
 class Target(NamedTuple):
@@ -61,7 +42,7 @@ def _require_unix(sock: socket.socket) -> None:
     # Addresses, descriptors and credentials are AF_UNIX things: on another
     # family they would be read as garbage (an AF_INET source address parsed
     # as sun_path) or fail deep inside a backend.
-    if _raw_family(sock) != _AF_UNIX:
+    if raw_family(sock) != _AF_UNIX:
         raise OSError(errno.EAFNOSUPPORT, "afunix works on AF_UNIX sockets only, not %s"
                       % getattr(sock.family, "name", sock.family))
 
@@ -82,7 +63,7 @@ def target(sock: Any) -> Target:
         if fd < 0:
             raise OSError(errno.EBADF, os.strerror(errno.EBADF))
         _require_unix(sock)
-        return Target(sock, fd, sock.gettimeout(), _raw_type(sock), False)
+        return Target(sock, fd, sock.gettimeout(), raw_type(sock), False)
     fileno = getattr(sock, "fileno", None)
     if fileno is None:
         raise TypeError("expected a socket or an object with fileno(), not %s" % type(sock).__name__)
@@ -103,7 +84,7 @@ def target(sock: Any) -> Target:
     except OSError:
         shadow.detach()
         raise
-    return Target(shadow, fd, shadow.gettimeout(), _raw_type(shadow), True)
+    return Target(shadow, fd, shadow.gettimeout(), raw_type(shadow), True)
 
 
 def deadline_of(timeout: Optional[float]) -> Optional[float]:
@@ -148,28 +129,3 @@ def decode_address(raw: Optional[bytes]) -> Optional[Address]:
     nul = raw.find(b"\0")
     return os.fsdecode(raw if nul < 0 else raw[:nul])
 
-
-class Outgoing(NamedTuple):
-    """Messages to send, checked and split into parallel lists by the topic layer."""
-
-    datas: list[Any]                     # bytes-like, C-contiguous
-    lengths: list[int]                   # nbytes of each
-    fds: Optional[list[tuple[int, ...]]]  # None when no message has descriptors
-    addresses: Optional[list[Optional[bytes]]]  # sun_path bytes; None: no addresses at all
-    credentials: Optional[list[Optional[tuple[int, int, int]]]]
-    joined: Optional[bytes] = None       # all datas back to back, when already made
-    fd_counts: Optional[list[int]] = None  # len() of each fds entry, when already made
-    fd_flat: Optional[list[int]] = None    # every fds entry back to back, when already made
-
-
-def nonblocking_twin(sock: socket.socket) -> socket.socket:
-    """A timeout-0 socket object on the same descriptor as `sock` (detach it after use).
-
-    CPython's methods on a socket with a timeout poll before every call, even
-    with MSG_DONTWAIT, so a "take what is queued" call through them would
-    wait out the whole timeout.  The descriptor of such a socket is already
-    O_NONBLOCK, so a twin with timeout 0 changes nothing at the kernel level.
-    """
-    twin = BorrowedSocket(sock.family, sock.type, sock.proto, sock.fileno())
-    twin.settimeout(0.0)
-    return twin

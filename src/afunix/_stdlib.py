@@ -12,9 +12,10 @@ import os
 import socket
 from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple
 
-from ._io import Outgoing, _raw_type, nonblocking_twin
+from ._contract import Outgoing
 from ._kernel import MSG_CMSG_CLOEXEC, MSG_NOSIGNAL, SCM_CREDENTIALS
 from ._limits import FRAME_HEADER, FRAME_MAGIC, FRAME_VERSION, SCM_MAX_FD
+from ._sockets import nonblocking_twin, raw_type
 
 
 def socketpairs(n: int, type: int, blocking: bool) -> list[tuple[socket.socket, socket.socket]]:
@@ -37,6 +38,8 @@ def socketpairs(n: int, type: int, blocking: bool) -> list[tuple[socket.socket, 
 
 # ---- batched message I/O --------------------------------------------------
 
+#: The socket module has no sendmmsg / recvmmsg: a batch is one call per message.
+HAS_SENDMMSG = False
 _CREDS = SCM_CREDENTIALS
 # plain ints: | and & on the socket module's enum flags are slow
 _NOSIGNAL = MSG_NOSIGNAL
@@ -353,7 +356,7 @@ def recv_batch(sock: socket.socket, arena: Arena, flags: int) -> int:
     flags |= _CLOEXEC
     s, twin = _io_socket(sock)
     try:
-        stream = _raw_type(sock) == _STREAM
+        stream = raw_type(sock) == _STREAM
         # MSG_PEEK leaves the head queued: more slots would repeat it.  On a
         # stream a 0-byte buffer reads 0 bytes every time: one read (with its
         # descriptors) is the message, as recv_fds(sock, 0, maxfds) takes it.
@@ -629,3 +632,27 @@ def chan_drop(rx: ChanRx, upto: int, every: bool) -> None:
 def chan_fds(rx: ChanRx, slot: int) -> list[int]:
     """The descriptors held in `slot` (pure: nothing is given over)."""
     return list(rx.s.fds[slot][:rx.s.nfds[slot]])
+
+
+# ---- for the benchmark ----
+
+def bare_calls(sock: socket.socket, size: int
+               ) -> tuple[Callable[[bytes], Any], Callable[[], Any], Callable[[], None]]:
+    """(send, recv, free): the socket module's calls for one `size`-byte message on `sock`.
+
+    The stdlib backend's twin of the C core's bare calls: sock.send and
+    sock.recvmsg_into with their arguments made once; `free` has nothing to do.
+    """
+    buffers = [bytearray(size)]
+    stdlib_send, recvmsg_into = sock.send, sock.recvmsg_into
+
+    def send(data: bytes) -> Any:
+        return stdlib_send(data, _NOSIGNAL)
+
+    def recv() -> Any:
+        return recvmsg_into(buffers)
+
+    def free() -> None:
+        pass
+
+    return send, recv, free

@@ -70,6 +70,7 @@ from .receive import recv_many as _recv_many_now
 from .fds import recv_fds as _recv_fds_now
 from .fds import send_fds as _send_fds_now
 from .message import Address, Message
+from .pairs import socketpair
 
 __all__ = [
     "Channel",
@@ -723,8 +724,6 @@ class Channel:
 
 def channel_pair(type: int = socket.SOCK_STREAM, **options: Any) -> Tuple[Channel, Channel]:
     """Two connected asyncio Channels over a new non-blocking socketpair."""
-    from .pairs import socketpair
-
     a, b = socketpair(type, blocking=False)
     try:
         return Channel(a, **options), Channel(b, **options)

@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 from . import _backend, _checks, _io
 from .addresses import encode_address
+from ._contract import Outgoing
 from ._kernel import MSG_NOSIGNAL
 from ._limits import MAX_BATCH, SCM_MAX_FD
 from .message import Message
@@ -99,7 +100,7 @@ def plain_pinned(items: List[Any]) -> Optional[Tuple[List[Any], List[int]]]:
     return None
 
 
-def outgoing(messages: Iterable[Any]) -> _io.Outgoing:
+def outgoing(messages: Iterable[Any]) -> Outgoing:
     """Check `messages` and split them into the parallel lists the backends take.
 
     Every buffer in the result is pinned (see `pinned`) for as long as the
@@ -110,11 +111,11 @@ def outgoing(messages: Iterable[Any]) -> _io.Outgoing:
     # other items (C code such as bytes.join reads a list's storage).
     items = list(messages)
     if not items:
-        return _io.Outgoing(items, [], None, None, None, b"")
+        return Outgoing(items, [], None, None, None, b"")
     plain = plain_pinned(items)
     if plain is not None:  # the common case: plain byte strings
         pins, sizes = plain
-        return _io.Outgoing(pins, sizes, None, None, None, b"".join(pins))
+        return Outgoing(pins, sizes, None, None, None, b"".join(pins))
     if set(map(type, items)) == {Message}:
         fast = _messages_with_fds(items)
         if fast is not None:
@@ -142,7 +143,7 @@ def outgoing(messages: Iterable[Any]) -> _io.Outgoing:
         view, n = pinned(data)
         datas.append(view)
         lengths.append(n)
-    return _io.Outgoing(
+    return Outgoing(
         datas, lengths,
         fds if any(fds) else None,
         addrs if any(a is not None for a in addrs) else None,
@@ -153,7 +154,7 @@ def outgoing(messages: Iterable[Any]) -> _io.Outgoing:
 _DATA, _FDS, _ADDRESS, _CREDENTIALS = (operator.itemgetter(i) for i in (0, 1, 2, 4))
 
 
-def _messages_with_fds(items: list[Message]) -> Optional[_io.Outgoing]:
+def _messages_with_fds(items: list[Message]) -> Optional[Outgoing]:
     """Messages with descriptors and nothing else, checked a batch at a time.
 
     None when the batch needs the per-message path: addresses, credentials,
@@ -179,7 +180,7 @@ def _messages_with_fds(items: list[Message]) -> Optional[_io.Outgoing]:
     if max(counts) > SCM_MAX_FD or (flat and (set(map(type, flat)) != {int} or min(flat) < 0
                                                or max(flat) > _checks.C_INT_MAX)):
         return None
-    return _io.Outgoing(datas, sizes, fd_tuples if flat else None, None, None, joined,
+    return Outgoing(datas, sizes, fd_tuples if flat else None, None, None, joined,
                         counts if flat else None, flat if flat else None)
 
 
@@ -215,14 +216,14 @@ def send_many(sock: Any, messages: Iterable[Any], flags: int = 0) -> int:
     t = _io.target(sock)
     try:
         if t.type == _STREAM:
-            return _send_stream(t, out, flags)
-        return _send_messages(t, out, flags)
+            return send_stream(t, out, flags)
+        return send_records(t, out, flags)
     finally:
         if t.shadow:
             t.sock.detach()
 
 
-def _send_messages(t: _io.Target, out: _io.Outgoing, flags: int) -> int:
+def send_records(t: _io.Target, out: Outgoing, flags: int) -> int:
     total = len(out.datas)
     if not total:
         return 0  # an empty batch: nothing to do, whatever the socket's mode
@@ -263,7 +264,7 @@ def _send_messages(t: _io.Target, out: _io.Outgoing, flags: int) -> int:
     return sent
 
 
-def _send_stream(t: _io.Target, out: _io.Outgoing, flags: int) -> int:
+def send_stream(t: _io.Target, out: Outgoing, flags: int) -> int:
     # A byte stream has no boundaries: a half-written message cannot be
     # expressed as a count, so this is sendall of the concatenation.  A
     # message with descriptors or credentials goes out as socket.send_fds

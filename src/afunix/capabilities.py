@@ -47,7 +47,7 @@ _LINUX = sys.platform.startswith("linux")
 _PROBES: Dict[str, Callable[[], bool]] = {
     "c_core": lambda: _c_importable(),
     # batched system calls in the active backend (the C core on Linux)
-    "sendmmsg": lambda: _backend.name == "c" and bool(_cbackend_flag("AFUNIX_HAS_SENDMMSG")),
+    "sendmmsg": lambda: _backend.impl.HAS_SENDMMSG,
     "seqpacket": _probe_seqpacket,
     "abstract": lambda: _LINUX,
     "peercred": lambda: SO_PEERCRED is not None,
@@ -55,12 +55,6 @@ _PROBES: Dict[str, Callable[[], bool]] = {
     "peerpidfd": lambda: _LINUX and _probe_sockopt(SO_PEERPIDFD),
     "cmsg_cloexec": lambda: MSG_CMSG_CLOEXEC != 0,
 }
-
-
-def _cbackend_flag(name: str) -> int:
-    from . import _cbackend
-
-    return int(getattr(_cbackend.lib, name))
 
 
 def _c_importable() -> bool:

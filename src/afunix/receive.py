@@ -6,6 +6,7 @@ import threading
 from typing import Any, Iterator, Optional, Sequence
 
 from . import _backend, _checks, _io
+from ._contract import Backend
 from ._limits import MAX_BATCH, SCM_MAX_FD
 from .message import Address, Credentials, Message
 
@@ -34,8 +35,8 @@ def _checked_sizes(max_messages: Any, bufsize: Any, maxfds: Any) -> tuple[int, i
     return n, size, k
 
 
-def _receive(t: _io.Target, arena: Any, flags: int, owner: Any,
-             backend: Optional[_backend.Backend] = None) -> tuple[int, int, int]:
+def receive_into(t: _io.Target, arena: Any, flags: int, owner: Any,
+             backend: Optional[Backend] = None) -> tuple[int, int, int]:
     """Wait for the first message as sock.recv would, take the queued rest; strip end of stream.
 
     Messages an interrupted earlier call on `owner` left in `arena` come
@@ -199,7 +200,7 @@ def recv_many(sock: Any, max_messages: int, bufsize: int, flags: int = 0, *,
     t = _io.target(sock)
     try:
         arena = arena_for(sock, n, size, k)
-        first, count, end = _receive(t, arena, flags, sock)
+        first, count, end = receive_into(t, arena, flags, sock)
     finally:
         if t.shadow:
             t.sock.detach()
@@ -274,7 +275,7 @@ class RecvBatch:
             self._count = 0
             t = _io.target(sock)
             try:
-                first, count, end = _receive(t, arena, flags, sock, self._backend)
+                first, count, end = receive_into(t, arena, flags, sock, self._backend)
             finally:
                 if t.shadow:
                     t.sock.detach()

@@ -7,6 +7,7 @@ import os
 import resource
 import sys
 import tempfile
+from dataclasses import replace
 from typing import List, Optional
 
 from . import compare, report
@@ -112,7 +113,6 @@ def run(args: argparse.Namespace) -> int:
         old = compare.load(args.compare[0])
     mode = MODES["tiny" if args.tiny else "quick" if args.quick else "default"]
     if args.runs or args.messages:
-        from dataclasses import replace
         mode = replace(mode, runs=args.runs or mode.runs,
                        fixed_count=args.messages or mode.fixed_count)
     names = PLACEMENTS if args.placement == "both" else (args.placement,)

@@ -21,7 +21,8 @@ fixed Python cost of one afunix call, measured as the afunix call minus the
 bare call of the active backend's core on the same socket, in alternating
 groups of 64 calls (median over the groups): for the C backend the cffi call
 ``lib.afunix_send_many`` / ``lib.afunix_recv_many`` with its arguments made
-once, for the stdlib backend ``sock.send`` / ``sock.recvmsg_into``.
+once, for the stdlib backend ``sock.send`` / ``sock.recvmsg_into`` (each
+backend's ``bare_calls``).
 """
 from __future__ import annotations
 
@@ -35,13 +36,13 @@ from typing import Any, Callable, List, Tuple
 
 import afunix
 
+from .. import _backend
 from . import workloads as _w
 from .matrix import Row
 from .workloads import Mismatch, Received, Workload, register
 
 _SEQ = struct.Struct("<Q")
 _SEQPACKET = socket.SOCK_SEQPACKET
-_NOSIGNAL = int(getattr(socket, "MSG_NOSIGNAL", 0))
 #: The batch of the plain C side that is the same in every column.
 _C_BATCH = 256
 #: Calls per timed group in the overhead rows: fewer than a socket buffer holds.
@@ -167,42 +168,10 @@ def fds_recv_socket(sock: socket.socket, count: int, row: Row) -> Received:
 
 # ---- the fixed cost of one call ------------------------------------------------------------
 
-def _bare_calls(sock: socket.socket, size: int) -> Tuple[Callable[[bytes], Any], Callable[[], Any],
-                                                         Callable[[], None]]:
-    """(send, recv, free): the active backend's core calls for one message, arguments made once."""
-    from .. import _backend
-
-    if _backend.name == "c":
-        from .._cbackend import ffi, lib
-
-        fd, null = sock.fileno(), ffi.NULL
-        data_area = ffi.new("char[]", size)  # the caller owns the data area
-        arena = ffi.new("struct afunix_arena *")
-        if lib.afunix_arena_init(arena, 1, size, 0, data_area) != 0:
-            raise MemoryError("afunix_arena_init")
-        send_many, recv_many = lib.afunix_send_many, lib.afunix_recv_many
-
-        def send(data: bytes) -> Any:
-            return send_many(fd, 1, data, size, null, size, null, 0, null, null, 0, null, null, 0)
-
-        def recv() -> Any:
-            return recv_many(fd, arena, 0)
-
-        def free() -> None:
-            lib.afunix_arena_clear(arena)
-            del holder[:]  # the struct and data area go only after the arena is cleared
-
-        holder = [arena, data_area]
-        return send, recv, free
-    buf = bytearray(size)
-    stdlib_send, recvmsg_into, buffers = sock.send, sock.recvmsg_into, [buf]
-    return ((lambda data: stdlib_send(data, _NOSIGNAL)), (lambda: recvmsg_into(buffers)),
-            (lambda: None))
-
-
 def _overhead(count: int, row: Row, receiving: bool) -> Received:
     a, b = socket.socketpair(socket.AF_UNIX, _SEQPACKET)
-    bare_send, bare_recv, free = _bare_calls(b if receiving else a, row.size)
+    # the active backend's own calls, through its public hook
+    bare_send, bare_recv, free = _backend.impl.bare_calls(b if receiving else a, row.size)
     try:
         data = bytes(row.size)
         batch = afunix.RecvBatch(1, row.size)

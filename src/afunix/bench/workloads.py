@@ -27,6 +27,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import afunix
 
+from .. import _backend
 from . import _reference
 from .matrix import Row
 
@@ -643,7 +644,6 @@ def unavailable(workload: Workload, impl: str) -> Optional[str]:
         if missing:
             return "not available: afunix.%s" % ", afunix.".join(missing)
         if impl == "afunix-c":
-            from .. import _backend
             try:
                 _backend.load("c")
             except ImportError:
