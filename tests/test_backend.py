@@ -221,3 +221,27 @@ def test_require_c_makes_a_failed_build_an_error(tmp_path: "Path") -> None:
     # the compiler's failure, not some other one, stopped it
     assert "/bin/false" in proc.stdout + proc.stderr
     assert "the C core was NOT built" not in proc.stdout + proc.stderr
+
+
+def test_bare_calls_move_one_message_per_call(backend: str) -> None:
+    # The benchmark's overhead rows time these against afunix's own calls:
+    # each call must move one message, or the timed loop stops reading and
+    # its sender blocks on a full socket.
+    import socket
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    send, _, free_send = _backend.impl.bare_calls(a, 8)
+    _, recv, free_recv = _backend.impl.bare_calls(b, 8)
+    try:
+        for i in range(3):
+            send(b"%08d" % i)
+        for _ in range(3):
+            recv()
+        b.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            b.recv(8)  # all three were read
+    finally:
+        free_send()
+        free_recv()
+        a.close()
+        b.close()
