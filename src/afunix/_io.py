@@ -9,7 +9,7 @@ import select
 import socket
 import termios
 import time
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, TypeVar
 
 from . import _checks
 # BorrowedSocket and nonblocking_twin are _sockets' (the backends use them too);
@@ -22,6 +22,9 @@ from .message import Address
 # The name channel.py reads until it imports raw_type from _sockets.
 _raw_type = raw_type
 _AF_UNIX = int(socket.AF_UNIX)
+# A plain int: | and & on the socket module's enum flags build enum objects.
+_DONTWAIT = int(socket.MSG_DONTWAIT)
+R = TypeVar("R")
 
 # Linux: POLLRDHUP tells that the peer closed or shut down its writing side.
 _POLLRDHUP = getattr(select, "POLLRDHUP", 0x2000)
@@ -99,6 +102,45 @@ def wait(fd: int, writable: bool, deadline: Optional[float]) -> bool:
     remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
     # poll() itself retries EINTR with the remaining time (PEP 475).
     return bool(poller.poll(None if remaining is None else remaining * 1000.0))
+
+
+def wait_setup(t: Target, flags: int) -> tuple[int, Optional[float], bool]:
+    """How a sync call on `t` waits: (flags for its system calls, deadline, may_wait).
+
+    A blocking socket waits in the kernel: the flags stay as they are.  A
+    socket with a timeout gets MSG_DONTWAIT, and `call_when_ready` waits
+    for readiness here, against one deadline taken now for the whole call.
+    may_wait is False on a non-blocking socket or with MSG_DONTWAIT: then
+    BlockingIOError goes to the caller, as the socket module raises it.
+    """
+    timeout = t.timeout
+    if timeout is None:
+        return flags, None, not flags & _DONTWAIT
+    return flags | _DONTWAIT, deadline_of(timeout), timeout != 0.0 and not flags & _DONTWAIT
+
+
+def call_when_ready(fd: int, writable: bool, deadline: Optional[float], may_wait: bool,
+                    attempt: Callable[..., R], *args: Any) -> R:
+    """``attempt(*args)``, tried again once `fd` is ready, until it does not block.
+
+    The one sync "try, then wait" loop of afunix (arguments from
+    `wait_setup`): InterruptedError is retried at once (PEP 475: the
+    handlers ran); BlockingIOError is re-raised when the call may not wait,
+    else the loop waits until `fd` is readable (writable with `writable`)
+    and tries again, or raises socket.timeout (TimeoutError) once the
+    deadline has passed.  Any other error goes to the caller.
+    """
+    while True:
+        try:
+            return attempt(*args)
+        except InterruptedError:
+            continue  # PEP 475: handlers ran; retry
+        except BlockingIOError:
+            if not may_wait:
+                raise
+            if not wait(fd, writable, deadline):
+                # socket.timeout: TimeoutError on 3.10+, its own OSError subclass on 3.9.
+                raise socket.timeout("timed out") from None
 
 
 def peer_hung_up(fd: int) -> bool:

@@ -229,11 +229,7 @@ def send_records(t: _io.Target, out: Outgoing, flags: int) -> int:
         return 0  # an empty batch: nothing to do, whatever the socket's mode
     send_batch = _backend.impl.send_batch
     sent = 0
-    deadline = None
-    may_wait = t.timeout != 0.0 and not flags & _DONTWAIT
-    if t.timeout is not None:
-        deadline = _io.deadline_of(t.timeout)
-        flags |= _DONTWAIT  # waiting is done here, against the deadline
+    flags, deadline, may_wait = _io.wait_setup(t, flags)
     if deadline is None and total <= MAX_BATCH and not flags & _DONTWAIT:
         # a blocking socket and one call's worth: the common case, tried first
         try:
@@ -245,21 +241,11 @@ def send_records(t: _io.Target, out: Outgoing, flags: int) -> int:
     while sent < total:
         count = min(total - sent, MAX_BATCH)
         try:
-            sent += send_batch(t.sock, out, sent, count, flags)
-        except InterruptedError:
-            continue  # PEP 475: handlers ran; retry
-        except BlockingIOError:
-            if not may_wait:
-                if sent:
-                    return sent
-                raise
-            if not _io.wait(t.fd, True, deadline):
-                if sent:
-                    return sent
-                raise socket.timeout("timed out") from None
-        except OSError:
+            sent += _io.call_when_ready(t.fd, True, deadline, may_wait,
+                                        send_batch, t.sock, out, sent, count, flags)
+        except OSError:  # BlockingIOError, the timeout, the kernel's errors
             if sent:
-                return sent
+                return sent  # k > 0 went: a count, never a loss (as sendmmsg reports it)
             raise
     return sent
 
@@ -382,19 +368,6 @@ def send_with_control(sock: Any, data: Any, fds: tuple[int, ...],
 
 def _send_with_control(t: _io.Target, data: Any, fds: tuple[int, ...],
                        credentials: Optional[tuple[int, int, int]], flags: int) -> int:
-    send_message = _backend.impl.send_message
-    deadline = None
-    may_wait = t.timeout != 0.0 and not flags & _DONTWAIT
-    if t.timeout is not None:
-        deadline = _io.deadline_of(t.timeout)
-        flags |= _DONTWAIT  # waiting is done here, against the deadline
-    while True:
-        try:
-            return send_message(t.sock, data, fds, credentials, flags)
-        except InterruptedError:
-            continue  # PEP 475: handlers ran; retry
-        except BlockingIOError:
-            if not may_wait:
-                raise
-            if not _io.wait(t.fd, True, deadline):
-                raise socket.timeout("timed out") from None
+    flags, deadline, may_wait = _io.wait_setup(t, flags)
+    return _io.call_when_ready(t.fd, True, deadline, may_wait,
+                               _backend.impl.send_message, t.sock, data, fds, credentials, flags)

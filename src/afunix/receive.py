@@ -15,7 +15,6 @@ MAX_BUFSIZE = 16 << 20
 MAX_ARENA_BYTES = 256 << 20
 
 # Plain ints: | and & on the socket module's enum flags build enum objects.
-_DONTWAIT = int(socket.MSG_DONTWAIT)
 _DGRAM = int(socket.SOCK_DGRAM)
 _SEQPACKET = int(socket.SOCK_SEQPACKET)
 _TRUNC = int(socket.MSG_TRUNC)
@@ -49,29 +48,14 @@ def receive_into(t: _io.Target, arena: Any, flags: int, owner: Any,
         the end of the stream, delivered with the last message.
     """
     recv_batch = (backend or _backend.impl).recv_batch
-    deadline = None
-    may_wait = t.timeout != 0.0 and not flags & _DONTWAIT
-    if t.timeout is not None:
-        deadline = _io.deadline_of(t.timeout)
-        flags |= _DONTWAIT  # waiting is done here, against the deadline
+    flags, deadline, may_wait = _io.wait_setup(t, flags)
     arena.owner = owner  # before the call: whatever it hands over is owner's
-    count = 0
-    while True:
-        try:
-            count = recv_batch(t.sock, arena, flags)
-            break
-        except InterruptedError:
-            continue  # PEP 475: handlers ran; retry
-        except BlockingIOError:
-            if may_wait and _io.wait(t.fd, False, deadline):
-                continue
-            arena.owner = None  # nothing arrived: hold no reference to the socket
-            if not may_wait:
-                raise
-            raise socket.timeout("timed out") from None
-        except OSError:
-            arena.owner = None
-            raise
+    try:
+        count = _io.call_when_ready(t.fd, False, deadline, may_wait,
+                                    recv_batch, t.sock, arena, flags)
+    except OSError:  # BlockingIOError, the timeout, the kernel's errors
+        arena.owner = None  # nothing arrived: hold no reference to the socket
+        raise
     first = arena.first()
     end = first + count
     if count and t.type != _DGRAM and arena.length(end - 1) == 0:
