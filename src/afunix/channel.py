@@ -21,7 +21,6 @@ from .batch import checked_fds, pinned, plain_pinned
 from .frames import (DEFAULT_MAX_FRAME, MAX_FRAME_LIMIT, RECORD_MAX, FrameBatch,
                      ProtocolError, _chunked, _header, _JOIN_MAX, _Records, _Segment)
 from ._limits import FRAME_HEADER as HEADER_SIZE
-from ._limits import SCM_MAX_FD as _SCM_MAX_FD
 from .message import Address, Message
 
 T = TypeVar("T")

@@ -14,7 +14,7 @@ from . import compare, report
 from .matrix import MATRIX, MODES, PLACEMENTS, Row
 from .runner import placements
 from .session import measure
-from .workloads import WORKLOADS
+from .registry import WORKLOADS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -20,7 +20,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from .. import _backend
 from .affinity import pin
 from .matrix import MAX_COUNT, Mode, Row, fixed_count, min_count, warmup_count
-from .workloads import (RECEIVERS, SENDERS, SETUPS, SHARED, WORKLOADS, Received, Setup, Side,
+from .registry import RECEIVERS, SENDERS, SETUPS, SHARED, WORKLOADS
+from .workloads import (Received, Setup, Side,
                         expected)
 
 #: A run that has not finished by then is killed and reported as FAILED.

@@ -39,7 +39,7 @@ import afunix
 from .. import _backend
 from . import workloads as _w
 from .matrix import Row
-from .workloads import Mismatch, Received, Workload, register
+from .workloads import Mismatch, Received
 
 _SEQ = struct.Struct("<Q")
 _SEQPACKET = socket.SOCK_SEQPACKET
@@ -212,53 +212,3 @@ def overhead_send(sock: Any, count: int, row: Row) -> Received:
 def overhead_recv(sock: Any, count: int, row: Row) -> Received:
     """ns per call: RecvBatch(1, size).recv(sock) minus the backend's bare receive of one."""
     return _overhead(count, row, receiving=True)
-
-
-# ---- registration ----------------------------------------------------------------------------
-
-_ONE = ("send_many", "RecvBatch")
-_C_ONE = "one message per sendmmsg / recvmmsg call"
-
-register(Workload("single-send", "1-call send", "messages", _SEQPACKET, "msgs/s", _ONE,
-                  base="sock.send(m) per message (receiver: plain C recvmmsg in every column)",
-                  afunix="afunix.send_many(sock, [m]) per message",
-                  c="one sendmmsg of one message per call", c_peer=True),
-         {"base": (_w.send_stdlib, recv_c_batched),
-          "afunix-stdlib": (send_one_afunix, recv_c_batched),
-          "afunix-c": (send_one_afunix, recv_c_batched),
-          "c": (_w.send_c, recv_c_batched)})
-register(Workload("single-recv", "1-call recv", "messages", _SEQPACKET, "msgs/s", _ONE,
-                  base="sock.recv_into(buf) per message (sender: plain C sendmmsg in every"
-                       " column)",
-                  afunix="RecvBatch(1, size).recv(sock) per message",
-                  c="one recvmmsg of one message per call", c_peer=True),
-         {"base": (send_c_batched, recv_into_stdlib),
-          "afunix-stdlib": (send_c_batched, recv_one_batch),
-          "afunix-c": (send_c_batched, recv_one_batch),
-          "c": (send_c_batched, _w.recv_c)})
-register(Workload("single-recv-many", "1-call recv_m", "messages", _SEQPACKET, "msgs/s",
-                  ("recv_many",),
-                  base="sock.recv(size) per message (sender: plain C sendmmsg in every column)",
-                  afunix="afunix.recv_many(sock, 1, size) per message",
-                  c="one recvmmsg of one message per call", c_peer=True),
-         {"base": (send_c_batched, _w.recv_stdlib),
-          "afunix-stdlib": (send_c_batched, recv_one_many),
-          "afunix-c": (send_c_batched, recv_one_many),
-          "c": (send_c_batched, _w.recv_c)})
-register(Workload("single-fds", "1-call fds", "messages", _SEQPACKET, "msgs/s",
-                  ("send_fds", "recv_fds"),
-                  base="socket.send_fds / socket.recv_fds per message, descriptors closed",
-                  afunix="afunix.send_fds / afunix.recv_fds per message, descriptors closed",
-                  c="one sendmmsg / recvmmsg with SCM_RIGHTS per message"),
-         {"base": (fds_send_socket, fds_recv_socket),
-          "afunix-stdlib": (fds_send_afunix, fds_recv_afunix),
-          "afunix-c": (fds_send_afunix, fds_recv_afunix),
-          "c": (_w.fds_send_c, _w.fds_recv_c)})
-register(Workload("call-overhead", "overhead send", "overhead", _SEQPACKET, "ns", _ONE,
-                  base="", afunix="ns per call: send_many(sock, [m]) minus the backend's bare"
-                                  " core call (C: lib.afunix_send_many; stdlib: sock.send)"),
-         {impl: (overhead_send, None) for impl in ("afunix-stdlib", "afunix-c")})
-register(Workload("call-overhead-recv", "overhead recv", "overhead", _SEQPACKET, "ns", _ONE,
-                  base="", afunix="ns per call: RecvBatch(1, size).recv minus the backend's bare"
-                                  " core call (C: lib.afunix_recv_many; stdlib: recvmsg_into)"),
-         {impl: (overhead_recv, None) for impl in ("afunix-stdlib", "afunix-c")})
