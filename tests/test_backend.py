@@ -43,6 +43,12 @@ def test_both_backends_provide_exactly_the_contract() -> None:
         contract = inspect.signature(getattr(_contract.Backend, name))
         params = list(contract.parameters.values())[1:]
         assert c_funcs[name] == contract.replace(parameters=params), name
+    # and the capability flags the contract declares, as bools, in both
+    flags = [name for name in _contract.Backend.__annotations__ if name.startswith("HAS_")]
+    assert flags
+    for module in (c, stdlib):
+        assert {name for name in vars(module) if name.startswith("HAS_")} == set(flags)
+        assert all(type(getattr(module, name)) is bool for name in flags)
 
 
 def test_backend_attribute_names_the_running_backend(backend: str) -> None:
