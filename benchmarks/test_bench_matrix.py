@@ -15,7 +15,8 @@ import pytest
 
 from afunix.bench import runner
 from afunix.bench.matrix import IMPLEMENTATIONS, MATRIX, Row
-from afunix.bench.workloads import WORKLOADS, unavailable
+from afunix.bench.registry import WORKLOADS
+from afunix.bench.workloads import unavailable
 
 # messages per run, by workload kind; 20000 for any kind not named here
 COUNTS = {"fds": 5000, "stream": 2000, "pingpong": 2000, "single-fds": 5000,

@@ -101,6 +101,21 @@ def test_bad_paths_are_value_errors(bad: Any, fd_baseline: set[int]) -> None:
             call(bad)
 
 
+@pytest.mark.parametrize("bad", ["", b"", "/tmp/a\0b", b"/tmp/a\0b"])
+def test_a_destination_is_checked_as_listen_checks_it(backend: str, bad: Any) -> None:
+    # Every address afunix takes goes through one encoder: a send refuses
+    # what listen refuses, before any system call (a path with a NUL used to
+    # reach the kernel, which reads sun_path only up to the NUL).
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with a, b:
+        with pytest.raises(ValueError):
+            afunix.send_many(a, [afunix.Message(b"x", address=bad)])
+        with pytest.raises(ValueError):
+            afunix.send_fds(a, [b"x"], [], address=bad)
+        with pytest.raises(BlockingIOError):
+            b.recv(1, socket.MSG_DONTWAIT)  # nothing went
+
+
 @pytest.mark.parametrize("bad", [None, 3, 1.5, ["/tmp/x"], object()])
 def test_bad_address_types_are_type_errors(bad: Any, fd_baseline: set[int]) -> None:
     for call in (afunix.listen, afunix.connect):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import afunix
-from afunix import _backend
+from afunix import _backend, _contract
 from conftest import REQUIRE_C, run_python
 
 
@@ -40,9 +40,15 @@ def test_both_backends_provide_exactly_the_contract() -> None:
     for name in _backend.FUNCTIONS:
         assert c_funcs[name] == s_funcs[name], name
         # and both match the written contract, minus its `self`
-        contract = inspect.signature(getattr(_backend.Backend, name))
+        contract = inspect.signature(getattr(_contract.Backend, name))
         params = list(contract.parameters.values())[1:]
         assert c_funcs[name] == contract.replace(parameters=params), name
+    # and the capability flags the contract declares, as bools, in both
+    flags = [name for name in _contract.Backend.__annotations__ if name.startswith("HAS_")]
+    assert flags
+    for module in (c, stdlib):
+        assert {name for name in vars(module) if name.startswith("HAS_")} == set(flags)
+        assert all(type(getattr(module, name)) is bool for name in flags)
 
 
 def test_backend_attribute_names_the_running_backend(backend: str) -> None:
@@ -221,3 +227,27 @@ def test_require_c_makes_a_failed_build_an_error(tmp_path: "Path") -> None:
     # the compiler's failure, not some other one, stopped it
     assert "/bin/false" in proc.stdout + proc.stderr
     assert "the C core was NOT built" not in proc.stdout + proc.stderr
+
+
+def test_bare_calls_move_one_message_per_call(backend: str) -> None:
+    # The benchmark's overhead rows time these against afunix's own calls:
+    # each call must move one message, or the timed loop stops reading and
+    # its sender blocks on a full socket.
+    import socket
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    send, _, free_send = _backend.impl.bare_calls(a, 8)
+    _, recv, free_recv = _backend.impl.bare_calls(b, 8)
+    try:
+        for i in range(3):
+            send(b"%08d" % i)
+        for _ in range(3):
+            recv()
+        b.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            b.recv(8)  # all three were read
+    finally:
+        free_send()
+        free_recv()
+        a.close()
+        b.close()

@@ -20,7 +20,7 @@ import pytest
 
 import afunix
 from afunix.__main__ import main
-from afunix.bench import compare, machine, report, schema, session, workloads
+from afunix.bench import compare, machine, registry, report, schema, session, workloads
 from afunix.bench.matrix import IMPLEMENTATIONS, MATRIX, MODES, Row
 from afunix.bench.runner import CellResult, Placement, RunFailed, RunResult, placements
 from afunix.bench.workloads import Peer, Received, StreamChecker, Workload
@@ -122,7 +122,7 @@ def test_a_run_that_fails_verification_is_failed_not_a_figure(
         capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
         receiver: object, why: str) -> None:
     # The children are forked from this process, so they run the patched receiver.
-    monkeypatch.setitem(workloads.RECEIVERS, ("dgram", "base"), receiver)
+    monkeypatch.setitem(registry.RECEIVERS, ("dgram", "base"), receiver)
     status, out, _ = bench(capsys, "--only", "dgram", "--placement", "one-cpu")
     assert status == 1
     for row in table_rows(out, "DGRAM "):
@@ -282,18 +282,18 @@ def test_peer(monkeypatch: pytest.MonkeyPatch) -> Iterator[Workload]:
     """A workload whose base is a peer: setups and sides patched per test."""
     w = Workload("test-peer", "TEST/peer", "messages", socket.SOCK_SEQPACKET, "msgs/s",
                  ("send_many",), base="a test peer", afunix="send_many", c="")
-    monkeypatch.setitem(workloads.WORKLOADS, w.name, w)
+    monkeypatch.setitem(registry.WORKLOADS, w.name, w)
     sides = {"base": (_peer_send, _peer_recv), "afunix-stdlib": (_peer_send, _peer_recv),
              "afunix-c": (_peer_send, _peer_recv)}
     for impl, (send, recv) in sides.items():
-        monkeypatch.setitem(workloads.SENDERS, (w.name, impl), send)
-        monkeypatch.setitem(workloads.RECEIVERS, (w.name, impl), recv)
+        monkeypatch.setitem(registry.SENDERS, (w.name, impl), send)
+        monkeypatch.setitem(registry.RECEIVERS, (w.name, impl), recv)
     yield w
 
 
 def test_a_peer_whose_handshake_fails_is_failed_with_the_reason(
         test_peer: Workload, monkeypatch: pytest.MonkeyPatch, fd_baseline: set[int]) -> None:
-    monkeypatch.setitem(workloads.SETUPS, ("test-peer", "base"), (None, _handshake_fails))
+    monkeypatch.setitem(registry.SETUPS, ("test-peer", "base"), (None, _handshake_fails))
     results = session.measure([PEER_ROW], [ONE], MODES["tiny"])
     base = cell(results, "base")
     assert base.status == "FAILED" and base.values == []
@@ -309,7 +309,7 @@ def test_a_peer_that_dies_mid_run_is_failed_not_a_figure(
         sock.recv(row.size)
         raise SystemExit(3)  # as a crashing peer would, mid-run
 
-    monkeypatch.setitem(workloads.RECEIVERS, ("test-peer", "base"), dies)
+    monkeypatch.setitem(registry.RECEIVERS, ("test-peer", "base"), dies)
     results = session.measure([PEER_ROW], [ONE], MODES["tiny"])
     base = cell(results, "base")
     assert base.status == "FAILED" and base.values == [], base
@@ -320,7 +320,7 @@ def test_a_peer_that_is_not_installed_skips_its_rows_with_one_line(
         test_peer: Workload, monkeypatch: pytest.MonkeyPatch) -> None:
     missing = dataclasses.replace(test_peer, peer=Peer("afunix_no_such_module", "nosuch",
                                                        "pip install nosuch"))
-    monkeypatch.setitem(workloads.WORKLOADS, "test-peer", missing)
+    monkeypatch.setitem(registry.WORKLOADS, "test-peer", missing)
     results = session.measure([PEER_ROW, PEER_ROW], placements(("two-cpus", "one-cpu")),
                               MODES["tiny"])
     assert results.rows == []
@@ -413,7 +413,7 @@ def test_compare_refuses_what_it_cannot_read_before_measuring(
 def _extreme_results() -> session.Results:
     results = session.Results()
     for row in MATRIX:
-        w = workloads.WORKLOADS[row.workload]
+        w = registry.WORKLOADS[row.workload]
         for p in (placements(("two-cpus", "one-cpu")) if w.two_process else [ONE]):
             cells = {impl: CellResult(row, impl, p.name, "ok", values=[123456789.0, 1.0],
                                       p99s=[98765432.1, 2.0]) for impl in w.columns}

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.skipif(
 
 import afunix
 from afunix import _backend
-from afunix._io import Outgoing
+from afunix._contract import Outgoing
 
 T = 20.0  # seconds: the bound on every wait and join
 # How long each real-thread race runs.  The deterministic tests are the ones

@@ -105,13 +105,13 @@ def test_one_recvbatch_filled_from_two_threads_is_refused(backend: str) -> None:
     batch = afunix.RecvBatch(8, 64)
     first: list[object] = []
     inside = threading.Event()
-    real_receive = afunix.receive._receive
+    real_receive = afunix.receive.receive_into
 
     def receive_and_mark(*args: object) -> int:
         inside.set()  # the first thread now holds the batch, blocked in recv
         return real_receive(*args)  # type: ignore[arg-type]
 
-    afunix.receive._receive = receive_and_mark  # type: ignore[assignment]
+    afunix.receive.receive_into = receive_and_mark  # type: ignore[assignment]
     try:
         t = threading.Thread(target=lambda: first.append(batch.recv(b)))
         t.start()
@@ -121,7 +121,7 @@ def test_one_recvbatch_filled_from_two_threads_is_refused(backend: str) -> None:
         afunix.send_many(a, [b"hello"])
         t.join(T)
     finally:
-        afunix.receive._receive = real_receive  # type: ignore[assignment]
+        afunix.receive.receive_into = real_receive  # type: ignore[assignment]
         a.close()
         b.close()
     assert first == [1] and bytes(batch[0]) == b"hello"

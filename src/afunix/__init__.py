@@ -6,6 +6,7 @@ same functions.  ``afunix.BACKEND`` says which one runs: "c" or "stdlib".
 """
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from . import _backend
@@ -63,8 +64,7 @@ def __getattr__(name: str) -> Any:
     if name == "BACKEND":
         return _backend.name
     if name == "aio":
-        # Imported on first use: asyncio costs more to import than all of afunix.
-        import importlib
-
+        # Imported on first use: asyncio costs more to import than all of afunix
+        # (a lazy submodule, not a way round a cycle).
         return importlib.import_module(".aio", __name__)
     raise AttributeError("module 'afunix' has no attribute %r" % name)

@@ -13,6 +13,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="version, backend, capabilities and kernel limits")
     bench = sub.add_parser("bench", help="afunix against the stdlib and plain C, on this machine")
+    # Imported here, not at the top, so that `info` does not load the
+    # benchmark and its workloads (no cycle: the bench imports afunix, never this).
     from .bench import cli as bench_cli
     bench_cli.add_arguments(bench)
     args = parser.parse_args(argv)

@@ -5,146 +5,18 @@ The backend is chosen once, at import:
   AFUNIX_BACKEND=c       -> "c", or ImportError saying why it cannot load
   AFUNIX_BACKEND=stdlib  -> "stdlib"
 
-Both backend modules provide exactly the functions declared in `Backend`,
-with the same signatures (tests/test_backend.py checks it).  Topic modules call
-``_backend.impl.<name>``; nothing else touches a backend module directly.
+Both backend modules provide exactly the functions declared in
+`_contract.Backend`, with the same signatures (tests/test_backend.py checks
+it).  Topic modules call ``_backend.impl.<name>`` and read capability flags as
+``_backend.impl.HAS_<name>``; nothing else touches a backend module directly.
 """
 from __future__ import annotations
 
 import importlib
 import os
-import socket
-from typing import Any, Optional, Protocol, Sequence, cast
+from typing import Optional, cast
 
-from ._io import Outgoing
-
-
-class Arena(Protocol):
-    """A receive area: what new_arena returns and recv_batch fills (both backends).
-
-    Hand-over state (csrc/afunix.h, struct afunix_arena): messages
-    [delivered, count) were received and not given to the caller yet, and
-    recv_batch returns them again before it asks the kernel; descriptors
-    stay the arena's, closed by the next receive or release_fds, until given
-    over.  deliver, take_fds, take_all_fds and hand_all give things over with
-    stores only, so an exception from a signal handler cannot cut them short.
-    """
-
-    max_messages: int
-    bufsize: int
-    maxfds: int
-    view: memoryview
-    lens: Sequence[int]
-    owner: Any  # the socket object of the receive that filled the arena
-
-    def first(self) -> int: ...
-    def pending(self) -> bool: ...
-    def deliver(self, upto: int, hand_fds: bool) -> None: ...
-    def length(self, i: int) -> int: ...
-    def msg_flags(self, i: int) -> int: ...
-    def held_fds(self, start: int, stop: int) -> list[tuple[int, ...]]: ...
-    def take_fds(self, i: int) -> list[int]: ...
-    def take_all_fds(self, count: int) -> list[int]: ...
-    def hand_all(self) -> None: ...
-    def release_fds(self) -> None: ...
-    def fd_counts(self, count: int) -> list[int]: ...
-    def address(self, i: int) -> Optional[bytes]: ...
-    def credentials(self, i: int) -> Optional[tuple[int, int, int]]: ...
-    def plain(self) -> bool: ...
-    def chunks(self, start: int, stop: int) -> list[bytes]: ...
-    def all_flags(self, start: int, stop: int) -> list[int]: ...
-    def lengths(self, count: int) -> list[int]: ...
-
-
-class FrameTable(Protocol):
-    """Where parse_frames writes (both backends): one entry per complete frame.
-
-    offsets/lengths/nfds are memoryviews of format "I", `capacity` long: the
-    payload offset in the parsed buffer, its length, its declared descriptor
-    count.  The other fields describe the last parse.
-    """
-
-    capacity: int
-    offsets: memoryview
-    lengths: memoryview
-    nfds: memoryview
-    count: int
-    consumed: int  # bytes of the frames found, headers included
-    uniform: int  # the length all frames found share, -1 when they differ
-    with_fds: int  # frames found that declare descriptors
-    need: int  # bytes the first incomplete frame needs in all, 0 when none
-
-
-class ChanState(Protocol):
-    """The fields of a channel's receive state (struct afunix_chan_rx, csrc/channel.h)."""
-
-    end: int
-    base: int
-    errors: int
-    head: int
-    tail: int
-    lo: Any  # per slot, indexable
-    hi: Any
-    frame: Any
-    nfds: Any
-
-
-class ChanRx(Protocol):
-    """A channel's receive state: what new_chan_rx returns and chan_recv records into."""
-
-    s: ChanState
-    reads: int  # slots for held reads
-    no_data: int  # the bit in s.errors for descriptors that came with no byte
-
-
-class Backend(Protocol):
-    """The backend contract: what _cbackend and _stdlib both define, and nothing more.
-
-    Arguments arrive already checked by the topic modules.
-    """
-
-    def socketpairs(
-        self, n: int, type: int, blocking: bool
-    ) -> list[tuple[socket.socket, socket.socket]]: ...
-
-    def send_batch(
-        self, sock: socket.socket, out: Outgoing, start: int, count: int, flags: int
-    ) -> int: ...
-
-    def send_message(
-        self, sock: socket.socket, data: Any, fds: tuple[int, ...],
-        credentials: Optional[tuple[int, int, int]], flags: int
-    ) -> int: ...
-
-    def new_arena(self, max_messages: int, bufsize: int, maxfds: int) -> Arena: ...
-
-    def recv_batch(self, sock: socket.socket, arena: Arena, flags: int) -> int: ...
-
-    # ---- message channel (docs/PROTOCOL.md) ----
-
-    def new_frame_table(self, capacity: int) -> FrameTable: ...
-
-    def parse_frames(
-        self, table: FrameTable, buf: bytearray, start: int, end: int,
-        max_frames: int, max_frame: int,
-    ) -> int: ...
-
-    def pack_frames(
-        self, out: bytearray, datas: Sequence[Any], joined: bytes, lengths: Sequence[int],
-        nfds: Optional[Sequence[int]],
-    ) -> int: ...
-
-    def new_chan_rx(self) -> ChanRx: ...
-
-    def chan_recv(
-        self, sock: socket.socket, rx: ChanRx, buffer: bytearray, maxlen: int, flags: int,
-    ) -> int: ...
-
-    def chan_drop(self, rx: ChanRx, upto: int, every: bool) -> None: ...
-
-    def chan_fds(self, rx: ChanRx, slot: int) -> list[int]: ...
-
-    def close_fds(self, fds: list[int]) -> None: ...
+from ._contract import Backend
 
 
 FUNCTIONS = tuple(sorted(

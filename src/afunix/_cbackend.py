@@ -15,7 +15,7 @@ import socket
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ._io import Outgoing
+from ._contract import Outgoing
 from ._version import __version__
 
 
@@ -109,8 +109,9 @@ def _wrap_pairs(fds: list[int], type: int, blocking: bool) -> list[tuple[socket.
 
 # ---- batched message I/O --------------------------------------------------
 
-MAX_BATCH = lib.AFUNIX_MAX_BATCH
 _ADDR_MAX = lib.AFUNIX_ADDR_MAX
+#: The core moves a batch in one sendmmsg / recvmmsg (Linux); a loop of sendmsg elsewhere.
+HAS_SENDMMSG = bool(lib.AFUNIX_HAS_SENDMMSG)
 _NULL = ffi.NULL
 
 
@@ -508,3 +509,38 @@ def chan_fds(rx: ChanRx, slot: int) -> list[int]:
     s = rx.s
     n = s.nfds[slot]
     return list(ffi.unpack(s.fds + slot * _CHAN_SLOT, n)) if n else []
+
+
+# ---- for the benchmark ----
+
+def bare_calls(sock: socket.socket, size: int
+               ) -> tuple[Callable[[bytes], Any], Callable[[], Any], Callable[[], None]]:
+    """(send, recv, free): the core's calls for one `size`-byte message on `sock`, arguments made once.
+
+    What the benchmark's overhead rows time against the socket module's own
+    calls: afunix_send_many and afunix_recv_many with nothing around them.
+    `free` releases the receive area; call it once, after the last recv.
+    """
+    fd, null = sock.fileno(), _NULL
+    data_area = ffi.new("char[]", size)  # the caller owns the data area
+    arena = ffi.new("struct afunix_arena *")
+    if lib.afunix_arena_init(arena, 1, size, 0, data_area) != 0:
+        raise MemoryError("afunix_arena_init")
+    send_many, recv_many = lib.afunix_send_many, lib.afunix_recv_many
+
+    def send(data: bytes) -> Any:
+        return send_many(fd, 1, data, size, null, size, null, 0, null, null, 0, null, null, 0)
+
+    def recv() -> Any:
+        n = recv_many(fd, arena, 0)
+        # given over at once, as every receive does: an undelivered message
+        # would be returned again by the next call, which then never reads
+        arena.delivered = arena.count
+        return n
+
+    def free() -> None:
+        lib.afunix_arena_clear(arena)
+        del holder[:]  # the struct and data area go only after the arena is cleared
+
+    holder = [arena, data_area]
+    return send, recv, free

@@ -6,6 +6,8 @@ import operator
 import socket
 from typing import Any
 
+from .capabilities import supports
+
 SOCKET_TYPES = {
     socket.SOCK_STREAM: "SOCK_STREAM",
     socket.SOCK_DGRAM: "SOCK_DGRAM",
@@ -86,8 +88,6 @@ def socket_type(value: Any) -> int:
 
 def supported_socket_type(value: Any) -> int:
     """`socket_type`, plus OSError(EPROTONOSUPPORT) where SOCK_SEQPACKET is missing (macOS)."""
-    from .capabilities import supports
-
     t = socket_type(value)
     if t == socket.SOCK_SEQPACKET and not supports("seqpacket"):
         raise OSError(

@@ -1,7 +1,6 @@
-"""Plumbing shared by the I/O topic modules: sockets, waiting, addresses."""
+"""Plumbing shared by the I/O topic modules: the target socket, waiting, received addresses."""
 from __future__ import annotations
 
-import _socket
 import array
 import errno
 import fcntl
@@ -10,40 +9,25 @@ import select
 import socket
 import termios
 import time
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, TypeVar
 
 from . import _checks
+# BorrowedSocket and nonblocking_twin are _sockets' (the backends use them too);
+# the I/O modules reach them here, with the target socket they serve.
+from ._sockets import BorrowedSocket as BorrowedSocket
+from ._sockets import nonblocking_twin as nonblocking_twin
+from ._sockets import raw_family, raw_type
 from .message import Address
 
-# socket.socket.type builds an enum object on every access; the C-level
-# member under it is the plain int (flags already masked off since 3.7).
-_raw_type = _socket.socket.type.__get__
-# The same for socket.family (an enum made on every access: ~0.4 us).
-_raw_family = _socket.socket.family.__get__
+# The name channel.py reads until it imports raw_type from _sockets.
+_raw_type = raw_type
 _AF_UNIX = int(socket.AF_UNIX)
+# A plain int: | and & on the socket module's enum flags build enum objects.
+_DONTWAIT = int(socket.MSG_DONTWAIT)
+R = TypeVar("R")
 
 # Linux: POLLRDHUP tells that the peer closed or shut down its writing side.
 _POLLRDHUP = getattr(select, "POLLRDHUP", 0x2000)
-
-
-class BorrowedSocket(socket.socket):
-    """A socket object over a descriptor that another object owns: collecting it never closes it.
-
-    afunix wraps a caller's descriptor (a twin with another timeout, an
-    object that only has fileno()) and detaches the wrapper when done.  An
-    exception from a signal handler can land between making the wrapper and
-    the ``try`` that detaches it; a plain socket.socket would then close the
-    caller's descriptor when collected, and a later open() could reuse the
-    number under the caller's feet.  Defining __del__ replaces the closing
-    finalizer of the socket type, so a lost wrapper lets go of the
-    descriptor instead.
-    """
-
-    __slots__ = ()
-
-    def __del__(self) -> None:
-        if self.fileno() >= 0:
-            self.detach()
 
 
 class Target(NamedTuple):
@@ -61,7 +45,7 @@ def _require_unix(sock: socket.socket) -> None:
     # Addresses, descriptors and credentials are AF_UNIX things: on another
     # family they would be read as garbage (an AF_INET source address parsed
     # as sun_path) or fail deep inside a backend.
-    if _raw_family(sock) != _AF_UNIX:
+    if raw_family(sock) != _AF_UNIX:
         raise OSError(errno.EAFNOSUPPORT, "afunix works on AF_UNIX sockets only, not %s"
                       % getattr(sock.family, "name", sock.family))
 
@@ -82,7 +66,7 @@ def target(sock: Any) -> Target:
         if fd < 0:
             raise OSError(errno.EBADF, os.strerror(errno.EBADF))
         _require_unix(sock)
-        return Target(sock, fd, sock.gettimeout(), _raw_type(sock), False)
+        return Target(sock, fd, sock.gettimeout(), raw_type(sock), False)
     fileno = getattr(sock, "fileno", None)
     if fileno is None:
         raise TypeError("expected a socket or an object with fileno(), not %s" % type(sock).__name__)
@@ -103,7 +87,7 @@ def target(sock: Any) -> Target:
     except OSError:
         shadow.detach()
         raise
-    return Target(shadow, fd, shadow.gettimeout(), _raw_type(shadow), True)
+    return Target(shadow, fd, shadow.gettimeout(), raw_type(shadow), True)
 
 
 def deadline_of(timeout: Optional[float]) -> Optional[float]:
@@ -118,6 +102,45 @@ def wait(fd: int, writable: bool, deadline: Optional[float]) -> bool:
     remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
     # poll() itself retries EINTR with the remaining time (PEP 475).
     return bool(poller.poll(None if remaining is None else remaining * 1000.0))
+
+
+def wait_setup(t: Target, flags: int) -> tuple[int, Optional[float], bool]:
+    """How a sync call on `t` waits: (flags for its system calls, deadline, may_wait).
+
+    A blocking socket waits in the kernel: the flags stay as they are.  A
+    socket with a timeout gets MSG_DONTWAIT, and `call_when_ready` waits
+    for readiness here, against one deadline taken now for the whole call.
+    may_wait is False on a non-blocking socket or with MSG_DONTWAIT: then
+    BlockingIOError goes to the caller, as the socket module raises it.
+    """
+    timeout = t.timeout
+    if timeout is None:
+        return flags, None, not flags & _DONTWAIT
+    return flags | _DONTWAIT, deadline_of(timeout), timeout != 0.0 and not flags & _DONTWAIT
+
+
+def call_when_ready(fd: int, writable: bool, deadline: Optional[float], may_wait: bool,
+                    attempt: Callable[..., R], *args: Any) -> R:
+    """``attempt(*args)``, tried again once `fd` is ready, until it does not block.
+
+    The one sync "try, then wait" loop of afunix (arguments from
+    `wait_setup`): InterruptedError is retried at once (PEP 475: the
+    handlers ran); BlockingIOError is re-raised when the call may not wait,
+    else the loop waits until `fd` is readable (writable with `writable`)
+    and tries again, or raises socket.timeout (TimeoutError) once the
+    deadline has passed.  Any other error goes to the caller.
+    """
+    while True:
+        try:
+            return attempt(*args)
+        except InterruptedError:
+            continue  # PEP 475: handlers ran; retry
+        except BlockingIOError:
+            if not may_wait:
+                raise
+            if not wait(fd, writable, deadline):
+                # socket.timeout: TimeoutError on 3.10+, its own OSError subclass on 3.9.
+                raise socket.timeout("timed out") from None
 
 
 def peer_hung_up(fd: int) -> bool:
@@ -148,46 +171,3 @@ def decode_address(raw: Optional[bytes]) -> Optional[Address]:
     nul = raw.find(b"\0")
     return os.fsdecode(raw if nul < 0 else raw[:nul])
 
-
-def encode_address(address: Any) -> bytes:
-    """sun_path bytes for `address` (str/bytes/PathLike; b"\\0..." is abstract).
-
-    Raises:
-        TypeError, ValueError: not an address, or longer than sun_path.
-    """
-    from .capabilities import MAX_PATH_BYTES
-
-    if isinstance(address, (str, bytes, os.PathLike)):
-        raw = os.fsencode(address)
-    else:
-        raise TypeError("address must be str, bytes or os.PathLike, not %s" % type(address).__name__)
-    limit = MAX_PATH_BYTES + (1 if raw[:1] == b"\0" else 0)
-    if len(raw) > limit:
-        raise ValueError("AF_UNIX address is %d bytes, the limit is %d" % (len(raw), limit))
-    return raw
-
-
-class Outgoing(NamedTuple):
-    """Messages to send, checked and split into parallel lists by the topic layer."""
-
-    datas: list[Any]                     # bytes-like, C-contiguous
-    lengths: list[int]                   # nbytes of each
-    fds: Optional[list[tuple[int, ...]]]  # None when no message has descriptors
-    addresses: Optional[list[Optional[bytes]]]  # sun_path bytes; None: no addresses at all
-    credentials: Optional[list[Optional[tuple[int, int, int]]]]
-    joined: Optional[bytes] = None       # all datas back to back, when already made
-    fd_counts: Optional[list[int]] = None  # len() of each fds entry, when already made
-    fd_flat: Optional[list[int]] = None    # every fds entry back to back, when already made
-
-
-def nonblocking_twin(sock: socket.socket) -> socket.socket:
-    """A timeout-0 socket object on the same descriptor as `sock` (detach it after use).
-
-    CPython's methods on a socket with a timeout poll before every call, even
-    with MSG_DONTWAIT, so a "take what is queued" call through them would
-    wait out the whole timeout.  The descriptor of such a socket is already
-    O_NONBLOCK, so a twin with timeout 0 changes nothing at the kernel level.
-    """
-    twin = BorrowedSocket(sock.family, sock.type, sock.proto, sock.fileno())
-    twin.settimeout(0.0)
-    return twin

@@ -47,6 +47,11 @@ MSG_CMSG_CLOEXEC: int = _value(socket, "MSG_CMSG_CLOEXEC", 0x40000000 if _LINUX 
 #: Control message type of struct ucred (None where unknown).
 SCM_CREDENTIALS: Optional[int] = _value(socket, "SCM_CREDENTIALS", 2 if _LINUX else None)
 
+#: Socket option: a pidfd of the connected peer (Linux >= 6.5; older socket
+#: modules lack the name).  The generic number is used everywhere, as before:
+#: where the kernel has no such option it answers ENOPROTOOPT.
+SO_PEERPIDFD: int = _value(socket, "SO_PEERPIDFD", 77) or 77
+
 # asm-generic/socket.h and asm-generic/fcntl.h.
 #: Socket option: the connected peer's struct ucred (None where unknown).
 SO_PEERCRED: Optional[int] = _value(socket, "SO_PEERCRED", 17 if _GENERIC_ABI else None)

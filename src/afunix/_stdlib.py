@@ -12,8 +12,10 @@ import os
 import socket
 from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple
 
-from ._io import Outgoing, _raw_type, nonblocking_twin
+from ._contract import Outgoing
 from ._kernel import MSG_CMSG_CLOEXEC, MSG_NOSIGNAL, SCM_CREDENTIALS
+from ._limits import FRAME_HEADER, FRAME_MAGIC, FRAME_VERSION, SCM_MAX_FD
+from ._sockets import nonblocking_twin, raw_type
 
 
 def socketpairs(n: int, type: int, blocking: bool) -> list[tuple[socket.socket, socket.socket]]:
@@ -36,8 +38,8 @@ def socketpairs(n: int, type: int, blocking: bool) -> list[tuple[socket.socket, 
 
 # ---- batched message I/O --------------------------------------------------
 
-MAX_BATCH = 1024
-_SCM_MAX_FD = 253
+#: The socket module has no sendmmsg / recvmmsg: a batch is one call per message.
+HAS_SENDMMSG = False
 _CREDS = SCM_CREDENTIALS
 # plain ints: | and & on the socket module's enum flags are slow
 _NOSIGNAL = MSG_NOSIGNAL
@@ -354,7 +356,7 @@ def recv_batch(sock: socket.socket, arena: Arena, flags: int) -> int:
     flags |= _CLOEXEC
     s, twin = _io_socket(sock)
     try:
-        stream = _raw_type(sock) == _STREAM
+        stream = raw_type(sock) == _STREAM
         # MSG_PEEK leaves the head queued: more slots would repeat it.  On a
         # stream a 0-byte buffer reads 0 bytes every time: one read (with its
         # descriptors) is the message, as recv_fds(sock, 0, maxfds) takes it.
@@ -402,12 +404,10 @@ import struct
 from typing import Sequence
 
 _FRAME = struct.Struct("<Q")  # the header as one little-endian word
-_FRAME_HEADER = 8
-# bits 40..63 of the header word: flags 0, version 1, magic 0xAF
-_FRAME_TAG = 0xAF0100 << 40
+# bits 40..63 of the header word: flags 0, then the version, then the magic byte
+_FRAME_TAG = ((FRAME_MAGIC << 16) | (FRAME_VERSION << 8)) << 40
 _FRAME_TAG_MASK = 0xFFFFFF << 40
 _FRAME_LENGTH = 0xFFFFFFFF
-_FRAME_MAX_NFDS = 253
 # Headers of descriptor-less frames by payload length: most channels send a
 # few sizes over and over, and a dict lookup is cheaper than a pack.
 _frame_headers: dict[int, bytes] = {}
@@ -456,23 +456,23 @@ def parse_frames(table: FrameTable, buf: bytearray, start: int, end: int,
     pos, count, with_fds, uniform, rc, need = start, 0, 0, -1, 0, 0
     while count < limit:
         avail = end - pos
-        if avail < _FRAME_HEADER:
+        if avail < FRAME_HEADER:
             if avail:
-                need = _FRAME_HEADER
+                need = FRAME_HEADER
             break
         (word,) = unpack(buf, pos)
         k = (word >> 32) & 0xFF
-        if word & _FRAME_TAG_MASK != _FRAME_TAG or k > _FRAME_MAX_NFDS:
+        if word & _FRAME_TAG_MASK != _FRAME_TAG or k > SCM_MAX_FD:
             rc = -errno.EBADMSG
             break
         length = word & _FRAME_LENGTH
         if length > max_frame:
             rc = -errno.EMSGSIZE
             break
-        if avail - _FRAME_HEADER < length:
-            need = _FRAME_HEADER + length
+        if avail - FRAME_HEADER < length:
+            need = FRAME_HEADER + length
             break
-        offsets[count] = pos + _FRAME_HEADER
+        offsets[count] = pos + FRAME_HEADER
         lengths[count] = length
         if k:
             with_fds += 1
@@ -482,7 +482,7 @@ def parse_frames(table: FrameTable, buf: bytearray, start: int, end: int,
         elif uniform != length:
             uniform = -1
         count += 1
-        pos += _FRAME_HEADER + length
+        pos += FRAME_HEADER + length
     table.need = need
     if count == 0 and rc:
         table.count = table.consumed = table.with_fds = 0
@@ -518,9 +518,9 @@ def pack_frames(out: bytearray, datas: Sequence[Any], joined: bytes, lengths: Se
     parts[1::2] = datas
     packed = b"".join(parts)
     declared = sum(lengths)
-    if len(packed) != declared + _FRAME_HEADER * len(heads):
+    if len(packed) != declared + FRAME_HEADER * len(heads):
         raise BufferError("the message lengths add up to %d bytes but %d were handed over; "
-                          "nothing was sent" % (declared, len(packed) - _FRAME_HEADER * len(heads)))
+                          "nothing was sent" % (declared, len(packed) - FRAME_HEADER * len(heads)))
     out[:len(packed)] = packed
     return len(packed)
 
@@ -530,7 +530,7 @@ def pack_frames(out: bytearray, datas: Sequence[Any], joined: bytes, lengths: Se
 
 CHAN_READS = 8
 CHAN_FDS_NO_DATA = 0x40000000
-_CHAN_ANCBUF = socket.CMSG_SPACE(4 * _FRAME_MAX_NFDS) + socket.CMSG_SPACE(64)
+_CHAN_ANCBUF = socket.CMSG_SPACE(4 * SCM_MAX_FD) + socket.CMSG_SPACE(64)
 _TRUNC = int(socket.MSG_TRUNC)
 
 
@@ -632,3 +632,27 @@ def chan_drop(rx: ChanRx, upto: int, every: bool) -> None:
 def chan_fds(rx: ChanRx, slot: int) -> list[int]:
     """The descriptors held in `slot` (pure: nothing is given over)."""
     return list(rx.s.fds[slot][:rx.s.nfds[slot]])
+
+
+# ---- for the benchmark ----
+
+def bare_calls(sock: socket.socket, size: int
+               ) -> tuple[Callable[[bytes], Any], Callable[[], Any], Callable[[], None]]:
+    """(send, recv, free): the socket module's calls for one `size`-byte message on `sock`.
+
+    The stdlib backend's twin of the C core's bare calls: sock.send and
+    sock.recvmsg_into with their arguments made once; `free` has nothing to do.
+    """
+    buffers = [bytearray(size)]
+    stdlib_send, recvmsg_into = sock.send, sock.recvmsg_into
+
+    def send(data: bytes) -> Any:
+        return stdlib_send(data, _NOSIGNAL)
+
+    def recv() -> Any:
+        return recvmsg_into(buffers)
+
+    def free() -> None:
+        pass
+
+    return send, recv, free

@@ -25,13 +25,15 @@ from typing import Any, Optional, Tuple, Union
 
 from . import _checks
 from ._kernel import O_PATH
+from ._limits import ADDR_MAX
 from .capabilities import MAX_PATH_BYTES, supports
+from .message import AddressLike
 from .pathlock import PathLock
 
 __all__ = ["AUTOBIND", "ListeningSocket", "abstract", "connect", "listen"]
 
 #: Longest abstract name: sun_path (108 bytes on Linux) minus the leading NUL.
-MAX_ABSTRACT_BYTES = 107
+MAX_ABSTRACT_BYTES = ADDR_MAX - 1
 
 # The kernel caps the backlog at net.core.somaxconn anyway; asking for the
 # platform maximum lets the administrator's setting decide.
@@ -59,8 +61,6 @@ class _Autobind:
 #: Pass to `listen` to let the kernel pick a unique abstract name (Linux);
 #: ``sock.getsockname()`` tells which.
 AUTOBIND = _Autobind()
-
-Address = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
 
 
 def _require_abstract() -> None:
@@ -107,8 +107,18 @@ def abstract(name: Union[str, bytes]) -> bytes:
     return b"\0" + raw
 
 
-def _parse(address: Any) -> Tuple[bytes, bool]:
-    """`address` as (encoded bytes, is_abstract); TypeError/ValueError before any system call."""
+def encode_address(address: Any) -> Tuple[bytes, bool]:
+    """`address` as (sun_path bytes, is_abstract): the one encoder of every address afunix takes.
+
+    A path (str, bytes, os.PathLike) or the stdlib's abstract form
+    ``b"\\0" + name``.  listen, connect and every send with a destination
+    go through it, so all refuse the same bad addresses the same way.
+
+    Raises:
+        TypeError, ValueError: not an address, empty, a NUL inside a path, or
+            longer than sun_path; before any system call.
+        OSError: EAFNOSUPPORT for an abstract address where there are none.
+    """
     if address is AUTOBIND:
         raise ValueError("AUTOBIND is only valid for listen")
     try:
@@ -406,7 +416,7 @@ def _bind_path_with_mode(
 
 
 def listen(
-    address: Union[Address, _Autobind],
+    address: Union[AddressLike, _Autobind],
     type: int = socket.SOCK_STREAM,
     *,
     backlog: int = DEFAULT_BACKLOG,
@@ -453,7 +463,7 @@ def listen(
         raw, is_abstract = b"", True
         _require_abstract()
     else:
-        raw, is_abstract = _parse(address)
+        raw, is_abstract = encode_address(address)
     if is_abstract and bits is not None:
         raise ValueError("mode does not apply to abstract addresses: they have no permissions")
 
@@ -475,7 +485,7 @@ def listen(
 
 
 def connect(
-    address: Address, type: int = socket.SOCK_STREAM, *, timeout: Optional[float] = None
+    address: AddressLike, type: int = socket.SOCK_STREAM, *, timeout: Optional[float] = None
 ) -> socket.socket:
     """A socket connected to the AF_UNIX server at `address`.
 
@@ -498,7 +508,7 @@ def connect(
         TimeoutError: the server did not accept within `timeout`.
         OSError: from the kernel (ENOENT, ECONNREFUSED, ...); nothing is leaked.
     """
-    raw, _ = _parse(address)
+    raw, _ = encode_address(address)
     t = _checks.supported_socket_type(type)
     seconds = _checked_timeout(timeout)
     sock = socket.socket(socket.AF_UNIX, t)

@@ -61,7 +61,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, TypeVar
 
 from . import _checks, _io
 from ._kernel import MSG_NOSIGNAL
-from .addresses import _parse
+from .addresses import encode_address
 from .batch import outgoing, send_with_control
 from .channel import _owning
 from .batch import send_many as _send_many_now
@@ -70,6 +70,7 @@ from .receive import recv_many as _recv_many_now
 from .fds import recv_fds as _recv_fds_now
 from .fds import send_fds as _send_fds_now
 from .message import Address, Message
+from .pairs import socketpair
 
 __all__ = [
     "Channel",
@@ -512,7 +513,7 @@ async def connect(address: Address, type: int = socket.SOCK_STREAM) -> socket.so
         TypeError, ValueError: bad address or type, before any system call.
         OSError: from the kernel (ENOENT, ECONNREFUSED, ...).
     """
-    raw, _ = _parse(address)
+    raw, _ = encode_address(address)
     kind = _checks.supported_socket_type(type)
     trio_support = _trio_running()
     if trio_support is not None:
@@ -723,8 +724,6 @@ class Channel:
 
 def channel_pair(type: int = socket.SOCK_STREAM, **options: Any) -> Tuple[Channel, Channel]:
     """Two connected asyncio Channels over a new non-blocking socketpair."""
-    from .pairs import socketpair
-
     a, b = socketpair(type, blocking=False)
     try:
         return Channel(a, **options), Channel(b, **options)

@@ -11,12 +11,14 @@ import socket
 from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 from . import _backend, _checks, _io
+from .addresses import encode_address
+from ._contract import Outgoing
 from ._kernel import MSG_NOSIGNAL
+from ._limits import MAX_BATCH, SCM_MAX_FD
 from .message import Message
 
-#: Most messages one call takes or returns (UIO_MAXIOV).
-MAX_MESSAGES = 1024
-_SCM_MAX_FD = 253
+#: Most messages one call takes or returns (UIO_MAXIOV): the public name of MAX_BATCH.
+MAX_MESSAGES = MAX_BATCH
 
 # Plain ints: the socket module's constants are enum members, and every
 # | or & on them builds a new enum object (as costly as a system call).
@@ -40,9 +42,9 @@ def _fd_of(obj: Any) -> int:
 def checked_fds(fds: Any) -> tuple[int, ...]:
     """Descriptors to pass, as a tuple of ints, within SCM_MAX_FD."""
     out = tuple(_fd_of(f) for f in fds)
-    if len(out) > _SCM_MAX_FD:
+    if len(out) > SCM_MAX_FD:
         raise ValueError("at most %d descriptors per message (SCM_MAX_FD), got %d"
-                         % (_SCM_MAX_FD, len(out)))
+                         % (SCM_MAX_FD, len(out)))
     return out
 
 
@@ -98,7 +100,7 @@ def plain_pinned(items: List[Any]) -> Optional[Tuple[List[Any], List[int]]]:
     return None
 
 
-def outgoing(messages: Iterable[Any]) -> _io.Outgoing:
+def outgoing(messages: Iterable[Any]) -> Outgoing:
     """Check `messages` and split them into the parallel lists the backends take.
 
     Every buffer in the result is pinned (see `pinned`) for as long as the
@@ -109,11 +111,11 @@ def outgoing(messages: Iterable[Any]) -> _io.Outgoing:
     # other items (C code such as bytes.join reads a list's storage).
     items = list(messages)
     if not items:
-        return _io.Outgoing(items, [], None, None, None, b"")
+        return Outgoing(items, [], None, None, None, b"")
     plain = plain_pinned(items)
     if plain is not None:  # the common case: plain byte strings
         pins, sizes = plain
-        return _io.Outgoing(pins, sizes, None, None, None, b"".join(pins))
+        return Outgoing(pins, sizes, None, None, None, b"".join(pins))
     if set(map(type, items)) == {Message}:
         fast = _messages_with_fds(items)
         if fast is not None:
@@ -127,7 +129,7 @@ def outgoing(messages: Iterable[Any]) -> _io.Outgoing:
         if isinstance(item, Message):
             data = item.data
             fds.append(checked_fds(item.fds))  # may run the caller's fileno()
-            addrs.append(None if item.address is None else _io.encode_address(item.address))
+            addrs.append(None if item.address is None else encode_address(item.address)[0])
             if item.credentials is None:
                 creds.append(None)
             else:
@@ -141,7 +143,7 @@ def outgoing(messages: Iterable[Any]) -> _io.Outgoing:
         view, n = pinned(data)
         datas.append(view)
         lengths.append(n)
-    return _io.Outgoing(
+    return Outgoing(
         datas, lengths,
         fds if any(fds) else None,
         addrs if any(a is not None for a in addrs) else None,
@@ -152,7 +154,7 @@ def outgoing(messages: Iterable[Any]) -> _io.Outgoing:
 _DATA, _FDS, _ADDRESS, _CREDENTIALS = (operator.itemgetter(i) for i in (0, 1, 2, 4))
 
 
-def _messages_with_fds(items: list[Message]) -> Optional[_io.Outgoing]:
+def _messages_with_fds(items: list[Message]) -> Optional[Outgoing]:
     """Messages with descriptors and nothing else, checked a batch at a time.
 
     None when the batch needs the per-message path: addresses, credentials,
@@ -175,10 +177,10 @@ def _messages_with_fds(items: list[Message]) -> Optional[_io.Outgoing]:
     fd_tuples = list(map(tuple, fd_lists))
     counts = list(map(len, fd_tuples))
     flat = list(itertools.chain.from_iterable(fd_tuples))
-    if max(counts) > _SCM_MAX_FD or (flat and (set(map(type, flat)) != {int} or min(flat) < 0
+    if max(counts) > SCM_MAX_FD or (flat and (set(map(type, flat)) != {int} or min(flat) < 0
                                                or max(flat) > _checks.C_INT_MAX)):
         return None
-    return _io.Outgoing(datas, sizes, fd_tuples if flat else None, None, None, joined,
+    return Outgoing(datas, sizes, fd_tuples if flat else None, None, None, joined,
                         counts if flat else None, flat if flat else None)
 
 
@@ -214,25 +216,21 @@ def send_many(sock: Any, messages: Iterable[Any], flags: int = 0) -> int:
     t = _io.target(sock)
     try:
         if t.type == _STREAM:
-            return _send_stream(t, out, flags)
-        return _send_messages(t, out, flags)
+            return send_stream(t, out, flags)
+        return send_records(t, out, flags)
     finally:
         if t.shadow:
             t.sock.detach()
 
 
-def _send_messages(t: _io.Target, out: _io.Outgoing, flags: int) -> int:
+def send_records(t: _io.Target, out: Outgoing, flags: int) -> int:
     total = len(out.datas)
     if not total:
         return 0  # an empty batch: nothing to do, whatever the socket's mode
     send_batch = _backend.impl.send_batch
     sent = 0
-    deadline = None
-    may_wait = t.timeout != 0.0 and not flags & _DONTWAIT
-    if t.timeout is not None:
-        deadline = _io.deadline_of(t.timeout)
-        flags |= _DONTWAIT  # waiting is done here, against the deadline
-    if deadline is None and total <= MAX_MESSAGES and not flags & _DONTWAIT:
+    flags, deadline, may_wait = _io.wait_setup(t, flags)
+    if deadline is None and total <= MAX_BATCH and not flags & _DONTWAIT:
         # a blocking socket and one call's worth: the common case, tried first
         try:
             sent = send_batch(t.sock, out, 0, total, flags)
@@ -241,28 +239,18 @@ def _send_messages(t: _io.Target, out: _io.Outgoing, flags: int) -> int:
         if sent == total:
             return sent
     while sent < total:
-        count = min(total - sent, MAX_MESSAGES)
+        count = min(total - sent, MAX_BATCH)
         try:
-            sent += send_batch(t.sock, out, sent, count, flags)
-        except InterruptedError:
-            continue  # PEP 475: handlers ran; retry
-        except BlockingIOError:
-            if not may_wait:
-                if sent:
-                    return sent
-                raise
-            if not _io.wait(t.fd, True, deadline):
-                if sent:
-                    return sent
-                raise socket.timeout("timed out") from None
-        except OSError:
+            sent += _io.call_when_ready(t.fd, True, deadline, may_wait,
+                                        send_batch, t.sock, out, sent, count, flags)
+        except OSError:  # BlockingIOError, the timeout, the kernel's errors
             if sent:
-                return sent
+                return sent  # k > 0 went: a count, never a loss (as sendmmsg reports it)
             raise
     return sent
 
 
-def _send_stream(t: _io.Target, out: _io.Outgoing, flags: int) -> int:
+def send_stream(t: _io.Target, out: Outgoing, flags: int) -> int:
     # A byte stream has no boundaries: a half-written message cannot be
     # expressed as a count, so this is sendall of the concatenation.  A
     # message with descriptors or credentials goes out as socket.send_fds
@@ -380,19 +368,6 @@ def send_with_control(sock: Any, data: Any, fds: tuple[int, ...],
 
 def _send_with_control(t: _io.Target, data: Any, fds: tuple[int, ...],
                        credentials: Optional[tuple[int, int, int]], flags: int) -> int:
-    send_message = _backend.impl.send_message
-    deadline = None
-    may_wait = t.timeout != 0.0 and not flags & _DONTWAIT
-    if t.timeout is not None:
-        deadline = _io.deadline_of(t.timeout)
-        flags |= _DONTWAIT  # waiting is done here, against the deadline
-    while True:
-        try:
-            return send_message(t.sock, data, fds, credentials, flags)
-        except InterruptedError:
-            continue  # PEP 475: handlers ran; retry
-        except BlockingIOError:
-            if not may_wait:
-                raise
-            if not _io.wait(t.fd, True, deadline):
-                raise socket.timeout("timed out") from None
+    flags, deadline, may_wait = _io.wait_setup(t, flags)
+    return _io.call_when_ready(t.fd, True, deadline, may_wait,
+                               _backend.impl.send_message, t.sock, data, fds, credentials, flags)

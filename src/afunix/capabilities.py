@@ -8,11 +8,14 @@ import sys
 from typing import Callable, Dict
 
 from . import _backend
-from ._kernel import MSG_CMSG_CLOEXEC, SCM_CREDENTIALS, SO_PASSCRED, SO_PEERCRED
+from ._kernel import MSG_CMSG_CLOEXEC, SCM_CREDENTIALS, SO_PASSCRED, SO_PEERCRED, SO_PEERPIDFD
 # Most descriptors one SCM_RIGHTS message may carry (Linux SCM_MAX_FD), public here.
 from ._limits import SCM_MAX_FD as SCM_MAX_FD
-#: Longest filesystem path that fits in sockaddr_un.sun_path, without its NUL.
-MAX_PATH_BYTES = 107 if sys.platform.startswith("linux") else 103
+from ._limits import ADDR_MAX
+
+#: Longest filesystem path that fits in sockaddr_un.sun_path, without its NUL
+#: (sun_path is ADDR_MAX bytes on Linux, 104 on the BSDs and macOS).
+MAX_PATH_BYTES = ADDR_MAX - 1 if sys.platform.startswith("linux") else 103
 
 
 def _probe_seqpacket() -> bool:
@@ -34,32 +37,24 @@ def _probe_sockopt(option: int) -> bool:
     finally:
         a.close()
         b.close()
-    if option == _SO_PEERPIDFD:  # the probe received a pidfd: close it
+    if option == SO_PEERPIDFD:  # the probe received a pidfd: close it
         os.close(value)
     return True
 
 
-# SO_PEERPIDFD (Linux >= 6.5) is not in the socket module of older Pythons.
-_SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
 _LINUX = sys.platform.startswith("linux")
 
 _PROBES: Dict[str, Callable[[], bool]] = {
     "c_core": lambda: _c_importable(),
     # batched system calls in the active backend (the C core on Linux)
-    "sendmmsg": lambda: _backend.name == "c" and bool(_cbackend_flag("AFUNIX_HAS_SENDMMSG")),
+    "sendmmsg": lambda: _backend.impl.HAS_SENDMMSG,
     "seqpacket": _probe_seqpacket,
     "abstract": lambda: _LINUX,
     "peercred": lambda: SO_PEERCRED is not None,
     "passcred": lambda: SO_PASSCRED is not None and SCM_CREDENTIALS is not None,
-    "peerpidfd": lambda: _LINUX and _probe_sockopt(_SO_PEERPIDFD),
+    "peerpidfd": lambda: _LINUX and _probe_sockopt(SO_PEERPIDFD),
     "cmsg_cloexec": lambda: MSG_CMSG_CLOEXEC != 0,
 }
-
-
-def _cbackend_flag(name: str) -> int:
-    from . import _cbackend
-
-    return int(getattr(_cbackend.lib, name))
 
 
 def _c_importable() -> bool:

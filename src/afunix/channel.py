@@ -18,13 +18,13 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tupl
 from . import _backend, _checks, _io
 from ._kernel import MSG_CMSG_CLOEXEC, MSG_NOSIGNAL
 from .batch import checked_fds, pinned, plain_pinned
-from .frames import (DEFAULT_MAX_FRAME, HEADER_SIZE, MAX_FRAME_LIMIT, RECORD_MAX, FrameBatch,
+from .frames import (DEFAULT_MAX_FRAME, MAX_FRAME_LIMIT, RECORD_MAX, FrameBatch,
                      ProtocolError, _chunked, _header, _JOIN_MAX, _Records, _Segment)
+from ._limits import FRAME_HEADER as HEADER_SIZE
 from .message import Address, Message
 
 T = TypeVar("T")
 
-_SCM_MAX_FD = 253
 _TABLE_CAPACITY = 4096
 _RECV_BUFFER = 256 << 10
 # Below this much room at the end of the receive buffer, move the unparsed

@@ -8,14 +8,14 @@ import struct
 from typing import Any, Iterable, List, Optional, Tuple
 
 from . import _checks, _io
-from ._kernel import SO_PASSCRED, SO_PEERCRED
-from .batch import _send_messages, _send_stream, checked_fds, write_with_control
+from ._contract import Outgoing
+from .addresses import encode_address
+from ._kernel import SO_PASSCRED, SO_PEERCRED, SO_PEERPIDFD
+from .batch import checked_fds, send_records, send_stream, write_with_control
 from ._limits import SCM_MAX_FD
-from .receive import MAX_BUFSIZE, _receive, arena_for
+from .receive import MAX_BUFSIZE, arena_for, receive_into
 from .message import Address, Credentials, TruncatedError
 
-# SO_PEERPIDFD (Linux >= 6.5) may be missing from the socket module.
-_SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)
 _STREAM = int(socket.SOCK_STREAM)
 _CTRUNC = int(socket.MSG_CTRUNC)
 
@@ -44,7 +44,7 @@ def send_fds(sock: Any, buffers: Iterable[Any], fds: Iterable[Any], flags: int =
         raise BufferError("send_fds: a buffer is not C-contiguous")
     data = b"".join(views)
     fd_tuple = checked_fds(fds)
-    raw_address = None if address is None else _io.encode_address(address)
+    raw_address = None if address is None else encode_address(address)[0]
     t = _io.target(sock)
     try:
         if t.type == _STREAM and fd_tuple and not data:
@@ -53,12 +53,12 @@ def send_fds(sock: Any, buffers: Iterable[Any], fds: Iterable[Any], flags: int =
             if t.type == _STREAM and fd_tuple and raw_address is None:
                 # one sendmsg with all of it, the rest after a short write (see send_many)
                 return write_with_control(t, data, len(data), fd_tuple, None, flags)
-            out = _io.Outgoing([data], [len(data)], [fd_tuple] if fd_tuple else None,
+            out = Outgoing([data], [len(data)], [fd_tuple] if fd_tuple else None,
                                None if raw_address is None else [raw_address], None)
             if t.type == _STREAM:
-                _send_stream(t, out, flags)  # no descriptors: sendall; an address: refused
+                send_stream(t, out, flags)  # no descriptors: sendall; an address: refused
             else:
-                _send_messages(t, out, flags)
+                send_records(t, out, flags)
             return len(data)
         except BlockingIOError as exc:
             # A non-blocking stream took part of it: the count, as
@@ -98,7 +98,7 @@ def recv_fds(sock: Any, bufsize: int, maxfds: int, flags: int = 0
     t = _io.target(sock)
     try:
         arena = arena_for(sock, 1, size, k)
-        first, count, end = _receive(t, arena, flags, sock)
+        first, count, end = receive_into(t, arena, flags, sock)
     finally:
         if t.shadow:
             t.sock.detach()
@@ -154,7 +154,7 @@ def peer_pidfd(sock: Any) -> int:
     """
     t = _io.target(sock)
     try:
-        fd = t.sock.getsockopt(socket.SOL_SOCKET, _SO_PEERPIDFD)
+        fd = t.sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
     finally:
         if t.shadow:
             t.sock.detach()

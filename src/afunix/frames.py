@@ -10,17 +10,14 @@ import struct
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from . import _checks
+from ._limits import FRAME_HEADER as HEADER_SIZE
+from ._limits import FRAME_MAGIC as MAGIC
+from ._limits import FRAME_VERSION as VERSION
+from ._limits import RECORD_MAX as RECORD_MAX
 
 #: Default and largest accepted `max_frame` (payload bytes of one message).
 DEFAULT_MAX_FRAME = 64 << 20
 MAX_FRAME_LIMIT = 1 << 30
-#: Bytes of a frame header.
-HEADER_SIZE = 8
-#: Most bytes one SOCK_SEQPACKET record carries (docs/PROTOCOL.md).
-RECORD_MAX = 65536
-#: Frame format version written and accepted.
-VERSION = 1
-MAGIC = 0xAF
 
 _HEADER = struct.Struct("<IBBBB")  # length, nfds, flags, version, magic
 

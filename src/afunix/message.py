@@ -1,13 +1,16 @@
 """Value types of afunix: Message, Credentials, TruncatedError, and close_fds."""
 from __future__ import annotations
 
+import os
 from typing import Iterable, NamedTuple, Optional, Tuple, Union
 
-from . import _checks
+from . import _backend, _checks
 
 #: What an AF_UNIX address looks like in Python, as the socket module gives it:
 #: a filesystem path as str, an abstract name as bytes starting with NUL.
 Address = Union[str, bytes]
+#: What the calls that take an address accept: an `Address`, or a path as os.PathLike.
+AddressLike = Union[Address, "os.PathLike[str]", "os.PathLike[bytes]"]
 
 
 class Credentials(NamedTuple):
@@ -69,6 +72,4 @@ def close_fds(fds: Iterable[int]) -> None:
     if top > _checks.C_INT_MAX or bottom < -_checks.C_INT_MAX - 1:
         raise ValueError("descriptor must be from 0 to %d, got %d"
                          % (_checks.C_INT_MAX, top if top > _checks.C_INT_MAX else bottom))
-    from . import _backend  # here, not at the top: _backend imports this module's users
-
     _backend.impl.close_fds(fds)

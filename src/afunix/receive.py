@@ -6,16 +6,15 @@ import threading
 from typing import Any, Iterator, Optional, Sequence
 
 from . import _backend, _checks, _io
-from .batch import MAX_MESSAGES
+from ._contract import Backend
+from ._limits import MAX_BATCH, SCM_MAX_FD
 from .message import Address, Credentials, Message
 
 #: Largest bufsize per message; and the largest arena (max_messages x bufsize).
 MAX_BUFSIZE = 16 << 20
 MAX_ARENA_BYTES = 256 << 20
-_SCM_MAX_FD = 253
 
 # Plain ints: | and & on the socket module's enum flags build enum objects.
-_DONTWAIT = int(socket.MSG_DONTWAIT)
 _DGRAM = int(socket.SOCK_DGRAM)
 _SEQPACKET = int(socket.SOCK_SEQPACKET)
 _TRUNC = int(socket.MSG_TRUNC)
@@ -26,17 +25,17 @@ _FILLER = "filler"
 
 
 def _checked_sizes(max_messages: Any, bufsize: Any, maxfds: Any) -> tuple[int, int, int]:
-    n = _checks.in_range(max_messages, "max_messages", 1, MAX_MESSAGES)
+    n = _checks.in_range(max_messages, "max_messages", 1, MAX_BATCH)
     size = _checks.in_range(bufsize, "bufsize", 1, MAX_BUFSIZE)
-    k = _checks.in_range(maxfds, "maxfds", 0, _SCM_MAX_FD)
+    k = _checks.in_range(maxfds, "maxfds", 0, SCM_MAX_FD)
     if n * size > MAX_ARENA_BYTES:
         raise ValueError("max_messages x bufsize is %d bytes, the limit is %d"
                          % (n * size, MAX_ARENA_BYTES))
     return n, size, k
 
 
-def _receive(t: _io.Target, arena: Any, flags: int, owner: Any,
-             backend: Optional[_backend.Backend] = None) -> tuple[int, int, int]:
+def receive_into(t: _io.Target, arena: Any, flags: int, owner: Any,
+             backend: Optional[Backend] = None) -> tuple[int, int, int]:
     """Wait for the first message as sock.recv would, take the queued rest; strip end of stream.
 
     Messages an interrupted earlier call on `owner` left in `arena` come
@@ -49,29 +48,14 @@ def _receive(t: _io.Target, arena: Any, flags: int, owner: Any,
         the end of the stream, delivered with the last message.
     """
     recv_batch = (backend or _backend.impl).recv_batch
-    deadline = None
-    may_wait = t.timeout != 0.0 and not flags & _DONTWAIT
-    if t.timeout is not None:
-        deadline = _io.deadline_of(t.timeout)
-        flags |= _DONTWAIT  # waiting is done here, against the deadline
+    flags, deadline, may_wait = _io.wait_setup(t, flags)
     arena.owner = owner  # before the call: whatever it hands over is owner's
-    count = 0
-    while True:
-        try:
-            count = recv_batch(t.sock, arena, flags)
-            break
-        except InterruptedError:
-            continue  # PEP 475: handlers ran; retry
-        except BlockingIOError:
-            if may_wait and _io.wait(t.fd, False, deadline):
-                continue
-            arena.owner = None  # nothing arrived: hold no reference to the socket
-            if not may_wait:
-                raise
-            raise socket.timeout("timed out") from None
-        except OSError:
-            arena.owner = None
-            raise
+    try:
+        count = _io.call_when_ready(t.fd, False, deadline, may_wait,
+                                    recv_batch, t.sock, arena, flags)
+    except OSError:  # BlockingIOError, the timeout, the kernel's errors
+        arena.owner = None  # nothing arrived: hold no reference to the socket
+        raise
     first = arena.first()
     end = first + count
     if count and t.type != _DGRAM and arena.length(end - 1) == 0:
@@ -200,7 +184,7 @@ def recv_many(sock: Any, max_messages: int, bufsize: int, flags: int = 0, *,
     t = _io.target(sock)
     try:
         arena = arena_for(sock, n, size, k)
-        first, count, end = _receive(t, arena, flags, sock)
+        first, count, end = receive_into(t, arena, flags, sock)
     finally:
         if t.shadow:
             t.sock.detach()
@@ -275,7 +259,7 @@ class RecvBatch:
             self._count = 0
             t = _io.target(sock)
             try:
-                first, count, end = _receive(t, arena, flags, sock, self._backend)
+                first, count, end = receive_into(t, arena, flags, sock, self._backend)
             finally:
                 if t.shadow:
                     t.sock.detach()

@@ -18,8 +18,8 @@ In both, the afunix columns send with ``afunix.aio.send_many`` (a batch a
 call) and receive with ``afunix.aio.recv_batch`` (no object per message).
 The C column of ``asyncio-sock`` is the plain C sendmmsg/recvmmsg loop on
 the same SEQPACKET pair; ``asyncio`` has none (its plain C program, a stream
-of 64-byte writes, is the row ``stream 64 B x256``).  This module registers
-itself with `afunix.bench.workloads`.
+of 64-byte writes, is the row ``stream 64 B x256``).  The workloads and
+their columns are declared in registry.py.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from typing import Awaitable, Callable
 import afunix
 
 from .matrix import Row
-from .workloads import Mismatch, Received, StreamChecker, Workload, recv_c, register, send_c
+from .workloads import Mismatch, Received, StreamChecker
 
 _SEQ = struct.Struct("<Q")
 _LENGTH = struct.Struct("<I")
@@ -202,23 +202,3 @@ def recv_sock(sock: socket.socket, count: int, row: Row) -> Received:
         return Received(count, total)
 
     return _run(main)
-
-
-# ---- registration ----------------------------------------------------------------
-
-_NEEDS = ("aio", "RecvBatch")
-_AIO = "afunix.aio.send_many + afunix.aio.recv_batch (a batch per wake-up)"
-
-register(Workload("asyncio", "asyncio", "messages", socket.SOCK_STREAM, "msgs/s", _NEEDS,
-                  base="asyncio streams: writer.write per length-prefixed frame, drain per"
-                       " batch; reader.readexactly",
-                  afunix=_AIO + ", SOCK_STREAM"),
-         {"base": (send_streams, recv_streams),
-          "afunix-stdlib": (send_aio, recv_aio_stream), "afunix-c": (send_aio, recv_aio_stream)})
-register(Workload("asyncio-sock", "asyncio sock", "messages", socket.SOCK_SEQPACKET, "msgs/s",
-                  _NEEDS,
-                  base="loop.sock_sendall / loop.sock_recv once per message",
-                  afunix=_AIO,
-                  c="sendmmsg / recvmmsg on the same SEQPACKET pair, blocking, no event loop"),
-         {"base": (send_sock, recv_sock), "c": (send_c, recv_c),
-          "afunix-stdlib": (send_aio, recv_aio), "afunix-c": (send_aio, recv_aio)})

@@ -20,8 +20,8 @@ row's workload names:
 The channel's framing in plain C (csrc/reference/channel_reference.c) is
 a different program from every one of these, so it has a row of its own,
 ``c-framing``, with only the C column.  The rows against third-party tools and
-multiprocessing are in peers.py.  Importing this module registers the
-workloads with workloads.py; the rows are in matrix.py.
+multiprocessing are in peers.py.  The workloads and their columns are
+declared in registry.py; the rows are in matrix.py.
 """
 from __future__ import annotations
 
@@ -29,15 +29,14 @@ import array
 import socket
 import struct
 import sys
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, List, Tuple
 
 import afunix
 
 from .._limits import FRAME_HEADER
 from . import _reference
-from . import workloads as _w
 from .matrix import KIB, Row
-from .workloads import Mismatch, Received, Workload, register
+from .workloads import Mismatch, Received
 
 _SEQ = struct.Struct("<Q")
 _PREFIX = struct.Struct("<I")  # the careful stdlib stream's length prefix
@@ -282,46 +281,3 @@ def large_recv_stdlib(sock: socket.socket, count: int, row: Row) -> Received:
             return Received(i, total)
         total += unpack(buf)[0]
     return Received(count, total)
-
-
-# ---- registration ------------------------------------------------------------------------
-
-_NEEDS = ("Channel",)
-_STREAM, _SEQPACKET = socket.SOCK_STREAM, socket.SOCK_SEQPACKET
-_FRAMED = ("a careful stdlib framed stream: 4-byte length prefixes, a batch gathered in a"
-           " bytearray and sent with sendall; recv_into + struct.unpack_from")
-_BATCHED = "Channel.send_many / Channel.recv_many, a batch per call"
-
-
-def _chan(name: str, title: str, sock_type: int, base: str, afunix_text: str,
-          base_sides: Tuple[_w.Side, _w.Side], afunix_sides: Tuple[_w.Side, _w.Side],
-          unit: str = "msgs/s", c: str = "", c_sides: Optional[Tuple[_w.Side, _w.Side]] = None,
-          ) -> None:
-    sides: Dict[str, Tuple[_w.Side, Optional[_w.Side]]] = {
-        "base": base_sides, "afunix-stdlib": afunix_sides, "afunix-c": afunix_sides}
-    if c_sides is not None:
-        sides["c"] = c_sides
-    register(Workload(name, title, "messages", sock_type, unit, _NEEDS,
-                      base=base, afunix=afunix_text, c=c), sides)
-
-
-_chan("chan-batched", "CHAN/framed", _STREAM, _FRAMED, _BATCHED,
-      (framed_send_stdlib, framed_recv_stdlib), (chan_send_batched, chan_recv_many))
-_chan("chan-zerocopy", "CHAN 0-copy", _STREAM, _FRAMED,
-      "Channel.send_fixed / Channel.recv_batch (no object per message)",
-      (framed_send_stdlib, framed_recv_stdlib), (chan_send_fixed, chan_recv_batch))
-_chan("chan-single", "CHAN/1-call", _SEQPACKET, "sock.send / sock.recv once per message",
-      "Channel.send / Channel.recv once per message, on SOCK_SEQPACKET",
-      (_w.send_stdlib, _w.recv_stdlib), (chan_send_single, chan_recv_single))
-_chan("large-stream", "LARGE/stream", _STREAM,
-      "a careful stdlib loop: sendall(length), sendall(message); recv_into a preallocated"
-      " buffer until whole",
-      "Channel.send / Channel.recv once per message (inline in the stream)",
-      (large_send_stdlib, large_recv_stdlib), (chan_send_single, chan_recv_single),
-      unit="MB/s", c="sendmmsg of one message per call / recv() until whole",
-      c_sides=(_w.stream_send_c, _w.stream_recv_c))
-register(Workload("c-framing", "C framing", "messages", _STREAM, "msgs/s", (),
-                  base="", afunix="",
-                  c="the channel's framing in plain C (csrc/reference/channel_reference.c): 256"
-                    " frames packed per write, parsed in C; the limit for any CHAN row"),
-         {"c": (ref_send, ref_recv)})

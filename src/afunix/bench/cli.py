@@ -7,13 +7,14 @@ import os
 import resource
 import sys
 import tempfile
+from dataclasses import replace
 from typing import List, Optional
 
 from . import compare, report
 from .matrix import MATRIX, MODES, PLACEMENTS, Row
 from .runner import placements
 from .session import measure
-from .workloads import WORKLOADS
+from .registry import WORKLOADS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -112,7 +113,6 @@ def run(args: argparse.Namespace) -> int:
         old = compare.load(args.compare[0])
     mode = MODES["tiny" if args.tiny else "quick" if args.quick else "default"]
     if args.runs or args.messages:
-        from dataclasses import replace
         mode = replace(mode, runs=args.runs or mode.runs,
                        fixed_count=args.messages or mode.fixed_count)
     names = PLACEMENTS if args.placement == "both" else (args.placement,)

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from . import schema
 from .matrix import LABELS, Row
 from .report import WIDTH, label, number
-from .workloads import WORKLOADS
+from .registry import WORKLOADS
 
 CellKey = Tuple[str, str, str, str]  # row key, placement, implementation, metric
 

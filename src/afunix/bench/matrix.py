@@ -3,7 +3,7 @@
 Each `Row` is one workload (its four columns are declared with the workload,
 in workloads.py and the modules it imports) at one message size, descriptor
 count and batch.  Adding a row is adding a line to MATRIX; adding a
-workload is declaring its `Workload` and registering its sides.
+workload is writing its sides and adding its entry to registry.TABLE.
 """
 from __future__ import annotations
 

@@ -34,13 +34,11 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Tuple
 
-from . import workloads as _w
-from .channel_workloads import Numbered, chan_recv_many, chan_recv_single, chan_send_batched, \
-    chan_send_single, checksum_of, message_maker
+from .channel_workloads import Numbered, checksum_of, message_maker
 from .matrix import Row
-from .workloads import BENCH_EXTRA, Mismatch, Peer, Received, Workload, register
+from .workloads import Mismatch, Received
 
 _SEQ = struct.Struct("<Q")
 _STREAM = socket.SOCK_STREAM
@@ -267,7 +265,8 @@ def queue_shared(row: Row) -> Tuple[Any, Callable[[], None]]:
     return queue, close
 
 
-def _the_queue(sock: socket.socket, row: Row, shared: Any) -> Any:
+def the_queue(sock: socket.socket, row: Row, shared: Any) -> Any:
+    """The Queue the runner made before the fork: each side's setup for the Queue row."""
     return shared
 
 
@@ -288,46 +287,3 @@ def queue_get(queue: Any, count: int, row: Row) -> Received:
     for start in range(0, count, _GROUP):
         total += checksum_of([get() for _ in range(min(_GROUP, count - start))], size)
     return Received(count, total)
-
-
-# ---- registration ---------------------------------------------------------------------------
-
-_BATCHED = "Channel.send_many / Channel.recv_many, a batch per call"
-_SINGLE = "Channel.send / Channel.recv once per message (inline in the stream)"
-_CHANNEL: Dict[str, Tuple[_w.Side, Optional[_w.Side]]] = {
-    "afunix-stdlib": (chan_send_batched, chan_recv_many),
-    "afunix-c": (chan_send_batched, chan_recv_many)}
-
-register(Workload("chan-vs-zmq", "CHAN/pyzmq", "messages", _STREAM, "msgs/s", ("Channel",),
-                  base="pyzmq ipc PUSH/PULL, send/recv per message, copy=True (pyzmq: copying"
-                       " is faster for small messages), SNDHWM=RCVHWM=%d, one I/O thread,"
-                       " connected and warmed up (%d messages) before the clock starts"
-                       % (ZMQ_HWM, ZMQ_WARMUP),
-                  afunix=_BATCHED,
-                  peer=Peer("zmq", "pyzmq", BENCH_EXTRA)),
-         {"base": (tool_send, tool_recv), **_CHANNEL},
-         setups={"base": (zmq_setup_send, zmq_setup_recv)})
-register(Workload("chan-vs-nng", "CHAN/pynng", "messages", _STREAM, "msgs/s", ("Channel",),
-                  base="pynng (nng) ipc Push0/Pull0, send/recv per message, send and receive"
-                       " buffers %d messages (nng's most), connected and warmed up (%d"
-                       " messages) before the clock starts" % (NNG_BUFFER, NNG_WARMUP),
-                  afunix=_BATCHED,
-                  peer=Peer("pynng", "pynng", BENCH_EXTRA)),
-         {"base": (tool_send, tool_recv), **_CHANNEL},
-         setups={"base": (nng_setup_send, nng_setup_recv)})
-register(Workload("chan-vs-pipe", "CHAN/Pipe", "messages", _STREAM, "msgs/s", ("Channel",),
-                  base="multiprocessing.Pipe: Connection.send_bytes / recv_bytes per message",
-                  afunix=_BATCHED),
-         {"base": (pipe_send, pipe_recv), **_CHANNEL})
-register(Workload("chan-vs-queue", "CHAN/Queue", "messages", _STREAM, "msgs/s", ("Channel",),
-                  base="multiprocessing.Queue: put / get per message (pickled by its feeder"
-                       " thread)",
-                  afunix=_BATCHED),
-         {"base": (queue_put, queue_get), **_CHANNEL},
-         setups={"base": (_the_queue, _the_queue)}, shared={"base": queue_shared})
-register(Workload("large-vs-pipe", "LARGE/Pipe", "messages", _STREAM, "MB/s", ("Channel",),
-                  base="multiprocessing.Pipe: Connection.send_bytes / recv_bytes per message",
-                  afunix=_SINGLE),
-         {"base": (pipe_send, pipe_recv),
-          "afunix-stdlib": (chan_send_single, chan_recv_single),
-          "afunix-c": (chan_send_single, chan_recv_single)})

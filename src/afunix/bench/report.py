@@ -19,7 +19,8 @@ from . import schema
 from .matrix import IMPLEMENTATIONS, KIB, LABELS, MIB, Mode, Row
 from .runner import CellResult, Placement, median_and_spread
 from .session import Results, RowResult
-from .workloads import WORKLOADS, Workload
+from .registry import WORKLOADS
+from .workloads import Workload
 
 WIDTH = 100
 #: label, placement, unit, four cells, two ratios

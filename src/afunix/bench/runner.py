@@ -17,9 +17,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from .. import _backend
 from .affinity import pin
 from .matrix import MAX_COUNT, Mode, Row, fixed_count, min_count, warmup_count
-from .workloads import (RECEIVERS, SENDERS, SETUPS, SHARED, WORKLOADS, Received, Setup, Side,
+from .registry import RECEIVERS, SENDERS, SETUPS, SHARED, WORKLOADS
+from .workloads import (Received, Setup, Side,
                         expected)
 
 #: A run that has not finished by then is killed and reported as FAILED.
@@ -90,7 +92,6 @@ def _child(side: Side, setup: Optional[Setup], sock: Optional[socket.socket], sh
         # thread, nng's workers, a Queue's feeder) inherit this CPU.
         pin(cpu)
         if backend is not None:
-            from .. import _backend
             _backend.use(backend)
         # A peer's handshake happens here, before the clock starts.
         state: Any = sock if setup is None else setup(sock, row, shared)

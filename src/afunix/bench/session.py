@@ -14,7 +14,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from .matrix import IMPLEMENTATIONS, Mode, Row
 from .runner import CellResult, Placement, RunOnce, run_row
-from .workloads import WORKLOADS, missing_peer, unavailable
+from .registry import WORKLOADS
+from .workloads import missing_peer, unavailable
 
 
 @dataclass

@@ -21,7 +21,8 @@ fixed Python cost of one afunix call, measured as the afunix call minus the
 bare call of the active backend's core on the same socket, in alternating
 groups of 64 calls (median over the groups): for the C backend the cffi call
 ``lib.afunix_send_many`` / ``lib.afunix_recv_many`` with its arguments made
-once, for the stdlib backend ``sock.send`` / ``sock.recvmsg_into``.
+once, for the stdlib backend ``sock.send`` / ``sock.recvmsg_into`` (each
+backend's ``bare_calls``).
 """
 from __future__ import annotations
 
@@ -35,13 +36,13 @@ from typing import Any, Callable, List, Tuple
 
 import afunix
 
+from .. import _backend
 from . import workloads as _w
 from .matrix import Row
-from .workloads import Mismatch, Received, Workload, register
+from .workloads import Mismatch, Received
 
 _SEQ = struct.Struct("<Q")
 _SEQPACKET = socket.SOCK_SEQPACKET
-_NOSIGNAL = int(getattr(socket, "MSG_NOSIGNAL", 0))
 #: The batch of the plain C side that is the same in every column.
 _C_BATCH = 256
 #: Calls per timed group in the overhead rows: fewer than a socket buffer holds.
@@ -167,42 +168,10 @@ def fds_recv_socket(sock: socket.socket, count: int, row: Row) -> Received:
 
 # ---- the fixed cost of one call ------------------------------------------------------------
 
-def _bare_calls(sock: socket.socket, size: int) -> Tuple[Callable[[bytes], Any], Callable[[], Any],
-                                                         Callable[[], None]]:
-    """(send, recv, free): the active backend's core calls for one message, arguments made once."""
-    from .. import _backend
-
-    if _backend.name == "c":
-        from .._cbackend import ffi, lib
-
-        fd, null = sock.fileno(), ffi.NULL
-        data_area = ffi.new("char[]", size)  # the caller owns the data area
-        arena = ffi.new("struct afunix_arena *")
-        if lib.afunix_arena_init(arena, 1, size, 0, data_area) != 0:
-            raise MemoryError("afunix_arena_init")
-        send_many, recv_many = lib.afunix_send_many, lib.afunix_recv_many
-
-        def send(data: bytes) -> Any:
-            return send_many(fd, 1, data, size, null, size, null, 0, null, null, 0, null, null, 0)
-
-        def recv() -> Any:
-            return recv_many(fd, arena, 0)
-
-        def free() -> None:
-            lib.afunix_arena_clear(arena)
-            del holder[:]  # the struct and data area go only after the arena is cleared
-
-        holder = [arena, data_area]
-        return send, recv, free
-    buf = bytearray(size)
-    stdlib_send, recvmsg_into, buffers = sock.send, sock.recvmsg_into, [buf]
-    return ((lambda data: stdlib_send(data, _NOSIGNAL)), (lambda: recvmsg_into(buffers)),
-            (lambda: None))
-
-
 def _overhead(count: int, row: Row, receiving: bool) -> Received:
     a, b = socket.socketpair(socket.AF_UNIX, _SEQPACKET)
-    bare_send, bare_recv, free = _bare_calls(b if receiving else a, row.size)
+    # the active backend's own calls, through its public hook
+    bare_send, bare_recv, free = _backend.impl.bare_calls(b if receiving else a, row.size)
     try:
         data = bytes(row.size)
         batch = afunix.RecvBatch(1, row.size)
@@ -243,53 +212,3 @@ def overhead_send(sock: Any, count: int, row: Row) -> Received:
 def overhead_recv(sock: Any, count: int, row: Row) -> Received:
     """ns per call: RecvBatch(1, size).recv(sock) minus the backend's bare receive of one."""
     return _overhead(count, row, receiving=True)
-
-
-# ---- registration ----------------------------------------------------------------------------
-
-_ONE = ("send_many", "RecvBatch")
-_C_ONE = "one message per sendmmsg / recvmmsg call"
-
-register(Workload("single-send", "1-call send", "messages", _SEQPACKET, "msgs/s", _ONE,
-                  base="sock.send(m) per message (receiver: plain C recvmmsg in every column)",
-                  afunix="afunix.send_many(sock, [m]) per message",
-                  c="one sendmmsg of one message per call", c_peer=True),
-         {"base": (_w.send_stdlib, recv_c_batched),
-          "afunix-stdlib": (send_one_afunix, recv_c_batched),
-          "afunix-c": (send_one_afunix, recv_c_batched),
-          "c": (_w.send_c, recv_c_batched)})
-register(Workload("single-recv", "1-call recv", "messages", _SEQPACKET, "msgs/s", _ONE,
-                  base="sock.recv_into(buf) per message (sender: plain C sendmmsg in every"
-                       " column)",
-                  afunix="RecvBatch(1, size).recv(sock) per message",
-                  c="one recvmmsg of one message per call", c_peer=True),
-         {"base": (send_c_batched, recv_into_stdlib),
-          "afunix-stdlib": (send_c_batched, recv_one_batch),
-          "afunix-c": (send_c_batched, recv_one_batch),
-          "c": (send_c_batched, _w.recv_c)})
-register(Workload("single-recv-many", "1-call recv_m", "messages", _SEQPACKET, "msgs/s",
-                  ("recv_many",),
-                  base="sock.recv(size) per message (sender: plain C sendmmsg in every column)",
-                  afunix="afunix.recv_many(sock, 1, size) per message",
-                  c="one recvmmsg of one message per call", c_peer=True),
-         {"base": (send_c_batched, _w.recv_stdlib),
-          "afunix-stdlib": (send_c_batched, recv_one_many),
-          "afunix-c": (send_c_batched, recv_one_many),
-          "c": (send_c_batched, _w.recv_c)})
-register(Workload("single-fds", "1-call fds", "messages", _SEQPACKET, "msgs/s",
-                  ("send_fds", "recv_fds"),
-                  base="socket.send_fds / socket.recv_fds per message, descriptors closed",
-                  afunix="afunix.send_fds / afunix.recv_fds per message, descriptors closed",
-                  c="one sendmmsg / recvmmsg with SCM_RIGHTS per message"),
-         {"base": (fds_send_socket, fds_recv_socket),
-          "afunix-stdlib": (fds_send_afunix, fds_recv_afunix),
-          "afunix-c": (fds_send_afunix, fds_recv_afunix),
-          "c": (_w.fds_send_c, _w.fds_recv_c)})
-register(Workload("call-overhead", "overhead send", "overhead", _SEQPACKET, "ns", _ONE,
-                  base="", afunix="ns per call: send_many(sock, [m]) minus the backend's bare"
-                                  " core call (C: lib.afunix_send_many; stdlib: sock.send)"),
-         {impl: (overhead_send, None) for impl in ("afunix-stdlib", "afunix-c")})
-register(Workload("call-overhead-recv", "overhead recv", "overhead", _SEQPACKET, "ns", _ONE,
-                  base="", afunix="ns per call: RecvBatch(1, size).recv minus the backend's bare"
-                                  " core call (C: lib.afunix_recv_many; stdlib: recvmsg_into)"),
-         {impl: (overhead_recv, None) for impl in ("afunix-stdlib", "afunix-c")})

@@ -5,10 +5,10 @@ bytes (the first 8 of every chunk, on a stream).  A receiver returns how many
 messages it got and the sum of their numbers, so the runner can check that
 exactly what was sent arrived: ``count`` and ``count * (count - 1) // 2``.
 
-Functions take ``(sock, count, row)`` and are looked up in SENDERS and
-RECEIVERS by ``(workload, implementation)``; a workload whose sides must
-meet first (a peer's handshake) also has SETUPS, run before the timing
-starts, whose result the side gets instead of the socket.  The afunix
+Functions take ``(sock, count, row)`` and are looked up in registry.SENDERS
+and registry.RECEIVERS by ``(workload, implementation)``; a workload whose
+sides must meet first (a peer's handshake) also has SETUPS, run before the
+timing starts, whose result the side gets instead of the socket.  The afunix
 functions are looked up on the package at call time, so an implementation of
 a function that does not exist yet is reported as not available rather than
 breaking the benchmark.
@@ -23,10 +23,11 @@ import struct
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import afunix
 
+from .. import _backend
 from . import _reference
 from .matrix import Row
 
@@ -104,43 +105,6 @@ class Workload:
         present = {"base": bool(self.base), "afunix-stdlib": bool(self.afunix),
                    "afunix-c": bool(self.afunix), "c": bool(self.c)}
         return tuple(impl for impl in ("base", "afunix-stdlib", "afunix-c", "c") if present[impl])
-
-
-_BATCH_IO = ("send_many", "RecvBatch")
-
-WORKLOADS: Dict[str, Workload] = {
-    w.name: w
-    for w in (
-        Workload("socketpairs", "socketpairs", "pairs", socket.SOCK_STREAM, "pairs/s",
-                 ("socketpairs",),
-                 base="a socket.socketpair() loop",
-                 afunix="afunix.socketpairs(n)",
-                 c="socketpair() in a C loop"),
-        Workload("dgram", "DGRAM", "messages", socket.SOCK_DGRAM, "msgs/s", _BATCH_IO,
-                 base="sock.send / sock.recv once per message",
-                 afunix="send_many + RecvBatch.recv, a batch per call",
-                 c="sendmmsg / recvmmsg(MSG_WAITFORONE), a batch per call"),
-        Workload("seqpacket", "SEQPACKET", "messages", socket.SOCK_SEQPACKET, "msgs/s",
-                 _BATCH_IO,
-                 base="sock.send / sock.recv once per message",
-                 afunix="send_many + RecvBatch.recv, a batch per call",
-                 c="sendmmsg / recvmmsg(MSG_WAITFORONE), a batch per call"),
-        Workload("stream", "STREAM", "messages", socket.SOCK_STREAM, "MB/s", _BATCH_IO,
-                 base="sock.sendall per write / sock.recv_into a write-sized buffer",
-                 afunix="send_many of a batch of writes + RecvBatch.recv",
-                 c="sendmmsg of a batch of writes / recv() a write-sized buffer"),
-        Workload("fds", "fds", "messages", socket.SOCK_SEQPACKET, "msgs/s",
-                 _BATCH_IO + ("Message", "close_fds"),
-                 base="socket.send_fds / socket.recv_fds once per message",
-                 afunix="send_many of Message(data, fds) + RecvBatch.recv, all_fds, close_fds",
-                 c="sendmmsg / recvmmsg with SCM_RIGHTS, descriptors closed in C"),
-        Workload("pingpong", "ping-pong", "pingpong", socket.SOCK_SEQPACKET, "us",
-                 _BATCH_IO,
-                 base="sock.send + sock.recv per round trip (the echo side likewise)",
-                 afunix="send_many([m]) + RecvBatch(1, size).recv per round trip",
-                 c="send() + recv() per round trip, timed in C"),
-    )
-}
 
 
 def expected(row: Row, count: int) -> Received:
@@ -579,53 +543,6 @@ Setup = Callable[[Any, Row, Any], Any]
 #: made in the runner before the fork: (object both sides share, close it)
 Shared = Callable[[Row], Tuple[Any, Callable[[], None]]]
 
-#: (workload, implementation) -> the sending side (the only side, for one process).
-SENDERS: Dict[Tuple[str, str], Side] = {}
-#: (workload, implementation) -> the receiving side (the echo side, for "pingpong").
-RECEIVERS: Dict[Tuple[str, str], Side] = {}
-#: (workload, implementation) -> (sender's setup, receiver's setup): run in each
-#: child before it says it is ready, so a peer's handshake is never timed.  When
-#: what a setup returns has a finish() method, it runs after the clock stops.
-SETUPS: Dict[Tuple[str, str], Tuple[Optional[Setup], Optional[Setup]]] = {}
-#: (workload, implementation) -> what the runner makes before the fork.
-SHARED: Dict[Tuple[str, str], Shared] = {}
-
-
-def register(workload: Workload, sides: Dict[str, Tuple[Side, Optional[Side]]],
-             setups: Optional[Dict[str, Tuple[Optional[Setup], Optional[Setup]]]] = None,
-             shared: Optional[Dict[str, Shared]] = None) -> None:
-    """Declare `workload` and its sides: implementation -> (sender, receiver or None)."""
-    WORKLOADS[workload.name] = workload
-    for impl, (send, recv) in sides.items():
-        SENDERS[(workload.name, impl)] = send
-        if recv is not None:
-            RECEIVERS[(workload.name, impl)] = recv
-    for impl, pair in (setups or {}).items():
-        SETUPS[(workload.name, impl)] = pair
-    for impl, make in (shared or {}).items():
-        SHARED[(workload.name, impl)] = make
-
-
-def _same_for_afunix(sides: Dict[str, Tuple[Side, Optional[Side]]],
-                     afunix: Tuple[Side, Optional[Side]]) -> Dict[str, Tuple[Side, Optional[Side]]]:
-    return {**sides, **{impl: afunix for impl in _AFUNIX}}
-
-
-register(WORKLOADS["socketpairs"], _same_for_afunix(
-    {"base": (pairs_stdlib, None), "c": (pairs_c, None)}, (pairs_afunix, None)))
-for _name in ("dgram", "seqpacket"):
-    register(WORKLOADS[_name], _same_for_afunix(
-        {"base": (send_stdlib, recv_stdlib), "c": (send_c, recv_c)}, (send_afunix, recv_afunix)))
-register(WORKLOADS["stream"], _same_for_afunix(
-    {"base": (stream_send_stdlib, stream_recv_stdlib), "c": (stream_send_c, stream_recv_c)},
-    (stream_send_afunix, stream_recv_afunix)))
-register(WORKLOADS["fds"], _same_for_afunix(
-    {"base": (fds_send_stdlib, fds_recv_stdlib), "c": (fds_send_c, fds_recv_c)},
-    (fds_send_afunix, fds_recv_afunix)))
-register(WORKLOADS["pingpong"], _same_for_afunix(
-    {"base": (ping_stdlib, echo_stdlib), "c": (ping_c, echo_c)}, (ping_afunix, echo_afunix)))
-
-
 def missing_peer(workload: Workload) -> Optional[str]:
     """Why `workload` cannot run at all here (a peer it needs is missing), or None."""
     if workload.c_peer and _reference.MISSING is not None:
@@ -643,7 +560,6 @@ def unavailable(workload: Workload, impl: str) -> Optional[str]:
         if missing:
             return "not available: afunix.%s" % ", afunix.".join(missing)
         if impl == "afunix-c":
-            from .. import _backend
             try:
                 _backend.load("c")
             except ImportError:
@@ -657,6 +573,3 @@ def unavailable(workload: Workload, impl: str) -> Optional[str]:
         return missing_peer(workload)
     return None
 
-
-# The other workloads live in their own modules and register themselves.
-from . import aio_workloads, channel_workloads, peers, single_call_workloads  # noqa: E402,F401
