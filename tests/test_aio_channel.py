@@ -72,7 +72,7 @@ def test_cancelled_receive_loses_nothing(run: Runner[Any], fd_baseline: set[int]
             waiter = asyncio.ensure_future(b.recv())
             await asyncio.sleep(0.01)
             # half a frame arrives, then the receiver is cancelled
-            frame = afunix.channel._header(5) + b"hello"
+            frame = afunix.frames.frame_header(5) + b"hello"
             a.socket.send(frame[:6])
             await asyncio.sleep(0.01)
             waiter.cancel()

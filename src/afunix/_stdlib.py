@@ -632,3 +632,22 @@ def chan_drop(rx: ChanRx, upto: int, every: bool) -> None:
 def chan_fds(rx: ChanRx, slot: int) -> list[int]:
     """The descriptors held in `slot` (pure: nothing is given over)."""
     return list(rx.s.fds[slot][:rx.s.nfds[slot]])
+
+
+def chan_hold(rx: ChanRx, nbytes: int, fds: list[int], flags: int) -> None:
+    """Record `nbytes` already placed at rx.s.end, with `fds` and the msg `flags`, as chan_recv records a read.
+
+    The way bytes that did not come from a socket enter a channel's receive
+    state (afunix.codec.FrameReader.feed).  `fds` are held from here on.
+    Refuses, as chan_recv does, with ENOBUFS when no slot is free (or with
+    more than SCM_MAX_FD descriptors): then nothing is recorded and `fds`
+    stay the caller's.  The caller checks that the bytes fit the buffer.
+    """
+    if rx.inbox:
+        _chan_take_in(rx)  # a read an interrupted call left comes first
+    s = rx.s
+    if s.tail - s.head >= CHAN_READS or nbytes < 0 or len(fds) > _SCM_MAX_FD:
+        raise OSError(errno.ENOBUFS, os.strerror(errno.ENOBUFS))
+    ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+    rx.inbox = [(nbytes, ancdata, flags, None)]
+    _chan_take_in(rx)
