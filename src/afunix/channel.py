@@ -16,14 +16,13 @@ import weakref
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from . import _checks, _io
-from ._chanio import (NOSIGNAL, RECEIVING, SENDING, empty_record_sent, owning, read, refused,
-                      send_fds, stalled, write)
+from ._chanio import NOSIGNAL, RECEIVING, SENDING, Sender, fill, owning, refused
 from .addresses import connect
 from .batch import checked_fds
 from .codec import TABLE_CAPACITY, FrameReader
 from .frames import (DEFAULT_MAX_FRAME, HEADER_SIZE, RECORD_MAX, FrameBatch, ProtocolError,
                      frame_header)
-from .framewriter import FrameWriter, Segment
+from .framewriter import FrameWriter
 from .message import Address, Message
 from .pairs import socketpair
 
@@ -112,6 +111,7 @@ class Channel:
         self._fd = sock.fileno()
         self._seqpacket = kind == _SEQPACKET
         self._writer = writer
+        self._sender = Sender(sock, writer, self._seqpacket)
         # The receive state is the reader's: each read records, in one
         # backend call, the bytes and the descriptors it brought (held reads,
         # see csrc/channel.h), so an exception from a signal handler cannot
@@ -209,7 +209,7 @@ class Channel:
             if n > w.max_frame:
                 raise ValueError("message of %d bytes is over max_frame (%d)" % (n, w.max_frame))
             if w.write_buffer:
-                self._enqueue_one(data, n, None)
+                self._sender.enqueue_one(data, n, None)
                 return
             if w.pending:
                 self._send_many([data])
@@ -265,24 +265,8 @@ class Channel:
 
     def _send_many(self, messages: Iterable[Any]) -> int:
         self._check_open()
-        w = self._writer
-        segments, total = w.segments(messages)
-        if not total:
-            return 0
-        if w.write_buffer:
-            return self._enqueue(segments, total)
-        deadline = _io.deadline_of(self._sock.gettimeout())
-        if (w.pending or w.queue) and not self._drain(deadline):
-            raise stalled(self._sock)
-        accepted = 0
-        for seg in segments:
-            k, exc = self._emit(seg, deadline)
-            accepted += k
-            if exc is not None:
-                if accepted and isinstance(exc, (BlockingIOError, socket.timeout)):
-                    return accepted
-                raise exc
-        return accepted
+        segments, total = self._writer.segments(messages)
+        return self._sender.send(segments, total) if total else 0
 
     def send_fixed(self, buffer: Any, size: int) -> int:
         """Send `buffer` as ``len(buffer) // size`` messages of `size` bytes each, in order.
@@ -311,19 +295,8 @@ class Channel:
 
     def _send_fixed(self, buffer: Any, size: int) -> int:
         self._check_open()
-        w = self._writer
-        seg = w.fixed(buffer, size)
-        if seg is None:
-            return 0
-        if w.write_buffer:
-            return self._enqueue([seg], len(seg.lengths))
-        deadline = _io.deadline_of(self._sock.gettimeout())
-        if (w.pending or w.queue) and not self._drain(deadline):
-            raise stalled(self._sock)
-        k, exc = self._emit(seg, deadline)
-        if exc is not None and not (k and isinstance(exc, (BlockingIOError, socket.timeout))):
-            raise exc
-        return k
+        seg = self._writer.fixed(buffer, size)
+        return self._sender.send([seg], len(seg.lengths)) if seg is not None else 0
 
     def flush(self) -> int:
         """Write every accepted message still waiting (buffered, or a partly written tail).
@@ -349,10 +322,7 @@ class Channel:
 
     def _flush(self) -> int:
         self._check_open()
-        timeout = self._sock.gettimeout()
-        if not self._drain(_io.deadline_of(timeout)) and timeout != 0.0:
-            raise socket.timeout("timed out")
-        return self.pending
+        return self._sender.flush()
 
     @contextlib.contextmanager
     def batched(self, size: int = 1 << 20) -> Iterator["Channel"]:
@@ -379,81 +349,6 @@ class Channel:
         w.write_buffer = previous
         if not self._closed:
             self.flush()
-
-    def _enqueue(self, segments: List[Segment], total: int) -> int:
-        """Buffered mode: keep messages without descriptors; write when the buffer fills."""
-        accepted = 0
-        deadline = _io.deadline_of(self._sock.gettimeout())
-        try:
-            for seg in segments:
-                if seg.fds:
-                    # descriptors must ride on their frame's own write, after
-                    # everything buffered ahead of it
-                    if not self._drain(deadline):
-                        raise stalled(self._sock)
-                    k, exc = self._emit(seg, deadline)
-                    accepted += k
-                    if exc is not None:
-                        raise exc
-                    continue
-                joined, off = seg.joined, 0
-                for data, n in zip(seg.datas, seg.lengths):
-                    # keep bytes, never the caller's (maybe mutable) buffers
-                    self._enqueue_one(data if type(data) is bytes else joined[off:off + n],
-                                      n, deadline)
-                    off += n
-                    accepted += 1
-        except (BlockingIOError, socket.timeout):
-            if accepted:
-                return accepted
-            raise
-        return accepted
-
-    def _enqueue_one(self, data: bytes, n: int, deadline: Optional[float]) -> None:
-        """Buffer one message; write the buffer when it is full.
-
-        Raises BlockingIOError (or a timeout) when the buffer is full and the
-        socket takes nothing: the message is then not accepted.
-        """
-        w = self._writer
-        if w.must_flush_before(n):
-            if deadline is None:
-                deadline = _io.deadline_of(self._sock.gettimeout())
-            if not self._drain(deadline):
-                raise stalled(self._sock)
-        if w.queue_one(data, n):
-            if deadline is None:
-                deadline = _io.deadline_of(self._sock.gettimeout())
-            self._drain(deadline)
-
-    def _drain(self, deadline: Optional[float]) -> bool:
-        """Write what is pending and buffered; True when nothing is left."""
-        w = self._writer
-        w.take_queue()
-        while w.pending:
-            done, exc = write(self._sock, w.pending, deadline, self._seqpacket)
-            w.wrote(done)
-            if exc is not None:
-                if isinstance(exc, (BlockingIOError, socket.timeout)):
-                    return False
-                raise exc
-        return True
-
-    def _emit(self, seg: Segment, deadline: Optional[float]) -> Tuple[int, Optional[BaseException]]:
-        """Write one segment; (messages accepted, the exception that stopped it or None)."""
-        packed = self._writer.pack(seg)
-        total = len(packed)
-        done = 0
-        exc: Optional[BaseException] = None
-        if seg.fds:
-            try:
-                done = send_fds(self._sock, packed, seg.fds, deadline, self._seqpacket)
-            except BaseException as e:  # nothing went: the message is not started
-                return 0, e
-        if done < total:
-            more, exc = write(self._sock, packed[done:], deadline, self._seqpacket)
-            done += more
-        return self._writer.keep_tail(seg, packed, done), exc
 
     # ---- receive ----------------------------------------------------------------
     #
@@ -593,21 +488,8 @@ class Channel:
     def _fill(self) -> bool:
         """Receive until the reader holds parsed frames; False at a clean end of stream."""
         self._check_open()
-        r = self._reader
         try:
-            if r.frames_ready():
-                return True
-            while True:
-                n = read(self._sock, r)
-                if n:
-                    if r.received(n):
-                        return True
-                    continue
-                r.check_errors()  # descriptors that came with no byte read 0 bytes too
-                if self._seqpacket and empty_record_sent(self._fd):
-                    r.fail("an empty SOCK_SEQPACKET record (the protocol forbids them: "
-                           "they read like end of stream)")
-                return r.ended()
+            return fill(self._sock, self._reader)
         except ProtocolError:
             self._abort()  # the reader closed its descriptors; the socket goes too
             raise
@@ -646,7 +528,7 @@ class Channel:
             # interleave with this write, so its pending bytes are dropped)
             if busy.setdefault(SENDING, me) is me and (self._writer.pending or self._writer.queue):
                 timeout = self._sock.gettimeout()
-                if not self._drain(_io.deadline_of(timeout)) and timeout:
+                if not self._sender.drain(_io.deadline_of(timeout)) and timeout:
                     raise socket.timeout("timed out")
         except (BrokenPipeError, ConnectionResetError):
             pass
