@@ -177,3 +177,30 @@ def test_server_with_processes(run: Runner[Any], backend: str, short_dir: str) -
                     assert child.wait(30) == 0
 
     run(main())
+
+
+def test_iteration_and_the_other_receives_take_from_one_place(
+        run: Runner[Any], fd_baseline: set[int]) -> None:
+    # The async channel keeps no messages of its own: after an `async for`
+    # left off, every receive continues from the next message, and that
+    # message's descriptors are still there to be handed over.
+    async def main() -> None:
+        a, b = aio.channel_pair()
+        null = os.open(os.devnull, os.O_RDONLY)
+        try:
+            async with a, b:
+                await a.send_many([b"one", b"two", afunix.Message(b"three", (null,)), b"four",
+                                   b"five"])
+                async for data in b:
+                    assert data == b"one"
+                    break
+                assert await b.recv() == b"two"
+                message = await b.recv_message()
+                assert message.data == b"three" and len(message.fds) == 1
+                afunix.close_fds(message.fds)
+                batch = await b.recv_batch()
+                assert [bytes(m) for m in batch] == [b"four", b"five"]
+        finally:
+            os.close(null)
+
+    run(main())

@@ -366,3 +366,20 @@ def test_closing_the_reader_closes_every_descriptor_it_holds(nulls: List[int]) -
     r.close()
     assert not any(is_open(fd) for fd in fds)
     r.close()  # again: nothing to do
+
+
+def test_iteration_copies_once_and_shares_its_place_with_every_other_take(nulls: List[int]) -> None:
+    fds = opened(nulls, 1)
+    r = FrameReader()
+    assert r.take_next() is None
+    assert r.feed(frame(b"a") + frame(b"b") + frame(b"c", 1) + frame(b"d"), fds)
+    assert r.take_next() == b"a"  # copies b, c, d too
+    assert r.take_bytes() == b"b"  # the same place: b is not handed out twice
+    m = r.take_message()  # c's descriptor is still the reader's to hand over
+    assert m.data == b"c" and m.fds == tuple(fds)
+    nulls.clear()
+    os.close(m.fds[0])
+    assert r.take_next() == b"d" and r.take_next() is None
+    assert not r.frames_ready()
+    assert r.feed(frame(b"e"))  # a new parse: the old copies are not served again
+    assert r.take_next() == b"e" and r.take_next() is None

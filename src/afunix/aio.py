@@ -65,6 +65,7 @@ from .addresses import _parse
 from .batch import outgoing, send_with_control
 from ._chanio import owning
 from .channel import Channel as SyncChannel
+from .channel import reader_of
 from .batch import send_many as _send_many_now
 from .receive import RecvBatch
 from .receive import recv_many as _recv_many_now
@@ -574,6 +575,7 @@ class Channel:
         # the same loop over the frame codec as the synchronous channel: its
         # reader is the only receive buffer
         self._ch = SyncChannel(sock, **options)
+        self._reader = reader_of(self._ch)
         self._flush_after_send = not options.get("write_buffer")
 
     @classmethod
@@ -677,13 +679,21 @@ class Channel:
 
     async def __anext__(self) -> bytes:
         """Every message until the peer closes the channel cleanly."""
-        ch = self._ch
-        if ch.buffered_messages:
-            # parsed already: taken at once, with no wait (as a message
-            # handed out of a list would be)
-            return ch.recv()
+        # Parsed already: taken at once, with no wait and no system call.
+        # Without the channel's claim: this object is used from its event
+        # loop's thread only, and between two awaits nothing else receives.
+        r = self._reader
+        i = r.next
+        k = i - r.copied_from
+        if 0 <= k < r.ncopied:  # FrameReader.take_next's first branch, inline
+            data = r.copies[k]
+            r.next = i + 1
+            return data
+        taken = r.take_next()
+        if taken is not None:
+            return taken
         try:
-            received: bytes = await self._try(ch.recv)
+            received: bytes = await self._try(self._ch.recv)
         except EOFError:
             raise StopAsyncIteration from None
         return received

@@ -551,6 +551,11 @@ class Channel:
         return "<afunix.Channel %s %s>" % (state, "SOCK_SEQPACKET" if self._seqpacket else "SOCK_STREAM")
 
 
+def reader_of(channel: Channel) -> FrameReader:
+    """The FrameReader of `channel`, for the async channel's iteration over the same frames."""
+    return channel._reader
+
+
 def channel_pair(type: int = socket.SOCK_STREAM, **options: Any) -> Tuple[Channel, Channel]:
     """Two connected Channels over a new socketpair (afunix.socketpair).
 

@@ -62,6 +62,10 @@ class FrameReader:
             (default: the active one).
     """
 
+    __slots__ = ("closed", "impl", "max_frame", "seqpacket", "buffer", "view", "start", "rx", "rs",
+                 "reads", "table", "next", "parsed", "batch", "broken", "copies", "copied_from",
+                 "ncopied", "__weakref__")
+
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, seqpacket: bool = False,
                  backend: Optional[_backend.Backend] = None) -> None:
         self.closed = True  # until set up: close() and __del__ have nothing to do
@@ -83,6 +87,11 @@ class FrameReader:
         self.next = 0  # next parsed frame to hand out
         self.parsed = 0  # frames in the table
         self.batch: Optional[FrameBatch] = None
+        # copies[k] is the payload of parsed frame copied_from + k, for
+        # k < ncopied (see take_next); ncopied = 0 whenever the table changes
+        self.copies: List[bytes] = []
+        self.copied_from = 0
+        self.ncopied = 0
         # set when a parse found a protocol error behind good frames: the
         # error is raised once those frames are handed out
         self.broken: Optional[str] = None
@@ -209,7 +218,7 @@ class FrameReader:
                     self.fail(problem)
             # the commit: stores only
             self.broken = problem
-            self.next, self.parsed = 0, good
+            self.next, self.parsed, self.ncopied = 0, good, 0
             self.start = start + t.consumed if problem is None else t.offsets[good] - HEADER_SIZE
         return n
 
@@ -308,7 +317,7 @@ class FrameReader:
         rs.base = base
         rs.end = used
         self.start = 0
-        self.next = self.parsed = 0
+        self.next = self.parsed = self.ncopied = 0
 
     # ---- frames out -------------------------------------------------------------
     #
@@ -322,6 +331,30 @@ class FrameReader:
         data = bytes(self.view[o:o + t.lengths[i]])
         self.next = i + 1
         return data
+
+    def take_next(self) -> Optional[bytes]:
+        """The next message's payload, None when no parsed frame waits: the path of iteration.
+
+        The first call after a parse copies out every frame still parsed at
+        once, as take_many does; the calls after it take from those copies
+        with an index and stores only, and no call in between (so no signal
+        handler can run between reading and moving `next`).  The other
+        take_* calls hand out the same frames: they share `next`.
+        """
+        i = self.next
+        k = i - self.copied_from
+        if 0 <= k < self.ncopied:
+            data = self.copies[k]
+            self.next = i + 1
+            return data
+        n = self.parsed - i
+        if n <= 0:
+            return None
+        copies = self._copies(i, n)
+        # the commit: stores only
+        self.copies, self.copied_from, self.ncopied = copies, i, n
+        self.next = i + 1
+        return copies[0]
 
     def take_many(self, max_messages: int) -> List[bytes]:
         """Up to `max_messages` payloads, copied out."""
@@ -430,7 +463,7 @@ class FrameReader:
             return
         self.release()  # first: a close() after an interrupted one closes them
         self.closed = True
-        self.next = self.parsed = 0
+        self.next = self.parsed = self.ncopied = 0
 
     def fail(self, message: str) -> None:
         """Close the reader and raise ProtocolError(message)."""
