@@ -643,9 +643,11 @@ def chan_hold(rx: ChanRx, nbytes: int, fds: list[int], flags: int) -> None:
     more than SCM_MAX_FD descriptors): then nothing is recorded and `fds`
     stay the caller's.  The caller checks that the bytes fit the buffer.
     """
-    if rx.inbox:
-        _chan_take_in(rx)  # a read an interrupted call left comes first
     s = rx.s
+    if rx.inbox:
+        # a read an interrupted chan_recv left is not taken in yet: the
+        # caller's bytes went where it belongs (the C core has no such state)
+        raise OSError(errno.EBUSY, "a receive left a read to take in first")
     if s.tail - s.head >= CHAN_READS or nbytes < 0 or len(fds) > _SCM_MAX_FD:
         raise OSError(errno.ENOBUFS, os.strerror(errno.ENOBUFS))
     ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
