@@ -134,13 +134,25 @@ class FrameReader:
             self.impl.chan_drop(self.rx, rs.base + self.start, False)
         if rs.errors:
             self.check_errors()
-        return self._parse_or_make_room()
+        if self.start < rs.end and self._parse():
+            return True
+        if rs.head < rs.tail:
+            self._check_stray_fds()
+        self._make_room()
+        return False
 
     def received(self, n: int) -> bool:
         """A read of `n` bytes was recorded in `rx` (n > 0, or descriptors came): True when frames are ready."""
-        if self.rs.errors:
+        rs = self.rs
+        if rs.errors:
             self.check_errors()
-        return self._parse_or_make_room()
+        # (as at the end of frames_ready, written out: the path of every receive)
+        if self.start < rs.end and self._parse():
+            return True
+        if rs.head < rs.tail:
+            self._check_stray_fds()
+        self._make_room()
+        return False
 
     def ended(self) -> bool:
         """The peer closed its end (a read of 0 bytes): False when that is a clean end of stream.
@@ -192,13 +204,6 @@ class FrameReader:
             return True if ready else self.ended()
         self.impl.chan_hold(self.rx, n, fds, flags)
         return True if ready else self.received(n)
-
-    def _parse_or_make_room(self) -> bool:
-        if self.start < self.rs.end and self._parse():
-            return True
-        self._check_stray_fds()
-        self._make_room()
-        return False
 
     def _parse(self) -> int:
         t = self.table
