@@ -83,7 +83,7 @@ class Channel:
 
     def __init__(self, sock: socket.socket, *, max_frame: int = DEFAULT_MAX_FRAME,
                  write_buffer: int = 0) -> None:
-        self._closed = True  # until set up: close() and __del__ have nothing to do
+        self._closed = True  # until set up: close() has nothing to do
         # Which call is using each side (_SENDING, _RECEIVING).  Two threads
         # receiving at once would hand out one message twice or parse half
         # of another's read; two sending would interleave their bytes; so

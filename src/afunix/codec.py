@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from . import _backend, _checks
 from .frames import (DEFAULT_MAX_FRAME, HEADER_SIZE, MAX_FRAME_LIMIT, RECORD_MAX, FrameBatch,
-                     ProtocolError)
+                     ProtocolError, end_batch)
 from .framewriter import JOIN_MAX, FrameWriter
 from .message import Message
 
@@ -124,7 +124,7 @@ class FrameReader:
             return True
         batch = self.batch
         if batch is not None:
-            batch._close()  # its messages' descriptors not taken are closed below
+            end_batch(batch)  # its messages' descriptors not taken are closed below
             self.batch = None
         if self.broken is not None:
             self.fail(self.broken)  # the frames before the bad one are all out
@@ -458,7 +458,7 @@ class FrameReader:
         """Close every descriptor held that was not handed over (one backend call)."""
         batch = self.batch
         if batch is not None:
-            batch._close()
+            end_batch(batch)
             self.batch = None
         self.impl.chan_drop(self.rx, 0, True)
 

@@ -116,3 +116,8 @@ class FrameBatch:
     def _close(self) -> None:
         """The next receive began: descriptors not taken stay the channel's, which closes them."""
         self._take = None
+
+
+def end_batch(batch: FrameBatch) -> None:
+    """The receive after `batch` began: its descriptors not taken are no longer handed out."""
+    batch._close()
