@@ -72,7 +72,7 @@ def test_cancelled_receive_loses_nothing(run: Runner[Any], fd_baseline: set[int]
             waiter = asyncio.ensure_future(b.recv())
             await asyncio.sleep(0.01)
             # half a frame arrives, then the receiver is cancelled
-            frame = afunix.channel._header(5) + b"hello"
+            frame = afunix.frames.frame_header(5) + b"hello"
             a.socket.send(frame[:6])
             await asyncio.sleep(0.01)
             waiter.cancel()
@@ -175,5 +175,32 @@ def test_server_with_processes(run: Runner[Any], backend: str, short_dir: str) -
             finally:
                 for child in children:
                     assert child.wait(30) == 0
+
+    run(main())
+
+
+def test_iteration_and_the_other_receives_take_from_one_place(
+        run: Runner[Any], fd_baseline: set[int]) -> None:
+    # The async channel keeps no messages of its own: after an `async for`
+    # left off, every receive continues from the next message, and that
+    # message's descriptors are still there to be handed over.
+    async def main() -> None:
+        a, b = aio.channel_pair()
+        null = os.open(os.devnull, os.O_RDONLY)
+        try:
+            async with a, b:
+                await a.send_many([b"one", b"two", afunix.Message(b"three", (null,)), b"four",
+                                   b"five"])
+                async for data in b:
+                    assert data == b"one"
+                    break
+                assert await b.recv() == b"two"
+                message = await b.recv_message()
+                assert message.data == b"three" and len(message.fds) == 1
+                afunix.close_fds(message.fds)
+                batch = await b.recv_batch()
+                assert [bytes(m) for m in batch] == [b"four", b"five"]
+        finally:
+            os.close(null)
 
     run(main())

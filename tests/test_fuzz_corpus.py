@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from afunix import Channel
+import afunix._chanio
 from fuzz_channel import SEEDS, decode, expected, one_input, run
 
 CORPUS = os.path.join(os.path.dirname(__file__), "fuzz_corpus", "channel")
@@ -69,6 +69,6 @@ def test_the_target_catches_a_channel_that_takes_an_empty_record_for_the_end(
         monkeypatch: pytest.MonkeyPatch) -> None:
     # A planted mutant: the channel without its empty-record check (the
     # defect before it) must make the target fail on the seed that holds one.
-    monkeypatch.setattr(Channel, "_check_not_an_empty_record", lambda self: None)
+    monkeypatch.setattr(afunix._chanio, "empty_record_sent", lambda fd: False)
     with pytest.raises(AssertionError, match="a reading of the protocol"):
         one_input(SEEDS["seqpacket-empty-record-between-frames"])

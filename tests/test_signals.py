@@ -599,13 +599,13 @@ def test_channel_read_interrupted_loses_no_byte(backend: str, kind: int) -> None
         x.send_many([b"one", afunix.Message(b"two", fds=[null]), b"three"])
         x.send(b"four")
         # the read brought the bytes; the exception lands before they are parsed
-        _raising_before(afunix.Channel._read, "return n", y.recv)
+        _raising_before(afunix._chanio.read, "return n", y.recv)
         assert y.recv() == b"one"
         m = y.recv_message()
         assert m.data == b"two" and len(m.fds) == 1
         os.close(m.fds[0])
         # the message is built; the exception lands before it is given out
-        _raising_before(afunix.Channel._recv, "self._next = i + 1", y.recv)
+        _raising_before(afunix.codec.FrameReader.take_bytes, "self.next = i + 1", y.recv)
         assert y.recv_many() == [b"three"] + ([b"four"] if kind == socket.SOCK_STREAM else [])
     os.close(null)
     assert open_fds() == before

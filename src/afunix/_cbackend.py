@@ -469,6 +469,8 @@ def pack_frames(out: bytearray, datas: Sequence[Any], joined: bytes, lengths: Se
 CHAN_READS = lib.AFUNIX_CHAN_READS
 CHAN_FDS_NO_DATA = lib.AFUNIX_CHAN_FDS_NO_DATA
 _CHAN_SLOT = lib.AFUNIX_SCM_MAX_FD
+_MSG_TRUNC = int(socket.MSG_TRUNC)
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
 
 
 class ChanRx:
@@ -544,3 +546,31 @@ def bare_calls(sock: socket.socket, size: int
 
     holder = [arena, data_area]
     return send, recv, free
+
+
+def chan_hold(rx: ChanRx, nbytes: int, fds: list[int], flags: int) -> None:
+    """Record `nbytes` already placed at rx.s.end, with `fds` and the msg `flags`, as chan_recv records a read.
+
+    The way bytes that did not come from a socket enter a channel's receive
+    state (afunix.codec.FrameReader.feed).  `fds` are held from here on.
+    Refuses, as chan_recv does, with ENOBUFS when no slot is free (or with
+    more than SCM_MAX_FD descriptors): then nothing is recorded and `fds`
+    stay the caller's.  The caller checks that the bytes fit the buffer.
+    """
+    s = rx.s
+    if s.tail - s.head >= CHAN_READS or nbytes < 0 or len(fds) > _CHAN_SLOT:
+        raise OSError(errno.ENOBUFS, os.strerror(errno.ENOBUFS))
+    errors = s.errors | (flags & (_MSG_TRUNC | _MSG_CTRUNC))
+    if fds and not nbytes:
+        errors |= CHAN_FDS_NO_DATA
+    lo = s.base + s.end
+    if fds:
+        slot = s.tail % CHAN_READS
+        s.fds[slot * _CHAN_SLOT:slot * _CHAN_SLOT + len(fds)] = fds
+        s.lo[slot] = lo
+        s.hi[slot] = lo + nbytes
+        s.frame[slot] = -1
+        s.nfds[slot] = len(fds)
+        s.tail = s.tail + 1
+    s.end = s.end + nbytes
+    s.errors = errors

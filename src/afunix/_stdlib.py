@@ -656,3 +656,24 @@ def bare_calls(sock: socket.socket, size: int
         pass
 
     return send, recv, free
+
+
+def chan_hold(rx: ChanRx, nbytes: int, fds: list[int], flags: int) -> None:
+    """Record `nbytes` already placed at rx.s.end, with `fds` and the msg `flags`, as chan_recv records a read.
+
+    The way bytes that did not come from a socket enter a channel's receive
+    state (afunix.codec.FrameReader.feed).  `fds` are held from here on.
+    Refuses, as chan_recv does, with ENOBUFS when no slot is free (or with
+    more than SCM_MAX_FD descriptors): then nothing is recorded and `fds`
+    stay the caller's.  The caller checks that the bytes fit the buffer.
+    """
+    s = rx.s
+    if rx.inbox:
+        # a read an interrupted chan_recv left is not taken in yet: the
+        # caller's bytes went where it belongs (the C core has no such state)
+        raise OSError(errno.EBUSY, "a receive left a read to take in first")
+    if s.tail - s.head >= CHAN_READS or nbytes < 0 or len(fds) > SCM_MAX_FD:
+        raise OSError(errno.ENOBUFS, os.strerror(errno.ENOBUFS))
+    ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+    rx.inbox = [(nbytes, ancdata, flags, None)]
+    _chan_take_in(rx)

@@ -63,7 +63,9 @@ from . import _checks, _io
 from ._kernel import MSG_NOSIGNAL
 from .addresses import encode_address
 from .batch import outgoing, send_with_control
-from .channel import _owning
+from ._chanio import owning
+from .channel import Channel as SyncChannel
+from .channel import reader_of
 from .batch import send_many as _send_many_now
 from .receive import RecvBatch
 from .receive import recv_many as _recv_many_now
@@ -569,28 +571,25 @@ class Channel:
     """
 
     def __init__(self, sock: socket.socket, **options: Any) -> None:
-        from .channel import Channel as _SyncChannel
-
         self._fd, _ = _checked(sock)
-        self._ch = _SyncChannel(sock, **options)
+        # the same loop over the frame codec as the synchronous channel: its
+        # reader is the only receive buffer
+        self._ch = SyncChannel(sock, **options)
+        self._reader = reader_of(self._ch)
         self._flush_after_send = not options.get("write_buffer")
-        # messages received for iteration, handed out from _ready[_ready_at:]
-        # (an index moved by a store, not pop(): see "receive" below)
-        self._ready: List[bytes] = []
-        self._ready_at = 0
 
     @classmethod
     async def connect(cls, address: Address, type: int = socket.SOCK_STREAM,
                       **options: Any) -> "Channel":
         """Connect to a listening AF_UNIX socket (see `connect`) and return a Channel."""
         sock = await connect(address, type)
-        return _owning(sock, lambda: cls(sock, **options))
+        return owning(sock, lambda: cls(sock, **options))
 
     @classmethod
     async def accept(cls, listener: socket.socket, **options: Any) -> "Channel":
         """Accept one connection on a non-blocking `listener` as a Channel."""
         sock, _ = await accept(listener)
-        return _owning(sock, lambda: cls(sock, **options))
+        return owning(sock, lambda: cls(sock, **options))
 
     @property
     def socket(self) -> socket.socket:
@@ -640,9 +639,10 @@ class Channel:
     # ---- receive ----------------------------------------------------------------
     #
     # Each receive returns what the synchronous channel returned, with no
-    # call in between (a call is where a signal handler's exception lands),
-    # and takes from _ready by moving _ready_at with a store: the messages a
-    # receive took are given out, or stay in the channel or in _ready.
+    # call in between (a call is where a signal handler's exception lands):
+    # the messages a receive took are given out, or stay in the channel's
+    # reader.  Messages already parsed are taken without a wait or a
+    # system call, as the synchronous receive takes them.
 
     async def _try(self, call: Callable[[], Any]) -> Any:
         # (under trio a checkpoint, as every other call; see _retry)
@@ -655,40 +655,22 @@ class Channel:
             EOFError: the peer closed the channel cleanly.
             ProtocolError: the peer broke the protocol; the channel is closed.
         """
-        ready, i = self._ready, self._ready_at
-        if i < len(ready):
-            data = ready[i]
-            self._ready_at = i + 1
-            return data
         received: bytes = await self._try(self._ch.recv)
         return received
 
     async def recv_many(self, max_messages: int = 1 << 16) -> List[bytes]:
         """Receive the messages one read brought, waiting only for the first; [] at end of stream."""
-        ready, i = self._ready, self._ready_at
-        if i < len(ready):
-            part = ready[i:i + max_messages]
-            end = i + len(part)
-            self._ready_at = end
-            return part
         ch = self._ch
         messages: List[bytes] = await self._try(lambda: ch.recv_many(max_messages))
         return messages
 
     async def recv_message(self) -> Message:
         """Receive one message with its descriptors (owned by the caller)."""
-        ready, i = self._ready, self._ready_at
-        if i < len(ready):
-            message = Message(ready[i])  # its descriptors were closed (recv_many)
-            self._ready_at = i + 1
-            return message
-        message: Message = await self._try(self._ch.recv_message)  # type: ignore[no-redef]
+        message: Message = await self._try(self._ch.recv_message)
         return message
 
     async def recv_batch(self, max_messages: int = 1 << 16) -> Any:
         """The zero-copy receive (an `afunix.FrameBatch`, valid until the next receive)."""
-        if self._ready_at < len(self._ready):
-            raise RuntimeError("recv_batch after iteration left messages unread: use recv_many")
         ch = self._ch
         return await self._try(lambda: ch.recv_batch(max_messages))
 
@@ -697,17 +679,24 @@ class Channel:
 
     async def __anext__(self) -> bytes:
         """Every message until the peer closes the channel cleanly."""
-        ready, i = self._ready, self._ready_at
-        if i >= len(ready):
-            ch = self._ch
-            ready = await self._try(ch.recv_many)
-            # stores only from here: the messages are here, or still in ready
-            self._ready, self._ready_at, i = ready, 0, 0
-            if not ready:
-                raise StopAsyncIteration
-        data = ready[i]
-        self._ready_at = i + 1
-        return data
+        # Parsed already: taken at once, with no wait and no system call.
+        # Without the channel's claim: this object is used from its event
+        # loop's thread only, and between two awaits nothing else receives.
+        r = self._reader
+        i = r.next
+        k = i - r.copied_from
+        if 0 <= k < r.ncopied:  # FrameReader.take_next's first branch, inline
+            data = r.copies[k]
+            r.next = i + 1
+            return data
+        taken = r.take_next()
+        if taken is not None:
+            return taken
+        try:
+            received: bytes = await self._try(self._ch.recv)
+        except EOFError:
+            raise StopAsyncIteration from None
+        return received
 
     # ---- closing ----------------------------------------------------------------
 

@@ -1,13 +1,13 @@
 """The message channel's frames: header, limits, ProtocolError and the batch views.
 
-The wire format is written down in docs/PROTOCOL.md; channel.py moves frames
-over a socket.
+The wire format is written down in docs/PROTOCOL.md; codec.py applies its
+rules to bytes, channel.py moves the bytes over a socket.
 """
 from __future__ import annotations
 
 import errno
 import struct
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional
 
 from . import _checks
 from ._limits import FRAME_HEADER as HEADER_SIZE
@@ -24,7 +24,7 @@ _HEADER = struct.Struct("<IBBBB")  # length, nfds, flags, version, magic
 _headers: Dict[int, bytes] = {}
 
 
-def _header(length: int, nfds: int = 0) -> bytes:
+def frame_header(length: int, nfds: int = 0) -> bytes:
     """The header of a frame of `length` payload bytes declaring `nfds` descriptors."""
     if nfds:
         return _HEADER.pack(length, nfds, 0, VERSION, MAGIC)
@@ -51,61 +51,6 @@ class ProtocolError(OSError):
 
     def __init__(self, message: str) -> None:
         super().__init__(errno.EPROTO, message)
-
-
-
-
-class _Segment:
-    """Messages sent with one write: a run without descriptors, or one with them."""
-
-    __slots__ = ("datas", "lengths", "joined", "fds")
-
-    def __init__(self, datas: List[Any], lengths: List[int], joined: bytes,
-                 fds: Tuple[int, ...] = ()) -> None:
-        self.datas = datas
-        self.lengths = lengths
-        self.joined = joined
-        self.fds = fds
-
-
-# Payload bytes joined per write: larger temporary buffers come from mmap
-# and go back at once on free, a page fault per 4 KiB every batch.
-_JOIN_MAX = 64 << 10
-
-
-def _chunked(items: List[Any], lengths: List[int]) -> List[_Segment]:
-    """`items` as segments of at most about _JOIN_MAX payload bytes each."""
-    out: List[_Segment] = []
-    start = size = 0
-    for i, n in enumerate(lengths):
-        if size and size + n > _JOIN_MAX:
-            out.append(_Segment(items[start:i], lengths[start:i], b"".join(items[start:i])))
-            start, size = i, 0
-        size += n
-    out.append(_Segment(items[start:], lengths[start:], b"".join(items[start:])))
-    return out
-
-
-class _Records:
-    """Record i of a buffer of fixed-size records, made only when asked (the C backend never asks)."""
-
-    __slots__ = ("view", "size", "n")
-
-    def __init__(self, view: memoryview, size: int, n: int) -> None:
-        self.view, self.size, self.n = view, size, n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> memoryview:
-        if not 0 <= i < self.n:
-            raise IndexError(i)
-        view: memoryview = self.view[i * self.size:(i + 1) * self.size]
-        return view
-
-    def __iter__(self) -> Iterator[memoryview]:
-        view, size = self.view, self.size
-        return (view[i:i + size] for i in range(0, self.n * size, size))
 
 
 class FrameBatch:
@@ -168,3 +113,8 @@ class FrameBatch:
     def _close(self) -> None:
         """The next receive began: descriptors not taken stay the channel's, which closes them."""
         self._take = None
+
+
+def end_batch(batch: FrameBatch) -> None:
+    """The receive after `batch` began: its descriptors not taken are no longer handed out."""
+    batch._close()

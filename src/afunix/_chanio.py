@@ -1,0 +1,273 @@
+"""The channel's socket I/O: the loops that move the frame codec's bytes to and from the socket.
+
+`afunix.Channel` is the API (claims, checks, lifetime); the codec
+(`afunix.codec`, `afunix.framewriter`) knows the protocol; here are the
+system calls between them and the waits for readiness against a deadline,
+as CPython's socket methods wait on a socket with a timeout.  `Sender`
+writes what a FrameWriter packs, `fill` reads until a FrameReader has
+frames.  Nothing here knows the frame format.
+"""
+from __future__ import annotations
+
+import errno
+import socket
+from typing import Any, Callable, List, Optional, Tuple, TypeVar
+
+from . import _io
+from ._kernel import MSG_NOSIGNAL
+from .codec import FrameReader
+from .frames import RECORD_MAX
+from .framewriter import FrameWriter, Segment, control
+
+T = TypeVar("T")
+
+# Plain ints: the socket module's constants are enum members, and | or & on
+# them builds a new enum object each time.
+NOSIGNAL = MSG_NOSIGNAL
+# The two sides of a channel, each used by one caller at a time (see
+# Channel._busy): the keys of the claims, and how the refusal names them.
+SENDING = "sending"
+RECEIVING = "receiving"
+
+
+def refused(side: str) -> RuntimeError:
+    """The error of a second caller on a side already claimed."""
+    return RuntimeError("this Channel is already %s in another thread (or in the call a "
+                        "signal handler interrupted): one caller at a time" % side)
+
+
+def owning(sock: socket.socket, make: Callable[[], T]) -> T:
+    """make(), which takes ownership of `sock`; `sock` is closed if it fails."""
+    try:
+        return make()
+    except BaseException:
+        sock.close()
+        raise
+
+
+def stalled(sock: socket.socket) -> OSError:
+    """The error for "nothing accepted": BlockingIOError, or a timeout."""
+    if sock.gettimeout() == 0.0:
+        return BlockingIOError(errno.EAGAIN, "the socket is full; nothing was sent")
+    return socket.timeout("timed out")
+
+
+def write(sock: socket.socket, view: memoryview, deadline: Optional[float],
+          seqpacket: bool) -> Tuple[int, Optional[BaseException]]:
+    """Write as much of `view` as the socket takes; (bytes written, what stopped it or None)."""
+    timeout = sock.gettimeout()
+    total = len(view)
+    done = 0
+    twin: Optional[socket.socket] = None
+    record = RECORD_MAX if seqpacket else total
+    try:
+        if timeout:
+            # CPython's methods wait before every call on a socket with a
+            # timeout; try first (a unix socket polls writable only when
+            # most of its buffer is free), wait only when it is full.
+            twin = _io.nonblocking_twin(sock)
+        writer = twin if twin is not None else sock
+        while done < total:
+            try:
+                done += writer.send(view[done:done + record], NOSIGNAL)
+            except BlockingIOError as exc:
+                if twin is None:
+                    return done, exc
+                if not _io.wait(sock.fileno(), True, deadline):
+                    return done, socket.timeout("timed out")
+    except BaseException as exc:
+        return done, exc
+    finally:
+        if twin is not None:
+            twin.detach()
+    return done, None
+
+
+def send_fds(sock: socket.socket, packed: memoryview, fds: Tuple[int, ...],
+             deadline: Optional[float], seqpacket: bool) -> int:
+    """The first write of a frame with descriptors: sendmsg with SCM_RIGHTS; bytes written."""
+    ancillary = control(fds)
+    chunk = packed[:RECORD_MAX] if seqpacket else packed
+    if not sock.gettimeout():
+        return sock.sendmsg([chunk], ancillary, NOSIGNAL)
+    twin = _io.nonblocking_twin(sock)
+    try:
+        while True:
+            try:
+                return twin.sendmsg([chunk], ancillary, NOSIGNAL)
+            except BlockingIOError:
+                if not _io.wait(sock.fileno(), True, deadline):
+                    raise socket.timeout("timed out") from None
+    finally:
+        twin.detach()
+
+
+def read(sock: socket.socket, reader: FrameReader) -> int:
+    """One read into the reader's buffer, recorded by the backend's call; the bytes read."""
+    # (FrameReader.read_size, written out: the path of every receive)
+    maxlen = RECORD_MAX if reader.seqpacket else len(reader.buffer)
+    timeout = sock.gettimeout()
+    deadline = _io.deadline_of(timeout) if timeout else None
+    recv: Any = reader.impl.chan_recv
+    while True:
+        try:
+            n: int = recv(sock, reader.rx, reader.buffer, maxlen, 0)
+            return n
+        except InterruptedError:
+            continue  # PEP 475: handlers ran; retry
+        except BlockingIOError:
+            # a socket with a timeout is O_NONBLOCK: wait here, as
+            # sock.recvmsg would
+            if not timeout:
+                raise
+            if not _io.wait(sock.fileno(), False, deadline):
+                raise socket.timeout("timed out") from None
+
+
+def empty_record_sent(fd: int) -> bool:
+    """After a 0-byte read on SOCK_SEQPACKET: True unless it is the end of stream.
+
+    An empty record and the end of stream both read as 0 bytes, and the
+    protocol forbids empty records (docs/PROTOCOL.md).  The end comes only
+    after the peer hung up, so a live peer sent an empty record.  A peer
+    that sent one and then hung up cannot fake an end either while bytes it
+    sent after it still wait (Linux counts every queued byte).
+    """
+    return not _io.peer_hung_up(fd) or bool(_io.queued_bytes(fd))
+
+
+def fill(sock: socket.socket, reader: FrameReader) -> bool:
+    """Read until `reader` holds parsed frames; False at a clean end of stream.
+
+    Raises ProtocolError (the reader closed) for what the reader refuses,
+    and for an empty SOCK_SEQPACKET record, which the protocol forbids.
+    """
+    if reader.frames_ready():
+        return True
+    while True:
+        n = read(sock, reader)
+        if n:
+            if reader.received(n):
+                return True
+            continue
+        reader.check_errors()  # descriptors that came with no byte read 0 bytes too
+        if reader.seqpacket and empty_record_sent(sock.fileno()):
+            reader.fail("an empty SOCK_SEQPACKET record (the protocol forbids them: "
+                        "they read like end of stream)")
+        return reader.ended()
+
+
+class Sender:
+    """Writes what a FrameWriter packs to the socket, waiting as its timeout says.
+
+    Partial results are counts, never losses: the messages fully written
+    and the one in progress (its tail kept in the writer's `pending`) count
+    as sent, later ones are not started.
+    """
+
+    __slots__ = ("sock", "writer", "seqpacket")
+
+    def __init__(self, sock: socket.socket, writer: FrameWriter, seqpacket: bool) -> None:
+        self.sock = sock
+        self.writer = writer
+        self.seqpacket = seqpacket
+
+    def send(self, segments: List[Segment], total: int) -> int:
+        """Write (or, with a write buffer, accept) `total` messages in `segments`; how many went."""
+        w = self.writer
+        if w.write_buffer:
+            return self.enqueue(segments)
+        deadline = _io.deadline_of(self.sock.gettimeout())
+        if (w.pending or w.queue) and not self.drain(deadline):
+            raise stalled(self.sock)
+        accepted = 0
+        for seg in segments:
+            k, exc = self.emit(seg, deadline)
+            accepted += k
+            if exc is not None:
+                if accepted and isinstance(exc, (BlockingIOError, socket.timeout)):
+                    return accepted
+                raise exc
+        return accepted
+
+    def flush(self) -> int:
+        """Write everything pending; the bytes still pending (only on a non-blocking socket)."""
+        timeout = self.sock.gettimeout()
+        if not self.drain(_io.deadline_of(timeout)) and timeout != 0.0:
+            raise socket.timeout("timed out")
+        return self.writer.unsent
+
+    def enqueue(self, segments: List[Segment]) -> int:
+        """Buffered mode: keep messages without descriptors; write when the buffer fills."""
+        accepted = 0
+        deadline = _io.deadline_of(self.sock.gettimeout())
+        try:
+            for seg in segments:
+                if seg.fds:
+                    # descriptors must ride on their frame's own write, after
+                    # everything buffered ahead of it
+                    if not self.drain(deadline):
+                        raise stalled(self.sock)
+                    k, exc = self.emit(seg, deadline)
+                    accepted += k
+                    if exc is not None:
+                        raise exc
+                    continue
+                joined, off = seg.joined, 0
+                for data, n in zip(seg.datas, seg.lengths):
+                    # keep bytes, never the caller's (maybe mutable) buffers
+                    self.enqueue_one(data if type(data) is bytes else joined[off:off + n],
+                                     n, deadline)
+                    off += n
+                    accepted += 1
+        except (BlockingIOError, socket.timeout):
+            if accepted:
+                return accepted
+            raise
+        return accepted
+
+    def enqueue_one(self, data: bytes, n: int, deadline: Optional[float]) -> None:
+        """Buffer one message; write the buffer when it is full.
+
+        Raises BlockingIOError (or a timeout) when the buffer is full and the
+        socket takes nothing: the message is then not accepted.
+        """
+        w = self.writer
+        if w.must_flush_before(n):
+            if deadline is None:
+                deadline = _io.deadline_of(self.sock.gettimeout())
+            if not self.drain(deadline):
+                raise stalled(self.sock)
+        if w.queue_one(data, n):
+            if deadline is None:
+                deadline = _io.deadline_of(self.sock.gettimeout())
+            self.drain(deadline)
+
+    def drain(self, deadline: Optional[float]) -> bool:
+        """Write what is pending and buffered; True when nothing is left."""
+        w = self.writer
+        w.take_queue()
+        while w.pending:
+            done, exc = write(self.sock, w.pending, deadline, self.seqpacket)
+            w.wrote(done)
+            if exc is not None:
+                if isinstance(exc, (BlockingIOError, socket.timeout)):
+                    return False
+                raise exc
+        return True
+
+    def emit(self, seg: Segment, deadline: Optional[float]) -> Tuple[int, Optional[BaseException]]:
+        """Write one segment; (messages accepted, the exception that stopped it or None)."""
+        packed = self.writer.pack(seg)
+        total = len(packed)
+        done = 0
+        exc: Optional[BaseException] = None
+        if seg.fds:
+            try:
+                done = send_fds(self.sock, packed, seg.fds, deadline, self.seqpacket)
+            except BaseException as e:  # nothing went: the message is not started
+                return 0, e
+        if done < total:
+            more, exc = write(self.sock, packed[done:], deadline, self.seqpacket)
+            done += more
+        return self.writer.keep_tail(seg, packed, done), exc
