@@ -137,6 +137,27 @@ class _Arenas(threading.local):
         self.key: Any = None
         self.arena: Any = None
         self.held: dict[int, Any] = {}
+        #: arenas of other sizes, holding nothing, by key: a thread that
+        #: alternates recv_many and recv_fds swaps, not reallocates
+        self.spare: dict[Any, Any] = {}
+
+
+#: The most spare arenas a thread keeps.
+_SPARES = 8
+
+
+def _switch(mine: _Arenas, key: Any) -> Any:
+    """Make the thread's arena the one for `key` (a spare, or None): the current one becomes a spare.
+
+    The current arena must hold nothing (no owner).
+    """
+    arena = mine.spare.pop(key, None)
+    if mine.arena is not None:
+        if len(mine.spare) >= _SPARES:
+            del mine.spare[next(iter(mine.spare))]
+        mine.spare[mine.key] = mine.arena
+    mine.arena, mine.key = arena, key
+    return arena
 
 
 _arenas = _Arenas()
@@ -158,8 +179,10 @@ def arena_for(sock: Any, n: int, size: int, maxfds: int) -> Any:
         _forget_delivered(mine.held)
     key = (_backend.name, n, size, maxfds)
     if mine.key != key:
-        mine.arena = _backend.impl.new_arena(n, size, maxfds)
-        mine.key = key
+        if mine.arena is not None and mine.arena.owner is not None:
+            mine.arena = mine.key = None  # an owner and nothing pending: released, let it go
+        if _switch(mine, key) is None:
+            mine.arena = _backend.impl.new_arena(n, size, maxfds)
     return mine.arena
 
 
@@ -186,9 +209,14 @@ def _ready_arena(size: int, maxfds: int) -> Any:
     call left messages in some arena (the careful path sorts those out).
     """
     mine = _arenas
-    if mine.held or mine.key != (_backend.name, 1, size, maxfds):
+    key = (_backend.name, 1, size, maxfds)
+    if mine.held:
         return None
-    return mine.arena
+    if mine.key == key:
+        return mine.arena
+    if mine.arena is not None and mine.arena.owner is not None or key not in mine.spare:
+        return None
+    return _switch(mine, key)
 
 
 def recv_one(sock: socket.socket, size: int, maxfds: int, flags: int
