@@ -293,17 +293,30 @@ def try_recv_one(sock: socket.socket, arena: Arena, flags: int) -> Optional[tupl
     end of the stream; an address or credentials); it is then left in the
     arena.  Nothing is delivered here: the caller delivers.
     """
-    if try_recv(sock, arena, flags) != 1:
+    # try_recv, written out: one Python frame less on the hot path
+    fd = sock.fileno()
+    if fd < 0 or _family_of(sock) != _AF_UNIX or arena.owner is not None:
         return None
+    timeout = sock.timeout
+    if timeout is not None:
+        flags |= _DONTWAIT
+    arena.owner = sock  # before the call: whatever it hands over is sock's
     a = arena._a
-    n = a.lens[0]
+    rc = _recv_many(fd, a, flags)
+    if rc != 1:
+        if rc < 0:
+            arena.owner = None
+            if rc == _EAGAIN and timeout == 0.0:
+                raise _would_block()
+        return None
+    n = arena.lens[0]
     if not n:
         return None
     if a.extras:
         if a.addrlens[0] >= 0 or a.creds[0]:
             return None
-        return arena._buffer[0:n], _unpack(a.fds, a.nfds[0]), a.msg_flags[0]
-    return arena._buffer[0:n], [], a.msg_flags[0]
+        return arena._buffer[0:n], _unpack(a.fds, a.nfds[0]), arena.flag_view[0]
+    return arena._buffer[0:n], [], arena.flag_view[0]
 
 
 def _refuse_mismatch(lengths: int, data: int, declared: int = 0, fds: int = 0) -> None:
@@ -370,6 +383,8 @@ class Arena:
         self.view = memoryview(self._buffer)
         #: per-message byte counts of the last recv, read in place (no copy)
         self.lens = memoryview(ffi.buffer(raw.lens, max_messages * ffi.sizeof("size_t"))).cast("N")  # type: ignore[call-overload]
+        #: the same for msg_flags: an index into a view costs less than a field through the struct
+        self.flag_view = memoryview(ffi.buffer(raw.msg_flags, max_messages * ffi.sizeof("int"))).cast("i")
 
     def first(self) -> int:
         """Where the messages recv_batch just returned start: past those already delivered."""
