@@ -466,9 +466,11 @@ def test_the_common_calls_are_answered_by_the_fast_backend_calls(
                     got, fds, flags, address = afunix.recv_fds(b, 64, 1)
                 assert (got, len(fds), flags, address) == (b"m", 1, 0, None)
                 os.close(fds[0])
-                # (try_recv_one receives through try_recv)
-                expected = ["try_send_one", "try_recv", "try_send_one", "try_recv", "try_recv_one",
-                            "try_send_fds", "try_recv", "try_recv_one"]
+                expected = ["try_send_one", "try_recv", "try_send_one", "try_recv_one",
+                            "try_send_fds", "try_recv_one"]
+                # a backend's try_recv_one may receive through its try_recv
+                names[:] = [n for i, n in enumerate(names)
+                            if not (n == "try_recv" and names[i + 1:i + 2] == ["try_recv_one"])]
                 if how == "timeout" and _backend.name == "stdlib":
                     expected = []  # CPython's methods wait with their own deadline: careful path
                 assert names == expected, (how, data)

@@ -146,18 +146,20 @@ class _Arenas(threading.local):
 _SPARES = 8
 
 
-def _switch(mine: _Arenas, key: Any) -> Any:
-    """Make the thread's arena the one for `key` (a spare, or None): the current one becomes a spare.
+def _switch(mine: _Arenas, key: Any, arena: Any) -> None:
+    """Make `arena` the thread's arena, for `key`; the one it replaces, if it holds nothing, becomes a spare.
 
-    The current arena must hold nothing (no owner).
+    The two stores that switch come first, with no call between them: an
+    exception from a signal handler leaves the old pair or the new one,
+    never a key without its arena (a lost spare is only collected).
     """
-    arena = mine.spare.pop(key, None)
-    if mine.arena is not None:
-        if len(mine.spare) >= _SPARES:
-            del mine.spare[next(iter(mine.spare))]
-        mine.spare[mine.key] = mine.arena
+    old, old_key = mine.arena, mine.key
     mine.arena, mine.key = arena, key
-    return arena
+    if old is not None and old.owner is None and old_key != key:
+        spare = mine.spare
+        if len(spare) >= _SPARES:
+            del spare[next(iter(spare))]
+        spare[old_key] = old
 
 
 _arenas = _Arenas()
@@ -178,11 +180,11 @@ def arena_for(sock: Any, n: int, size: int, maxfds: int) -> Any:
             return held
         _forget_delivered(mine.held)
     key = (_backend.name, n, size, maxfds)
-    if mine.key != key:
-        if mine.arena is not None and mine.arena.owner is not None:
-            mine.arena = mine.key = None  # an owner and nothing pending: released, let it go
-        if _switch(mine, key) is None:
-            mine.arena = _backend.impl.new_arena(n, size, maxfds)
+    if mine.key != key or mine.arena is None:
+        arena = mine.spare.pop(key, None)
+        if arena is None:
+            arena = _backend.impl.new_arena(n, size, maxfds)
+        _switch(mine, key, arena)
     return mine.arena
 
 
@@ -214,9 +216,13 @@ def _ready_arena(size: int, maxfds: int) -> Any:
         return None
     if mine.key == key:
         return mine.arena
-    if mine.arena is not None and mine.arena.owner is not None or key not in mine.spare:
+    current = mine.arena
+    if current is not None and current.owner is not None:
         return None
-    return _switch(mine, key)
+    arena = mine.spare.pop(key, None)
+    if arena is not None:
+        _switch(mine, key, arena)
+    return arena
 
 
 def recv_one(sock: socket.socket, size: int, maxfds: int, flags: int
