@@ -163,6 +163,8 @@ def try_recv(sock: socket.socket, arena: Arena, flags: int) -> int:
         return -1
     arena.owner = sock  # before the call: whatever it hands over is sock's
     try:
+        if arena.max_messages == 1:
+            return _recv_single(sock, arena, flags)
         return recv_batch(sock, arena, flags)
     except BlockingIOError:
         arena.owner = None
@@ -172,6 +174,44 @@ def try_recv(sock: socket.socket, arena: Arena, flags: int) -> int:
     except OSError:
         arena.owner = None
         return -1
+
+
+def _recv_single(sock: socket.socket, arena: Arena, flags: int) -> int:
+    """recv_batch for an arena of one slot that holds no undelivered message (a blocking or non-blocking sock).
+
+    The same steps, flattened: one recvmsg_into into the inbox (from C, as
+    recv_batch does), and a plain message taken in with stores only; any
+    other goes through _take_in.
+    """
+    if not arena.all_handed and arena._extras:
+        arena.release_fds()  # descriptors of the last message nobody took
+    peek = flags & _PEEK
+    keep = ~0 if flags & _CLOEXEC else ~_CLOEXEC
+    arena._peek = peek
+    arena._keep_flags = keep
+    inbox = arena._inbox
+    inbox.extend(map(sock.recvmsg_into, (arena._slots[0],), (arena._ancbufsize,),
+                     (flags | _CLOEXEC,)))
+    nbytes, ancdata, msg_flags, address = inbox[0]
+    if ancdata or address is not None:
+        _take_in(arena)
+        return arena.count
+    bufsize = arena.bufsize
+    length = nbytes if nbytes <= bufsize else bufsize  # MSG_TRUNC reports the full length
+    msg_flags = int(msg_flags) & keep
+    # the commit: stores only (as _take_in's)
+    arena._lens = arena.lens = [length]
+    arena._flags = [msg_flags]
+    arena._fds = [[]]
+    arena._addrs = [None]
+    arena._creds = [None]
+    arena._handed = [False]
+    arena._extras = 0
+    arena.all_handed = 0
+    arena.delivered = 1 if peek else 0
+    arena.count = 1
+    arena._inbox = []
+    return 1
 
 
 def try_recv_one(sock: socket.socket, arena: Arena, flags: int) -> Optional[tuple[bytes, list[int], int]]:
