@@ -227,7 +227,7 @@ def try_send_one(sock: socket.socket, data: Any, flags: int) -> int:
     fd = sock.fileno()
     if fd < 0 or _family_of(sock) != _AF_UNIX or _type_of(sock) == _STREAM:
         return -1
-    timeout = sock.timeout
+    timeout = sock.gettimeout()
     if timeout is not None:
         flags |= _DONTWAIT  # a timeout is waited out by the careful path
     if type(data) is bytes:
@@ -251,7 +251,7 @@ def try_send_fds(sock: socket.socket, data: Any, fds: tuple[int, ...], flags: in
     fd = sock.fileno()
     if fd < 0 or _family_of(sock) != _AF_UNIX or _type_of(sock) == _STREAM:
         return -1
-    timeout = sock.timeout
+    timeout = sock.gettimeout()
     if timeout is not None:
         flags |= _DONTWAIT
     buf = data if type(data) is bytes else _from_buffer(data)
@@ -273,7 +273,7 @@ def try_recv(sock: socket.socket, arena: Arena, flags: int) -> int:
     fd = sock.fileno()
     if fd < 0 or _family_of(sock) != _AF_UNIX or arena.owner is not None:
         return -1
-    timeout = sock.timeout
+    timeout = sock.gettimeout()
     if timeout is not None:
         flags |= _DONTWAIT
     arena.owner = sock  # before the call: whatever it hands over is sock's
@@ -297,7 +297,7 @@ def try_recv_one(sock: socket.socket, arena: Arena, flags: int) -> Optional[tupl
     fd = sock.fileno()
     if fd < 0 or _family_of(sock) != _AF_UNIX or arena.owner is not None:
         return None
-    timeout = sock.timeout
+    timeout = sock.gettimeout()
     if timeout is not None:
         flags |= _DONTWAIT
     arena.owner = sock  # before the call: whatever it hands over is sock's

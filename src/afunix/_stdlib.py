@@ -124,7 +124,7 @@ _SCM_RIGHTS = int(socket.SCM_RIGHTS)
 
 def try_send_one(sock: socket.socket, data: Any, flags: int) -> int:
     """One sock.send of `data` on a message socket; the bytes sent, or -1."""
-    timeout = sock.timeout
+    timeout = sock.gettimeout()
     if (timeout or sock.fileno() < 0 or _family_of(sock) != _AF_UNIX
             or _raw_type(sock) == _STREAM):
         return -1
@@ -140,7 +140,7 @@ def try_send_one(sock: socket.socket, data: Any, flags: int) -> int:
 
 def try_send_fds(sock: socket.socket, data: Any, fds: tuple[int, ...], flags: int) -> int:
     """One sock.sendmsg of `data` with `fds` on a message socket; the bytes sent, or -1."""
-    timeout = sock.timeout
+    timeout = sock.gettimeout()
     if (timeout or sock.fileno() < 0 or _family_of(sock) != _AF_UNIX
             or _raw_type(sock) == _STREAM):
         return -1
@@ -157,7 +157,7 @@ def try_send_fds(sock: socket.socket, data: Any, fds: tuple[int, ...], flags: in
 
 def try_recv(sock: socket.socket, arena: Arena, flags: int) -> int:
     """recv_batch into `arena` when it holds nothing of an earlier call; the count, or -1."""
-    timeout = sock.timeout
+    timeout = sock.gettimeout()
     if (timeout or arena.owner is not None or sock.fileno() < 0
             or _family_of(sock) != _AF_UNIX):
         return -1
