@@ -70,6 +70,11 @@ int afunix_send_many(int fd, int n, const char *data, size_t datalen,
 ssize_t afunix_send_message(int fd, const char *data, size_t len,
                             const int *fds, int nfds, const int *creds, int flags);
 
+/* Send one message of len bytes with no control data (send(2)): the single
+ * message of send_many([m]).  MSG_NOSIGNAL is always added.  Returns the
+ * bytes the kernel took, or -errno. */
+ssize_t afunix_send_one(int fd, const char *data, size_t len, int flags);
+
 /* A reusable receive area for up to max_messages messages of bufsize bytes
  * (0: descriptors without data) and maxfds descriptors each.  The arrays are
  * outputs of afunix_recv_many, valid until the next call.  The data area is

@@ -37,16 +37,22 @@ static int fake_close(int fd);
 static int fake_recvmmsg(int fd, struct mmsghdr *hdrs, unsigned int n, int flags,
                          struct timespec *timeout);
 static int fake_sendmmsg(int fd, struct mmsghdr *hdrs, unsigned int n, int flags);
+static ssize_t fake_recvmsg(int fd, struct msghdr *m, int flags);
+static ssize_t fake_sendmsg(int fd, const struct msghdr *m, int flags);
 static int fake_socketpair(int domain, int type, int protocol, int sv[2]);
 
 #define close fake_close
 #define recvmmsg fake_recvmmsg
 #define sendmmsg fake_sendmmsg
+#define recvmsg fake_recvmsg
+#define sendmsg fake_sendmsg
 #define socketpair fake_socketpair
 #include "../afunix.c"
 #undef close
 #undef recvmmsg
 #undef sendmmsg
+#undef recvmsg
+#undef sendmsg
 #undef socketpair
 
 #define CHECK(cond)                                                          \
@@ -469,6 +475,37 @@ static void fuzz_send(void)
     free(data);
     free(fds);
     free(addrs);
+}
+
+/* One message goes through recvmsg/sendmsg (a batch of one): the same fake
+ * kernel, for a batch of one. */
+static ssize_t fake_recvmsg(int fd, struct msghdr *m, int flags)
+{
+    struct mmsghdr one;
+    one.msg_hdr = *m;
+    one.msg_len = 0;
+    int got = fake_recvmmsg(fd, &one, 1, flags, NULL);
+    if (got < 0)
+        return -1;
+    if (got == 0) { /* nothing queued: what a recvmsg that would block says */
+        errno = EAGAIN;
+        return -1;
+    }
+    *m = one.msg_hdr;
+    return (ssize_t)one.msg_len;
+}
+
+static ssize_t fake_sendmsg(int fd, const struct msghdr *m, int flags)
+{
+    struct mmsghdr one;
+    one.msg_hdr = *m;
+    one.msg_len = 0;
+    if (fake_sendmmsg(fd, &one, 1, flags) < 0)
+        return -1;
+    size_t len = 0;
+    for (size_t i = 0; i < (size_t)m->msg_iovlen; i++)
+        len += m->msg_iov[i].iov_len;
+    return (ssize_t)len;
 }
 
 /* ---- socketpairs: a failure part-way closes exactly what was made -------- */

@@ -189,6 +189,137 @@ def send_message(sock: socket.socket, data: Any, fds: tuple[int, ...],
 _EINVAL = -errno.EINVAL
 
 
+# ---- one message per call: the fast paths of the single calls -------------
+# Each takes a socket.socket and arguments the topic layer has already
+# checked with exact-type tests, makes one cffi call, and answers -1 (None
+# for try_recv_one) when the call needs the careful path: a closed, non-
+# AF_UNIX (or, to send, stream) socket, a timeout to wait out, or a kernel
+# error to retry or report.  Nothing went or was given over then; what a
+# receive took stays in the arena, and the careful path's receive returns it
+# without asking the kernel again.
+
+# socket.socket.family and .type build an enum object on every access; the
+# C-level members under them are the plain ints.
+_family_of = _socket.socket.family.__get__
+_type_of = _socket.socket.type.__get__
+_AF_UNIX = int(socket.AF_UNIX)
+_STREAM = int(socket.SOCK_STREAM)
+_DONTWAIT = int(socket.MSG_DONTWAIT)
+_CTRUNC = int(socket.MSG_CTRUNC)
+_EAGAIN = -errno.EAGAIN
+_from_buffer = ffi.from_buffer
+_send_one = lib.afunix_send_one
+_send_message = lib.afunix_send_message
+_recv_many = lib.afunix_recv_many
+_unpack = ffi.unpack
+
+
+def _would_block() -> OSError:
+    # what _check makes of -EAGAIN: the careful path raises exactly this
+    return OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+
+
+def try_send_one(sock: socket.socket, data: Any, flags: int) -> int:
+    """One send(2) of `data` (bytes, bytearray, C-contiguous memoryview) on a message socket.
+
+    Returns the bytes sent, or -1: the careful path sends it.  A bytearray
+    or memoryview is pinned and measured by ffi.from_buffer for the call.
+    """
+    fd = sock.fileno()
+    if fd < 0 or _family_of(sock) != _AF_UNIX or _type_of(sock) == _STREAM:
+        return -1
+    timeout = sock.gettimeout()
+    if timeout is not None:
+        flags |= _DONTWAIT  # a timeout is waited out by the careful path
+    if type(data) is bytes:
+        rc = _send_one(fd, data, len(data), flags)
+    else:
+        buf = _from_buffer(data)
+        rc = _send_one(fd, buf, len(buf), flags)
+    if rc >= 0:
+        return int(rc)
+    if rc == _EAGAIN and timeout == 0.0:
+        raise _would_block()
+    return -1
+
+
+def try_send_fds(sock: socket.socket, data: Any, fds: tuple[int, ...], flags: int) -> int:
+    """One sendmsg of `data` with `fds` (checked ints, at most SCM_MAX_FD) on a message socket.
+
+    Returns the bytes sent, or -1: the careful path sends it.  `fds` is a
+    tuple: what was checked is what cffi converts, whatever another thread does.
+    """
+    fd = sock.fileno()
+    if fd < 0 or _family_of(sock) != _AF_UNIX or _type_of(sock) == _STREAM:
+        return -1
+    timeout = sock.gettimeout()
+    if timeout is not None:
+        flags |= _DONTWAIT
+    buf = data if type(data) is bytes else _from_buffer(data)
+    rc = _send_message(fd, buf, len(buf), fds if fds else _NULL, len(fds), _NULL, flags)
+    if rc >= 0:
+        return int(rc)
+    if rc == _EAGAIN and timeout == 0.0:
+        raise _would_block()
+    return -1
+
+
+def try_recv(sock: socket.socket, arena: Arena, flags: int) -> int:
+    """One receive into `arena` (recvmsg for a batch of one, else recvmmsg); the count, or -1.
+
+    -1: nothing was received (or `arena` holds what an earlier call left):
+    the careful path receives.  Otherwise the messages are recorded in the
+    arena, owned by `sock` and not delivered, as recv_batch leaves them.
+    """
+    fd = sock.fileno()
+    if fd < 0 or _family_of(sock) != _AF_UNIX or arena.owner is not None:
+        return -1
+    timeout = sock.gettimeout()
+    if timeout is not None:
+        flags |= _DONTWAIT
+    arena.owner = sock  # before the call: whatever it hands over is sock's
+    rc = _recv_many(fd, arena._a, flags)
+    if rc > 0:
+        return int(rc)
+    arena.owner = None
+    if rc == _EAGAIN and timeout == 0.0:
+        raise _would_block()
+    return -1
+
+
+def try_recv_one(sock: socket.socket, arena: Arena, flags: int) -> Optional[tuple[bytes, list[int], int]]:
+    """`try_recv` into an arena of one message: (data, descriptors, msg_flags), or None.
+
+    None also when the message needs the careful path (0 bytes: maybe the
+    end of the stream; an address or credentials); it is then left in the
+    arena.  Nothing is delivered here: the caller delivers.
+    """
+    # try_recv, written out: one Python frame less on the hot path
+    fd = sock.fileno()
+    if fd < 0 or _family_of(sock) != _AF_UNIX or arena.owner is not None:
+        return None
+    timeout = sock.gettimeout()
+    if timeout is not None:
+        flags |= _DONTWAIT
+    arena.owner = sock  # before the call: whatever it hands over is sock's
+    a = arena._a
+    rc = _recv_many(fd, a, flags)
+    if rc != 1:
+        if rc < 0:
+            arena.owner = None
+            if rc == _EAGAIN and timeout == 0.0:
+                raise _would_block()
+        return None
+    n = arena.lens[0]
+    if not n:
+        return None
+    if a.extras:
+        if a.addrlens[0] >= 0 or a.creds[0]:
+            return None
+        return arena._buffer[0:n], _unpack(a.fds, a.nfds[0]), arena.flag_view[0]
+    return arena._buffer[0:n], [], arena.flag_view[0]
+
+
 def _refuse_mismatch(lengths: int, data: int, declared: int = 0, fds: int = 0) -> None:
     """Raise BufferError when lengths or counts do not add up to what was handed to C.
 
@@ -253,6 +384,8 @@ class Arena:
         self.view = memoryview(self._buffer)
         #: per-message byte counts of the last recv, read in place (no copy)
         self.lens = memoryview(ffi.buffer(raw.lens, max_messages * ffi.sizeof("size_t"))).cast("N")  # type: ignore[call-overload]
+        #: the same for msg_flags: an index into a view costs less than a field through the struct
+        self.flag_view = memoryview(ffi.buffer(raw.msg_flags, max_messages * ffi.sizeof("int"))).cast("i")
 
     def first(self) -> int:
         """Where the messages recv_batch just returned start: past those already delivered."""
@@ -520,18 +653,19 @@ def bare_calls(sock: socket.socket, size: int
     """(send, recv, free): the core's calls for one `size`-byte message on `sock`, arguments made once.
 
     What the benchmark's overhead rows time against the socket module's own
-    calls: afunix_send_many and afunix_recv_many with nothing around them.
+    calls: afunix_send_one (what the fast path calls) and afunix_recv_many with
+    nothing around them.
     `free` releases the receive area; call it once, after the last recv.
     """
-    fd, null = sock.fileno(), _NULL
+    fd = sock.fileno()
     data_area = ffi.new("char[]", size)  # the caller owns the data area
     arena = ffi.new("struct afunix_arena *")
     if lib.afunix_arena_init(arena, 1, size, 0, data_area) != 0:
         raise MemoryError("afunix_arena_init")
-    send_many, recv_many = lib.afunix_send_many, lib.afunix_recv_many
+    send_one, recv_many = lib.afunix_send_one, lib.afunix_recv_many
 
     def send(data: bytes) -> Any:
-        return send_many(fd, 1, data, size, null, size, null, 0, null, null, 0, null, null, 0)
+        return send_one(fd, data, size, 0)
 
     def recv() -> Any:
         n = recv_many(fd, arena, 0)

@@ -129,6 +129,20 @@ class Backend(Protocol):
 
     def new_arena(self, max_messages: int, bufsize: int, maxfds: int) -> Arena: ...
 
+    # ---- one message per call: -1 / None sends the call down the careful path ----
+
+    def try_send_one(self, sock: socket.socket, data: Any, flags: int) -> int: ...
+
+    def try_send_fds(
+        self, sock: socket.socket, data: Any, fds: tuple[int, ...], flags: int
+    ) -> int: ...
+
+    def try_recv(self, sock: socket.socket, arena: Arena, flags: int) -> int: ...
+
+    def try_recv_one(
+        self, sock: socket.socket, arena: Arena, flags: int
+    ) -> Optional[tuple[bytes, list[int], int]]: ...
+
     def recv_batch(self, sock: socket.socket, arena: Arena, flags: int) -> int: ...
 
     # ---- message channel (docs/PROTOCOL.md) ----

@@ -4,6 +4,7 @@ Used where the C core is not built, and forced with AFUNIX_BACKEND=stdlib.
 """
 from __future__ import annotations
 
+import _socket
 import array
 import collections
 import itertools
@@ -109,6 +110,126 @@ def send_message(sock: socket.socket, data: Any, fds: tuple[int, ...],
     finally:
         if twin:
             s.detach()
+
+
+# ---- one message per call: the fast paths of the single calls -------------
+# The same contract as in _cbackend: -1 (None for try_recv_one) sends the
+# call down the careful path, with nothing sent or given over.  A socket
+# with a timeout always takes the careful path here: CPython's own methods
+# would wait on it with their own deadline.
+
+_family_of = _socket.socket.family.__get__
+_AF_UNIX = int(socket.AF_UNIX)
+_SOL_SOCKET = int(socket.SOL_SOCKET)
+_SCM_RIGHTS = int(socket.SCM_RIGHTS)
+
+
+def try_send_one(sock: socket.socket, data: Any, flags: int) -> int:
+    """One sock.send of `data` on a message socket; the bytes sent, or -1."""
+    timeout = sock.gettimeout()
+    if (timeout or sock.fileno() < 0 or _family_of(sock) != _AF_UNIX
+            or raw_type(sock) == _STREAM):
+        return -1
+    try:
+        return sock.send(data, flags | _NOSIGNAL)
+    except BlockingIOError:
+        if timeout == 0.0:
+            raise
+        return -1
+    except OSError:
+        return -1
+
+
+def try_send_fds(sock: socket.socket, data: Any, fds: tuple[int, ...], flags: int) -> int:
+    """One sock.sendmsg of `data` with `fds` on a message socket; the bytes sent, or -1."""
+    timeout = sock.gettimeout()
+    if (timeout or sock.fileno() < 0 or _family_of(sock) != _AF_UNIX
+            or raw_type(sock) == _STREAM):
+        return -1
+    ancillary = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds))] if fds else []
+    try:
+        return sock.sendmsg([data], ancillary, flags | _NOSIGNAL)
+    except BlockingIOError:
+        if timeout == 0.0:
+            raise
+        return -1
+    except OSError:
+        return -1
+
+
+def try_recv(sock: socket.socket, arena: Arena, flags: int) -> int:
+    """recv_batch into `arena` when it holds nothing of an earlier call; the count, or -1."""
+    timeout = sock.gettimeout()
+    if (timeout or arena.owner is not None or sock.fileno() < 0
+            or _family_of(sock) != _AF_UNIX):
+        return -1
+    arena.owner = sock  # before the call: whatever it hands over is sock's
+    try:
+        if arena.max_messages == 1:
+            return _recv_single(sock, arena, flags)
+        return recv_batch(sock, arena, flags)
+    except BlockingIOError:
+        arena.owner = None
+        if timeout == 0.0:
+            raise
+        return -1
+    except OSError:
+        arena.owner = None
+        return -1
+
+
+def _recv_single(sock: socket.socket, arena: Arena, flags: int) -> int:
+    """recv_batch for an arena of one slot that holds no undelivered message (a blocking or non-blocking sock).
+
+    The same steps, flattened: one recvmsg_into into the inbox (from C, as
+    recv_batch does), and a plain message taken in with stores only; any
+    other goes through _take_in.
+    """
+    if not arena.all_handed and arena._extras:
+        arena.release_fds()  # descriptors of the last message nobody took
+    peek = flags & _PEEK
+    keep = ~0 if flags & _CLOEXEC else ~_CLOEXEC
+    arena._peek = peek
+    arena._keep_flags = keep
+    inbox = arena._inbox
+    inbox.extend(map(sock.recvmsg_into, (arena._slots[0],), (arena._ancbufsize,),
+                     (flags | _CLOEXEC,)))
+    nbytes, ancdata, msg_flags, address = inbox[0]
+    if ancdata or address is not None:
+        _take_in(arena)
+        return arena.count
+    bufsize = arena.bufsize
+    length = nbytes if nbytes <= bufsize else bufsize  # MSG_TRUNC reports the full length
+    msg_flags = int(msg_flags) & keep
+    # the commit: stores only (as _take_in's)
+    arena._lens = arena.lens = [length]
+    arena._flags = [msg_flags]
+    arena._fds = [[]]
+    arena._addrs = [None]
+    arena._creds = [None]
+    arena._handed = [False]
+    arena._extras = 0
+    arena.all_handed = 0
+    arena.delivered = 1 if peek else 0
+    arena.count = 1
+    arena._inbox = []
+    return 1
+
+
+def try_recv_one(sock: socket.socket, arena: Arena, flags: int) -> Optional[tuple[bytes, list[int], int]]:
+    """`try_recv` into an arena of one message: (data, descriptors, msg_flags), or None (see _cbackend)."""
+    if try_recv(sock, arena, flags) != 1:
+        return None
+    n = arena._lens[0]
+    if not n:
+        return None
+    if arena._extras:
+        if arena._addrs[0] is not None or arena._creds[0] is not None:
+            return None
+        fds = list(arena._fds[0])
+    else:
+        fds = []
+    return arena._slots[0][0][:n].tobytes(), fds, arena._flags[0]
 
 
 class Arena:

@@ -27,6 +27,8 @@ _DONTWAIT = int(socket.MSG_DONTWAIT)
 # it a hung-up peer raises SIGPIPE, fatal where the handler is SIG_DFL.
 _NOSIGNAL = MSG_NOSIGNAL
 _STREAM = int(socket.SOCK_STREAM)
+_SOCKET = socket.socket
+_C_INT_MAX = _checks.C_INT_MAX
 
 
 def _fd_of(obj: Any) -> int:
@@ -211,6 +213,19 @@ def send_many(sock: Any, messages: Iterable[Any], flags: int = 0) -> int:
         TimeoutError: nothing could be sent before the socket's timeout.
         OSError: from the kernel, when nothing was sent.
     """
+    if (type(messages) is list and len(messages) == 1 and type(flags) is int
+            and 0 <= flags <= _C_INT_MAX and type(sock) is _SOCKET):
+        # The common call, one plain message on a socket.socket, checked
+        # with exact-type tests and sent with one backend call; anything
+        # else, or what the backend hands back (-1), goes the careful way.
+        try:
+            (data,) = messages  # one reading: another thread may change the list
+        except ValueError:
+            data = None
+        kind = type(data)
+        if (kind is bytes or kind is bytearray or (kind is memoryview and data.c_contiguous)) \
+                and _backend.impl.try_send_one(sock, data, flags) >= 0:
+            return 1
     flags = _checks.msg_flags(flags)
     out = outgoing(messages)  # every check before the first system call
     t = _io.target(sock)

@@ -7,17 +7,19 @@ import socket
 import struct
 from typing import Any, Iterable, List, Optional, Tuple
 
-from . import _checks, _io
+from . import _backend, _checks, _io
 from ._contract import Outgoing
 from .addresses import encode_address
 from ._kernel import SO_PASSCRED, SO_PEERCRED, SO_PEERPIDFD
 from .batch import checked_fds, send_records, send_stream, write_with_control
 from ._limits import SCM_MAX_FD
-from .receive import MAX_BUFSIZE, arena_for, receive_into
+from .receive import MAX_BUFSIZE, arena_for, receive_into, recv_one
 from .message import Address, Credentials, TruncatedError
 
 _STREAM = int(socket.SOCK_STREAM)
 _CTRUNC = int(socket.MSG_CTRUNC)
+_SOCKET = socket.socket
+_C_INT_MAX = _checks.C_INT_MAX
 
 
 def send_fds(sock: Any, buffers: Iterable[Any], fds: Iterable[Any], flags: int = 0,
@@ -37,6 +39,28 @@ def send_fds(sock: Any, buffers: Iterable[Any], fds: Iterable[Any], flags: int =
         TypeError, ValueError: bad buffers or descriptors (at most 253), before any system call.
         OSError: from the kernel.
     """
+    if (address is None and type(buffers) is list and len(buffers) == 1 and type(fds) is list
+            and len(fds) <= SCM_MAX_FD and type(flags) is int and 0 <= flags <= _C_INT_MAX
+            and type(sock) is _SOCKET):
+        # The common call: one buffer, a list of descriptor numbers, a
+        # socket.socket; checked with exact-type tests (a tuple of the list
+        # first: what is checked is what is sent) and sent with one backend
+        # call.  Anything else, or a -1 from the backend, goes the careful way.
+        fd_tuple = tuple(fds)
+        try:
+            (data,) = buffers
+        except ValueError:
+            data = None
+        kind = type(data)
+        if ((kind is bytes or kind is bytearray or (kind is memoryview and data.c_contiguous))
+                and len(fd_tuple) <= SCM_MAX_FD):
+            for fd in fd_tuple:
+                if type(fd) is not int or not 0 <= fd <= _C_INT_MAX:
+                    break
+            else:
+                sent = _backend.impl.try_send_fds(sock, data, fd_tuple, flags)
+                if sent >= 0:
+                    return sent
     flags = _checks.msg_flags(flags)
     views = [memoryview(b) for b in buffers]
     if not all(v.c_contiguous for v in views):
@@ -89,6 +113,15 @@ def recv_fds(sock: Any, bufsize: int, maxfds: int, flags: int = 0
             did arrive are closed, the data is on the exception.
         BlockingIOError, TimeoutError, OSError: as sock.recvmsg would.
     """
+    if (type(bufsize) is int and 0 < bufsize <= MAX_BUFSIZE and type(maxfds) is int
+            and 0 <= maxfds and type(flags) is int and 0 <= flags <= _C_INT_MAX
+            and type(sock) is _SOCKET):
+        # The common call, received with one backend call into the
+        # thread's arena; None: the careful path below (which also takes
+        # what this call left in the arena, without asking the kernel again).
+        got = recv_one(sock, bufsize, maxfds if maxfds < SCM_MAX_FD else SCM_MAX_FD, flags)
+        if got is not None:
+            return got
     size = _checks.in_range(bufsize, "bufsize", 0, MAX_BUFSIZE)
     k = _checks.as_int(maxfds, "maxfds")
     if k < 0:

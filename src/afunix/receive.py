@@ -22,6 +22,8 @@ _CTRUNC = int(socket.MSG_CTRUNC)
 _message = tuple.__new__
 _thread_id = threading.get_ident
 _FILLER = "filler"
+_SOCKET = socket.socket
+_C_INT_MAX = _checks.C_INT_MAX
 
 
 def _checked_sizes(max_messages: Any, bufsize: Any, maxfds: Any) -> tuple[int, int, int]:
@@ -119,6 +121,29 @@ class _Arenas(threading.local):
         self.key: Any = None
         self.arena: Any = None
         self.held: dict[int, Any] = {}
+        #: arenas of other sizes, holding nothing, by key: a thread that
+        #: alternates recv_many and recv_fds swaps, not reallocates
+        self.spare: dict[Any, Any] = {}
+
+
+#: The most spare arenas a thread keeps.
+_SPARES = 8
+
+
+def _switch(mine: _Arenas, key: Any, arena: Any) -> None:
+    """Make `arena` the thread's arena, for `key`; the one it replaces, if it holds nothing, becomes a spare.
+
+    The two stores that switch come first, with no call between them: an
+    exception from a signal handler leaves the old pair or the new one,
+    never a key without its arena (a lost spare is only collected).
+    """
+    old, old_key = mine.arena, mine.key
+    mine.arena, mine.key = arena, key
+    if old is not None and old.owner is None and old_key != key:
+        spare = mine.spare
+        if len(spare) >= _SPARES:
+            del spare[next(iter(spare))]
+        spare[old_key] = old
 
 
 _arenas = _Arenas()
@@ -139,9 +164,11 @@ def arena_for(sock: Any, n: int, size: int, maxfds: int) -> Any:
             return held
         _forget_delivered(mine.held)
     key = (_backend.name, n, size, maxfds)
-    if mine.key != key:
-        mine.arena = _backend.impl.new_arena(n, size, maxfds)
-        mine.key = key
+    if mine.key != key or mine.arena is None:
+        arena = mine.spare.pop(key, None)
+        if arena is None:
+            arena = _backend.impl.new_arena(n, size, maxfds)
+        _switch(mine, key, arena)
     return mine.arena
 
 
@@ -159,6 +186,47 @@ def _closed(sock: Any) -> bool:
         return bool(sock.fileno() < 0)
     except (OSError, ValueError):
         return True
+
+
+def _ready_arena(size: int, maxfds: int) -> Any:
+    """The thread's arena for one message of `size` bytes and `maxfds` descriptors, when the fast path may use it.
+
+    None when there is none yet, it is sized otherwise, or an interrupted
+    call left messages in some arena (the careful path sorts those out).
+    """
+    mine = _arenas
+    key = (_backend.name, 1, size, maxfds)
+    if mine.held:
+        return None
+    if mine.key == key:
+        return mine.arena
+    current = mine.arena
+    if current is not None and current.owner is not None:
+        return None
+    arena = mine.spare.pop(key, None)
+    if arena is not None:
+        _switch(mine, key, arena)
+    return arena
+
+
+def recv_one(sock: socket.socket, size: int, maxfds: int, flags: int
+             ) -> Optional[tuple[bytes, list[int], int, None]]:
+    """The fast path of recv_fds: (data, fds, msg_flags, None) for one plain message, or None.
+
+    Arguments are checked by the caller (`size` from 1 to MAX_BUFSIZE,
+    `maxfds` from 0 to SCM_MAX_FD, `flags` a C int, `sock` a socket.socket).
+    None: the careful path must run; whatever this call received is left in
+    the arena, and the careful path delivers it without a system call.
+    """
+    arena = _ready_arena(size, maxfds)
+    if arena is None:
+        return None
+    got = _backend.impl.try_recv_one(sock, arena, flags)
+    if got is None or got[2] & _CTRUNC:
+        return None  # TruncatedError and its closing: the careful path
+    result = got[0], got[1], got[2], None
+    arena.deliver(1, True)  # stores only: given over whole, or not at all
+    return result
 
 
 def recv_many(sock: Any, max_messages: int, bufsize: int, flags: int = 0, *,
@@ -179,6 +247,19 @@ def recv_many(sock: Any, max_messages: int, bufsize: int, flags: int = 0, *,
         TypeError, ValueError: bad arguments, before any system call.
         BlockingIOError, TimeoutError, OSError: as sock.recv would.
     """
+    if (max_messages == 1 and type(max_messages) is int and type(bufsize) is int
+            and 0 < bufsize <= MAX_BUFSIZE and maxfds == 0 and type(maxfds) is int
+            and type(flags) is int and 0 <= flags <= _C_INT_MAX and type(sock) is _SOCKET):
+        # One message on a socket.socket: one backend call into the
+        # thread's arena.  None: the careful path below, which also takes
+        # what this call left in the arena, without asking the kernel again.
+        arena = _ready_arena(bufsize, 0)
+        if arena is not None:
+            got = _backend.impl.try_recv_one(sock, arena, flags)
+            if got is not None:
+                result = [_message(Message, (got[0], (), None, got[2], None))]
+                arena.deliver(1, True)  # stores only: given over whole, or not at all
+                return result
     n, size, k = _checked_sizes(max_messages, bufsize, maxfds)
     flags = _checks.msg_flags(flags)
     t = _io.target(sock)
@@ -241,7 +322,8 @@ class RecvBatch:
                 (recv that socket, or close() to drop them).
             BlockingIOError, TimeoutError, OSError: as sock.recv would.
         """
-        flags = _checks.msg_flags(flags)
+        if not (type(flags) is int and 0 <= flags <= _C_INT_MAX):
+            flags = _checks.msg_flags(flags)
         me = _thread_id()
         filling = self._filling
         try:
@@ -252,17 +334,27 @@ class RecvBatch:
             if filling.setdefault(_FILLER, me) != me:
                 raise RuntimeError("this RecvBatch is being filled by another thread")
             arena = self._arena
-            if arena.pending() and arena.owner is not sock:
-                raise RuntimeError(
-                    "this RecvBatch holds messages an interrupted recv took from another "
-                    "socket: recv() that socket to get them, or close() to drop them")
-            self._count = 0
-            t = _io.target(sock)
-            try:
-                first, count, end = receive_into(t, arena, flags, sock, self._backend)
-            finally:
-                if t.shadow:
-                    t.sock.detach()
+            count = -1
+            if type(sock) is _SOCKET:
+                # The common call: one backend call.  -1, or an empty last
+                # message (maybe the end of the stream): the careful path
+                # below, which takes what this call left in the arena.
+                self._count = 0
+                count = end = self._backend.try_recv(sock, arena, flags)
+                if count > 0 and not arena.lens[count - 1]:
+                    count = -1
+            if count < 0:
+                if arena.pending() and arena.owner is not sock:
+                    raise RuntimeError(
+                        "this RecvBatch holds messages an interrupted recv took from another "
+                        "socket: recv() that socket to get them, or close() to drop them")
+                self._count = 0
+                t = _io.target(sock)
+                try:
+                    first, count, end = receive_into(t, arena, flags, sock, self._backend)
+                finally:
+                    if t.shadow:
+                        t.sock.detach()
             lens = arena.lens
             arena.deliver(end, False)  # the descriptors stay the batch's until taken
             # the rest of the commit: stores only, then return

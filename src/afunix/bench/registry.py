@@ -214,7 +214,7 @@ TABLE: Tuple[Entry, ...] = (
                       (single.fds_send_afunix, single.fds_recv_afunix))),
     Entry(Workload("call-overhead", "overhead send", "overhead", _SEQPACKET, "ns", _ONE,
                    base="", afunix="ns per call: send_many(sock, [m]) minus the backend's bare"
-                                   " core call (C: lib.afunix_send_many; stdlib: sock.send)"),
+                                   " core call (C: lib.afunix_send_one; stdlib: sock.send)"),
           _afunix_too({}, (single.overhead_send, None))),
     Entry(Workload("call-overhead-recv", "overhead recv", "overhead", _SEQPACKET, "ns", _ONE,
                    base="", afunix="ns per call: RecvBatch(1, size).recv minus the backend's bare"

@@ -20,9 +20,10 @@ One process, ns per call (``call-overhead``, ``call-overhead-recv``): the
 fixed Python cost of one afunix call, measured as the afunix call minus the
 bare call of the active backend's core on the same socket, in alternating
 groups of 64 calls (median over the groups): for the C backend the cffi call
-``lib.afunix_send_many`` / ``lib.afunix_recv_many`` with its arguments made
-once, for the stdlib backend ``sock.send`` / ``sock.recvmsg_into`` (each
-backend's ``bare_calls``).
+the fast path makes, ``lib.afunix_send_one`` / ``lib.afunix_recv_many`` (and
+the store that takes the message over), with its arguments made once; for
+the stdlib backend ``sock.send`` / ``sock.recvmsg_into`` (each backend's
+``bare_calls``).
 """
 from __future__ import annotations
 
