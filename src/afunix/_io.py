@@ -19,8 +19,6 @@ from ._sockets import nonblocking_twin as nonblocking_twin
 from ._sockets import raw_family, raw_type
 from .message import Address
 
-# The name channel.py reads until it imports raw_type from _sockets.
-_raw_type = raw_type
 _AF_UNIX = int(socket.AF_UNIX)
 # A plain int: | and & on the socket module's enum flags build enum objects.
 _DONTWAIT = int(socket.MSG_DONTWAIT)
