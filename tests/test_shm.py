@@ -47,11 +47,16 @@ def region_mappings() -> int:
         return sum(1 for line in f if "memfd:" + shm.REGION_NAME in line)
 
 
-def memfd(size: int, seals: Optional[int]) -> int:
-    """A memfd of `size` bytes, with `seals` added (None: made without sealing allowed)."""
+def memfd(size: int, seals: Optional[int], reserved: Optional[int] = None) -> int:
+    """A memfd of `size` bytes, its first `reserved` bytes allocated (None: all of
+    them), with `seals` added (None: made without sealing allowed)."""
     flags = os.MFD_CLOEXEC | (0 if seals is None else os.MFD_ALLOW_SEALING)
     fd = os.memfd_create("test", flags)
     os.ftruncate(fd, size)
+    reserved = size if reserved is None else reserved
+    if reserved:
+        error = os.posix_fallocate(fd, 0, reserved)  # PyPy 3.9 returns the error number
+        assert not error, os.strerror(error)
     if seals:
         fcntl.fcntl(fd, _kernel.F_ADD_SEALS, seals)  # type: ignore[arg-type]
     return fd
@@ -170,6 +175,23 @@ HOSTILE_REGIONS = {
     "larger than announced": (shm.REQUIRED_SEALS, 3 * 4096, 8192),
     "empty": (shm.REQUIRED_SEALS, 0, 8192),
 }
+
+
+@pytest.mark.parametrize("reserved", [0, 4096, 64 * MiB - 4096])
+def test_a_region_whose_memory_is_not_reserved_is_a_protocol_error(reserved: int, fd_baseline: set) -> None:
+    # A sealed but sparse memfd costs its sender nothing; mapping it with
+    # MAP_POPULATE would make the receiver allocate all of it (up to
+    # MAX_REGION_SIZE) before any check could stop it.
+    size = 64 * MiB
+    fd = memfd(size, shm.REQUIRED_SEALS, reserved=reserved)
+    maps = region_mappings()
+    with pytest.raises(ProtocolError) as info:
+        shm.Region.adopt(fd, size)
+    assert "reserved" in str(info.value)
+    assert not is_open(fd) and region_mappings() == maps
+    # the same region with every byte allocated is adopted
+    fd = memfd(size, shm.REQUIRED_SEALS)
+    shm.Region.adopt(fd, size).close()
 
 
 @pytest.mark.parametrize("kind", sorted(HOSTILE_REGIONS))

@@ -149,11 +149,13 @@ class Region:
         Takes ownership of `fd`: it is closed on every failure, and by
         `close` after success.  Checks, before mapping: the descriptor is a
         regular file with the seals F_SEAL_SHRINK, F_SEAL_GROW and
-        F_SEAL_SEAL (so its size is fixed for good), and its size is `size`.
+        F_SEAL_SEAL (so its size is fixed for good), its size is `size`,
+        and all of its memory is allocated (the sender reserved it).
 
         Raises:
             ProtocolError: the descriptor is not a sealed memfd, lacks a
-                seal, has another size, or cannot be mapped for reading.
+                seal, has another size, is not all allocated, or cannot be
+                mapped for reading.
             TypeError, ValueError: `fd` or `size` is not an int in range
                 (the descriptor is closed all the same when it is an int).
             OSError: ENOSYS where sealing is missing.
@@ -175,6 +177,13 @@ class Region:
                 raise ProtocolError("region descriptor is not a regular file")
             if st.st_size != size:
                 raise ProtocolError("region has %d bytes, %d announced" % (st.st_size, size))
+            # A sparse region costs its sender nothing, but MAP_POPULATE (and
+            # every later read of a hole) allocates its memory here: up to
+            # MAX_REGION_SIZE charged to this process for free.  The sender
+            # must have reserved it all (st_blocks counts 512-byte units).
+            if st.st_blocks * 512 < size:
+                raise ProtocolError("region's memory is not reserved: %d of %d bytes allocated"
+                                    % (st.st_blocks * 512, size))
             try:
                 mapping = _map(fd, size, writable=False)
             except (OSError, ValueError) as exc:
