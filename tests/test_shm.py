@@ -542,6 +542,31 @@ def test_a_loan_is_filled_in_place_and_released_at_commit(fd_baseline: set) -> N
             writer.try_loan(MiB + 1)
 
 
+def test_a_loan_outliving_its_writer_is_given_up_quietly(fd_baseline: set) -> None:
+    # The writer closes (the channel ends) while a loan is being filled:
+    # leaving the loan's block must not report the peer broken, nor hide
+    # the exception the block raised.
+    writer = shm.RegionWriter(MiB)
+    with pytest.raises(RuntimeError):
+        with writer.try_loan(100) as loan:
+            loan.view[:3] = b"abc"
+            writer.close()
+            raise RuntimeError("the block's own error")
+    assert not loan.open
+    writer = shm.RegionWriter(MiB)
+    with writer.try_loan(100) as loan:
+        writer.close()
+    assert not loan.open
+    writer = shm.RegionWriter(MiB)
+    loan = writer.try_loan(100)
+    assert loan is not None
+    writer.close()
+    loan.abandon()
+    assert not loan.open
+    with pytest.raises(ValueError):
+        loan.abandon()
+
+
 @pytest.mark.skipif(PYPY, reason="PyPy's memoryview does not count the buffers exported from it")
 def test_a_loan_with_a_buffer_exported_stays_open() -> None:
     with shm.RegionWriter(MiB) as writer:

@@ -294,13 +294,15 @@ class Loan:
     in flight; the peer maps the region read-only and never faults).
     """
 
-    __slots__ = ("slot", "_view", "_allocator")
+    __slots__ = ("slot", "_view", "_allocator", "_region")
 
-    def __init__(self, slot: Slot, view: memoryview, allocator: SlotAllocator) -> None:
+    def __init__(self, slot: Slot, view: memoryview, allocator: SlotAllocator,
+                 region: Region) -> None:
         #: the slot lent: its offset and length in the region
         self.slot = slot
         self._view: Optional[memoryview] = view
         self._allocator = allocator
+        self._region = region
 
     @property
     def view(self) -> memoryview:
@@ -340,14 +342,17 @@ class Loan:
         return self.slot
 
     def abandon(self) -> None:
-        """Give the slot back unsent.
+        """Give the slot back unsent (nothing to give back once the region is closed).
 
         Raises:
             ValueError: already committed or abandoned.
             BufferError: a buffer exported from `view` is still alive.
         """
         self._finish()
-        self._allocator.free(self.slot.offset, self.slot.length)
+        # RegionWriter.close forgot every slot: freeing this one then would
+        # be refused as a bad return, the error of a broken peer.
+        if not self._region.closed:
+            self._allocator.free(self.slot.offset, self.slot.length)
 
     def __enter__(self) -> "Loan":
         return self
@@ -408,7 +413,7 @@ class RegionWriter:
         slot = self.allocator.try_allocate(length)
         if slot is None:
             return None
-        return Loan(slot, self.region.view(slot.offset, slot.length), self.allocator)
+        return Loan(slot, self.region.view(slot.offset, slot.length), self.allocator, self.region)
 
     def try_copy(self, data: Any) -> Optional[Slot]:
         """Copy the bytes-like `data` into a free slot; the slot, or None when none is free now.
