@@ -806,3 +806,55 @@ def test_a_peer_of_another_uid_is_refused(short_dir: str) -> None:
                 conn.sendall(b"x")
         finally:
             assert child.wait(timeout=T) == 0
+
+
+def _overflow_uid() -> int:
+    try:
+        with open("/proc/sys/kernel/overflowuid") as f:
+            return int(f.read())
+    except OSError:
+        return 65534
+
+
+def test_the_overflow_uid_is_an_unknown_peer() -> None:
+    # Any uid the reader's user namespace does not map reads as the overflow
+    # uid (65534, "nobody"): a peer showing it may be anyone, and a process
+    # that runs as it would otherwise take every such peer for itself.
+    overflow = _overflow_uid()
+    with pytest.raises(PermissionError) as info:
+        objects.check_unpickle_peer(overflow)
+    assert info.value.errno == errno.EACCES and "overflow" in str(info.value)
+    objects.check_unpickle_peer(overflow, trusted=True)
+
+
+UNMAPPED_READER = """
+import os, socket, sys
+from afunix import objects
+sock = socket.socket(fileno=int(sys.argv[1]))
+uid = objects.peer_uid(sock)
+try:
+    objects.check_unpickle_peer(uid)
+except PermissionError:
+    print("refused", uid, os.geteuid())
+else:
+    print("accepted", uid, os.geteuid())
+"""
+
+
+def test_a_reader_in_a_user_namespace_without_a_uid_map_refuses_its_peer(backend: str) -> None:
+    # In a new user namespace with no uid map, this process and every peer
+    # read as the overflow uid: equal uids that say nothing about the peer.
+    unshare = "/usr/bin/unshare"
+    if not os.access(unshare, os.X_OK):
+        pytest.skip("no unshare(1) here")
+    a, b = socket.socketpair()
+    with a, b:
+        done = subprocess.run([unshare, "--user", sys.executable, "-c", UNMAPPED_READER, str(b.fileno())],
+                              pass_fds=(b.fileno(),), capture_output=True, text=True, timeout=T,
+                              env=dict(os.environ, AFUNIX_BACKEND=backend))
+    if done.returncode != 0 and "unshare failed" in done.stderr:
+        pytest.skip("user namespaces are not allowed here: %s" % done.stderr.strip())
+    assert done.returncode == 0, done.stderr
+    verdict, uid, own = done.stdout.split()
+    assert int(uid) == int(own) == _overflow_uid() != os.geteuid()
+    assert verdict == "refused"

@@ -22,6 +22,7 @@ refuses a peer that runs as another user unless the caller trusts it.
 from __future__ import annotations
 
 import errno
+import functools
 import io
 import os
 import pickle
@@ -293,6 +294,16 @@ def peer_uid(sock: Any) -> Optional[int]:
         return None
 
 
+@functools.lru_cache(maxsize=None)
+def overflow_uid() -> int:
+    """The uid the kernel shows for any uid this user namespace does not map (65534 by default)."""
+    try:
+        with open("/proc/sys/kernel/overflowuid", "rb") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 65534
+
+
 def check_unpickle_peer(uid: Optional[int], *, trusted: bool = False) -> None:
     """Refuse to unpickle from a peer running as another user, unless it is trusted.
 
@@ -304,9 +315,20 @@ def check_unpickle_peer(uid: Optional[int], *, trusted: bool = False) -> None:
     user who started it).  ``trusted=True`` skips the check, as
     ``multiprocessing`` trusts a peer that knows its authkey.
 
+    The overflow uid (`overflow_uid`, "nobody") counts as unknown: the
+    kernel shows it for every uid the reader's user namespace does not map,
+    so a peer showing it may be anyone, and a process that runs as it (as
+    nobody, or in a user namespace without a uid map) would otherwise take
+    every such peer for itself.
+
+    SO_PEERCRED gives the credentials of the process that called
+    ``connect`` or ``socketpair``, not of the one holding the other end
+    now: an end handed to a process that then changes its uid (a child
+    that drops privileges after ``fork``) still shows its creator's uid.
+
     Raises:
-        PermissionError: the peer's uid is unknown or not this process's
-            effective uid, and `trusted` is false.
+        PermissionError: the peer's uid is unknown, the overflow uid, or
+            not this process's effective uid, and `trusted` is false.
     """
     if trusted:
         return
@@ -314,6 +336,11 @@ def check_unpickle_peer(uid: Optional[int], *, trusted: bool = False) -> None:
     if uid is None:
         raise PermissionError(errno.EACCES, "refusing to unpickle: the peer's uid is unknown "
                               "(open the channel as trusting its peer to allow it)")
+    if uid == overflow_uid():
+        raise PermissionError(errno.EACCES, "refusing to unpickle: the peer's uid reads as the "
+                              "overflow uid %d, which stands for any uid this user namespace "
+                              "does not map (open the channel as trusting its peer to allow it)"
+                              % uid)
     if uid != own:
         raise PermissionError(errno.EACCES, "refusing to unpickle from a peer of uid %d (this "
                               "process runs as uid %d; open the channel as trusting its peer "
