@@ -719,6 +719,48 @@ def test_objects_round_trip_with_large_buffers_in_slots(fd_baseline: set) -> Non
         reader.close()
 
 
+def test_a_pickled_object_lets_go_of_its_buffers_when_released() -> None:
+    # Without waiting for the cycle collector: a pickler that held itself
+    # (through its buffer callback) kept every object it pickled, and their
+    # buffer exports, until a collection.  Until then the bytearray could
+    # not be resized, the loan not committed; at exit CPython crashed
+    # clearing a memoryview that was still exported.
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        data = bytearray(b"x" * 5000)
+        with objects.pickle_object(data, threshold=1024) as pickled:
+            assert len(pickled.buffers) == 1
+        data.append(1)  # BufferError while an export is alive
+        with shm.RegionWriter(MiB) as writer:
+            loan = writer.try_loan(5000)
+            assert loan is not None
+            with objects.pickle_object([Blob(loan.view)], threshold=1024) as pickled:  # type: ignore[arg-type]
+                assert len(pickled.buffers) == 1
+            loan.commit()
+    finally:
+        if enabled:
+            gc.enable()
+
+
+CRASH_AT_EXIT = """
+import pickle
+from afunix import objects
+class Blob:
+    def __init__(self, data): self.data = data
+    def __reduce_ex__(self, protocol): return bytearray, (pickle.PickleBuffer(self.data),)
+for view in [memoryview(bytearray(4096)), memoryview(bytearray(4096)).cast("B", (64, 64))]:
+    with objects.pickle_object(Blob(view), threshold=1024) as pickled:
+        pass
+print("done")
+"""
+
+
+def test_pickling_a_memoryview_does_not_crash_the_interpreter_at_exit(backend: str) -> None:
+    done = run_python(CRASH_AT_EXIT, backend)
+    assert done.returncode == 0 and done.stdout == "done\n", (done.returncode, done.stderr)
+
+
 def test_an_object_larger_than_the_free_space_goes_inline(fd_baseline: set) -> None:
     with shm.RegionWriter(64 << 10) as writer:
         reader = shm.RegionReader(os.dup(writer.fileno()), writer.size)

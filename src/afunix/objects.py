@@ -27,7 +27,7 @@ import io
 import os
 import pickle
 import struct
-from typing import Any, List, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Union
 
 from . import _checks
 from .fds import peer_credentials
@@ -90,23 +90,26 @@ class PickledObject:
         self.release()
 
 
-class _OutOfBandPickler(pickle.Pickler):
-    """A protocol-5 pickler that keeps buffers of at least `threshold` bytes out of band."""
+def _out_of_band(threshold: int, buffers: List[memoryview]) -> Callable[[pickle.PickleBuffer], bool]:
+    """A protocol-5 ``buffer_callback`` keeping buffers of at least `threshold` bytes out of band.
 
-    def __init__(self, file: io.BytesIO, threshold: int, buffers: List[memoryview]) -> None:
-        super().__init__(file, protocol=5, buffer_callback=self._buffer)
-        self._threshold = threshold
-        self._buffers = buffers
-
-    def _buffer(self, buffer: pickle.PickleBuffer) -> bool:
+    A closure over `buffers`, not a method of a Pickler subclass: a pickler
+    that holds its own bound method is a reference cycle, and its memo then
+    keeps every object it pickled, and their buffer exports, alive until the
+    cycle collector runs (a bytearray stays unresizable, a loan cannot be
+    committed, and CPython's collector crashes clearing a memoryview that
+    is still exported).
+    """
+    def keep(buffer: pickle.PickleBuffer) -> bool:
         # True: serialize in band (small, or not one flat block of memory).
         with memoryview(buffer) as shape:
-            if not shape.contiguous or shape.nbytes < self._threshold:
+            if not shape.contiguous or shape.nbytes < threshold:
                 return True
         view = buffer.raw()
-        self._buffers.append(view.toreadonly())
+        buffers.append(view.toreadonly())
         view.release()
         return False
+    return keep
 
 
 class _BytesOutOfBand:
@@ -149,7 +152,8 @@ def pickle_object(obj: Any, *, threshold: int = DEFAULT_THRESHOLD) -> PickledObj
     buffers: List[memoryview] = []
     stream = io.BytesIO()
     try:
-        _OutOfBandPickler(stream, threshold, buffers).dump(obj)
+        pickle.Pickler(stream, protocol=5,
+                       buffer_callback=_out_of_band(threshold, buffers)).dump(obj)
     except BaseException:
         for view in buffers:
             view.release()
