@@ -719,6 +719,21 @@ def test_objects_round_trip_with_large_buffers_in_slots(fd_baseline: set) -> Non
         reader.close()
 
 
+def test_the_parts_of_a_pickled_object_are_flat_bytes_whatever_the_buffer_format() -> None:
+    # PyPy's PickleBuffer.raw() keeps the exporter's format ("i" here): a
+    # part's len() would then count items, not bytes.
+    ints = array.array("i", range(5000))
+    grid = memoryview(bytearray(range(256)) * 16).cast("B", (64, 64))
+    obj = {"ints": Blob(ints), "grid": Blob(grid)}  # type: ignore[arg-type]
+    with objects.pickle_object(obj, threshold=1024) as pickled:
+        assert len(pickled.parts) == 3
+        for part in pickled.parts:
+            assert (part.format, part.ndim, part.readonly) == ("B", 1, True)
+            assert len(part) == part.nbytes
+        assert bytes(pickled.buffers[0]) == ints.tobytes()
+        assert bytes(pickled.buffers[1]) == grid.tobytes()
+
+
 def test_a_pickled_object_lets_go_of_its_buffers_when_released() -> None:
     # Without waiting for the cycle collector: a pickler that held itself
     # (through its buffer callback) kept every object it pickled, and their

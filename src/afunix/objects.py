@@ -106,7 +106,12 @@ def _out_of_band(threshold: int, buffers: List[memoryview]) -> Callable[[pickle.
             if not shape.contiguous or shape.nbytes < threshold:
                 return True
         view = buffer.raw()
-        buffers.append(view.toreadonly())
+        # PyPy's raw() keeps the exporter's format and shape ("i" for an int
+        # array, two dimensions for a grid): a part is flat bytes, so that
+        # its len() is its size.
+        flat = view if view.format == "B" and view.ndim == 1 else view.cast("B")
+        buffers.append(flat.toreadonly())
+        flat.release()
         view.release()
         return False
     return keep
