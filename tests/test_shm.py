@@ -310,6 +310,53 @@ def test_the_peer_cannot_shrink_the_region_under_a_reader(backend: str, fd_basel
         assert child.returncode == 0, err.decode()
 
 
+@pytest.mark.parametrize("how", ["raised", "returned"])
+def test_a_region_whose_memory_cannot_be_reserved_is_an_oserror(how: str, monkeypatch: pytest.MonkeyPatch,
+                                                                 fd_baseline: set) -> None:
+    # ENOSPC from posix_fallocate, raised (CPython) or returned (PyPy 3.9):
+    # an OSError from create, the memfd closed, nothing mapped.
+    def fallocate(fd: int, offset: int, length: int) -> int:
+        if how == "raised":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return errno.ENOSPC
+    monkeypatch.setattr(os, "posix_fallocate", fallocate)
+    with pytest.raises(OSError) as info:
+        shm.RegionWriter(MiB)
+    assert info.value.errno == errno.ENOSPC
+    assert region_mappings() == 0
+
+
+RUN_OUT_OF_DESCRIPTORS = """
+import errno, os, platform, resource
+from afunix import shm
+# PyPy 3.9's os.memfd_create raises with a stale errno (0, ENOTTY) instead of EMFILE
+PYPY = platform.python_implementation() == "PyPy"
+def count():
+    return len(os.listdir("/proc/self/fd"))
+made = 0
+for spare in range(4):
+    before = count()
+    lowest = os.dup(0)  # the lowest free descriptor number: the next memfd gets it
+    os.close(lowest)
+    # no descriptor, one (the memfd: CPython before 3.13 also dups it for mmap), two, three
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest + spare, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    try:
+        shm.Region.create(1 << 16).close()
+        made += 1
+    except OSError as exc:
+        assert exc.errno == errno.EMFILE or PYPY, exc
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    assert count() == before, (spare, before, count())
+print(made)
+"""
+
+
+def test_running_out_of_descriptors_in_create_leaves_none_open(backend: str) -> None:
+    done = run_python(RUN_OUT_OF_DESCRIPTORS, backend)
+    assert done.returncode == 0, done.stderr
+    assert 2 <= int(done.stdout) <= 3  # no room for the memfd: EMFILE; room for two: made
+
+
 def test_close_twice_and_use_after_close(fd_baseline: set) -> None:
     region = shm.Region.create(4096)
     fd = region.fileno()
@@ -415,6 +462,7 @@ def test_slots_are_aligned_first_fit_and_coalesce() -> None:
     # the last range of the region is shorter than a rounded length: the slot takes the rest
     d = alloc.try_allocate(1000 - 256)
     assert d == Slot(256, 744) and alloc.largest_free == 0
+    assert alloc.bytes_in_use == 1000  # the last slot reserves only what is left
     assert alloc.try_allocate(1) is None  # full: no wait, None
     alloc.free(*b)
     assert alloc.try_allocate(65) is None and alloc.try_allocate(64) == Slot(128, 64)
@@ -604,6 +652,7 @@ def test_try_copy_takes_any_contiguous_buffer(fd_baseline: set) -> None:
 def test_a_reader_releases_a_slot_whose_view_the_caller_released(fd_baseline: set) -> None:
     with shm.RegionWriter(MiB) as writer:
         reader = shm.RegionReader(os.dup(writer.fileno()), writer.size)
+        assert not reader.region.writable
         slot = writer.try_copy(b"abc")
         assert slot is not None
         reader.claim(*slot).release()
@@ -774,6 +823,33 @@ print("done")
 def test_pickling_a_memoryview_does_not_crash_the_interpreter_at_exit(backend: str) -> None:
     done = run_python(CRASH_AT_EXIT, backend)
     assert done.returncode == 0 and done.stdout == "done\n", (done.returncode, done.stderr)
+
+
+def test_failed_pickling_and_placing_give_back_what_they_took(fd_baseline: set) -> None:
+    data = bytearray(5000)
+    with pytest.raises((pickle.PicklingError, AttributeError, TypeError)) as info:
+        objects.pickle_object([Blob(data), lambda: None], threshold=1024)  # type: ignore[arg-type]
+    data.append(1)  # the out-of-band view of it was released (its list lives on in the traceback)
+    del info
+
+    class FailingWriter(shm.RegionWriter):
+        copies = 0
+
+        def try_copy(self, data: object) -> Optional[Slot]:
+            FailingWriter.copies += 1
+            if FailingWriter.copies == 2:
+                raise RuntimeError("the second copy fails")
+            return super().try_copy(data)
+
+    with FailingWriter(MiB) as writer:
+        with objects.pickle_object([Blob(bytearray(5000)), b"s" * 5000], threshold=1024) as pickled:  # type: ignore[arg-type]
+            with pytest.raises(RuntimeError):
+                objects.place_parts(pickled, writer, threshold=10)
+            assert writer.allocator.slots_in_use == 0
+            with pytest.raises(ValueError):
+                objects.encode_object(pickled, [Slot(0, 1), None])  # a slot of another length
+            with pytest.raises(ValueError):
+                objects.encode_object(pickled, [None])  # one entry per part
 
 
 def test_an_object_larger_than_the_free_space_goes_inline(fd_baseline: set) -> None:
