@@ -991,3 +991,18 @@ def test_a_reader_in_a_user_namespace_without_a_uid_map_refuses_its_peer(backend
     verdict, uid, own = done.stdout.split()
     assert int(uid) == int(own) == _overflow_uid() != os.geteuid()
     assert verdict == "refused"
+
+
+def test_a_peer_without_credentials_has_no_uid(backend: str) -> None:
+    # SO_PEERCRED answers uid -1 for a socket with no peer credentials (not
+    # connected, or a datagram socket): unknown, not a uid.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as alone:
+        assert objects.peer_uid(alone) is None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server, \
+            socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as client:
+        server.bind("\0afunix-test-peer-uid-%d" % os.getpid())
+        client.connect(server.getsockname())
+        assert objects.peer_uid(client) is None and objects.peer_uid(server) is None
+    with pytest.raises(PermissionError) as info:
+        objects.check_unpickle_peer(objects.peer_uid(client))
+    assert "unknown" in str(info.value)

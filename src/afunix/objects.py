@@ -296,11 +296,17 @@ def load_object(stream: Any, buffers: Sequence[Any]) -> Any:
 
 
 def peer_uid(sock: Any) -> Optional[int]:
-    """The connected peer's effective uid (SO_PEERCRED), or None where the kernel cannot say."""
+    """The connected peer's effective uid (SO_PEERCRED), or None where the kernel cannot say.
+
+    The kernel cannot say for a socket other than AF_UNIX (an error) nor
+    for one without peer credentials, not connected or a datagram socket
+    (it answers uid -1).
+    """
     try:
-        return peer_credentials(sock).uid
+        uid = peer_credentials(sock).uid
     except OSError:
         return None
+    return None if uid == -1 else uid
 
 
 @functools.lru_cache(maxsize=None)
