@@ -494,6 +494,10 @@ class RegionReader:
     def claim(self, offset: int, length: int) -> memoryview:
         """A read-only view of the slot the peer named, recorded as held.
 
+        Read-only here only: the peer keeps writing the region, and a
+        broken or hostile one can change the slot's bytes while they are
+        read.  Check a copy of what must not change between two reads.
+
         Raises:
             ProtocolError: out of range, empty, overlapping a slot held, or too many held.
             ValueError: the region is closed.
