@@ -242,6 +242,17 @@ def test_adopt_closes_the_descriptor_on_bad_arguments_too(fd_baseline: set) -> N
     assert not is_open(fd)
 
 
+def test_a_reader_refuses_a_bad_max_slots_before_it_looks_at_the_descriptor(fd_baseline: set) -> None:
+    # An argument error comes before any system call: the pipe is never
+    # asked for seals (which would make it a ProtocolError), only closed.
+    for max_slots, error in ((0, ValueError), (1 << 30, ValueError), ("8", TypeError)):
+        r, w = os.pipe()
+        with pytest.raises(error):
+            shm.RegionReader(r, 4096, max_slots=max_slots)  # type: ignore[arg-type]
+        assert not is_open(r)
+        os.close(w)
+
+
 def test_a_hostile_peer_process_sends_bad_regions(backend: str, fd_baseline: set) -> None:
     # the peer makes each region itself and announces a size: every one is refused
     a, b = socket.socketpair()

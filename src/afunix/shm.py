@@ -478,12 +478,14 @@ class RegionReader:
             or of another size); ValueError for a bad max_slots (the
             descriptor is closed then too).
         """
-        region = Region.adopt(fd, size)
         try:
-            ledger = SlotLedger(region.size, max_slots=max_slots)
+            # the ledger checks max_slots before adopt makes any system call
+            ledger = SlotLedger(size, max_slots=max_slots)
         except BaseException:
-            region.close()
+            if type(fd) is int and fd >= 0:
+                os.close(fd)  # taken over all the same
             raise
+        region = Region.adopt(fd, size)
         #: the region, mapped read-only
         self.region = region
         #: the slots held
