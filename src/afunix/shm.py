@@ -101,7 +101,11 @@ class Region:
     (``mmap.close`` refuses while a buffer is exported, so `close` leaves the
     unmapping to the mmap object's own deallocator).  PyPy's mmap unmaps at
     `close` whatever is exported and then shows every view of it as empty
-    (length 0): no access can reach the unmapped memory either way.
+    (length 0), so no later access reaches the unmapped memory; but a call
+    already running in another thread with a view (``recv_into`` blocked
+    on a socket) keeps the old address, and once the next mapping reuses
+    it, writes there.  On PyPy, close a region only when no other thread
+    is inside a call that uses one of its views.
     """
 
     __slots__ = ("_fd", "_map", "_root", "_size", "_writable", "__weakref__")
