@@ -368,6 +368,32 @@ def test_running_out_of_descriptors_in_create_leaves_none_open(backend: str) -> 
     assert 2 <= int(done.stdout) <= 3  # no room for the memfd: EMFILE; room for two: made
 
 
+ADOPT_AT_THE_DESCRIPTOR_LIMIT = """
+import errno, os, resource
+from afunix import ProtocolError, shm
+writer = shm.RegionWriter(1 << 16)
+fd = os.dup(writer.fileno())
+lowest = os.dup(0)  # the lowest free descriptor number
+os.close(lowest)
+resource.setrlimit(resource.RLIMIT_NOFILE, (lowest, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+try:
+    shm.Region.adopt(fd, writer.size).close()
+    print("adopted")  # this mmap needs no descriptor of its own (CPython 3.13: trackfd=False)
+except ProtocolError as exc:
+    print("protocol error", exc)
+except OSError as exc:
+    print("oserror", errno.errorcode.get(exc.errno or 0))
+"""
+
+
+def test_running_out_of_descriptors_in_adopt_is_not_the_peers_fault(backend: str) -> None:
+    # mmap duplicates the descriptor (CPython before 3.13, PyPy): EMFILE is
+    # this process's limit, not a region the peer got wrong.
+    done = run_python(ADOPT_AT_THE_DESCRIPTOR_LIMIT, backend)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() in ("adopted", "oserror EMFILE"), done.stdout
+
+
 def test_close_twice_and_use_after_close(fd_baseline: set) -> None:
     region = shm.Region.create(4096)
     fd = region.fileno()

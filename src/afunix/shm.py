@@ -162,7 +162,8 @@ class Region:
                 mapped for reading.
             TypeError, ValueError: `fd` or `size` is not an int in range
                 (the descriptor is closed all the same when it is an int).
-            OSError: ENOSYS where sealing is missing.
+            OSError: ENOSYS where sealing is missing; EMFILE or ENFILE when
+                mapping needs a descriptor and none is left.
         """
         fd = _checks.descriptor(fd)
         try:
@@ -190,7 +191,13 @@ class Region:
                                     % (st.st_blocks * 512, size))
             try:
                 mapping = _map(fd, size, writable=False)
-            except (OSError, ValueError) as exc:
+            except OSError as exc:
+                # mmap duplicates the descriptor (CPython before 3.13, PyPy):
+                # no descriptor left is this process's limit, not the peer's fault.
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    raise
+                raise ProtocolError("region cannot be mapped for reading: %s" % exc) from None
+            except ValueError as exc:
                 raise ProtocolError("region cannot be mapped for reading: %s" % exc) from None
         except BaseException:
             os.close(fd)
