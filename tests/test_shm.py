@@ -47,11 +47,16 @@ def region_mappings() -> int:
         return sum(1 for line in f if "memfd:" + shm.REGION_NAME in line)
 
 
-def memfd(size: int, seals: Optional[int]) -> int:
-    """A memfd of `size` bytes, with `seals` added (None: made without sealing allowed)."""
+def memfd(size: int, seals: Optional[int], reserved: Optional[int] = None) -> int:
+    """A memfd of `size` bytes, its first `reserved` bytes allocated (None: all of
+    them), with `seals` added (None: made without sealing allowed)."""
     flags = os.MFD_CLOEXEC | (0 if seals is None else os.MFD_ALLOW_SEALING)
     fd = os.memfd_create("test", flags)
     os.ftruncate(fd, size)
+    reserved = size if reserved is None else reserved
+    if reserved:
+        error = os.posix_fallocate(fd, 0, reserved)  # PyPy 3.9 returns the error number
+        assert not error, os.strerror(error)
     if seals:
         fcntl.fcntl(fd, _kernel.F_ADD_SEALS, seals)  # type: ignore[arg-type]
     return fd
@@ -172,6 +177,23 @@ HOSTILE_REGIONS = {
 }
 
 
+@pytest.mark.parametrize("reserved", [0, 4096, 64 * MiB - 4096])
+def test_a_region_whose_memory_is_not_reserved_is_a_protocol_error(reserved: int, fd_baseline: set) -> None:
+    # A sealed but sparse memfd costs its sender nothing; mapping it with
+    # MAP_POPULATE would make the receiver allocate all of it (up to
+    # MAX_REGION_SIZE) before any check could stop it.
+    size = 64 * MiB
+    fd = memfd(size, shm.REQUIRED_SEALS, reserved=reserved)
+    maps = region_mappings()
+    with pytest.raises(ProtocolError) as info:
+        shm.Region.adopt(fd, size)
+    assert "reserved" in str(info.value)
+    assert not is_open(fd) and region_mappings() == maps
+    # the same region with every byte allocated is adopted
+    fd = memfd(size, shm.REQUIRED_SEALS)
+    shm.Region.adopt(fd, size).close()
+
+
 @pytest.mark.parametrize("kind", sorted(HOSTILE_REGIONS))
 def test_a_region_without_its_seals_or_size_is_a_protocol_error(kind: str, fd_baseline: set) -> None:
     seals, made, announced = HOSTILE_REGIONS[kind]
@@ -218,6 +240,17 @@ def test_adopt_closes_the_descriptor_on_bad_arguments_too(fd_baseline: set) -> N
     with pytest.raises(TypeError):
         shm.Region.adopt(fd, "4096")  # type: ignore[arg-type]
     assert not is_open(fd)
+
+
+def test_a_reader_refuses_a_bad_max_slots_before_it_looks_at_the_descriptor(fd_baseline: set) -> None:
+    # An argument error comes before any system call: the pipe is never
+    # asked for seals (which would make it a ProtocolError), only closed.
+    for max_slots, error in ((0, ValueError), (1 << 30, ValueError), ("8", TypeError)):
+        r, w = os.pipe()
+        with pytest.raises(error):
+            shm.RegionReader(r, 4096, max_slots=max_slots)  # type: ignore[arg-type]
+        assert not is_open(r)
+        os.close(w)
 
 
 def test_a_hostile_peer_process_sends_bad_regions(backend: str, fd_baseline: set) -> None:
@@ -286,6 +319,79 @@ def test_the_peer_cannot_shrink_the_region_under_a_reader(backend: str, fd_basel
         finally:
             _, err = child.communicate(timeout=T)
         assert child.returncode == 0, err.decode()
+
+
+@pytest.mark.parametrize("how", ["raised", "returned"])
+def test_a_region_whose_memory_cannot_be_reserved_is_an_oserror(how: str, monkeypatch: pytest.MonkeyPatch,
+                                                                 fd_baseline: set) -> None:
+    # ENOSPC from posix_fallocate, raised (CPython) or returned (PyPy 3.9):
+    # an OSError from create, the memfd closed, nothing mapped.
+    def fallocate(fd: int, offset: int, length: int) -> int:
+        if how == "raised":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return errno.ENOSPC
+    monkeypatch.setattr(os, "posix_fallocate", fallocate)
+    with pytest.raises(OSError) as info:
+        shm.RegionWriter(MiB)
+    assert info.value.errno == errno.ENOSPC
+    assert region_mappings() == 0
+
+
+RUN_OUT_OF_DESCRIPTORS = """
+import errno, os, platform, resource
+from afunix import shm
+# PyPy 3.9's os.memfd_create raises with a stale errno (0, ENOTTY) instead of EMFILE
+PYPY = platform.python_implementation() == "PyPy"
+def count():
+    return len(os.listdir("/proc/self/fd"))
+made = 0
+for spare in range(4):
+    before = count()
+    lowest = os.dup(0)  # the lowest free descriptor number: the next memfd gets it
+    os.close(lowest)
+    # no descriptor, one (the memfd: CPython before 3.13 also dups it for mmap), two, three
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest + spare, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    try:
+        shm.Region.create(1 << 16).close()
+        made += 1
+    except OSError as exc:
+        assert exc.errno == errno.EMFILE or PYPY, exc
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    assert count() == before, (spare, before, count())
+print(made)
+"""
+
+
+def test_running_out_of_descriptors_in_create_leaves_none_open(backend: str) -> None:
+    done = run_python(RUN_OUT_OF_DESCRIPTORS, backend)
+    assert done.returncode == 0, done.stderr
+    assert 2 <= int(done.stdout) <= 3  # no room for the memfd: EMFILE; room for two: made
+
+
+ADOPT_AT_THE_DESCRIPTOR_LIMIT = """
+import errno, os, resource
+from afunix import ProtocolError, shm
+writer = shm.RegionWriter(1 << 16)
+fd = os.dup(writer.fileno())
+lowest = os.dup(0)  # the lowest free descriptor number
+os.close(lowest)
+resource.setrlimit(resource.RLIMIT_NOFILE, (lowest, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+try:
+    shm.Region.adopt(fd, writer.size).close()
+    print("adopted")  # this mmap needs no descriptor of its own (CPython 3.13: trackfd=False)
+except ProtocolError as exc:
+    print("protocol error", exc)
+except OSError as exc:
+    print("oserror", errno.errorcode.get(exc.errno or 0))
+"""
+
+
+def test_running_out_of_descriptors_in_adopt_is_not_the_peers_fault(backend: str) -> None:
+    # mmap duplicates the descriptor (CPython before 3.13, PyPy): EMFILE is
+    # this process's limit, not a region the peer got wrong.
+    done = run_python(ADOPT_AT_THE_DESCRIPTOR_LIMIT, backend)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() in ("adopted", "oserror EMFILE"), done.stdout
 
 
 def test_close_twice_and_use_after_close(fd_baseline: set) -> None:
@@ -393,6 +499,7 @@ def test_slots_are_aligned_first_fit_and_coalesce() -> None:
     # the last range of the region is shorter than a rounded length: the slot takes the rest
     d = alloc.try_allocate(1000 - 256)
     assert d == Slot(256, 744) and alloc.largest_free == 0
+    assert alloc.bytes_in_use == 1000  # the last slot reserves only what is left
     assert alloc.try_allocate(1) is None  # full: no wait, None
     alloc.free(*b)
     assert alloc.try_allocate(65) is None and alloc.try_allocate(64) == Slot(128, 64)
@@ -520,6 +627,31 @@ def test_a_loan_is_filled_in_place_and_released_at_commit(fd_baseline: set) -> N
             writer.try_loan(MiB + 1)
 
 
+def test_a_loan_outliving_its_writer_is_given_up_quietly(fd_baseline: set) -> None:
+    # The writer closes (the channel ends) while a loan is being filled:
+    # leaving the loan's block must not report the peer broken, nor hide
+    # the exception the block raised.
+    writer = shm.RegionWriter(MiB)
+    with pytest.raises(RuntimeError):
+        with writer.try_loan(100) as loan:
+            loan.view[:3] = b"abc"
+            writer.close()
+            raise RuntimeError("the block's own error")
+    assert not loan.open
+    writer = shm.RegionWriter(MiB)
+    with writer.try_loan(100) as loan:
+        writer.close()
+    assert not loan.open
+    writer = shm.RegionWriter(MiB)
+    loan = writer.try_loan(100)
+    assert loan is not None
+    writer.close()
+    loan.abandon()
+    assert not loan.open
+    with pytest.raises(ValueError):
+        loan.abandon()
+
+
 @pytest.mark.skipif(PYPY, reason="PyPy's memoryview does not count the buffers exported from it")
 def test_a_loan_with_a_buffer_exported_stays_open() -> None:
     with shm.RegionWriter(MiB) as writer:
@@ -557,6 +689,7 @@ def test_try_copy_takes_any_contiguous_buffer(fd_baseline: set) -> None:
 def test_a_reader_releases_a_slot_whose_view_the_caller_released(fd_baseline: set) -> None:
     with shm.RegionWriter(MiB) as writer:
         reader = shm.RegionReader(os.dup(writer.fileno()), writer.size)
+        assert not reader.region.writable
         slot = writer.try_copy(b"abc")
         assert slot is not None
         reader.claim(*slot).release()
@@ -672,6 +805,90 @@ def test_objects_round_trip_with_large_buffers_in_slots(fd_baseline: set) -> Non
         reader.close()
 
 
+def test_the_parts_of_a_pickled_object_are_flat_bytes_whatever_the_buffer_format() -> None:
+    # PyPy's PickleBuffer.raw() keeps the exporter's format ("i" here): a
+    # part's len() would then count items, not bytes.
+    ints = array.array("i", range(5000))
+    grid = memoryview(bytearray(range(256)) * 16).cast("B", (64, 64))
+    obj = {"ints": Blob(ints), "grid": Blob(grid)}  # type: ignore[arg-type]
+    with objects.pickle_object(obj, threshold=1024) as pickled:
+        assert len(pickled.parts) == 3
+        for part in pickled.parts:
+            assert (part.format, part.ndim, part.readonly) == ("B", 1, True)
+            assert len(part) == part.nbytes
+        assert bytes(pickled.buffers[0]) == ints.tobytes()
+        assert bytes(pickled.buffers[1]) == grid.tobytes()
+
+
+def test_a_pickled_object_lets_go_of_its_buffers_when_released() -> None:
+    # Without waiting for the cycle collector: a pickler that held itself
+    # (through its buffer callback) kept every object it pickled, and their
+    # buffer exports, until a collection.  Until then the bytearray could
+    # not be resized, the loan not committed; at exit CPython crashed
+    # clearing a memoryview that was still exported.
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        data = bytearray(b"x" * 5000)
+        with objects.pickle_object(data, threshold=1024) as pickled:
+            assert len(pickled.buffers) == 1
+        data.append(1)  # BufferError while an export is alive
+        with shm.RegionWriter(MiB) as writer:
+            loan = writer.try_loan(5000)
+            assert loan is not None
+            with objects.pickle_object([Blob(loan.view)], threshold=1024) as pickled:  # type: ignore[arg-type]
+                assert len(pickled.buffers) == 1
+            loan.commit()
+    finally:
+        if enabled:
+            gc.enable()
+
+
+CRASH_AT_EXIT = """
+import pickle
+from afunix import objects
+class Blob:
+    def __init__(self, data): self.data = data
+    def __reduce_ex__(self, protocol): return bytearray, (pickle.PickleBuffer(self.data),)
+for view in [memoryview(bytearray(4096)), memoryview(bytearray(4096)).cast("B", (64, 64))]:
+    with objects.pickle_object(Blob(view), threshold=1024) as pickled:
+        pass
+print("done")
+"""
+
+
+def test_pickling_a_memoryview_does_not_crash_the_interpreter_at_exit(backend: str) -> None:
+    done = run_python(CRASH_AT_EXIT, backend)
+    assert done.returncode == 0 and done.stdout == "done\n", (done.returncode, done.stderr)
+
+
+def test_failed_pickling_and_placing_give_back_what_they_took(fd_baseline: set) -> None:
+    data = bytearray(5000)
+    with pytest.raises((pickle.PicklingError, AttributeError, TypeError)) as info:
+        objects.pickle_object([Blob(data), lambda: None], threshold=1024)  # type: ignore[arg-type]
+    data.append(1)  # the out-of-band view of it was released (its list lives on in the traceback)
+    del info
+
+    class FailingWriter(shm.RegionWriter):
+        copies = 0
+
+        def try_copy(self, data: object) -> Optional[Slot]:
+            FailingWriter.copies += 1
+            if FailingWriter.copies == 2:
+                raise RuntimeError("the second copy fails")
+            return super().try_copy(data)
+
+    with FailingWriter(MiB) as writer:
+        with objects.pickle_object([Blob(bytearray(5000)), b"s" * 5000], threshold=1024) as pickled:  # type: ignore[arg-type]
+            with pytest.raises(RuntimeError):
+                objects.place_parts(pickled, writer, threshold=10)
+            assert writer.allocator.slots_in_use == 0
+            with pytest.raises(ValueError):
+                objects.encode_object(pickled, [Slot(0, 1), None])  # a slot of another length
+            with pytest.raises(ValueError):
+                objects.encode_object(pickled, [None])  # one entry per part
+
+
 def test_an_object_larger_than_the_free_space_goes_inline(fd_baseline: set) -> None:
     with shm.RegionWriter(64 << 10) as writer:
         reader = shm.RegionReader(os.dup(writer.fileno()), writer.size)
@@ -759,3 +976,70 @@ def test_a_peer_of_another_uid_is_refused(short_dir: str) -> None:
                 conn.sendall(b"x")
         finally:
             assert child.wait(timeout=T) == 0
+
+
+def _overflow_uid() -> int:
+    try:
+        with open("/proc/sys/kernel/overflowuid") as f:
+            return int(f.read())
+    except OSError:
+        return 65534
+
+
+def test_the_overflow_uid_is_an_unknown_peer() -> None:
+    # Any uid the reader's user namespace does not map reads as the overflow
+    # uid (65534, "nobody"): a peer showing it may be anyone, and a process
+    # that runs as it would otherwise take every such peer for itself.
+    overflow = _overflow_uid()
+    with pytest.raises(PermissionError) as info:
+        objects.check_unpickle_peer(overflow)
+    assert info.value.errno == errno.EACCES and "overflow" in str(info.value)
+    objects.check_unpickle_peer(overflow, trusted=True)
+
+
+UNMAPPED_READER = """
+import os, socket, sys
+from afunix import objects
+sock = socket.socket(fileno=int(sys.argv[1]))
+uid = objects.peer_uid(sock)
+try:
+    objects.check_unpickle_peer(uid)
+except PermissionError:
+    print("refused", uid, os.geteuid())
+else:
+    print("accepted", uid, os.geteuid())
+"""
+
+
+def test_a_reader_in_a_user_namespace_without_a_uid_map_refuses_its_peer(backend: str) -> None:
+    # In a new user namespace with no uid map, this process and every peer
+    # read as the overflow uid: equal uids that say nothing about the peer.
+    unshare = "/usr/bin/unshare"
+    if not os.access(unshare, os.X_OK):
+        pytest.skip("no unshare(1) here")
+    a, b = socket.socketpair()
+    with a, b:
+        done = subprocess.run([unshare, "--user", sys.executable, "-c", UNMAPPED_READER, str(b.fileno())],
+                              pass_fds=(b.fileno(),), capture_output=True, text=True, timeout=T,
+                              env=dict(os.environ, AFUNIX_BACKEND=backend))
+    if done.returncode != 0 and "unshare failed" in done.stderr:
+        pytest.skip("user namespaces are not allowed here: %s" % done.stderr.strip())
+    assert done.returncode == 0, done.stderr
+    verdict, uid, own = done.stdout.split()
+    assert int(uid) == int(own) == _overflow_uid() != os.geteuid()
+    assert verdict == "refused"
+
+
+def test_a_peer_without_credentials_has_no_uid(backend: str) -> None:
+    # SO_PEERCRED answers uid -1 for a socket with no peer credentials (not
+    # connected, or a datagram socket): unknown, not a uid.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as alone:
+        assert objects.peer_uid(alone) is None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server, \
+            socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as client:
+        server.bind("\0afunix-test-peer-uid-%d" % os.getpid())
+        client.connect(server.getsockname())
+        assert objects.peer_uid(client) is None and objects.peer_uid(server) is None
+    with pytest.raises(PermissionError) as info:
+        objects.check_unpickle_peer(objects.peer_uid(client))
+    assert "unknown" in str(info.value)

@@ -22,11 +22,12 @@ refuses a peer that runs as another user unless the caller trusts it.
 from __future__ import annotations
 
 import errno
+import functools
 import io
 import os
 import pickle
 import struct
-from typing import Any, List, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Union
 
 from . import _checks
 from .fds import peer_credentials
@@ -89,23 +90,31 @@ class PickledObject:
         self.release()
 
 
-class _OutOfBandPickler(pickle.Pickler):
-    """A protocol-5 pickler that keeps buffers of at least `threshold` bytes out of band."""
+def _out_of_band(threshold: int, buffers: List[memoryview]) -> Callable[[pickle.PickleBuffer], bool]:
+    """A protocol-5 ``buffer_callback`` keeping buffers of at least `threshold` bytes out of band.
 
-    def __init__(self, file: io.BytesIO, threshold: int, buffers: List[memoryview]) -> None:
-        super().__init__(file, protocol=5, buffer_callback=self._buffer)
-        self._threshold = threshold
-        self._buffers = buffers
-
-    def _buffer(self, buffer: pickle.PickleBuffer) -> bool:
+    A closure over `buffers`, not a method of a Pickler subclass: a pickler
+    that holds its own bound method is a reference cycle, and its memo then
+    keeps every object it pickled, and their buffer exports, alive until the
+    cycle collector runs (a bytearray stays unresizable, a loan cannot be
+    committed, and CPython's collector crashes clearing a memoryview that
+    is still exported).
+    """
+    def keep(buffer: pickle.PickleBuffer) -> bool:
         # True: serialize in band (small, or not one flat block of memory).
         with memoryview(buffer) as shape:
-            if not shape.contiguous or shape.nbytes < self._threshold:
+            if not shape.contiguous or shape.nbytes < threshold:
                 return True
         view = buffer.raw()
-        self._buffers.append(view.toreadonly())
+        # PyPy's raw() keeps the exporter's format and shape ("i" for an int
+        # array, two dimensions for a grid): a part is flat bytes, so that
+        # its len() is its size.
+        flat = view if view.format == "B" and view.ndim == 1 else view.cast("B")
+        buffers.append(flat.toreadonly())
+        flat.release()
         view.release()
         return False
+    return keep
 
 
 class _BytesOutOfBand:
@@ -148,7 +157,8 @@ def pickle_object(obj: Any, *, threshold: int = DEFAULT_THRESHOLD) -> PickledObj
     buffers: List[memoryview] = []
     stream = io.BytesIO()
     try:
-        _OutOfBandPickler(stream, threshold, buffers).dump(obj)
+        pickle.Pickler(stream, protocol=5,
+                       buffer_callback=_out_of_band(threshold, buffers)).dump(obj)
     except BaseException:
         for view in buffers:
             view.release()
@@ -286,11 +296,27 @@ def load_object(stream: Any, buffers: Sequence[Any]) -> Any:
 
 
 def peer_uid(sock: Any) -> Optional[int]:
-    """The connected peer's effective uid (SO_PEERCRED), or None where the kernel cannot say."""
+    """The connected peer's effective uid (SO_PEERCRED), or None where the kernel cannot say.
+
+    The kernel cannot say for a socket other than AF_UNIX (an error) nor
+    for one without peer credentials, not connected or a datagram socket
+    (it answers uid -1).
+    """
     try:
-        return peer_credentials(sock).uid
+        uid = peer_credentials(sock).uid
     except OSError:
         return None
+    return None if uid == -1 else uid
+
+
+@functools.lru_cache(maxsize=None)
+def overflow_uid() -> int:
+    """The uid the kernel shows for any uid this user namespace does not map (65534 by default)."""
+    try:
+        with open("/proc/sys/kernel/overflowuid", "rb") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 65534
 
 
 def check_unpickle_peer(uid: Optional[int], *, trusted: bool = False) -> None:
@@ -304,9 +330,20 @@ def check_unpickle_peer(uid: Optional[int], *, trusted: bool = False) -> None:
     user who started it).  ``trusted=True`` skips the check, as
     ``multiprocessing`` trusts a peer that knows its authkey.
 
+    The overflow uid (`overflow_uid`, "nobody") counts as unknown: the
+    kernel shows it for every uid the reader's user namespace does not map,
+    so a peer showing it may be anyone, and a process that runs as it (as
+    nobody, or in a user namespace without a uid map) would otherwise take
+    every such peer for itself.
+
+    SO_PEERCRED gives the credentials of the process that called
+    ``connect`` or ``socketpair``, not of the one holding the other end
+    now: an end handed to a process that then changes its uid (a child
+    that drops privileges after ``fork``) still shows its creator's uid.
+
     Raises:
-        PermissionError: the peer's uid is unknown or not this process's
-            effective uid, and `trusted` is false.
+        PermissionError: the peer's uid is unknown, the overflow uid, or
+            not this process's effective uid, and `trusted` is false.
     """
     if trusted:
         return
@@ -314,6 +351,11 @@ def check_unpickle_peer(uid: Optional[int], *, trusted: bool = False) -> None:
     if uid is None:
         raise PermissionError(errno.EACCES, "refusing to unpickle: the peer's uid is unknown "
                               "(open the channel as trusting its peer to allow it)")
+    if uid == overflow_uid():
+        raise PermissionError(errno.EACCES, "refusing to unpickle: the peer's uid reads as the "
+                              "overflow uid %d, which stands for any uid this user namespace "
+                              "does not map (open the channel as trusting its peer to allow it)"
+                              % uid)
     if uid != own:
         raise PermissionError(errno.EACCES, "refusing to unpickle from a peer of uid %d (this "
                               "process runs as uid %d; open the channel as trusting its peer "

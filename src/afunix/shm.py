@@ -101,7 +101,11 @@ class Region:
     (``mmap.close`` refuses while a buffer is exported, so `close` leaves the
     unmapping to the mmap object's own deallocator).  PyPy's mmap unmaps at
     `close` whatever is exported and then shows every view of it as empty
-    (length 0): no access can reach the unmapped memory either way.
+    (length 0), so no later access reaches the unmapped memory; but a call
+    already running in another thread with a view (``recv_into`` blocked
+    on a socket) keeps the old address, and once the next mapping reuses
+    it, writes there.  On PyPy, close a region only when no other thread
+    is inside a call that uses one of its views.
     """
 
     __slots__ = ("_fd", "_map", "_root", "_size", "_writable", "__weakref__")
@@ -149,14 +153,17 @@ class Region:
         Takes ownership of `fd`: it is closed on every failure, and by
         `close` after success.  Checks, before mapping: the descriptor is a
         regular file with the seals F_SEAL_SHRINK, F_SEAL_GROW and
-        F_SEAL_SEAL (so its size is fixed for good), and its size is `size`.
+        F_SEAL_SEAL (so its size is fixed for good), its size is `size`,
+        and all of its memory is allocated (the sender reserved it).
 
         Raises:
             ProtocolError: the descriptor is not a sealed memfd, lacks a
-                seal, has another size, or cannot be mapped for reading.
+                seal, has another size, is not all allocated, or cannot be
+                mapped for reading.
             TypeError, ValueError: `fd` or `size` is not an int in range
                 (the descriptor is closed all the same when it is an int).
-            OSError: ENOSYS where sealing is missing.
+            OSError: ENOSYS where sealing is missing; EMFILE or ENFILE when
+                mapping needs a descriptor and none is left.
         """
         fd = _checks.descriptor(fd)
         try:
@@ -175,9 +182,22 @@ class Region:
                 raise ProtocolError("region descriptor is not a regular file")
             if st.st_size != size:
                 raise ProtocolError("region has %d bytes, %d announced" % (st.st_size, size))
+            # A sparse region costs its sender nothing, but MAP_POPULATE (and
+            # every later read of a hole) allocates its memory here: up to
+            # MAX_REGION_SIZE charged to this process for free.  The sender
+            # must have reserved it all (st_blocks counts 512-byte units).
+            if st.st_blocks * 512 < size:
+                raise ProtocolError("region's memory is not reserved: %d of %d bytes allocated"
+                                    % (st.st_blocks * 512, size))
             try:
                 mapping = _map(fd, size, writable=False)
-            except (OSError, ValueError) as exc:
+            except OSError as exc:
+                # mmap duplicates the descriptor (CPython before 3.13, PyPy):
+                # no descriptor left is this process's limit, not the peer's fault.
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    raise
+                raise ProtocolError("region cannot be mapped for reading: %s" % exc) from None
+            except ValueError as exc:
                 raise ProtocolError("region cannot be mapped for reading: %s" % exc) from None
         except BaseException:
             os.close(fd)
@@ -285,13 +305,15 @@ class Loan:
     in flight; the peer maps the region read-only and never faults).
     """
 
-    __slots__ = ("slot", "_view", "_allocator")
+    __slots__ = ("slot", "_view", "_allocator", "_region")
 
-    def __init__(self, slot: Slot, view: memoryview, allocator: SlotAllocator) -> None:
+    def __init__(self, slot: Slot, view: memoryview, allocator: SlotAllocator,
+                 region: Region) -> None:
         #: the slot lent: its offset and length in the region
         self.slot = slot
         self._view: Optional[memoryview] = view
         self._allocator = allocator
+        self._region = region
 
     @property
     def view(self) -> memoryview:
@@ -331,14 +353,17 @@ class Loan:
         return self.slot
 
     def abandon(self) -> None:
-        """Give the slot back unsent.
+        """Give the slot back unsent (nothing to give back once the region is closed).
 
         Raises:
             ValueError: already committed or abandoned.
             BufferError: a buffer exported from `view` is still alive.
         """
         self._finish()
-        self._allocator.free(self.slot.offset, self.slot.length)
+        # RegionWriter.close forgot every slot: freeing this one then would
+        # be refused as a bad return, the error of a broken peer.
+        if not self._region.closed:
+            self._allocator.free(self.slot.offset, self.slot.length)
 
     def __enter__(self) -> "Loan":
         return self
@@ -399,7 +424,7 @@ class RegionWriter:
         slot = self.allocator.try_allocate(length)
         if slot is None:
             return None
-        return Loan(slot, self.region.view(slot.offset, slot.length), self.allocator)
+        return Loan(slot, self.region.view(slot.offset, slot.length), self.allocator, self.region)
 
     def try_copy(self, data: Any) -> Optional[Slot]:
         """Copy the bytes-like `data` into a free slot; the slot, or None when none is free now.
@@ -464,12 +489,14 @@ class RegionReader:
             or of another size); ValueError for a bad max_slots (the
             descriptor is closed then too).
         """
-        region = Region.adopt(fd, size)
         try:
-            ledger = SlotLedger(region.size, max_slots=max_slots)
+            # the ledger checks max_slots before adopt makes any system call
+            ledger = SlotLedger(size, max_slots=max_slots)
         except BaseException:
-            region.close()
+            if type(fd) is int and fd >= 0:
+                os.close(fd)  # taken over all the same
             raise
+        region = Region.adopt(fd, size)
         #: the region, mapped read-only
         self.region = region
         #: the slots held
@@ -479,6 +506,10 @@ class RegionReader:
 
     def claim(self, offset: int, length: int) -> memoryview:
         """A read-only view of the slot the peer named, recorded as held.
+
+        Read-only here only: the peer keeps writing the region, and a
+        broken or hostile one can change the slot's bytes while they are
+        read.  Check a copy of what must not change between two reads.
 
         Raises:
             ProtocolError: out of range, empty, overlapping a slot held, or too many held.
