@@ -383,3 +383,98 @@ def test_iteration_copies_once_and_shares_its_place_with_every_other_take(nulls:
     assert not r.frames_ready()
     assert r.feed(frame(b"e"))  # a new parse: the old copies are not served again
     assert r.take_next() == b"e" and r.take_next() is None
+
+
+# ---- the reader: what a caller gets wrong -----------------------------------------
+
+
+def test_take_with_no_parsed_frame_refuses_rather_than_make_up_a_message() -> None:
+    r = FrameReader()
+    with pytest.raises(IndexError, match="no parsed frame"):
+        r.take_bytes()
+    with pytest.raises(IndexError, match="no parsed frame"):
+        r.take_message()
+    assert r.buffered == 0
+    assert r.feed(frame(b"abc"))
+    assert r.take_bytes() == b"abc"
+    with pytest.raises(IndexError, match="no parsed frame"):
+        r.take_bytes()  # not b"" nor b"abc" again
+    assert r.buffered == 0 and r.take_many(5) == [] and r.take_next() is None
+
+
+def test_take_after_close_refuses_rather_than_hand_out_old_bytes() -> None:
+    r = FrameReader()
+    assert r.feed(frame(b"abc"))
+    r.close()
+    for take in (r.take_bytes, r.take_message):
+        with pytest.raises(OSError) as info:
+            take()
+        assert info.value.errno == errno.EBADF
+
+
+@pytest.mark.parametrize("fds, error", [
+    ([-1], ValueError),
+    ([1 << 31], ValueError),
+    (["3"], TypeError),
+    ([1.5], TypeError),
+])
+def test_feed_refuses_what_is_not_a_descriptor_before_taking_anything(
+        fds: List[object], error: type) -> None:
+    r = FrameReader()
+    with pytest.raises(error, match="descriptor"):
+        r.feed(frame(b"x", 1), fds)  # type: ignore[arg-type]
+    assert r.buffered == 0 and not r.closed and r.rs.end == 0
+    assert r.feed(frame(b"ok")) and r.take_many(5) == [b"ok"]
+
+
+def test_feed_refuses_one_descriptor_given_twice(nulls: List[int]) -> None:
+    fd, = opened(nulls, 1)
+    r = FrameReader()
+    with pytest.raises(ValueError, match="twice"):
+        r.feed(frame(b"x", 2), [fd, fd])  # the reader would close it twice
+    assert is_open(fd) and r.rs.end == 0
+
+
+def test_feed_refuses_more_descriptors_than_one_read_brings(nulls: List[int]) -> None:
+    fds = opened(nulls, 254)
+    r = FrameReader()
+    with pytest.raises(ValueError, match="SCM_MAX_FD"):
+        r.feed(frame(b"x"), fds)
+    assert all(is_open(fd) for fd in fds)
+
+
+@pytest.mark.parametrize("flags, error", [(1.5, TypeError), ("x", TypeError), (-1, ValueError)])
+def test_feed_refuses_flags_that_are_not_msg_flags(flags: object, error: type) -> None:
+    r = FrameReader()
+    with pytest.raises(error, match="flags"):
+        r.feed(frame(b"x"), (), flags)  # type: ignore[arg-type]
+    assert r.feed(frame(b"ok")) and r.take_many(5) == [b"ok"]
+    r.close()  # nothing left behind that fails later
+
+
+def test_feed_after_a_protocol_error_found_earlier_closes_the_fed_descriptors(
+        nulls: List[int]) -> None:
+    # "fds belong to the reader from here on (closed ... on error)": also when
+    # the error is one an earlier feed found, behind the frames handed out
+    fd, = opened(nulls, 1)
+    r = FrameReader()
+    assert r.feed(frame(b"one") + b"\x03\0\0\0\0\0\x01\x00abc")
+    assert r.take_many(10) == [b"one"]
+    with pytest.raises(ProtocolError, match="malformed"):
+        r.feed(frame(b"x", 1), [fd])
+    assert not is_open(fd)
+
+
+def test_the_end_of_stream_fed_while_frames_wait_is_kept() -> None:
+    r = FrameReader()
+    assert r.feed(frame(b"a") + frame(b"bbbb")[:5])  # a frame and a cut one
+    assert r.feed(b"") is True  # the frame before the end comes first
+    assert r.take_many(10) == [b"a"]
+    with pytest.raises(ProtocolError, match="middle of a frame"):
+        r.frames_ready()  # the cut frame is not dropped in silence
+    r = FrameReader()
+    assert r.feed(frame(b"a"))
+    assert r.feed(b"") is True
+    assert r.take_many(10) == [b"a"]
+    assert r.frames_ready() is False  # a clean end
+    assert r.frames_ready() is False
