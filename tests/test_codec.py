@@ -478,3 +478,16 @@ def test_the_end_of_stream_fed_while_frames_wait_is_kept() -> None:
     assert r.take_many(10) == [b"a"]
     assert r.frames_ready() is False  # a clean end
     assert r.frames_ready() is False
+
+
+@pytest.mark.parametrize("count, error", [(0, ValueError), (-1, ValueError), (1.5, TypeError)])
+def test_take_many_and_take_batch_refuse_a_count_below_one(count: object, error: type) -> None:
+    r = FrameReader()
+    assert r.feed(frame(b"a") + frame(b"b") + frame(b"c"))
+    assert r.take_many(1) == [b"a"]
+    with pytest.raises(error, match="max_messages"):
+        r.take_many(count)  # type: ignore[arg-type]
+    with pytest.raises(error, match="max_messages"):
+        r.take_batch(count)  # type: ignore[arg-type]
+    assert r.buffered == 2
+    assert r.take_many(5) == [b"b", b"c"]  # none handed out twice

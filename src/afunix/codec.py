@@ -396,6 +396,8 @@ class FrameReader:
 
     def take_many(self, max_messages: int) -> List[bytes]:
         """Up to `max_messages` payloads, copied out."""
+        if type(max_messages) is not int or max_messages < 1:
+            max_messages = _checks.in_range(max_messages, "max_messages", 1, 1 << 62)
         i = self.next
         n = min(self.parsed - i, max_messages)
         messages = self._copies(i, n)
@@ -457,6 +459,8 @@ class FrameReader:
 
     def take_batch(self, max_messages: int) -> FrameBatch:
         """Up to `max_messages` messages in place (see FrameBatch), valid until the next receive."""
+        if type(max_messages) is not int or max_messages < 1:
+            max_messages = _checks.in_range(max_messages, "max_messages", 1, 1 << 62)
         i = self.next
         n = min(self.parsed - i, max_messages)
         t = self.table
