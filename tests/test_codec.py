@@ -491,3 +491,20 @@ def test_take_many_and_take_batch_refuse_a_count_below_one(count: object, error:
         r.take_batch(count)  # type: ignore[arg-type]
     assert r.buffered == 2
     assert r.take_many(5) == [b"b", b"c"]  # none handed out twice
+
+
+def test_feeding_read_size_bytes_at_a_time_is_always_taken() -> None:
+    # read_size is what a transport of one's own reads next: feed must take it,
+    # also while the incomplete frame it grows for is held
+    payload = os.urandom(1 << 20)
+    wire = frame(payload) + frame(b"end")
+    r = FrameReader()
+    got: List[bytes] = []
+    i = 0
+    while i < len(wire):
+        n = r.read_size
+        assert n > 0
+        if r.feed(wire[i:i + n]):
+            got.extend(r.take_many(10))
+        i += n
+    assert got + drain(r) == [payload, b"end"]

@@ -111,10 +111,16 @@ class FrameReader:
 
     @property
     def read_size(self) -> int:
-        """The most bytes the next read may bring."""
-        # SEQPACKET: room for exactly one record of the largest size, so a
-        # longer one is cut (MSG_TRUNC) and refused, as the protocol says
-        return RECORD_MAX if self.seqpacket else len(self.buffer)
+        """The most bytes the next read may bring: what `feed` takes now.
+
+        At least 32 KiB (a whole record of RECORD_MAX bytes on SEQPACKET)
+        once `frames_ready` or `feed` said no frame waits.
+        """
+        # the room after the bytes held; SEQPACKET: room for exactly one
+        # record of the largest size, so a longer one is cut (MSG_TRUNC) and
+        # refused, as the protocol says (_make_room keeps that much free)
+        room = len(self.buffer) - self.rs.end
+        return min(RECORD_MAX, room) if self.seqpacket else room
 
     # ---- bytes in ---------------------------------------------------------------
 
