@@ -223,7 +223,10 @@ class FrameReader:
             ready = self.next < self.parsed or self.frames_ready()
         except ProtocolError:
             for fd in fds:  # the reader owns them, and is closed now
-                os.close(fd)
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass  # not open: the others are closed all the same
             raise
         with memoryview(data) as view:
             n = view.nbytes
