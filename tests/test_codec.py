@@ -508,3 +508,15 @@ def test_feeding_read_size_bytes_at_a_time_is_always_taken() -> None:
             got.extend(r.take_many(10))
         i += n
     assert got + drain(r) == [payload, b"end"]
+
+
+def test_feed_after_a_protocol_error_closes_the_others_when_one_is_not_open(
+        nulls: List[int]) -> None:
+    gone, kept = opened(nulls, 2)
+    os.close(gone)  # a number that is no descriptor now: the caller's mistake
+    r = FrameReader()
+    assert r.feed(frame(b"one") + b"\x03\0\0\0\0\0\x01\x00abc")
+    assert r.take_many(10) == [b"one"]
+    with pytest.raises(ProtocolError, match="malformed"):  # not the EBADF of gone
+        r.feed(frame(b"x", 2), [gone, kept])
+    assert not is_open(kept)
