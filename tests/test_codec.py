@@ -520,3 +520,21 @@ def test_feed_after_a_protocol_error_closes_the_others_when_one_is_not_open(
     with pytest.raises(ProtocolError, match="malformed"):  # not the EBADF of gone
         r.feed(frame(b"x", 2), [gone, kept])
     assert not is_open(kept)
+
+
+def test_writer_never_drops_a_kept_tail_for_a_caller_who_goes_on() -> None:
+    w = FrameWriter()
+    seg, = w.segments([b"aaaa", b"bbbb"])[0]
+    packed = bytes(w.pack(seg))
+    assert w.keep_tail(seg, w.pack(seg), 3) == 1
+    tail = bytes(w.pending)
+    assert tail == packed[3:HEADER_SIZE + 4]
+    seg2, = w.segments([b"cccc"])[0]
+    with pytest.raises(RuntimeError, match="pending"):
+        w.keep_tail(seg2, w.pack(seg2), 2)  # its bytes would go before the tail
+    for bad in (-1, len(tail) + 1):
+        with pytest.raises(ValueError, match="pending"):
+            w.wrote(bad)
+    assert bytes(w.pending) == tail
+    w.wrote(len(tail))
+    assert w.unsent == 0
