@@ -7,6 +7,8 @@ import ast
 from pathlib import Path
 from typing import Dict, Iterator, List, Set, Tuple
 
+import pytest
+
 import afunix
 
 PACKAGE = Path(afunix.__file__).resolve().parent
@@ -102,3 +104,12 @@ def test_leaves_import_nothing_and_backends_only_leaves() -> None:
         assert graph[leaf] == set(), (leaf, graph[leaf])
     for backend in BACKENDS:
         assert graph[backend] <= LEAVES, (backend, graph[backend] - LEAVES)
+
+
+def test_the_architecture_page_names_every_module_of_the_channel() -> None:
+    page = (PACKAGE.parent.parent / "docs" / "ARCHITECTURE.md")
+    if not page.exists():
+        pytest.skip("needs the source checkout")
+    text = page.read_text()
+    for module in ("channel", "frames", "codec", "framewriter", "_chanio", "aio"):
+        assert "`%s`" % module in text or "`%s.py`" % module in text, module

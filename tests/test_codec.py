@@ -383,3 +383,158 @@ def test_iteration_copies_once_and_shares_its_place_with_every_other_take(nulls:
     assert not r.frames_ready()
     assert r.feed(frame(b"e"))  # a new parse: the old copies are not served again
     assert r.take_next() == b"e" and r.take_next() is None
+
+
+# ---- the reader: what a caller gets wrong -----------------------------------------
+
+
+def test_take_with_no_parsed_frame_refuses_rather_than_make_up_a_message() -> None:
+    r = FrameReader()
+    with pytest.raises(IndexError, match="no parsed frame"):
+        r.take_bytes()
+    with pytest.raises(IndexError, match="no parsed frame"):
+        r.take_message()
+    assert r.buffered == 0
+    assert r.feed(frame(b"abc"))
+    assert r.take_bytes() == b"abc"
+    with pytest.raises(IndexError, match="no parsed frame"):
+        r.take_bytes()  # not b"" nor b"abc" again
+    assert r.buffered == 0 and r.take_many(5) == [] and r.take_next() is None
+
+
+def test_take_after_close_refuses_rather_than_hand_out_old_bytes() -> None:
+    r = FrameReader()
+    assert r.feed(frame(b"abc"))
+    r.close()
+    for take in (r.take_bytes, r.take_message):
+        with pytest.raises(OSError) as info:
+            take()
+        assert info.value.errno == errno.EBADF
+
+
+@pytest.mark.parametrize("fds, error", [
+    ([-1], ValueError),
+    ([1 << 31], ValueError),
+    (["3"], TypeError),
+    ([1.5], TypeError),
+])
+def test_feed_refuses_what_is_not_a_descriptor_before_taking_anything(
+        fds: List[object], error: type) -> None:
+    r = FrameReader()
+    with pytest.raises(error, match="descriptor"):
+        r.feed(frame(b"x", 1), fds)  # type: ignore[arg-type]
+    assert r.buffered == 0 and not r.closed and r.rs.end == 0
+    assert r.feed(frame(b"ok")) and r.take_many(5) == [b"ok"]
+
+
+def test_feed_refuses_one_descriptor_given_twice(nulls: List[int]) -> None:
+    fd, = opened(nulls, 1)
+    r = FrameReader()
+    with pytest.raises(ValueError, match="twice"):
+        r.feed(frame(b"x", 2), [fd, fd])  # the reader would close it twice
+    assert is_open(fd) and r.rs.end == 0
+
+
+def test_feed_refuses_more_descriptors_than_one_read_brings(nulls: List[int]) -> None:
+    fds = opened(nulls, 254)
+    r = FrameReader()
+    with pytest.raises(ValueError, match="SCM_MAX_FD"):
+        r.feed(frame(b"x"), fds)
+    assert all(is_open(fd) for fd in fds)
+
+
+@pytest.mark.parametrize("flags, error", [(1.5, TypeError), ("x", TypeError), (-1, ValueError)])
+def test_feed_refuses_flags_that_are_not_msg_flags(flags: object, error: type) -> None:
+    r = FrameReader()
+    with pytest.raises(error, match="flags"):
+        r.feed(frame(b"x"), (), flags)  # type: ignore[arg-type]
+    assert r.feed(frame(b"ok")) and r.take_many(5) == [b"ok"]
+    r.close()  # nothing left behind that fails later
+
+
+def test_feed_after_a_protocol_error_found_earlier_closes_the_fed_descriptors(
+        nulls: List[int]) -> None:
+    # "fds belong to the reader from here on (closed ... on error)": also when
+    # the error is one an earlier feed found, behind the frames handed out
+    fd, = opened(nulls, 1)
+    r = FrameReader()
+    assert r.feed(frame(b"one") + b"\x03\0\0\0\0\0\x01\x00abc")
+    assert r.take_many(10) == [b"one"]
+    with pytest.raises(ProtocolError, match="malformed"):
+        r.feed(frame(b"x", 1), [fd])
+    assert not is_open(fd)
+
+
+def test_the_end_of_stream_fed_while_frames_wait_is_kept() -> None:
+    r = FrameReader()
+    assert r.feed(frame(b"a") + frame(b"bbbb")[:5])  # a frame and a cut one
+    assert r.feed(b"") is True  # the frame before the end comes first
+    assert r.take_many(10) == [b"a"]
+    with pytest.raises(ProtocolError, match="middle of a frame"):
+        r.frames_ready()  # the cut frame is not dropped in silence
+    r = FrameReader()
+    assert r.feed(frame(b"a"))
+    assert r.feed(b"") is True
+    assert r.take_many(10) == [b"a"]
+    assert r.frames_ready() is False  # a clean end
+    assert r.frames_ready() is False
+
+
+@pytest.mark.parametrize("count, error", [(0, ValueError), (-1, ValueError), (1.5, TypeError)])
+def test_take_many_and_take_batch_refuse_a_count_below_one(count: object, error: type) -> None:
+    r = FrameReader()
+    assert r.feed(frame(b"a") + frame(b"b") + frame(b"c"))
+    assert r.take_many(1) == [b"a"]
+    with pytest.raises(error, match="max_messages"):
+        r.take_many(count)  # type: ignore[arg-type]
+    with pytest.raises(error, match="max_messages"):
+        r.take_batch(count)  # type: ignore[arg-type]
+    assert r.buffered == 2
+    assert r.take_many(5) == [b"b", b"c"]  # none handed out twice
+
+
+def test_feeding_read_size_bytes_at_a_time_is_always_taken() -> None:
+    # read_size is what a transport of one's own reads next: feed must take it,
+    # also while the incomplete frame it grows for is held
+    payload = os.urandom(1 << 20)
+    wire = frame(payload) + frame(b"end")
+    r = FrameReader()
+    got: List[bytes] = []
+    i = 0
+    while i < len(wire):
+        n = r.read_size
+        assert n > 0
+        if r.feed(wire[i:i + n]):
+            got.extend(r.take_many(10))
+        i += n
+    assert got + drain(r) == [payload, b"end"]
+
+
+def test_feed_after_a_protocol_error_closes_the_others_when_one_is_not_open(
+        nulls: List[int]) -> None:
+    gone, kept = opened(nulls, 2)
+    os.close(gone)  # a number that is no descriptor now: the caller's mistake
+    r = FrameReader()
+    assert r.feed(frame(b"one") + b"\x03\0\0\0\0\0\x01\x00abc")
+    assert r.take_many(10) == [b"one"]
+    with pytest.raises(ProtocolError, match="malformed"):  # not the EBADF of gone
+        r.feed(frame(b"x", 2), [gone, kept])
+    assert not is_open(kept)
+
+
+def test_writer_never_drops_a_kept_tail_for_a_caller_who_goes_on() -> None:
+    w = FrameWriter()
+    seg, = w.segments([b"aaaa", b"bbbb"])[0]
+    packed = bytes(w.pack(seg))
+    assert w.keep_tail(seg, w.pack(seg), 3) == 1
+    tail = bytes(w.pending)
+    assert tail == packed[3:HEADER_SIZE + 4]
+    seg2, = w.segments([b"cccc"])[0]
+    with pytest.raises(RuntimeError, match="pending"):
+        w.keep_tail(seg2, w.pack(seg2), 2)  # its bytes would go before the tail
+    for bad in (-1, len(tail) + 1):
+        with pytest.raises(ValueError, match="pending"):
+            w.wrote(bad)
+    assert bytes(w.pending) == tail
+    w.wrote(len(tail))
+    assert w.unsent == 0

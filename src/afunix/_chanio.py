@@ -104,7 +104,8 @@ def send_fds(sock: socket.socket, packed: memoryview, fds: Tuple[int, ...],
 
 def read(sock: socket.socket, reader: FrameReader) -> int:
     """One read into the reader's buffer, recorded by the backend's call; the bytes read."""
-    # (FrameReader.read_size, written out: the path of every receive)
+    # (FrameReader.read_size, written out: the path of every receive; the
+    # backend's chan_recv reads at most the room after the bytes held)
     maxlen = RECORD_MAX if reader.seqpacket else len(reader.buffer)
     timeout = sock.gettimeout()
     deadline = _io.deadline_of(timeout) if timeout else None

@@ -12,6 +12,7 @@ bytes between these and a socket; a test can drive them by hand.
 from __future__ import annotations
 
 import errno
+import os
 import socket
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -20,6 +21,7 @@ from ._contract import Backend
 from .frames import (DEFAULT_MAX_FRAME, MAX_FRAME_LIMIT, RECORD_MAX, FrameBatch,
                      ProtocolError, end_batch)
 from ._limits import FRAME_HEADER as HEADER_SIZE
+from ._limits import SCM_MAX_FD
 from .framewriter import JOIN_MAX, FrameWriter
 from .message import Message
 
@@ -66,7 +68,7 @@ class FrameReader:
 
     __slots__ = ("closed", "impl", "max_frame", "seqpacket", "buffer", "view", "start", "rx", "rs",
                  "reads", "table", "next", "parsed", "batch", "broken", "copies", "copied_from",
-                 "ncopied", "__weakref__")
+                 "ncopied", "eof", "__weakref__")
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, seqpacket: bool = False,
                  backend: Optional[Backend] = None) -> None:
@@ -97,6 +99,9 @@ class FrameReader:
         # set when a parse found a protocol error behind good frames: the
         # error is raised once those frames are handed out
         self.broken: Optional[str] = None
+        # set when the end of stream was fed while parsed frames waited: it
+        # is taken as such once they are handed out
+        self.eof = False
         self.closed = False
 
     @property
@@ -106,10 +111,16 @@ class FrameReader:
 
     @property
     def read_size(self) -> int:
-        """The most bytes the next read may bring."""
-        # SEQPACKET: room for exactly one record of the largest size, so a
-        # longer one is cut (MSG_TRUNC) and refused, as the protocol says
-        return RECORD_MAX if self.seqpacket else len(self.buffer)
+        """The most bytes the next read may bring: what `feed` takes now.
+
+        At least 32 KiB (a whole record of RECORD_MAX bytes on SEQPACKET)
+        once `frames_ready` or `feed` said no frame waits.
+        """
+        # the room after the bytes held; SEQPACKET: room for exactly one
+        # record of the largest size, so a longer one is cut (MSG_TRUNC) and
+        # refused, as the protocol says (_make_room keeps that much free)
+        room = len(self.buffer) - self.rs.end
+        return min(RECORD_MAX, room) if self.seqpacket else room
 
     # ---- bytes in ---------------------------------------------------------------
 
@@ -138,6 +149,8 @@ class FrameReader:
             self.check_errors()
         if self.start < rs.end and self._parse():
             return True
+        if self.eof:
+            return self.ended()  # fed while frames waited: they are all out now
         if rs.head < rs.tail:
             self._check_stray_fds()
         self._make_room()
@@ -179,19 +192,42 @@ class FrameReader:
         (closed when their frame is handed out without them, or on error);
         `flags` are the msg flags the kernel would have set on that read
         (MSG_TRUNC, MSG_CTRUNC).  Empty `data` with no descriptors is the
-        end of stream: False at a clean one, once the frames before it are
-        taken.  While parsed frames wait, the bytes are kept for later and
-        True is returned; otherwise feeding, like a receive, ends the
-        previous `take_batch`.
+        end of stream: False at a clean one, ProtocolError in the middle of
+        a frame; fed while parsed frames wait, True is returned and the end
+        is taken as such by the `frames_ready` after they are handed out.
+        While parsed frames wait, the bytes are kept for later and True is
+        returned; otherwise feeding, like a receive, ends the previous
+        `take_batch`.
 
         Raises:
-            ValueError: more bytes than the next read may bring (see
-                `read_size`; nothing is taken, the descriptors stay the caller's).
-            ProtocolError: the bytes break the protocol; the reader is closed.
+            TypeError, ValueError: `fds` are not distinct descriptor numbers
+                (at most SCM_MAX_FD), `flags` not an int, or more bytes than
+                the next read may bring (see `read_size`): nothing is taken,
+                the descriptors stay the caller's.
+            ProtocolError: the bytes, or bytes fed before, break the
+                protocol; the reader is closed, and so are `fds`.
+            OSError: EBADF, the reader is closed; ENOBUFS, descriptors of
+                CHAN_READS reads are held already (take the frames that wait
+                first).  Nothing is taken, the descriptors stay the caller's.
         """
         if self.closed:
             raise OSError(errno.EBADF, "the channel is closed")
-        ready = self.next < self.parsed or self.frames_ready()
+        fds = [_checks.descriptor(fd) for fd in fds]
+        if len(fds) > SCM_MAX_FD:
+            raise ValueError("at most %d descriptors per read (SCM_MAX_FD), got %d"
+                             % (SCM_MAX_FD, len(fds)))
+        if len(set(fds)) != len(fds):
+            raise ValueError("a descriptor given twice: the reader would close it twice")
+        flags = _checks.msg_flags(flags)
+        try:
+            ready = self.next < self.parsed or self.frames_ready()
+        except ProtocolError:
+            for fd in fds:  # the reader owns them, and is closed now
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass  # not open: the others are closed all the same
+            raise
         with memoryview(data) as view:
             n = view.nbytes
             end = self.rs.end
@@ -201,9 +237,11 @@ class FrameReader:
             if n > room:
                 raise ValueError("%d bytes do not fit the %d the next read may bring" % (n, room))
             self.buffer[end:end + n] = view.cast("B")
-        fds = list(fds)
         if not n and not fds and not flags:
-            return True if ready else self.ended()
+            if ready:
+                self.eof = True
+                return True
+            return self.ended()
         self.impl.chan_hold(self.rx, n, fds, flags)
         return True if ready else self.received(n)
 
@@ -333,6 +371,8 @@ class FrameReader:
     def take_bytes(self) -> bytes:
         """The next message's payload (its descriptors are closed at the next receive)."""
         i = self.next
+        if i >= self.parsed:
+            raise self._none_parsed()
         t = self.table
         o = t.offsets[i]
         data = bytes(self.view[o:o + t.lengths[i]])
@@ -365,6 +405,8 @@ class FrameReader:
 
     def take_many(self, max_messages: int) -> List[bytes]:
         """Up to `max_messages` payloads, copied out."""
+        if type(max_messages) is not int or max_messages < 1:
+            max_messages = _checks.in_range(max_messages, "max_messages", 1, 1 << 62)
         i = self.next
         n = min(self.parsed - i, max_messages)
         messages = self._copies(i, n)
@@ -396,6 +438,8 @@ class FrameReader:
     def take_message(self) -> Message:
         """The next message with its descriptors, handed over to the caller."""
         i = self.next
+        if i >= self.parsed:
+            raise self._none_parsed()
         t = self.table
         o = t.offsets[i]
         slot = self._slot_of(i) if t.nfds[i] else -1
@@ -405,6 +449,12 @@ class FrameReader:
             self.rs.nfds[slot] = 0  # given over
         self.next = i + 1
         return message
+
+    def _none_parsed(self) -> OSError | IndexError:
+        """The error of a take with no parsed frame: never a message that did not come."""
+        if self.closed:
+            return OSError(errno.EBADF, "the channel is closed")
+        return IndexError("no parsed frame waits (frames_ready() says when one does)")
 
     def _slot_of(self, i: int) -> int:
         """The slot of the held read claimed by parsed frame i, -1 when none (pure)."""
@@ -418,6 +468,8 @@ class FrameReader:
 
     def take_batch(self, max_messages: int) -> FrameBatch:
         """Up to `max_messages` messages in place (see FrameBatch), valid until the next receive."""
+        if type(max_messages) is not int or max_messages < 1:
+            max_messages = _checks.in_range(max_messages, "max_messages", 1, 1 << 62)
         i = self.next
         n = min(self.parsed - i, max_messages)
         t = self.table

@@ -192,7 +192,15 @@ class FrameWriter:
         Those fully written and the one in progress count; the tail of the
         one in progress becomes `pending` (a message is never half-framed on
         the wire); later messages are not started.
+
+        Raises:
+            RuntimeError: `pending` was not written first (see `wrote`): the
+                bytes of `seg` went ahead of it, and a kept tail is never
+                dropped.
         """
+        if self.pending:
+            raise RuntimeError("%d pending bytes must be written before the next segment"
+                               % len(self.pending))
         if done >= len(packed):
             return len(seg.lengths)
         if done == 0:
@@ -211,6 +219,8 @@ class FrameWriter:
     def wrote(self, done: int) -> None:
         """`done` bytes of `pending` went; the rest is copied out of the reusable pack buffer."""
         pending = self.pending
+        if not 0 <= done <= len(pending):
+            raise ValueError("%d bytes written of %d pending" % (done, len(pending)))
         self.pending = memoryview(pending[done:].tobytes()) if done < len(pending) else _EMPTY
 
     def must_flush_before(self, n: int) -> bool:
