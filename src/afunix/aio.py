@@ -50,16 +50,14 @@ The message Channel (``afunix.channel``) has its async form here too:
 """
 from __future__ import annotations
 
-import asyncio
 import errno
-import importlib
 import os
 import socket
-import sys
-from types import ModuleType
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 from . import _checks, _io
+from ._aiowait import call_when_ready, wait
+from ._sockets import raw_type
 from ._kernel import MSG_NOSIGNAL
 from .addresses import encode_address
 from .batch import outgoing, send_with_control
@@ -95,126 +93,11 @@ _DONTWAIT = int(socket.MSG_DONTWAIT)
 _NOSIGNAL = MSG_NOSIGNAL
 
 
-# ---- the running library: asyncio (and uvloop) or trio ----------------------
+# ---- the socket ---------------------------------------------------------------
 
-R = TypeVar("R")
-_trio_module: List[ModuleType] = []  # afunix._trio, once trio itself was imported
-
-
-def _trio_running() -> Optional[ModuleType]:
-    """afunix._trio when the calling task runs under trio, else None (asyncio, uvloop).
-
-    A program that never imported trio runs on asyncio: one dict lookup.
-    Otherwise sniffio (a dependency of trio) names the running library.
-    """
-    if "trio" not in sys.modules:
-        return None
-    if not _trio_module:
-        _trio_module.append(importlib.import_module("afunix._trio"))
-    trio_support = _trio_module[0]
-    return trio_support if trio_support.running() else None
-
-
-async def _sleep(seconds: float) -> None:
-    trio_support = _trio_running()
-    if trio_support is not None:
-        await trio_support.sleep(seconds)
-    else:
-        await asyncio.sleep(seconds)
-
-
-def _waiting(fd: int, writable: bool) -> bool:
-    """Whether a task of the running loop waits on `fd` in that direction (for tests)."""
-    trio_support = _trio_running()
-    if trio_support is not None:
-        return bool(trio_support.is_waiting(fd, writable))
-    return (asyncio.get_running_loop(), fd, writable) in _waiters
-
-
-async def _retry(fd: int, writable: bool, attempt: Callable[[], R], backoff: bool = False) -> R:
-    """attempt() until it does not raise BlockingIOError, waiting for readiness in between.
-
-    Under trio the call is a checkpoint, as trio's own socket methods are:
-    a cancelled scope raises before the first try, so nothing was taken, and
-    a try that succeeds at once is followed by a cancel-shielded yield, so
-    what it took is returned, never dropped.  Under asyncio it adds no await.
-    With `backoff`, a wait that found the socket writable and the send still
-    refused is followed by a growing pause (see below).
-    """
-    trio_support = _trio_running()
-    if trio_support is not None:
-        await trio_support.checkpoint_if_cancelled()
-    pause = 0.0
-    waited = False
-    while True:
-        try:
-            result = attempt()
-        except BlockingIOError:
-            if backoff:
-                if pause:
-                    # Writable, and still EAGAIN: an unconnected SOCK_DGRAM
-                    # socket whose receiver's queue is full
-                    # (net.unix.max_dgram_qlen) polls writable all along, since
-                    # the kernel tracks only a connected peer.  Waiting for
-                    # writability alone would spin: back off as well.
-                    await _sleep(pause)
-                    pause = min(pause * 2, 0.05)
-                else:
-                    pause = 0.001
-            await _wait(fd, writable)
-            waited = True
-            continue
-        if trio_support is not None and not waited:
-            await trio_support.cancel_shielded_checkpoint()
-        return result
-
-
-# ---- waiting for readiness -------------------------------------------------
-
-# (loop, fd, writable) -> the futures of the tasks waiting for that event.
-# One reader (or writer) callback per descriptor and direction, shared by all
-# of its waiters: add_reader replaces an earlier callback for the same
-# descriptor, which would strand the first waiter.
-_Key = Tuple[asyncio.AbstractEventLoop, int, bool]
-_waiters: Dict[_Key, List["asyncio.Future[None]"]] = {}
-
-
-def _wake(key: _Key) -> None:
-    for fut in _waiters.get(key, ()):
-        if not fut.done():
-            fut.set_result(None)
-
-
-async def _wait(fd: int, writable: bool) -> None:
-    """Wait until `fd` is readable (or writable), with a reader/writer callback on the loop.
-
-    Under trio, on trio's own readiness waits (afunix._trio).
-    """
-    trio_support = _trio_running()
-    if trio_support is not None:
-        await trio_support.wait(fd, writable)
-        return
-    loop = asyncio.get_running_loop()
-    key = (loop, fd, writable)
-    fut: asyncio.Future[None] = loop.create_future()
-    futures = _waiters.get(key)
-    if futures is None:
-        if writable:
-            loop.add_writer(fd, _wake, key)
-        else:
-            loop.add_reader(fd, _wake, key)
-        futures = _waiters[key] = []
-    futures.append(fut)
-    try:
-        await fut
-    finally:
-        futures.remove(fut)
-        if not futures:
-            del _waiters[key]
-            if writable:
-                loop.remove_writer(fd)
-            else:
-                loop.remove_reader(fd)
+_SOCKET = socket.socket
+_STREAM = int(socket.SOCK_STREAM)
+_C_INT_MAX = _checks.C_INT_MAX
 
 
 def _checked(sock: Any) -> Tuple[int, int]:
@@ -268,7 +151,7 @@ async def send_many_partial(sock: Any, messages: Iterable[Any], flags: int = 0) 
 
 async def _send_some(sock: Any, fd: int, items: List[Any], flags: int) -> int:
     flags |= _DONTWAIT
-    return await _retry(fd, True, lambda: _send_many_now(sock, items, flags), backoff=True)
+    return await call_when_ready(fd, True, _send_many_now, sock, items, flags, backoff=True)
 
 
 async def send_many(sock: Any, messages: Iterable[Any], flags: int = 0) -> int:
@@ -342,8 +225,8 @@ async def _send_stream(sock: Any, fd: int, items: List[Any], flags: int) -> int:
         fds, cred = extras[i]
         if fds or cred is not None:
             view = memoryview(out.datas[i]).cast("B")
-            sent = await _retry(fd, True, lambda: send_with_control(
-                sock, view, fds, cred, flags | _DONTWAIT), backoff=True)
+            sent = await call_when_ready(fd, True, send_with_control,
+                                         sock, view, fds, cred, flags | _DONTWAIT, backoff=True)
             await _send_bytes(sock, fd, view[sent:], flags)
             i += 1
             continue
@@ -362,9 +245,9 @@ async def _send_bytes(sock: Any, fd: int, view: memoryview, flags: int) -> None:
     pos, end = 0, len(view)
     while pos < end:
         if raw is not None:
-            pos += await _retry(fd, True, lambda: raw.send(view[pos:], flags))
+            pos += await call_when_ready(fd, True, raw.send, view[pos:], flags)
         else:
-            pos += await _retry(fd, True, lambda: _send_fd(fd, view[pos:], flags))
+            pos += await call_when_ready(fd, True, _send_fd, fd, view[pos:], flags)
 
 
 def _send_fd(fd: int, data: memoryview, flags: int) -> int:
@@ -404,8 +287,8 @@ async def send_fds(sock: Any, buffers: Iterable[Any], fds: Iterable[Any], flags:
     buffer_list = list(buffers)
     fd_list = list(fds)
     flags |= _DONTWAIT
-    return await _retry(
-        fd, True, lambda: _send_fds_now(sock, buffer_list, fd_list, flags, address), backoff=True)
+    return await call_when_ready(
+        fd, True, _send_fds_now, sock, buffer_list, fd_list, flags, address, backoff=True)
 
 
 # ---- receiving --------------------------------------------------------------
@@ -427,7 +310,9 @@ async def recv_many(sock: Any, max_messages: int, bufsize: int, flags: int = 0, 
     """
     fd, _ = _checked(sock)
     flags = _checks.msg_flags(flags) | _DONTWAIT
-    return await _retry(
+    if not maxfds:
+        return await call_when_ready(fd, False, _recv_many_now, sock, max_messages, bufsize, flags)
+    return await call_when_ready(
         fd, False, lambda: _recv_many_now(sock, max_messages, bufsize, flags, maxfds=maxfds))
 
 
@@ -449,7 +334,7 @@ async def recv_batch(sock: Any, batch: RecvBatch, flags: int = 0) -> int:
         raise TypeError("batch must be an afunix.RecvBatch, not %s" % type(batch).__name__)
     fd, _ = _checked(sock)
     flags = _checks.msg_flags(flags) | _DONTWAIT
-    return await _retry(fd, False, lambda: batch.recv(sock, flags))
+    return await call_when_ready(fd, False, batch.recv, sock, flags)
 
 
 async def recv_fds(sock: Any, bufsize: int, maxfds: int, flags: int = 0
@@ -468,7 +353,7 @@ async def recv_fds(sock: Any, bufsize: int, maxfds: int, flags: int = 0
     """
     fd, _ = _checked(sock)
     flags = _checks.msg_flags(flags) | _DONTWAIT
-    return await _retry(fd, False, lambda: _recv_fds_now(sock, bufsize, maxfds, flags))
+    return await call_when_ready(fd, False, _recv_fds_now, sock, bufsize, maxfds, flags)
 
 
 # ---- connections ------------------------------------------------------------
@@ -489,7 +374,7 @@ async def accept(listening_sock: socket.socket) -> Tuple[socket.socket, Any]:
     if not isinstance(listening_sock, socket.socket):
         raise TypeError("expected a socket.socket, not %s" % type(listening_sock).__name__)
     fd, _ = _checked(listening_sock)
-    conn, address = await _retry(fd, False, listening_sock.accept)
+    conn, address = await call_when_ready(fd, False, listening_sock.accept)
     try:
         conn.setblocking(False)
     except BaseException:
@@ -517,33 +402,36 @@ async def connect(address: Address, type: int = socket.SOCK_STREAM) -> socket.so
     """
     raw, _ = encode_address(address)
     kind = _checks.supported_socket_type(type)
-    trio_support = _trio_running()
-    if trio_support is not None:
-        await trio_support.checkpoint_if_cancelled()
-    pause = 0.001
-    while True:
-        sock = socket.socket(socket.AF_UNIX, kind)
+    # A full backlog answers EAGAIN (nothing to wait on): a growing pause
+    sock, in_progress = await call_when_ready(None, True, _connect_now, raw, kind, backoff=True)
+    if in_progress:
+        # Not Linux (its AF_UNIX connect never is in progress): wait, then ask.
         try:
-            sock.setblocking(False)
-            try:
-                sock.connect(raw)
-                return sock
-            except BlockingIOError as exc:
-                if exc.errno != errno.EINPROGRESS:
-                    raise
-                # Not Linux (its AF_UNIX connect never is in progress): wait, then ask.
-                await _wait(sock.fileno(), True)
-                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                if err:
-                    raise OSError(err, os.strerror(err)) from None
-                return sock
-        except BlockingIOError:
-            sock.close()  # EAGAIN: the backlog is full; retry below
+            await wait(sock.fileno(), True)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, os.strerror(err)) from None
         except BaseException:
             sock.close()
             raise
-        await _sleep(pause)
-        pause = min(pause * 2, 0.05)
+    return sock
+
+
+def _connect_now(raw: Any, kind: int) -> Tuple[socket.socket, bool]:
+    """A new non-blocking socket connected (or connecting: True) to `raw`; none left open on error."""
+    sock = socket.socket(socket.AF_UNIX, kind)
+    try:
+        sock.setblocking(False)
+        try:
+            sock.connect(raw)
+            return sock, False
+        except BlockingIOError as exc:
+            if exc.errno != errno.EINPROGRESS:
+                raise  # EAGAIN: the backlog is full
+            return sock, True
+    except BaseException:
+        sock.close()
+        raise
 
 
 # ---- the message Channel ----------------------------------------------------
@@ -626,7 +514,7 @@ class Channel:
         sent = 0
         while sent < len(items):
             rest = items[sent:] if sent else items
-            sent += await _retry(self._fd, True, lambda: self._ch.send_many(rest))
+            sent += await call_when_ready(self._fd, True, self._ch.send_many, rest)
         if self._flush_after_send:
             await self.flush()
         return sent
@@ -634,7 +522,7 @@ class Channel:
     async def flush(self) -> None:
         """Write every accepted message still waiting, waiting for writability as needed."""
         while self._ch.flush():
-            await _wait(self._fd, True)
+            await wait(self._fd, True)
 
     # ---- receive ----------------------------------------------------------------
     #
@@ -645,8 +533,8 @@ class Channel:
     # system call, as the synchronous receive takes them.
 
     async def _try(self, call: Callable[[], Any]) -> Any:
-        # (under trio a checkpoint, as every other call; see _retry)
-        return await _retry(self._fd, False, call)
+        # (under trio a checkpoint, as every other call; see call_when_ready)
+        return await call_when_ready(self._fd, False, call)
 
     async def recv(self) -> bytes:
         """Receive one message (descriptors that came with it are closed).
