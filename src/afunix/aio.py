@@ -57,7 +57,7 @@ from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 from . import _checks, _io
 from ._aiowait import call_when_ready, wait
-from ._sockets import raw_type
+from ._sockets import raw_family, raw_type
 from ._kernel import MSG_NOSIGNAL
 from .addresses import encode_address
 from .batch import outgoing, send_with_control
@@ -96,8 +96,17 @@ _NOSIGNAL = MSG_NOSIGNAL
 # ---- the socket ---------------------------------------------------------------
 
 _SOCKET = socket.socket
+_AF_UNIX = int(socket.AF_UNIX)
 _STREAM = int(socket.SOCK_STREAM)
 _C_INT_MAX = _checks.C_INT_MAX
+
+# The single calls' fast path: for the arguments passed most (a socket.socket,
+# flags an int in range) they skip _checked and msg_flags, with the same
+# checks written inline: a socket.socket that is open (fileno() >= 0),
+# AF_UNIX and non-blocking (timeout 0.0) passes exactly when _checked would
+# pass it.  Anything else goes through _checked, which raises the error.
+# The first try is then the synchronous call's own fast path, on a
+# non-blocking socket: it answers at once or raises BlockingIOError.
 
 
 def _checked(sock: Any) -> Tuple[int, int]:
@@ -180,12 +189,27 @@ async def send_many(sock: Any, messages: Iterable[Any], flags: int = 0) -> int:
         TypeError: bad messages.
         OSError: from the kernel (BrokenPipeError, ...).
     """
-    fd, type = _checked(sock)
+    if (type(sock) is _SOCKET and type(flags) is int and 0 <= flags <= _C_INT_MAX
+            and sock.gettimeout() == 0.0 and raw_family(sock) == _AF_UNIX
+            and raw_type(sock) != _STREAM):
+        fd = sock.fileno()
+        if fd >= 0:  # see _SOCKET: an open non-blocking message socket
+            items = messages[:] if type(messages) is list else list(messages)
+            if len(items) != 1:
+                return await _send_all(sock, fd, items, flags)
+            sent: int = await call_when_ready(
+                fd, True, _send_many_now, sock, items, flags | _DONTWAIT, backoff=True)
+            return 1 if sent else await _send_all(sock, fd, items, flags)
+    fd, kind = _checked(sock)
     flags = _checks.msg_flags(flags)
     # One reading of the caller's list: it may change while we wait
     items = list(messages)
-    if type == socket.SOCK_STREAM:
+    if kind == _STREAM:
         return await _send_stream(sock, fd, items, flags)
+    return await _send_all(sock, fd, items, flags)
+
+
+async def _send_all(sock: Any, fd: int, items: List[Any], flags: int) -> int:
     total = len(items)
     sent = await _send_some(sock, fd, items, flags) if total else 0
     while sent < total:
@@ -273,9 +297,16 @@ async def send_fds(sock: Any, buffers: Iterable[Any], fds: Iterable[Any], flags:
         TypeError: bad buffers or descriptors.
         OSError: from the kernel.
     """
-    fd, type = _checked(sock)
+    if (type(sock) is _SOCKET and type(flags) is int and 0 <= flags <= _C_INT_MAX
+            and sock.gettimeout() == 0.0 and raw_family(sock) == _AF_UNIX
+            and raw_type(sock) != _STREAM):
+        fd = sock.fileno()
+        if fd >= 0:  # see _SOCKET: an open non-blocking message socket
+            return await call_when_ready(fd, True, _send_fds_now, sock, list(buffers), list(fds),
+                                         flags | _DONTWAIT, address, backoff=True)
+    fd, kind = _checked(sock)
     flags = _checks.msg_flags(flags)
-    if type == socket.SOCK_STREAM:
+    if kind == _STREAM:
         data = b"".join(memoryview(b) for b in buffers)
         fd_list = list(fds)
         if address is not None:
@@ -308,9 +339,16 @@ async def recv_many(sock: Any, max_messages: int, bufsize: int, flags: int = 0, 
         TypeError: bad arguments.
         OSError: from the kernel.
     """
+    if (type(sock) is _SOCKET and type(flags) is int and 0 <= flags <= _C_INT_MAX
+            and sock.gettimeout() == 0.0 and raw_family(sock) == _AF_UNIX
+            and type(maxfds) is int and maxfds == 0):
+        fd = sock.fileno()
+        if fd >= 0:  # see _SOCKET: an open non-blocking socket
+            return await call_when_ready(fd, False, _recv_many_now, sock, max_messages, bufsize,
+                                         flags | _DONTWAIT)
     fd, _ = _checked(sock)
     flags = _checks.msg_flags(flags) | _DONTWAIT
-    if not maxfds:
+    if type(maxfds) is int and maxfds == 0:  # the default, passed on as it
         return await call_when_ready(fd, False, _recv_many_now, sock, max_messages, bufsize, flags)
     return await call_when_ready(
         fd, False, lambda: _recv_many_now(sock, max_messages, bufsize, flags, maxfds=maxfds))
@@ -351,6 +389,12 @@ async def recv_fds(sock: Any, bufsize: int, maxfds: int, flags: int = 0
         ValueError: a blocking socket; bad sizes.
         OSError: from the kernel.
     """
+    if (type(sock) is _SOCKET and type(flags) is int and 0 <= flags <= _C_INT_MAX
+            and sock.gettimeout() == 0.0 and raw_family(sock) == _AF_UNIX):
+        fd = sock.fileno()
+        if fd >= 0:  # see _SOCKET: an open non-blocking socket
+            return await call_when_ready(fd, False, _recv_fds_now, sock, bufsize, maxfds,
+                                         flags | _DONTWAIT)
     fd, _ = _checked(sock)
     flags = _checks.msg_flags(flags) | _DONTWAIT
     return await call_when_ready(fd, False, _recv_fds_now, sock, bufsize, maxfds, flags)
