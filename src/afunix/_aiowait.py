@@ -98,7 +98,7 @@ async def wait(fd: int, writable: bool) -> None:
 
 
 async def call_when_ready(fd: Optional[int], writable: bool, attempt: Callable[..., R],
-                          *args: Any, backoff: bool = False) -> R:
+                          *args: Any, backoff: bool = False, blocked: bool = False) -> R:
     """``attempt(*args)``, tried again once `fd` is ready, until it does not raise BlockingIOError.
 
     The one async "try, then wait on the loop" of afunix.aio (the sync twin
@@ -118,6 +118,10 @@ async def call_when_ready(fd: Optional[int], writable: bool, attempt: Callable[.
     unconnected SOCK_DGRAM socket whose receiver's queue is full polls
     writable all along).  `fd` None: nothing to wait on (a connect to a
     full backlog), only the growing pause.
+
+    `blocked`: the caller made the first try itself, outside trio, and it
+    raised BlockingIOError; the loop starts with the wait.  (afunix.aio's
+    single calls do so to spare a coroutine when their data is ready.)
     """
     trio_support = trio_running()
     if trio_support is not None:
@@ -125,22 +129,26 @@ async def call_when_ready(fd: Optional[int], writable: bool, attempt: Callable[.
     pause = 0.0
     waited = False
     while True:
-        try:
-            result = attempt(*args)
-        except BlockingIOError:
-            if backoff:
-                if pause or fd is None:
-                    # Writable, and still EAGAIN: the kernel tracks the
-                    # writability of a connected peer only (see above), so
-                    # waiting for writability alone would spin.
-                    await sleep(pause or 0.001)
-                    pause = min((pause or 0.001) * 2, 0.05)
-                else:
-                    pause = 0.001
-            if fd is not None:
-                await wait(fd, writable)
-            waited = True
-            continue
-        if trio_support is not None and not waited:
-            await trio_support.cancel_shielded_checkpoint()
-        return result
+        if blocked:
+            blocked = False
+        else:
+            try:
+                result = attempt(*args)
+            except BlockingIOError:
+                pass
+            else:
+                if trio_support is not None and not waited:
+                    await trio_support.cancel_shielded_checkpoint()
+                return result
+        if backoff:
+            if pause or fd is None:
+                # Writable, and still EAGAIN: the kernel tracks the
+                # writability of a connected peer only (see above), so
+                # waiting for writability alone would spin.
+                await sleep(pause or 0.001)
+                pause = min((pause or 0.001) * 2, 0.05)
+            else:
+                pause = 0.001
+        if fd is not None:
+            await wait(fd, writable)
+        waited = True

@@ -53,6 +53,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import sys
 from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 from . import _checks, _io
@@ -106,7 +107,12 @@ _C_INT_MAX = _checks.C_INT_MAX
 # AF_UNIX and non-blocking (timeout 0.0) passes exactly when _checked would
 # pass it.  Anything else goes through _checked, which raises the error.
 # The first try is then the synchronous call's own fast path, on a
-# non-blocking socket: it answers at once or raises BlockingIOError.
+# non-blocking socket: it answers at once or raises BlockingIOError.  In a
+# program that never imported trio (asyncio, uvloop) they make that try
+# themselves, one coroutine fewer when the data is ready, and hand a
+# BlockingIOError to call_when_ready(blocked=True), which waits; under trio
+# call_when_ready makes every try (a trio call is a checkpoint).
+_modules = sys.modules
 
 
 def _checked(sock: Any) -> Tuple[int, int]:
@@ -197,8 +203,16 @@ async def send_many(sock: Any, messages: Iterable[Any], flags: int = 0) -> int:
             items = messages[:] if type(messages) is list else list(messages)
             if len(items) != 1:
                 return await _send_all(sock, fd, items, flags)
-            sent: int = await call_when_ready(
-                fd, True, _send_many_now, sock, items, flags | _DONTWAIT, backoff=True)
+            now = flags | _DONTWAIT
+            if "trio" not in _modules:
+                try:
+                    sent = _send_many_now(sock, items, now)
+                except BlockingIOError:
+                    sent = await call_when_ready(fd, True, _send_many_now, sock, items, now,
+                                                 backoff=True, blocked=True)
+            else:
+                sent = await call_when_ready(fd, True, _send_many_now, sock, items, now,
+                                             backoff=True)
             return 1 if sent else await _send_all(sock, fd, items, flags)
     fd, kind = _checked(sock)
     flags = _checks.msg_flags(flags)
@@ -302,8 +316,16 @@ async def send_fds(sock: Any, buffers: Iterable[Any], fds: Iterable[Any], flags:
             and raw_type(sock) != _STREAM):
         fd = sock.fileno()
         if fd >= 0:  # see _SOCKET: an open non-blocking message socket
-            return await call_when_ready(fd, True, _send_fds_now, sock, list(buffers), list(fds),
-                                         flags | _DONTWAIT, address, backoff=True)
+            buffer_list, fd_list, flags = list(buffers), list(fds), flags | _DONTWAIT
+            if "trio" not in _modules:
+                try:
+                    return _send_fds_now(sock, buffer_list, fd_list, flags, address)
+                except BlockingIOError:
+                    return await call_when_ready(fd, True, _send_fds_now, sock, buffer_list,
+                                                 fd_list, flags, address, backoff=True,
+                                                 blocked=True)
+            return await call_when_ready(fd, True, _send_fds_now, sock, buffer_list, fd_list,
+                                         flags, address, backoff=True)
     fd, kind = _checked(sock)
     flags = _checks.msg_flags(flags)
     if kind == _STREAM:
@@ -344,8 +366,15 @@ async def recv_many(sock: Any, max_messages: int, bufsize: int, flags: int = 0, 
             and type(maxfds) is int and maxfds == 0):
         fd = sock.fileno()
         if fd >= 0:  # see _SOCKET: an open non-blocking socket
+            flags |= _DONTWAIT
+            if "trio" not in _modules:
+                try:
+                    return _recv_many_now(sock, max_messages, bufsize, flags)
+                except BlockingIOError:
+                    return await call_when_ready(fd, False, _recv_many_now, sock, max_messages,
+                                                 bufsize, flags, blocked=True)
             return await call_when_ready(fd, False, _recv_many_now, sock, max_messages, bufsize,
-                                         flags | _DONTWAIT)
+                                         flags)
     fd, _ = _checked(sock)
     flags = _checks.msg_flags(flags) | _DONTWAIT
     if type(maxfds) is int and maxfds == 0:  # the default, passed on as it
@@ -393,8 +422,14 @@ async def recv_fds(sock: Any, bufsize: int, maxfds: int, flags: int = 0
             and sock.gettimeout() == 0.0 and raw_family(sock) == _AF_UNIX):
         fd = sock.fileno()
         if fd >= 0:  # see _SOCKET: an open non-blocking socket
-            return await call_when_ready(fd, False, _recv_fds_now, sock, bufsize, maxfds,
-                                         flags | _DONTWAIT)
+            flags |= _DONTWAIT
+            if "trio" not in _modules:
+                try:
+                    return _recv_fds_now(sock, bufsize, maxfds, flags)
+                except BlockingIOError:
+                    return await call_when_ready(fd, False, _recv_fds_now, sock, bufsize, maxfds,
+                                                 flags, blocked=True)
+            return await call_when_ready(fd, False, _recv_fds_now, sock, bufsize, maxfds, flags)
     fd, _ = _checked(sock)
     flags = _checks.msg_flags(flags) | _DONTWAIT
     return await call_when_ready(fd, False, _recv_fds_now, sock, bufsize, maxfds, flags)
