@@ -134,7 +134,7 @@ async def test_eagain_then_readiness_then_the_result() -> None:
         with anyio.fail_after(BOUND):
             async with anyio.create_task_group() as group:
                 task = start(group, _aiowait.call_when_ready, b.fileno(), False,
-                             recv, b, 4, 64)
+                             lambda: recv(b, 4, 64))
                 await until_waiting(b.fileno())
                 assert recv.outcomes == ["EAGAIN"]  # tried once, then waits on the loop
                 afunix.send_many(a, [b"one", b"two"])
@@ -150,7 +150,7 @@ async def test_ready_at_once_tries_once_and_never_waits() -> None:
         afunix.send_many(a, [b"ready"])
         recv = Counted(afunix.recv_many)
         with anyio.fail_after(BOUND):
-            got = await _aiowait.call_when_ready(b.fileno(), False, recv, b, 4, 64)
+            got = await _aiowait.call_when_ready(b.fileno(), False, lambda: recv(b, 4, 64))
         assert [m.data for m in got] == [b"ready"] and recv.outcomes == ["ok"]
 
 
@@ -161,7 +161,7 @@ async def test_blocked_waits_before_its_first_try() -> None:
         with anyio.fail_after(BOUND):
             async with anyio.create_task_group() as group:
                 task = start(group, functools.partial(_aiowait.call_when_ready, blocked=True),
-                             b.fileno(), False, recv, b, 4, 64)
+                             b.fileno(), False, lambda: recv(b, 4, 64))
                 await until_waiting(b.fileno())
                 assert recv.tries == 0  # the caller's own try said EAGAIN: wait first
                 afunix.send_many(a, [b"x"])
@@ -177,7 +177,7 @@ async def test_writable_wait_for_a_full_socket() -> None:
         with anyio.fail_after(BOUND):
             async with anyio.create_task_group() as group:
                 task = start(group, functools.partial(_aiowait.call_when_ready, backoff=True),
-                             a.fileno(), True, send, a, [b"last"], 0)
+                             a.fileno(), True, lambda: send(a, [b"last"], 0))
                 await until_waiting(a.fileno(), writable=True)
                 drained = drain(b)
                 assert await task.result() == 1
@@ -193,7 +193,7 @@ async def test_cancelled_mid_wait_nothing_is_lost() -> None:
         with anyio.fail_after(BOUND):
             async with anyio.create_task_group() as group:
                 task = start(group, _aiowait.call_when_ready, b.fileno(), False,
-                             recv, b, 4, 64)
+                             lambda: recv(b, 4, 64))
                 await until_waiting(b.fileno())
                 # readiness and the cancellation arrive together: the task
                 # must not take the message it will never return
@@ -235,7 +235,7 @@ async def test_an_error_after_the_wait_propagates() -> None:
         with anyio.fail_after(BOUND):
             async with anyio.create_task_group() as group:
                 task = start(group, functools.partial(_aiowait.call_when_ready, backoff=True),
-                             a.fileno(), True, send, a, [b"late"], 0)
+                             a.fileno(), True, lambda: send(a, [b"late"], 0))
                 await until_waiting(a.fileno(), writable=True)
                 b.close()  # the peer goes away: writable, and the send fails
                 with pytest.raises(BrokenPipeError):

@@ -97,9 +97,9 @@ async def wait(fd: int, writable: bool) -> None:
                 loop.remove_reader(fd)
 
 
-async def call_when_ready(fd: Optional[int], writable: bool, attempt: Callable[..., R],
-                          *args: Any, backoff: bool = False, blocked: bool = False) -> R:
-    """``attempt(*args)``, tried again once `fd` is ready, until it does not raise BlockingIOError.
+async def call_when_ready(fd: Optional[int], writable: bool, attempt: Callable[[], R],
+                          backoff: bool = False, blocked: bool = False) -> R:
+    """``attempt()``, tried again once `fd` is ready, until it does not raise BlockingIOError.
 
     The one async "try, then wait on the loop" of afunix.aio (the sync twin
     is `_io.call_when_ready`).  `attempt` is a synchronous non-blocking call
@@ -107,6 +107,12 @@ async def call_when_ready(fd: Optional[int], writable: bool, attempt: Callable[.
     await in between: a task cancelled here is cancelled while it waits, when
     nothing has been taken, so nothing received is ever dropped.  Any error
     but BlockingIOError goes to the caller.
+
+    `attempt` takes no arguments (a lambda around the call, or a bound
+    method), and is a Python function: ``attempt()`` is then a plain call,
+    where the interpreter looks for a pending signal on the way in, not on
+    the way out.  ``attempt(*args)`` would check on the way out too, and a
+    signal handler's exception raised there drops what the try received.
 
     Under trio the call is a checkpoint, as trio's own socket methods are:
     a cancelled scope raises before the first try, and a try that succeeds
@@ -133,7 +139,7 @@ async def call_when_ready(fd: Optional[int], writable: bool, attempt: Callable[.
             blocked = False
         else:
             try:
-                result = attempt(*args)
+                result = attempt()
             except BlockingIOError:
                 pass
             else:

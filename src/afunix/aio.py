@@ -166,7 +166,8 @@ async def send_many_partial(sock: Any, messages: Iterable[Any], flags: int = 0) 
 
 async def _send_some(sock: Any, fd: int, items: List[Any], flags: int) -> int:
     flags |= _DONTWAIT
-    return await call_when_ready(fd, True, _send_many_now, sock, items, flags, backoff=True)
+    return await call_when_ready(
+        fd, True, lambda: _send_many_now(sock, items, flags), backoff=True)
 
 
 async def send_many(sock: Any, messages: Iterable[Any], flags: int = 0) -> int:
@@ -208,11 +209,12 @@ async def send_many(sock: Any, messages: Iterable[Any], flags: int = 0) -> int:
                 try:
                     sent = _send_many_now(sock, items, now)
                 except BlockingIOError:
-                    sent = await call_when_ready(fd, True, _send_many_now, sock, items, now,
-                                                 backoff=True, blocked=True)
+                    sent = await call_when_ready(
+                        fd, True, lambda: _send_many_now(sock, items, now),
+                        backoff=True, blocked=True)
             else:
-                sent = await call_when_ready(fd, True, _send_many_now, sock, items, now,
-                                             backoff=True)
+                sent = await call_when_ready(
+                    fd, True, lambda: _send_many_now(sock, items, now), backoff=True)
             return 1 if sent else await _send_all(sock, fd, items, flags)
     fd, kind = _checked(sock)
     flags = _checks.msg_flags(flags)
@@ -263,8 +265,9 @@ async def _send_stream(sock: Any, fd: int, items: List[Any], flags: int) -> int:
         fds, cred = extras[i]
         if fds or cred is not None:
             view = memoryview(out.datas[i]).cast("B")
-            sent = await call_when_ready(fd, True, send_with_control,
-                                         sock, view, fds, cred, flags | _DONTWAIT, backoff=True)
+            sent = await call_when_ready(
+                fd, True, lambda: send_with_control(sock, view, fds, cred, flags | _DONTWAIT),
+                backoff=True)
             await _send_bytes(sock, fd, view[sent:], flags)
             i += 1
             continue
@@ -283,9 +286,9 @@ async def _send_bytes(sock: Any, fd: int, view: memoryview, flags: int) -> None:
     pos, end = 0, len(view)
     while pos < end:
         if raw is not None:
-            pos += await call_when_ready(fd, True, raw.send, view[pos:], flags)
+            pos += await call_when_ready(fd, True, lambda: raw.send(view[pos:], flags))
         else:
-            pos += await call_when_ready(fd, True, _send_fd, fd, view[pos:], flags)
+            pos += await call_when_ready(fd, True, lambda: _send_fd(fd, view[pos:], flags))
 
 
 def _send_fd(fd: int, data: memoryview, flags: int) -> int:
@@ -321,11 +324,11 @@ async def send_fds(sock: Any, buffers: Iterable[Any], fds: Iterable[Any], flags:
                 try:
                     return _send_fds_now(sock, buffer_list, fd_list, flags, address)
                 except BlockingIOError:
-                    return await call_when_ready(fd, True, _send_fds_now, sock, buffer_list,
-                                                 fd_list, flags, address, backoff=True,
-                                                 blocked=True)
-            return await call_when_ready(fd, True, _send_fds_now, sock, buffer_list, fd_list,
-                                         flags, address, backoff=True)
+                    return await call_when_ready(fd, True, lambda: _send_fds_now(
+                        sock, buffer_list, fd_list, flags, address), backoff=True, blocked=True)
+            return await call_when_ready(
+                fd, True, lambda: _send_fds_now(sock, buffer_list, fd_list, flags, address),
+                backoff=True)
     fd, kind = _checked(sock)
     flags = _checks.msg_flags(flags)
     if kind == _STREAM:
@@ -341,7 +344,7 @@ async def send_fds(sock: Any, buffers: Iterable[Any], fds: Iterable[Any], flags:
     fd_list = list(fds)
     flags |= _DONTWAIT
     return await call_when_ready(
-        fd, True, _send_fds_now, sock, buffer_list, fd_list, flags, address, backoff=True)
+        fd, True, lambda: _send_fds_now(sock, buffer_list, fd_list, flags, address), backoff=True)
 
 
 # ---- receiving --------------------------------------------------------------
@@ -371,14 +374,13 @@ async def recv_many(sock: Any, max_messages: int, bufsize: int, flags: int = 0, 
                 try:
                     return _recv_many_now(sock, max_messages, bufsize, flags)
                 except BlockingIOError:
-                    return await call_when_ready(fd, False, _recv_many_now, sock, max_messages,
-                                                 bufsize, flags, blocked=True)
-            return await call_when_ready(fd, False, _recv_many_now, sock, max_messages, bufsize,
-                                         flags)
+                    return await call_when_ready(
+                        fd, False, lambda: _recv_many_now(sock, max_messages, bufsize, flags),
+                        blocked=True)
+            return await call_when_ready(
+                fd, False, lambda: _recv_many_now(sock, max_messages, bufsize, flags))
     fd, _ = _checked(sock)
     flags = _checks.msg_flags(flags) | _DONTWAIT
-    if type(maxfds) is int and maxfds == 0:  # the default, passed on as it
-        return await call_when_ready(fd, False, _recv_many_now, sock, max_messages, bufsize, flags)
     return await call_when_ready(
         fd, False, lambda: _recv_many_now(sock, max_messages, bufsize, flags, maxfds=maxfds))
 
@@ -401,7 +403,7 @@ async def recv_batch(sock: Any, batch: RecvBatch, flags: int = 0) -> int:
         raise TypeError("batch must be an afunix.RecvBatch, not %s" % type(batch).__name__)
     fd, _ = _checked(sock)
     flags = _checks.msg_flags(flags) | _DONTWAIT
-    return await call_when_ready(fd, False, batch.recv, sock, flags)
+    return await call_when_ready(fd, False, lambda: batch.recv(sock, flags))
 
 
 async def recv_fds(sock: Any, bufsize: int, maxfds: int, flags: int = 0
@@ -427,12 +429,14 @@ async def recv_fds(sock: Any, bufsize: int, maxfds: int, flags: int = 0
                 try:
                     return _recv_fds_now(sock, bufsize, maxfds, flags)
                 except BlockingIOError:
-                    return await call_when_ready(fd, False, _recv_fds_now, sock, bufsize, maxfds,
-                                                 flags, blocked=True)
-            return await call_when_ready(fd, False, _recv_fds_now, sock, bufsize, maxfds, flags)
+                    return await call_when_ready(
+                        fd, False, lambda: _recv_fds_now(sock, bufsize, maxfds, flags),
+                        blocked=True)
+            return await call_when_ready(
+                fd, False, lambda: _recv_fds_now(sock, bufsize, maxfds, flags))
     fd, _ = _checked(sock)
     flags = _checks.msg_flags(flags) | _DONTWAIT
-    return await call_when_ready(fd, False, _recv_fds_now, sock, bufsize, maxfds, flags)
+    return await call_when_ready(fd, False, lambda: _recv_fds_now(sock, bufsize, maxfds, flags))
 
 
 # ---- connections ------------------------------------------------------------
@@ -482,7 +486,8 @@ async def connect(address: Address, type: int = socket.SOCK_STREAM) -> socket.so
     raw, _ = encode_address(address)
     kind = _checks.supported_socket_type(type)
     # A full backlog answers EAGAIN (nothing to wait on): a growing pause
-    sock, in_progress = await call_when_ready(None, True, _connect_now, raw, kind, backoff=True)
+    sock, in_progress = await call_when_ready(
+        None, True, lambda: _connect_now(raw, kind), backoff=True)
     if in_progress:
         # Not Linux (its AF_UNIX connect never is in progress): wait, then ask.
         try:
@@ -593,7 +598,7 @@ class Channel:
         sent = 0
         while sent < len(items):
             rest = items[sent:] if sent else items
-            sent += await call_when_ready(self._fd, True, self._ch.send_many, rest)
+            sent += await call_when_ready(self._fd, True, lambda: self._ch.send_many(rest))
         if self._flush_after_send:
             await self.flush()
         return sent
