@@ -18,6 +18,7 @@ import pytest
 
 import afunix
 import afunix.aio as aio
+from afunix import _aiowait
 from afunix import Message, RecvBatch, TruncatedError
 from conftest import need_library, open_fds
 
@@ -98,7 +99,7 @@ async def until_waiting(sock: socket.socket, writable: bool = False) -> None:
     """Yield to the loop until a coroutine waits on `sock` in that direction."""
     loop = asyncio.get_running_loop()
     for _ in range(10000):
-        if (loop, sock.fileno(), writable) in aio._waiters:
+        if (loop, sock.fileno(), writable) in _aiowait.waiters:
             return
         await asyncio.sleep(0)
     raise AssertionError("nothing started waiting on the socket")

@@ -20,6 +20,7 @@ import pytest
 
 import afunix
 import afunix.aio as aio
+from afunix import _aiowait
 from afunix import Message, RecvBatch
 
 pytestmark = pytest.mark.anyio
@@ -105,7 +106,7 @@ def fill(sock: socket.socket) -> int:
 async def until_waiting(sock: socket.socket, writable: bool = False) -> None:
     """Yield until a task waits on `sock` in that direction."""
     for _ in range(10000):
-        if aio._waiting(sock.fileno(), writable):
+        if _aiowait.is_waiting(sock.fileno(), writable):
             return
         await anyio.sleep(0)
     raise AssertionError("nothing started waiting on the socket")
@@ -125,7 +126,7 @@ async def collect(sock: socket.socket, n: int) -> List[bytes]:
 
 async def test_the_running_library_is_detected(anyio_backend: Any) -> None:
     name = anyio_backend[0]
-    assert (aio._trio_running() is not None) == (name == "trio")
+    assert (_aiowait.trio_running() is not None) == (name == "trio")
 
 
 def test_asyncio_alone_does_not_import_trio(backend: str) -> None:

@@ -50,16 +50,15 @@ The message Channel (``afunix.channel``) has its async form here too:
 """
 from __future__ import annotations
 
-import asyncio
 import errno
-import importlib
 import os
 import socket
 import sys
-from types import ModuleType
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 from . import _checks, _io
+from ._aiowait import call_when_ready, wait
+from ._sockets import raw_family, raw_type
 from ._kernel import MSG_NOSIGNAL
 from .addresses import encode_address
 from .batch import outgoing, send_with_control
@@ -95,126 +94,25 @@ _DONTWAIT = int(socket.MSG_DONTWAIT)
 _NOSIGNAL = MSG_NOSIGNAL
 
 
-# ---- the running library: asyncio (and uvloop) or trio ----------------------
+# ---- the socket ---------------------------------------------------------------
 
-R = TypeVar("R")
-_trio_module: List[ModuleType] = []  # afunix._trio, once trio itself was imported
+_SOCKET = socket.socket
+_AF_UNIX = int(socket.AF_UNIX)
+_STREAM = int(socket.SOCK_STREAM)
+_C_INT_MAX = _checks.C_INT_MAX
 
-
-def _trio_running() -> Optional[ModuleType]:
-    """afunix._trio when the calling task runs under trio, else None (asyncio, uvloop).
-
-    A program that never imported trio runs on asyncio: one dict lookup.
-    Otherwise sniffio (a dependency of trio) names the running library.
-    """
-    if "trio" not in sys.modules:
-        return None
-    if not _trio_module:
-        _trio_module.append(importlib.import_module("afunix._trio"))
-    trio_support = _trio_module[0]
-    return trio_support if trio_support.running() else None
-
-
-async def _sleep(seconds: float) -> None:
-    trio_support = _trio_running()
-    if trio_support is not None:
-        await trio_support.sleep(seconds)
-    else:
-        await asyncio.sleep(seconds)
-
-
-def _waiting(fd: int, writable: bool) -> bool:
-    """Whether a task of the running loop waits on `fd` in that direction (for tests)."""
-    trio_support = _trio_running()
-    if trio_support is not None:
-        return bool(trio_support.is_waiting(fd, writable))
-    return (asyncio.get_running_loop(), fd, writable) in _waiters
-
-
-async def _retry(fd: int, writable: bool, attempt: Callable[[], R], backoff: bool = False) -> R:
-    """attempt() until it does not raise BlockingIOError, waiting for readiness in between.
-
-    Under trio the call is a checkpoint, as trio's own socket methods are:
-    a cancelled scope raises before the first try, so nothing was taken, and
-    a try that succeeds at once is followed by a cancel-shielded yield, so
-    what it took is returned, never dropped.  Under asyncio it adds no await.
-    With `backoff`, a wait that found the socket writable and the send still
-    refused is followed by a growing pause (see below).
-    """
-    trio_support = _trio_running()
-    if trio_support is not None:
-        await trio_support.checkpoint_if_cancelled()
-    pause = 0.0
-    waited = False
-    while True:
-        try:
-            result = attempt()
-        except BlockingIOError:
-            if backoff:
-                if pause:
-                    # Writable, and still EAGAIN: an unconnected SOCK_DGRAM
-                    # socket whose receiver's queue is full
-                    # (net.unix.max_dgram_qlen) polls writable all along, since
-                    # the kernel tracks only a connected peer.  Waiting for
-                    # writability alone would spin: back off as well.
-                    await _sleep(pause)
-                    pause = min(pause * 2, 0.05)
-                else:
-                    pause = 0.001
-            await _wait(fd, writable)
-            waited = True
-            continue
-        if trio_support is not None and not waited:
-            await trio_support.cancel_shielded_checkpoint()
-        return result
-
-
-# ---- waiting for readiness -------------------------------------------------
-
-# (loop, fd, writable) -> the futures of the tasks waiting for that event.
-# One reader (or writer) callback per descriptor and direction, shared by all
-# of its waiters: add_reader replaces an earlier callback for the same
-# descriptor, which would strand the first waiter.
-_Key = Tuple[asyncio.AbstractEventLoop, int, bool]
-_waiters: Dict[_Key, List["asyncio.Future[None]"]] = {}
-
-
-def _wake(key: _Key) -> None:
-    for fut in _waiters.get(key, ()):
-        if not fut.done():
-            fut.set_result(None)
-
-
-async def _wait(fd: int, writable: bool) -> None:
-    """Wait until `fd` is readable (or writable), with a reader/writer callback on the loop.
-
-    Under trio, on trio's own readiness waits (afunix._trio).
-    """
-    trio_support = _trio_running()
-    if trio_support is not None:
-        await trio_support.wait(fd, writable)
-        return
-    loop = asyncio.get_running_loop()
-    key = (loop, fd, writable)
-    fut: asyncio.Future[None] = loop.create_future()
-    futures = _waiters.get(key)
-    if futures is None:
-        if writable:
-            loop.add_writer(fd, _wake, key)
-        else:
-            loop.add_reader(fd, _wake, key)
-        futures = _waiters[key] = []
-    futures.append(fut)
-    try:
-        await fut
-    finally:
-        futures.remove(fut)
-        if not futures:
-            del _waiters[key]
-            if writable:
-                loop.remove_writer(fd)
-            else:
-                loop.remove_reader(fd)
+# The single calls' fast path: for the arguments passed most (a socket.socket,
+# flags an int in range) they skip _checked and msg_flags, with the same
+# checks written inline: a socket.socket that is open (fileno() >= 0),
+# AF_UNIX and non-blocking (timeout 0.0) passes exactly when _checked would
+# pass it.  Anything else goes through _checked, which raises the error.
+# The first try is then the synchronous call's own fast path, on a
+# non-blocking socket: it answers at once or raises BlockingIOError.  In a
+# program that never imported trio (asyncio, uvloop) they make that try
+# themselves, one coroutine fewer when the data is ready, and hand a
+# BlockingIOError to call_when_ready(blocked=True), which waits; under trio
+# call_when_ready makes every try (a trio call is a checkpoint).
+_modules = sys.modules
 
 
 def _checked(sock: Any) -> Tuple[int, int]:
@@ -268,7 +166,8 @@ async def send_many_partial(sock: Any, messages: Iterable[Any], flags: int = 0) 
 
 async def _send_some(sock: Any, fd: int, items: List[Any], flags: int) -> int:
     flags |= _DONTWAIT
-    return await _retry(fd, True, lambda: _send_many_now(sock, items, flags), backoff=True)
+    return await call_when_ready(
+        fd, True, lambda: _send_many_now(sock, items, flags), backoff=True)
 
 
 async def send_many(sock: Any, messages: Iterable[Any], flags: int = 0) -> int:
@@ -297,12 +196,36 @@ async def send_many(sock: Any, messages: Iterable[Any], flags: int = 0) -> int:
         TypeError: bad messages.
         OSError: from the kernel (BrokenPipeError, ...).
     """
-    fd, type = _checked(sock)
+    if (type(sock) is _SOCKET and type(flags) is int and 0 <= flags <= _C_INT_MAX
+            and sock.gettimeout() == 0.0 and raw_family(sock) == _AF_UNIX
+            and raw_type(sock) != _STREAM):
+        fd = sock.fileno()
+        if fd >= 0:  # see _SOCKET: an open non-blocking message socket
+            items = messages[:] if type(messages) is list else list(messages)
+            if len(items) != 1:
+                return await _send_all(sock, fd, items, flags)
+            now = flags | _DONTWAIT
+            if "trio" not in _modules:
+                try:
+                    sent = _send_many_now(sock, items, now)
+                except BlockingIOError:
+                    sent = await call_when_ready(
+                        fd, True, lambda: _send_many_now(sock, items, now),
+                        backoff=True, blocked=True)
+            else:
+                sent = await call_when_ready(
+                    fd, True, lambda: _send_many_now(sock, items, now), backoff=True)
+            return 1 if sent else await _send_all(sock, fd, items, flags)
+    fd, kind = _checked(sock)
     flags = _checks.msg_flags(flags)
     # One reading of the caller's list: it may change while we wait
     items = list(messages)
-    if type == socket.SOCK_STREAM:
+    if kind == _STREAM:
         return await _send_stream(sock, fd, items, flags)
+    return await _send_all(sock, fd, items, flags)
+
+
+async def _send_all(sock: Any, fd: int, items: List[Any], flags: int) -> int:
     total = len(items)
     sent = await _send_some(sock, fd, items, flags) if total else 0
     while sent < total:
@@ -342,8 +265,9 @@ async def _send_stream(sock: Any, fd: int, items: List[Any], flags: int) -> int:
         fds, cred = extras[i]
         if fds or cred is not None:
             view = memoryview(out.datas[i]).cast("B")
-            sent = await _retry(fd, True, lambda: send_with_control(
-                sock, view, fds, cred, flags | _DONTWAIT), backoff=True)
+            sent = await call_when_ready(
+                fd, True, lambda: send_with_control(sock, view, fds, cred, flags | _DONTWAIT),
+                backoff=True)
             await _send_bytes(sock, fd, view[sent:], flags)
             i += 1
             continue
@@ -362,9 +286,9 @@ async def _send_bytes(sock: Any, fd: int, view: memoryview, flags: int) -> None:
     pos, end = 0, len(view)
     while pos < end:
         if raw is not None:
-            pos += await _retry(fd, True, lambda: raw.send(view[pos:], flags))
+            pos += await call_when_ready(fd, True, lambda: raw.send(view[pos:], flags))
         else:
-            pos += await _retry(fd, True, lambda: _send_fd(fd, view[pos:], flags))
+            pos += await call_when_ready(fd, True, lambda: _send_fd(fd, view[pos:], flags))
 
 
 def _send_fd(fd: int, data: memoryview, flags: int) -> int:
@@ -390,9 +314,24 @@ async def send_fds(sock: Any, buffers: Iterable[Any], fds: Iterable[Any], flags:
         TypeError: bad buffers or descriptors.
         OSError: from the kernel.
     """
-    fd, type = _checked(sock)
+    if (type(sock) is _SOCKET and type(flags) is int and 0 <= flags <= _C_INT_MAX
+            and sock.gettimeout() == 0.0 and raw_family(sock) == _AF_UNIX
+            and raw_type(sock) != _STREAM):
+        fd = sock.fileno()
+        if fd >= 0:  # see _SOCKET: an open non-blocking message socket
+            buffer_list, fd_list, flags = list(buffers), list(fds), flags | _DONTWAIT
+            if "trio" not in _modules:
+                try:
+                    return _send_fds_now(sock, buffer_list, fd_list, flags, address)
+                except BlockingIOError:
+                    return await call_when_ready(fd, True, lambda: _send_fds_now(
+                        sock, buffer_list, fd_list, flags, address), backoff=True, blocked=True)
+            return await call_when_ready(
+                fd, True, lambda: _send_fds_now(sock, buffer_list, fd_list, flags, address),
+                backoff=True)
+    fd, kind = _checked(sock)
     flags = _checks.msg_flags(flags)
-    if type == socket.SOCK_STREAM:
+    if kind == _STREAM:
         data = b"".join(memoryview(b) for b in buffers)
         fd_list = list(fds)
         if address is not None:
@@ -404,7 +343,7 @@ async def send_fds(sock: Any, buffers: Iterable[Any], fds: Iterable[Any], flags:
     buffer_list = list(buffers)
     fd_list = list(fds)
     flags |= _DONTWAIT
-    return await _retry(
+    return await call_when_ready(
         fd, True, lambda: _send_fds_now(sock, buffer_list, fd_list, flags, address), backoff=True)
 
 
@@ -425,9 +364,24 @@ async def recv_many(sock: Any, max_messages: int, bufsize: int, flags: int = 0, 
         TypeError: bad arguments.
         OSError: from the kernel.
     """
+    if (type(sock) is _SOCKET and type(flags) is int and 0 <= flags <= _C_INT_MAX
+            and sock.gettimeout() == 0.0 and raw_family(sock) == _AF_UNIX
+            and type(maxfds) is int and maxfds == 0):
+        fd = sock.fileno()
+        if fd >= 0:  # see _SOCKET: an open non-blocking socket
+            flags |= _DONTWAIT
+            if "trio" not in _modules:
+                try:
+                    return _recv_many_now(sock, max_messages, bufsize, flags)
+                except BlockingIOError:
+                    return await call_when_ready(
+                        fd, False, lambda: _recv_many_now(sock, max_messages, bufsize, flags),
+                        blocked=True)
+            return await call_when_ready(
+                fd, False, lambda: _recv_many_now(sock, max_messages, bufsize, flags))
     fd, _ = _checked(sock)
     flags = _checks.msg_flags(flags) | _DONTWAIT
-    return await _retry(
+    return await call_when_ready(
         fd, False, lambda: _recv_many_now(sock, max_messages, bufsize, flags, maxfds=maxfds))
 
 
@@ -449,7 +403,7 @@ async def recv_batch(sock: Any, batch: RecvBatch, flags: int = 0) -> int:
         raise TypeError("batch must be an afunix.RecvBatch, not %s" % type(batch).__name__)
     fd, _ = _checked(sock)
     flags = _checks.msg_flags(flags) | _DONTWAIT
-    return await _retry(fd, False, lambda: batch.recv(sock, flags))
+    return await call_when_ready(fd, False, lambda: batch.recv(sock, flags))
 
 
 async def recv_fds(sock: Any, bufsize: int, maxfds: int, flags: int = 0
@@ -466,9 +420,23 @@ async def recv_fds(sock: Any, bufsize: int, maxfds: int, flags: int = 0
         ValueError: a blocking socket; bad sizes.
         OSError: from the kernel.
     """
+    if (type(sock) is _SOCKET and type(flags) is int and 0 <= flags <= _C_INT_MAX
+            and sock.gettimeout() == 0.0 and raw_family(sock) == _AF_UNIX):
+        fd = sock.fileno()
+        if fd >= 0:  # see _SOCKET: an open non-blocking socket
+            flags |= _DONTWAIT
+            if "trio" not in _modules:
+                try:
+                    return _recv_fds_now(sock, bufsize, maxfds, flags)
+                except BlockingIOError:
+                    return await call_when_ready(
+                        fd, False, lambda: _recv_fds_now(sock, bufsize, maxfds, flags),
+                        blocked=True)
+            return await call_when_ready(
+                fd, False, lambda: _recv_fds_now(sock, bufsize, maxfds, flags))
     fd, _ = _checked(sock)
     flags = _checks.msg_flags(flags) | _DONTWAIT
-    return await _retry(fd, False, lambda: _recv_fds_now(sock, bufsize, maxfds, flags))
+    return await call_when_ready(fd, False, lambda: _recv_fds_now(sock, bufsize, maxfds, flags))
 
 
 # ---- connections ------------------------------------------------------------
@@ -489,7 +457,7 @@ async def accept(listening_sock: socket.socket) -> Tuple[socket.socket, Any]:
     if not isinstance(listening_sock, socket.socket):
         raise TypeError("expected a socket.socket, not %s" % type(listening_sock).__name__)
     fd, _ = _checked(listening_sock)
-    conn, address = await _retry(fd, False, listening_sock.accept)
+    conn, address = await call_when_ready(fd, False, listening_sock.accept)
     try:
         conn.setblocking(False)
     except BaseException:
@@ -517,33 +485,37 @@ async def connect(address: Address, type: int = socket.SOCK_STREAM) -> socket.so
     """
     raw, _ = encode_address(address)
     kind = _checks.supported_socket_type(type)
-    trio_support = _trio_running()
-    if trio_support is not None:
-        await trio_support.checkpoint_if_cancelled()
-    pause = 0.001
-    while True:
-        sock = socket.socket(socket.AF_UNIX, kind)
+    # A full backlog answers EAGAIN (nothing to wait on): a growing pause
+    sock, in_progress = await call_when_ready(
+        None, True, lambda: _connect_now(raw, kind), backoff=True)
+    if in_progress:
+        # Not Linux (its AF_UNIX connect never is in progress): wait, then ask.
         try:
-            sock.setblocking(False)
-            try:
-                sock.connect(raw)
-                return sock
-            except BlockingIOError as exc:
-                if exc.errno != errno.EINPROGRESS:
-                    raise
-                # Not Linux (its AF_UNIX connect never is in progress): wait, then ask.
-                await _wait(sock.fileno(), True)
-                err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                if err:
-                    raise OSError(err, os.strerror(err)) from None
-                return sock
-        except BlockingIOError:
-            sock.close()  # EAGAIN: the backlog is full; retry below
+            await wait(sock.fileno(), True)
+            err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                raise OSError(err, os.strerror(err)) from None
         except BaseException:
             sock.close()
             raise
-        await _sleep(pause)
-        pause = min(pause * 2, 0.05)
+    return sock
+
+
+def _connect_now(raw: Any, kind: int) -> Tuple[socket.socket, bool]:
+    """A new non-blocking socket connected (or connecting: True) to `raw`; none left open on error."""
+    sock = socket.socket(socket.AF_UNIX, kind)
+    try:
+        sock.setblocking(False)
+        try:
+            sock.connect(raw)
+            return sock, False
+        except BlockingIOError as exc:
+            if exc.errno != errno.EINPROGRESS:
+                raise  # EAGAIN: the backlog is full
+            return sock, True
+    except BaseException:
+        sock.close()
+        raise
 
 
 # ---- the message Channel ----------------------------------------------------
@@ -626,7 +598,7 @@ class Channel:
         sent = 0
         while sent < len(items):
             rest = items[sent:] if sent else items
-            sent += await _retry(self._fd, True, lambda: self._ch.send_many(rest))
+            sent += await call_when_ready(self._fd, True, lambda: self._ch.send_many(rest))
         if self._flush_after_send:
             await self.flush()
         return sent
@@ -634,7 +606,7 @@ class Channel:
     async def flush(self) -> None:
         """Write every accepted message still waiting, waiting for writability as needed."""
         while self._ch.flush():
-            await _wait(self._fd, True)
+            await wait(self._fd, True)
 
     # ---- receive ----------------------------------------------------------------
     #
@@ -645,8 +617,8 @@ class Channel:
     # system call, as the synchronous receive takes them.
 
     async def _try(self, call: Callable[[], Any]) -> Any:
-        # (under trio a checkpoint, as every other call; see _retry)
-        return await _retry(self._fd, False, call)
+        # (under trio a checkpoint, as every other call; see call_when_ready)
+        return await call_when_ready(self._fd, False, call)
 
     async def recv(self) -> bytes:
         """Receive one message (descriptors that came with it are closed).

@@ -16,6 +16,15 @@ its own asyncio event loop:
 
 In both, the afunix columns send with ``afunix.aio.send_many`` (a batch a
 call) and receive with ``afunix.aio.recv_batch`` (no object per message).
+
+Two more, one call per message, 64-byte messages on SEQPACKET, measure the
+async single calls against their asyncio twins; the other side is the same
+plain C batch loop in every column, so each row measures one call:
+
+- ``aio-single-send``: ``await afunix.aio.send_many(sock, [m])`` against
+  ``await loop.sock_sendall(sock, m)``;
+- ``aio-single-recv``: ``await afunix.aio.recv_many(sock, 1, size)``
+  against ``await loop.sock_recv(sock, size)``.
 The C column of ``asyncio-sock`` is the plain C sendmmsg/recvmmsg loop on
 the same SEQPACKET pair; ``asyncio`` has none (its plain C program, a stream
 of 64-byte writes, is the row ``stream 64 B x256``).  The workloads and
@@ -114,6 +123,45 @@ def recv_aio_stream(sock: socket.socket, count: int, row: Row) -> Received:
                 else:
                     checker.feed(view, n)
         return Received(got + checker.pos // size, whole + checker.total)
+
+    return _run(main)
+
+
+def send_one_aio(sock: socket.socket, count: int, row: Row) -> Received:
+    """afunix.aio.send_many(sock, [m]) once per message."""
+    aio = afunix.aio
+    sock.setblocking(False)
+    buf = bytearray(row.size)
+    messages, pack = [buf], _SEQ.pack_into
+
+    async def main() -> Received:
+        send_many = aio.send_many
+        for i in range(count):
+            pack(buf, 0, i)
+            await send_many(sock, messages)
+        return Received(count)
+
+    return _run(main)
+
+
+def recv_one_aio(sock: socket.socket, count: int, row: Row) -> Received:
+    """afunix.aio.recv_many(sock, 1, size) once per message."""
+    aio = afunix.aio
+    sock.setblocking(False)
+    unpack, size = _SEQ.unpack_from, row.size
+
+    async def main() -> Received:
+        recv_many = aio.recv_many
+        total = 0
+        for i in range(count):
+            got = await recv_many(sock, 1, size)
+            if not got:
+                return Received(i, total)
+            data = got[0].data
+            if len(data) != size:
+                raise Mismatch("a message of %d bytes, %d expected" % (len(data), size))
+            total += unpack(data)[0]
+        return Received(count, total)
 
     return _run(main)
 

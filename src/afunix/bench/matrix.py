@@ -73,6 +73,8 @@ MATRIX: tuple[Row, ...] = (
     Row("pingpong", size=64, batch=1),
     Row("asyncio", size=64, batch=256, quick=False),
     Row("asyncio-sock", size=64, batch=256, quick=False),
+    Row("aio-single-send", size=64, batch=1, quick=False),
+    Row("aio-single-recv", size=64, batch=1, quick=False),
     # the messaging section: afunix.Channel against what Python programs use
     # for messaging today (channel_workloads.py, peers.py)
     Row("chan-batched", size=64, batch=256),

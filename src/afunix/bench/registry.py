@@ -122,6 +122,18 @@ TABLE: Tuple[Entry, ...] = (
                    c="sendmmsg / recvmmsg on the same SEQPACKET pair, blocking, no event loop"),
           _afunix_too({"base": (aio.send_sock, aio.recv_sock), "c": (w.send_c, w.recv_c)},
                       (aio.send_aio, aio.recv_aio))),
+    Entry(Workload("aio-single-send", "aio 1-send", "messages", _SEQPACKET, "msgs/s", ("aio",),
+                   base="await loop.sock_sendall(sock, m) per message (receiver: plain C"
+                        " recvmmsg in every column)",
+                   afunix="await afunix.aio.send_many(sock, [m]) per message"),
+          _afunix_too({"base": (aio.send_sock, single.recv_c_batched)},
+                      (aio.send_one_aio, single.recv_c_batched))),
+    Entry(Workload("aio-single-recv", "aio 1-recv", "messages", _SEQPACKET, "msgs/s", ("aio",),
+                   base="await loop.sock_recv(sock, size) per message (sender: plain C"
+                        " sendmmsg in every column)",
+                   afunix="await afunix.aio.recv_many(sock, 1, size) per message"),
+          _afunix_too({"base": (single.send_c_batched, aio.recv_sock)},
+                      (single.send_c_batched, aio.recv_one_aio))),
     # ---- the message channel (channel_workloads.py)
     _chan("chan-batched", "CHAN/framed", _STREAM, _FRAMED_TEXT, _CHAN_BATCHED_TEXT,
           (chan.framed_send_stdlib, chan.framed_recv_stdlib),
