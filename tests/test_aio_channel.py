@@ -204,3 +204,38 @@ def test_iteration_and_the_other_receives_take_from_one_place(
             os.close(null)
 
     run(main())
+
+
+def test_leaving_async_with_writes_what_is_buffered(run: Runner[Any], fd_baseline: set[int]) -> None:
+    # More than the socket takes at once waits in the write buffer; leaving
+    # the block must write it all (waiting on the loop), not drop what a
+    # single non-blocking try could not write.
+    async def main() -> None:
+        a, b = aio.channel_pair(write_buffer=16 << 20)
+        messages = [bytes([i % 256]) * 4096 for i in range(1024)]  # 4 MiB
+
+        async def sender() -> None:
+            async with a:
+                assert await a.send_many(messages) == len(messages)
+                assert a.pending > 0  # still buffered when the block ends
+
+        async with b:
+            task = asyncio.ensure_future(sender())
+            got = [m async for m in b]
+            await task
+        assert got == messages
+
+    run(main())
+
+
+def test_leaving_async_with_by_an_exception_closes_without_waiting(run: Runner[Any]) -> None:
+    async def main() -> None:
+        a, b = aio.channel_pair(write_buffer=16 << 20)
+        with pytest.raises(KeyError):
+            async with a:
+                await a.send_many([b"x" * 4096] * 1024)
+                raise KeyError("the block failed")
+        assert a.closed
+        b.close()
+
+    run(main())

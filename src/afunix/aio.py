@@ -679,8 +679,21 @@ class Channel:
     async def __aenter__(self) -> "Channel":
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        self.close()
+    async def __aexit__(self, exc_type: Optional[type], *exc: object) -> None:
+        """Leaving the block normally writes what is pending first, waiting on the loop.
+
+        close() alone makes one non-blocking try, as the synchronous channel
+        does on a non-blocking socket; here the rest would be dropped in the
+        middle of a frame.  When the block raised, or the peer is gone,
+        the channel is closed without waiting.
+        """
+        try:
+            if exc_type is None and not self.closed:
+                await self.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # nobody would read them, as close() says
+        finally:
+            self.close()
 
 
 def channel_pair(type: int = socket.SOCK_STREAM, **options: Any) -> Tuple[Channel, Channel]:
