@@ -14,10 +14,13 @@ from __future__ import annotations
 import array
 import contextlib
 import errno
+import gc
 import inspect
 import os
 import socket
 import sys
+import threading
+import time
 from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import pytest
@@ -703,3 +706,43 @@ def test_a_dgram_send_to_a_closed_peer_is_refused_as_by_sock_send(name: str, tmp
                 send(client)
             results.append((type(info.value), info.value.args))
     assert results[1] == results[0] == (ConnectionRefusedError, (errno.ECONNREFUSED, os.strerror(errno.ECONNREFUSED)))
+
+
+def test_a_bytearray_resized_during_a_blocked_send_never_sends_other_memory() -> None:
+    # On CPython the send's buffer export makes the resize fail (BufferError);
+    # on PyPy an export does not pin, the bytearray moves, and a send reading
+    # the old storage after the wait put freed memory on the wire.
+    size = 4096
+    for _ in range(5):
+        a, b = socket.socketpair(socket.AF_UNIX, SEQPACKET)
+        with a, b:
+            a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+            a.setblocking(False)
+            queued = 0
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    a.send(b"f" * 1024)
+                    queued += 1
+            a.setblocking(True)
+            data = bytearray(b"A" * size)
+            results: List[Any] = []
+
+            def send() -> None:
+                try:
+                    results.append(afunix.send_many(a, [data]))
+                except Exception as exc:  # noqa: BLE001 - reported below
+                    results.append(exc)
+            thread = threading.Thread(target=send)
+            thread.start()
+            time.sleep(0.05)  # the sender waits for room in the kernel
+            with contextlib.suppress(BufferError):
+                del data[:]
+                data.extend(b"B" * 4 * size)
+                litter = [bytearray(b"Z" * size) for _ in range(2000)]
+                gc.collect()
+                del litter
+            for _ in range(queued):
+                b.recv(2048)
+            thread.join(10)
+            assert results == [1]
+            assert b.recv(8 * size) == b"A" * size

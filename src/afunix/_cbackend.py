@@ -218,6 +218,25 @@ _recv_many = lib.afunix_recv_many
 _unpack = ffi.unpack
 
 
+def _exports_pin() -> bool:
+    """Whether a buffer export stops a resize (CPython: BufferError; PyPy: no, the bytearray moves)."""
+    probe = bytearray(1)
+    view = memoryview(probe)
+    try:
+        probe.append(0)
+    except BufferError:
+        return True
+    finally:
+        view.release()
+    return False
+
+
+#: Where an export does not pin (PyPy), another thread can resize a
+#: bytearray while C reads it with the GIL let go: the fast sends hand C a
+#: bytes copy made under the GIL instead, as the careful path's join does.
+_PINS = _exports_pin()
+
+
 def _would_block() -> OSError:
     # what _check makes of -EAGAIN: the careful path raises exactly this
     return OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
@@ -238,7 +257,8 @@ def try_send_one(sock: socket.socket, data: Any, flags: int) -> int:
     """One send(2) of `data` (bytes, bytearray, C-contiguous memoryview) on a message socket.
 
     Returns the bytes sent, or -1: the careful path sends it.  A bytearray
-    or memoryview is pinned and measured by ffi.from_buffer for the call.
+    or memoryview is pinned and measured by ffi.from_buffer for the call
+    (copied, where an export does not pin: see _PINS).
     """
     fd = sock.fileno()
     if fd < 0 or _family_of(sock) != _AF_UNIX or _type_of(sock) == _STREAM:
@@ -248,9 +268,12 @@ def try_send_one(sock: socket.socket, data: Any, flags: int) -> int:
         flags |= _DONTWAIT  # a timeout is waited out by the careful path
     if type(data) is bytes:
         rc = _send_one(fd, data, len(data), flags)
-    else:
+    elif _PINS:
         buf = _from_buffer(data)
         rc = _send_one(fd, buf, len(buf), flags)
+    else:
+        copy = bytes(data)
+        rc = _send_one(fd, copy, len(copy), flags)
     if rc >= 0:
         return int(rc)
     return _hand_on(rc, timeout)
@@ -268,7 +291,7 @@ def try_send_fds(sock: socket.socket, data: Any, fds: tuple[int, ...], flags: in
     timeout = sock.gettimeout()
     if timeout is not None:
         flags |= _DONTWAIT
-    buf = data if type(data) is bytes else _from_buffer(data)
+    buf = data if type(data) is bytes else _from_buffer(data) if _PINS else bytes(data)
     rc = _send_message(fd, buf, len(buf), fds if fds else _NULL, len(fds), _NULL, flags)
     if rc >= 0:
         return int(rc)
