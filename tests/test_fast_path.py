@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator, List, Optional, Tuple
 import pytest
 
 import afunix
-from afunix import _backend
+from afunix import _backend, receive
 
 from conftest import open_fds
 
@@ -746,3 +746,32 @@ def test_a_bytearray_resized_during_a_blocked_send_never_sends_other_memory() ->
             thread.join(10)
             assert results == [1]
             assert b.recv(8 * size) == b"A" * size
+
+
+def test_a_thread_keeps_small_arenas_as_spares_and_no_large_ones() -> None:
+    # A thread that receives with many sizes in turn swaps small arenas
+    # instead of making one per call, but keeps no spare of a large size:
+    # eight 256 MiB spares were 2 GiB of address space per thread.
+
+    def spare_sizes() -> List[int]:
+        mine = receive._arenas
+        return sorted(a.max_messages * a.bufsize for a in mine.spare.values())
+
+    def in_a_thread() -> Tuple[List[int], List[int]]:
+        a, b = afunix.socketpair(socket.SOCK_SEQPACKET)
+        with a, b:
+            for size in (64, 128, 4 << 20, 8 << 20, 256):
+                a.send(b"x")
+                assert afunix.recv_many(b, 1, size)[0].data == b"x"
+            small = spare_sizes()
+            a.send(b"y")
+            assert afunix.recv_many(b, 1, 128)[0].data == b"y"  # a spare, taken back
+            return small, spare_sizes()
+
+    out: List[Any] = []
+    t = threading.Thread(target=lambda: out.append(in_a_thread()))
+    t.start()
+    t.join()
+    small, after = out[0]
+    assert small == [64, 128]  # 4 and 8 MiB were dropped, 256 is the current one
+    assert after == [64, 256]
