@@ -46,10 +46,14 @@ def _forget_parents_unsent() -> None:
     Buffered messages and the tail of a partly written one are copied into
     the child with the rest of its memory; written from both processes
     (each one's close() or flush()), they would reach the peer twice.
+    The claims of the parent's other threads go too: those threads do not
+    exist here, and a claim they held would refuse every call of the child
+    on that side.  A receive they were in left the reader as an exception
+    would (every receive gives over with stores only).
     """
     for ch in list(_channels):
         ch._writer.drop_unsent()
-        ch._busy.pop(SENDING, None)  # a parent's thread in a send does not exist here
+        ch._busy.clear()
 
 
 if hasattr(os, "register_at_fork"):
