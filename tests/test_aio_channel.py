@@ -243,7 +243,8 @@ def test_leaving_async_with_by_an_exception_closes_without_waiting(run: Runner[A
     run(main())
 
 
-def test_a_close_by_another_task_ends_the_wait_of_leaving_async_with(run: Runner[Any], fd_baseline: set[int]) -> None:
+def test_a_close_by_another_task_ends_the_wait_of_leaving_async_with(
+        run: Runner[Any], fd_baseline: set[int]) -> None:
     # Leaving the block waits for the peer to take what is buffered; a
     # close() from another task meanwhile ends that wait.  Before, the
     # descriptor was closed under the loop's writer callback, which then
@@ -269,7 +270,8 @@ def test_a_close_by_another_task_ends_the_wait_of_leaving_async_with(run: Runner
     run(main())
 
 
-def test_a_receive_waiting_when_another_task_closes_the_channel_raises(run: Runner[Any], fd_baseline: set[int]) -> None:
+def test_a_receive_waiting_when_another_task_closes_the_channel_raises(
+        run: Runner[Any], fd_baseline: set[int]) -> None:
     async def main() -> None:
         a, b = aio.channel_pair()
         task = asyncio.ensure_future(b.recv())
