@@ -784,14 +784,7 @@ def bare_calls(sock: socket.socket, size: int
 
 
 def chan_hold(rx: ChanRx, nbytes: int, fds: list[int], flags: int) -> None:
-    """Record `nbytes` already placed at rx.s.end, with `fds` and the msg `flags`, as chan_recv records a read.
-
-    The way bytes that did not come from a socket enter a channel's receive
-    state (afunix.codec.FrameReader.feed).  `fds` are held from here on.
-    Refuses, as chan_recv does, with ENOBUFS when no slot is free (or with
-    more than SCM_MAX_FD descriptors): then nothing is recorded and `fds`
-    stay the caller's.  The caller checks that the bytes fit the buffer.
-    """
+    """The contract's chan_hold (_contract.Backend), in this backend's receive state."""
     s = rx.s
     if rx.inbox:
         # a read an interrupted chan_recv left is not taken in yet: the
