@@ -19,6 +19,7 @@ import afunix
 import afunix.aio as aio
 from afunix import Message, _aiowait
 from conftest import open_fds
+from test_aio import drain
 
 pytestmark = pytest.mark.anyio
 
@@ -39,16 +40,6 @@ def fill(sock: socket.socket) -> int:
             return n
 
 
-def drain(sock: socket.socket) -> List[Message]:
-    out: List[Message] = []
-    while True:
-        try:
-            got = afunix.recv_many(sock, 1024, 65536, maxfds=8)
-        except BlockingIOError:
-            return out
-        if not got:
-            return out
-        out.extend(got)
 
 
 async def until_waiting(fd: int, writable: bool = False) -> None:
