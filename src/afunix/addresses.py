@@ -111,8 +111,9 @@ def encode_address(address: Any) -> Tuple[bytes, bool]:
     """`address` as (sun_path bytes, is_abstract): the one encoder of every address afunix takes.
 
     A path (str, bytes, os.PathLike) or the stdlib's abstract form
-    ``b"\\0" + name``.  listen, connect and every send with a destination
-    go through it, so all refuse the same bad addresses the same way.
+    ``b"\\0" + name``.  listen and connect go through it, so both refuse
+    the same bad addresses the same way; a send's destination is the
+    kernel's to judge (`encode_destination`).
 
     Raises:
         TypeError, ValueError: not an address, empty, a NUL inside a path, or
@@ -153,6 +154,7 @@ def encode_address(address: Any) -> Tuple[bytes, bool]:
 def encode_destination(address: Any) -> bytes:
     """sun_path bytes of a send's destination: as `socket.sendto` takes it.
 
+    str, bytes, a bytes-like object (bytearray, memoryview) or os.PathLike.
     The type and the length are checked (TypeError, ValueError, before any
     system call); the rest is the kernel's to judge, as for the stdlib: an
     empty address is its EINVAL, ``b"\\0"`` (the empty abstract name a peer
@@ -164,13 +166,25 @@ def encode_destination(address: Any) -> bytes:
     try:
         raw = os.fsencode(os.fspath(address))
     except TypeError:
-        raise TypeError(
-            "address must be str, bytes or os.PathLike, not %s" % type(address).__name__
-        ) from None
+        raw = _buffer_bytes(address)
     limit = MAX_PATH_BYTES + (1 if raw[:1] == b"\0" else 0)
     if len(raw) > limit:
         raise ValueError("AF_UNIX address is %d bytes, the limit is %d" % (len(raw), limit))
     return raw
+
+
+def _buffer_bytes(address: Any) -> bytes:
+    """A bytes-like destination (bytearray, memoryview, array) as bytes: sendto takes them too."""
+    try:
+        with memoryview(address) as view:
+            if view.c_contiguous:
+                return view.tobytes()
+    except TypeError:
+        pass
+    raise TypeError(
+        "address must be str, bytes, a bytes-like object or os.PathLike, not %s"
+        % type(address).__name__
+    )
 
 
 def _checked_timeout(timeout: Any) -> Optional[float]:

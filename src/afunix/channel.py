@@ -99,7 +99,8 @@ class Channel:
         # its own claim, with no call in between (from CPython 3.11 pending
         # signals and thread switches are taken only at calls and backward
         # jumps): an exception at any point, a handler's KeyboardInterrupt
-        # included, never leaves the side claimed.  The release reads the
+        # included, never leaves the side claimed (before 3.11 and on PyPy
+        # a handler may run inside the release: docs/channel.md).  The release reads the
         # claim once and catches KeyError rather than testing `in` first:
         # a refused caller's finally runs while the holder may release
         # between any two steps (PyPy and CPython before 3.11 switch
