@@ -15,7 +15,7 @@ import array
 import errno
 import os
 import socket
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 from . import _backend, _checks
 from ._contract import Backend
@@ -101,7 +101,7 @@ class FrameReader:
     __slots__ = ("closed", "impl", "max_frame", "seqpacket", "buffer", "view", "start", "rx", "rs",
                  "reads", "table", "next", "parsed", "batch", "broken", "copies", "copied_from",
                  "ncopied", "eof", "max_region", "max_slots", "on_return", "lane", "lane_msg",
-                 "lane_held", "returns", "__weakref__")
+                 "lane_held", "returns", "applied", "scanned", "__weakref__")
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, seqpacket: bool = False,
                  backend: Optional[Backend] = None, *, max_region: int = MAX_REGION_SIZE,
@@ -121,6 +121,10 @@ class FrameReader:
         self.lane_msg: Optional[SlotMessage] = None
         self.lane_held: List[Slot] = []
         self.returns: List[Slot] = []
+        # RETURN frames applied ahead of the messages before them (stream
+        # offsets, see scan_returns), and where that scan stopped
+        self.applied: Set[int] = set()
+        self.scanned = 0
         # bytes [start, rs.end) of buffer are not parsed yet; rs.base is the
         # stream offset of buffer[0] (descriptors are matched to frames by
         # stream offset).  rx is the backend's receive state: the bytes (end)
@@ -366,6 +370,8 @@ class FrameReader:
                 return 1
             if kind == KIND_REGION:
                 self._adopt(unpack_region(payload), fdslot)
+            elif at in self.applied:
+                self.applied.discard(at)  # applied by scan_returns already
             else:
                 self._returned(unpack_pairs(payload))
             self.start = start + HEADER_SIZE + length
@@ -375,6 +381,53 @@ class FrameReader:
         """Fail on the header at `start`, saying why when there is more to say than its bytes."""
         self.fail("malformed frame header %s%s" % (
             self.buffer[self.start:self.start + HEADER_SIZE].hex(), ": " + why if why else ""))
+
+    def scan_returns(self) -> int:
+        """Apply the RETURN frames among the bytes held and not parsed yet; how many were applied.
+
+        For a sender waiting for room while messages it has not received
+        are ahead of the peer's RETURN frames (a RETURN is not a message:
+        docs/PROTOCOL.md lets it be acted on at once).  Touches nothing the
+        take_* calls hand out: it only reads headers from the first byte
+        not parsed on, and stops at an incomplete frame or at any header
+        it would not parse (the parse in order reports that one).  The
+        parse in order skips a RETURN frame applied here.
+        """
+        if self.closed or self.on_return is None:
+            return 0
+        rs = self.rs
+        buf = self.buffer
+        end = rs.end
+        pos = max(self.start, self.scanned - rs.base)
+        applied = 0
+        while end - pos >= HEADER_SIZE:
+            length, k, kind, version, magic = unpack_header(buf, pos)
+            if magic != MAGIC or k > SCM_MAX_FD or version not in (1, LANE_VERSION):
+                break
+            if version == 1:
+                if kind or length > self.max_frame:
+                    break
+            elif kind == KIND_RETURN:
+                if (k or not length or length % PAIR_SIZE
+                        or length > PAIR_SIZE * RETURN_MAX_SLOTS):
+                    break
+            elif _LANE_PAYLOAD.get(kind) != length:
+                break
+            if end - pos - HEADER_SIZE < length:
+                break
+            at = rs.base + pos
+            if kind == KIND_RETURN and version == LANE_VERSION and at not in self.applied:
+                pairs = unpack_pairs(bytes(self.view[pos + HEADER_SIZE:pos + HEADER_SIZE + length]))
+                try:
+                    for offset, size in pairs:
+                        self.on_return(offset, size)
+                except ProtocolError as exc:
+                    self.fail(exc.strerror or "bad returned slot")
+                self.applied.add(at)
+                applied += 1
+            pos += HEADER_SIZE + length
+        self.scanned = rs.base + pos
+        return applied
 
     def _check_lane_header(self, length: int, k: int, kind: int) -> None:
         """Refuse a version-2 header that no payload could make right."""

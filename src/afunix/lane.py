@@ -9,10 +9,11 @@ and takes back the slots the peer returns.  The receiving half is in
 """
 from __future__ import annotations
 
+import threading
 from typing import Any, Iterable, List, Optional, Tuple
 
 from . import _checks
-from .frames import region_frame, return_frames, slot_frame
+from .frames import region_frame, return_frames, slot_frame, unpack_pairs
 from .framewriter import Segment, lane_segment
 from .shm import MAX_REGION_SIZE, RegionWriter
 from .slots import Slot
@@ -31,10 +32,13 @@ class LaneSender:
     for the peer's RETURN frames and passes each slot to `give_back`).
     `announcement` gives the REGION frame, once: it must be the first frame
     this end writes, so that a peer that does not speak version 2 refuses
-    the channel at once.  Not thread-safe: the channel's send side owns it.
+    the channel at once.  The channel's send side owns it; `give_back`
+    may come from the receiving thread (it reads the RETURN frames), so
+    the free space is kept under a lock, and `room` is set whenever slots
+    come back.
     """
 
-    __slots__ = ("region", "threshold", "announced")
+    __slots__ = ("region", "threshold", "announced", "lock", "room")
 
     def __init__(self, size: int, threshold: int = DEFAULT_THRESHOLD) -> None:
         """Raises:
@@ -46,16 +50,21 @@ class LaneSender:
         #: the region, its free space and its slots in flight
         self.region = RegionWriter(size)
         self.announced = False
+        self.lock = threading.Lock()
+        #: set when slots come back (a sender waiting in another thread wakes)
+        self.room = threading.Event()
 
     def wants(self, nbytes: int) -> bool:
         """True when a message of `nbytes` goes through the lane (it fits the region at all)."""
         return self.threshold <= nbytes <= self.region.size
 
     def announcement(self) -> Optional[Segment]:
-        """The REGION frame with the region's descriptor, the first time; then None."""
+        """The REGION frame with the region's descriptor until `announced` is set; then None.
+
+        The caller sets `announced` once the frame's first write went.
+        """
         if self.announced:
             return None
-        self.announced = True
         return lane_segment(region_frame(self.region.size), (self.region.fileno(),))
 
     def try_segment(self, data: Any, fds: Tuple[int, ...] = ()) -> Optional[Segment]:
@@ -64,14 +73,23 @@ class LaneSender:
         Raises:
             ValueError: `data` is empty or larger than the region.
         """
-        slot = self.region.try_copy(data)
+        with self.lock:
+            self.room.clear()
+            slot = self.region.try_copy(data)
         if slot is None:
             return None
         return lane_segment(slot_frame(slot.offset, slot.length, len(fds)), fds)
 
     def give_back(self, offset: int, length: int) -> None:
         """A slot the peer returned (FrameReader's on_return); ProtocolError for one not in flight."""
-        self.region.give_back(offset, length)
+        with self.lock:
+            self.region.give_back(offset, length)
+        self.room.set()
+
+    def abandon(self, seg: Segment) -> None:
+        """The SLOT frame `seg` was not written at all: its slot is free again."""
+        (offset, length), = unpack_pairs(seg.joined)
+        self.give_back(offset, length)
 
     @property
     def in_flight(self) -> int:
