@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import os
+import pickle
 import random
 import socket
 import struct
@@ -317,3 +318,110 @@ def test_an_aio_channel_refuses_a_lane_of_its_own_for_now(clean: None) -> None:
     y.setblocking(False)
     with x, y, pytest.raises(ValueError, match="shm_size"):
         aio.Channel(y, shm_size=MiB)
+
+
+# ---- a peer written from docs/PROTOCOL.md alone, and a hostile one ----------------
+
+
+class DocumentPeer:
+    """The sending end of a lane from the protocol document: struct, socket, os, fcntl, mmap."""
+
+    HEADER = struct.Struct("<IBBBB")
+
+    def __init__(self, sock: socket.socket, size: int, seals: int = 0x7, announced: int = 0) -> None:
+        import fcntl
+        import mmap
+        self.sock = sock
+        self.fd = os.memfd_create("peer", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.ftruncate(self.fd, size)
+        os.posix_fallocate(self.fd, 0, size)
+        if seals:
+            fcntl.fcntl(self.fd, 1033, seals)  # F_ADD_SEALS: SEAL | SHRINK | GROW = 1 | 2 | 4
+        self.map = mmap.mmap(self.fd, size)
+        self.frame(1, struct.pack("<Q", announced or size), [self.fd])
+
+    def frame(self, kind: int, payload: bytes, fds: List[int] = [], version: int = 2) -> None:
+        import array
+        data = self.HEADER.pack(len(payload), len(fds), kind, version, 0xAF) + payload
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+        sent = self.sock.sendmsg([data], anc)
+        self.sock.sendall(data[sent:])
+
+    def slot(self, offset: int, message: bytes) -> None:
+        self.map[offset:offset + len(message)] = message
+        self.frame(2, struct.pack("<QQ", offset, len(message)))
+
+    def returned(self) -> List[Tuple[int, int]]:
+        head = self.sock.recv(8, socket.MSG_WAITALL)
+        length, nfds, kind, version, magic = self.HEADER.unpack(head)
+        assert (nfds, kind, version, magic) == (0, 3, 2, 0xAF) and length % 16 == 0
+        body = self.sock.recv(length, socket.MSG_WAITALL)
+        return list(struct.iter_unpack("<QQ", body))
+
+    def close(self) -> None:
+        self.map.close()
+        os.close(self.fd)
+
+
+def test_a_peer_written_from_the_document_sends_through_its_lane(clean: None) -> None:
+    x, y = afunix.socketpair()
+    b = Channel(x)
+    with b, y:
+        peer = DocumentPeer(y, 1 << 20)
+        try:
+            peer.slot(4096, b"from the document" * 1000)
+            peer.frame(0, b"inline", version=1)
+            assert b.recv() == b"from the document" * 1000
+            assert peer.returned() == [(4096, 17000)]
+            assert b.recv() == b"inline"
+            peer.slot(4096, b"again")  # the returned slot, reused
+            batch = b.recv_batch()
+            assert bytes(batch[0]) == b"again"
+            y.sendall(struct.pack("<IBBBB", 1, 0, 0, 1, 0xAF) + b"!")
+            assert b.recv() == b"!"  # the batch's slot goes back at this receive
+            assert peer.returned() == [(4096, 5)]
+        finally:
+            peer.close()
+
+
+@pytest.mark.parametrize("how, match", [
+    ("unsealed", "not sealed"),
+    ("size", "announced"),
+    ("second", "second REGION"),
+    ("overlap", "overlaps"),
+    ("range", "out of range"),
+])
+def test_a_hostile_peer_gets_a_protocol_error_and_nothing_leaks(how: str, match: str,
+                                                                 clean: None) -> None:
+    x, y = afunix.socketpair()
+    b = Channel(x)
+    maps = region_mappings()
+    with b, y:
+        peer = DocumentPeer(y, 1 << 16, seals=0 if how == "unsealed" else 0x7,
+                            announced=(1 << 17) if how == "size" else 0)
+        others: List[DocumentPeer] = []
+        try:
+            if how == "second":
+                others.append(DocumentPeer(y, 1 << 16))
+            elif how == "overlap":
+                peer.slot(0, b"a" * 5000)
+                batch = b.recv_batch()
+                export = pickle.PickleBuffer(batch.buffer)  # the slot stays held
+                y.sendall(struct.pack("<IBBBB", 1, 0, 0, 1, 0xAF) + b"!")
+                assert b.recv() == b"!"
+                peer.slot(4096, b"b" * 10)
+            elif how == "range":
+                peer.frame(2, struct.pack("<QQ", (1 << 16) - 5, 10))
+            with pytest.raises(afunix.ProtocolError, match=match):
+                while True:
+                    b.recv()
+            assert b.closed
+            if how == "overlap":
+                export.release()
+                del batch, export
+        finally:
+            peer.close()
+            for other in others:
+                other.close()
+    gc.collect()
+    assert region_mappings() == maps
