@@ -425,3 +425,25 @@ def test_a_hostile_peer_gets_a_protocol_error_and_nothing_leaks(how: str, match:
                 other.close()
     gc.collect()
     assert region_mappings() == maps
+
+
+def test_many_messages_through_the_lane_keep_descriptors_and_mappings_flat(clean: None) -> None:
+    from conftest import open_fds
+
+    a, b = channel_pair(shm_size=256 * KiB, shm_threshold=1 * KiB, max_frame=64 * KiB)
+    with a, b:
+        message = b"s" * 70 * KiB  # over max_frame: every one through a slot
+        # both regions announced and adopted (b announces its own before its
+        # first frame, the RETURN): the count to keep
+        a.send(message)
+        assert b.recv() == message
+        b.send(b"hi")
+        assert a.recv() == b"hi"
+        fds_before, maps_before = len(open_fds()), region_mappings()
+        t = threading.Thread(target=lambda: [b.recv_batch() for _ in range(5000)])
+        t.start()
+        for _ in range(5000):
+            a.send(message)
+        t.join(60)
+        assert len(open_fds()) == fds_before and region_mappings() == maps_before
+        assert a._lane is not None and a._lane.in_flight <= 3
