@@ -128,6 +128,12 @@ class FrameBatch:
     ``start + HEADER_SIZE + i * (size + HEADER_SIZE)``.  Valid until the next
     receive on the channel.  Descriptors of message i are handed over by
     ``fds(i)``; those not taken are closed at the next receive or close.
+
+    A message that came through the peer's shared-memory lane is a batch of
+    its own: `buffer` is its slot of the peer's region (read-only),
+    `offsets` and `lengths` have format "Q" (a slot may hold more than 4 GiB),
+    and ``buffer[start:end]`` is the message, with no header.  The slot goes
+    back to the peer at the next receive, and the view is released then.
     """
 
     __slots__ = ("buffer", "offsets", "lengths", "size", "start", "end", "_take")
