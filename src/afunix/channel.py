@@ -224,7 +224,10 @@ class Channel:
 
     def _send(self, data: Any, fds: Iterable[Any]) -> None:
         w = self._writer
-        if self._lane is not None:
+        lane = self._lane
+        if lane is not None and (fds or type(data) is not bytes or not lane.announced
+                                 or len(data) >= lane.threshold):
+            # the lane's frame, or its REGION frame first: the plan of _send_lane
             self._send_many([data if not fds else Message(data, tuple(checked_fds(fds)))])
             return
         if type(data) is bytes and not fds and not self._closed:
