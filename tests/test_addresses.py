@@ -1407,3 +1407,47 @@ def test_default_timeout_also_waits_out_a_full_backlog(short_dir: str, fd_baseli
             for c in queued:
                 c.close()
     assert srv.fileno() == -1
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_an_interrupt_after_any_call_while_taking_the_lock_leaves_it_free(
+    short_dir: str, monkeypatch: pytest.MonkeyPatch, fd_baseline: set[int],
+) -> None:
+    # Ctrl-C (an exception from a signal handler) while the listen lock is
+    # taken.  CPython runs a handler right after a C function returns, so
+    # the exception is raised there: after every such call made while the
+    # lock is taken, in turn.  Not right after os.open itself: no Python
+    # code can take a descriptor from os.open before a handler may run (the
+    # stdlib's open() has the same window).
+    monkeypatch.setattr(pathlock, "LOCK_WAIT", 0.3)
+    raw = os.fsencode(os.path.join(short_dir, "s"))
+    callers = {f.__code__ for f in (pathlock._acquire, pathlock.PathLock.__enter__, pathlock._open,
+                                    pathlock._create, pathlock._still_named)}
+    k = 0
+    while True:
+        k += 1
+        seen = [0]
+
+        def profile(frame: Any, event: str, arg: Any) -> None:
+            if event == "c_return" and frame.f_code in callers and arg is not os.open:
+                seen[0] += 1
+                if seen[0] == k:
+                    raise _Interrupt()
+
+        sys.setprofile(profile)
+        try:
+            with pathlock.PathLock(raw):
+                interrupted = False
+        except _Interrupt:
+            interrupted = True
+        finally:
+            sys.setprofile(None)
+        if not interrupted:
+            break  # k went past the last call
+        with pathlock.PathLock(raw) as lock:  # at once: EADDRINUSE after 0.3 s if still held
+            assert lock._fd >= 0
+        assert os.listdir(short_dir) == [], k
+    assert k > 5

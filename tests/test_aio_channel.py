@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 
 import afunix
 import afunix.aio as aio
+from afunix import _aiowait
 from test_aio import Runner, run  # noqa: F401  (the loop fixture)
 
 
@@ -237,5 +239,51 @@ def test_leaving_async_with_by_an_exception_closes_without_waiting(run: Runner[A
                 raise KeyError("the block failed")
         assert a.closed
         b.close()
+
+    run(main())
+
+
+def test_a_close_by_another_task_ends_the_wait_of_leaving_async_with(
+        run: Runner[Any], fd_baseline: set[int]) -> None:
+    # Leaving the block waits for the peer to take what is buffered; a
+    # close() from another task meanwhile ends that wait.  Before, the
+    # descriptor was closed under the loop's writer callback, which then
+    # never fired (epoll forgets a closed descriptor): the block never ended.
+    async def main() -> None:
+        a, b = aio.channel_pair(write_buffer=16 << 20)
+
+        async def leave() -> None:
+            async with a:
+                await a.send_many([b"x" * 4096] * 1024)  # the peer reads none
+
+        task = asyncio.ensure_future(leave())
+        for _ in range(1000):
+            if _aiowait.is_waiting(a.fileno(), True):
+                break
+            await asyncio.sleep(0.005)
+        assert _aiowait.is_waiting(a.fileno(), True)
+        a.close()
+        await asyncio.wait_for(task, 10)  # ends, without an error: the channel is closed
+        assert a.closed
+        b.close()
+
+    run(main())
+
+
+def test_a_receive_waiting_when_another_task_closes_the_channel_raises(
+        run: Runner[Any], fd_baseline: set[int]) -> None:
+    async def main() -> None:
+        a, b = aio.channel_pair()
+        task = asyncio.ensure_future(b.recv())
+        for _ in range(1000):
+            if _aiowait.is_waiting(b.fileno(), False):
+                break
+            await asyncio.sleep(0.005)
+        assert _aiowait.is_waiting(b.fileno(), False)
+        b.close()
+        with pytest.raises(OSError) as caught:
+            await asyncio.wait_for(task, 10)
+        assert caught.value.errno == errno.EBADF
+        a.close()
 
     run(main())

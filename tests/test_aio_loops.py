@@ -22,6 +22,7 @@ import afunix
 import afunix.aio as aio
 from afunix import _aiowait
 from afunix import Message, RecvBatch
+from test_aio import drain
 
 pytestmark = pytest.mark.anyio
 
@@ -80,17 +81,6 @@ def same_file(a: int, b: int) -> bool:
     return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
-def drain(sock: socket.socket) -> List[Message]:
-    """Everything queued on a non-blocking socket, synchronously."""
-    out: List[Message] = []
-    while True:
-        try:
-            got = afunix.recv_many(sock, 1024, 65536, maxfds=8)
-        except BlockingIOError:
-            return out
-        if not got:
-            return out
-        out.extend(got)
 
 
 def fill(sock: socket.socket) -> int:

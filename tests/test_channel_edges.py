@@ -516,3 +516,33 @@ def test_messages_received_before_the_fork_are_in_both_copies() -> None:
 
         in_child(child)
         assert b.recv() == b"buffered"
+
+
+@needs_fork
+def test_a_child_forked_while_another_thread_receives_can_receive() -> None:
+    # Before: the parent thread's receiving claim was copied into the child,
+    # where that thread does not exist, and every receive there raised
+    # RuntimeError.
+    a, b = afunix.channel_pair()
+    with a, b:
+        b.socket.settimeout(T)
+        got: List[bytes] = []
+        waiting = threading.Thread(target=lambda: got.append(b.recv()))
+        waiting.start()
+        deadline = time.monotonic() + T
+        while not b._busy and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert b._busy  # the thread is in its receive
+
+        def child() -> None:
+            # (nothing is sent now: the parent's thread would race for it)
+            b.socket.settimeout(0.05)
+            try:
+                b.recv()
+            except (socket.timeout, TimeoutError):
+                pass  # a receive that waited: not refused
+
+        in_child(child)
+        a.send(b"to the parent")
+        waiting.join(T)
+        assert got == [b"to the parent"]

@@ -14,16 +14,19 @@ from __future__ import annotations
 import array
 import contextlib
 import errno
+import gc
 import inspect
 import os
 import socket
 import sys
+import threading
+import time
 from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import pytest
 
 import afunix
-from afunix import _backend
+from afunix import _backend, receive
 
 from conftest import open_fds
 
@@ -635,3 +638,140 @@ def test_the_closed_socket_error_is_the_stdlibs(monkeypatch: pytest.MonkeyPatch)
     with pytest.raises(OSError) as raised:
         afunix.recv_many(b, 1, 8)
     assert raised.value.errno == errno.EBADF
+
+
+# ---- errors the kernel reports once ----------------------------------------
+# A pending socket error (sk_err) is cleared by the call that reports it, and
+# a DGRAM socket whose peer is gone is disconnected by the send that says so.
+# A fast call that met such an error and handed the call on would let the
+# careful path's second system call answer instead: the error would be lost.
+
+def _reset_by_peer() -> socket.socket:
+    """A SEQPACKET socket whose peer closed with a message unread: ECONNRESET pending.
+
+    Linux reports the pending error before the queued message ("kept"),
+    and the end of the stream after it.
+    """
+    a, b = socket.socketpair(socket.AF_UNIX, SEQPACKET)
+    b.send(b"kept")
+    a.send(b"unread")
+    b.close()
+    return a
+
+
+RESET_RECEIVES = {
+    "recv_many": lambda s: afunix.recv_many(s, 1, 100),
+    "recv_fds": lambda s: afunix.recv_fds(s, 100, 1),
+    "RecvBatch.recv": lambda s: afunix.RecvBatch(1, 100).recv(s),
+    "RecvBatch.recv of 4": lambda s: afunix.RecvBatch(4, 100).recv(s),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RESET_RECEIVES))
+def test_a_pending_reset_is_raised_once_as_by_sock_recv(name: str) -> None:
+    receive = RESET_RECEIVES[name]
+    with _reset_by_peer() as twin:
+        with pytest.raises(ConnectionResetError):
+            twin.recv(100)
+        assert twin.recv(100) == b"kept"
+    warm, peer = socket.socketpair(socket.AF_UNIX, SEQPACKET)
+    with warm, peer:
+        peer.send(b"warm")
+        receive(warm)  # the thread's arena of this size exists now: the fast path runs
+    with _reset_by_peer() as sock:
+        with pytest.raises(ConnectionResetError) as info:
+            receive(sock)
+        assert info.value.args == (errno.ECONNRESET, os.strerror(errno.ECONNRESET))
+        assert receive(sock)  # "kept": a message, or a count of one
+
+
+SENDS = {
+    "send_many": lambda s: afunix.send_many(s, [b"x"]),
+    "send_fds": lambda s: afunix.send_fds(s, [b"x"], []),
+    "send_fds with a descriptor": lambda s: afunix.send_fds(s, [b"x"], [0]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SENDS))
+def test_a_dgram_send_to_a_closed_peer_is_refused_as_by_sock_send(name: str, tmp_path: Any) -> None:
+    results = []
+    for send in (lambda s: s.send(b"x"), SENDS[name]):
+        path = str(tmp_path / ("p%d" % len(results)))
+        server = socket.socket(socket.AF_UNIX, DGRAM)
+        server.bind(path)
+        with socket.socket(socket.AF_UNIX, DGRAM) as client:
+            client.connect(path)
+            server.close()
+            with pytest.raises(OSError) as info:
+                send(client)
+            results.append((type(info.value), info.value.args))
+    assert results[1] == results[0] == (ConnectionRefusedError, (errno.ECONNREFUSED, os.strerror(errno.ECONNREFUSED)))
+
+
+def test_a_bytearray_resized_during_a_blocked_send_never_sends_other_memory() -> None:
+    # On CPython the send's buffer export makes the resize fail (BufferError);
+    # on PyPy an export does not pin, the bytearray moves, and a send reading
+    # the old storage after the wait put freed memory on the wire.
+    size = 4096
+    for _ in range(5):
+        a, b = socket.socketpair(socket.AF_UNIX, SEQPACKET)
+        with a, b:
+            a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+            a.setblocking(False)
+            queued = 0
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    a.send(b"f" * 1024)
+                    queued += 1
+            a.setblocking(True)
+            data = bytearray(b"A" * size)
+            results: List[Any] = []
+
+            def send() -> None:
+                try:
+                    results.append(afunix.send_many(a, [data]))
+                except Exception as exc:  # noqa: BLE001 - reported below
+                    results.append(exc)
+            thread = threading.Thread(target=send)
+            thread.start()
+            time.sleep(0.05)  # the sender waits for room in the kernel
+            with contextlib.suppress(BufferError):
+                del data[:]
+                data.extend(b"B" * 4 * size)
+                litter = [bytearray(b"Z" * size) for _ in range(2000)]
+                gc.collect()
+                del litter
+            for _ in range(queued):
+                b.recv(2048)
+            thread.join(10)
+            assert results == [1]
+            assert b.recv(8 * size) == b"A" * size
+
+
+def test_a_thread_keeps_small_arenas_as_spares_and_no_large_ones() -> None:
+    # A thread that receives with many sizes in turn swaps small arenas
+    # instead of making one per call, but keeps no spare of a large size:
+    # eight 256 MiB spares were 2 GiB of address space per thread.
+
+    def spare_sizes() -> List[int]:
+        mine = receive._arenas
+        return sorted(a.max_messages * a.bufsize for a in mine.spare.values())
+
+    def in_a_thread() -> Tuple[List[int], List[int]]:
+        a, b = afunix.socketpair(socket.SOCK_SEQPACKET)
+        with a, b:
+            for size in (64, 128, 4 << 20, 8 << 20, 256):
+                a.send(b"x")
+                assert afunix.recv_many(b, 1, size)[0].data == b"x"
+            small = spare_sizes()
+            a.send(b"y")
+            assert afunix.recv_many(b, 1, 128)[0].data == b"y"  # a spare, taken back
+            return small, spare_sizes()
+
+    out: List[Any] = []
+    t = threading.Thread(target=lambda: out.append(in_a_thread()))
+    t.start()
+    t.join()
+    small, after = out[0]
+    assert small == [64, 128]  # 4 and 8 MiB were dropped, 256 is the current one
+    assert after == [64, 256]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import errno
 import socket
 import struct
 import subprocess
@@ -759,3 +760,32 @@ def test_send_fds_refuses_a_strided_buffer_as_the_stdlib_does() -> None:
             os.close(fd)
         a.close()
         b.close()
+
+
+def test_a_send_takes_the_destinations_socket_sendto_takes(tmp_path: Any) -> None:
+    # The empty abstract name a peer may be bound to (and recv_fds returns
+    # for it) is a destination; an empty address is the kernel's EINVAL; a
+    # path with a NUL inside reaches the path before it: as socket.sendto.
+    peer = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    path = os.path.join(str(tmp_path), "srv")
+    try:
+        peer.bind(b"\0")
+        srv.bind(path)
+        peer.sendto(b"q", path)
+        _, _, _, addr = afunix.recv_fds(srv, 10, 0)
+        assert addr == b"\0"
+        assert afunix.send_fds(srv, [b"reply"], [], address=addr) == 5
+        assert peer.recv(10) == b"reply"
+        afunix.send_many(srv, [afunix.Message(b"again", address=addr)])
+        assert peer.recv(10) == b"again"
+        with pytest.raises(OSError) as stdlib_error:
+            srv.sendto(b"x", b"")
+        with pytest.raises(OSError) as ours:
+            afunix.send_fds(srv, [b"x"], [], address=b"")
+        assert ours.value.errno == stdlib_error.value.errno == errno.EINVAL
+        afunix.send_fds(peer, [b"cut"], [], address=path + "\0junk")
+        assert srv.recv(10) == b"cut"
+    finally:
+        peer.close()
+        srv.close()

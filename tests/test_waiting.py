@@ -37,7 +37,9 @@ def test_a_socket_with_a_timeout_waits_for_data_then_times_out(
         with pytest.raises(socket.timeout):
             _io.call_when_ready(b.fileno(), False, deadline, may_wait, _recv, twin, flags)
         assert time.monotonic() - start < 5.0
-        assert time.monotonic() >= deadline
+        # waited until the deadline: poll() counts in milliseconds, and
+        # PyPy's rounds the last one down (seen ending 0.3 ms early)
+        assert time.monotonic() >= deadline - 0.002
     finally:
         twin.detach()
 

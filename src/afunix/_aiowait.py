@@ -97,6 +97,26 @@ async def wait(fd: int, writable: bool) -> None:
                 loop.remove_reader(fd)
 
 
+def notify_closing(fd: int) -> None:
+    """Wake the tasks of the running loop (or trio run) waiting on `fd`, which is about to close.
+
+    A descriptor closed under a readiness wait never reports ready (epoll
+    drops it silently), so its waiters would wait forever; woken, each
+    tries its call again and meets the closed object's error.  Called
+    outside a running loop: nothing of ours can be waiting there.
+    """
+    trio_support = trio_running()
+    if trio_support is not None:
+        trio_support.notify_closing(fd)
+        return
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    _wake((loop, fd, False))
+    _wake((loop, fd, True))
+
+
 async def call_when_ready(fd: Optional[int], writable: bool, attempt: Callable[[], R],
                           backoff: bool = False, blocked: bool = False) -> R:
     """``attempt()``, tried again once `fd` is ready, until it does not raise BlockingIOError.

@@ -194,9 +194,12 @@ _EINVAL = -errno.EINVAL
 # checked with exact-type tests, makes one cffi call, and answers -1 (None
 # for try_recv_one) when the call needs the careful path: a closed, non-
 # AF_UNIX (or, to send, stream) socket, a timeout to wait out, or a kernel
-# error to retry or report.  Nothing went or was given over then; what a
-# receive took stays in the arena, and the careful path's receive returns it
-# without asking the kernel again.
+# error to retry.  Nothing went or was given over then; what a receive took
+# stays in the arena, and the careful path's receive returns it without
+# asking the kernel again.  Any other kernel error is raised here, as
+# _check raises it: the kernel reports some only once (a pending ECONNRESET,
+# the ECONNREFUSED that disconnects a DGRAM socket), and a second system
+# call by the careful path would answer something else.
 
 # socket.socket.family and .type build an enum object on every access; the
 # C-level members under them are the plain ints.
@@ -207,6 +210,7 @@ _STREAM = int(socket.SOCK_STREAM)
 _DONTWAIT = int(socket.MSG_DONTWAIT)
 _CTRUNC = int(socket.MSG_CTRUNC)
 _EAGAIN = -errno.EAGAIN
+_EINTR = -errno.EINTR
 _from_buffer = ffi.from_buffer
 _send_one = lib.afunix_send_one
 _send_message = lib.afunix_send_message
@@ -214,16 +218,47 @@ _recv_many = lib.afunix_recv_many
 _unpack = ffi.unpack
 
 
+def _exports_pin() -> bool:
+    """Whether a buffer export stops a resize (CPython: BufferError; PyPy: no, the bytearray moves)."""
+    probe = bytearray(1)
+    view = memoryview(probe)
+    try:
+        probe.append(0)
+    except BufferError:
+        return True
+    finally:
+        view.release()
+    return False
+
+
+#: Where an export does not pin (PyPy), another thread can resize a
+#: bytearray while C reads it with the GIL let go: the fast sends hand C a
+#: bytes copy made under the GIL instead, as the careful path's join does.
+_PINS = _exports_pin()
+
+
 def _would_block() -> OSError:
     # what _check makes of -EAGAIN: the careful path raises exactly this
     return OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+
+
+def _hand_on(rc: int, timeout: Optional[float]) -> int:
+    """-1 for an error the careful path retries or waits out (EAGAIN, EINTR); any other is raised."""
+    if rc == _EAGAIN:
+        if timeout == 0.0:
+            raise _would_block()
+        return -1
+    if rc == _EINTR:
+        return -1
+    raise OSError(-rc, os.strerror(-rc))
 
 
 def try_send_one(sock: socket.socket, data: Any, flags: int) -> int:
     """One send(2) of `data` (bytes, bytearray, C-contiguous memoryview) on a message socket.
 
     Returns the bytes sent, or -1: the careful path sends it.  A bytearray
-    or memoryview is pinned and measured by ffi.from_buffer for the call.
+    or memoryview is pinned and measured by ffi.from_buffer for the call
+    (copied, where an export does not pin: see _PINS).
     """
     fd = sock.fileno()
     if fd < 0 or _family_of(sock) != _AF_UNIX or _type_of(sock) == _STREAM:
@@ -233,14 +268,15 @@ def try_send_one(sock: socket.socket, data: Any, flags: int) -> int:
         flags |= _DONTWAIT  # a timeout is waited out by the careful path
     if type(data) is bytes:
         rc = _send_one(fd, data, len(data), flags)
-    else:
+    elif _PINS:
         buf = _from_buffer(data)
         rc = _send_one(fd, buf, len(buf), flags)
+    else:
+        copy = bytes(data)
+        rc = _send_one(fd, copy, len(copy), flags)
     if rc >= 0:
         return int(rc)
-    if rc == _EAGAIN and timeout == 0.0:
-        raise _would_block()
-    return -1
+    return _hand_on(rc, timeout)
 
 
 def try_send_fds(sock: socket.socket, data: Any, fds: tuple[int, ...], flags: int) -> int:
@@ -255,13 +291,11 @@ def try_send_fds(sock: socket.socket, data: Any, fds: tuple[int, ...], flags: in
     timeout = sock.gettimeout()
     if timeout is not None:
         flags |= _DONTWAIT
-    buf = data if type(data) is bytes else _from_buffer(data)
+    buf = data if type(data) is bytes else _from_buffer(data) if _PINS else bytes(data)
     rc = _send_message(fd, buf, len(buf), fds if fds else _NULL, len(fds), _NULL, flags)
     if rc >= 0:
         return int(rc)
-    if rc == _EAGAIN and timeout == 0.0:
-        raise _would_block()
-    return -1
+    return _hand_on(rc, timeout)
 
 
 def try_recv(sock: socket.socket, arena: Arena, flags: int) -> int:
@@ -282,9 +316,7 @@ def try_recv(sock: socket.socket, arena: Arena, flags: int) -> int:
     if rc > 0:
         return int(rc)
     arena.owner = None
-    if rc == _EAGAIN and timeout == 0.0:
-        raise _would_block()
-    return -1
+    return _hand_on(rc, timeout) if rc < 0 else -1
 
 
 def try_recv_one(sock: socket.socket, arena: Arena, flags: int) -> Optional[tuple[bytes, list[int], int]]:
@@ -307,8 +339,7 @@ def try_recv_one(sock: socket.socket, arena: Arena, flags: int) -> Optional[tupl
     if rc != 1:
         if rc < 0:
             arena.owner = None
-            if rc == _EAGAIN and timeout == 0.0:
-                raise _would_block()
+            _hand_on(rc, timeout)
         return None
     n = arena.lens[0]
     if not n:
@@ -683,14 +714,7 @@ def bare_calls(sock: socket.socket, size: int
 
 
 def chan_hold(rx: ChanRx, nbytes: int, fds: list[int], flags: int) -> None:
-    """Record `nbytes` already placed at rx.s.end, with `fds` and the msg `flags`, as chan_recv records a read.
-
-    The way bytes that did not come from a socket enter a channel's receive
-    state (afunix.codec.FrameReader.feed).  `fds` are held from here on.
-    Refuses, as chan_recv does, with ENOBUFS when no slot is free (or with
-    more than SCM_MAX_FD descriptors): then nothing is recorded and `fds`
-    stay the caller's.  The caller checks that the bytes fit the buffer.
-    """
+    """The contract's chan_hold (_contract.Backend), in the C core's receive state."""
     s = rx.s
     if s.tail - s.head >= CHAN_READS or nbytes < 0 or len(fds) > _CHAN_SLOT:
         raise OSError(errno.ENOBUFS, os.strerror(errno.ENOBUFS))

@@ -169,7 +169,16 @@ class Backend(Protocol):
 
     def chan_fds(self, rx: ChanRx, slot: int) -> list[int]: ...
 
-    def chan_hold(self, rx: ChanRx, nbytes: int, fds: list[int], flags: int) -> None: ...
+    def chan_hold(self, rx: ChanRx, nbytes: int, fds: list[int], flags: int) -> None:
+        """Record `nbytes` already placed at rx.s.end, with `fds` and the msg `flags`, as chan_recv records a read.
+
+        The way bytes that did not come from a socket enter a channel's receive
+        state (afunix.codec.FrameReader.feed).  `fds` are held from here on.
+        Refuses, as chan_recv does, with ENOBUFS when no slot is free (or with
+        more than SCM_MAX_FD descriptors): then nothing is recorded and `fds`
+        stay the caller's.  The caller checks that the bytes fit the buffer.
+        """
+        ...
 
     def close_fds(self, fds: list[int]) -> None: ...
 

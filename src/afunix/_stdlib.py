@@ -114,7 +114,8 @@ def send_message(sock: socket.socket, data: Any, fds: tuple[int, ...],
 
 # ---- one message per call: the fast paths of the single calls -------------
 # The same contract as in _cbackend: -1 (None for try_recv_one) sends the
-# call down the careful path, with nothing sent or given over.  A socket
+# call down the careful path, with nothing sent or given over; a kernel
+# error other than EAGAIN and EINTR is raised here (some are reported once).  A socket
 # with a timeout always takes the careful path here: CPython's own methods
 # would wait on it with their own deadline.
 
@@ -136,7 +137,7 @@ def try_send_one(sock: socket.socket, data: Any, flags: int) -> int:
         if timeout == 0.0:
             raise
         return -1
-    except OSError:
+    except InterruptedError:
         return -1
 
 
@@ -153,7 +154,7 @@ def try_send_fds(sock: socket.socket, data: Any, fds: tuple[int, ...], flags: in
         if timeout == 0.0:
             raise
         return -1
-    except OSError:
+    except InterruptedError:
         return -1
 
 
@@ -173,9 +174,12 @@ def try_recv(sock: socket.socket, arena: Arena, flags: int) -> int:
         if timeout == 0.0:
             raise
         return -1
-    except OSError:
+    except InterruptedError:
         arena.owner = None
         return -1
+    except OSError:
+        arena.owner = None
+        raise
 
 
 def _recv_single(sock: socket.socket, arena: Arena, flags: int) -> int:
@@ -780,14 +784,7 @@ def bare_calls(sock: socket.socket, size: int
 
 
 def chan_hold(rx: ChanRx, nbytes: int, fds: list[int], flags: int) -> None:
-    """Record `nbytes` already placed at rx.s.end, with `fds` and the msg `flags`, as chan_recv records a read.
-
-    The way bytes that did not come from a socket enter a channel's receive
-    state (afunix.codec.FrameReader.feed).  `fds` are held from here on.
-    Refuses, as chan_recv does, with ENOBUFS when no slot is free (or with
-    more than SCM_MAX_FD descriptors): then nothing is recorded and `fds`
-    stay the caller's.  The caller checks that the bytes fit the buffer.
-    """
+    """The contract's chan_hold (_contract.Backend), in this backend's receive state."""
     s = rx.s
     if rx.inbox:
         # a read an interrupted chan_recv left is not taken in yet: the

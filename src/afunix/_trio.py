@@ -52,9 +52,16 @@ async def wait(fd: int, writable: bool) -> None:
             await trio.lowlevel.wait_writable(fd)
         else:
             await trio.lowlevel.wait_readable(fd)
+    except trio.ClosedResourceError:
+        pass  # notify_closing: the caller's next try meets the closed object
     finally:
         del _leaders[key]
         woken.set()
+
+
+def notify_closing(fd: int) -> None:
+    """Wake this run's waits on `fd` before it is closed (see _aiowait.notify_closing)."""
+    trio.lowlevel.notify_closing(fd)
 
 
 def is_waiting(fd: int, writable: bool) -> bool:

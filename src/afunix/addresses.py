@@ -150,6 +150,29 @@ def encode_address(address: Any) -> Tuple[bytes, bool]:
     return raw, False
 
 
+def encode_destination(address: Any) -> bytes:
+    """sun_path bytes of a send's destination: as `socket.sendto` takes it.
+
+    The type and the length are checked (TypeError, ValueError, before any
+    system call); the rest is the kernel's to judge, as for the stdlib: an
+    empty address is its EINVAL, ``b"\\0"`` (the empty abstract name a peer
+    may be bound to, and recv_fds returns) is a valid destination, and a
+    path with a NUL inside reaches the path before the NUL.
+    """
+    if address is AUTOBIND:
+        raise ValueError("AUTOBIND is only valid for listen")
+    try:
+        raw = os.fsencode(os.fspath(address))
+    except TypeError:
+        raise TypeError(
+            "address must be str, bytes or os.PathLike, not %s" % type(address).__name__
+        ) from None
+    limit = MAX_PATH_BYTES + (1 if raw[:1] == b"\0" else 0)
+    if len(raw) > limit:
+        raise ValueError("AF_UNIX address is %d bytes, the limit is %d" % (len(raw), limit))
+    return raw
+
+
 def _checked_timeout(timeout: Any) -> Optional[float]:
     if timeout is None:
         return None

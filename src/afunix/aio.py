@@ -57,7 +57,7 @@ import sys
 from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 from . import _checks, _io
-from ._aiowait import call_when_ready, wait
+from ._aiowait import call_when_ready, notify_closing, wait
 from ._sockets import raw_family, raw_type
 from ._kernel import MSG_NOSIGNAL
 from .addresses import encode_address
@@ -679,7 +679,13 @@ class Channel:
     # ---- closing ----------------------------------------------------------------
 
     def close(self) -> None:
-        """Close the channel and its socket, and every descriptor it still holds."""
+        """Close the channel and its socket, and every descriptor it still holds.
+
+        A task waiting on the channel (a send, flush or receive) wakes and
+        gets OSError(EBADF); one leaving ``async with`` just ends.
+        """
+        if not self._ch.closed:
+            notify_closing(self._fd)  # before the close: a closed descriptor never wakes them
         self._ch.close()
 
     async def __aenter__(self) -> "Channel":
@@ -698,6 +704,10 @@ class Channel:
                 await self.flush()
         except (BrokenPipeError, ConnectionResetError):
             pass  # nobody would read them, as close() says
+        except OSError:
+            if not self.closed:
+                raise
+            # another task closed the channel meanwhile: its close() had the pending bytes
         finally:
             self.close()
 

@@ -11,7 +11,7 @@ import socket
 from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 from . import _backend, _checks, _io
-from .addresses import encode_address
+from .addresses import encode_destination
 from ._contract import Outgoing
 from ._kernel import MSG_NOSIGNAL
 from ._limits import MAX_BATCH, SCM_MAX_FD
@@ -131,7 +131,7 @@ def outgoing(messages: Iterable[Any]) -> Outgoing:
         if isinstance(item, Message):
             data = item.data
             fds.append(checked_fds(item.fds))  # may run the caller's fileno()
-            addrs.append(None if item.address is None else encode_address(item.address)[0])
+            addrs.append(None if item.address is None else encode_destination(item.address))
             if item.credentials is None:
                 creds.append(None)
             else:

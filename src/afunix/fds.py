@@ -9,7 +9,7 @@ from typing import Any, Iterable, List, Optional, Tuple
 
 from . import _backend, _checks, _io
 from ._contract import Outgoing
-from .addresses import encode_address
+from .addresses import encode_destination
 from ._kernel import SO_PASSCRED, SO_PEERCRED, SO_PEERPIDFD
 from .batch import checked_fds, send_records, send_stream, write_with_control
 from ._limits import SCM_MAX_FD
@@ -68,7 +68,7 @@ def send_fds(sock: Any, buffers: Iterable[Any], fds: Iterable[Any], flags: int =
         raise BufferError("send_fds: a buffer is not C-contiguous")
     data = b"".join(views)
     fd_tuple = checked_fds(fds)
-    raw_address = None if address is None else encode_address(address)[0]
+    raw_address = None if address is None else encode_destination(address)
     t = _io.target(sock)
     try:
         if t.type == _STREAM and fd_tuple and not data:

@@ -126,8 +126,11 @@ class _Arenas(threading.local):
         self.spare: dict[Any, Any] = {}
 
 
-#: The most spare arenas a thread keeps.
+#: The most spare arenas a thread keeps, and the largest data area a spare
+#: may have: a thread that receives into many large sizes in turn keeps only
+#: the current arena of those (as before spares existed), not 8 of them.
 _SPARES = 8
+_SPARE_BYTES = 1 << 20
 
 
 def _switch(mine: _Arenas, key: Any, arena: Any) -> None:
@@ -139,7 +142,8 @@ def _switch(mine: _Arenas, key: Any, arena: Any) -> None:
     """
     old, old_key = mine.arena, mine.key
     mine.arena, mine.key = arena, key
-    if old is not None and old.owner is None and old_key != key:
+    if (old is not None and old.owner is None and old_key != key
+            and old.max_messages * old.bufsize <= _SPARE_BYTES):
         spare = mine.spare
         if len(spare) >= _SPARES:
             del spare[next(iter(spare))]
