@@ -815,12 +815,21 @@ class Channel:
         (closing drops it all the same); a RETURN frame written after this
         still resets the peer.
         """
-        for _ in range(64):
-            try:
-                if not self._sock.recv(1 << 16, socket.MSG_DONTWAIT):
+        # CPython's methods on a socket with a timeout poll before the call,
+        # MSG_DONTWAIT or not: through them, closing with nothing waiting
+        # would wait out the whole timeout.  A timeout-0 twin does not.
+        sock = self._sock
+        twin = _io.nonblocking_twin(sock) if sock.gettimeout() else None
+        try:
+            for _ in range(64):
+                try:
+                    if not (twin or sock).recv(1 << 16, socket.MSG_DONTWAIT):
+                        return
+                except OSError:
                     return
-            except OSError:
-                return
+        finally:
+            if twin is not None:
+                twin.detach()
 
     def __enter__(self) -> "Channel":
         return self
