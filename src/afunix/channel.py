@@ -463,7 +463,11 @@ class Channel:
         never raises for the socket: what does not go stays for the next
         call (a receive has handed its message out, which must not be lost
         for the sake of a RETURN frame).  Skipped while another thread is
-        sending: that one writes them.
+        sending: that one writes them.  Skipped too while the socket is not
+        writable: a peer that only sends reads RETURN frames only once its
+        region is full, so a receive that waited for it to read them would
+        stop taking the messages that peer is blocked writing, and both
+        would wait for ever; the slots go with a later receive or send.
         """
         busy = self._busy
         me: List[object] = []
@@ -473,6 +477,8 @@ class Channel:
             if busy.setdefault(SENDING, me) is not me:
                 if self._lane is not None:
                     self._lane.room.set()  # a sender waiting for room wakes and writes them
+                return
+            if not _io.wait(self._fd, True, time.monotonic()):
                 return
             self._send_returns()
         finally:
