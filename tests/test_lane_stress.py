@@ -258,13 +258,13 @@ def test_a_slow_receiver_process_makes_the_sender_wait_as_its_timeout_says(
             start = time.monotonic()
             with pytest.raises(BlockingIOError):
                 a.send(m[1])
-            assert time.monotonic() - start < 0.2
+            assert time.monotonic() - start < 1
             os.write(gate_w, b"g")  # the receiver takes m[0] and returns its slot
             x.settimeout(5)
             a.send(m[1])  # waits for the RETURN frame
             accepted.append(m[1])
             os.write(gate_w, b"g")  # m[1] taken
-            x.settimeout(0.5)
+            x.settimeout(2)
             sent = a.send_many([m[2], m[3]])  # m[2] in the slot m[1] left; m[3] waits, in vain
             assert sent == 1 and a.pending == 0
             accepted.append(m[2])
@@ -712,6 +712,12 @@ os.posix_fallocate(fd, 0, SIZE)
 fcntl.fcntl(fd, 1033, 7)
 y.sendmsg([HEADER.pack(8, 1, 1, 2, 0xAF) + struct.pack("<Q", SIZE)],
           [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
+ch = Channel(x)
+x.settimeout(10)
+# one message first: the region is adopted (checked whole) before the writer starts
+y.sendall(HEADER.pack(16, 0, 2, 2, 0xAF) + struct.pack("<QQ", 0, 100))
+assert len(ch.recv()) == 100
+assert len(y.recv(24, socket.MSG_WAITALL)) == 24  # its RETURN
 pid = os.fork()
 if pid == 0:
     # the writer: every byte of the region, over and over, and holes punched
@@ -726,8 +732,6 @@ if pid == 0:
         off = rnd.randrange(0, SIZE, 4096)
         libc.fallocate(fd, 3, off, rnd.randrange(4096, SIZE - off + 4096, 4096))
     os._exit(0)
-ch = Channel(x)
-x.settimeout(10)
 rnd = random.Random(2)
 count = 0
 deadline = time.monotonic() + 2
