@@ -758,8 +758,12 @@ class Channel:
         self._check_open()
         try:
             return fill(self._sock, self._reader)
-        except ProtocolError:
-            self._abort()  # the reader closed its descriptors; the socket goes too
+        except BaseException:
+            # The reader closed itself: the peer broke the protocol, or its
+            # region could not be mapped here (EMFILE, ENOMEM) and the stream
+            # cannot go on in step.  The socket goes too, and `closed` says so.
+            if self._reader.closed:
+                self._abort()
             raise
 
     # ---- closing ----------------------------------------------------------------
