@@ -13,11 +13,13 @@ of random sizes across the threshold with descriptors and small messages,
 in order, through a peer process; a receiver process that is slow (the
 sender waits for slots as its timeout says, nothing half-sent); a peer that
 keeps writing the region while it is read (and punching holes in it); a
-sender that never receives; closing without waiting out a timeout; and
+sender that never receives; closing without waiting out a timeout; no
+descriptor left to map the peer's region (the channel closes); and
 many messages through the lane with RSS, descriptors and mappings flat.
 """
 from __future__ import annotations
 
+import errno
 import gc
 import hashlib
 import json
@@ -693,6 +695,62 @@ def test_a_sender_that_never_receives_and_never_runs_out_of_room_keeps_going(
     b.close()
     assert not stuck, "sender and receiver both blocked after %d messages" % got[0]
     assert got[0] == n
+
+
+NO_DESCRIPTOR_LEFT = r'''
+import gc, json, os, resource
+from afunix import channel_pair
+
+def fds():
+    return sorted(int(n) for n in os.listdir("/proc/self/fd"))
+
+def maps():
+    with open("/proc/self/maps") as f:
+        return sum("memfd:" in line for line in f)
+
+before_fds, before_maps = fds(), maps()
+a, b = channel_pair(shm_size=1 << 16, shm_threshold=1024)
+a.send(b"x" * 5000)  # the REGION frame and a SLOT frame wait in b's socket
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (len(fds()) + 2, hard))
+fillers = []
+try:
+    while True:
+        fillers.append(os.open("/dev/null", os.O_RDONLY))
+except OSError:
+    pass
+os.close(fillers.pop())  # room for the region's descriptor; none for mmap's copy of it
+result = {}
+try:
+    b.recv()
+except OSError as exc:
+    result["raised"] = exc.errno
+for fd in fillers:
+    os.close(fd)
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+result["closed"], result["fileno"] = b.closed, b.fileno()
+a.close()
+b.close()
+gc.collect()
+result["fds"] = [before_fds, fds()]
+result["maps"] = [before_maps, maps()]
+print(json.dumps(result))
+'''
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 13) and not hasattr(sys, "pypy_version_info"),
+                    reason="CPython 3.13 maps a region without a copy of its descriptor")
+def test_out_of_descriptors_adopting_the_peers_region_closes_the_channel(backend: str) -> None:
+    """mmap needs a copy of the descriptor (before CPython 3.13): with none left, adopting the
+    peer's region fails with EMFILE, the reader gives up, and the channel must say it is closed
+    (and close its socket) rather than stay open and refuse every receive with EBADF."""
+    out = finish(subprocess.Popen([sys.executable, "-c", NO_DESCRIPTOR_LEFT],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  env=dict(os.environ, AFUNIX_BACKEND=backend)))
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    assert result["raised"] == errno.EMFILE, result
+    assert result["closed"] is True and result["fileno"] == -1, result
+    assert result["fds"][0] == result["fds"][1] and result["maps"][0] == result["maps"][1], result
 
 
 # ---- a peer that writes its region while it is read ------------------------------------
