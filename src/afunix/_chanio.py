@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import time
 from typing import Any, Callable, List, Optional, Tuple, TypeVar
 
 from . import _io
@@ -24,6 +25,7 @@ T = TypeVar("T")
 # Plain ints: the socket module's constants are enum members, and | or & on
 # them builds a new enum object each time.
 NOSIGNAL = MSG_NOSIGNAL
+DONTWAIT = int(socket.MSG_DONTWAIT)
 # The two sides of a channel, each used by one caller at a time (see
 # Channel._busy): the keys of the claims, and how the refusal names them.
 SENDING = "sending"
@@ -158,6 +160,49 @@ def fill(sock: socket.socket, reader: FrameReader) -> bool:
         return reader.ended()
 
 
+def read_for_room(sock: socket.socket, reader: FrameReader, deadline: Optional[float]) -> bool:
+    """One read while a sender waits for the peer to return slots of its lane; False past the deadline.
+
+    RETURN frames are applied as they are read (the reader's on_return).
+    When the reader holds nothing the application has yet to take, this
+    is a receive like any other (the parse in order applies them); else
+    the bytes are only appended and the RETURN frames among them applied
+    ahead of the messages before them (`FrameReader.scan_returns`), so
+    nothing handed out or waiting changes.
+
+    Raises:
+        BrokenPipeError: the peer closed the channel: no slot comes back.
+        ProtocolError: what the reader refuses (it is closed).
+    """
+    if not _io.wait(sock.fileno(), False, deadline):
+        return False
+    idle = not reader.buffered and reader.batch is None
+    if idle and reader.frames_ready():
+        idle = False  # frames that were held behind a parse limit
+    room = len(reader.buffer) - reader.rs.end
+    if reader.seqpacket:
+        room = 0 if room < RECORD_MAX else RECORD_MAX
+    if room <= 0:
+        # the buffer is full of messages the application has not taken:
+        # what comes next waits for it (as a pair of sockets that both
+        # only write would); wait out the deadline
+        if deadline is not None:
+            time.sleep(max(0.0, deadline - time.monotonic()))
+        return False
+    recv: Any = reader.impl.chan_recv
+    try:
+        n: int = recv(sock, reader.rx, reader.buffer, room, DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return True  # woken for nothing: the caller looks again
+    if not n and reader.rs.head == reader.rs.tail:
+        raise BrokenPipeError(errno.EPIPE, "the peer closed the channel while this end "
+                                           "waited for it to return slots of its lane")
+    if idle:
+        reader.received(n)
+    reader.scan_returns()
+    return True
+
+
 class Sender:
     """Writes what a FrameWriter packs to the socket, waiting as its timeout says.
 
@@ -204,9 +249,10 @@ class Sender:
         deadline = _io.deadline_of(self.sock.gettimeout())
         try:
             for seg in segments:
-                if seg.fds:
+                if seg.fds or seg.packed is not None:
                     # descriptors must ride on their frame's own write, after
-                    # everything buffered ahead of it
+                    # everything buffered ahead of it (and a lane frame is
+                    # written as packed, never buffered as a message)
                     if not self.drain(deadline):
                         raise stalled(self.sock)
                     k, exc = self.emit(seg, deadline)

@@ -64,7 +64,7 @@ from .addresses import encode_address
 from .batch import outgoing, send_with_control
 from ._chanio import owning
 from .channel import Channel as SyncChannel
-from .channel import reader_of
+from .channel import reader_of, write_returns
 from .batch import send_many as _send_many_now
 from .receive import RecvBatch
 from .receive import recv_many as _recv_many_now
@@ -544,6 +544,10 @@ class Channel:
 
     def __init__(self, sock: socket.socket, **options: Any) -> None:
         self._fd, _ = _checked(sock)
+        if options.get("shm_size"):
+            # its sends would wait for slots on the socket, not on the loop
+            raise ValueError("afunix.aio.Channel has no shared-memory lane of its own yet "
+                             "(shm_size); it reads a peer's")
         # the same loop over the frame codec as the synchronous channel: its
         # reader is the only receive buffer
         self._ch = SyncChannel(sock, **options)
@@ -663,6 +667,8 @@ class Channel:
             return data
         taken = r.take_next()
         if taken is not None:
+            if r.returns:
+                write_returns(self._ch)  # a message of the peer's lane: its slot goes back
             return taken
         try:
             received: bytes = await self._try(self._ch.recv)

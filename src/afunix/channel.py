@@ -12,18 +12,21 @@ import contextlib
 import errno
 import os
 import socket
+import time
 import weakref
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from . import _checks, _io
-from ._chanio import NOSIGNAL, RECEIVING, SENDING, Sender, fill, owning, refused
+from ._chanio import (NOSIGNAL, RECEIVING, SENDING, Sender, fill, owning, read_for_room,
+                      refused, stalled)
 from .addresses import connect
 from .batch import checked_fds
 from .codec import TABLE_CAPACITY, FrameReader
-from .frames import (DEFAULT_MAX_FRAME, RECORD_MAX, FrameBatch, ProtocolError,
-                     frame_header)
+from .frames import (DEFAULT_MAX_FRAME, RECORD_MAX, RETURN_MAX_SLOTS, FrameBatch,
+                     ProtocolError, frame_header)
 from ._limits import FRAME_HEADER as HEADER_SIZE
-from .framewriter import FrameWriter
+from .framewriter import FrameWriter, Segment
+from .lane import DEFAULT_THRESHOLD, LaneSender, return_segments
 from .message import Address, Message
 from .pairs import socketpair
 
@@ -81,13 +84,23 @@ class Channel:
             sent: ValueError), at most 1 GiB.
         write_buffer: when > 0, `send` keeps messages until this many bytes
             are waiting (or `flush`), then writes them with one system call.
+        shm_size: when > 0, a shared-memory lane: a sealed memfd region of
+            this many bytes, announced to the peer before the first frame;
+            messages of `shm_threshold` bytes or more (up to the region's
+            size, not bounded by max_frame) are copied into a slot of it and
+            named by a small frame, and the peer returns the slot when it is
+            done with it (docs/PROTOCOL.md, version 2).  Every channel reads
+            a peer's lane, with or without its own.
+        shm_threshold: the smallest message sent through the lane.
 
     Raises:
         TypeError, ValueError: not such a socket, or bad limits.
+        OSError: ENOSYS where memfd regions are missing (shm_size only).
     """
 
     def __init__(self, sock: socket.socket, *, max_frame: int = DEFAULT_MAX_FRAME,
-                 write_buffer: int = 0) -> None:
+                 write_buffer: int = 0, shm_size: int = 0,
+                 shm_threshold: int = DEFAULT_THRESHOLD) -> None:
         self._closed = True  # until set up: close() has nothing to do
         # Which call is using each side (_SENDING, _RECEIVING).  Two threads
         # receiving at once would hand out one message twice or parse half
@@ -117,6 +130,9 @@ class Channel:
         if sock.fileno() < 0:
             raise OSError(errno.EBADF, os.strerror(errno.EBADF))
         writer = FrameWriter(max_frame, write_buffer)
+        shm_size = _checks.in_range(shm_size, "shm_size", 0, 1 << 40)
+        # made last of the checks: it is the only one that makes a system call
+        self._lane = LaneSender(shm_size, shm_threshold) if shm_size else None
         self._sock = sock
         self._fd = sock.fileno()
         self._seqpacket = kind == _SEQPACKET
@@ -128,7 +144,8 @@ class Channel:
         # drop them; every other change is made with stores only, after what
         # it gives out is built (CPython runs signal handlers only at calls
         # and backward jumps).
-        self._reader = FrameReader(writer.max_frame, self._seqpacket)
+        self._reader = FrameReader(writer.max_frame, self._seqpacket,
+                                   on_return=self._lane.give_back if self._lane else None)
         self._closed = False
         _channels.add(self)
 
@@ -208,6 +225,8 @@ class Channel:
             if busy.setdefault(SENDING, me) is not me:
                 raise refused(SENDING)
             self._send(data, fds)
+            if self._reader.returns:
+                self._send_returns()  # a receive in another thread left them to this side
         finally:
             try:
                 if busy[SENDING] is me:
@@ -217,6 +236,12 @@ class Channel:
 
     def _send(self, data: Any, fds: Iterable[Any]) -> None:
         w = self._writer
+        lane = self._lane
+        if lane is not None and (fds or type(data) is not bytes or not lane.announced
+                                 or len(data) >= lane.threshold):
+            # the lane's frame, or its REGION frame first: the plan of _send_lane
+            self._send_many([data if not fds else Message(data, tuple(checked_fds(fds)))])
+            return
         if type(data) is bytes and not fds and not self._closed:
             n = len(data)
             if n > w.max_frame:
@@ -271,7 +296,10 @@ class Channel:
         try:
             if busy.setdefault(SENDING, me) is not me:
                 raise refused(SENDING)
-            return self._send_many(messages)
+            sent = self._send_many(messages)
+            if self._reader.returns:
+                self._send_returns()  # a receive in another thread left them to this side
+            return sent
         finally:
             try:
                 if busy[SENDING] is me:
@@ -281,8 +309,199 @@ class Channel:
 
     def _send_many(self, messages: Iterable[Any]) -> int:
         self._check_open()
+        if self._lane is not None:
+            return self._send_lane(list(messages))
         segments, total = self._writer.segments(messages)
         return self._sender.send(segments, total) if total else 0
+
+    # ---- the shared-memory lane (sending) -----------------------------------------
+
+    def _send_lane(self, items: List[Any]) -> int:
+        """send_many on a channel with a lane: runs inline, large messages through slots, in order."""
+        lane = self._lane
+        assert lane is not None
+        w = self._writer
+        # every message checked before anything is sent, as send_many does
+        plan: List[Tuple[bool, Any]] = []  # (in the lane, (data, fds) | inline segments)
+        run: List[Any] = []
+        for item in items:
+            if isinstance(item, Message):
+                data, fds = item.data, tuple(checked_fds(item.fds))
+            else:
+                data, fds = item, ()
+            with memoryview(data) as view:
+                nbytes = view.nbytes
+                contiguous = view.c_contiguous
+            if contiguous and lane.wants(nbytes):
+                if run:
+                    plan.append((False, w.segments(run)))
+                    run = []
+                plan.append((True, (data, fds)))
+            else:
+                run.append(item)
+        if run:
+            plan.append((False, w.segments(run)))
+        deadline = _io.deadline_of(self._sock.gettimeout())
+        accepted = 0
+        try:
+            self._announce(deadline)
+            for in_lane, what in plan:
+                if not in_lane:
+                    segments, total = what
+                    k = self._sender.send(segments, total) if total else 0
+                    accepted += k
+                    if k < total:
+                        return accepted
+                    continue
+                seg = self._slot_segment(what[0], what[1], deadline)
+                if seg is None:  # no room: inline, as without a lane
+                    item = Message(what[0], what[1]) if what[1] else what[0]
+                    segments, total = w.segments([item])
+                    k = self._sender.send(segments, total)
+                else:
+                    k = self._sender.send([seg], 1)
+                    if not k:
+                        lane.abandon(seg)
+                if not k:
+                    return accepted
+                accepted += 1
+        except (BlockingIOError, socket.timeout):
+            if accepted:
+                return accepted
+            raise
+        return accepted
+
+    def _announce(self, deadline: Optional[float]) -> None:
+        """Write the REGION frame if it has not gone yet: before any other frame of this end."""
+        lane = self._lane
+        assert lane is not None
+        seg = lane.announcement()
+        if seg is None:
+            return
+        if not self._sender.send([seg], 1):
+            raise stalled(self._sock)
+        lane.announced = True
+
+    def _slot_segment(self, data: Any, fds: Tuple[int, ...],
+                      deadline: Optional[float]) -> Optional[Segment]:
+        """`data` in a free slot, as its SLOT frame; None when it goes inline instead.
+
+        With no slot free, the RETURN frames already on the socket are
+        read; if there is still no room, a message that fits max_frame
+        goes inline (None): waiting for slots could wait for ever on a peer
+        that is itself waiting for this end to read what it sent, where
+        a plain write only waits as it would without a lane.  A larger
+        one waits for slots, reading the socket (RETURN frames come that
+        way) unless another thread is receiving on this channel: that one
+        reads them, and this one waits for it to.
+
+        Raises:
+            BlockingIOError, TimeoutError: no slot came back in time.
+            BrokenPipeError: the peer closed the channel.
+        """
+        lane = self._lane
+        assert lane is not None
+        busy = self._busy
+        inline = memoryview(data).nbytes <= self._writer.max_frame
+        while True:
+            seg = lane.try_segment(data, fds)
+            if seg is not None:
+                return seg
+            if inline:
+                self._send_returns()
+                if self._returns_now():
+                    continue
+                return None
+            if deadline is not None and time.monotonic() >= deadline:
+                raise stalled(self._sock)
+            self._send_returns()  # the peer may be waiting for ours just the same
+            me: List[object] = []
+            try:
+                if busy.setdefault(RECEIVING, me) is me:
+                    try:
+                        progressed = read_for_room(self._sock, self._reader, deadline)
+                    except ProtocolError:
+                        self._abort()
+                        raise
+                else:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    progressed = lane.room.wait(remaining if remaining is None or remaining > 0
+                                                else 0.0)
+            finally:
+                if RECEIVING in busy and busy[RECEIVING] is me:
+                    del busy[RECEIVING]
+            if not progressed and deadline is None and lane.in_flight:
+                lane.room.wait(0.01)  # the buffer is full of messages not taken yet
+
+    def _returns_now(self) -> bool:
+        """Read what already waits on the socket, without waiting; True when slots came back."""
+        lane = self._lane
+        assert lane is not None
+        busy = self._busy
+        me: List[object] = []
+        before = lane.in_flight
+        try:
+            if busy.setdefault(RECEIVING, me) is me:
+                try:
+                    for _ in range(16):
+                        if not read_for_room(self._sock, self._reader, time.monotonic()):
+                            break
+                        if lane.in_flight < before:
+                            break
+                except ProtocolError:
+                    self._abort()
+                    raise
+        finally:
+            if RECEIVING in busy and busy[RECEIVING] is me:
+                del busy[RECEIVING]
+        return lane.in_flight < before
+
+    def _write_returns(self) -> None:
+        """Send the slots of the peer's lane released here back (RETURN frames), as far as the socket takes them.
+
+        Called after a receive hands a message of the lane out, and by a
+        sender waiting for room.  Never waits past the socket's timeout and
+        never raises for the socket: what does not go stays for the next
+        call (a receive has handed its message out, which must not be lost
+        for the sake of a RETURN frame).  Skipped while another thread is
+        sending: that one writes them.  Skipped too while the socket is not
+        writable: a peer that only sends reads RETURN frames only once its
+        region is full, so a receive that waited for it to read them would
+        stop taking the messages that peer is blocked writing, and both
+        would wait for ever; the slots go with a later receive or send.
+        """
+        busy = self._busy
+        me: List[object] = []
+        try:
+            if not self._reader.returns:
+                return
+            if busy.setdefault(SENDING, me) is not me:
+                if self._lane is not None:
+                    self._lane.room.set()  # a sender waiting for room wakes and writes them
+                return
+            if not _io.wait(self._fd, True, time.monotonic()):
+                return
+            self._send_returns()
+        finally:
+            if SENDING in busy and busy[SENDING] is me:
+                del busy[SENDING]
+
+    def _send_returns(self) -> None:
+        """`_write_returns` for a caller that holds the sending side."""
+        r = self._reader
+        if not r.returns or self._closed:
+            return
+        slots = r.take_returns()
+        segments = return_segments(slots)
+        sent = 0
+        try:
+            if self._lane is not None:
+                self._announce(None)  # this end's first frame, whatever comes after it
+            sent = self._sender.send(segments, len(segments))
+        except OSError:
+            pass  # kept below; a socket that is broken says so at the next call
+        if sent < len(segments):
+            r.returns[:0] = slots[sent * RETURN_MAX_SLOTS:]
 
     def send_fixed(self, buffer: Any, size: int) -> int:
         """Send `buffer` as ``len(buffer) // size`` messages of `size` bytes each, in order.
@@ -315,7 +534,11 @@ class Channel:
     def _send_fixed(self, buffer: Any, size: int) -> int:
         self._check_open()
         seg = self._writer.fixed(buffer, size)
-        return self._sender.send([seg], len(seg.lengths)) if seg is not None else 0
+        if seg is None:
+            return 0
+        if self._lane is not None:
+            self._announce(_io.deadline_of(self._sock.gettimeout()))
+        return self._sender.send([seg], len(seg.lengths))
 
     def flush(self) -> int:
         """Write every accepted message still waiting (buffered, or a partly written tail).
@@ -409,7 +632,10 @@ class Channel:
         r = self._reader
         if r.next >= r.parsed and not self._fill():
             raise EOFError("the peer closed the channel")
-        return r.take_bytes()  # its descriptors are closed by the next receive
+        data = r.take_bytes()  # its descriptors are closed by the next receive
+        if r.returns:
+            self._write_returns()
+        return data
 
     def recv_many(self, max_messages: int = TABLE_CAPACITY) -> List[bytes]:
         """Receive up to `max_messages` messages: those one read brought, waiting only for the first.
@@ -443,7 +669,10 @@ class Channel:
         r = self._reader
         if r.next >= r.parsed and not self._fill():
             return []
-        return r.take_many(max_messages)
+        messages = r.take_many(max_messages)
+        if r.returns:
+            self._write_returns()
+        return messages
 
     def recv_message(self) -> Message:
         """Receive one message with its descriptors, as ``Message(data, fds)``.
@@ -475,7 +704,10 @@ class Channel:
         r = self._reader
         if r.next >= r.parsed and not self._fill():
             raise EOFError("the peer closed the channel")
-        return r.take_message()
+        message = r.take_message()
+        if r.returns:
+            self._write_returns()
+        return message
 
     def recv_batch(self, max_messages: int = TABLE_CAPACITY) -> FrameBatch:
         """Receive up to `max_messages` messages without copying them out (see FrameBatch).
@@ -509,7 +741,10 @@ class Channel:
         r = self._reader
         if r.next >= r.parsed and not self._fill():
             return r.empty_batch()
-        return r.take_batch(max_messages)
+        batch = r.take_batch(max_messages)
+        if r.returns:
+            self._write_returns()  # slots of the batch before, released by this receive
+        return batch
 
     def __iter__(self) -> Iterator[bytes]:
         """Every message until the peer closes the channel cleanly (see recv_many)."""
@@ -524,8 +759,12 @@ class Channel:
         self._check_open()
         try:
             return fill(self._sock, self._reader)
-        except ProtocolError:
-            self._abort()  # the reader closed its descriptors; the socket goes too
+        except BaseException:
+            # The reader closed itself: the peer broke the protocol, or its
+            # region could not be mapped here (EMFILE, ENOMEM) and the stream
+            # cannot go on in step.  The socket goes too, and `closed` says so.
+            if self._reader.closed:
+                self._abort()
             raise
 
     # ---- closing ----------------------------------------------------------------
@@ -536,7 +775,11 @@ class Channel:
         self._reader.close()  # first: a close() after an interrupted abort closes them
         self._closed = True
         self._writer.drop_unsent()
+        if self._lane is not None and self._lane.announced:
+            self._discard_returns()
         self._sock.close()
+        if self._lane is not None:
+            self._lane.close()
         _channels.discard(self)
 
     def close(self) -> None:
@@ -574,6 +817,31 @@ class Channel:
                 pass
             self._abort()
 
+    def _discard_returns(self) -> None:
+        """Read and drop what waits on the socket before closing it (a channel that sent slots).
+
+        A peer returns slots in frames this end, if it only sends, never
+        reads; Linux shows the peer of a socket closed with bytes unread
+        ECONNRESET instead of the end of stream.  What waits now is dropped
+        (closing drops it all the same); a RETURN frame written after this
+        still resets the peer.
+        """
+        # CPython's methods on a socket with a timeout poll before the call,
+        # MSG_DONTWAIT or not: through them, closing with nothing waiting
+        # would wait out the whole timeout.  A timeout-0 twin does not.
+        sock = self._sock
+        twin = _io.nonblocking_twin(sock) if sock.gettimeout() else None
+        try:
+            for _ in range(64):
+                try:
+                    if not (twin or sock).recv(1 << 16, socket.MSG_DONTWAIT):
+                        return
+                except OSError:
+                    return
+        finally:
+            if twin is not None:
+                twin.detach()
+
     def __enter__(self) -> "Channel":
         return self
 
@@ -591,6 +859,11 @@ class Channel:
 def reader_of(channel: Channel) -> FrameReader:
     """The FrameReader of `channel`, for the async channel's iteration over the same frames."""
     return channel._reader
+
+
+def write_returns(channel: Channel) -> None:
+    """Send back the slots of the peer's lane that `channel`'s reader released (see reader_of)."""
+    channel._write_returns()
 
 
 def channel_pair(type: int = socket.SOCK_STREAM, **options: Any) -> Tuple[Channel, Channel]:

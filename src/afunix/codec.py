@@ -11,19 +11,24 @@ bytes between these and a socket; a test can drive them by hand.
 """
 from __future__ import annotations
 
+import array
 import errno
 import os
 import socket
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 from . import _backend, _checks
 from ._contract import Backend
-from .frames import (DEFAULT_MAX_FRAME, MAX_FRAME_LIMIT, RECORD_MAX, FrameBatch,
-                     ProtocolError, end_batch)
+from .frames import (DEFAULT_MAX_FRAME, KIND_REGION, KIND_RETURN, KIND_SLOT, LANE_VERSION,
+                     MAX_FRAME_LIMIT, PAIR_SIZE, RECORD_MAX, RETURN_MAX_SLOTS, FrameBatch,
+                     ProtocolError, end_batch, unpack_header, unpack_pairs, unpack_region)
 from ._limits import FRAME_HEADER as HEADER_SIZE
+from ._limits import FRAME_MAGIC as MAGIC
 from ._limits import SCM_MAX_FD
 from .framewriter import JOIN_MAX, FrameWriter
 from .message import Message
+from .shm import MAX_REGION_SIZE, RegionReader
+from .slots import DEFAULT_MAX_SLOTS, Slot
 
 #: Most frames one parse puts in the reader's table (a receive hands out at most these).
 TABLE_CAPACITY = 4096
@@ -35,6 +40,19 @@ READ_ROOM = 32 << 10
 _TRUNC = int(socket.MSG_TRUNC)
 _CTRUNC = int(socket.MSG_CTRUNC)
 _EMPTY = memoryview(b"")
+# payload bytes of each lane frame kind a receiver takes (RETURN: a multiple of 16)
+_LANE_PAYLOAD = {KIND_REGION: 8, KIND_SLOT: PAIR_SIZE}
+
+
+class SlotMessage:
+    """A message the peer put in a slot of its region, parsed and not handed out yet."""
+
+    __slots__ = ("offset", "length", "view", "fdslot")
+
+    def __init__(self, offset: int, length: int, view: memoryview, fdslot: int) -> None:
+        self.offset, self.length, self.view = offset, length, view
+        # the held read whose descriptors the SLOT frame claimed, -1: none
+        self.fdslot = fdslot
 
 
 # ---- reading ----------------------------------------------------------------------
@@ -64,18 +82,49 @@ class FrameReader:
         seqpacket: the bytes come as SOCK_SEQPACKET records (one per read).
         backend: the backend whose parse and descriptor bookkeeping to use
             (default: the active one).
+        max_region: the largest region the peer may announce (its lane).
+        max_slots: the most slots of the peer's region held at once.
+        on_return: called with (offset, length) for each slot the peer
+            returns (a RETURN frame: slots of this end's own region); it
+            raises ProtocolError for one that is not in flight.  None: this
+            end sent no slots, and a RETURN frame is a protocol error.
+
+    The shared-memory lane (docs/PROTOCOL.md, version 2): a REGION frame is
+    adopted (checked before it is mapped, `afunix.shm.RegionReader`); a
+    SLOT frame's message is handed out by the same take_* calls as a DATA
+    frame's, copied out of the region (`take_batch`: in place, a batch of
+    that one message); the slot is then released, and `take_returns` gives
+    the slots to send back in RETURN frames.  Slots of a batch are released
+    at the next receive.
     """
 
     __slots__ = ("closed", "impl", "max_frame", "seqpacket", "buffer", "view", "start", "rx", "rs",
                  "reads", "table", "next", "parsed", "batch", "broken", "copies", "copied_from",
-                 "ncopied", "eof", "__weakref__")
+                 "ncopied", "eof", "max_region", "max_slots", "on_return", "lane", "lane_msg",
+                 "lane_held", "returns", "applied", "scanned", "__weakref__")
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, seqpacket: bool = False,
-                 backend: Optional[Backend] = None) -> None:
+                 backend: Optional[Backend] = None, *, max_region: int = MAX_REGION_SIZE,
+                 max_slots: int = DEFAULT_MAX_SLOTS,
+                 on_return: Optional[Callable[[int, int], None]] = None) -> None:
         self.closed = True  # until set up: close() and __del__ have nothing to do
         self.impl = backend if backend is not None else _backend.impl
         self.max_frame = _checks.in_range(max_frame, "max_frame", 0, MAX_FRAME_LIMIT)
         self.seqpacket = bool(seqpacket)
+        self.max_region = _checks.in_range(max_region, "max_region", 1, MAX_REGION_SIZE)
+        self.max_slots = _checks.in_range(max_slots, "max_slots", 1, 1 << 24)
+        self.on_return = on_return
+        # the peer's region once announced; the slot message parsed and not
+        # handed out; slots handed out in place (a batch), released at the
+        # next receive; slots released and not yet sent back
+        self.lane: Optional[RegionReader] = None
+        self.lane_msg: Optional[SlotMessage] = None
+        self.lane_held: List[Slot] = []
+        self.returns: List[Slot] = []
+        # RETURN frames applied ahead of the messages before them (stream
+        # offsets, see scan_returns), and where that scan stopped
+        self.applied: Set[int] = set()
+        self.scanned = 0
         # bytes [start, rs.end) of buffer are not parsed yet; rs.base is the
         # stream offset of buffer[0] (descriptors are matched to frames by
         # stream offset).  rx is the backend's receive state: the bytes (end)
@@ -107,7 +156,7 @@ class FrameReader:
     @property
     def buffered(self) -> int:
         """Frames parsed and not handed out yet."""
-        return self.parsed - self.next
+        return self.parsed - self.next + (self.lane_msg is not None)
 
     @property
     def read_size(self) -> int:
@@ -135,10 +184,14 @@ class FrameReader:
             raise OSError(errno.EBADF, "the channel is closed")
         if self.next < self.parsed:
             return True
+        if self.lane_msg is not None:
+            return True  # (its descriptors are held until it is taken)
         batch = self.batch
         if batch is not None:
             end_batch(batch)  # its messages' descriptors not taken are closed below
             self.batch = None
+        if self.lane_held:
+            self._release_held()
         if self.broken is not None:
             self.fail(self.broken)  # the frames before the bad one are all out
         rs = self.rs
@@ -179,6 +232,7 @@ class FrameReader:
         if rs.errors:
             self.check_errors()
         if self.start == rs.end and rs.head == rs.tail:
+            self._close_lane()  # the peer is gone: its region is no longer read
             return False
         self.fail("the peer closed the channel in the middle of a frame"
                   if self.start < rs.end else
@@ -254,6 +308,8 @@ class FrameReader:
             if n == -errno.EMSGSIZE:
                 length = int.from_bytes(self.buffer[start:start + 4], "little")
                 self.fail("a frame of %d bytes is over max_frame (%d)" % (length, self.max_frame))
+            if self.buffer[start + 6] != 1:  # not version 1: the lane's frames, or worse
+                return self._lane_frames()
             self.fail("malformed frame header %s" % self.buffer[start:start + HEADER_SIZE].hex())
         if n:
             good, problem = n, None
@@ -266,6 +322,228 @@ class FrameReader:
             self.next, self.parsed, self.ncopied = 0, good, 0
             self.start = start + t.consumed if problem is None else t.offsets[good] - HEADER_SIZE
         return n
+
+    # ---- the lane's frames (version 2) -----------------------------------------------
+
+    def _lane_frames(self) -> int:
+        """Version-2 frames from `start` on: handled in turn; what `_parse` returns.
+
+        A REGION frame is adopted and a RETURN frame's slots passed to
+        `on_return`, then parsing goes on; a SLOT frame's message becomes
+        `lane_msg` (1: a message is ready).  0 when the frame at `start`
+        is not complete yet.  Each header is checked as soon as it is
+        here, before its payload is waited for.
+        """
+        rs = self.rs
+        while True:
+            start, end = self.start, rs.end
+            if end - start < HEADER_SIZE:
+                return 0
+            length, k, kind, version, magic = unpack_header(self.buffer, start)
+            if magic != MAGIC or k > SCM_MAX_FD or version == 0:
+                self._bad_header("")
+            if version == 1:
+                return self._parse()  # DATA frames again: the backend's parse
+            if version != LANE_VERSION:
+                self._bad_header("a frame of version %d, this end speaks versions 1 and %d"
+                                 % (version, LANE_VERSION))
+            self._check_lane_header(length, k, kind)
+            if end - start - HEADER_SIZE < length:
+                return 0
+            at = rs.base + start
+            payload = bytes(self.view[start + HEADER_SIZE:start + HEADER_SIZE + length])
+            fdslot = self._claim_one(at, k)
+            if kind == KIND_SLOT:
+                (offset, size), = unpack_pairs(payload)
+                lane = self.lane
+                if lane is None:
+                    self.fail("a SLOT frame before the REGION frame")
+                    return 0  # not reached
+                try:
+                    view = lane.claim(offset, size)
+                except ProtocolError as exc:
+                    self.fail(exc.strerror or "bad slot")
+                # the commit: stores only
+                self.lane_msg = SlotMessage(offset, size, view, fdslot)
+                self.start = start + HEADER_SIZE + length
+                self.next = self.parsed = self.ncopied = 0
+                return 1
+            if kind == KIND_REGION:
+                self._adopt(unpack_region(payload), fdslot)
+            elif at in self.applied:
+                self.applied.discard(at)  # applied by scan_returns already
+            else:
+                self._returned(unpack_pairs(payload))
+            self.start = start + HEADER_SIZE + length
+            self.next = self.parsed = self.ncopied = 0
+
+    def _bad_header(self, why: str) -> None:
+        """Fail on the header at `start`, saying why when there is more to say than its bytes."""
+        self.fail("malformed frame header %s%s" % (
+            self.buffer[self.start:self.start + HEADER_SIZE].hex(), ": " + why if why else ""))
+
+    def scan_returns(self) -> int:
+        """Apply the RETURN frames among the bytes held and not parsed yet; how many were applied.
+
+        For a sender waiting for room while messages it has not received
+        are ahead of the peer's RETURN frames (a RETURN is not a message:
+        docs/PROTOCOL.md lets it be acted on at once).  Touches nothing the
+        take_* calls hand out: it only reads headers from the first byte
+        not parsed on, and stops at an incomplete frame or at any header
+        it would not parse (the parse in order reports that one).  The
+        parse in order skips a RETURN frame applied here.
+        """
+        if self.closed or self.on_return is None:
+            return 0
+        rs = self.rs
+        buf = self.buffer
+        end = rs.end
+        pos = max(self.start, self.scanned - rs.base)
+        applied = 0
+        while end - pos >= HEADER_SIZE:
+            length, k, kind, version, magic = unpack_header(buf, pos)
+            if magic != MAGIC or k > SCM_MAX_FD or version not in (1, LANE_VERSION):
+                break
+            if version == 1:
+                if kind or length > self.max_frame:
+                    break
+            elif kind == KIND_RETURN:
+                if (k or not length or length % PAIR_SIZE
+                        or length > PAIR_SIZE * RETURN_MAX_SLOTS):
+                    break
+            elif _LANE_PAYLOAD.get(kind) != length:
+                break
+            if end - pos - HEADER_SIZE < length:
+                break
+            at = rs.base + pos
+            if kind == KIND_RETURN and version == LANE_VERSION and at not in self.applied:
+                pairs = unpack_pairs(bytes(self.view[pos + HEADER_SIZE:pos + HEADER_SIZE + length]))
+                try:
+                    for offset, size in pairs:
+                        self.on_return(offset, size)
+                except ProtocolError as exc:
+                    self.fail(exc.strerror or "bad returned slot")
+                self.applied.add(at)
+                applied += 1
+            pos += HEADER_SIZE + length
+        self.scanned = rs.base + pos
+        return applied
+
+    def _check_lane_header(self, length: int, k: int, kind: int) -> None:
+        """Refuse a version-2 header that no payload could make right."""
+        if kind == KIND_RETURN:
+            if k:
+                self._bad_header("a RETURN frame carries %d descriptors" % k)
+            if not length or length % PAIR_SIZE or length > PAIR_SIZE * RETURN_MAX_SLOTS:
+                self._bad_header("a RETURN frame of %d bytes, not 1 to %d slots of %d bytes"
+                                 % (length, RETURN_MAX_SLOTS, PAIR_SIZE))
+            return
+        want = _LANE_PAYLOAD.get(kind)
+        if want is None:
+            self._bad_header("a version-%d frame of unknown kind %d" % (LANE_VERSION, kind))
+            return  # not reached
+        if length != want:
+            self._bad_header("a %s frame of %d bytes, not %d"
+                             % ("REGION" if kind == KIND_REGION else "SLOT", length, want))
+        if kind == KIND_REGION and k != 1:
+            self._bad_header("a REGION frame declares %d descriptors, not 1" % k)
+
+    def _claim_one(self, at: int, k: int) -> int:
+        """Match a version-2 frame at stream offset `at` to its `k` descriptors; their held read, -1: none.
+
+        The rule of `_claim` for one frame, failing at once: there is no
+        frame ahead of it to deliver first.
+        """
+        rs = self.rs
+        reads = self.reads
+        r = rs.head
+        while r < rs.tail and 0 <= rs.frame[r % reads] < at:
+            r += 1
+        slot = r % reads
+        held = r < rs.tail
+        if held and rs.hi[slot] <= at:
+            self.fail("descriptors arrived that no frame declared")
+        if not k:
+            return -1
+        if not held or not rs.lo[slot] <= at < rs.hi[slot]:
+            self.fail("a frame declares %d descriptors and none came with it" % k)
+        if rs.nfds[slot] != k and rs.frame[slot] != at:
+            self.fail("a frame declares %d descriptors and %d came with it" % (k, rs.nfds[slot]))
+        rs.frame[slot] = at
+        return slot
+
+    def _adopt(self, size: int, fdslot: int) -> None:
+        """The peer's REGION: its one descriptor checked and mapped read-only, or ProtocolError."""
+        fd, = self.impl.chan_fds(self.rx, fdslot)
+        self.rs.nfds[fdslot] = 0  # given over: the region (or the close below) owns it
+        if self.lane is not None:
+            os.close(fd)
+            self.fail("a second REGION frame")
+        if not 1 <= size <= self.max_region:
+            os.close(fd)
+            self.fail("a region of %d bytes announced, the limit is %d" % (size, self.max_region))
+        try:
+            self.lane = RegionReader(fd, size, max_slots=self.max_slots)
+        except ProtocolError as exc:
+            self.fail(exc.strerror or "bad region")
+        except BaseException:
+            self.close()  # out of descriptors or memory here: the stream cannot go on in step
+            raise
+
+    def _returned(self, pairs: List[Tuple[int, int]]) -> None:
+        """The slots of this end's region the peer gave back (a RETURN frame)."""
+        on_return = self.on_return
+        if on_return is None:
+            self.fail("a RETURN frame, and this end sent no slots")
+            return  # not reached
+        for offset, length in pairs:
+            try:
+                on_return(offset, length)
+            except ProtocolError as exc:
+                self.fail(exc.strerror or "bad returned slot")
+
+    def _release(self, offset: int, length: int) -> None:
+        """The slot is no longer read here: to be sent back (`take_returns`)."""
+        lane = self.lane
+        if lane is not None:
+            self.returns.append(lane.release(offset, length))
+
+    def _release_held(self) -> None:
+        """Release the slots a batch handed out in place; a slot whose view is still exported stays."""
+        kept: List[Slot] = []
+        for slot in self.lane_held:
+            try:
+                self._release(slot.offset, slot.length)
+            except BufferError:
+                kept.append(slot)  # the caller still holds it: never overwritten under it
+        self.lane_held = kept
+
+    def _close_lane(self) -> None:
+        """Unmap the peer's region and forget its slots (at the end, on error, at close)."""
+        lane = self.lane
+        self.lane_msg = None
+        self.lane_held = []
+        self.returns = []
+        if lane is not None:
+            self.lane = None
+            lane.close()
+
+    def take_returns(self) -> List[Slot]:
+        """The slots released since the last call, to send back in RETURN frames (`frames.return_frames`)."""
+        returns = self.returns
+        if returns:
+            self.returns = []
+        return returns
+
+    def _take_lane(self) -> Tuple[SlotMessage, bytes]:
+        """The slot message, copied out and released (its descriptors stay held); IndexError when none."""
+        msg = self.lane_msg
+        if msg is None:
+            raise self._none_parsed()
+        data = msg.view.tobytes()
+        self.lane_msg = None
+        self._release(msg.offset, msg.length)
+        return msg, data
 
     def _claim(self, n: int) -> Tuple[int, Optional[str]]:
         """Match each parsed frame to the descriptors it declares (docs/PROTOCOL.md, Descriptors).
@@ -372,7 +650,7 @@ class FrameReader:
         """The next message's payload (its descriptors are closed at the next receive)."""
         i = self.next
         if i >= self.parsed:
-            raise self._none_parsed()
+            return self._take_lane()[1]
         t = self.table
         o = t.offsets[i]
         data = bytes(self.view[o:o + t.lengths[i]])
@@ -396,7 +674,7 @@ class FrameReader:
             return data
         n = self.parsed - i
         if n <= 0:
-            return None
+            return self._take_lane()[1] if self.lane_msg is not None else None
         copies = self._copies(i, n)
         # the commit: stores only
         self.copies, self.copied_from, self.ncopied = copies, i, n
@@ -409,6 +687,8 @@ class FrameReader:
             max_messages = _checks.in_range(max_messages, "max_messages", 1, 1 << 62)
         i = self.next
         n = min(self.parsed - i, max_messages)
+        if n <= 0:
+            return [self._take_lane()[1]] if self.lane_msg is not None else []
         messages = self._copies(i, n)
         self.next = i + n
         return messages
@@ -439,7 +719,11 @@ class FrameReader:
         """The next message with its descriptors, handed over to the caller."""
         i = self.next
         if i >= self.parsed:
-            raise self._none_parsed()
+            msg, data = self._take_lane()
+            fds = self.impl.chan_fds(self.rx, msg.fdslot) if msg.fdslot >= 0 else []
+            if msg.fdslot >= 0:
+                self.rs.nfds[msg.fdslot] = 0  # given over
+            return Message(data, tuple(fds))
         t = self.table
         o = t.offsets[i]
         slot = self._slot_of(i) if t.nfds[i] else -1
@@ -472,6 +756,8 @@ class FrameReader:
             max_messages = _checks.in_range(max_messages, "max_messages", 1, 1 << 62)
         i = self.next
         n = min(self.parsed - i, max_messages)
+        if n <= 0 and self.lane_msg is not None:
+            return self._lane_batch(self.lane_msg)
         t = self.table
         take = None
         if t.with_fds:
@@ -483,6 +769,17 @@ class FrameReader:
                            t.offsets[i] - HEADER_SIZE, t.offsets[last] + t.lengths[last], take)
         self.batch = batch
         self.next = i + n
+        return batch
+
+    def _lane_batch(self, msg: SlotMessage) -> FrameBatch:
+        """The slot message in place: a batch of one, its buffer the slot (no header before it)."""
+        take = self._taker({0: msg.fdslot}) if msg.fdslot >= 0 else None
+        batch = FrameBatch(msg.view, memoryview(array.array("Q", [0])),
+                           memoryview(array.array("Q", [msg.length])), None, 0, msg.length, take)
+        # the commit: stores only
+        self.batch = batch
+        self.lane_held.append(Slot(msg.offset, msg.length))
+        self.lane_msg = None
         return batch
 
     def empty_batch(self) -> FrameBatch:
@@ -514,6 +811,7 @@ class FrameReader:
         if batch is not None:
             end_batch(batch)
             self.batch = None
+        self._close_lane()
         self.impl.chan_drop(self.rx, 0, True)
 
     def close(self) -> None:

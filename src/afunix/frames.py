@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import errno
 import struct
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from . import _checks
 from ._limits import FRAME_HEADER as HEADER_SIZE
@@ -34,6 +34,71 @@ def frame_header(length: int, nfds: int = 0) -> bytes:
         if len(_headers) < 4096:
             _headers[length] = head
     return head
+
+
+# ---- the shared-memory lane's frames (docs/PROTOCOL.md, "Shared-memory lane") ----
+#
+# DATA frames stay version 1 byte for byte; only the lane's own frames are
+# version 2, their kind in the `flags` byte.  They are few and small, so
+# they are packed and parsed here in Python, off the backends' hot path.
+
+#: The `version` byte of the lane's frames.
+LANE_VERSION = 2
+#: Frame kinds of version 2 (the `flags` byte).
+KIND_REGION = 1
+KIND_SLOT = 2
+KIND_RETURN = 3
+KIND_OBJECT = 4
+#: Bytes of one (offset, length) pair of a SLOT or RETURN frame.
+PAIR_SIZE = 16
+#: Most slots one RETURN frame names: a receiver's control frames stay far
+#: below any receive buffer, whatever its max_frame.
+RETURN_MAX_SLOTS = 4096
+
+_REGION_SIZE = struct.Struct("<Q")
+_PAIR = struct.Struct("<QQ")
+
+
+def lane_header(length: int, nfds: int, kind: int) -> bytes:
+    """The header of a version-2 frame of `kind` with `length` payload bytes and `nfds` descriptors."""
+    return _HEADER.pack(length, nfds, kind, LANE_VERSION, MAGIC)
+
+
+def region_frame(size: int) -> bytes:
+    """The REGION frame announcing a region of `size` bytes (its descriptor rides on it)."""
+    return lane_header(8, 1, KIND_REGION) + _REGION_SIZE.pack(size)
+
+
+def slot_frame(offset: int, length: int, nfds: int = 0) -> bytes:
+    """The SLOT frame naming the message in ``region[offset:offset + length]``."""
+    return lane_header(PAIR_SIZE, nfds, KIND_SLOT) + _PAIR.pack(offset, length)
+
+
+def return_frames(slots: Iterable[Tuple[int, int]]) -> List[bytes]:
+    """RETURN frames giving `slots` back, at most RETURN_MAX_SLOTS per frame."""
+    pairs = [_PAIR.pack(offset, length) for offset, length in slots]
+    out = []
+    for i in range(0, len(pairs), RETURN_MAX_SLOTS):
+        chunk = pairs[i:i + RETURN_MAX_SLOTS]
+        out.append(lane_header(PAIR_SIZE * len(chunk), 0, KIND_RETURN) + b"".join(chunk))
+    return out
+
+
+def unpack_header(data: bytes | bytearray | memoryview, at: int = 0) -> Tuple[int, int, int, int, int]:
+    """length, nfds, flags (kind), version, magic of the header at `at`."""
+    length, nfds, flags, version, magic = _HEADER.unpack_from(data, at)
+    return length, nfds, flags, version, magic
+
+
+def unpack_region(payload: bytes) -> int:
+    """The size a REGION frame's 8-byte payload announces."""
+    (size,) = _REGION_SIZE.unpack(payload)
+    return int(size)
+
+
+def unpack_pairs(payload: bytes) -> List[Tuple[int, int]]:
+    """The (offset, length) pairs of a SLOT or RETURN payload (a multiple of 16 bytes)."""
+    return [(int(o), int(n)) for o, n in _PAIR.iter_unpack(payload)]
 
 
 class ProtocolError(OSError):
@@ -63,6 +128,12 @@ class FrameBatch:
     ``start + HEADER_SIZE + i * (size + HEADER_SIZE)``.  Valid until the next
     receive on the channel.  Descriptors of message i are handed over by
     ``fds(i)``; those not taken are closed at the next receive or close.
+
+    A message that came through the peer's shared-memory lane is a batch of
+    its own: `buffer` is its slot of the peer's region (read-only),
+    `offsets` and `lengths` have format "Q" (a slot may hold more than 4 GiB),
+    and ``buffer[start:end]`` is the message, with no header.  The slot goes
+    back to the peer at the next receive, and the view is released then.
     """
 
     __slots__ = ("buffer", "offsets", "lengths", "size", "start", "end", "_take")

@@ -31,14 +31,22 @@ _EMPTY = memoryview(b"")
 class Segment:
     """Messages sent with one write: a run without descriptors, or one message with them."""
 
-    __slots__ = ("datas", "lengths", "joined", "fds")
+    __slots__ = ("datas", "lengths", "joined", "fds", "packed")
 
     def __init__(self, datas: Any, lengths: List[int], joined: bytes,
-                 fds: Tuple[int, ...] = ()) -> None:
+                 fds: Tuple[int, ...] = (), packed: Optional[bytes] = None) -> None:
         self.datas = datas
         self.lengths = lengths
         self.joined = joined
         self.fds = fds
+        # the frame already packed: one of the lane's version-2 frames
+        self.packed = packed
+
+
+def lane_segment(frame: bytes, fds: Tuple[int, ...] = ()) -> Segment:
+    """One packed version-2 frame (frames.region_frame, slot_frame, return_frames) as a segment."""
+    payload = frame[HEADER_SIZE:]
+    return Segment([payload], [len(payload)], payload, fds, frame)
 
 
 class Records:
@@ -173,6 +181,8 @@ class FrameWriter:
 
     def pack(self, seg: Segment) -> memoryview:
         """The frames of `seg`, in the writer's reusable buffer (valid until the next pack)."""
+        if seg.packed is not None:
+            return memoryview(seg.packed)
         return self._pack_into(seg.datas, seg.joined, seg.lengths,
                                [len(seg.fds)] if seg.fds else None)
 
@@ -251,4 +261,4 @@ class FrameWriter:
         self.queue, self.queue_lengths, self.queued = [], [], 0
 
 
-__all__ = ["FrameWriter", "Segment", "Records", "chunked", "control", "JOIN_MAX"]
+__all__ = ["FrameWriter", "Segment", "Records", "chunked", "control", "lane_segment", "JOIN_MAX"]
