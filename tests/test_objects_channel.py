@@ -585,3 +585,27 @@ def test_aio_channels_refuse_a_foreign_peer_unless_trusted(monkeypatch: pytest.M
     with pytest.raises(PermissionError):
         asyncio.run(main(False))
     assert asyncio.run(main(True)) == [1, 2]
+
+
+def test_a_sender_waiting_for_room_finds_returns_behind_an_object_it_has_not_taken(
+        clean: None) -> None:
+    # a's messages need returned slots (over max_frame); b's RETURN frames
+    # come behind a message and an object a has not received: a applies them
+    # ahead of both (docs/PROTOCOL.md, "Returning slots"), stepping over the
+    # OBJECT frame.
+    a, b = channel_pair(shm_size=256 * KiB, shm_threshold=16 * KiB, max_frame=100 * KiB)
+    with a, b:
+        a.socket.settimeout(10)
+        b.send(b"first")
+        b.send_object({"not": "taken yet"})
+        got: List[bytes] = []
+        t = threading.Thread(target=lambda: got.extend(b.recv() for _ in range(6)))
+        t.start()
+        try:
+            for i in range(6):
+                a.send(bytes([i]) * (200 * KiB))
+        finally:
+            t.join(30)
+        assert got == [bytes([i]) * (200 * KiB) for i in range(6)]
+        assert a.recv() == b"first"
+        assert a.recv_object() == {"not": "taken yet"}
