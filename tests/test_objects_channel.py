@@ -609,3 +609,31 @@ def test_a_sender_waiting_for_room_finds_returns_behind_an_object_it_has_not_tak
         assert got == [bytes([i]) * (200 * KiB) for i in range(6)]
         assert a.recv() == b"first"
         assert a.recv_object() == {"not": "taken yet"}
+
+
+def test_an_object_over_max_frame_waits_for_slots_to_come_back(clean: None) -> None:
+    # 200 KiB parts through a 256 KiB region, max_frame 64 KiB: each object
+    # fits only in a slot, so the sender waits for the receiver's returns
+    a, b = channel_pair(shm_size=256 * KiB, shm_threshold=16 * KiB, max_frame=64 * KiB)
+    with a, b:
+        a.socket.settimeout(20)
+        objs = [bytes([i]) * (200 * KiB) for i in range(40)]
+        assert exchange(a, b, objs) == objs
+        with pytest.raises(ValueError, match="over max_frame"):
+            a.send_object([bytes(200 * KiB), bytes(200 * KiB)])  # never fits: refused at once
+        a.send_object("after")
+        assert b.recv_object() == "after"
+
+
+def test_write_buffer_keeps_objects_in_order_with_buffered_messages(clean: None) -> None:
+    a, b = channel_pair(shm_size=MiB, shm_threshold=16 * KiB, write_buffer=1 << 16)
+    with a, b:
+        a.send(b"buffered")
+        a.send_object({"n": 1})
+        a.send(b"buffered too")
+        a.send_object(bytearray(40 * KiB))
+        a.flush()
+        assert b.recv() == b"buffered"
+        assert b.recv_object() == {"n": 1}
+        assert b.recv() == b"buffered too"
+        assert b.recv_object() == bytearray(40 * KiB)

@@ -28,8 +28,8 @@ from ._limits import FRAME_HEADER as HEADER_SIZE
 from .framewriter import FrameWriter, Segment, lane_segment
 from .lane import DEFAULT_THRESHOLD, LaneSender, return_segments
 from .message import Address, Message
-from .objects import (PickledObject, check_unpickle_peer, encode_object, load_object, peer_uid,
-                      pickle_object, place_parts)
+from .objects import (ENVELOPE_ENTRY, ENVELOPE_HEADER, PickledObject, check_unpickle_peer,
+                      encode_object, load_object, peer_uid, pickle_object, place_parts)
 from .slots import Slot
 from .pairs import socketpair
 
@@ -401,26 +401,75 @@ class Channel:
     def _object_slots(self, pickled: PickledObject) -> List[Optional[Slot]]:
         """Slots of the lane for the parts of `pickled` that belong there; None: inline.
 
-        Never waits: when a part finds no free slot, the RETURN frames
-        already on the socket are read and, if slots came back, the parts
-        are placed again; a part still without one goes inline (as a
-        message that fits max_frame does, see `_slot_segment`).
+        When a part finds no free slot, the RETURN frames already on the
+        socket are read and, if slots came back, the parts are placed
+        again; a part still without one goes inline (as a message that
+        fits max_frame does, see `_slot_segment`), unless what is inline
+        would then be over max_frame: then this waits for the peer to return
+        slots, as the socket's timeout says.
+
+        Raises:
+            ValueError: over max_frame even with every slot of the lane free.
+            BlockingIOError, TimeoutError: no slot came back in time.
+            BrokenPipeError: the peer closed the channel.
         """
         lane = self._lane
         assert lane is not None
-        with lane.lock:
-            slots = place_parts(pickled, lane.region, threshold=lane.threshold)
-        if all(slot is not None or not lane.wants(view.nbytes)
-               for view, slot in zip(pickled.parts, slots)):
-            return slots
-        self._send_returns()  # the peer may be waiting for ours just the same
-        if self._returns_now():
-            for slot in slots:
-                if slot is not None:
-                    lane.give_back(slot.offset, slot.length)
+        parts = pickled.parts
+        deadline = _io.deadline_of(self._sock.gettimeout())
+        waited = False
+        while True:
             with lane.lock:
+                lane.room.clear()
                 slots = place_parts(pickled, lane.region, threshold=lane.threshold)
-        return slots
+            if all(slot is not None or not lane.wants(view.nbytes)
+                   for view, slot in zip(parts, slots)):
+                return slots
+            if not waited:
+                waited = True
+                self._send_returns()  # the peer may be waiting for ours just the same
+                if self._returns_now():
+                    self._give_back_all(slots)
+                    continue
+            inline = sum(view.nbytes for view, slot in zip(parts, slots) if slot is None)
+            table = ENVELOPE_HEADER.size + ENVELOPE_ENTRY.size * len(parts)
+            if inline + table <= self._writer.max_frame or not lane.in_flight:
+                return slots  # inline, or over max_frame for good: _send_object refuses it
+            self._give_back_all(slots)
+            self._wait_for_room(deadline)
+
+    def _give_back_all(self, slots: List[Optional[Slot]]) -> None:
+        lane = self._lane
+        assert lane is not None
+        for slot in slots:
+            if slot is not None:
+                lane.give_back(slot.offset, slot.length)
+
+    def _wait_for_room(self, deadline: Optional[float]) -> None:
+        """Wait for the peer to return slots of the lane, once (as `_slot_segment` waits)."""
+        lane = self._lane
+        assert lane is not None
+        if deadline is not None and time.monotonic() >= deadline:
+            raise stalled(self._sock)
+        self._send_returns()
+        busy = self._busy
+        me: List[object] = []
+        try:
+            if busy.setdefault(RECEIVING, me) is me:
+                try:
+                    progressed = read_for_room(self._sock, self._reader, deadline)
+                except ProtocolError:
+                    self._abort()
+                    raise
+            else:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                progressed = lane.room.wait(remaining if remaining is None or remaining > 0
+                                            else 0.0)
+        finally:
+            if RECEIVING in busy and busy[RECEIVING] is me:
+                del busy[RECEIVING]
+        if not progressed and deadline is None and lane.in_flight:
+            lane.room.wait(0.01)  # the buffer is full of messages not taken yet
 
     def _slot_segment(self, data: Any, fds: Tuple[int, ...],
                       deadline: Optional[float]) -> Optional[Segment]:
