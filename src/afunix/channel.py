@@ -630,12 +630,14 @@ class Channel:
         of at least `shm_threshold` bytes (numpy arrays and other
         protocol-5 buffers, bytearray objects, and `obj` itself when it is
         large bytes) are not copied into the pickle stream: each goes in a
-        free slot of the lane when the channel has one, inline otherwise
-        (never waiting for a slot), and so does a large stream.  Waits,
-        and keeps a partly written object, as `send` does.
+        free slot of the lane when the channel has one, inline otherwise,
+        and so does a large stream.  It waits for slots only when what
+        would stay inline is over max_frame.  Waits, and keeps a partly
+        written object, as `send` does.
 
         Raises:
-            ValueError: what stays inline is over max_frame (nothing sent).
+            ValueError: over max_frame even with every slot of the lane
+                free, or without a lane (nothing sent).
             pickle.PicklingError (and whatever pickling `obj` raises): nothing sent.
             BlockingIOError, TimeoutError, OSError, RuntimeError: as for `send`.
         """
