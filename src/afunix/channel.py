@@ -42,9 +42,6 @@ _SEQPACKET = int(socket.SOCK_SEQPACKET)
 _socket_type = _socket.socket.type.__get__
 
 
-# Channel._peer_uid before it is read: no uid is -2 (the kernel's "none" is -1).
-_UNREAD = -2
-
 # Every open Channel of this process, for the fork hook below.
 _channels: "weakref.WeakSet[Channel]" = weakref.WeakSet()
 
@@ -145,8 +142,9 @@ class Channel:
         if type(trust_peer) is not bool:
             raise TypeError("trust_peer must be a bool, not %s" % type(trust_peer).__name__)
         self._trust_peer = trust_peer
-        # the peer's uid (SO_PEERCRED), read at the first recv_object; _UNREAD until then
-        self._peer_uid: Optional[int] = _UNREAD
+        # the peer's uid (SO_PEERCRED, None: unknown), read once, at the first recv_object
+        self._peer_uid: Optional[int] = None
+        self._peer_uid_read = False
         # made last of the checks: it is the only one that makes a system call
         self._lane = LaneSender(shm_size, shm_threshold) if shm_size else None
         self._sock = sock
@@ -933,8 +931,9 @@ class Channel:
             r.take_object()  # raises MessageKindError; the message stays
         refusal: Optional[PermissionError] = None
         if not self._trust_peer:
-            if self._peer_uid == _UNREAD:
+            if not self._peer_uid_read:
                 self._peer_uid = peer_uid(self._sock)
+                self._peer_uid_read = True
             try:
                 check_unpickle_peer(self._peer_uid)
             except PermissionError as exc:
