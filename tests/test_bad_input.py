@@ -165,7 +165,8 @@ case("Channel", "inet", lambda e: afunix.Channel(e["inet"]), OSError, *TYPE_OR_V
 
 NOT_CALLABLE_WITH_BAD_INPUT = {
     "AUTOBIND", "BACKEND", "CAPABILITIES", "MAX_MESSAGES", "MAX_PATH_BYTES", "SCM_MAX_FD",
-    "__version__", "Credentials", "Message", "TruncatedError", "ProtocolError", "FrameBatch",
+    "__version__", "Credentials", "Message", "TruncatedError", "ProtocolError", "MessageKindError",
+    "FrameBatch",
     "ListeningSocket",  # value types and constants: any content is allowed
     "listen_fds", "listen_fds_with_names",  # input is the environment: tests/test_activation.py
 }

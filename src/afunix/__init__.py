@@ -16,6 +16,7 @@ from .addresses import AUTOBIND, ListeningSocket, abstract, connect, listen
 from .capabilities import CAPABILITIES, MAX_PATH_BYTES, SCM_MAX_FD, supports
 from .batch import MAX_MESSAGES, send_many
 from .channel import Channel, FrameBatch, ProtocolError, channel_pair
+from .frames import MessageKindError
 from .fds import pass_credentials, peer_credentials, peer_pidfd, recv_fds, send_fds
 from .message import Credentials, Message, TruncatedError, close_fds
 from .pairs import socketpair, socketpairs
@@ -30,6 +31,7 @@ __all__ = [
     "FrameBatch",
     "MAX_MESSAGES",
     "Message",
+    "MessageKindError",
     "ProtocolError",
     "RecvBatch",
     "TruncatedError",

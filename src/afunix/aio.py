@@ -535,7 +535,8 @@ class Channel:
 
     Args:
         sock: a connected, non-blocking AF_UNIX SOCK_STREAM or SOCK_SEQPACKET socket.
-        **options: ``max_frame`` and ``write_buffer``, as for `afunix.Channel`.
+        **options: ``max_frame``, ``write_buffer``, ``shm_threshold`` and
+            ``trust_peer``, as for `afunix.Channel`.
 
     Raises:
         ValueError: a blocking socket (see the module's rules), or what
@@ -612,6 +613,18 @@ class Channel:
         while self._ch.flush():
             await wait(self._fd, True)
 
+    async def send_object(self, obj: Any) -> None:
+        """Send `obj` pickled with protocol 5 (see `afunix.Channel.send_object`); all inline.
+
+        Large buffers are kept out of the pickle stream and sent inline
+        (this channel has no lane of its own).  Returns once every byte is
+        written, as `send` does without a write buffer.
+        """
+        ch = self._ch
+        await call_when_ready(self._fd, True, lambda: ch.send_object(obj))
+        if self._flush_after_send:
+            await self.flush()
+
     # ---- receive ----------------------------------------------------------------
     #
     # Each receive returns what the synchronous channel returned, with no
@@ -649,6 +662,14 @@ class Channel:
         """The zero-copy receive (an `afunix.FrameBatch`, valid until the next receive)."""
         ch = self._ch
         return await self._try(lambda: ch.recv_batch(max_messages))
+
+    async def recv_object(self) -> Any:
+        """Receive one object sent with `send_object`, unpickled (see `afunix.Channel.recv_object`).
+
+        Refused with PermissionError, and the object dropped, from a peer of
+        another uid unless the channel was opened with ``trust_peer=True``.
+        """
+        return await self._try(self._ch.recv_object)
 
     def __aiter__(self) -> "Channel":
         return self

@@ -22,12 +22,15 @@ from ._chanio import (NOSIGNAL, RECEIVING, SENDING, Sender, fill, owning, read_f
 from .addresses import connect
 from .batch import checked_fds
 from .codec import TABLE_CAPACITY, FrameReader
-from .frames import (DEFAULT_MAX_FRAME, RECORD_MAX, RETURN_MAX_SLOTS, FrameBatch,
-                     ProtocolError, frame_header)
+from .frames import (DEFAULT_MAX_FRAME, KIND_OBJECT, RECORD_MAX, RETURN_MAX_SLOTS, FrameBatch,
+                     ProtocolError, frame_header, lane_header)
 from ._limits import FRAME_HEADER as HEADER_SIZE
-from .framewriter import FrameWriter, Segment
+from .framewriter import FrameWriter, Segment, lane_segment
 from .lane import DEFAULT_THRESHOLD, LaneSender, return_segments
 from .message import Address, Message
+from .objects import (ENVELOPE_ENTRY, ENVELOPE_HEADER, PickledObject, check_unpickle_peer,
+                      encode_object, load_object, peer_uid, pickle_object, place_parts)
+from .slots import Slot
 from .pairs import socketpair
 
 # Plain ints: the socket module's constants are enum members, and | or & on
@@ -91,7 +94,12 @@ class Channel:
             named by a small frame, and the peer returns the slot when it is
             done with it (docs/PROTOCOL.md, version 2).  Every channel reads
             a peer's lane, with or without its own.
-        shm_threshold: the smallest message sent through the lane.
+        shm_threshold: the smallest message sent through the lane, and
+            the smallest buffer of an object (`send_object`) sent out of
+            band.
+        trust_peer: `recv_object` unpickles from a peer of any uid (by
+            default only from one running as this process's effective
+            uid: unpickling runs code the peer chose).
 
     Raises:
         TypeError, ValueError: not such a socket, or bad limits.
@@ -100,7 +108,7 @@ class Channel:
 
     def __init__(self, sock: socket.socket, *, max_frame: int = DEFAULT_MAX_FRAME,
                  write_buffer: int = 0, shm_size: int = 0,
-                 shm_threshold: int = DEFAULT_THRESHOLD) -> None:
+                 shm_threshold: int = DEFAULT_THRESHOLD, trust_peer: bool = False) -> None:
         self._closed = True  # until set up: close() has nothing to do
         # Which call is using each side (_SENDING, _RECEIVING).  Two threads
         # receiving at once would hand out one message twice or parse half
@@ -131,6 +139,13 @@ class Channel:
             raise OSError(errno.EBADF, os.strerror(errno.EBADF))
         writer = FrameWriter(max_frame, write_buffer)
         shm_size = _checks.in_range(shm_size, "shm_size", 0, 1 << 40)
+        self._object_threshold = _checks.in_range(shm_threshold, "shm_threshold", 1, 1 << 62)
+        if type(trust_peer) is not bool:
+            raise TypeError("trust_peer must be a bool, not %s" % type(trust_peer).__name__)
+        self._trust_peer = trust_peer
+        # the peer's uid (SO_PEERCRED, None: unknown), read once, at the first recv_object
+        self._peer_uid: Optional[int] = None
+        self._peer_uid_read = False
         # made last of the checks: it is the only one that makes a system call
         self._lane = LaneSender(shm_size, shm_threshold) if shm_size else None
         self._sock = sock
@@ -382,6 +397,79 @@ class Channel:
             raise stalled(self._sock)
         lane.announced = True
 
+    def _object_slots(self, pickled: PickledObject) -> List[Optional[Slot]]:
+        """Slots of the lane for the parts of `pickled` that belong there; None: inline.
+
+        When a part finds no free slot, the RETURN frames already on the
+        socket are read and, if slots came back, the parts are placed
+        again; a part still without one goes inline (as a message that
+        fits max_frame does, see `_slot_segment`), unless what is inline
+        would then be over max_frame: then this waits for the peer to return
+        slots, as the socket's timeout says.
+
+        Raises:
+            ValueError: over max_frame even with every slot of the lane free.
+            BlockingIOError, TimeoutError: no slot came back in time.
+            BrokenPipeError: the peer closed the channel.
+        """
+        lane = self._lane
+        assert lane is not None
+        parts = pickled.parts
+        deadline = _io.deadline_of(self._sock.gettimeout())
+        waited = False
+        while True:
+            with lane.lock:
+                lane.room.clear()
+                slots = place_parts(pickled, lane.region, threshold=lane.threshold)
+            if all(slot is not None or not lane.wants(view.nbytes)
+                   for view, slot in zip(parts, slots)):
+                return slots
+            if not waited:
+                waited = True
+                self._send_returns()  # the peer may be waiting for ours just the same
+                if self._returns_now():
+                    self._give_back_all(slots)
+                    continue
+            inline = sum(view.nbytes for view, slot in zip(parts, slots) if slot is None)
+            table = ENVELOPE_HEADER.size + ENVELOPE_ENTRY.size * len(parts)
+            if inline + table <= self._writer.max_frame or not lane.in_flight:
+                return slots  # inline, or over max_frame for good: _send_object refuses it
+            self._give_back_all(slots)
+            self._wait_for_room(deadline)
+
+    def _give_back_all(self, slots: List[Optional[Slot]]) -> None:
+        lane = self._lane
+        assert lane is not None
+        for slot in slots:
+            if slot is not None:
+                lane.give_back(slot.offset, slot.length)
+
+    def _wait_for_room(self, deadline: Optional[float]) -> None:
+        """Wait for the peer to return slots of the lane, once (as `_slot_segment` waits)."""
+        lane = self._lane
+        assert lane is not None
+        if deadline is not None and time.monotonic() >= deadline:
+            raise stalled(self._sock)
+        self._send_returns()
+        busy = self._busy
+        me: List[object] = []
+        try:
+            if busy.setdefault(RECEIVING, me) is me:
+                try:
+                    progressed = read_for_room(self._sock, self._reader, deadline)
+                except ProtocolError:
+                    self._abort()
+                    raise
+            else:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                progressed = lane.room.wait(remaining if remaining is None or remaining > 0
+                                            else 0.0)
+        finally:
+            if RECEIVING in busy and busy[RECEIVING] is me:
+                del busy[RECEIVING]
+        if not progressed and deadline is None and lane.in_flight:
+            lane.room.wait(0.01)  # the buffer is full of messages not taken yet
+
     def _slot_segment(self, data: Any, fds: Tuple[int, ...],
                       deadline: Optional[float]) -> Optional[Segment]:
         """`data` in a free slot, as its SLOT frame; None when it goes inline instead.
@@ -539,6 +627,64 @@ class Channel:
         if self._lane is not None:
             self._announce(_io.deadline_of(self._sock.gettimeout()))
         return self._sender.send([seg], len(seg.lengths))
+
+    def send_object(self, obj: Any) -> None:
+        """Send `obj` pickled with protocol 5, as one message (`recv_object` takes it).
+
+        The twin of ``multiprocessing.connection.Connection.send``.  Buffers
+        of at least `shm_threshold` bytes (numpy arrays and other
+        protocol-5 buffers, bytearray objects, and `obj` itself when it is
+        large bytes) are not copied into the pickle stream: each goes in a
+        free slot of the lane when the channel has one, inline otherwise,
+        and so does a large stream.  It waits for slots only when what
+        would stay inline is over max_frame.  Waits, and keeps a partly
+        written object, as `send` does.
+
+        Raises:
+            ValueError: over max_frame even with every slot of the lane
+                free, or without a lane (nothing sent).
+            pickle.PicklingError (and whatever pickling `obj` raises): nothing sent.
+            BlockingIOError, TimeoutError, OSError, RuntimeError: as for `send`.
+        """
+        busy = self._busy
+        me: List[object] = []  # a fresh token, held by this call only
+        try:
+            if busy.setdefault(SENDING, me) is not me:
+                raise refused(SENDING)
+            self._send_object(obj)
+        finally:
+            try:
+                if busy[SENDING] is me:
+                    del busy[SENDING]
+            except KeyError:  # unclaimed: the holder left (see __init__)
+                pass
+
+    def _send_object(self, obj: Any) -> None:
+        self._check_open()
+        lane = self._lane
+        threshold = lane.threshold if lane is not None else self._object_threshold
+        with pickle_object(obj, threshold=threshold) as pickled:
+            if lane is not None:
+                self._announce(_io.deadline_of(self._sock.gettimeout()))
+                slots = self._object_slots(pickled)
+            else:
+                slots = place_parts(pickled, None, threshold=threshold)
+            try:
+                parts = encode_object(pickled, slots)
+                size = sum(memoryview(part).nbytes for part in parts)
+                self._writer.check_size(size)
+                # one packed frame (the writer keeps a partly written one's tail)
+                frame = b"".join([lane_header(size, 0, KIND_OBJECT), *parts])
+                del parts
+                self._sender.send([lane_segment(frame)], 1)
+            except (ValueError, BlockingIOError, socket.timeout):
+                # not started: the slots are free again.  (After any other
+                # error part of the frame may be on its way: its slots stay
+                # in flight rather than be written again under the peer.)
+                for slot in slots:
+                    if slot is not None and lane is not None:
+                        lane.give_back(slot.offset, slot.length)
+                raise
 
     def flush(self) -> int:
         """Write every accepted message still waiting (buffered, or a partly written tail).
@@ -746,6 +892,66 @@ class Channel:
             self._write_returns()  # slots of the batch before, released by this receive
         return batch
 
+    def recv_object(self) -> Any:
+        """Receive one object sent with `send_object`, unpickled.
+
+        The twin of ``multiprocessing.connection.Connection.recv``.
+        Unpickling runs code the peer chose, so it is refused
+        (PermissionError) unless the peer runs as this process's effective
+        uid (SO_PEERCRED, read once, at the first call) or the channel was
+        opened with ``trust_peer=True``; the refused object is dropped
+        unread (its slots go back) and the next receive takes the message
+        after it.  Where the kernel cannot name the peer's uid, every object
+        is refused unless the channel trusts its peer.
+
+        Raises:
+            EOFError: the peer closed the channel cleanly (between messages).
+            MessageKindError: the next message is not an object: it stays,
+                for `recv` or the other receives.
+            PermissionError: refused, as above; the channel stays usable.
+            ProtocolError: the peer broke the protocol (a bad OBJECT
+                payload, a slot it names out of range or overlapping); the
+                channel is closed.
+            pickle.UnpicklingError (and whatever unpickling raises): a bad
+                pickle stream; the object is taken, the channel stays usable.
+            BlockingIOError, TimeoutError, OSError: as sock.recv would.
+            RuntimeError: another thread is receiving on this channel.
+        """
+        busy = self._busy
+        me: List[object] = []  # a fresh token, held by this call only
+        try:
+            if busy.setdefault(RECEIVING, me) is not me:
+                raise refused(RECEIVING)
+            return self._recv_object()
+        finally:
+            try:
+                if busy[RECEIVING] is me:
+                    del busy[RECEIVING]
+            except KeyError:  # unclaimed: the holder left (see __init__)
+                pass
+
+    def _recv_object(self) -> Any:
+        r = self._reader
+        if r.next >= r.parsed and not self._fill():
+            raise EOFError("the peer closed the channel")
+        if not r.object_next():
+            r.take_object()  # raises MessageKindError; the message stays
+        refusal: Optional[PermissionError] = None
+        if not self._trust_peer:
+            if not self._peer_uid_read:
+                self._peer_uid = peer_uid(self._sock)
+                self._peer_uid_read = True
+            try:
+                check_unpickle_peer(self._peer_uid)
+            except PermissionError as exc:
+                refusal = exc
+        parts = r.take_object()
+        if r.returns:
+            self._write_returns()
+        if refusal is not None:
+            raise refusal  # before anything is unpickled
+        return load_object(parts[0], parts[1:])
+
     def __iter__(self) -> Iterator[bytes]:
         """Every message until the peer closes the channel cleanly (see recv_many)."""
         while True:
@@ -871,7 +1077,8 @@ def channel_pair(type: int = socket.SOCK_STREAM, **options: Any) -> Tuple[Channe
 
     Args:
         type: socket.SOCK_STREAM or socket.SOCK_SEQPACKET.
-        options: passed to each Channel (max_frame, write_buffer).
+        options: passed to each Channel (max_frame, write_buffer, shm_size,
+            shm_threshold, trust_peer).
     """
     kind = _checks.supported_socket_type(type)
     if kind not in (_STREAM, _SEQPACKET):

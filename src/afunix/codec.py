@@ -15,18 +15,20 @@ import array
 import errno
 import os
 import socket
-from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Union
 
 from . import _backend, _checks
 from ._contract import Backend
-from .frames import (DEFAULT_MAX_FRAME, KIND_REGION, KIND_RETURN, KIND_SLOT, LANE_VERSION,
-                     MAX_FRAME_LIMIT, PAIR_SIZE, RECORD_MAX, RETURN_MAX_SLOTS, FrameBatch,
-                     ProtocolError, end_batch, unpack_header, unpack_pairs, unpack_region)
+from .frames import (DEFAULT_MAX_FRAME, KIND_OBJECT, KIND_REGION, KIND_RETURN, KIND_SLOT,
+                     LANE_VERSION, MAX_FRAME_LIMIT, PAIR_SIZE, RECORD_MAX, RETURN_MAX_SLOTS,
+                     FrameBatch, MessageKindError, ProtocolError, end_batch, unpack_header,
+                     unpack_pairs, unpack_region)
 from ._limits import FRAME_HEADER as HEADER_SIZE
 from ._limits import FRAME_MAGIC as MAGIC
 from ._limits import SCM_MAX_FD
 from .framewriter import JOIN_MAX, FrameWriter
 from .message import Message
+from .objects import parse_envelope
 from .shm import MAX_REGION_SIZE, RegionReader
 from .slots import DEFAULT_MAX_SLOTS, Slot
 
@@ -53,6 +55,21 @@ class SlotMessage:
         self.offset, self.length, self.view = offset, length, view
         # the held read whose descriptors the SLOT frame claimed, -1: none
         self.fdslot = fdslot
+
+
+class ObjectMessage:
+    """An object the peer sent (an OBJECT frame), parsed and not handed out yet.
+
+    `parts` are the pickle stream and its out-of-band buffers, in order:
+    views of this end's own copy of the payload (inline parts, `slots[i]`
+    None), or of the peer's region (`slots[i]` the slot, claimed and held
+    until the object is taken).
+    """
+
+    __slots__ = ("parts", "slots")
+
+    def __init__(self, parts: List[memoryview], slots: List[Optional[Slot]]) -> None:
+        self.parts, self.slots = parts, slots
 
 
 # ---- reading ----------------------------------------------------------------------
@@ -118,7 +135,7 @@ class FrameReader:
         # handed out; slots handed out in place (a batch), released at the
         # next receive; slots released and not yet sent back
         self.lane: Optional[RegionReader] = None
-        self.lane_msg: Optional[SlotMessage] = None
+        self.lane_msg: Optional[Union[SlotMessage, ObjectMessage]] = None
         self.lane_held: List[Slot] = []
         self.returns: List[Slot] = []
         # RETURN frames applied ahead of the messages before them (stream
@@ -349,8 +366,13 @@ class FrameReader:
                                  % (version, LANE_VERSION))
             self._check_lane_header(length, k, kind)
             if end - start - HEADER_SIZE < length:
+                # (an OBJECT frame may be large: the buffer grows towards it
+                # as towards an incomplete DATA frame, see _make_room)
+                self.table.need = HEADER_SIZE + length
                 return 0
             at = rs.base + start
+            if kind == KIND_OBJECT:
+                return self._object_frame(at, start, length)
             payload = bytes(self.view[start + HEADER_SIZE:start + HEADER_SIZE + length])
             fdslot = self._claim_one(at, k)
             if kind == KIND_SLOT:
@@ -376,6 +398,42 @@ class FrameReader:
                 self._returned(unpack_pairs(payload))
             self.start = start + HEADER_SIZE + length
             self.next = self.parsed = self.ncopied = 0
+
+    def _object_frame(self, at: int, start: int, length: int) -> int:
+        """The OBJECT frame at `start`: its envelope checked, its slots claimed; 1 (a message is ready).
+
+        The payload is copied out first (a bytearray: numpy rebuilds a
+        writable array over it), and the slots' bytes are copied when the
+        object is taken: what is unpickled is never the peer's memory.
+        """
+        self._claim_one(at, 0)
+        payload = bytearray(self.view[start + HEADER_SIZE:start + HEADER_SIZE + length])
+        try:
+            envelope = parse_envelope(payload)
+        except ProtocolError as exc:
+            self.fail(exc.strerror or "bad object payload")
+        parts: List[memoryview] = []
+        slots: List[Optional[Slot]] = []
+        for part in envelope.parts:
+            if isinstance(part, memoryview):
+                parts.append(part)
+                slots.append(None)
+                continue
+            lane = self.lane
+            if lane is None:
+                self.fail("an OBJECT frame names a slot before the REGION frame")
+                return 0  # not reached
+            try:
+                parts.append(lane.claim(part.offset, part.length))
+            except ProtocolError as exc:
+                # (the slots claimed before go with the region: fail closes it)
+                self.fail(exc.strerror or "bad slot")
+            slots.append(part)
+        # the commit: stores only
+        self.lane_msg = ObjectMessage(parts, slots)
+        self.start = start + HEADER_SIZE + length
+        self.next = self.parsed = self.ncopied = 0
+        return 1
 
     def _bad_header(self, why: str) -> None:
         """Fail on the header at `start`, saying why when there is more to say than its bytes."""
@@ -411,6 +469,9 @@ class FrameReader:
                 if (k or not length or length % PAIR_SIZE
                         or length > PAIR_SIZE * RETURN_MAX_SLOTS):
                     break
+            elif kind == KIND_OBJECT:
+                if k or length > self.max_frame:
+                    break
             elif _LANE_PAYLOAD.get(kind) != length:
                 break
             if end - pos - HEADER_SIZE < length:
@@ -431,6 +492,13 @@ class FrameReader:
 
     def _check_lane_header(self, length: int, k: int, kind: int) -> None:
         """Refuse a version-2 header that no payload could make right."""
+        if kind == KIND_OBJECT:
+            if k:
+                self._bad_header("an OBJECT frame carries %d descriptors" % k)
+            if length > self.max_frame:
+                self.fail("an OBJECT frame of %d bytes is over max_frame (%d)"
+                          % (length, self.max_frame))
+            return
         if kind == KIND_RETURN:
             if k:
                 self._bad_header("a RETURN frame carries %d descriptors" % k)
@@ -540,6 +608,8 @@ class FrameReader:
         msg = self.lane_msg
         if msg is None:
             raise self._none_parsed()
+        if isinstance(msg, ObjectMessage):
+            raise _object_next()
         data = msg.view.tobytes()
         self.lane_msg = None
         self._release(msg.offset, msg.length)
@@ -715,6 +785,36 @@ class FrameReader:
         return [blob[o - first:o - first + k]
                 for o, k in zip(t.offsets[i:i + n].tolist(), t.lengths[i:i + n].tolist())]
 
+    def object_next(self) -> bool:
+        """True when the next message to hand out is an object (an OBJECT frame)."""
+        return self.next >= self.parsed and isinstance(self.lane_msg, ObjectMessage)
+
+    def take_object(self) -> List[Any]:
+        """The next message, an object: its pickle stream and out-of-band buffers, this end's own.
+
+        Inline parts are views of the payload's copy; a part in a slot is
+        copied out (a bytearray) and the slot released (sent back by
+        `take_returns`): the peer keeps writing its region, and a slot
+        changed while it is unpickled must not change what is unpickled.
+
+        Raises:
+            MessageKindError: the next message is not an object (nothing is taken).
+        """
+        msg = self.lane_msg
+        if self.next >= self.parsed and msg is None:
+            raise self._none_parsed()
+        if self.next < self.parsed or not isinstance(msg, ObjectMessage):
+            raise MessageKindError("the next message is not an object: receive it with "
+                                   "recv(), recv_message() or the other receives")
+        parts: List[Any] = [part if slot is None else bytearray(part)
+                            for part, slot in zip(msg.parts, msg.slots)]
+        # the commit: stores only
+        self.lane_msg = None
+        for slot in msg.slots:
+            if slot is not None:
+                self._release(slot.offset, slot.length)
+        return parts
+
     def take_message(self) -> Message:
         """The next message with its descriptors, handed over to the caller."""
         i = self.next
@@ -757,6 +857,8 @@ class FrameReader:
         i = self.next
         n = min(self.parsed - i, max_messages)
         if n <= 0 and self.lane_msg is not None:
+            if isinstance(self.lane_msg, ObjectMessage):
+                raise _object_next()
             return self._lane_batch(self.lane_msg)
         t = self.table
         take = None
@@ -831,6 +933,12 @@ class FrameReader:
         # the descriptors received and not handed over are ours to close
         if not getattr(self, "closed", True):
             self.release()
+
+
+def _object_next() -> MessageKindError:
+    """The error of a receive of bytes when the next message is an object."""
+    return MessageKindError("the next message is an object (sent with send_object): "
+                            "receive it with recv_object()")
 
 
 __all__ = ["FrameReader", "FrameWriter", "TABLE_CAPACITY"]

@@ -118,6 +118,18 @@ class ProtocolError(OSError):
         super().__init__(errno.EPROTO, message)
 
 
+class MessageKindError(TypeError):
+    """The next message is not of the kind this receive takes; nothing was taken.
+
+    An object (sent by `Channel.send_object`) comes out of
+    `Channel.recv_object` only, and a message of bytes out of the other
+    receives only: each receive refuses the other kind with this error and
+    leaves the message where it was, so the receive that takes it gets it
+    next.  A TypeError: the message's type is what is wrong, as an
+    argument's type would be.
+    """
+
+
 class FrameBatch:
     """Messages received by `Channel.recv_batch`, in place in the channel's buffer.
 

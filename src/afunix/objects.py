@@ -1,7 +1,8 @@
 """Python objects as messages: pickle protocol 5 with large buffers out of band.
 
 Pure functions, no socket I/O, for the channel's ``send_object`` /
-``recv_object`` (not yet wired in).  Sending:
+``recv_object`` (`afunix.Channel`; the OBJECT frame is read by
+`afunix.codec.FrameReader`).  Sending:
 
 1. `pickle_object` pickles with protocol 5; every buffer of at least
    `threshold` bytes -- a `pickle.PickleBuffer` from numpy and other
