@@ -40,6 +40,9 @@ READ_ROOM = 32 << 10
 _TRUNC = int(socket.MSG_TRUNC)
 _CTRUNC = int(socket.MSG_CTRUNC)
 _EMPTY = memoryview(b"")
+#: The protocol error of an empty SOCK_SEQPACKET record.
+EMPTY_RECORD = ("an empty SOCK_SEQPACKET record (the protocol forbids them: they read like end "
+                "of stream)")
 # payload bytes of each lane frame kind a receiver takes (RETURN: a multiple of 16)
 _LANE_PAYLOAD = {KIND_REGION: 8, KIND_SLOT: PAIR_SIZE}
 
@@ -602,6 +605,8 @@ class FrameReader:
             self.fail("the kernel cut the descriptors of a message (MSG_CTRUNC)")
         if errors & _TRUNC:
             self.fail("a SOCK_SEQPACKET record longer than %d bytes" % RECORD_MAX)
+        if errors & self.rx.empty_record:
+            self.fail(EMPTY_RECORD)
 
     def _make_room(self) -> None:
         """Make room after the data for a read, keeping the unparsed bytes.
