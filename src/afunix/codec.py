@@ -42,6 +42,9 @@ READ_ROOM = 32 << 10
 _TRUNC = int(socket.MSG_TRUNC)
 _CTRUNC = int(socket.MSG_CTRUNC)
 _EMPTY = memoryview(b"")
+#: The protocol error of an empty SOCK_SEQPACKET record.
+EMPTY_RECORD = ("an empty SOCK_SEQPACKET record (the protocol forbids them: they read like end "
+                "of stream)")
 # payload bytes of each lane frame kind a receiver takes (RETURN: a multiple of 16)
 _LANE_PAYLOAD = {KIND_REGION: 8, KIND_SLOT: PAIR_SIZE}
 
@@ -147,10 +150,14 @@ class FrameReader:
         # stream offset).  rx is the backend's receive state: the bytes (end)
         # and the descriptors each read brought (held reads, see
         # csrc/channel.h).
-        self.buffer = bytearray(RECV_BUFFER)
+        self.rx = self.impl.new_chan_rx()
+        # SOCK_SEQPACKET: room for a record of the largest size per held-read
+        # slot (one read may bring that many, see _chanio.read), after an
+        # incomplete frame's bytes
+        self.buffer = bytearray(RECORD_MAX * self.rx.reads + READ_ROOM if self.seqpacket
+                                else RECV_BUFFER)
         self.view = memoryview(self.buffer)
         self.start = 0
-        self.rx = self.impl.new_chan_rx()
         self.rs = self.rx.s
         self.reads = self.rx.reads  # slots for held reads
         self.table = self.impl.new_frame_table(TABLE_CAPACITY)
@@ -672,6 +679,8 @@ class FrameReader:
             self.fail("the kernel cut the descriptors of a message (MSG_CTRUNC)")
         if errors & _TRUNC:
             self.fail("a SOCK_SEQPACKET record longer than %d bytes" % RECORD_MAX)
+        if errors & self.rx.empty_record:
+            self.fail(EMPTY_RECORD)
 
     def _make_room(self) -> None:
         """Make room after the data for a read, keeping the unparsed bytes.
