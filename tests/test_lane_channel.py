@@ -372,14 +372,76 @@ def test_a_peer_written_from_the_document_sends_through_its_lane(clean: None) ->
             peer.slot(4096, b"from the document" * 1000)
             peer.frame(0, b"inline", version=1)
             assert b.recv() == b"from the document" * 1000
-            assert peer.returned() == [(4096, 17000)]
+            # the next message is here already: its receive comes without a
+            # read, and the slot goes back with that one's returns
             assert b.recv() == b"inline"
+            assert peer.returned() == [(4096, 17000)]
             peer.slot(4096, b"again")  # the returned slot, reused
             batch = b.recv_batch()
             assert bytes(batch[0]) == b"again"
             y.sendall(struct.pack("<IBBBB", 1, 0, 0, 1, 0xAF) + b"!")
             assert b.recv() == b"!"  # the batch's slot goes back at this receive
             assert peer.returned() == [(4096, 5)]
+        finally:
+            peer.close()
+
+
+def test_returns_for_messages_received_back_to_back_go_in_one_frame(clean: None) -> None:
+    x, y = afunix.socketpair()
+    y.settimeout(10)  # a RETURN frame that never comes fails the test, never hangs it
+    b = Channel(x)
+    with b, y:
+        peer = DocumentPeer(y, 1 << 20)
+        try:
+            for i in range(3):
+                peer.slot(i * 4096, bytes([i]) * 1000)
+            got = [b.recv(), b.recv(), b.recv()]
+            assert got == [bytes([i]) * 1000 for i in range(3)]
+            # no complete message was left after the third: its receive wrote
+            # all three slots, in one frame, without waiting for a fourth
+            assert peer.returned() == [(i * 4096, 1000) for i in range(3)]
+            peer.slot(0, b"x" * 100)
+            assert b.recv() == b"x" * 100
+            assert peer.returned() == [(0, 100)]
+        finally:
+            peer.close()
+
+
+def test_returns_go_back_every_quarter_of_the_region_while_messages_wait(clean: None) -> None:
+    x, y = afunix.socketpair()
+    y.settimeout(10)
+    b = Channel(x)
+    with b, y:
+        peer = DocumentPeer(y, 64 * KiB)
+        try:
+            for i in range(8):
+                peer.slot(i * 8 * KiB, bytes([i]) * (4 * KiB))
+            for i in range(5):
+                assert b.recv() == bytes([i]) * (4 * KiB)
+            # 4 slots of 4 KiB are a quarter of the region: written at the
+            # fourth receive, while four more messages still waited
+            assert peer.returned() == [(i * 8 * KiB, 4 * KiB) for i in range(4)]
+            for i in range(5, 8):
+                assert b.recv() == bytes([i]) * (4 * KiB)
+            assert peer.returned() == [(i * 8 * KiB, 4 * KiB) for i in range(4, 8)]
+        finally:
+            peer.close()
+
+
+def test_a_receive_about_to_wait_writes_the_returns_of_the_batch_before(clean: None) -> None:
+    x, y = afunix.socketpair()
+    y.settimeout(10)
+    b = Channel(x)
+    b.socket.settimeout(0.2)
+    with b, y:
+        peer = DocumentPeer(y, 1 << 20)
+        try:
+            peer.slot(0, b"held" * 100)
+            batch = b.recv_batch()
+            assert bytes(batch[0]) == b"held" * 100  # in place: the slot stays held
+            with pytest.raises(socket.timeout):
+                b.recv()  # nothing comes; the batch's slot went back before the wait
+            assert peer.returned() == [(0, 400)]
         finally:
             peer.close()
 

@@ -64,7 +64,7 @@ from .addresses import encode_address
 from .batch import outgoing, send_with_control
 from ._chanio import owning
 from .channel import Channel as SyncChannel
-from .channel import reader_of, write_returns
+from .channel import reader_of, settle_returns
 from .batch import send_many as _send_many_now
 from .receive import RecvBatch
 from .receive import recv_many as _recv_many_now
@@ -668,7 +668,7 @@ class Channel:
         taken = r.take_next()
         if taken is not None:
             if r.returns:
-                write_returns(self._ch)  # a message of the peer's lane: its slot goes back
+                settle_returns(self._ch)  # a message of the peer's lane: its slot goes back
             return taken
         try:
             received: bytes = await self._try(self._ch.recv)

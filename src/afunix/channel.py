@@ -494,7 +494,7 @@ class Channel:
         except OSError:
             pass  # kept below; a socket that is broken says so at the next call
         if sent < len(segments):
-            r.returns[:0] = slots[sent * RETURN_MAX_SLOTS:]
+            r.keep_returns(slots[sent * RETURN_MAX_SLOTS:])
 
     def send_fixed(self, buffer: Any, size: int) -> int:
         """Send `buffer` as ``len(buffer) // size`` messages of `size` bytes each, in order.
@@ -626,7 +626,7 @@ class Channel:
         if r.next >= r.parsed and not self._fill():
             raise EOFError("the peer closed the channel")
         data = r.take_bytes()  # its descriptors are closed by the next receive
-        if r.returns:
+        if r.returns and r.returns_due():
             self._write_returns()
         return data
 
@@ -663,7 +663,7 @@ class Channel:
         if r.next >= r.parsed and not self._fill():
             return []
         messages = r.take_many(max_messages)
-        if r.returns:
+        if r.returns and r.returns_due():
             self._write_returns()
         return messages
 
@@ -698,7 +698,7 @@ class Channel:
         if r.next >= r.parsed and not self._fill():
             raise EOFError("the peer closed the channel")
         message = r.take_message()
-        if r.returns:
+        if r.returns and r.returns_due():
             self._write_returns()
         return message
 
@@ -735,7 +735,7 @@ class Channel:
         if r.next >= r.parsed and not self._fill():
             return r.empty_batch()
         batch = r.take_batch(max_messages)
-        if r.returns:
+        if r.returns and r.returns_due():
             self._write_returns()  # slots of the batch before, released by this receive
         return batch
 
@@ -750,8 +750,16 @@ class Channel:
     def _fill(self) -> bool:
         """Receive until the reader holds parsed frames; False at a clean end of stream."""
         self._check_open()
+        r = self._reader
         try:
-            return fill(self._sock, self._reader)
+            if r.returns or r.lane_held:
+                # Slots released and not written yet (see FrameReader.returns_due)
+                # go back before this receive reads, and may wait: the peer
+                # may be waiting for them to send what this end waits for.
+                if r.frames_ready():
+                    return True
+                self._write_returns()
+            return fill(self._sock, r)
         except ProtocolError:
             self._abort()  # the reader closed its descriptors; the socket goes too
             raise
@@ -841,9 +849,10 @@ def reader_of(channel: Channel) -> FrameReader:
     return channel._reader
 
 
-def write_returns(channel: Channel) -> None:
-    """Send back the slots of the peer's lane that `channel`'s reader released (see reader_of)."""
-    channel._write_returns()
+def settle_returns(channel: Channel) -> None:
+    """After a take from `channel`'s reader (see reader_of): send back the slots of the peer's lane it released, when due."""
+    if channel._reader.returns_due():
+        channel._write_returns()
 
 
 def channel_pair(type: int = socket.SOCK_STREAM, **options: Any) -> Tuple[Channel, Channel]:
