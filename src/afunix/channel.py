@@ -28,6 +28,7 @@ from ._limits import FRAME_HEADER as HEADER_SIZE
 from .framewriter import FrameWriter, Segment
 from .lane import DEFAULT_THRESHOLD, LaneSender, return_segments
 from .message import Address, Message
+from .shm import Loan
 from .pairs import socketpair
 
 # Plain ints: the socket module's constants are enum members, and | or & on
@@ -411,26 +412,150 @@ class Channel:
                 if self._returns_now():
                     continue
                 return None
-            if deadline is not None and time.monotonic() >= deadline:
-                raise stalled(self._sock)
-            self._send_returns()  # the peer may be waiting for ours just the same
-            me: List[object] = []
+            self._wait_for_room(deadline)
+
+    def _wait_for_room(self, deadline: Optional[float]) -> None:
+        """One wait for the peer to return slots (a caller holding the sending side loops over it).
+
+        Reads the socket (RETURN frames come that way) unless another
+        thread is receiving on this channel: that one reads them, and this
+        one waits for it to.
+
+        Raises:
+            BlockingIOError, TimeoutError: the deadline passed.
+            BrokenPipeError: the peer closed the channel.
+            ProtocolError: the peer broke the protocol (the channel is closed).
+        """
+        lane = self._lane
+        assert lane is not None
+        busy = self._busy
+        if deadline is not None and time.monotonic() >= deadline:
+            raise stalled(self._sock)
+        self._send_returns()  # the peer may be waiting for ours just the same
+        me: List[object] = []
+        try:
+            if busy.setdefault(RECEIVING, me) is me:
+                try:
+                    progressed = read_for_room(self._sock, self._reader, deadline)
+                except ProtocolError:
+                    self._abort()
+                    raise
+            else:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                progressed = lane.room.wait(remaining if remaining is None or remaining > 0
+                                            else 0.0)
+        finally:
+            if RECEIVING in busy and busy[RECEIVING] is me:
+                del busy[RECEIVING]
+        if not progressed and deadline is None and lane.in_flight:
+            lane.room.wait(0.01)  # the buffer is full of messages not taken yet
+
+    # ---- loans: messages made in place in the lane ---------------------------------
+
+    def loan(self, nbytes: int) -> Loan:
+        """A writable buffer of `nbytes` bytes in a free slot of this channel's lane.
+
+        Fill ``loan.view`` (``numpy.frombuffer(loan.view, dtype)`` works) and
+        send it with `send_loan`: the message is never copied.  Used as
+        ``with ch.loan(n) as loan:``, a loan not sent when the block ends
+        is given back.  Waits for room as a send does (the socket's
+        timeout), reading the peer's returns.
+
+        Raises:
+            ValueError: the channel has no lane (no shm_size), or `nbytes`
+                is below 1 or over the region's size (before any system call).
+            TypeError: `nbytes` is not an int.
+            BlockingIOError: a non-blocking socket and no room now.
+            TimeoutError: no room before the socket's timeout.
+            BrokenPipeError: the peer closed the channel while this end waited.
+            OSError: the channel is closed (EBADF).
+            RuntimeError: another thread is sending on this channel.
+        """
+        lane = self._lane
+        if lane is None:
+            raise ValueError("this channel has no shared-memory lane (see shm_size)")
+        nbytes = _checks.in_range(nbytes, "nbytes", 1, lane.region.size)
+        busy = self._busy
+        me: List[object] = []  # a fresh token, held by this call only
+        try:
+            if busy.setdefault(SENDING, me) is not me:
+                raise refused(SENDING)
+            return self._loan(nbytes)
+        finally:
             try:
-                if busy.setdefault(RECEIVING, me) is me:
-                    try:
-                        progressed = read_for_room(self._sock, self._reader, deadline)
-                    except ProtocolError:
-                        self._abort()
-                        raise
-                else:
-                    remaining = None if deadline is None else deadline - time.monotonic()
-                    progressed = lane.room.wait(remaining if remaining is None or remaining > 0
-                                                else 0.0)
-            finally:
-                if RECEIVING in busy and busy[RECEIVING] is me:
-                    del busy[RECEIVING]
-            if not progressed and deadline is None and lane.in_flight:
-                lane.room.wait(0.01)  # the buffer is full of messages not taken yet
+                if busy[SENDING] is me:
+                    del busy[SENDING]
+            except KeyError:  # unclaimed: the holder left (see __init__)
+                pass
+
+    def _loan(self, nbytes: int) -> Loan:
+        lane = self._lane
+        assert lane is not None
+        self._check_open()
+        deadline = _io.deadline_of(self._sock.gettimeout())
+        loan = lane.try_loan(nbytes)
+        if loan is None:
+            self._send_returns()
+            self._returns_now()  # returns already on the socket: no wait for them
+        while loan is None:
+            loan = lane.try_loan(nbytes)
+            if loan is None:
+                self._wait_for_room(deadline)
+        return loan
+
+    def send_loan(self, loan: Loan, fds: Iterable[Any] = ()) -> None:
+        """Send the filled slot of `loan` (from `loan`) as one message, with `fds` attached.
+
+        No copy: the message is the slot.  The loan is committed (its view
+        released); the slot is this end's again once the peer returns it.
+        Messages keep their order with those of `send` and `send_many`.
+        When nothing could be written (BlockingIOError, TimeoutError) the
+        loan is open again, to send later or give back.
+
+        Raises:
+            TypeError: not an afunix.shm.Loan, or bad descriptors.
+            ValueError: a loan of another channel's lane, or one already
+                committed or given back (before any system call).
+            BufferError: a buffer exported from its view is still alive.
+            BlockingIOError, TimeoutError, OSError, RuntimeError: as for send.
+        """
+        if not isinstance(loan, Loan):
+            raise TypeError("send_loan takes an afunix.shm.Loan, not %s" % type(loan).__name__)
+        lane = self._lane
+        if lane is None or loan.region is not lane.region.region:
+            raise ValueError("the loan is not of this channel's lane")
+        if not loan.open:
+            raise ValueError("the loan was already committed or abandoned")
+        fds = tuple(checked_fds(fds))
+        busy = self._busy
+        me: List[object] = []  # a fresh token, held by this call only
+        try:
+            if busy.setdefault(SENDING, me) is not me:
+                raise refused(SENDING)
+            self._send_loan(loan, fds)
+            if self._reader.returns:
+                self._send_returns()  # a receive in another thread left them to this side
+        finally:
+            try:
+                if busy[SENDING] is me:
+                    del busy[SENDING]
+            except KeyError:  # unclaimed: the holder left (see __init__)
+                pass
+
+    def _send_loan(self, loan: Loan, fds: Tuple[int, ...]) -> None:
+        lane = self._lane
+        assert lane is not None
+        self._check_open()
+        self._announce(_io.deadline_of(self._sock.gettimeout()))
+        seg = lane.loan_segment(loan, fds)
+        try:
+            sent = self._sender.send([seg], 1)
+        except BaseException:
+            loan.reopen()  # nothing of it went (a frame is written whole or kept)
+            raise
+        if not sent:
+            loan.reopen()
+            raise stalled(self._sock)
 
     def _returns_now(self) -> bool:
         """Read what already waits on the socket, without waiting; True when slots came back."""

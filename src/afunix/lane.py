@@ -15,7 +15,7 @@ from typing import Any, Iterable, List, Optional, Tuple
 from . import _checks
 from .frames import region_frame, return_frames, slot_frame, unpack_pairs
 from .framewriter import Segment, lane_segment
-from .shm import MAX_REGION_SIZE, RegionWriter
+from .shm import MAX_REGION_SIZE, Loan, RegionWriter
 from .slots import Slot
 
 #: Messages of at least this many bytes go through the lane by default: below
@@ -78,6 +78,35 @@ class LaneSender:
             slot = self.region.try_copy(data)
         if slot is None:
             return None
+        return lane_segment(slot_frame(slot.offset, slot.length, len(fds)), fds)
+
+    def try_loan(self, nbytes: int) -> Optional[Loan]:
+        """A `Loan` of a free slot of `nbytes` bytes to fill in place; None when none is free now.
+
+        Abandoned, its slot comes back as a returned one does (`give_back`).
+
+        Raises:
+            ValueError: `nbytes` below 1 or over the region's size, or the region is closed.
+        """
+        region = self.region
+        with self.lock:
+            self.room.clear()
+            if region.region.closed:
+                raise ValueError("I/O operation on closed region")
+            slot = region.allocator.try_allocate(nbytes)
+        if slot is None:
+            return None
+        return Loan(slot, region.region.view(slot.offset, slot.length), self.give_back,
+                    region.region)
+
+    def loan_segment(self, loan: Loan, fds: Tuple[int, ...] = ()) -> Segment:
+        """The SLOT frame naming the filled slot of `loan` (committed: its view is released).
+
+        Raises:
+            ValueError: the loan is not open.
+            BufferError: a buffer exported from its view is alive (the loan stays open).
+        """
+        slot = loan.commit()
         return lane_segment(slot_frame(slot.offset, slot.length, len(fds)), fds)
 
     def give_back(self, offset: int, length: int) -> None:
