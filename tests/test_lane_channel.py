@@ -311,15 +311,6 @@ def test_an_aio_channel_reads_a_peers_lane_and_returns_its_slots(clean: None) ->
     assert got == [payload(i, 200 * KiB) for i in range(30)]
 
 
-def test_an_aio_channel_refuses_a_lane_of_its_own_for_now(clean: None) -> None:
-    from afunix import aio
-
-    x, y = afunix.socketpair()
-    y.setblocking(False)
-    with x, y, pytest.raises(ValueError, match="shm_size"):
-        aio.Channel(y, shm_size=MiB)
-
-
 # ---- a peer written from docs/PROTOCOL.md alone, and a hostile one ----------------
 
 

@@ -133,6 +133,9 @@ class Channel:
         shm_size = _checks.in_range(shm_size, "shm_size", 0, 1 << 40)
         # made last of the checks: it is the only one that makes a system call
         self._lane = LaneSender(shm_size, shm_threshold) if shm_size else None
+        # set when the last sending call stopped for want of slots, not of
+        # socket space (afunix.aio.Channel then waits for the peer's returns)
+        self._room_wanted = False
         self._sock = sock
         self._fd = sock.fileno()
         self._seqpacket = kind == _SEQPACKET
@@ -320,6 +323,7 @@ class Channel:
         """send_many on a channel with a lane: runs inline, large messages through slots, in order."""
         lane = self._lane
         assert lane is not None
+        self._room_wanted = False
         w = self._writer
         # every message checked before anything is sent, as send_many does
         plan: List[Tuple[bool, Any]] = []  # (in the lane, (data, fds) | inline segments)
@@ -430,6 +434,10 @@ class Channel:
         assert lane is not None
         busy = self._busy
         if deadline is not None and time.monotonic() >= deadline:
+            self._send_returns()
+            if self._returns_now():  # (a non-blocking socket: what already came)
+                return
+            self._room_wanted = True
             raise stalled(self._sock)
         self._send_returns()  # the peer may be waiting for ours just the same
         me: List[object] = []
@@ -492,6 +500,7 @@ class Channel:
         lane = self._lane
         assert lane is not None
         self._check_open()
+        self._room_wanted = False
         deadline = _io.deadline_of(self._sock.gettimeout())
         loan = lane.try_loan(nbytes)
         if loan is None:
@@ -972,6 +981,16 @@ class Channel:
 def reader_of(channel: Channel) -> FrameReader:
     """The FrameReader of `channel`, for the async channel's iteration over the same frames."""
     return channel._reader
+
+
+def lane_of(channel: Channel) -> Optional[LaneSender]:
+    """The lane `channel` sends through (None without shm_size), for the async channel's waits."""
+    return channel._lane
+
+
+def room_wanted(channel: Channel) -> bool:
+    """True when `channel`'s last sending call stopped for want of slots (wait for the peer's returns)."""
+    return channel._room_wanted
 
 
 def settle_returns(channel: Channel) -> None:

@@ -10,7 +10,7 @@ and takes back the slots the peer returns.  The receiving half is in
 from __future__ import annotations
 
 import threading
-from typing import Any, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 from . import _checks
 from .frames import region_frame, return_frames, slot_frame, unpack_pairs
@@ -38,7 +38,7 @@ class LaneSender:
     come back.
     """
 
-    __slots__ = ("region", "threshold", "announced", "lock", "room")
+    __slots__ = ("region", "threshold", "announced", "lock", "room", "on_room")
 
     def __init__(self, size: int, threshold: int = DEFAULT_THRESHOLD) -> None:
         """Raises:
@@ -53,6 +53,8 @@ class LaneSender:
         self.lock = threading.Lock()
         #: set when slots come back (a sender waiting in another thread wakes)
         self.room = threading.Event()
+        #: called after `room` is set (afunix.aio.Channel wakes a task waiting for room)
+        self.on_room: Optional[Callable[[], None]] = None
 
     def wants(self, nbytes: int) -> bool:
         """True when a message of `nbytes` goes through the lane (it fits the region at all)."""
@@ -114,6 +116,9 @@ class LaneSender:
         with self.lock:
             self.region.give_back(offset, length)
         self.room.set()
+        on_room = self.on_room
+        if on_room is not None:
+            on_room()
 
     def abandon(self, seg: Segment) -> None:
         """The SLOT frame `seg` was not written at all: its slot is free again."""
