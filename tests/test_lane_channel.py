@@ -500,3 +500,53 @@ def test_many_messages_through_the_lane_keep_descriptors_and_mappings_flat(clean
         t.join(60)
         assert len(open_fds()) == fds_before and region_mappings() == maps_before
         assert a._lane is not None and a._lane.in_flight <= 3
+
+
+# ---- closing while slots are on their way -------------------------------------------
+
+
+def test_a_return_read_after_the_lane_closed_is_dropped_not_refused(clean: None) -> None:
+    a, b = channel_pair(shm_size=256 * KiB, shm_threshold=16 * KiB)
+    with a, b:
+        a.send(b"r" * 100 * KiB)
+        assert b.recv() == b"r" * 100 * KiB  # its RETURN frame is now on a's socket
+        # the lane closes while a receive (another thread's, as a close()
+        # runs) has yet to read that frame: the frame finds no slot in use
+        assert a._lane is not None
+        a._lane.close()
+        a.socket.settimeout(0.2)
+        with pytest.raises(socket.timeout):
+            a.recv()  # the return is read and dropped; no ProtocolError
+        assert not a.closed
+
+
+def test_a_late_return_to_a_closed_peer_is_dropped_and_the_message_kept(clean: None) -> None:
+    a, b = channel_pair(shm_size=256 * KiB, shm_threshold=16 * KiB)
+    with b:
+        a.send(b"late" * 25 * KiB)
+        a.close()  # gone before b takes the message (its region stays mapped in b)
+        assert b.recv() == b"late" * 25 * KiB  # the RETURN frame meets EPIPE: dropped
+        with pytest.raises(EOFError):
+            b.recv()
+
+
+@pytest.mark.parametrize("call", ["send", "loan"])
+def test_a_peer_closing_while_a_sender_waits_for_room_ends_the_wait(call: str,
+                                                                    clean: None) -> None:
+    a, b = channel_pair(shm_size=256 * KiB, shm_threshold=16 * KiB, max_frame=100 * KiB)
+    with a:
+        a.socket.settimeout(10)
+        a.send(b"1" * 200 * KiB)  # holds the region: b never takes it
+        closer = threading.Timer(0.1, b.close)
+        closer.start()
+        try:
+            start = time.monotonic()
+            with pytest.raises((BrokenPipeError, ConnectionResetError)):
+                if call == "send":
+                    a.send(b"2" * 200 * KiB)  # over max_frame: only a slot can carry it
+                else:
+                    a.loan(200 * KiB)
+            assert time.monotonic() - start < 5  # ended by the close, not the timeout
+        finally:
+            closer.join()
+        assert a._lane is not None and a._lane.in_flight == 1  # no slot taken by the wait

@@ -112,8 +112,15 @@ class LaneSender:
         return lane_segment(slot_frame(slot.offset, slot.length, len(fds)), fds)
 
     def give_back(self, offset: int, length: int) -> None:
-        """A slot the peer returned (FrameReader's on_return); ProtocolError for one not in flight."""
+        """A slot the peer returned (FrameReader's on_return); ProtocolError for one not in flight.
+
+        Once the lane is closed every slot is forgotten, and a return that
+        comes after (read by a receive in another thread as the channel
+        closes) is dropped: it is no fault of the peer's.
+        """
         with self.lock:
+            if self.region.region.closed:
+                return
             self.region.give_back(offset, length)
         self.room.set()
         on_room = self.on_room
