@@ -167,6 +167,7 @@ NOT_CALLABLE_WITH_BAD_INPUT = {
     "AUTOBIND", "BACKEND", "CAPABILITIES", "MAX_MESSAGES", "MAX_PATH_BYTES", "SCM_MAX_FD",
     "__version__", "Credentials", "Message", "TruncatedError", "ProtocolError", "FrameBatch",
     "ListeningSocket",  # value types and constants: any content is allowed
+    "Loan",  # made by Channel.loan only: tests/test_lane_loan.py refuses bad loans and sizes
     "listen_fds", "listen_fds_with_names",  # input is the environment: tests/test_activation.py
 }
 
