@@ -150,3 +150,22 @@ async def test_a_peer_closing_while_a_send_waits_for_room_ends_the_wait(clean: N
                 with pytest.raises((BrokenPipeError, ConnectionResetError)):
                     await a.send(payload(1, 200 * KiB))
             assert in_flight(a) == 1  # the slot of the message never returned
+
+
+async def test_a_sender_waiting_for_room_wakes_when_another_receive_takes_the_returns(
+        clean: None) -> None:
+    a, b = lane_pair()
+    with anyio.fail_after(BOUND):
+        async with a, b:
+            await a.send(payload(0, 200 * KiB))
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(a.send, payload(1, 200 * KiB))  # no room: it waits
+                await anyio.sleep(0.1)
+                # ready at once (no wait on the loop): b's RETURN frame is
+                # written as this receive returns ...
+                assert await b.recv() == payload(0, 200 * KiB)
+                # ... and a receive of `a` takes it in before the loop sees
+                # the socket readable: the lane must wake the waiting send
+                with pytest.raises(BlockingIOError):
+                    a._ch.recv()
+            assert await b.recv() == payload(1, 200 * KiB)
