@@ -91,7 +91,8 @@ class Channel:
             size, not bounded by max_frame) are copied into a slot of it and
             named by a small frame, and the peer returns the slot when it is
             done with it (docs/PROTOCOL.md, version 2).  Every channel reads
-            a peer's lane, with or without its own.
+            a peer's lane, with or without its own.  `loan` and
+            `send_loan` make a message in a slot, without a copy.
         shm_threshold: the smallest message sent through the lane.
 
     Raises:
