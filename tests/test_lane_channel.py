@@ -311,15 +311,6 @@ def test_an_aio_channel_reads_a_peers_lane_and_returns_its_slots(clean: None) ->
     assert got == [payload(i, 200 * KiB) for i in range(30)]
 
 
-def test_an_aio_channel_refuses_a_lane_of_its_own_for_now(clean: None) -> None:
-    from afunix import aio
-
-    x, y = afunix.socketpair()
-    y.setblocking(False)
-    with x, y, pytest.raises(ValueError, match="shm_size"):
-        aio.Channel(y, shm_size=MiB)
-
-
 # ---- a peer written from docs/PROTOCOL.md alone, and a hostile one ----------------
 
 
@@ -372,14 +363,76 @@ def test_a_peer_written_from_the_document_sends_through_its_lane(clean: None) ->
             peer.slot(4096, b"from the document" * 1000)
             peer.frame(0, b"inline", version=1)
             assert b.recv() == b"from the document" * 1000
-            assert peer.returned() == [(4096, 17000)]
+            # the next message is here already: its receive comes without a
+            # read, and the slot goes back with that one's returns
             assert b.recv() == b"inline"
+            assert peer.returned() == [(4096, 17000)]
             peer.slot(4096, b"again")  # the returned slot, reused
             batch = b.recv_batch()
             assert bytes(batch[0]) == b"again"
             y.sendall(struct.pack("<IBBBB", 1, 0, 0, 1, 0xAF) + b"!")
             assert b.recv() == b"!"  # the batch's slot goes back at this receive
             assert peer.returned() == [(4096, 5)]
+        finally:
+            peer.close()
+
+
+def test_returns_for_messages_received_back_to_back_go_in_one_frame(clean: None) -> None:
+    x, y = afunix.socketpair()
+    y.settimeout(10)  # a RETURN frame that never comes fails the test, never hangs it
+    b = Channel(x)
+    with b, y:
+        peer = DocumentPeer(y, 1 << 20)
+        try:
+            for i in range(3):
+                peer.slot(i * 4096, bytes([i]) * 1000)
+            got = [b.recv(), b.recv(), b.recv()]
+            assert got == [bytes([i]) * 1000 for i in range(3)]
+            # no complete message was left after the third: its receive wrote
+            # all three slots, in one frame, without waiting for a fourth
+            assert peer.returned() == [(i * 4096, 1000) for i in range(3)]
+            peer.slot(0, b"x" * 100)
+            assert b.recv() == b"x" * 100
+            assert peer.returned() == [(0, 100)]
+        finally:
+            peer.close()
+
+
+def test_returns_go_back_every_quarter_of_the_region_while_messages_wait(clean: None) -> None:
+    x, y = afunix.socketpair()
+    y.settimeout(10)
+    b = Channel(x)
+    with b, y:
+        peer = DocumentPeer(y, 64 * KiB)
+        try:
+            for i in range(8):
+                peer.slot(i * 8 * KiB, bytes([i]) * (4 * KiB))
+            for i in range(5):
+                assert b.recv() == bytes([i]) * (4 * KiB)
+            # 4 slots of 4 KiB are a quarter of the region: written at the
+            # fourth receive, while four more messages still waited
+            assert peer.returned() == [(i * 8 * KiB, 4 * KiB) for i in range(4)]
+            for i in range(5, 8):
+                assert b.recv() == bytes([i]) * (4 * KiB)
+            assert peer.returned() == [(i * 8 * KiB, 4 * KiB) for i in range(4, 8)]
+        finally:
+            peer.close()
+
+
+def test_a_receive_about_to_wait_writes_the_returns_of_the_batch_before(clean: None) -> None:
+    x, y = afunix.socketpair()
+    y.settimeout(10)
+    b = Channel(x)
+    b.socket.settimeout(0.2)
+    with b, y:
+        peer = DocumentPeer(y, 1 << 20)
+        try:
+            peer.slot(0, b"held" * 100)
+            batch = b.recv_batch()
+            assert bytes(batch[0]) == b"held" * 100  # in place: the slot stays held
+            with pytest.raises(socket.timeout):
+                b.recv()  # nothing comes; the batch's slot went back before the wait
+            assert peer.returned() == [(0, 400)]
         finally:
             peer.close()
 
@@ -447,3 +500,53 @@ def test_many_messages_through_the_lane_keep_descriptors_and_mappings_flat(clean
         t.join(60)
         assert len(open_fds()) == fds_before and region_mappings() == maps_before
         assert a._lane is not None and a._lane.in_flight <= 3
+
+
+# ---- closing while slots are on their way -------------------------------------------
+
+
+def test_a_return_read_after_the_lane_closed_is_dropped_not_refused(clean: None) -> None:
+    a, b = channel_pair(shm_size=256 * KiB, shm_threshold=16 * KiB)
+    with a, b:
+        a.send(b"r" * 100 * KiB)
+        assert b.recv() == b"r" * 100 * KiB  # its RETURN frame is now on a's socket
+        # the lane closes while a receive (another thread's, as a close()
+        # runs) has yet to read that frame: the frame finds no slot in use
+        assert a._lane is not None
+        a._lane.close()
+        a.socket.settimeout(0.2)
+        with pytest.raises(socket.timeout):
+            a.recv()  # the return is read and dropped; no ProtocolError
+        assert not a.closed
+
+
+def test_a_late_return_to_a_closed_peer_is_dropped_and_the_message_kept(clean: None) -> None:
+    a, b = channel_pair(shm_size=256 * KiB, shm_threshold=16 * KiB)
+    with b:
+        a.send(b"late" * 25 * KiB)
+        a.close()  # gone before b takes the message (its region stays mapped in b)
+        assert b.recv() == b"late" * 25 * KiB  # the RETURN frame meets EPIPE: dropped
+        with pytest.raises(EOFError):
+            b.recv()
+
+
+@pytest.mark.parametrize("call", ["send", "loan"])
+def test_a_peer_closing_while_a_sender_waits_for_room_ends_the_wait(call: str,
+                                                                    clean: None) -> None:
+    a, b = channel_pair(shm_size=256 * KiB, shm_threshold=16 * KiB, max_frame=100 * KiB)
+    with a:
+        a.socket.settimeout(10)
+        a.send(b"1" * 200 * KiB)  # holds the region: b never takes it
+        closer = threading.Timer(0.1, b.close)
+        closer.start()
+        try:
+            start = time.monotonic()
+            with pytest.raises((BrokenPipeError, ConnectionResetError)):
+                if call == "send":
+                    a.send(b"2" * 200 * KiB)  # over max_frame: only a slot can carry it
+                else:
+                    a.loan(200 * KiB)
+            assert time.monotonic() - start < 5  # ended by the close, not the timeout
+        finally:
+            closer.join()
+        assert a._lane is not None and a._lane.in_flight == 1  # no slot taken by the wait

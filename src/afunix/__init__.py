@@ -21,6 +21,7 @@ from .fds import pass_credentials, peer_credentials, peer_pidfd, recv_fds, send_
 from .message import Credentials, Message, TruncatedError, close_fds
 from .pairs import socketpair, socketpairs
 from .receive import RecvBatch, recv_many
+from .shm import Loan
 
 __all__ = [
     "AUTOBIND",
@@ -29,6 +30,7 @@ __all__ = [
     "Channel",
     "Credentials",
     "FrameBatch",
+    "Loan",
     "MAX_MESSAGES",
     "Message",
     "MessageKindError",

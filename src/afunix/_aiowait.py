@@ -13,7 +13,7 @@ import asyncio
 import importlib
 import sys
 from types import ModuleType
-from typing import Any, Callable, Dict, List, Optional, Tuple, TypeVar
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple, TypeVar
 
 R = TypeVar("R")
 _trio_module: List[ModuleType] = []  # afunix._trio, once trio itself was imported
@@ -117,8 +117,29 @@ def notify_closing(fd: int) -> None:
     _wake((loop, fd, True))
 
 
+def wake(fd: int) -> None:
+    """Wake the tasks of the running loop (or trio run) waiting for `fd` to be readable.
+
+    For a task waiting on something a readiness event would not report
+    (the async channel's sender waiting for slots another task's receive
+    took back): woken, it tries its call again.  trio ends a readiness
+    wait only through notify_closing, which wakes both directions; the
+    descriptor stays open and later waits on it work as before.
+    """
+    trio_support = trio_running()
+    if trio_support is not None:
+        trio_support.notify_closing(fd)
+        return
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    _wake((loop, fd, False))
+
+
 async def call_when_ready(fd: Optional[int], writable: bool, attempt: Callable[[], R],
-                          backoff: bool = False, blocked: bool = False) -> R:
+                          backoff: bool = False, blocked: bool = False,
+                          wait_for: Optional[Callable[[], Awaitable[None]]] = None) -> R:
     """``attempt()``, tried again once `fd` is ready, until it does not raise BlockingIOError.
 
     The one async "try, then wait on the loop" of afunix.aio (the sync twin
@@ -148,6 +169,10 @@ async def call_when_ready(fd: Optional[int], writable: bool, attempt: Callable[[
     `blocked`: the caller made the first try itself, outside trio, and it
     raised BlockingIOError; the loop starts with the wait.  (afunix.aio's
     single calls do so to spare a coroutine when their data is ready.)
+
+    `wait_for`: awaited instead of the wait on `fd`, for a caller that
+    knows best what to wait for after each refusal (the async channel:
+    socket space, or the peer's returned slots).
     """
     trio_support = trio_running()
     if trio_support is not None:
@@ -175,6 +200,8 @@ async def call_when_ready(fd: Optional[int], writable: bool, attempt: Callable[[
                 pause = min((pause or 0.001) * 2, 0.05)
             else:
                 pause = 0.001
-        if fd is not None:
+        if wait_for is not None:
+            await wait_for()
+        elif fd is not None:
             await wait(fd, writable)
         waited = True

@@ -57,14 +57,14 @@ import sys
 from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 from . import _checks, _io
-from ._aiowait import call_when_ready, notify_closing, wait
+from ._aiowait import call_when_ready, notify_closing, sleep, wait, wake
 from ._sockets import raw_family, raw_type
 from ._kernel import MSG_NOSIGNAL
 from .addresses import encode_address
 from .batch import outgoing, send_with_control
 from ._chanio import owning
 from .channel import Channel as SyncChannel
-from .channel import reader_of, write_returns
+from .channel import lane_of, reader_of, room_wanted, settle_returns
 from .batch import send_many as _send_many_now
 from .receive import RecvBatch
 from .receive import recv_many as _recv_many_now
@@ -72,6 +72,7 @@ from .fds import recv_fds as _recv_fds_now
 from .fds import send_fds as _send_fds_now
 from .message import Address, Message
 from .pairs import socketpair
+from .shm import Loan
 
 __all__ = [
     "Channel",
@@ -533,10 +534,16 @@ class Channel:
     one either went whole or is kept whole in `pending` for the next send or
     `flush`, never half-framed on the wire.
 
+    With ``shm_size``, large messages go through a shared-memory lane as
+    with `afunix.Channel`: a send that finds no free slot waits on the
+    loop for the peer's returns (a cancelled one has taken no slot and
+    sent nothing of that message), and `loan` / `send_loan` make a message
+    in place.
+
     Args:
         sock: a connected, non-blocking AF_UNIX SOCK_STREAM or SOCK_SEQPACKET socket.
-        **options: ``max_frame``, ``write_buffer``, ``shm_threshold`` and
-            ``trust_peer``, as for `afunix.Channel`.
+        **options: ``max_frame``, ``write_buffer``, ``shm_size``,
+            ``shm_threshold`` and ``trust_peer``, as for `afunix.Channel`.
 
     Raises:
         ValueError: a blocking socket (see the module's rules), or what
@@ -545,15 +552,18 @@ class Channel:
 
     def __init__(self, sock: socket.socket, **options: Any) -> None:
         self._fd, _ = _checked(sock)
-        if options.get("shm_size"):
-            # its sends would wait for slots on the socket, not on the loop
-            raise ValueError("afunix.aio.Channel has no shared-memory lane of its own yet "
-                             "(shm_size); it reads a peer's")
         # the same loop over the frame codec as the synchronous channel: its
         # reader is the only receive buffer
         self._ch = SyncChannel(sock, **options)
         self._reader = reader_of(self._ch)
         self._flush_after_send = not options.get("write_buffer")
+        # tasks waiting for slots of the lane to come back: a receive in
+        # another task may take the returns in, and the socket then says
+        # nothing more; the lane wakes them (on_room)
+        self._room_waiters = 0
+        lane = lane_of(self._ch)
+        if lane is not None:
+            lane.on_room = self._room_came
 
     @classmethod
     async def connect(cls, address: Address, type: int = socket.SOCK_STREAM,
@@ -601,12 +611,65 @@ class Channel:
         # One reading of the caller's list: it may change while we wait
         items = list(messages)
         sent = 0
+        wait_for = self._wait_to_send if lane_of(self._ch) is not None else None
         while sent < len(items):
             rest = items[sent:] if sent else items
-            sent += await call_when_ready(self._fd, True, lambda: self._ch.send_many(rest))
+            sent += await call_when_ready(self._fd, True, lambda: self._ch.send_many(rest),
+                                          wait_for=wait_for)
         if self._flush_after_send:
             await self.flush()
         return sent
+
+    # ---- the shared-memory lane -------------------------------------------------
+
+    async def loan(self, nbytes: int) -> Loan:
+        """A writable slot of `nbytes` bytes of the lane (see `afunix.Channel.loan`), waiting for room on the loop.
+
+        Cancelled while it waits, no slot is taken.
+
+        Raises:
+            ValueError, TypeError: no lane, or a bad size (before any system call).
+            OSError: as `afunix.Channel.loan` (BrokenPipeError: the peer closed).
+        """
+        ch = self._ch
+        if lane_of(ch) is None:
+            raise ValueError("this channel has no shared-memory lane (see shm_size)")
+        loan: Loan = await call_when_ready(self._fd, True, lambda: ch.loan(nbytes),
+                                           wait_for=self._wait_to_send)
+        return loan
+
+    async def send_loan(self, loan: Loan, fds: Iterable[Any] = ()) -> None:
+        """Send the filled slot of `loan` as one message (see `afunix.Channel.send_loan`).
+
+        Cancelled while it waits for socket space, nothing was sent and the
+        loan is still open.
+        """
+        ch = self._ch
+        fd_list = tuple(fds)
+        await call_when_ready(self._fd, True, lambda: ch.send_loan(loan, fd_list))
+        if self._flush_after_send:
+            await self.flush()
+
+    async def _wait_to_send(self) -> None:
+        """What a refused send of a channel with a lane waits for: socket space, or returned slots."""
+        if not room_wanted(self._ch):
+            await wait(self._fd, True)
+            return
+        if self._reader.buffered:
+            # Messages nobody took yet keep the socket readable once the
+            # buffer is full, and a wait would return at once: pause, as
+            # the synchronous channel does in that case.
+            await sleep(0.005)
+        self._room_waiters += 1
+        try:
+            await wait(self._fd, False)  # the peer's RETURN frames (or the lane's on_room)
+        finally:
+            self._room_waiters -= 1
+
+    def _room_came(self) -> None:
+        # LaneSender.on_room: called inside the sync channel's calls, on the loop's thread
+        if self._room_waiters:
+            wake(self._fd)
 
     async def flush(self) -> None:
         """Write every accepted message still waiting, waiting for writability as needed."""
@@ -689,7 +752,7 @@ class Channel:
         taken = r.take_next()
         if taken is not None:
             if r.returns:
-                write_returns(self._ch)  # a message of the peer's lane: its slot goes back
+                settle_returns(self._ch)  # a message of the peer's lane: its slot goes back
             return taken
         try:
             received: bytes = await self._try(self._ch.recv)

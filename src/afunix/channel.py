@@ -30,6 +30,7 @@ from .lane import DEFAULT_THRESHOLD, LaneSender, return_segments
 from .message import Address, Message
 from .objects import (ENVELOPE_ENTRY, ENVELOPE_HEADER, PickledObject, check_unpickle_peer,
                       encode_object, load_object, peer_uid, pickle_object, place_parts)
+from .shm import Loan
 from .slots import Slot
 from .pairs import socketpair
 
@@ -93,7 +94,8 @@ class Channel:
             size, not bounded by max_frame) are copied into a slot of it and
             named by a small frame, and the peer returns the slot when it is
             done with it (docs/PROTOCOL.md, version 2).  Every channel reads
-            a peer's lane, with or without its own.
+            a peer's lane, with or without its own.  `loan` and
+            `send_loan` make a message in a slot, without a copy.
         shm_threshold: the smallest message sent through the lane, and
             the smallest buffer of an object (`send_object`) sent out of
             band.
@@ -148,6 +150,9 @@ class Channel:
         self._peer_uid_read = False
         # made last of the checks: it is the only one that makes a system call
         self._lane = LaneSender(shm_size, shm_threshold) if shm_size else None
+        # set when the last sending call stopped for want of slots, not of
+        # socket space (afunix.aio.Channel then waits for the peer's returns)
+        self._room_wanted = False
         self._sock = sock
         self._fd = sock.fileno()
         self._seqpacket = kind == _SEQPACKET
@@ -335,6 +340,7 @@ class Channel:
         """send_many on a channel with a lane: runs inline, large messages through slots, in order."""
         lane = self._lane
         assert lane is not None
+        self._room_wanted = False
         w = self._writer
         # every message checked before anything is sent, as send_many does
         plan: List[Tuple[bool, Any]] = []  # (in the lane, (data, fds) | inline segments)
@@ -465,8 +471,11 @@ class Channel:
                 progressed = lane.room.wait(remaining if remaining is None or remaining > 0
                                             else 0.0)
         finally:
-            if RECEIVING in busy and busy[RECEIVING] is me:
-                del busy[RECEIVING]
+            try:
+                if busy[RECEIVING] is me:
+                    del busy[RECEIVING]
+            except KeyError:  # unclaimed: the holder left (see __init__)
+                pass
         if not progressed and deadline is None and lane.in_flight:
             lane.room.wait(0.01)  # the buffer is full of messages not taken yet
 
@@ -500,26 +509,158 @@ class Channel:
                 if self._returns_now():
                     continue
                 return None
-            if deadline is not None and time.monotonic() >= deadline:
-                raise stalled(self._sock)
-            self._send_returns()  # the peer may be waiting for ours just the same
-            me: List[object] = []
+            self._wait_for_room(deadline)
+
+    def _wait_for_room(self, deadline: Optional[float]) -> None:
+        """One wait for the peer to return slots (a caller holding the sending side loops over it).
+
+        Reads the socket (RETURN frames come that way) unless another
+        thread is receiving on this channel: that one reads them, and this
+        one waits for it to.
+
+        Raises:
+            BlockingIOError, TimeoutError: the deadline passed.
+            BrokenPipeError: the peer closed the channel.
+            ProtocolError: the peer broke the protocol (the channel is closed).
+        """
+        lane = self._lane
+        assert lane is not None
+        busy = self._busy
+        if deadline is not None and time.monotonic() >= deadline:
+            self._send_returns()
+            if self._returns_now():  # (a non-blocking socket: what already came)
+                return
+            self._room_wanted = True
+            raise stalled(self._sock)
+        self._send_returns()  # the peer may be waiting for ours just the same
+        me: List[object] = []
+        try:
+            if busy.setdefault(RECEIVING, me) is me:
+                try:
+                    progressed = read_for_room(self._sock, self._reader, deadline)
+                except ProtocolError:
+                    self._abort()
+                    raise
+            else:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                progressed = lane.room.wait(remaining if remaining is None or remaining > 0
+                                            else 0.0)
+        finally:
             try:
-                if busy.setdefault(RECEIVING, me) is me:
-                    try:
-                        progressed = read_for_room(self._sock, self._reader, deadline)
-                    except ProtocolError:
-                        self._abort()
-                        raise
-                else:
-                    remaining = None if deadline is None else deadline - time.monotonic()
-                    progressed = lane.room.wait(remaining if remaining is None or remaining > 0
-                                                else 0.0)
-            finally:
-                if RECEIVING in busy and busy[RECEIVING] is me:
+                if busy[RECEIVING] is me:
                     del busy[RECEIVING]
-            if not progressed and deadline is None and lane.in_flight:
-                lane.room.wait(0.01)  # the buffer is full of messages not taken yet
+            except KeyError:  # unclaimed: the holder left (see __init__)
+                pass
+        if not progressed and deadline is None and lane.in_flight:
+            lane.room.wait(0.01)  # the buffer is full of messages not taken yet
+
+    # ---- loans: messages made in place in the lane ---------------------------------
+
+    def loan(self, nbytes: int) -> Loan:
+        """A writable buffer of `nbytes` bytes in a free slot of this channel's lane.
+
+        Fill ``loan.view`` (``numpy.frombuffer(loan.view, dtype)`` works) and
+        send it with `send_loan`: the message is never copied.  Used as
+        ``with ch.loan(n) as loan:``, a loan not sent when the block ends
+        is given back.  Waits for room as a send does (the socket's
+        timeout), reading the peer's returns.
+
+        Raises:
+            ValueError: the channel has no lane (no shm_size), or `nbytes`
+                is below 1 or over the region's size (before any system call).
+            TypeError: `nbytes` is not an int.
+            BlockingIOError: a non-blocking socket and no room now.
+            TimeoutError: no room before the socket's timeout.
+            BrokenPipeError: the peer closed the channel while this end waited.
+            OSError: the channel is closed (EBADF).
+            RuntimeError: another thread is sending on this channel.
+        """
+        lane = self._lane
+        if lane is None:
+            raise ValueError("this channel has no shared-memory lane (see shm_size)")
+        nbytes = _checks.in_range(nbytes, "nbytes", 1, lane.region.size)
+        busy = self._busy
+        me: List[object] = []  # a fresh token, held by this call only
+        try:
+            if busy.setdefault(SENDING, me) is not me:
+                raise refused(SENDING)
+            return self._loan(nbytes)
+        finally:
+            try:
+                if busy[SENDING] is me:
+                    del busy[SENDING]
+            except KeyError:  # unclaimed: the holder left (see __init__)
+                pass
+
+    def _loan(self, nbytes: int) -> Loan:
+        lane = self._lane
+        assert lane is not None
+        self._check_open()
+        self._room_wanted = False
+        deadline = _io.deadline_of(self._sock.gettimeout())
+        loan = lane.try_loan(nbytes)
+        if loan is None:
+            self._send_returns()
+            self._returns_now()  # returns already on the socket: no wait for them
+        while loan is None:
+            loan = lane.try_loan(nbytes)
+            if loan is None:
+                self._wait_for_room(deadline)
+        return loan
+
+    def send_loan(self, loan: Loan, fds: Iterable[Any] = ()) -> None:
+        """Send the filled slot of `loan` (from `loan`) as one message, with `fds` attached.
+
+        No copy: the message is the slot.  The loan is committed (its view
+        released); the slot is this end's again once the peer returns it.
+        Messages keep their order with those of `send` and `send_many`.
+        When nothing could be written (BlockingIOError, TimeoutError) the
+        loan is open again, to send later or give back.
+
+        Raises:
+            TypeError: not an afunix.shm.Loan, or bad descriptors.
+            ValueError: a loan of another channel's lane, or one already
+                committed or given back (before any system call).
+            BufferError: a buffer exported from its view is still alive.
+            BlockingIOError, TimeoutError, OSError, RuntimeError: as for send.
+        """
+        if not isinstance(loan, Loan):
+            raise TypeError("send_loan takes an afunix.shm.Loan, not %s" % type(loan).__name__)
+        lane = self._lane
+        if lane is None or loan.region is not lane.region.region:
+            raise ValueError("the loan is not of this channel's lane")
+        if not loan.open:
+            raise ValueError("the loan was already committed or abandoned")
+        fds = tuple(checked_fds(fds))
+        busy = self._busy
+        me: List[object] = []  # a fresh token, held by this call only
+        try:
+            if busy.setdefault(SENDING, me) is not me:
+                raise refused(SENDING)
+            self._send_loan(loan, fds)
+            if self._reader.returns:
+                self._send_returns()  # a receive in another thread left them to this side
+        finally:
+            try:
+                if busy[SENDING] is me:
+                    del busy[SENDING]
+            except KeyError:  # unclaimed: the holder left (see __init__)
+                pass
+
+    def _send_loan(self, loan: Loan, fds: Tuple[int, ...]) -> None:
+        lane = self._lane
+        assert lane is not None
+        self._check_open()
+        self._announce(_io.deadline_of(self._sock.gettimeout()))
+        seg = lane.loan_segment(loan, fds)
+        try:
+            sent = self._sender.send([seg], 1)
+        except BaseException:
+            loan.reopen()  # nothing of it went (a frame is written whole or kept)
+            raise
+        if not sent:
+            loan.reopen()
+            raise stalled(self._sock)
 
     def _returns_now(self) -> bool:
         """Read what already waits on the socket, without waiting; True when slots came back."""
@@ -540,8 +681,11 @@ class Channel:
                     self._abort()
                     raise
         finally:
-            if RECEIVING in busy and busy[RECEIVING] is me:
-                del busy[RECEIVING]
+            try:
+                if busy[RECEIVING] is me:
+                    del busy[RECEIVING]
+            except KeyError:  # unclaimed: the holder left (see __init__)
+                pass
         return lane.in_flight < before
 
     def _write_returns(self) -> None:
@@ -571,8 +715,11 @@ class Channel:
                 return
             self._send_returns()
         finally:
-            if SENDING in busy and busy[SENDING] is me:
-                del busy[SENDING]
+            try:
+                if busy[SENDING] is me:
+                    del busy[SENDING]
+            except KeyError:  # unclaimed: the holder left (see __init__)
+                pass
 
     def _send_returns(self) -> None:
         """`_write_returns` for a caller that holds the sending side."""
@@ -589,7 +736,7 @@ class Channel:
         except OSError:
             pass  # kept below; a socket that is broken says so at the next call
         if sent < len(segments):
-            r.returns[:0] = slots[sent * RETURN_MAX_SLOTS:]
+            r.keep_returns(slots[sent * RETURN_MAX_SLOTS:])
 
     def send_fixed(self, buffer: Any, size: int) -> int:
         """Send `buffer` as ``len(buffer) // size`` messages of `size` bytes each, in order.
@@ -788,7 +935,7 @@ class Channel:
             # closed by the next receive)
             data = r.take_next()
         assert data is not None  # (frames are ready: take_next gives one)
-        if r.returns:
+        if r.returns and r.returns_due():
             self._write_returns()
         return data
 
@@ -825,7 +972,7 @@ class Channel:
         if r.next >= r.parsed and not self._fill():
             return []
         messages = r.take_many(max_messages)
-        if r.returns:
+        if r.returns and r.returns_due():
             self._write_returns()
         return messages
 
@@ -860,7 +1007,7 @@ class Channel:
         if r.next >= r.parsed and not self._fill():
             raise EOFError("the peer closed the channel")
         message = r.take_message()
-        if r.returns:
+        if r.returns and r.returns_due():
             self._write_returns()
         return message
 
@@ -897,7 +1044,7 @@ class Channel:
         if r.next >= r.parsed and not self._fill():
             return r.empty_batch()
         batch = r.take_batch(max_messages)
-        if r.returns:
+        if r.returns and r.returns_due():
             self._write_returns()  # slots of the batch before, released by this receive
         return batch
 
@@ -972,13 +1119,21 @@ class Channel:
     def _fill(self) -> bool:
         """Receive until the reader holds parsed frames; False at a clean end of stream."""
         self._check_open()
+        r = self._reader
         try:
-            return fill(self._sock, self._reader)
+            if r.returns or r.lane_held:
+                # Slots released and not written yet (see FrameReader.returns_due)
+                # go back before this receive reads, and may wait: the peer
+                # may be waiting for them to send what this end waits for.
+                if r.frames_ready():
+                    return True
+                self._write_returns()
+            return fill(self._sock, r)
         except BaseException:
             # The reader closed itself: the peer broke the protocol, or its
             # region could not be mapped here (EMFILE, ENOMEM) and the stream
             # cannot go on in step.  The socket goes too, and `closed` says so.
-            if self._reader.closed:
+            if r.closed:
                 self._abort()
             raise
 
@@ -1076,9 +1231,20 @@ def reader_of(channel: Channel) -> FrameReader:
     return channel._reader
 
 
-def write_returns(channel: Channel) -> None:
-    """Send back the slots of the peer's lane that `channel`'s reader released (see reader_of)."""
-    channel._write_returns()
+def lane_of(channel: Channel) -> Optional[LaneSender]:
+    """The lane `channel` sends through (None without shm_size), for the async channel's waits."""
+    return channel._lane
+
+
+def room_wanted(channel: Channel) -> bool:
+    """True when `channel`'s last sending call stopped for want of slots (wait for the peer's returns)."""
+    return channel._room_wanted
+
+
+def settle_returns(channel: Channel) -> None:
+    """After a take from `channel`'s reader (see reader_of): send back the slots of the peer's lane it released, when due."""
+    if channel._reader.returns_due():
+        channel._write_returns()
 
 
 def channel_pair(type: int = socket.SOCK_STREAM, **options: Any) -> Tuple[Channel, Channel]:

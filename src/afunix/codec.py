@@ -121,7 +121,7 @@ class FrameReader:
     __slots__ = ("closed", "impl", "max_frame", "seqpacket", "buffer", "view", "start", "rx", "rs",
                  "reads", "table", "next", "parsed", "batch", "broken", "copies", "copied_from",
                  "ncopied", "eof", "max_region", "max_slots", "on_return", "lane", "lane_msg",
-                 "lane_held", "returns", "applied", "scanned", "__weakref__")
+                 "lane_held", "returns", "returning", "applied", "scanned", "__weakref__")
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, seqpacket: bool = False,
                  backend: Optional[Backend] = None, *, max_region: int = MAX_REGION_SIZE,
@@ -141,6 +141,7 @@ class FrameReader:
         self.lane_msg: Optional[Union[SlotMessage, ObjectMessage]] = None
         self.lane_held: List[Slot] = []
         self.returns: List[Slot] = []
+        self.returning = 0  # bytes of the slots in returns
         # RETURN frames applied ahead of the messages before them (stream
         # offsets, see scan_returns), and where that scan stopped
         self.applied: Set[int] = set()
@@ -582,6 +583,7 @@ class FrameReader:
         lane = self.lane
         if lane is not None:
             self.returns.append(lane.release(offset, length))
+            self.returning += length
 
     def _release_held(self) -> None:
         """Release the slots a batch handed out in place; a slot whose view is still exported stays."""
@@ -599,6 +601,7 @@ class FrameReader:
         self.lane_msg = None
         self.lane_held = []
         self.returns = []
+        self.returning = 0
         if lane is not None:
             self.lane = None
             lane.close()
@@ -608,7 +611,59 @@ class FrameReader:
         returns = self.returns
         if returns:
             self.returns = []
+            self.returning = 0
         return returns
+
+    def keep_returns(self, slots: List[Slot]) -> None:
+        """Put back, ahead of the others, slots `take_returns` gave that could not be written."""
+        if slots and self.lane is not None:  # (none to send once the peer's region is gone)
+            self.returns[:0] = slots
+            self.returning += sum(slot.length for slot in slots)
+
+    def returns_due(self) -> bool:
+        """True when the slots released (`returns`) must be written now, not with later ones.
+
+        A receive that hands out a message of the lane releases its slot;
+        writing a RETURN frame for each costs a system call per message.
+        They wait for the next receive only while it is sure to come
+        without reading: a message is parsed or complete among the bytes
+        held (the sender then waits on unread messages anyway, as on a full
+        socket buffer), and only up to RETURN_MAX_SLOTS slots or a quarter
+        of the peer's region, so that the sender gets room back in steps
+        while this end works through what it buffered.  A receive about to
+        read writes them first (`Channel._fill`): none wait while this end
+        waits for input.
+        """
+        returns = self.returns
+        if not returns:
+            return False
+        lane = self.lane
+        if (lane is None or len(returns) >= RETURN_MAX_SLOTS
+                or self.returning * 4 >= lane.region.size):
+            return True
+        return not self.holds_message()
+
+    def holds_message(self) -> bool:
+        """True when the next receive hands out a message without reading the socket.
+
+        A message parsed and not taken, or a complete frame among the bytes
+        held that is a message (a REGION or RETURN frame is not; a frame
+        the parse will refuse counts, as the next receive ends there too).
+        Reads headers only: nothing changes.
+        """
+        if self.next < self.parsed or self.lane_msg is not None:
+            return True
+        buf, end, pos = self.buffer, self.rs.end, self.start
+        for _ in range(16):  # a few control frames ahead of a message at most
+            if end - pos < HEADER_SIZE:
+                return False
+            length, _k, kind, version, _magic = unpack_header(buf, pos)
+            if end - pos - HEADER_SIZE < length:
+                return False
+            if version != LANE_VERSION or kind == KIND_SLOT:
+                return True
+            pos += HEADER_SIZE + length
+        return False
 
     def _take_lane(self) -> Tuple[SlotMessage, bytes]:
         """The slot message, copied out and released (its descriptors stay held); IndexError when none."""

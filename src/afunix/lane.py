@@ -10,12 +10,12 @@ and takes back the slots the peer returns.  The receiving half is in
 from __future__ import annotations
 
 import threading
-from typing import Any, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 from . import _checks
 from .frames import region_frame, return_frames, slot_frame, unpack_pairs
 from .framewriter import Segment, lane_segment
-from .shm import MAX_REGION_SIZE, RegionWriter
+from .shm import MAX_REGION_SIZE, Loan, RegionWriter
 from .slots import Slot
 
 #: Messages of at least this many bytes go through the lane by default: below
@@ -38,7 +38,7 @@ class LaneSender:
     come back.
     """
 
-    __slots__ = ("region", "threshold", "announced", "lock", "room")
+    __slots__ = ("region", "threshold", "announced", "lock", "room", "on_room")
 
     def __init__(self, size: int, threshold: int = DEFAULT_THRESHOLD) -> None:
         """Raises:
@@ -53,6 +53,8 @@ class LaneSender:
         self.lock = threading.Lock()
         #: set when slots come back (a sender waiting in another thread wakes)
         self.room = threading.Event()
+        #: called after `room` is set (afunix.aio.Channel wakes a task waiting for room)
+        self.on_room: Optional[Callable[[], None]] = None
 
     def wants(self, nbytes: int) -> bool:
         """True when a message of `nbytes` goes through the lane (it fits the region at all)."""
@@ -80,11 +82,50 @@ class LaneSender:
             return None
         return lane_segment(slot_frame(slot.offset, slot.length, len(fds)), fds)
 
-    def give_back(self, offset: int, length: int) -> None:
-        """A slot the peer returned (FrameReader's on_return); ProtocolError for one not in flight."""
+    def try_loan(self, nbytes: int) -> Optional[Loan]:
+        """A `Loan` of a free slot of `nbytes` bytes to fill in place; None when none is free now.
+
+        Abandoned, its slot comes back as a returned one does (`give_back`).
+
+        Raises:
+            ValueError: `nbytes` below 1 or over the region's size, or the region is closed.
+        """
+        region = self.region
         with self.lock:
+            self.room.clear()
+            if region.region.closed:
+                raise ValueError("I/O operation on closed region")
+            slot = region.allocator.try_allocate(nbytes)
+        if slot is None:
+            return None
+        return Loan(slot, region.region.view(slot.offset, slot.length), self.give_back,
+                    region.region)
+
+    def loan_segment(self, loan: Loan, fds: Tuple[int, ...] = ()) -> Segment:
+        """The SLOT frame naming the filled slot of `loan` (committed: its view is released).
+
+        Raises:
+            ValueError: the loan is not open.
+            BufferError: a buffer exported from its view is alive (the loan stays open).
+        """
+        slot = loan.commit()
+        return lane_segment(slot_frame(slot.offset, slot.length, len(fds)), fds)
+
+    def give_back(self, offset: int, length: int) -> None:
+        """A slot the peer returned (FrameReader's on_return); ProtocolError for one not in flight.
+
+        Once the lane is closed every slot is forgotten, and a return that
+        comes after (read by a receive in another thread as the channel
+        closes) is dropped: it is no fault of the peer's.
+        """
+        with self.lock:
+            if self.region.region.closed:
+                return
             self.region.give_back(offset, length)
         self.room.set()
+        on_room = self.on_room
+        if on_room is not None:
+            on_room()
 
     def abandon(self, seg: Segment) -> None:
         """The SLOT frame `seg` was not written at all: its slot is free again."""

@@ -18,8 +18,8 @@ Why memfd and not a named segment (multiprocessing.shared_memory): it has no
 name to leak after a crash, is freed when the last descriptor and mapping go,
 and is not bounded by the size of /dev/shm.
 
-Linux only.  Not yet used by `afunix.Channel`; the frames that will carry it
-are drafted in docs/PROTOCOL.md ("Shared-memory lane").
+Linux only.  `afunix.Channel`'s lane (shm_size) is built on these; its
+frames are in docs/PROTOCOL.md ("Shared-memory lane").
 """
 from __future__ import annotations
 
@@ -287,7 +287,8 @@ class Region:
 class Loan:
     """A writable view of one slot, filled in place and then handed over or given up.
 
-    Made by `RegionWriter.try_loan`.  `view` is the slot's memory; write the
+    Made by `RegionWriter.try_loan` (and `afunix.Channel.loan`, which sends
+    it with `afunix.Channel.send_loan`).  `view` is the slot's memory; write the
     message into it (``loan.view[:n] = data``, ``numpy.frombuffer(loan.view,
     ...)``).  `commit` hands the slot over (the caller announces it to the
     peer) and releases the view; `abandon` gives the slot back to the free
@@ -305,15 +306,21 @@ class Loan:
     in flight; the peer maps the region read-only and never faults).
     """
 
-    __slots__ = ("slot", "_view", "_allocator", "_region")
+    __slots__ = ("slot", "_view", "_free", "_region")
 
-    def __init__(self, slot: Slot, view: memoryview, allocator: SlotAllocator,
+    def __init__(self, slot: Slot, view: memoryview, free: Callable[[int, int], None],
                  region: Region) -> None:
         #: the slot lent: its offset and length in the region
         self.slot = slot
         self._view: Optional[memoryview] = view
-        self._allocator = allocator
+        # gives an abandoned slot back to the free space (offset, length)
+        self._free = free
         self._region = region
+
+    @property
+    def region(self) -> Region:
+        """The region the slot is in."""
+        return self._region
 
     @property
     def view(self) -> memoryview:
@@ -352,6 +359,20 @@ class Loan:
         self._finish()
         return self.slot
 
+    def reopen(self) -> None:
+        """Open a committed loan again, with a new view of the same slot: its frame was not sent.
+
+        For the sender whose frame naming the slot could not be written
+        (the socket took none of it): the slot is still this end's, and
+        the caller may send it again or abandon it.
+
+        Raises:
+            ValueError: the loan is open, or the region is closed.
+        """
+        if self._view is not None:
+            raise ValueError("the loan is open")
+        self._view = self._region.view(self.slot.offset, self.slot.length)
+
     def abandon(self) -> None:
         """Give the slot back unsent (nothing to give back once the region is closed).
 
@@ -363,7 +384,7 @@ class Loan:
         # RegionWriter.close forgot every slot: freeing this one then would
         # be refused as a bad return, the error of a broken peer.
         if not self._region.closed:
-            self._allocator.free(self.slot.offset, self.slot.length)
+            self._free(self.slot.offset, self.slot.length)
 
     def __enter__(self) -> "Loan":
         return self
@@ -424,7 +445,8 @@ class RegionWriter:
         slot = self.allocator.try_allocate(length)
         if slot is None:
             return None
-        return Loan(slot, self.region.view(slot.offset, slot.length), self.allocator, self.region)
+        return Loan(slot, self.region.view(slot.offset, slot.length), self.allocator.free,
+                    self.region)
 
     def try_copy(self, data: Any) -> Optional[Slot]:
         """Copy the bytes-like `data` into a free slot; the slot, or None when none is free now.

@@ -1,0 +1,210 @@
+"""Loans through afunix.Channel: a message made in place in a slot of the lane, sent without a copy.
+
+`Channel.loan(n)` lends a writable slot (waiting for room as a send does),
+`Channel.send_loan` names it in a SLOT frame; a loan not sent goes back to
+the free space.  Both backends, real socketpairs.
+"""
+from __future__ import annotations
+
+import errno
+import gc
+import os
+import socket
+import threading
+from typing import Iterator
+
+import pytest
+
+import afunix
+from afunix import Channel, Loan, Message, channel_pair, shm
+
+pytestmark = pytest.mark.skipif(shm.unsupported_reason() is not None,
+                                reason=str(shm.unsupported_reason()))
+
+KiB = 1 << 10
+MiB = 1 << 20
+
+
+def region_mappings() -> int:
+    with open("/proc/self/maps") as f:
+        return sum(1 for line in f if "memfd:" + shm.REGION_NAME in line)
+
+
+@pytest.fixture
+def clean(fd_baseline: set) -> Iterator[None]:
+    maps = region_mappings()
+    yield
+    gc.collect()
+    assert region_mappings() == maps
+
+
+def in_flight(ch: Channel) -> int:
+    lane = ch._lane
+    assert lane is not None
+    return lane.in_flight
+
+
+@pytest.mark.parametrize("kind", [socket.SOCK_STREAM, socket.SOCK_SEQPACKET],
+                         ids=["stream", "seqpacket"])
+def test_a_loan_is_the_slot_the_receiver_reads(kind: int, clean: None) -> None:
+    a, b = channel_pair(kind, shm_size=MiB)
+    with a, b:
+        loan = a.loan(100 * KiB)  # the first message of `a`: its REGION frame goes first
+        assert isinstance(loan, Loan) and loan.view.nbytes == 100 * KiB
+        assert not loan.view.readonly
+        data = os.urandom(100 * KiB)
+        loan.view[:] = data
+        offset = loan.slot.offset
+        a.send_loan(loan)
+        assert not loan.open
+        with pytest.raises(ValueError):
+            loan.view  # released by the send
+        batch = b.recv_batch()
+        assert len(batch) == 1 and bytes(batch[0]) == data
+        # the receiver reads the very slot that was filled: nothing was copied
+        assert b._reader.lane_held == [(offset, 100 * KiB)]
+        del batch
+        b.send(b"next")  # (b's own frames; a reads the return behind them)
+        assert a.recv() == b"next"
+
+
+def test_loans_keep_their_order_with_sends_and_carry_descriptors(clean: None) -> None:
+    a, b = channel_pair(shm_size=MiB, shm_threshold=64 * KiB)
+    fd = os.open(os.devnull, os.O_RDONLY)
+    try:
+        with a, b:
+            a.send(b"before")
+            with a.loan(5) as loan:
+                loan.view[:] = b"small"  # under the threshold, through the lane all the same
+                a.send_loan(loan, [fd])
+            a.send_many([b"x" * 70 * KiB, b"after"])
+            assert b.recv() == b"before"
+            m = b.recv_message()
+            assert m.data == b"small" and len(m.fds) == 1
+            os.close(m.fds[0])
+            assert b.recv() == b"x" * 70 * KiB
+            assert b.recv() == b"after"
+    finally:
+        os.close(fd)
+
+
+def test_a_loan_given_up_frees_its_slot(clean: None) -> None:
+    a, b = channel_pair(shm_size=256 * KiB)
+    with a, b:
+        with a.loan(256 * KiB) as loan:
+            loan.view[:4] = b"lost"
+            assert in_flight(a) == 1
+            a.socket.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                a.loan(1)  # the whole region is lent: no room, and no wait
+            a.socket.setblocking(True)
+        assert not loan.open and in_flight(a) == 0
+        whole = a.loan(256 * KiB)  # the same room, at once
+        whole.abandon()
+        assert in_flight(a) == 0
+        b.socket.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            b.recv()  # nothing was sent
+
+
+def test_a_loan_waits_for_the_receiver_to_return_a_slot(clean: None) -> None:
+    a, b = channel_pair(shm_size=256 * KiB)
+    with a, b:
+        first = a.loan(200 * KiB)
+        first.view[:] = b"1" * 200 * KiB
+        a.send_loan(first)
+        a.socket.settimeout(0.2)
+        with pytest.raises(socket.timeout):
+            a.loan(200 * KiB)  # the first is still in the receiver's hands
+        assert in_flight(a) == 1
+        a.socket.settimeout(10)
+        got = []
+        t = threading.Timer(0.1, lambda: got.append(b.recv()))
+        t.start()
+        second = a.loan(200 * KiB)  # comes once b took the first and returned its slot
+        t.join()
+        assert got == [b"1" * 200 * KiB]
+        assert second.slot.offset == 0
+        second.abandon()
+
+
+def test_a_loan_filled_through_numpy(clean: None) -> None:
+    np = pytest.importorskip("numpy")
+    a, b = channel_pair(shm_size=MiB)
+    with a, b:
+        with a.loan(1000 * 8) as loan:
+            array = np.frombuffer(loan.view, dtype=np.float64)
+            array[:] = np.arange(1000, dtype=np.float64)
+            del array  # numpy's reference to the view goes before the send
+            a.send_loan(loan)
+        batch = b.recv_batch()
+        assert np.frombuffer(batch[0], dtype=np.float64).tolist() == list(range(1000))
+        del batch
+
+
+def test_bad_loans_are_refused_before_any_system_call(clean: None) -> None:
+    a, b = channel_pair(shm_size=64 * KiB)
+    plain, other = channel_pair()
+    with a, b, plain, other:
+        with pytest.raises(ValueError, match="no shared-memory lane"):
+            plain.loan(10)
+        for n in (0, -1, 64 * KiB + 1):
+            with pytest.raises(ValueError):
+                a.loan(n)
+        with pytest.raises(TypeError):
+            a.loan("10")  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="Loan"):
+            a.send_loan(b"bytes")  # type: ignore[arg-type]
+        c, d = channel_pair(shm_size=64 * KiB)
+        with c, d:
+            foreign = c.loan(10)
+            with pytest.raises(ValueError, match="not of this channel"):
+                a.send_loan(foreign)
+            with pytest.raises(ValueError, match="not of this channel"):
+                plain.send_loan(foreign)
+            foreign.abandon()
+        loan = a.loan(10)
+        with pytest.raises(ValueError, match="descriptor"):
+            a.send_loan(loan, [-1])
+        assert loan.open  # refused: still lent, nothing sent
+        loan.abandon()
+        with pytest.raises(ValueError, match="committed or abandoned"):
+            a.send_loan(loan)
+        assert in_flight(a) == 0
+        # nothing reached the peer, not even the REGION frame
+        b.socket.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            b.recv()
+        assert b._reader.lane is None
+
+
+def test_a_loan_outlives_the_channel(clean: None) -> None:
+    a, b = channel_pair(shm_size=64 * KiB)
+    with b:
+        loan = a.loan(1000)
+        a.close()
+        with pytest.raises(OSError) as info:
+            a.send_loan(loan)
+        assert info.value.errno == errno.EBADF
+        assert loan.open
+        if loan.view.nbytes:  # (PyPy shows a view of an unmapped region as empty)
+            loan.view[:3] = b"ok!"  # the mapping lives as long as the view
+        loan.abandon()  # nothing to give back to: a no-op
+        assert not loan.open
+        with pytest.raises(OSError):
+            a.loan(10)
+        with pytest.raises(EOFError):
+            b.recv()
+    del loan
+
+
+def test_a_loan_sent_to_a_closed_peer_raises_and_stays_lent(clean: None) -> None:
+    a, b = channel_pair(shm_size=64 * KiB)
+    with a:
+        loan = a.loan(1000)
+        b.close()
+        with pytest.raises((BrokenPipeError, ConnectionResetError)):
+            a.send_loan(loan)
+        assert loan.open  # nothing went: send it elsewhere or give it back
+        loan.abandon()
+        assert in_flight(a) == 0
