@@ -450,35 +450,6 @@ class Channel:
             if slot is not None:
                 lane.give_back(slot.offset, slot.length)
 
-    def _wait_for_room(self, deadline: Optional[float]) -> None:
-        """Wait for the peer to return slots of the lane, once (as `_slot_segment` waits)."""
-        lane = self._lane
-        assert lane is not None
-        if deadline is not None and time.monotonic() >= deadline:
-            raise stalled(self._sock)
-        self._send_returns()
-        busy = self._busy
-        me: List[object] = []
-        try:
-            if busy.setdefault(RECEIVING, me) is me:
-                try:
-                    progressed = read_for_room(self._sock, self._reader, deadline)
-                except ProtocolError:
-                    self._abort()
-                    raise
-            else:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                progressed = lane.room.wait(remaining if remaining is None or remaining > 0
-                                            else 0.0)
-        finally:
-            try:
-                if busy[RECEIVING] is me:
-                    del busy[RECEIVING]
-            except KeyError:  # unclaimed: the holder left (see __init__)
-                pass
-        if not progressed and deadline is None and lane.in_flight:
-            lane.room.wait(0.01)  # the buffer is full of messages not taken yet
-
     def _slot_segment(self, data: Any, fds: Tuple[int, ...],
                       deadline: Optional[float]) -> Optional[Segment]:
         """`data` in a free slot, as its SLOT frame; None when it goes inline instead.
