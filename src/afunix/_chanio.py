@@ -180,11 +180,13 @@ def read_for_room(sock: socket.socket, reader: FrameReader, deadline: Optional[f
     idle = not reader.buffered and reader.batch is None
     if idle and reader.frames_ready():
         idle = False  # frames that were held behind a parse limit
-    room = len(reader.buffer) - reader.rs.end
+    rs = reader.rs
+    room = len(reader.buffer) - rs.end
     if reader.seqpacket:
         room = 0 if room < RECORD_MAX else RECORD_MAX
-    if room <= 0:
-        # the buffer is full of messages the application has not taken:
+    if room <= 0 or rs.tail - rs.head >= reader.reads:
+        # the buffer, or the backend's slots for held reads, are full of
+        # messages the application has not taken:
         # what comes next waits for it (as a pair of sockets that both
         # only write would); wait out the deadline
         if deadline is not None:
