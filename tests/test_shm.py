@@ -28,7 +28,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from afunix import ProtocolError, _kernel, objects, shm
+from afunix import ProtocolError, _backend, _kernel, objects, shm
 from afunix.slots import Slot, SlotAllocator, SlotLedger
 
 from conftest import open_fds, run_python
@@ -744,6 +744,55 @@ def test_region_create_and_close_cycles_leave_nothing(fd_baseline: set) -> None:
             shm.RegionReader(os.dup(writer.fileno()), writer.size).close()
     gc.collect()
     assert region_mappings() == 0
+
+
+# ---- large copies into a region --------------------------------------------------
+
+
+def test_copy_streaming_copies_every_byte_at_any_alignment() -> None:
+    data = hashlib.shake_256(b"streaming").digest(4096)
+    target = bytearray(4096 + 64)
+    for length in [0, 1, 15, 16, 63, 64, 65, 79, 200, 4000]:
+        for dst in [0, 1, 7, 15, 16, 33]:
+            for src in [0, 3, 16]:
+                target[:] = bytes(len(target))
+                _backend.impl.copy_streaming(memoryview(target)[dst:dst + length],
+                                             memoryview(data)[src:src + length])
+                assert target[dst:dst + length] == data[src:src + length]
+                assert not any(target[:dst]) and not any(target[dst + length:])
+
+
+def test_copy_streaming_overlapping_buffers_copy_as_memmove() -> None:
+    for shift in [-17, -1, 1, 64, 100]:
+        buf = bytearray(hashlib.shake_256(b"overlap").digest(1000))
+        expected = bytearray(buf)
+        expected[300 + shift:800 + shift] = buf[300:800]
+        view = memoryview(buf)
+        _backend.impl.copy_streaming(view[300 + shift:800 + shift], view[300:800])
+        assert buf == expected
+
+
+def test_copy_streaming_refuses_buffers_of_different_lengths() -> None:
+    target = bytearray(10)
+    with pytest.raises(ValueError):
+        _backend.impl.copy_streaming(memoryview(target), memoryview(b"x" * 11))
+    assert target == bytearray(10)
+
+
+def test_a_copy_over_the_streaming_size_lands_whole(fd_baseline: set) -> None:
+    size = shm.STREAMING_COPY_MIN + 4099
+    data = hashlib.shake_256(b"large").digest(size)
+    with shm.RegionWriter(2 * size) as writer:
+        reader = shm.RegionReader(os.dup(writer.fileno()), writer.size)
+        try:
+            first = writer.try_copy(b"x" * 5)  # the next slot starts past it
+            slot = writer.try_copy(data)
+            assert first is not None and slot is not None
+            with reader.claim(slot.offset, slot.length) as view:
+                assert view == data
+            reader.release(slot.offset, slot.length)
+        finally:
+            reader.close()
 
 
 # ---- Python objects ----------------------------------------------------------
