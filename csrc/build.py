@@ -40,9 +40,9 @@ def limit_macros(path=HERE.parent / "src" / "afunix" / "_limits.py"):
 # What the product extension is made of, named one by one: csrc/ also holds
 # code that is not the product's (csrc/reference/, the benchmark's C loops,
 # built by csrc/reference/build.py; csrc/fuzz/).
-CDEFS = ["afunix_limits.cdef", "afunix.cdef", "channel.cdef"]
-HEADERS = ["afunix_limits.h", "afunix.h", "channel.h"]
-SOURCES = ["afunix.c", "channel.c"]
+CDEFS = ["afunix_limits.cdef", "afunix.cdef", "channel.cdef", "copy.cdef"]
+HEADERS = ["afunix_limits.h", "afunix.h", "channel.h", "copy.h"]
+SOURCES = ["afunix.c", "channel.c", "copy.c"]
 
 ffibuilder = FFI()
 ffibuilder.cdef("\n".join((HERE / name).read_text() for name in CDEFS))

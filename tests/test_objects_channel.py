@@ -400,11 +400,11 @@ def slot(offset: int, length: int) -> Part:
 
 
 def envelope(parts: List[Part], count: Optional[int] = None, reserved: int = 0,
-             pad: bytes = bytes(7)) -> bytes:
-    """An OBJECT payload, as docs/PROTOCOL.md spells it."""
+             pad: bytes = bytes(6), flags: int = 0) -> bytes:
+    """An OBJECT payload, as docs/PROTOCOL.md spells it (`flags` on every entry)."""
     table = struct.pack("<II", len(parts) if count is None else count, reserved)
     for kind, offset, length, _ in parts:
-        table += struct.pack("<B7sQQ", kind, pad, offset, length)
+        table += struct.pack("<BB6sQQ", kind, flags, pad, offset, length)
     return table + b"".join(data for _, _, _, data in parts)
 
 
@@ -443,6 +443,7 @@ STREAM = pickle.dumps(Blob(bytearray(b"s" * 100)), protocol=5,
     ("count_over", "cannot hold 9 parts"),
     ("reserved", "reserved header field"),
     ("pad", "reserved bytes of part 0"),
+    ("flags", "part 0 has unknown flags 0x82"),
     ("kind", "unknown kind 7"),
     ("inline_offset", "overruns"),
     ("overrun", "overruns"),
@@ -475,7 +476,9 @@ def test_a_hostile_object_is_a_protocol_error_and_nothing_leaks(how: str, match:
             elif how == "reserved":
                 frame = object_frame([inline(STREAM)], reserved=1)
             elif how == "pad":
-                frame = object_frame([inline(STREAM)], pad=b"\0\0\0\0\0\0\1")
+                frame = object_frame([inline(STREAM)], pad=b"\0\0\0\0\0\1")
+            elif how == "flags":
+                frame = object_frame([inline(STREAM)], flags=0x82)
             elif how == "kind":
                 frame = object_frame([(7, 0, len(STREAM), STREAM)])
             elif how == "inline_offset":
@@ -541,6 +544,56 @@ def test_an_object_in_slots_is_unpickled_from_a_copy(clean: None) -> None:
                 (0, len(stream)), (8192, 5000)]
         finally:
             peer.close()
+
+
+@pytest.mark.parametrize("flags", [0, 1], ids=["writable", "read-only"])
+def test_the_read_only_flag_only_chooses_the_copy(flags: int, clean: None) -> None:
+    # A peer may flag READ_ONLY a buffer whose stream rebuilds it writable,
+    # or leave the flag off a bytes object: either way what is unpickled is
+    # this end's copy, with the right bytes; the flag only decides whether
+    # that copy is writable.
+    x, y = afunix.socketpair()
+    b = Channel(x)
+    with b, y:
+        peer = RegionPeer(y)
+        try:
+            blob = pickle.dumps(Blob(bytearray(b"B" * 5000)), protocol=5,
+                                buffer_callback=lambda buf: False)
+            big = pickle.dumps(pickle.PickleBuffer(b"Y" * 5000), protocol=5,
+                               buffer_callback=lambda buf: False)  # READONLY_BUFFER: read-only
+            peer.map[0:5000] = b"B" * 5000
+            peer.map[8192:8192 + 5000] = b"Y" * 5000
+            y.sendall(object_frame([inline(blob), slot(0, 5000)], flags=flags))
+            y.sendall(object_frame([inline(big), slot(8192, 5000)], flags=flags))
+            got, view = b.recv_object(), b.recv_object()
+            peer.map[0:16384] = b"\xff" * 16384  # the peer keeps writing its region
+            assert bytes(got.data) == b"B" * 5000 and bytes(view) == b"Y" * 5000
+            assert memoryview(got.data).readonly == bool(flags)
+            assert memoryview(view).readonly
+        finally:
+            peer.close()
+
+
+def test_a_large_bytes_object_is_the_receivers_one_copy(monkeypatch: pytest.MonkeyPatch,
+                                                        clean: None) -> None:
+    # The copy out of the slot is a bytes object, which unpickling hands on as
+    # it is (a bytearray copy would be copied again into a new bytes object).
+    loaded: List[Tuple[Any, List[Any]]] = []
+
+    def load(stream: Any, buffers: List[Any]) -> Any:
+        obj = pickle.loads(stream, buffers=buffers)
+        loaded.append((obj, list(buffers)))
+        return obj
+
+    monkeypatch.setattr(channel_module, "load_object", load)
+    a, b = channel_pair(shm_size=MiB, shm_threshold=16 * KiB)
+    with a, b:
+        data = bytes(range(256)) * 1024
+        a.send_object(data)
+        got = b.recv_object()
+        assert got == data and type(got) is bytes
+        (obj, buffers), = loaded
+        assert obj is got and buffers[0] is got
 
 
 # ---- afunix.aio.Channel ---------------------------------------------------------------

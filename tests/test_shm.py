@@ -28,7 +28,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from afunix import ProtocolError, _kernel, objects, shm
+from afunix import ProtocolError, _backend, _kernel, objects, shm
 from afunix.slots import Slot, SlotAllocator, SlotLedger
 
 from conftest import open_fds, run_python
@@ -746,6 +746,55 @@ def test_region_create_and_close_cycles_leave_nothing(fd_baseline: set) -> None:
     assert region_mappings() == 0
 
 
+# ---- large copies into a region --------------------------------------------------
+
+
+def test_copy_streaming_copies_every_byte_at_any_alignment() -> None:
+    data = hashlib.shake_256(b"streaming").digest(4096)
+    target = bytearray(4096 + 64)
+    for length in [0, 1, 15, 16, 63, 64, 65, 79, 200, 4000]:
+        for dst in [0, 1, 7, 15, 16, 33]:
+            for src in [0, 3, 16]:
+                target[:] = bytes(len(target))
+                _backend.impl.copy_streaming(memoryview(target)[dst:dst + length],
+                                             memoryview(data)[src:src + length])
+                assert target[dst:dst + length] == data[src:src + length]
+                assert not any(target[:dst]) and not any(target[dst + length:])
+
+
+def test_copy_streaming_overlapping_buffers_copy_as_memmove() -> None:
+    for shift in [-17, -1, 1, 64, 100]:
+        buf = bytearray(hashlib.shake_256(b"overlap").digest(1000))
+        expected = bytearray(buf)
+        expected[300 + shift:800 + shift] = buf[300:800]
+        view = memoryview(buf)
+        _backend.impl.copy_streaming(view[300 + shift:800 + shift], view[300:800])
+        assert buf == expected
+
+
+def test_copy_streaming_refuses_buffers_of_different_lengths() -> None:
+    target = bytearray(10)
+    with pytest.raises(ValueError):
+        _backend.impl.copy_streaming(memoryview(target), memoryview(b"x" * 11))
+    assert target == bytearray(10)
+
+
+def test_a_copy_over_the_streaming_size_lands_whole(fd_baseline: set) -> None:
+    size = shm.STREAMING_COPY_MIN + 4099
+    data = hashlib.shake_256(b"large").digest(size)
+    with shm.RegionWriter(2 * size) as writer:
+        reader = shm.RegionReader(os.dup(writer.fileno()), writer.size)
+        try:
+            first = writer.try_copy(b"x" * 5)  # the next slot starts past it
+            slot = writer.try_copy(data)
+            assert first is not None and slot is not None
+            with reader.claim(slot.offset, slot.length) as view:
+                assert view == data
+            reader.release(slot.offset, slot.length)
+        finally:
+            reader.close()
+
+
 # ---- Python objects ----------------------------------------------------------
 
 
@@ -897,31 +946,45 @@ def test_an_object_larger_than_the_free_space_goes_inline(fd_baseline: set) -> N
         reader.close()
 
 
-def _envelope(*entries: "tuple[int, bytes, int, int]", tail: bytes = b"", count: Optional[int] = None,
-              reserved: int = 0) -> bytes:
+def test_parts_are_flagged_read_only_as_the_objects_own_buffers_are() -> None:
+    blob = Blob(bytearray(5000))
+    for obj, read_only in [(b"r" * 5000, [True, True]), (bytearray(5000), [True, False]),
+                           ([blob, pickle.PickleBuffer(b"s" * 5000)], [True, False, True])]:
+        with objects.pickle_object(obj, threshold=1024) as pickled:
+            assert pickled.read_only == read_only
+            payload = b"".join(bytes(part) for part in
+                               objects.encode_object(pickled, [None] * len(pickled.parts)))
+        assert objects.parse_envelope(payload).read_only == read_only
+
+
+def _envelope(*entries: "tuple[int, int, bytes, int, int]", tail: bytes = b"",
+              count: Optional[int] = None, reserved: int = 0) -> bytes:
     head = objects.ENVELOPE_HEADER.pack(len(entries) if count is None else count, reserved)
     return head + b"".join(objects.ENVELOPE_ENTRY.pack(*e) for e in entries) + tail
 
 
 def test_a_bad_object_payload_is_a_protocol_error() -> None:
-    z = bytes(7)
-    good = _envelope((objects.INLINE, z, 0, 4), (objects.IN_REGION, z, 64, 10), tail=b"abcd")
+    z = bytes(6)
+    good = _envelope((objects.INLINE, 0, z, 0, 4), (objects.IN_REGION, objects.READ_ONLY, z, 64, 10),
+                     tail=b"abcd")
     envelope = objects.parse_envelope(good)
     assert bytes(envelope.pickle) == b"abcd" and envelope.buffers == [Slot(64, 10)]  # type: ignore[arg-type]
+    assert envelope.read_only == [False, True]
     bad = [
         b"",
         b"\x01\x00\x00",
         _envelope(count=0),
-        _envelope((objects.INLINE, z, 0, 4), tail=b"abcd", reserved=1),
-        _envelope((objects.INLINE, z, 0, 4), tail=b"abc"),              # short
-        _envelope((objects.INLINE, z, 0, 4), tail=b"abcde"),            # trailing bytes
-        _envelope((objects.INLINE, z, 0, 0)),                            # empty stream
-        _envelope((objects.INLINE, b"\x01" + bytes(6), 0, 1), tail=b"a"),
-        _envelope((objects.INLINE, z, 8, 1), tail=b"a"),                 # an offset for inline bytes
-        _envelope((objects.IN_REGION, z, 0, 0)),                         # an empty slot
-        _envelope((2, z, 0, 1), tail=b"a"),                              # unknown kind
-        _envelope((objects.INLINE, z, 0, 1), count=1000, tail=b"a"),    # more entries than bytes
-        _envelope((objects.INLINE, z, 0, 1 << 63), tail=b"a"),
+        _envelope((objects.INLINE, 0, z, 0, 4), tail=b"abcd", reserved=1),
+        _envelope((objects.INLINE, 0, z, 0, 4), tail=b"abc"),               # short
+        _envelope((objects.INLINE, 0, z, 0, 4), tail=b"abcde"),             # trailing bytes
+        _envelope((objects.INLINE, 0, z, 0, 0)),                            # empty stream
+        _envelope((objects.INLINE, 0, bytes(5) + b"\x01", 0, 1), tail=b"a"),# a reserved byte
+        _envelope((objects.INLINE, 2, z, 0, 1), tail=b"a"),                 # an unknown flag
+        _envelope((objects.INLINE, 0, z, 8, 1), tail=b"a"),                 # an offset for inline bytes
+        _envelope((objects.IN_REGION, 0, z, 0, 0)),                         # an empty slot
+        _envelope((2, 0, z, 0, 1), tail=b"a"),                              # unknown kind
+        _envelope((objects.INLINE, 0, z, 0, 1), count=1000, tail=b"a"),     # more entries than bytes
+        _envelope((objects.INLINE, 0, z, 0, 1 << 63), tail=b"a"),
     ]
     for payload in bad:
         with pytest.raises(ProtocolError):

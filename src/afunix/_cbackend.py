@@ -725,6 +725,15 @@ def bare_calls(sock: socket.socket, size: int
     return send, recv, free
 
 
+def copy_streaming(target: memoryview, source: memoryview) -> None:
+    """The contract's copy_streaming: afunix_copy_streaming over both buffers, pinned while C copies."""
+    dst = ffi.from_buffer(target, require_writable=True)
+    src = ffi.from_buffer(source)
+    if len(dst) != len(src):
+        raise ValueError("copy of %d bytes into %d" % (len(src), len(dst)))
+    lib.afunix_copy_streaming(dst, src, len(dst))
+
+
 def chan_hold(rx: ChanRx, nbytes: int, fds: list[int], flags: int) -> None:
     """The contract's chan_hold (_contract.Backend), in the C core's receive state."""
     s = rx.s

@@ -184,6 +184,17 @@ class Backend(Protocol):
 
     def close_fds(self, fds: list[int]) -> None: ...
 
+    # ---- shared-memory lane (afunix.shm) ----
+
+    def copy_streaming(self, target: memoryview, source: memoryview) -> None:
+        """Copy `source` into `target`: flat byte views of the same length, `target` writable.
+
+        The twin of ``target[:] = source``, for large copies into a region:
+        the C core's stores bypass the cache (csrc/copy.c says why).
+        Raises ValueError when the lengths differ (nothing copied).
+        """
+        ...
+
     # ---- for the benchmark's overhead rows ----
 
     def bare_calls(

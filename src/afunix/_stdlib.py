@@ -789,6 +789,13 @@ def bare_calls(sock: socket.socket, size: int
     return send, recv, free
 
 
+def copy_streaming(target: memoryview, source: memoryview) -> None:
+    """The contract's copy_streaming: a plain slice assignment (no stores that bypass the cache here)."""
+    if target.nbytes != source.nbytes:
+        raise ValueError("copy of %d bytes into %d" % (source.nbytes, target.nbytes))
+    target[:] = source
+
+
 def chan_hold(rx: ChanRx, nbytes: int, fds: list[int], flags: int) -> None:
     """The contract's chan_hold (_contract.Backend), in this backend's receive state."""
     s = rx.s

@@ -66,13 +66,15 @@ class ObjectMessage:
     `parts` are the pickle stream and its out-of-band buffers, in order:
     views of this end's own copy of the payload (inline parts, `slots[i]`
     None), or of the peer's region (`slots[i]` the slot, claimed and held
-    until the object is taken).
+    until the object is taken); `read_only[i]`: the sender flagged part i
+    READ_ONLY.
     """
 
-    __slots__ = ("parts", "slots")
+    __slots__ = ("parts", "slots", "read_only")
 
-    def __init__(self, parts: List[memoryview], slots: List[Optional[Slot]]) -> None:
-        self.parts, self.slots = parts, slots
+    def __init__(self, parts: List[memoryview], slots: List[Optional[Slot]],
+                 read_only: List[bool]) -> None:
+        self.parts, self.slots, self.read_only = parts, slots, read_only
 
 
 # ---- reading ----------------------------------------------------------------------
@@ -438,7 +440,7 @@ class FrameReader:
                 self.fail(exc.strerror or "bad slot")
             slots.append(part)
         # the commit: stores only
-        self.lane_msg = ObjectMessage(parts, slots)
+        self.lane_msg = ObjectMessage(parts, slots, envelope.read_only)
         self.start = start + HEADER_SIZE + length
         self.next = self.parsed = self.ncopied = 0
         return 1
@@ -857,9 +859,12 @@ class FrameReader:
         """The next message, an object: its pickle stream and out-of-band buffers, this end's own.
 
         Inline parts are views of the payload's copy; a part in a slot is
-        copied out (a bytearray) and the slot released (sent back by
-        `take_returns`): the peer keeps writing its region, and a slot
-        changed while it is unpickled must not change what is unpickled.
+        copied out and the slot released (sent back by `take_returns`): the
+        peer keeps writing its region, and a slot changed while it is
+        unpickled must not change what is unpickled.  The copy of a part
+        the sender flagged READ_ONLY is a bytes object, which rebuilds a
+        bytes object without another copy (pickle hands it on as it is);
+        any other is a bytearray, which numpy rebuilds a writable array over.
 
         Raises:
             MessageKindError: the next message is not an object (nothing is taken).
@@ -870,8 +875,8 @@ class FrameReader:
         if self.next < self.parsed or not isinstance(msg, ObjectMessage):
             raise MessageKindError("the next message is not an object: receive it with "
                                    "recv(), recv_message() or the other receives")
-        parts: List[Any] = [part if slot is None else bytearray(part)
-                            for part, slot in zip(msg.parts, msg.slots)]
+        parts: List[Any] = [part if slot is None else bytes(part) if read_only else bytearray(part)
+                            for part, slot, read_only in zip(msg.parts, msg.slots, msg.read_only)]
         # the commit: stores only
         self.lane_msg = None
         for slot in msg.slots:

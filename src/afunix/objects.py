@@ -44,13 +44,18 @@ DEFAULT_THRESHOLD = 64 << 10
 #: OBJECT payload header: number of parts (the stream and the out-of-band
 #: buffers), reserved (0).
 ENVELOPE_HEADER = struct.Struct("<II")
-#: One entry per part: kind, 7 reserved zero bytes, offset, length.
-ENVELOPE_ENTRY = struct.Struct("<B7sQQ")
+#: One entry per part: kind, flags, 6 reserved zero bytes, offset, length.
+ENVELOPE_ENTRY = struct.Struct("<BB6sQQ")
 #: Entry kinds: the buffer's bytes follow in the payload, or lie in a slot of the region.
 INLINE = 0
 IN_REGION = 1
+#: Entry flag: the sender's buffer was read-only (the stream too), so a
+#: read-only copy rebuilds it (a ``bytes`` object, which pickle hands on
+#: as it is, where a writable part is copied once more).  Only a choice of
+#: the receiver's copy: a wrong flag changes whether an object is writable.
+READ_ONLY = 1
 
-_RESERVED = bytes(7)
+_RESERVED = bytes(6)
 
 
 class PickledObject:
@@ -63,11 +68,13 @@ class PickledObject:
     ``with`` block does).
     """
 
-    __slots__ = ("parts",)
+    __slots__ = ("parts", "read_only")
 
-    def __init__(self, parts: List[memoryview]) -> None:
+    def __init__(self, parts: List[memoryview], read_only: List[bool]) -> None:
         #: the pickle stream, then the out-of-band buffers: 1-D memoryviews of format "B"
         self.parts = parts
+        #: per part: the object's own buffer is read-only (the stream is)
+        self.read_only = read_only
 
     @property
     def pickle(self) -> memoryview:
@@ -91,8 +98,12 @@ class PickledObject:
         self.release()
 
 
-def _out_of_band(threshold: int, buffers: List[memoryview]) -> Callable[[pickle.PickleBuffer], bool]:
+def _out_of_band(threshold: int, buffers: List[memoryview],
+                 read_only: List[bool]) -> Callable[[pickle.PickleBuffer], bool]:
     """A protocol-5 ``buffer_callback`` keeping buffers of at least `threshold` bytes out of band.
+
+    Each buffer kept goes to `buffers` (a read-only view) and whether the
+    object's own buffer is read-only to `read_only`.
 
     A closure over `buffers`, not a method of a Pickler subclass: a pickler
     that holds its own bound method is a reference cycle, and its memo then
@@ -111,6 +122,7 @@ def _out_of_band(threshold: int, buffers: List[memoryview]) -> Callable[[pickle.
         # array, two dimensions for a grid): a part is flat bytes, so that
         # its len() is its size.
         flat = view if view.format == "B" and view.ndim == 1 else view.cast("B")
+        read_only.append(view.readonly)
         buffers.append(flat.toreadonly())
         flat.release()
         view.release()
@@ -156,15 +168,16 @@ def pickle_object(obj: Any, *, threshold: int = DEFAULT_THRESHOLD) -> PickledObj
     if (type(obj) is bytes or type(obj) is bytearray) and len(obj) >= threshold:
         obj = _BytesOutOfBand(obj)
     buffers: List[memoryview] = []
+    read_only: List[bool] = [True]  # the stream: a bytes object
     stream = io.BytesIO()
     try:
         pickle.Pickler(stream, protocol=5,
-                       buffer_callback=_out_of_band(threshold, buffers)).dump(obj)
+                       buffer_callback=_out_of_band(threshold, buffers, read_only)).dump(obj)
     except BaseException:
         for view in buffers:
             view.release()
         raise
-    return PickledObject([memoryview(stream.getvalue()), *buffers])
+    return PickledObject([memoryview(stream.getvalue()), *buffers], read_only)
 
 
 def place_parts(pickled: PickledObject, writer: Optional[RegionWriter], *,
@@ -206,15 +219,16 @@ def encode_object(pickled: PickledObject, slots: Sequence[Optional[Slot]]) -> Li
         raise ValueError("%d slots for %d parts" % (len(slots), len(parts)))
     table = bytearray(ENVELOPE_HEADER.pack(len(parts), 0))
     inline: List[Any] = []
-    for view, slot in zip(parts, slots):
+    for view, slot, read_only in zip(parts, slots, pickled.read_only):
+        flags = READ_ONLY if read_only else 0
         if slot is None:
-            table += ENVELOPE_ENTRY.pack(INLINE, _RESERVED, 0, view.nbytes)
+            table += ENVELOPE_ENTRY.pack(INLINE, flags, _RESERVED, 0, view.nbytes)
             if view.nbytes:
                 inline.append(view)
         else:
             if slot.length != view.nbytes:
                 raise ValueError("slot of %d bytes for a part of %d" % (slot.length, view.nbytes))
-            table += ENVELOPE_ENTRY.pack(IN_REGION, _RESERVED, slot.offset, slot.length)
+            table += ENVELOPE_ENTRY.pack(IN_REGION, flags, _RESERVED, slot.offset, slot.length)
     return [bytes(table), *inline]
 
 
@@ -222,10 +236,13 @@ class ObjectEnvelope(NamedTuple):
     """A received OBJECT payload: the pickle stream and the out-of-band buffers, in order.
 
     Each part is a memoryview of the payload (inline) or the `Slot` that
-    holds it (to claim from the region, and return when read).
+    holds it (to claim from the region, and return when read);
+    `read_only[i]`: the sender flagged part i READ_ONLY (a hint for the
+    kind of copy to make, nothing more).
     """
 
     parts: List[Union[memoryview, Slot]]
+    read_only: List[bool]
 
     @property
     def pickle(self) -> Union[memoryview, Slot]:
@@ -243,7 +260,7 @@ def parse_envelope(payload: Any) -> ObjectEnvelope:
 
     Raises:
         ProtocolError: shorter than its header and table, no parts, reserved
-            bytes not zero, an unknown entry kind, an empty stream or slot,
+            bytes not zero, an unknown entry kind or flag, an empty stream or slot,
             inline lengths that do not add up to the payload.
     """
     view = memoryview(payload).cast("B")
@@ -257,11 +274,15 @@ def parse_envelope(payload: Any) -> ObjectEnvelope:
     if count == 0 or position > size:
         raise ProtocolError("object payload of %d bytes cannot hold %d parts" % (size, count))
     parts: List[Union[memoryview, Slot]] = []
+    read_only: List[bool] = []
     for i in range(count):
-        kind, pad, offset, length = ENVELOPE_ENTRY.unpack_from(
+        kind, flags, pad, offset, length = ENVELOPE_ENTRY.unpack_from(
             view, ENVELOPE_HEADER.size + i * ENVELOPE_ENTRY.size)
         if pad != _RESERVED:
             raise ProtocolError("object payload: reserved bytes of part %d are not 0" % i)
+        if flags & ~READ_ONLY:
+            raise ProtocolError("object payload: part %d has unknown flags 0x%02x" % (i, flags))
+        read_only.append(bool(flags & READ_ONLY))
         if i == 0 and length == 0:
             raise ProtocolError("object payload: empty pickle stream")
         if kind == INLINE:
@@ -278,16 +299,18 @@ def parse_envelope(payload: Any) -> ObjectEnvelope:
             raise ProtocolError("object payload: part %d has unknown kind %d" % (i, kind))
     if position != size:
         raise ProtocolError("object payload: %d bytes after its last part" % (size - position))
-    return ObjectEnvelope(parts)
+    return ObjectEnvelope(parts, read_only)
 
 
 def load_object(stream: Any, buffers: Sequence[Any]) -> Any:
     """Unpickle `stream` with its out-of-band `buffers` (bytes-like objects, in order).
 
-    Like ``pickle.loads(stream, buffers=buffers)``.  A bytes or bytearray
-    object sent out of band is rebuilt as a copy; an object that keeps its
-    buffer (a numpy array) refers to the buffer given, so pass a copy of a
-    region's view unless that slot stays held as long as the object lives.
+    Like ``pickle.loads(stream, buffers=buffers)``.  A bytes object sent out
+    of band is the buffer given when that is a ``bytes`` object (no copy),
+    a copy of it otherwise; a bytearray is rebuilt as a copy; an object that
+    keeps its buffer (a numpy array) refers to the buffer given, so pass a
+    copy of a region's view unless that slot stays held as long as the
+    object lives.
     Call `check_unpickle_peer` first.
 
     Raises:

@@ -32,7 +32,7 @@ import sys
 from types import TracebackType
 from typing import Any, Callable, Optional, Type
 
-from . import _checks
+from . import _backend, _checks
 from ._kernel import (F_ADD_SEALS, F_GET_SEALS, F_SEAL_GROW, F_SEAL_SEAL, F_SEAL_SHRINK,
                       MAP_POPULATE, MFD_ALLOW_SEALING, MFD_CLOEXEC)
 from .frames import ProtocolError
@@ -47,6 +47,14 @@ MAX_REGION_SIZE = 1 << 40
 
 #: The name a region shows in /proc/PID/maps and /proc/PID/fd (no file has it).
 REGION_NAME = "afunix-lane"
+
+#: `RegionWriter.try_copy` copies at least this many bytes with stores that
+#: bypass the cache (the backend's ``copy_streaming``): the peer reads such a
+#: slot from memory anyway, and cached stores would first read every line of
+#: it.  Below, the slot is better left in the cache the peer reads it from.
+#: On a 2-CPU EPYC VM, 16 MiB objects through 4 slots: 7.6-7.8 GB/s cached,
+#: 8.0-9.8 GB/s streamed; 4 and 8 MiB gain as much; 1 and 2 MiB lose 5-10 %.
+STREAMING_COPY_MIN = 4 << 20
 
 # CPython 3.13 can map without keeping a duplicate of the descriptor
 # (mmap's trackfd=False): one descriptor per region instead of two.
@@ -467,7 +475,10 @@ class RegionWriter:
             try:
                 with self.region.view(slot.offset, nbytes) as target:
                     flat = source.cast("B") if source.format != "B" or source.ndim != 1 else source
-                    target[:] = flat
+                    if nbytes >= STREAMING_COPY_MIN:
+                        _backend.impl.copy_streaming(target, flat)
+                    else:
+                        target[:] = flat
             except BaseException:
                 self.allocator.free(slot.offset, slot.length)
                 raise
