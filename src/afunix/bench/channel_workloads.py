@@ -329,8 +329,12 @@ def loan_sender(sock: socket.socket, row: Row, shared: Any) -> Any:
 
 
 def object_sender(sock: socket.socket, row: Row, shared: Any) -> Any:
-    """Setup, untimed: a channel with a lane, and one object sent through it."""
-    ch = lane_channel(sock, row)
+    """Setup, untimed: a channel with a lane, and one object sent through it.
+
+    The channel's default max_frame: send_object never waits for a slot, it
+    sends a buffer finding none free inline, which max_frame must allow.
+    """
+    ch = afunix.Channel(sock, shm_size=LANE_SLOTS * row.size, shm_threshold=LANE_THRESHOLD)
     ch.send_object(bytes(row.size))
     return ch
 
@@ -397,49 +401,77 @@ def lane_recv_view(ch: Any, count: int, row: Row) -> Received:
     return Received(got, total)
 
 
-# ---- Python objects: a numbered object holding one large buffer -----------------------
+# ---- Python objects: one large buffer, sent as itself ---------------------------------
 
-def numbered_object(row: Row, kind: str) -> Callable[[int], Any]:
-    """A function i -> the object sent as message i: ``(i, payload)``.
+#: Objects an object row's sender cycles through, made once: message i is
+#: object i % OBJECT_POOL, whose first 8 bytes hold that number.
+OBJECT_POOL = LANE_SLOTS + 1
 
-    The payload, made once, is a bytes object of the row's size ("bytes")
-    or a numpy uint8 array of as many bytes ("numpy"); each message is a new
-    tuple holding it, so every send pickles the whole payload anew.
+
+def numbered_objects(row: Row, kind: str) -> Callable[[int], Any]:
+    """A function i -> the object sent as message i, of the row's size.
+
+    A bytes object ("bytes") or a numpy uint8 array ("numpy"), taken from
+    OBJECT_POOL objects made once and never changed: making a 16 MiB object
+    per message would time the allocator, and renumbering one in place
+    would change an object a multiprocessing.Queue's feeder thread has not
+    pickled yet.  Every send pickles the whole object anew.
     """
-    if kind == "numpy":
-        numpy = importlib.import_module("numpy")  # optional: its rows are skipped without it
-        payload: Any = numpy.zeros(row.size, dtype=numpy.uint8)
-    else:
-        payload = bytes(row.size)
-    return lambda i: (i, payload)
+    pool: List[Any] = []
+    for k in range(OBJECT_POOL):
+        data = bytearray(row.size)
+        _SEQ.pack_into(data, 0, k)
+        if kind == "numpy":
+            numpy = importlib.import_module("numpy")  # optional: its rows are skipped without it
+            pool.append(numpy.frombuffer(data, dtype=numpy.uint8).copy())
+        else:
+            pool.append(bytes(data))
+    return lambda i: pool[i % OBJECT_POOL]
 
 
-def object_number(obj: Any, size: int) -> int:
-    """The number of a received ``(i, payload)``, checking the payload holds `size` bytes."""
-    number, payload = obj
-    nbytes = memoryview(payload).nbytes
-    if nbytes != size:
-        raise Mismatch("an object holding %d bytes, %d expected" % (nbytes, size))
-    return int(number)
+class ObjectChecker:
+    """Checks received objects in order: `size` bytes each, number i % OBJECT_POOL for the i-th.
+
+    The receiver's sum of the sequence numbers is then the sum of the
+    positions it checked, as the runner expects.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.seen = 0
+
+    def __call__(self, obj: Any) -> int:
+        """The position of `obj` (its sequence number); Mismatch when it is not the next object."""
+        with memoryview(obj) as view:
+            nbytes = view.nbytes
+            number = _SEQ.unpack_from(view.cast("B"))[0] if nbytes >= 8 else None
+        if nbytes != self.size:
+            raise Mismatch("an object of %d bytes, %d expected" % (nbytes, self.size))
+        i = self.seen
+        if number != i % OBJECT_POOL:
+            raise Mismatch("object %d carries number %s, %d expected"
+                           % (i, number, i % OBJECT_POOL))
+        self.seen += 1
+        return i
 
 
 def _object_sender(kind: str) -> Callable[[Any, int, Row], Received]:
     def send(ch: Any, count: int, row: Row) -> Received:
-        make, send_object = numbered_object(row, kind), ch.send_object
+        make, send_object = numbered_objects(row, kind), ch.send_object
         for i in range(count):
             send_object(make(i))
         return Received(count)
 
-    send.__doc__ = "Channel.send_object((i, payload)) once per message (%s payload)." % kind
+    send.__doc__ = "Channel.send_object(obj) once per message (%s)." % kind
     return send
 
 
 def object_recv(ch: Any, count: int, row: Row) -> Received:
-    """Channel.recv_object() once per message; the payload's size and the number checked."""
-    recv_object, size = ch.recv_object, row.size
+    """Channel.recv_object() once per message, each object's size and number checked."""
+    recv_object, check = ch.recv_object, ObjectChecker(row.size)
     total = 0
     for _ in range(count):
-        total += object_number(recv_object(), size)
+        total += check(recv_object())
     return Received(count, total)
 
 

@@ -36,7 +36,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Callable, List, Optional, Tuple
 
-from .channel_workloads import Numbered, checksum_of, message_maker, numbered_object, object_number
+from .channel_workloads import (Numbered, ObjectChecker, checksum_of, message_maker,
+                                numbered_objects)
 from .matrix import Row
 from .workloads import Mismatch, Received
 
@@ -316,46 +317,46 @@ def pipe_recv_large(sock: socket.socket, count: int, row: Row) -> Received:
 def _pipe_object_sender(kind: str) -> Callable[[socket.socket, int, Row], Received]:
     def send(sock: socket.socket, count: int, row: Row) -> Received:
         conn = Connection(os.dup(sock.fileno()))
-        make, send_object = numbered_object(row, kind), conn.send
+        make, send_object = numbered_objects(row, kind), conn.send
         for i in range(count):
             send_object(make(i))
         conn.close()
         return Received(count)
 
-    send.__doc__ = "multiprocessing.Pipe's Connection.send((i, payload)) per message (%s)." % kind
+    send.__doc__ = "multiprocessing.Pipe's Connection.send(obj) per message (%s)." % kind
     return send
 
 
 def pipe_recv_object(sock: socket.socket, count: int, row: Row) -> Received:
     """multiprocessing.Pipe's Connection.recv() once per message (unpickled), checked."""
     conn = Connection(os.dup(sock.fileno()))
-    recv, size = conn.recv, row.size
+    recv, check = conn.recv, ObjectChecker(row.size)
     total = 0
     for _ in range(count):
-        total += object_number(recv(), size)
+        total += check(recv())
     conn.close()
     return Received(count, total)
 
 
 def _queue_object_sender(kind: str) -> Callable[[Any, int, Row], Received]:
     def put(queue: Any, count: int, row: Row) -> Received:
-        make, put_object = numbered_object(row, kind), queue.put
+        make, put_object = numbered_objects(row, kind), queue.put
         for i in range(count):
             put_object(make(i))
         queue.close()
         queue.join_thread()
         return Received(count)
 
-    put.__doc__ = "multiprocessing.Queue.put((i, payload)) per message (%s)." % kind
+    put.__doc__ = "multiprocessing.Queue.put(obj) per message (%s)." % kind
     return put
 
 
 def queue_get_object(queue: Any, count: int, row: Row) -> Received:
     """multiprocessing.Queue.get() once per message, checked."""
-    get, size = queue.get, row.size
+    get, check = queue.get, ObjectChecker(row.size)
     total = 0
     for _ in range(count):
-        total += object_number(get(), size)
+        total += check(get())
     return Received(count, total)
 
 

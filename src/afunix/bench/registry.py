@@ -97,9 +97,9 @@ _QUEUE_OBJECT_TEXT = ("multiprocessing.Queue: put(obj) / get() per message (pick
 
 def _objects(name: str, title: str, kind: str, base: str, base_sides: Tuple[Side, Side],
              queue: bool = False) -> Entry:
-    """A row of objects (i, payload): send_object / recv_object against `base`."""
-    what = "messages are (i, payload) tuples, payload %s of the row's size made once; " \
-        % _OBJECT_KINDS[kind]
+    """A row of objects, each one large buffer: send_object / recv_object against `base`."""
+    what = ("messages are %s of the row's size, one of %d made once, in turn (the receiver"
+            " checks each one's size and number); " % (_OBJECT_KINDS[kind], chan.OBJECT_POOL))
     sender = chan.object_send_numpy if kind == "numpy" else chan.object_send_bytes
     setups: Dict[str, Tuple[Optional[Setup], Optional[Setup]]] = {
         impl: (chan.object_sender, chan.warm_object_receiver) for impl in AFUNIX}
@@ -109,9 +109,11 @@ def _objects(name: str, title: str, kind: str, base: str, base_sides: Tuple[Side
         shared["base"] = peers.queue_shared
     return Entry(Workload(name, title, "messages", _STREAM, "MB/s", _OBJECT_NEEDS,
                           base=what + base,
-                          afunix="ch.send_object(obj) / Channel.recv_object(): pickle"
-                                 " protocol 5, the payload out of band through the lane; ch = "
-                                 + _LANE_CHANNEL,
+                          afunix="Channel(sock, shm_size=%d x the object, shm_threshold=64"
+                                 " KiB).send_object(obj) / Channel.recv_object(): pickle protocol"
+                                 " 5, the object out of band in a slot of the lane (inline when"
+                                 " none is free: send_object never waits for one)"
+                                 % chan.LANE_SLOTS,
                           peer=Peer("numpy", "numpy", BENCH_EXTRA) if kind == "numpy" else None),
                  {"base": base_sides, **_afunix_too({}, (sender, chan.object_recv))},
                  setups=setups, shared=shared)
@@ -268,7 +270,7 @@ TABLE: Tuple[Entry, ...] = (
           {"base": (peers.zmq_send_nocopy, peers.zmq_recv_nocopy), **_LANE},
           setups={"base": (peers.zmq_large_setup_send, peers.zmq_large_setup_recv),
                   **_LANE_SETUPS}),
-    # ---- Python objects: (i, payload) with a large payload (channel_workloads.py, peers.py)
+    # ---- Python objects holding one large buffer (channel_workloads.py, peers.py)
     _objects("obj-vs-pipe", "OBJ/Pipe", "bytes", _PIPE_OBJECT_TEXT,
              (peers.pipe_send_bytes_object, peers.pipe_recv_object)),
     _objects("obj-vs-queue", "OBJ/Queue", "bytes", _QUEUE_OBJECT_TEXT,
