@@ -111,7 +111,7 @@ MATRIX: tuple[Row, ...] = (
     Row("lane-vs-zmq", size=1 * MIB, batch=1, quick=False),
     Row("lane-vs-zmq", size=16 * MIB, batch=1, quick=False),
     # Python objects holding a large buffer: send_object / recv_object
-    Row("obj-vs-pipe", size=16 * MIB, batch=1, goal=5.0),
+    Row("obj-vs-pipe", size=16 * MIB, batch=1, quick=False, goal=5.0),
     Row("obj-vs-queue", size=16 * MIB, batch=1, quick=False),
     Row("objnp-vs-pipe", size=16 * MIB, batch=1, quick=False),
     Row("objnp-vs-queue", size=16 * MIB, batch=1, quick=False),
