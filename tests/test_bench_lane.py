@@ -9,13 +9,14 @@ from __future__ import annotations
 import dataclasses
 import gc
 import importlib.util
+import json
 from typing import Dict, Iterator, List
 
 import pytest
 
 import afunix
 from afunix.__main__ import main
-from afunix.bench import registry, report, session
+from afunix.bench import registry, report, schema, session
 from afunix.bench.matrix import KIB, MATRIX, MIB, MODES, Row
 from afunix.bench.runner import Placement, RunFailed, RunResult, placements
 
@@ -138,9 +139,15 @@ def test_the_line_under_a_goal_row_says_whether_the_run_met_it(
     met = "met (" in line and "NOT" not in line
     assert ("goals met in %d of 1 rows" % met) in footer
     assert ("(1 without a figure)" in footer) == ("no figure" in line)
+    doc = json.loads(report.to_json(results, QUIET, [ONE], report.facts()))
+    assert schema.validate(doc) == []
+    assert doc["rows"][0]["goal"] == 1.5
+    assert doc["rows"][0]["goal_met"] is (None if "no figure" in line else met)
 
 
 def test_a_row_without_a_goal_has_no_goal_line() -> None:
     fake = Planned({"base": 2.0, "afunix-stdlib": 1.0, "afunix-c": 1.0})
     results = session.measure([Row("lane-stream", size=MIB, batch=1)], [ONE], QUIET, run=fake)
     assert not any("goal" in line for line in report.table(results) + report.footer(results))
+    doc = json.loads(report.to_json(results, QUIET, [ONE], report.facts()))
+    assert doc["rows"][0]["goal"] is None and doc["rows"][0]["goal_met"] is None
