@@ -14,8 +14,18 @@ row's workload names:
                  same careful framed stream
   chan-single    one send / one recv call per message, SOCK_SEQPACKET  vs
                  the stdlib SEQPACKET send/recv loop
-  large-stream   Channel.send / recv of 1 MiB and 16 MiB messages  vs a
+  large-stream   Channel.send / recv of 64 KiB to 16 MiB messages  vs a
                  careful sendall / recv_into loop (and sendmmsg / recv in C)
+  lane-stream    the same through the shared-memory lane (copied into a
+                 slot, copied out by recv)  vs the same loop
+  loan-stream    ch.loan + ch.send_loan (filled in the slot, not copied),
+                 copied out by recv  vs the same loop
+  loan-view      the same loans, taken with recv_batch (a view of the slot,
+                 only the number read)  vs the same loop
+
+The lane's senders and the object senders (send_object / recv_object of one
+large bytes object or numpy array) are here too; the rows that put them
+against multiprocessing and pyzmq are declared in registry.py with peers.py.
 
 The channel's framing in plain C (csrc/reference/channel_reference.c) is
 a different program from every one of these, so it has a row of its own,
@@ -331,10 +341,10 @@ def loan_sender(sock: socket.socket, row: Row, shared: Any) -> Any:
 def object_sender(sock: socket.socket, row: Row, shared: Any) -> Any:
     """Setup, untimed: a channel with a lane, and one object sent through it.
 
-    The channel's default max_frame: send_object never waits for a slot, it
-    sends a buffer finding none free inline, which max_frame must allow.
+    As for messages, send_object waits for a free slot only when what would
+    go inline instead is over max_frame.
     """
-    ch = afunix.Channel(sock, shm_size=LANE_SLOTS * row.size, shm_threshold=LANE_THRESHOLD)
+    ch = lane_channel(sock, row)
     ch.send_object(bytes(row.size))
     return ch
 

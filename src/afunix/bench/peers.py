@@ -1,9 +1,10 @@
 """The channel against the messaging tools Python programs pick today: pyzmq, pynng, multiprocessing.
 
 Each workload here is one row kind: its base column is the tool, its afunix
-columns the batched channel (Channel.send_many / recv_many), so the af/base
-ratio is the channel against that tool, measured in the same rounds.  None
-has a C column: no plain-C program does what these tools do.
+columns the batched channel (Channel.send_many / recv_many) or, for large
+messages and objects, the channel's shared-memory lane (channel_workloads),
+so the af/base ratio is the channel against that tool, measured in the same
+rounds.  None has a C column: no plain-C program does what these tools do.
 
 Every tool is set up as its documentation recommends for throughput and so
 that it cannot race, deadlock or starve:

@@ -109,11 +109,9 @@ def _objects(name: str, title: str, kind: str, base: str, base_sides: Tuple[Side
         shared["base"] = peers.queue_shared
     return Entry(Workload(name, title, "messages", _STREAM, "MB/s", _OBJECT_NEEDS,
                           base=what + base,
-                          afunix="Channel(sock, shm_size=%d x the object, shm_threshold=64"
-                                 " KiB).send_object(obj) / Channel.recv_object(): pickle protocol"
-                                 " 5, the object out of band in a slot of the lane (inline when"
-                                 " none is free: send_object never waits for one)"
-                                 % chan.LANE_SLOTS,
+                          afunix="ch.send_object(obj) / Channel.recv_object(): pickle"
+                                 " protocol 5, the object out of band in a slot of the lane; ch"
+                                 " = " + _LANE_CHANNEL,
                           peer=Peer("numpy", "numpy", BENCH_EXTRA) if kind == "numpy" else None),
                  {"base": base_sides, **_afunix_too({}, (sender, chan.object_recv))},
                  setups=setups, shared=shared)
