@@ -14,8 +14,18 @@ row's workload names:
                  same careful framed stream
   chan-single    one send / one recv call per message, SOCK_SEQPACKET  vs
                  the stdlib SEQPACKET send/recv loop
-  large-stream   Channel.send / recv of 1 MiB and 16 MiB messages  vs a
+  large-stream   Channel.send / recv of 64 KiB to 16 MiB messages  vs a
                  careful sendall / recv_into loop (and sendmmsg / recv in C)
+  lane-stream    the same through the shared-memory lane (copied into a
+                 slot, copied out by recv)  vs the same loop
+  loan-stream    ch.loan + ch.send_loan (filled in the slot, not copied),
+                 copied out by recv  vs the same loop
+  loan-view      the same loans, taken with recv_batch (a view of the slot,
+                 only the number read)  vs the same loop
+
+The lane's senders and the object senders (send_object / recv_object of one
+large bytes object or numpy array) are here too; the rows that put them
+against multiprocessing and pyzmq are declared in registry.py with peers.py.
 
 The channel's framing in plain C (csrc/reference/channel_reference.c) is
 a different program from every one of these, so it has a row of its own,
@@ -26,6 +36,7 @@ declared in registry.py; the rows are in matrix.py.
 from __future__ import annotations
 
 import array
+import importlib
 import socket
 import struct
 import sys
@@ -34,6 +45,7 @@ from typing import Any, Callable, List, Tuple
 import afunix
 
 from .._limits import FRAME_HEADER
+from ..lane import DEFAULT_THRESHOLD
 from . import _reference
 from .matrix import KIB, Row
 from .workloads import Mismatch, Received
@@ -281,3 +293,197 @@ def large_recv_stdlib(sock: socket.socket, count: int, row: Row) -> Received:
             return Received(i, total)
         total += unpack(buf)[0]
     return Received(count, total)
+
+
+# ---- large messages through the shared-memory lane ------------------------------------
+
+#: The sending end's region holds this many messages of the row's size: as
+#: many may be in flight (sent, not yet taken and returned by the receiver).
+LANE_SLOTS = 4
+#: Messages from this size on go through the lane (the channel's default).
+LANE_THRESHOLD = DEFAULT_THRESHOLD
+
+
+#: The sending channel's max_frame: below the threshold, so that a message of
+#: the lane that finds no slot free waits for one.  With a max_frame it fits
+#: (the default is 64 MiB), such a message goes inline instead, and a row
+#: would time a mix of the lane and the inline stream, whose share depends on
+#: how far the receiver lags: measured here with 16 MiB messages, a sixth of
+#: them went inline, at a third of the lane's rate.
+LANE_MAX_FRAME = LANE_THRESHOLD - 1
+
+
+def lane_channel(sock: socket.socket, row: Row) -> Any:
+    """The sending end of a lane row: a region of LANE_SLOTS messages, the lane only."""
+    return afunix.Channel(sock, shm_size=LANE_SLOTS * row.size, shm_threshold=LANE_THRESHOLD,
+                          max_frame=LANE_MAX_FRAME)
+
+
+def lane_sender(sock: socket.socket, row: Row, shared: Any) -> Any:
+    """Setup, untimed: a channel with a lane, and one message through it.
+
+    The region is made (memfd, reserved, mapped) and announced, and the
+    receiver maps it, before the clock starts, as in a long-lived program;
+    the warm-up message is not counted.
+    """
+    ch = lane_channel(sock, row)
+    ch.send(bytearray(row.size))
+    return ch
+
+
+def loan_sender(sock: socket.socket, row: Row, shared: Any) -> Any:
+    """Setup, untimed: a channel with a lane, and one loan sent through it."""
+    ch = lane_channel(sock, row)
+    ch.send_loan(ch.loan(row.size))
+    return ch
+
+
+def object_sender(sock: socket.socket, row: Row, shared: Any) -> Any:
+    """Setup, untimed: a channel with a lane, and one object sent through it.
+
+    As for messages, send_object waits for a free slot only when what would
+    go inline instead is over max_frame.
+    """
+    ch = lane_channel(sock, row)
+    ch.send_object(bytes(row.size))
+    return ch
+
+
+def warm_receiver(sock: socket.socket, row: Row, shared: Any) -> Any:
+    """Setup, untimed: the receiving channel, the sender's warm-up message taken (and checked)."""
+    ch = afunix.Channel(sock)
+    if len(ch.recv()) != row.size:
+        raise Mismatch("the warm-up message is not %d bytes" % row.size)
+    return ch
+
+
+def warm_object_receiver(sock: socket.socket, row: Row, shared: Any) -> Any:
+    """Setup, untimed: the receiving channel, the sender's warm-up object taken (and checked)."""
+    ch: Any = afunix.Channel(sock)  # recv_object: looked up at run time (workloads.unavailable)
+    if len(ch.recv_object()) != row.size:
+        raise Mismatch("the warm-up object is not %d bytes" % row.size)
+    return ch
+
+
+def lane_send(ch: Any, count: int, row: Row) -> Received:
+    """Channel.send() once per message, through the lane: one renumbered buffer, copied to a slot."""
+    message, send = Numbered(row.size), ch.send
+    for i in range(count):
+        send(message(i))
+    return Received(count)
+
+
+def loan_send(ch: Any, count: int, row: Row) -> Received:
+    """ch.loan(size), the number written into the slot in place, ch.send_loan(): no copy."""
+    loan, send_loan, pack_into, size = ch.loan, ch.send_loan, _SEQ.pack_into, row.size
+    for i in range(count):
+        lent = loan(size)
+        pack_into(lent.view, 0, i)
+        send_loan(lent)
+    return Received(count)
+
+
+def lane_recv(ch: Any, count: int, row: Row) -> Received:
+    """Channel.recv() once per message: every byte copied out of the slot into new bytes."""
+    recv, unpack, size = ch.recv, _SEQ.unpack_from, row.size
+    total = 0
+    for _ in range(count):
+        data = recv()
+        if len(data) != size:
+            raise Mismatch("a message of %d bytes, %d expected" % (len(data), size))
+        total += unpack(data)[0]
+    return Received(count, total)
+
+
+def lane_recv_view(ch: Any, count: int, row: Row) -> Received:
+    """Channel.recv_batch(): a read-only view of each slot; only the number is read, in place."""
+    recv_batch, unpack, size = ch.recv_batch, _SEQ.unpack_from, row.size
+    got = total = 0
+    while got < count:
+        batch = recv_batch()
+        if not len(batch):
+            break
+        for view in batch:
+            if len(view) != size:
+                raise Mismatch("a message of %d bytes, %d expected" % (len(view), size))
+            total += unpack(view)[0]
+        got += len(batch)
+    return Received(got, total)
+
+
+# ---- Python objects: one large buffer, sent as itself ---------------------------------
+
+#: Objects an object row's sender cycles through, made once: message i is
+#: object i % OBJECT_POOL, whose first 8 bytes hold that number.
+OBJECT_POOL = LANE_SLOTS + 1
+
+
+def numbered_objects(row: Row, kind: str) -> Callable[[int], Any]:
+    """A function i -> the object sent as message i, of the row's size.
+
+    A bytes object ("bytes") or a numpy uint8 array ("numpy"), taken from
+    OBJECT_POOL objects made once and never changed: making a 16 MiB object
+    per message would time the allocator, and renumbering one in place
+    would change an object a multiprocessing.Queue's feeder thread has not
+    pickled yet.  Every send pickles the whole object anew.
+    """
+    pool: List[Any] = []
+    for k in range(OBJECT_POOL):
+        data = bytearray(row.size)
+        _SEQ.pack_into(data, 0, k)
+        if kind == "numpy":
+            numpy = importlib.import_module("numpy")  # optional: its rows are skipped without it
+            pool.append(numpy.frombuffer(data, dtype=numpy.uint8).copy())
+        else:
+            pool.append(bytes(data))
+    return lambda i: pool[i % OBJECT_POOL]
+
+
+class ObjectChecker:
+    """Checks received objects in order: `size` bytes each, number i % OBJECT_POOL for the i-th.
+
+    The receiver's sum of the sequence numbers is then the sum of the
+    positions it checked, as the runner expects.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.seen = 0
+
+    def __call__(self, obj: Any) -> int:
+        """The position of `obj` (its sequence number); Mismatch when it is not the next object."""
+        with memoryview(obj) as view:
+            nbytes = view.nbytes
+            number = _SEQ.unpack_from(view.cast("B"))[0] if nbytes >= 8 else None
+        if nbytes != self.size:
+            raise Mismatch("an object of %d bytes, %d expected" % (nbytes, self.size))
+        i = self.seen
+        if number != i % OBJECT_POOL:
+            raise Mismatch("object %d carries number %s, %d expected"
+                           % (i, number, i % OBJECT_POOL))
+        self.seen += 1
+        return i
+
+
+def _object_sender(kind: str) -> Callable[[Any, int, Row], Received]:
+    def send(ch: Any, count: int, row: Row) -> Received:
+        make, send_object = numbered_objects(row, kind), ch.send_object
+        for i in range(count):
+            send_object(make(i))
+        return Received(count)
+
+    send.__doc__ = "Channel.send_object(obj) once per message (%s)." % kind
+    return send
+
+
+def object_recv(ch: Any, count: int, row: Row) -> Received:
+    """Channel.recv_object() once per message, each object's size and number checked."""
+    recv_object, check = ch.recv_object, ObjectChecker(row.size)
+    total = 0
+    for _ in range(count):
+        total += check(recv_object())
+    return Received(count, total)
+
+
+object_send_bytes = _object_sender("bytes")
+object_send_numpy = _object_sender("numpy")

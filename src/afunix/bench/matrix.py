@@ -39,6 +39,8 @@ class Row:
     batch: int  # messages per call where the implementation batches
     nfds: int = 0  # descriptors per message
     quick: bool = True  # part of --quick (False: the default run only)
+    #: the af/base ratio this row is meant to reach (0: none); the table says if it did
+    goal: float = 0.0
 
     @property
     def key(self) -> str:
@@ -87,10 +89,32 @@ MATRIX: tuple[Row, ...] = (
     Row("chan-vs-pipe", size=64, batch=256, quick=False),
     Row("chan-vs-queue", size=64, batch=256, quick=False),
     Row("c-framing", size=64, batch=256, quick=False),
-    # large messages, one per call
+    # large messages, one per call: inline in the channel's stream
+    Row("large-stream", size=64 * KIB, batch=1, quick=False),
     Row("large-stream", size=1 * MIB, batch=1, quick=False),
     Row("large-stream", size=16 * MIB, batch=1, quick=False),
     Row("large-vs-pipe", size=16 * MIB, batch=1, quick=False),
+    # through the shared-memory lane: copied into a slot, or filled in place (a loan)
+    Row("lane-stream", size=64 * KIB, batch=1, quick=False),
+    Row("lane-stream", size=1 * MIB, batch=1, goal=1.5),
+    Row("lane-stream", size=16 * MIB, batch=1, quick=False, goal=1.5),
+    Row("loan-stream", size=64 * KIB, batch=1, quick=False),
+    Row("loan-stream", size=1 * MIB, batch=1, quick=False, goal=5.0),
+    Row("loan-stream", size=16 * MIB, batch=1, quick=False, goal=5.0),
+    Row("loan-view", size=64 * KIB, batch=1, quick=False),
+    Row("loan-view", size=1 * MIB, batch=1, quick=False, goal=5.0),
+    Row("loan-view", size=16 * MIB, batch=1, quick=False, goal=5.0),
+    Row("lane-vs-pipe", size=64 * KIB, batch=1, quick=False),
+    Row("lane-vs-pipe", size=1 * MIB, batch=1, quick=False),
+    Row("lane-vs-pipe", size=16 * MIB, batch=1, quick=False),
+    Row("lane-vs-zmq", size=64 * KIB, batch=1, quick=False),
+    Row("lane-vs-zmq", size=1 * MIB, batch=1, quick=False),
+    Row("lane-vs-zmq", size=16 * MIB, batch=1, quick=False),
+    # Python objects holding a large buffer: send_object / recv_object
+    Row("obj-vs-pipe", size=16 * MIB, batch=1, quick=False, goal=5.0),
+    Row("obj-vs-queue", size=16 * MIB, batch=1, quick=False),
+    Row("objnp-vs-pipe", size=16 * MIB, batch=1, quick=False),
+    Row("objnp-vs-queue", size=16 * MIB, batch=1, quick=False),
 )
 
 

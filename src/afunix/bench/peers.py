@@ -1,9 +1,10 @@
 """The channel against the messaging tools Python programs pick today: pyzmq, pynng, multiprocessing.
 
 Each workload here is one row kind: its base column is the tool, its afunix
-columns the batched channel (Channel.send_many / recv_many), so the af/base
-ratio is the channel against that tool, measured in the same rounds.  None
-has a C column: no plain-C program does what these tools do.
+columns the batched channel (Channel.send_many / recv_many) or, for large
+messages and objects, the channel's shared-memory lane (channel_workloads),
+so the af/base ratio is the channel against that tool, measured in the same
+rounds.  None has a C column: no plain-C program does what these tools do.
 
 Every tool is set up as its documentation recommends for throughput and so
 that it cannot race, deadlock or starve:
@@ -34,9 +35,10 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any, Callable, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
-from .channel_workloads import Numbered, checksum_of, message_maker
+from .channel_workloads import (Numbered, ObjectChecker, checksum_of, message_maker,
+                                numbered_objects)
 from .matrix import Row
 from .workloads import Mismatch, Received
 
@@ -127,6 +129,10 @@ def _private_address() -> Tuple[str, Callable[[], None]]:
 
 def zmq_setup_recv(sock: socket.socket, row: Row, shared: Any) -> Endpoint:
     """PULL: bind a private ipc address, send it, wait for the sender's hello."""
+    return _zmq_pull(sock, row, ZMQ_WARMUP)
+
+
+def _zmq_pull(sock: socket.socket, row: Row, warmup: int) -> Endpoint:
     import zmq
 
     sock.settimeout(SETUP_TIMEOUT)
@@ -139,7 +145,7 @@ def zmq_setup_recv(sock: socket.socket, row: Row, shared: Any) -> Endpoint:
     _send_line(sock, address)
     if pull.recv() != b"hello":
         raise Mismatch("pyzmq: the first message is not the hello")
-    _warm_up_recv(pull.recv, ZMQ_WARMUP, row)
+    _warm_up_recv(pull.recv, warmup, row)
     pull.rcvtimeo = -1
     sock.sendall(b"k")
     sock.settimeout(None)  # the run's own timeout applies from here
@@ -154,6 +160,10 @@ def zmq_setup_recv(sock: socket.socket, row: Row, shared: Any) -> Endpoint:
 
 def zmq_setup_send(sock: socket.socket, row: Row, shared: Any) -> Endpoint:
     """PUSH: connect to the receiver's address, send a hello, wait until it arrived."""
+    return _zmq_push(sock, row, ZMQ_WARMUP)
+
+
+def _zmq_push(sock: socket.socket, row: Row, warmup: int) -> Endpoint:
     import zmq
 
     sock.settimeout(SETUP_TIMEOUT)
@@ -163,7 +173,7 @@ def zmq_setup_send(sock: socket.socket, row: Row, shared: Any) -> Endpoint:
     push.sndhwm = ZMQ_HWM
     push.connect(address)
     push.send(b"hello")
-    _warm_up_send(push.send, ZMQ_WARMUP, row)
+    _warm_up_send(push.send, warmup, row)
     _expect_byte(sock, b"k")
     sock.settimeout(None)
 
@@ -286,4 +296,132 @@ def queue_get(queue: Any, count: int, row: Row) -> Received:
     total = 0
     for start in range(0, count, _GROUP):
         total += checksum_of([get() for _ in range(min(_GROUP, count - start))], size)
+    return Received(count, total)
+
+
+# ---- large messages and objects: one at a time, checked as they come ------------------
+
+def pipe_recv_large(sock: socket.socket, count: int, row: Row) -> Received:
+    """multiprocessing.Pipe's Connection.recv_bytes() once per message, each checked as it comes."""
+    conn = Connection(os.dup(sock.fileno()))
+    recv_bytes, unpack, size = conn.recv_bytes, _SEQ.unpack_from, row.size
+    total = 0
+    for _ in range(count):
+        data = recv_bytes()
+        if len(data) != size:
+            raise Mismatch("a message of %d bytes, %d expected" % (len(data), size))
+        total += unpack(data)[0]
+    conn.close()
+    return Received(count, total)
+
+
+def _pipe_object_sender(kind: str) -> Callable[[socket.socket, int, Row], Received]:
+    def send(sock: socket.socket, count: int, row: Row) -> Received:
+        conn = Connection(os.dup(sock.fileno()))
+        make, send_object = numbered_objects(row, kind), conn.send
+        for i in range(count):
+            send_object(make(i))
+        conn.close()
+        return Received(count)
+
+    send.__doc__ = "multiprocessing.Pipe's Connection.send(obj) per message (%s)." % kind
+    return send
+
+
+def pipe_recv_object(sock: socket.socket, count: int, row: Row) -> Received:
+    """multiprocessing.Pipe's Connection.recv() once per message (unpickled), checked."""
+    conn = Connection(os.dup(sock.fileno()))
+    recv, check = conn.recv, ObjectChecker(row.size)
+    total = 0
+    for _ in range(count):
+        total += check(recv())
+    conn.close()
+    return Received(count, total)
+
+
+def _queue_object_sender(kind: str) -> Callable[[Any, int, Row], Received]:
+    def put(queue: Any, count: int, row: Row) -> Received:
+        make, put_object = numbered_objects(row, kind), queue.put
+        for i in range(count):
+            put_object(make(i))
+        queue.close()
+        queue.join_thread()
+        return Received(count)
+
+    put.__doc__ = "multiprocessing.Queue.put(obj) per message (%s)." % kind
+    return put
+
+
+def queue_get_object(queue: Any, count: int, row: Row) -> Received:
+    """multiprocessing.Queue.get() once per message, checked."""
+    get, check = queue.get, ObjectChecker(row.size)
+    total = 0
+    for _ in range(count):
+        total += check(get())
+    return Received(count, total)
+
+
+pipe_send_bytes_object = _pipe_object_sender("bytes")
+pipe_send_numpy_object = _pipe_object_sender("numpy")
+queue_put_bytes_object = _queue_object_sender("bytes")
+queue_put_numpy_object = _queue_object_sender("numpy")
+
+
+# ---- pyzmq without copies: large messages ----------------------------------------------
+
+#: Large messages warm a pyzmq connection up with at most this many bytes.
+ZMQ_LARGE_WARMUP_BYTES = 64 << 20
+#: Buffers the zero-copy sender cycles through: as many messages may be in
+#: flight, each buffer reused only once pyzmq says it is done with it.
+ZMQ_RING = 4
+
+
+def zmq_large_warmup(row: Row) -> int:
+    """Warm-up messages for a large-message pyzmq row: ZMQ_WARMUP, at most 64 MiB of them."""
+    return max(ZMQ_RING, min(ZMQ_WARMUP, ZMQ_LARGE_WARMUP_BYTES // row.size))
+
+
+def zmq_large_setup_recv(sock: socket.socket, row: Row, shared: Any) -> Endpoint:
+    """PULL, as zmq_setup_recv, warmed up with zmq_large_warmup(row) messages."""
+    return _zmq_pull(sock, row, zmq_large_warmup(row))
+
+
+def zmq_large_setup_send(sock: socket.socket, row: Row, shared: Any) -> Endpoint:
+    """PUSH, as zmq_setup_send, warmed up with zmq_large_warmup(row) messages."""
+    return _zmq_push(sock, row, zmq_large_warmup(row))
+
+
+def zmq_send_nocopy(end: Endpoint, count: int, row: Row) -> Received:
+    """send(buffer, copy=False, track=True): pyzmq sends from the buffer itself, no copy.
+
+    The sender renumbers ZMQ_RING buffers in turn; a buffer is written
+    again only once its tracker says pyzmq has let go of it, so no message
+    changes while it waits to go.
+    """
+    buffers = [bytearray(row.size) for _ in range(ZMQ_RING)]
+    trackers: List[Optional[Any]] = [None] * ZMQ_RING
+    send, pack_into = end.tool.send, _SEQ.pack_into
+    for i in range(count):
+        k = i % ZMQ_RING
+        tracker = trackers[k]
+        if tracker is not None:
+            tracker.wait()
+        pack_into(buffers[k], 0, i)
+        trackers[k] = send(buffers[k], copy=False, track=True)
+    for tracker in trackers:
+        if tracker is not None:
+            tracker.wait()
+    return Received(count)
+
+
+def zmq_recv_nocopy(end: Endpoint, count: int, row: Row) -> Received:
+    """recv(copy=False): a zmq.Frame per message, read through its buffer, no copy to bytes."""
+    recv, unpack, size = end.tool.recv, _SEQ.unpack_from, row.size
+    total = 0
+    for _ in range(count):
+        frame = recv(copy=False)
+        view = frame.buffer
+        if view.nbytes != size:
+            raise Mismatch("a message of %d bytes, %d expected" % (view.nbytes, size))
+        total += unpack(view)[0]
     return Received(count, total)

@@ -70,6 +70,53 @@ def _chan(name: str, title: str, sock_type: int, base: str, afunix_text: str,
                           base=base, afunix=afunix_text, c=c), sides)
 
 
+_LARGE_LOOP_TEXT = ("a careful stdlib loop: sendall(length), sendall(message); recv_into a"
+                    " preallocated buffer until whole")
+_PIPE_LARGE_TEXT = ("multiprocessing.Pipe: Connection.send_bytes / recv_bytes per message, each"
+                    " checked as it comes")
+_LANE_RECV_TEXT = ("; the receiver: Channel.recv(), every byte copied out of the slot into new"
+                   " bytes, the slot then returned")
+_LANE_CHANNEL = ("Channel(sock, shm_size=%d x the message, shm_threshold=64 KiB, max_frame=64"
+                 " KiB - 1: a message finding no slot free waits for one instead of going"
+                 " inline)" % chan.LANE_SLOTS)
+_LANE_TEXT = "%s.send() per message, copied into a slot%s" % (_LANE_CHANNEL, _LANE_RECV_TEXT)
+_LANE = _afunix_too({}, (chan.lane_send, chan.lane_recv))
+#: the region made, announced and mapped, and one message through it, before the clock starts
+_LANE_SETUPS = {impl: (chan.lane_sender, chan.warm_receiver) for impl in AFUNIX}
+_LOAN_NEEDS = ("Channel", "Channel.loan", "Channel.send_loan")
+_LOAN_TEXT = ("ch.loan(size), the 8-byte number written into the slot in place, ch.send_loan():"
+              " nothing copied on the sending side; ch = " + _LANE_CHANNEL)
+_LOAN_SETUPS = {impl: (chan.loan_sender, chan.warm_receiver) for impl in AFUNIX}
+_OBJECT_NEEDS = ("Channel", "Channel.send_object", "Channel.recv_object")
+_OBJECT_KINDS = {"bytes": "a bytes object", "numpy": "a numpy uint8 array"}
+_PIPE_OBJECT_TEXT = ("multiprocessing.Pipe: Connection.send(obj) / recv() per message (pickled"
+                     " whole, through the socket)")
+_QUEUE_OBJECT_TEXT = ("multiprocessing.Queue: put(obj) / get() per message (pickled by its"
+                      " feeder thread, through a pipe)")
+
+
+def _objects(name: str, title: str, kind: str, base: str, base_sides: Tuple[Side, Side],
+             queue: bool = False) -> Entry:
+    """A row of objects, each one large buffer: send_object / recv_object against `base`."""
+    what = ("messages are %s of the row's size, one of %d made once, in turn (the receiver"
+            " checks each one's size and number); " % (_OBJECT_KINDS[kind], chan.OBJECT_POOL))
+    sender = chan.object_send_numpy if kind == "numpy" else chan.object_send_bytes
+    setups: Dict[str, Tuple[Optional[Setup], Optional[Setup]]] = {
+        impl: (chan.object_sender, chan.warm_object_receiver) for impl in AFUNIX}
+    shared: Dict[str, Shared] = {}
+    if queue:
+        setups["base"] = (peers.the_queue, peers.the_queue)
+        shared["base"] = peers.queue_shared
+    return Entry(Workload(name, title, "messages", _STREAM, "MB/s", _OBJECT_NEEDS,
+                          base=what + base,
+                          afunix="ch.send_object(obj) / Channel.recv_object(): pickle"
+                                 " protocol 5, the object out of band in a slot of the lane; ch"
+                                 " = " + _LANE_CHANNEL,
+                          peer=Peer("numpy", "numpy", BENCH_EXTRA) if kind == "numpy" else None),
+                 {"base": base_sides, **_afunix_too({}, (sender, chan.object_recv))},
+                 setups=setups, shared=shared)
+
+
 TABLE: Tuple[Entry, ...] = (
     # ---- batched calls against the stdlib's one call per message (workloads.py)
     Entry(Workload("socketpairs", "socketpairs", "pairs", _STREAM, "pairs/s", ("socketpairs",),
@@ -145,9 +192,7 @@ TABLE: Tuple[Entry, ...] = (
     _chan("chan-single", "CHAN/1-call", _SEQPACKET, "sock.send / sock.recv once per message",
           "Channel.send / Channel.recv once per message, on SOCK_SEQPACKET",
           (w.send_stdlib, w.recv_stdlib), (chan.chan_send_single, chan.chan_recv_single)),
-    _chan("large-stream", "LARGE/stream", _STREAM,
-          "a careful stdlib loop: sendall(length), sendall(message); recv_into a preallocated"
-          " buffer until whole",
+    _chan("large-stream", "LARGE/stream", _STREAM, _LARGE_LOOP_TEXT,
           _CHAN_SINGLE_TEXT,
           (chan.large_send_stdlib, chan.large_recv_stdlib),
           (chan.chan_send_single, chan.chan_recv_single),
@@ -189,9 +234,49 @@ TABLE: Tuple[Entry, ...] = (
           setups={"base": (peers.the_queue, peers.the_queue)},
           shared={"base": peers.queue_shared}),
     Entry(Workload("large-vs-pipe", "LARGE/Pipe", "messages", _STREAM, "MB/s", ("Channel",),
-                   base="multiprocessing.Pipe: Connection.send_bytes / recv_bytes per message",
-                   afunix=_CHAN_SINGLE_TEXT),
-          {"base": (peers.pipe_send, peers.pipe_recv), **_CHAN_SINGLE}),
+                   base=_PIPE_LARGE_TEXT, afunix=_CHAN_SINGLE_TEXT),
+          {"base": (peers.pipe_send, peers.pipe_recv_large), **_CHAN_SINGLE}),
+    # ---- large messages through the shared-memory lane (channel_workloads.py, peers.py)
+    Entry(Workload("lane-stream", "LANE/stream", "messages", _STREAM, "MB/s", ("Channel",),
+                   base=_LARGE_LOOP_TEXT, afunix=_LANE_TEXT),
+          {"base": (chan.large_send_stdlib, chan.large_recv_stdlib), **_LANE},
+          setups=_LANE_SETUPS),
+    Entry(Workload("loan-stream", "LOAN/stream", "messages", _STREAM, "MB/s", _LOAN_NEEDS,
+                   base=_LARGE_LOOP_TEXT, afunix=_LOAN_TEXT + _LANE_RECV_TEXT),
+          {"base": (chan.large_send_stdlib, chan.large_recv_stdlib),
+           **_afunix_too({}, (chan.loan_send, chan.lane_recv))},
+          setups=_LOAN_SETUPS),
+    Entry(Workload("loan-view", "LOAN 0-copy", "messages", _STREAM, "MB/s", _LOAN_NEEDS,
+                   base=_LARGE_LOOP_TEXT,
+                   afunix=_LOAN_TEXT + "; the receiver: Channel.recv_batch(), a read-only view"
+                          " of each slot, of which it reads the 8-byte number only: no byte is"
+                          " copied, so this measures handing a message over, not moving its"
+                          " bytes"),
+          {"base": (chan.large_send_stdlib, chan.large_recv_stdlib),
+           **_afunix_too({}, (chan.loan_send, chan.lane_recv_view))},
+          setups=_LOAN_SETUPS),
+    Entry(Workload("lane-vs-pipe", "LANE/Pipe", "messages", _STREAM, "MB/s", ("Channel",),
+                   base=_PIPE_LARGE_TEXT, afunix=_LANE_TEXT),
+          {"base": (peers.pipe_send, peers.pipe_recv_large), **_LANE},
+          setups=_LANE_SETUPS),
+    Entry(Workload("lane-vs-zmq", "LANE/pyzmq", "messages", _STREAM, "MB/s", ("Channel",),
+                   base="pyzmq ipc PUSH/PULL without copies: send(buffer, copy=False,"
+                        " track=True) from %d buffers in turn, each reused once its tracker is"
+                        " done; recv(copy=False), the number read from the Frame's buffer;"
+                        " connected and warmed up before the clock starts" % peers.ZMQ_RING,
+                   afunix=_LANE_TEXT, peer=Peer("zmq", "pyzmq", BENCH_EXTRA)),
+          {"base": (peers.zmq_send_nocopy, peers.zmq_recv_nocopy), **_LANE},
+          setups={"base": (peers.zmq_large_setup_send, peers.zmq_large_setup_recv),
+                  **_LANE_SETUPS}),
+    # ---- Python objects holding one large buffer (channel_workloads.py, peers.py)
+    _objects("obj-vs-pipe", "OBJ/Pipe", "bytes", _PIPE_OBJECT_TEXT,
+             (peers.pipe_send_bytes_object, peers.pipe_recv_object)),
+    _objects("obj-vs-queue", "OBJ/Queue", "bytes", _QUEUE_OBJECT_TEXT,
+             (peers.queue_put_bytes_object, peers.queue_get_object), queue=True),
+    _objects("objnp-vs-pipe", "OBJ np/Pipe", "numpy", _PIPE_OBJECT_TEXT,
+             (peers.pipe_send_numpy_object, peers.pipe_recv_object)),
+    _objects("objnp-vs-queue", "OBJ np/Queue", "numpy", _QUEUE_OBJECT_TEXT,
+             (peers.queue_put_numpy_object, peers.queue_get_object), queue=True),
     # ---- one call at a time, and the fixed cost of a call (single_call_workloads.py)
     Entry(Workload("single-send", "1-call send", "messages", _SEQPACKET, "msgs/s", _ONE,
                    base="sock.send(m) per message (receiver: plain C recvmmsg in every column)",

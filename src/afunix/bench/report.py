@@ -162,6 +162,30 @@ def _metrics(workload: Workload) -> Tuple[str, ...]:
     return ("p50", "p99") if workload.kind == "pingpong" else ("",)
 
 
+def goal_met(result: RowResult) -> Optional[bool]:
+    """Whether af/base (af[c] against base) reached the row's goal; None without both figures."""
+    w = WORKLOADS[result.row.workload]
+    mine = _median(result.cells.get("afunix-c"), "")
+    base = _median(result.cells.get("base"), "")
+    if not mine or not base:
+        return None
+    return (base / mine if w.lower_is_better else mine / base) >= result.row.goal
+
+
+def goal_text(result: RowResult) -> str:
+    """The row's goal and whether this run reached it, for the line under the row."""
+    w = WORKLOADS[result.row.workload]
+    want = "goal: af/base >= %gx" % result.row.goal
+    met = goal_met(result)
+    if met is None:
+        missing = [LABELS[i] for i in ("base", "afunix-c")
+                   if _median(result.cells.get(i), "") is None]
+        return "%s: no figure (%s: no measurement)" % (want, ", ".join(missing))
+    got = ratio(_median(result.cells.get("afunix-c"), ""), _median(result.cells.get("base"), ""),
+                w.lower_is_better)
+    return "%s: %s (%s in this run)" % (want, "met" if met else "NOT met", got)
+
+
 def table(results: Results) -> List[str]:
     """The results table (at most 100 columns), then a note per n/a, FAILED and skipped row."""
     heads = ["row", "cpu", "unit", *[LABELS[i] for i in IMPLEMENTATIONS], "af/base", "af/C"]
@@ -183,6 +207,8 @@ def table(results: Results) -> List[str]:
             lines.append("  ^ noisy: a column spread %.0f%% (limit %.0f%%) after %d measurement%s"
                          % (100 * result.spread, 100 * results.noise_limit, result.attempts,
                             "" if result.attempts == 1 else "s"))
+        if result.row.goal:
+            lines.append("  ^ " + goal_text(result))
         for impl in IMPLEMENTATIONS:
             cell = cells.get(impl)
             if cell is not None and cell.status == "FAILED":
@@ -226,6 +252,11 @@ def footer(results: Results) -> List[str]:
     if results.not_rerun:
         text += "; %d noisy row%s not re-run: the time budget was spent" % (
             results.not_rerun, "" if results.not_rerun == 1 else "s")
+    goals = [goal_met(r) for r in results.rows if r.row.goal]
+    if goals:
+        text += "; goals met in %d of %d rows" % (sum(g is True for g in goals), len(goals))
+        if None in goals:
+            text += " (%d without a figure)" % goals.count(None)
     return _wrap(text + ")")
 
 
@@ -281,7 +312,8 @@ def to_json(results: Results, mode: Mode, placements: Sequence[Placement],
                  "noise_limit": mode.noise_limit, "reruns": mode.reruns},
         "placements": [p.__dict__ for p in placements],
         "rows": [{"key": r.row.key, "placement": r.placement_name, "noisy": r.noisy,
-                  "attempts": r.attempts, "spread": r.spread} for r in results.rows],
+                  "attempts": r.attempts, "spread": r.spread, "goal": r.row.goal or None,
+                  "goal_met": goal_met(r) if r.row.goal else None} for r in results.rows],
         "skipped": results.skipped,
         "elapsed_seconds": results.elapsed,
         "cells": [_cell_json(c) for c in results.cells],

@@ -115,7 +115,13 @@ SCHEMA: Dict[str, Any] = {
                                           "placement": {"type": "string"},
                                           "noisy": {"type": "boolean"},
                                           "attempts": {"type": "integer"},
-                                          "spread": {"type": "number"}}}},
+                                          "spread": {"type": "number"},
+                                          "goal": dict(_OPTIONAL_NUMBER, description=(
+                                              "the af/base the row is meant to reach; null:"
+                                              " none")),
+                                          "goal_met": {"type": ["boolean", "null"],
+                                                       "description": "null: no goal, or no"
+                                                                      " figure to judge"}}}},
         "skipped": {"type": "array", "items": {"type": "string"}},
         "elapsed_seconds": {"type": "number"},
         "cells": {"type": "array", "items": CELL},

@@ -82,7 +82,7 @@ class Workload:
     kind: str  # "pairs", "messages", "pingpong" or "overhead": how a run is checked
     sock_type: int
     unit: str  # what the table shows: "pairs/s", "msgs/s", "MB/s", "us", "ns"
-    afunix_needs: Tuple[str, ...]  # names the afunix implementations call
+    afunix_needs: Tuple[str, ...]  # names the afunix columns call ("Channel.loan": a method)
     base: str  # what the base column runs ("" for none)
     afunix: str  # what the afunix columns run ("" for none)
     c: str = ""  # what the C column runs ("" for none)
@@ -553,10 +553,20 @@ def missing_peer(workload: Workload) -> Optional[str]:
     return "%s is not installed: %s" % (peer.name, peer.install)
 
 
+def _has_api(name: str) -> bool:
+    """True when afunix has `name` ("send_many", or a method: "Channel.loan")."""
+    found: Any = afunix
+    for part in name.split("."):
+        found = getattr(found, part, None)
+        if found is None:
+            return False
+    return True
+
+
 def unavailable(workload: Workload, impl: str) -> Optional[str]:
     """Why `impl` cannot run `workload` here, or None when it can."""
     if impl in _AFUNIX:
-        missing = [name for name in workload.afunix_needs if not hasattr(afunix, name)]
+        missing = [name for name in workload.afunix_needs if not _has_api(name)]
         if missing:
             return "not available: afunix.%s" % ", afunix.".join(missing)
         if impl == "afunix-c":
