@@ -153,3 +153,40 @@ def test_the_end_after_good_records_is_clean(fd_baseline: set) -> None:
             ch.recv()
         with pytest.raises(EOFError):
             ch.recv()
+
+
+@pytest.mark.parametrize("bad", ["fds only", "long"])
+@pytest.mark.parametrize("after", [0, 20])
+def test_a_bad_record_fails_a_sender_waiting_for_its_lane(fd_baseline: set, bad: str,
+                                                          after: int) -> None:
+    # A sender whose lane is full reads what the peer sent while it waits
+    # for slots: a bad record read there fails the channel as a receive
+    # would, at the same send on both backends, whether records follow it
+    # or it was the last thing sent (the peer still open).
+    a, b = afunix.socketpair(SEQPACKET)
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+    null = os.open(os.devnull, os.O_RDONLY)
+    try:
+        a.send(frame(b"a"))
+        if bad == "fds only":
+            send_with_fds(a, b"", [null])
+        else:
+            a.send(frame(b"x" * RECORD_MAX))
+        for i in range(after):
+            a.send(frame(b"b%d" % i))
+        b.settimeout(1.0)
+        ch = Channel(b, shm_size=1 << 16, shm_threshold=1024)
+        with ch:
+            assert ch.recv() == b"a"
+            sent = 0
+            with pytest.raises(ProtocolError) as raised:
+                for _ in range(100):
+                    ch.send(b"z" * 8192)
+                    sent += 1
+            assert sent == (1 << 16) // 8192  # the lane's slots, then the wait
+            assert ch.closed
+            message = {"fds only": "without data", "long": "longer than"}[bad]
+            assert message in str(raised.value)
+    finally:
+        a.close()
+        os.close(null)
