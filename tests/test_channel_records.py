@@ -155,7 +155,7 @@ def test_the_end_after_good_records_is_clean(fd_baseline: set) -> None:
             ch.recv()
 
 
-@pytest.mark.parametrize("bad", ["fds only", "long"])
+@pytest.mark.parametrize("bad", ["empty", "fds only", "long"])
 @pytest.mark.parametrize("after", [0, 20])
 def test_a_bad_record_fails_a_sender_waiting_for_its_lane(fd_baseline: set, bad: str,
                                                           after: int) -> None:
@@ -168,7 +168,9 @@ def test_a_bad_record_fails_a_sender_waiting_for_its_lane(fd_baseline: set, bad:
     null = os.open(os.devnull, os.O_RDONLY)
     try:
         a.send(frame(b"a"))
-        if bad == "fds only":
+        if bad == "empty":
+            a.send(b"")
+        elif bad == "fds only":
             send_with_fds(a, b"", [null])
         else:
             a.send(frame(b"x" * RECORD_MAX))
@@ -185,7 +187,8 @@ def test_a_bad_record_fails_a_sender_waiting_for_its_lane(fd_baseline: set, bad:
                     sent += 1
             assert sent == (1 << 16) // 8192  # the lane's slots, then the wait
             assert ch.closed
-            message = {"fds only": "without data", "long": "longer than"}[bad]
+            message = {"empty": "empty SOCK_SEQPACKET record", "fds only": "without data",
+                       "long": "longer than"}[bad]
             assert message in str(raised.value)
     finally:
         a.close()

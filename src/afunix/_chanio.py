@@ -173,7 +173,8 @@ def read_for_room(sock: socket.socket, reader: FrameReader, deadline: Optional[f
 
     Raises:
         BrokenPipeError: the peer closed the channel: no slot comes back.
-        ProtocolError: what the reader refuses (it is closed).
+        ProtocolError: what the reader refuses (it is closed), and an empty
+            SOCK_SEQPACKET record, as `fill`.
     """
     rs = reader.rs
     # a read the backend took and holds to report next needs no wait (the
@@ -204,6 +205,9 @@ def read_for_room(sock: socket.socket, reader: FrameReader, deadline: Optional[f
         # ahead and reported only now fails it at the same send)
         reader.check_errors()
     if not n and rs.head == rs.tail:
+        # as in fill: an empty record reads like the end of stream
+        if reader.seqpacket and empty_record_sent(sock.fileno()):
+            reader.fail(EMPTY_RECORD)
         raise BrokenPipeError(errno.EPIPE, "the peer closed the channel while this end "
                                            "waited for it to return slots of its lane")
     if idle:
