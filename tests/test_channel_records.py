@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import array
 import os
+import resource
 import socket
+import threading
 from typing import List
 
 import pytest
@@ -153,3 +155,100 @@ def test_the_end_after_good_records_is_clean(fd_baseline: set) -> None:
             ch.recv()
         with pytest.raises(EOFError):
             ch.recv()
+
+
+@pytest.mark.parametrize("bad", ["empty", "fds only", "long"])
+@pytest.mark.parametrize("after", [0, 20])
+def test_a_bad_record_fails_a_sender_waiting_for_its_lane(fd_baseline: set, bad: str,
+                                                          after: int) -> None:
+    # A sender whose lane is full reads what the peer sent while it waits
+    # for slots: a bad record read there fails the channel as a receive
+    # would, at the same send on both backends, whether records follow it
+    # or it was the last thing sent (the peer still open).
+    a, b = afunix.socketpair(SEQPACKET)
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8 << 20)
+    null = os.open(os.devnull, os.O_RDONLY)
+    try:
+        a.send(frame(b"a"))
+        if bad == "empty":
+            a.send(b"")
+        elif bad == "fds only":
+            send_with_fds(a, b"", [null])
+        else:
+            a.send(frame(b"x" * RECORD_MAX))
+        for i in range(after):
+            a.send(frame(b"b%d" % i))
+        b.settimeout(1.0)
+        ch = Channel(b, shm_size=1 << 16, shm_threshold=1024)
+        with ch:
+            assert ch.recv() == b"a"
+            sent = 0
+            with pytest.raises(ProtocolError) as raised:
+                for _ in range(100):
+                    ch.send(b"z" * 8192)
+                    sent += 1
+            assert sent == (1 << 16) // 8192  # the lane's slots, then the wait
+            assert ch.closed
+            message = {"empty": "empty SOCK_SEQPACKET record", "fds only": "without data",
+                       "long": "longer than"}[bad]
+            assert message in str(raised.value)
+    finally:
+        a.close()
+        os.close(null)
+
+
+def test_records_per_read_come_back_after_a_large_message(fd_baseline: set, backend: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # A message larger than the receive buffer grows it; once it is taken the
+    # buffer shrinks back to the size it started with, which on SOCK_SEQPACKET
+    # has room for a record per held-read slot: one C read still takes that
+    # many records (the stdlib backend reads one per call).
+    a, ch = pair()
+    sender = Channel(a)
+    with ch, sender:
+        reader = ch._reader
+        normal = len(reader.buffer)
+        big = b"L" * (4 << 20)
+        writer = threading.Thread(target=sender.send, args=(big,))
+        writer.start()
+        assert ch.recv() == big
+        writer.join()
+        for i in range(40):
+            a.send(frame(b"s%02d" % i))
+        per_call: List[int] = []
+        chan_recv = reader.impl.chan_recv
+
+        def counting(*args: object) -> int:
+            n: int = chan_recv(*args)
+            per_call.append(n // len(frame(b"s00")))
+            return n
+
+        monkeypatch.setattr(reader.impl, "chan_recv", counting)
+        assert [ch.recv() for _ in range(40)] == [b"s%02d" % i for i in range(40)]
+        assert max(per_call) == (reader.reads if backend == "c" else 1)
+        assert len(reader.buffer) == normal
+
+
+def test_descriptors_cut_on_a_later_record_fail_after_the_ones_before(fd_baseline: set) -> None:
+    # No descriptor number is free while the records are read: the kernel
+    # drops the descriptors of the second record and says so (MSG_CTRUNC).
+    a, ch = pair()
+    null = os.open(os.devnull, os.O_RDONLY)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        with ch:
+            a.send(frame(b"one"))
+            send_with_fds(a, frame(b"two", 1), [null])
+            lowest_free = os.dup(0)
+            os.close(lowest_free)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+            try:
+                assert ch.recv() == b"one"
+                with pytest.raises(ProtocolError, match="MSG_CTRUNC"):
+                    ch.recv()
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            assert ch.closed
+    finally:
+        a.close()
+        os.close(null)

@@ -173,9 +173,13 @@ def read_for_room(sock: socket.socket, reader: FrameReader, deadline: Optional[f
 
     Raises:
         BrokenPipeError: the peer closed the channel: no slot comes back.
-        ProtocolError: what the reader refuses (it is closed).
+        ProtocolError: what the reader refuses (it is closed), and an empty
+            SOCK_SEQPACKET record, as `fill`.
     """
-    if not _io.wait(sock.fileno(), False, deadline):
+    rs = reader.rs
+    # a read the backend took and holds to report next needs no wait (the
+    # socket may have nothing more)
+    if not rs.deferred and not _io.wait(sock.fileno(), False, deadline):
         return False
     idle = not reader.buffered and reader.batch is None
     if idle and reader.frames_ready():
@@ -197,7 +201,15 @@ def read_for_room(sock: socket.socket, reader: FrameReader, deadline: Optional[f
         n: int = recv(sock, reader.rx, reader.buffer, room, DONTWAIT)
     except (BlockingIOError, InterruptedError):
         return True  # woken for nothing: the caller looks again
-    if not n and reader.rs.head == reader.rs.tail:
+    if rs.errors:
+        # what the read brought fails the channel here, as in a receive,
+        # whatever the messages not taken yet (a record a backend read
+        # ahead and reported only now fails it at the same send)
+        reader.check_errors()
+    if not n and rs.head == rs.tail:
+        # as in fill: an empty record reads like the end of stream
+        if reader.seqpacket and empty_record_sent(sock.fileno()):
+            reader.fail(EMPTY_RECORD)
         raise BrokenPipeError(errno.EPIPE, "the peer closed the channel while this end "
                                            "waited for it to return slots of its lane")
     if idle:

@@ -93,6 +93,7 @@ class ChanState(Protocol):
     hi: Any
     frame: Any
     nfds: Any
+    deferred: int  # nonzero: a read taken and not reported yet; the next chan_recv reports it
 
 
 class ChanRx(Protocol):

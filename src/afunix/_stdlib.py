@@ -674,6 +674,7 @@ class _ChanState:
         self.frame = [-1] * CHAN_READS
         self.nfds = [0] * CHAN_READS
         self.fds: list[list[int]] = [[] for _ in range(CHAN_READS)]
+        self.deferred = 0  # never set: every call reads one record and reports it
 
 
 class ChanRx:
