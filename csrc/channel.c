@@ -312,10 +312,14 @@ int64_t afunix_chan_recv_records(int fd, struct afunix_chan_rx *rx, char *buf, s
         int kept = take_fds(m, controls[i].bytes, sizeof controls[i].bytes, out);
         int odd = n == 0 || cut;
         if (stop) {
-            /* the end of stream reads as 0 bytes again and again: anything
-             * else follows an empty or bad record, and the channel fails */
+            /* the end of stream reads as 0 bytes again and again: bytes
+             * after a 0-byte read show it was an empty record, and the
+             * channel fails.  Descriptors with no byte do not: the stdlib
+             * backend, reading a record per call, asks the kernel how many
+             * bytes wait behind the 0-byte read, and ends the stream when
+             * none do; both backends must end the same way. */
             close_all(out, kept);
-            if (stop == 1 && (n > 0 || kept > 0))
+            if (stop == 1 && n > 0)
                 empty_record = 1;
             continue;
         }
