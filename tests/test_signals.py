@@ -606,7 +606,10 @@ def test_channel_read_interrupted_loses_no_byte(backend: str, kind: int) -> None
         os.close(m.fds[0])
         # the message is built; the exception lands before it is given out
         _raising_before(afunix.codec.FrameReader.take_bytes, "self.next = i + 1", y.recv)
-        assert y.recv_many() == [b"three"] + ([b"four"] if kind == socket.SOCK_STREAM else [])
+        got = y.recv_many()
+        if kind == socket.SOCK_SEQPACKET and backend == "stdlib":
+            got += y.recv_many()  # a record per read there (the C backend reads several)
+        assert got == [b"three", b"four"]
     os.close(null)
     assert open_fds() == before
 

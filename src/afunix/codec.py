@@ -35,6 +35,9 @@ READ_ROOM = 32 << 10
 _TRUNC = int(socket.MSG_TRUNC)
 _CTRUNC = int(socket.MSG_CTRUNC)
 _EMPTY = memoryview(b"")
+#: The protocol error of an empty SOCK_SEQPACKET record.
+EMPTY_RECORD = ("an empty SOCK_SEQPACKET record (the protocol forbids them: they read like end "
+                "of stream)")
 
 
 # ---- reading ----------------------------------------------------------------------
@@ -324,6 +327,8 @@ class FrameReader:
             self.fail("the kernel cut the descriptors of a message (MSG_CTRUNC)")
         if errors & _TRUNC:
             self.fail("a SOCK_SEQPACKET record longer than %d bytes" % RECORD_MAX)
+        if errors & self.rx.empty_record:
+            self.fail(EMPTY_RECORD)
 
     def _make_room(self) -> None:
         """Make room after the data for a read, keeping the unparsed bytes.
