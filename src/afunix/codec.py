@@ -84,10 +84,14 @@ class FrameReader:
         # stream offset).  rx is the backend's receive state: the bytes (end)
         # and the descriptors each read brought (held reads, see
         # csrc/channel.h).
-        self.buffer = bytearray(RECV_BUFFER)
+        self.rx = self.impl.new_chan_rx()
+        # SOCK_SEQPACKET: room for a record of the largest size per held-read
+        # slot (one read may bring that many, see _chanio.read), after an
+        # incomplete frame's bytes
+        self.buffer = bytearray(RECORD_MAX * self.rx.reads + READ_ROOM if self.seqpacket
+                                else RECV_BUFFER)
         self.view = memoryview(self.buffer)
         self.start = 0
-        self.rx = self.impl.new_chan_rx()
         self.rs = self.rx.s
         self.reads = self.rx.reads  # slots for held reads
         self.table = self.impl.new_frame_table(TABLE_CAPACITY)
