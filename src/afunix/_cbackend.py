@@ -150,7 +150,11 @@ def send_batch(sock: socket.socket, out: Outgoing, start: int, count: int, flags
         if flat:  # a chunk of the batch may carry none
             if len(counts) != count:
                 raise BufferError("%d descriptor counts for %d messages" % (len(counts), count))
-            nfds, fds, nfds_total = _int_array(counts), _int_array(flat), len(flat)
+            if type(flat) is array.array and flat.itemsize == _INT_SIZE:
+                fds = ffi.from_buffer("int[]", flat)  # checked C ints (Outgoing.fd_flat)
+            else:
+                fds = _int_array(flat)
+            nfds, nfds_total = _count_array(counts), len(fds)
     if out.addresses is not None:
         per_addr = out.addresses[start:end]
         addrlens = ffi.new("int[]", [-1 if a is None else len(a) for a in per_addr])
@@ -535,8 +539,21 @@ def close_fds(fds: list[int]) -> None:
         lib.afunix_close_fds(_int_array(fds), len(fds))
 
 
-def _int_array(values: list[int]) -> Any:
+def _int_array(values: "Sequence[int]") -> Any:
     return ffi.from_buffer("int[]", array.array("i", values))
+
+
+_INT_SIZE = ffi.sizeof("int")
+
+
+def _count_array(values: list[int]) -> Any:
+    """Counts (len() results, >= 0) as a C int array.
+
+    array("I") converts each with one C call, where array("i") goes through
+    the argument parser; a count fits an int, whose bits it then has.
+    """
+    counts = array.array("I", values)
+    return ffi.from_buffer("int[]", counts) if counts.itemsize == _INT_SIZE else _int_array(values)
 
 
 # ---- message channel ----

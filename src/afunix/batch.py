@@ -4,10 +4,12 @@ The receiving side (recv_many, RecvBatch) is in receive.py.
 """
 from __future__ import annotations
 
+import array
 import errno
 import itertools
 import operator
 import socket
+import sys
 from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 from . import _backend, _checks, _io
@@ -102,6 +104,35 @@ def plain_pinned(items: List[Any]) -> Optional[Tuple[List[Any], List[int]]]:
     return None
 
 
+def _joined_plain(items: List[Any], types: set[type]) -> Optional[Tuple[List[Any], List[int], bytes]]:
+    """`items` pinned, their byte counts and their bytes joined, when all are bytes/bytearray or all memoryviews; else None.
+
+    The batch sends' fast path (`plain_pinned` is the same check without
+    the join).  `types` is set(map(type, items)), made once by the caller.
+    A memoryview's contiguity is checked by the join itself: bytes.join asks
+    each buffer for plain contiguous bytes, and a strided view refuses with
+    BufferError (which join reports as TypeError) before anything is copied,
+    and the batch goes the careful way (its ValueError).  That saves one pass over the views.
+    """
+    if types <= _BYTES_TYPES:
+        if bytearray in types:
+            items = (list(map(_VIEW, items)) if len(types) == 1 else
+                     [memoryview(x) if type(x) is bytearray else x for x in items])
+        return items, list(map(len, items)), b"".join(items)
+    if types == _MEMORYVIEW:
+        sizes = list(map(_NBYTES, items))  # also refuses a released view (ValueError)
+        try:
+            joined = b"".join(items)
+        except TypeError:  # what join makes of a strided view's BufferError
+            return None
+        return items, sizes, joined
+    return None
+
+
+_MEMORYVIEW = {memoryview}
+_MESSAGE = {Message}
+
+
 def outgoing(messages: Iterable[Any]) -> Outgoing:
     """Check `messages` and split them into the parallel lists the backends take.
 
@@ -114,11 +145,12 @@ def outgoing(messages: Iterable[Any]) -> Outgoing:
     items = list(messages)
     if not items:
         return Outgoing(items, [], None, None, None, b"")
-    plain = plain_pinned(items)
+    types = set(map(type, items))
+    plain = _joined_plain(items, types)
     if plain is not None:  # the common case: plain byte strings
-        pins, sizes = plain
-        return Outgoing(pins, sizes, None, None, None, b"".join(pins))
-    if set(map(type, items)) == {Message}:
+        pins, sizes, joined = plain
+        return Outgoing(pins, sizes, None, None, None, joined)
+    if types == _MESSAGE:
         fast = _messages_with_fds(items)
         if fast is not None:
             return fast
@@ -153,9 +185,6 @@ def outgoing(messages: Iterable[Any]) -> Outgoing:
     )
 
 
-_DATA, _FDS, _ADDRESS, _CREDENTIALS = (operator.itemgetter(i) for i in (0, 1, 2, 4))
-
-
 def _messages_with_fds(items: list[Message]) -> Optional[Outgoing]:
     """Messages with descriptors and nothing else, checked a batch at a time.
 
@@ -163,27 +192,67 @@ def _messages_with_fds(items: list[Message]) -> Optional[Outgoing]:
     descriptors given as objects, non-bytes data, or an error to report.
     """
     n = len(items)
-    if list(map(_ADDRESS, items)).count(None) != n or list(map(_CREDENTIALS, items)).count(None) != n:
+    # One pass splits the fields (a Message is a 5-tuple): data, fds,
+    # address, flags (ignored on send), credentials.
+    datas, fd_lists, addresses, _flags, credentials = zip(*items)
+    if addresses.count(None) != n or credentials.count(None) != n:
         return None
-    plain = plain_pinned(list(map(_DATA, items)))
+    data_list = list(datas)
+    plain = _joined_plain(data_list, set(map(type, data_list)))
     if plain is None:
         return None
-    datas, sizes = plain
-    joined = b"".join(datas)
-    fd_lists = list(map(_FDS, items))
-    if not set(map(type, fd_lists)) <= _SEQUENCES:  # any other iterable: checked one by one
+    pins, sizes, joined = plain
+    containers = set(map(type, fd_lists))
+    if containers == _TUPLE:
+        fd_tuples = list(fd_lists)  # tuples: what is checked is what is sent
+    elif containers <= _SEQUENCES:
+        # One copy of each list, in one C call each (tuple() of a tuple is
+        # the tuple itself): another thread may change a list between the
+        # pass that counts and the pass that flattens.
+        fd_tuples = list(map(tuple, fd_lists))
+    else:  # any other iterable: checked one by one
         return None
-    # One copy of each list, in one C call each (tuple() of a tuple is the
-    # tuple itself): another thread may change a list between the pass that
-    # counts and the pass that flattens.
-    fd_tuples = list(map(tuple, fd_lists))
     counts = list(map(len, fd_tuples))
-    flat = list(itertools.chain.from_iterable(fd_tuples))
-    if max(counts) > SCM_MAX_FD or (flat and (set(map(type, flat)) != {int} or min(flat) < 0
-                                               or max(flat) > _checks.C_INT_MAX)):
+    if max(counts) > SCM_MAX_FD:
         return None
-    return Outgoing(datas, sizes, fd_tuples if flat else None, None, None, joined,
-                        counts if flat else None, flat if flat else None)
+    flat = list(itertools.chain.from_iterable(fd_tuples))
+    if not flat:
+        return Outgoing(pins, sizes, None, None, None, joined)
+    if set(map(type, flat)) != _INT:  # bool, int subclasses, objects: checked one by one
+        return None
+    fd_array = _descriptor_array(flat)
+    if fd_array is None:
+        return None
+    return Outgoing(pins, sizes, fd_tuples, None, None, joined, counts, fd_array)
+
+
+#: Where the sign bit of a 4-byte C int is: the index of its most significant byte.
+_HIGH_BYTE = 3 if sys.byteorder == "little" else 0
+
+
+def _descriptor_array(flat: list[int]) -> Optional["array.array[int]"]:
+    """`flat` (exact ints) as an array of 4-byte C ints when every one is from 0 to C_INT_MAX; else None.
+
+    Checked in C over the whole batch: array("I") converts each int with one
+    C call (array("i") goes through the argument parser for each, several
+    times the cost) and refuses a negative number or one over UINT_MAX with
+    OverflowError; one over C_INT_MAX has the top bit of its most
+    significant byte set, and isascii() tests every such byte at once.
+    The bits of a number from 0 to C_INT_MAX are the same as a C int's.
+    """
+    try:
+        fds = array.array("I", flat)
+    except OverflowError:
+        return None
+    if fds.itemsize != 4:  # pragma: no cover - no such platform is supported
+        return None if min(flat) < 0 or max(flat) > _checks.C_INT_MAX else fds
+    if not fds.tobytes()[_HIGH_BYTE::4].isascii():
+        return None
+    return fds
+
+
+_TUPLE = {tuple}
+_INT = {int}
 
 
 def send_many(sock: Any, messages: Iterable[Any], flags: int = 0) -> int:
