@@ -229,3 +229,121 @@ def test_a_list_of_descriptors_is_read_once() -> None:
             s.close()
         os.close(r)
         os.close(w)
+
+
+# ---- close_fds: a list of descriptor numbers checked in bulk ----------------
+
+
+@contextlib.contextmanager
+def per_item_checks(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """descriptor_array declines every list: close_fds checks item by item."""
+    from afunix import _checks
+    with monkeypatch.context() as m:
+        m.setattr(_checks, "descriptor_array", lambda values: None)
+        yield
+
+
+CLOSE: List[Tuple[str, Callable[[List[int]], Any]]] = [
+    ("ints", lambda fds: list(fds)),
+    ("one", lambda fds: [fds[0]]),
+    ("a tuple", lambda fds: tuple(fds)),
+    ("a generator", lambda fds: (f for f in fds)),
+    ("a negative one", lambda fds: [fds[0], -1]),
+    ("INT_MIN", lambda fds: [-(1 << 31), fds[0]]),
+    ("below INT_MIN", lambda fds: [fds[0], -(1 << 31) - 1]),
+    ("INT_MAX", lambda fds: [fds[0], (1 << 31) - 1]),
+    ("over INT_MAX", lambda fds: [fds[0], 1 << 31]),
+    ("over UINT_MAX", lambda fds: [fds[0], 1 << 32]),
+    ("an IntEnum", lambda fds: [fds[0], BigFd.FD]),
+    ("a float", lambda fds: [float(fds[0])]),
+    ("a str", lambda fds: [fds[0], "3"]),
+    ("strs", lambda fds: ["3", "4"]),
+    ("None", lambda fds: [None]),
+    ("closed already", lambda fds: [fds[0], fds[0]]),
+]
+
+
+class BigFd(enum.IntEnum):
+    FD = 1000  # not open in the test process
+
+
+def _close_case(make: Callable[[List[int]], Any]) -> Tuple[Any, ...]:
+    fds = [os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC) for _ in range(3)]
+    try:
+        try:
+            result: Tuple[Any, ...] = ("ok", afunix.close_fds(make(fds)))
+        except Exception as exc:
+            result = ("raised", type(exc), exc.args)
+        still_open = []
+        for fd in fds:
+            try:
+                os.fstat(fd)
+                still_open.append(fds.index(fd))
+            except OSError:
+                pass
+        return result, still_open
+    finally:
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+@pytest.mark.parametrize("name,make", CLOSE, ids=[n for n, _ in CLOSE])
+def test_close_fds_answers_as_the_per_item_checks(
+        monkeypatch: pytest.MonkeyPatch, name: str, make: Callable[[List[int]], Any]) -> None:
+    fast = _close_case(make)
+    with per_item_checks(monkeypatch):
+        careful = _close_case(make)
+    assert fast == careful
+
+
+# ---- RecvBatch.all_fds: every descriptor at once when none was taken -----------
+
+
+def _received(n: int, per: int) -> Tuple[afunix.RecvBatch, socket.socket, socket.socket, int]:
+    a, b = socket.socketpair(socket.AF_UNIX, SEQPACKET)
+    fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    afunix.send_many(a, [M(b"m%d" % i, (fd,) * (i % (per + 1))) for i in range(n)])
+    rb = afunix.RecvBatch(n, 64, maxfds=per)
+    assert rb.recv(b) == n
+    return rb, a, b, fd
+
+
+@pytest.mark.parametrize("first", ["nothing", "fds(1)", "fds(0) and fds(2)", "messages()",
+                                   "all_fds()"])
+def test_all_fds_gives_what_is_held_once(first: str) -> None:
+    before = open_fds()
+    rb, a, b, fd = _received(6, 3)
+    try:
+        counts = rb.fd_counts()
+        taken: List[int] = []
+        if first.startswith("fds"):
+            for i in (1,) if first == "fds(1)" else (0, 2):
+                got = rb.fds(i)
+                assert len(got) == counts[i]
+                taken += got
+            expected = sum(c for i, c in enumerate(counts) if i not in
+                           ((1,) if first == "fds(1)" else (0, 2)))
+        elif first == "messages()":
+            taken = [f for m in rb.messages() for f in m.fds]
+            expected = 0
+        elif first == "all_fds()":
+            taken = rb.all_fds()
+            expected = 0
+        else:
+            expected = sum(counts)
+        rest = rb.all_fds()
+        assert len(rest) == expected
+        assert not set(rest) & set(taken)
+        assert rb.all_fds() == []  # given once
+        for got in rest + taken:
+            assert os.path.samestat(os.fstat(got), os.fstat(fd))
+        afunix.close_fds(rest + taken)
+    finally:
+        rb.close()
+        for s in (a, b):
+            s.close()
+        os.close(fd)
+    assert open_fds() == before

@@ -479,8 +479,16 @@ class Arena:
 
     def take_all_fds(self, count: int) -> list[int]:
         """Every descriptor of messages [0, count) not given yet, given to the caller."""
-        fds = [fd for got in self.held_fds(0, count) for fd in got]
-        self._a.all_handed = 1
+        a = self._a
+        fds: list[int]
+        if (count == a.count and not a.all_handed
+                and ffi.buffer(a.handed, count)[:].count(0) == count):
+            # None given yet, of every message the arena holds: all of its
+            # descriptors, which C keeps back to back in message order.
+            fds = _unpack(a.fds, a.total_fds)
+        else:
+            fds = [fd for got in self.held_fds(0, count) for fd in got]
+        a.all_handed = 1
         return fds
 
     def hand_all(self) -> None:
@@ -533,10 +541,14 @@ def recv_batch(sock: socket.socket, arena: Arena, flags: int) -> int:
     return int(rc)
 
 
-def close_fds(fds: list[int]) -> None:
+def close_fds(fds: Sequence[int]) -> None:
     """Close every descriptor in `fds` in one C call (errors ignored, as EBADF would be)."""
     if fds:
-        lib.afunix_close_fds(_int_array(fds), len(fds))
+        if type(fds) is array.array and fds.itemsize == _INT_SIZE:
+            numbers = ffi.from_buffer("int[]", fds)  # checked C ints (_checks.descriptor_array)
+        else:
+            numbers = _int_array(fds)
+        lib.afunix_close_fds(numbers, len(numbers))
 
 
 def _int_array(values: "Sequence[int]") -> Any:

@@ -4,12 +4,10 @@ The receiving side (recv_many, RecvBatch) is in receive.py.
 """
 from __future__ import annotations
 
-import array
 import errno
 import itertools
 import operator
 import socket
-import sys
 from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 from . import _backend, _checks, _io
@@ -218,41 +216,13 @@ def _messages_with_fds(items: list[Message]) -> Optional[Outgoing]:
     flat = list(itertools.chain.from_iterable(fd_tuples))
     if not flat:
         return Outgoing(pins, sizes, None, None, None, joined)
-    if set(map(type, flat)) != _INT:  # bool, int subclasses, objects: checked one by one
-        return None
-    fd_array = _descriptor_array(flat)
+    fd_array = _checks.descriptor_array(flat)  # None: bools, objects, out of range
     if fd_array is None:
         return None
     return Outgoing(pins, sizes, fd_tuples, None, None, joined, counts, fd_array)
 
 
-#: Where the sign bit of a 4-byte C int is: the index of its most significant byte.
-_HIGH_BYTE = 3 if sys.byteorder == "little" else 0
-
-
-def _descriptor_array(flat: list[int]) -> Optional["array.array[int]"]:
-    """`flat` (exact ints) as an array of 4-byte C ints when every one is from 0 to C_INT_MAX; else None.
-
-    Checked in C over the whole batch: array("I") converts each int with one
-    C call (array("i") goes through the argument parser for each, several
-    times the cost) and refuses a negative number or one over UINT_MAX with
-    OverflowError; one over C_INT_MAX has the top bit of its most
-    significant byte set, and isascii() tests every such byte at once.
-    The bits of a number from 0 to C_INT_MAX are the same as a C int's.
-    """
-    try:
-        fds = array.array("I", flat)
-    except OverflowError:
-        return None
-    if fds.itemsize != 4:  # pragma: no cover - no such platform is supported
-        return None if min(flat) < 0 or max(flat) > _checks.C_INT_MAX else fds
-    if not fds.tobytes()[_HIGH_BYTE::4].isascii():
-        return None
-    return fds
-
-
 _TUPLE = {tuple}
-_INT = {int}
 
 
 def send_many(sock: Any, messages: Iterable[Any], flags: int = 0) -> int:
