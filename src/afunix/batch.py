@@ -107,10 +107,9 @@ def _joined_plain(items: List[Any], types: set[type]) -> Optional[Tuple[List[Any
 
     The batch sends' fast path (`plain_pinned` is the same check without
     the join).  `types` is set(map(type, items)), made once by the caller.
-    A memoryview's contiguity is checked by the join itself: bytes.join asks
-    each buffer for plain contiguous bytes, and a strided view refuses with
-    BufferError (which join reports as TypeError) before anything is copied,
-    and the batch goes the careful way (its ValueError).  That saves one pass over the views.
+    A strided memoryview sends the batch the careful way (its ValueError);
+    its contiguity is checked here, not left to the join: CPython's join
+    refuses such a view, PyPy's copies its bytes.
     """
     if types <= _BYTES_TYPES:
         if bytearray in types:
@@ -119,11 +118,9 @@ def _joined_plain(items: List[Any], types: set[type]) -> Optional[Tuple[List[Any
         return items, list(map(len, items)), b"".join(items)
     if types == _MEMORYVIEW:
         sizes = list(map(_NBYTES, items))  # also refuses a released view (ValueError)
-        try:
-            joined = b"".join(items)
-        except TypeError:  # what join makes of a strided view's BufferError
+        if not all(map(_C_CONTIGUOUS, items)):
             return None
-        return items, sizes, joined
+        return items, sizes, b"".join(items)
     return None
 
 
