@@ -12,6 +12,7 @@ from __future__ import annotations
 import array
 import os
 import socket
+import threading
 from typing import List
 
 import pytest
@@ -153,3 +154,35 @@ def test_the_end_after_good_records_is_clean(fd_baseline: set) -> None:
             ch.recv()
         with pytest.raises(EOFError):
             ch.recv()
+
+
+def test_records_per_read_come_back_after_a_large_message(fd_baseline: set, backend: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # A message larger than the receive buffer grows it; once it is taken the
+    # buffer shrinks back to the size it started with, which on SOCK_SEQPACKET
+    # has room for a record per held-read slot: one C read still takes that
+    # many records (the stdlib backend reads one per call).
+    a, ch = pair()
+    sender = Channel(a)
+    with ch, sender:
+        reader = ch._reader
+        normal = len(reader.buffer)
+        big = b"L" * (4 << 20)
+        writer = threading.Thread(target=sender.send, args=(big,))
+        writer.start()
+        assert ch.recv() == big
+        writer.join()
+        for i in range(40):
+            a.send(frame(b"s%02d" % i))
+        per_call: List[int] = []
+        chan_recv = reader.impl.chan_recv
+
+        def counting(*args: object) -> int:
+            n: int = chan_recv(*args)
+            per_call.append(n // len(frame(b"s00")))
+            return n
+
+        monkeypatch.setattr(reader.impl, "chan_recv", counting)
+        assert [ch.recv() for _ in range(40)] == [b"s%02d" % i for i in range(40)]
+        assert max(per_call) == (reader.reads if backend == "c" else 1)
+        assert len(reader.buffer) == normal

@@ -71,7 +71,7 @@ class FrameReader:
 
     __slots__ = ("closed", "impl", "max_frame", "seqpacket", "buffer", "view", "start", "rx", "rs",
                  "reads", "table", "next", "parsed", "batch", "broken", "copies", "copied_from",
-                 "ncopied", "eof", "__weakref__")
+                 "ncopied", "eof", "normal_size", "__weakref__")
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, seqpacket: bool = False,
                  backend: Optional[Backend] = None) -> None:
@@ -87,9 +87,10 @@ class FrameReader:
         self.rx = self.impl.new_chan_rx()
         # SOCK_SEQPACKET: room for a record of the largest size per held-read
         # slot (one read may bring that many, see _chanio.read), after an
-        # incomplete frame's bytes
-        self.buffer = bytearray(RECORD_MAX * self.rx.reads + READ_ROOM if self.seqpacket
-                                else RECV_BUFFER)
+        # incomplete frame's bytes; the size a grown buffer returns to
+        self.normal_size = (RECORD_MAX * self.rx.reads + READ_ROOM if self.seqpacket
+                            else RECV_BUFFER)
+        self.buffer = bytearray(self.normal_size)
         self.view = memoryview(self.buffer)
         self.start = 0
         self.rs = self.rx.s
@@ -354,7 +355,9 @@ class FrameReader:
             # header alone must not make a peer's 8 bytes cost max_frame.
             # A new buffer rather than a resize: views of the old one (a
             # FrameBatch) may still be held; they keep it alive.
-            new = bytearray(max(min(need, 2 * size), used + room, RECV_BUFFER))
+            # Shrinking (nothing held) returns to the normal size: on
+            # SOCK_SEQPACKET a smaller one has room for fewer records per read.
+            new = bytearray(max(min(need, 2 * size), used + room, self.normal_size))
             new[:used] = self.view[start:end]
             view = memoryview(new)
             self.buffer = new
