@@ -296,6 +296,8 @@ int64_t afunix_chan_recv_records(int fd, struct afunix_chan_rx *rx, char *buf, s
                        NULL);
     if (got < 0)
         return -errno;
+    if (got > (int)k)
+        got = (int)k; /* never more headers than were given */
     /* Each record recorded as a read of its own, moved down behind the one
      * before it (they were read RECORD_MAX apart); all before returning. */
     int64_t total = 0;
