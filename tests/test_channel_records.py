@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import array
 import os
+import resource
 import socket
 import threading
 from typing import List
@@ -186,3 +187,28 @@ def test_records_per_read_come_back_after_a_large_message(fd_baseline: set, back
         assert [ch.recv() for _ in range(40)] == [b"s%02d" % i for i in range(40)]
         assert max(per_call) == (reader.reads if backend == "c" else 1)
         assert len(reader.buffer) == normal
+
+
+def test_descriptors_cut_on_a_later_record_fail_after_the_ones_before(fd_baseline: set) -> None:
+    # No descriptor number is free while the records are read: the kernel
+    # drops the descriptors of the second record and says so (MSG_CTRUNC).
+    a, ch = pair()
+    null = os.open(os.devnull, os.O_RDONLY)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        with ch:
+            a.send(frame(b"one"))
+            send_with_fds(a, frame(b"two", 1), [null])
+            lowest_free = os.dup(0)
+            os.close(lowest_free)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free, hard))
+            try:
+                assert ch.recv() == b"one"
+                with pytest.raises(ProtocolError, match="MSG_CTRUNC"):
+                    ch.recv()
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            assert ch.closed
+    finally:
+        a.close()
+        os.close(null)
