@@ -24,6 +24,7 @@ import afunix
 from afunix import batch
 
 from conftest import open_fds
+from test_fast_path import noncontiguous_view, released_view
 
 SEQPACKET, DGRAM = socket.SOCK_SEQPACKET, socket.SOCK_DGRAM
 
@@ -112,16 +113,6 @@ def _both(monkeypatch: pytest.MonkeyPatch, kind: int,
     return fast
 
 
-def _noncontiguous() -> memoryview:
-    return memoryview(b"abcdefgh")[::2]
-
-
-def _released() -> memoryview:
-    view = memoryview(b"gone")
-    view.release()
-    return view
-
-
 def _block(n: int, size: int) -> List[memoryview]:
     view = memoryview(bytearray(i % 251 for i in range(n * size)))
     return [view[i * size:(i + 1) * size] for i in range(n)]
@@ -137,9 +128,9 @@ PLAIN: List[Tuple[str, Callable[[List[int]], List[Any]], bool]] = [
     ("2-d view", lambda fds: [memoryview(bytearray(b"abcdef")).cast("B", [2, 3]), memoryview(b"z")], True),
     ("0-d view", lambda fds: [memoryview(array.array("i", [7])).cast("B").cast("i", []),
                               memoryview(b"q")], True),
-    ("a strided view among views", lambda fds: [memoryview(b"abc"), _noncontiguous()], False),
-    ("a strided view alone", lambda fds: [_noncontiguous()], False),
-    ("a released view among views", lambda fds: [memoryview(b"abc"), _released()], False),
+    ("a strided view among views", lambda fds: [memoryview(b"abc"), noncontiguous_view()], False),
+    ("a strided view alone", lambda fds: [noncontiguous_view()], False),
+    ("a released view among views", lambda fds: [memoryview(b"abc"), released_view()], False),
     ("views and bytes", lambda fds: [memoryview(b"abc"), b"de"], False),
     ("a str", lambda fds: [b"abc", "text"], False),
     ("an int", lambda fds: [memoryview(b"a"), 5], False),
@@ -195,11 +186,11 @@ WITH_FDS: List[Tuple[str, Callable[[List[int]], List[Any]], bool]] = [
     ("a float", lambda fds: [M(b"a", (float(fds[0]),))], False),
     ("an object with fileno", lambda fds: [M(b"a", (HasFileno(fds[0]),))], False),
     ("a str", lambda fds: [M(b"a", ("3",))], False),
-    ("a strided view", lambda fds: [M(b"a", (fds[0],)), M(_noncontiguous(), (fds[1],))], False),
+    ("a strided view", lambda fds: [M(b"a", (fds[0],)), M(noncontiguous_view(), (fds[1],))], False),
     # every data a view, one strided: refused as one message would be (PyPy's
     # join copies a strided view where CPython's refuses it)
     ("views, one strided", lambda fds: [M(memoryview(b"a"), (fds[0],)),
-                                        M(_noncontiguous(), (fds[1],))], False),
+                                        M(noncontiguous_view(), (fds[1],))], False),
     ("a str as data", lambda fds: [M("text", (fds[0],))], False),
     ("an address", lambda fds: [M(b"a", (fds[0],)), M(b"b", (), "\0nowhere-afunix")], False),
     ("credentials", lambda fds: [M(b"a", (fds[0],), None, 0,
