@@ -72,9 +72,12 @@ struct afunix_chan_rx {
     int64_t frame[AFUNIX_CHAN_READS]; /* stream offset of the frame that claimed them, -1: none */
     int nfds[AFUNIX_CHAN_READS];      /* its descriptors; 0 once given to the caller */
     int fds[AFUNIX_CHAN_READS * AFUNIX_SCM_MAX_FD];  /* slot s at s * AFUNIX_SCM_MAX_FD */
+    int deferred;        /* a read afunix_chan_recv_records took and did not report
+                            yet: CHAN_DEFERRED and the errors it brings; 0: none */
 };
 
 #define AFUNIX_CHAN_FDS_NO_DATA 0x40000000 /* descriptors came with no byte */
+#define AFUNIX_CHAN_EMPTY_RECORD 0x20000000 /* an empty SOCK_SEQPACKET record, followed by more */
 
 /* One recvmsg (MSG_CMSG_CLOEXEC | flags) of at most min(maxlen, cap - end)
  * bytes into buf + rx->end.  Adds the bytes to end, the kernel's MSG_TRUNC
@@ -83,6 +86,21 @@ struct afunix_chan_rx {
  * no room (end >= cap); -EINVAL for end > cap.  Returns the bytes or -errno. */
 int64_t afunix_chan_recv(int fd, struct afunix_chan_rx *rx, char *buf, size_t cap,
                          size_t maxlen, int flags);
+
+/* SOCK_SEQPACKET: up to max_records records (and at most one per free slot
+ * for held reads) with one recvmmsg (MSG_WAITFORONE: waiting, as `flags`
+ * say, for the first only), each read into room for AFUNIX_RECORD_MAX bytes
+ * and appended back to back at buf + rx->end, each recorded as
+ * afunix_chan_recv records one read.  A record that reads as the end of
+ * stream, is cut (MSG_TRUNC, MSG_CTRUNC) or brings descriptors with no byte,
+ * after the first, is not reported with the records before it: the next call
+ * reports it, with no system call, as that read alone would have been
+ * (0 bytes, its errors).  Records the kernel gave after such a record are
+ * dropped, their descriptors closed: every such record is a protocol error,
+ * except the end of stream, after which no record comes.  Returns the bytes
+ * or -errno, as afunix_chan_recv. */
+int64_t afunix_chan_recv_records(int fd, struct afunix_chan_rx *rx, char *buf, size_t cap,
+                                 int max_records, int flags);
 
 /* Close the descriptors of held reads from head on and let go of them: all
  * of them when `all`, else while the read was claimed by a frame before

@@ -329,6 +329,8 @@ SEEDS: Dict[str, bytes] = {
     + _w(b"two", framed=True),
     "seqpacket-empty-record-live-peer": _setup(True, True, closes=False, how="recv")
     + _w(b"one", framed=True) + _w(b""),
+    "seqpacket-empty-record-then-descriptors": _setup(True, how="recv_batch") + _w(b"")
+    + _w(b"", 2),
     "seqpacket-long-records": _setup(True, how="recv_many") + _w(b"x", long=1) + _w(b"y", long=2),
     "stream-bad-header": _setup(how="recv_many") + _w(b"ok", framed=True)
     + _w(_frame(b"bad", version=2)),

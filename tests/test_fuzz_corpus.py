@@ -11,6 +11,7 @@ import os
 
 import pytest
 
+import afunix._backend
 import afunix._chanio
 from fuzz_channel import SEEDS, decode, expected, one_input, run
 
@@ -70,5 +71,7 @@ def test_the_target_catches_a_channel_that_takes_an_empty_record_for_the_end(
     # A planted mutant: the channel without its empty-record check (the
     # defect before it) must make the target fail on the seed that holds one.
     monkeypatch.setattr(afunix._chanio, "empty_record_sent", lambda fd: False)
+    # (and its other half: a record read after an empty one by the same call)
+    monkeypatch.setattr(type(afunix._backend.impl.new_chan_rx()), "empty_record", 0)
     with pytest.raises(AssertionError, match="a reading of the protocol"):
         one_input(SEEDS["seqpacket-empty-record-between-frames"])

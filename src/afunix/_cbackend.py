@@ -661,6 +661,7 @@ def pack_frames(out: bytearray, datas: Sequence[Any], joined: bytes, lengths: Se
 
 CHAN_READS = lib.AFUNIX_CHAN_READS
 CHAN_FDS_NO_DATA = lib.AFUNIX_CHAN_FDS_NO_DATA
+CHAN_EMPTY_RECORD = lib.AFUNIX_CHAN_EMPTY_RECORD
 _CHAN_SLOT = lib.AFUNIX_SCM_MAX_FD
 _MSG_TRUNC = int(socket.MSG_TRUNC)
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
@@ -671,6 +672,7 @@ class ChanRx:
 
     reads = CHAN_READS  # slots for held reads
     no_data = CHAN_FDS_NO_DATA  # in errors: descriptors came with no byte
+    empty_record = CHAN_EMPTY_RECORD  # in errors: an empty SOCK_SEQPACKET record, more after it
 
     def __init__(self) -> None:
         self.s = ffi.new("struct afunix_chan_rx *")  # zeroed: nothing held, head == tail
@@ -683,12 +685,22 @@ def new_chan_rx() -> ChanRx:
     return ChanRx()
 
 
-def chan_recv(sock: socket.socket, rx: ChanRx, buffer: bytearray, maxlen: int, flags: int) -> int:
-    """One recvmsg appended to buffer at rx.s.end, recorded in rx by the same C call; the bytes, or OSError."""
+def chan_recv(sock: socket.socket, rx: ChanRx, buffer: bytearray, maxlen: int, flags: int,
+              records: int = 1) -> int:
+    """One recvmsg appended to buffer at rx.s.end, recorded in rx by the same C call; the bytes, or OSError.
+
+    With records > 1 (SOCK_SEQPACKET, maxlen RECORD_MAX): up to that many
+    records with one recvmmsg, each recorded as a read of its own
+    (afunix_chan_recv_records).
+    """
     if buffer is not rx._buf:
         rx._cbuf = ffi.from_buffer(buffer)
         rx._buf = buffer
-    rc = lib.afunix_chan_recv(sock.fileno(), rx.s, rx._cbuf, len(buffer), maxlen, flags)
+    if records > 1:
+        rc = lib.afunix_chan_recv_records(sock.fileno(), rx.s, rx._cbuf, len(buffer), records,
+                                          flags)
+    else:
+        rc = lib.afunix_chan_recv(sock.fileno(), rx.s, rx._cbuf, len(buffer), maxlen, flags)
     if rc < 0:
         raise OSError(-rc, os.strerror(-rc))
     return int(rc)

@@ -15,7 +15,7 @@ from typing import Any, Callable, List, Optional, Tuple, TypeVar
 
 from . import _io
 from ._kernel import MSG_NOSIGNAL
-from .codec import FrameReader
+from .codec import EMPTY_RECORD, FrameReader
 from .frames import RECORD_MAX
 from .framewriter import FrameWriter, Segment, control
 
@@ -105,14 +105,16 @@ def send_fds(sock: socket.socket, packed: memoryview, fds: Tuple[int, ...],
 def read(sock: socket.socket, reader: FrameReader) -> int:
     """One read into the reader's buffer, recorded by the backend's call; the bytes read."""
     # (FrameReader.read_size, written out: the path of every receive; the
-    # backend's chan_recv reads at most the room after the bytes held)
-    maxlen = RECORD_MAX if reader.seqpacket else len(reader.buffer)
+    # backend's chan_recv reads at most the room after the bytes held;
+    # SOCK_SEQPACKET: up to a record per held-read slot in one call, each
+    # with room for the largest record)
+    maxlen, records = (RECORD_MAX, reader.reads) if reader.seqpacket else (len(reader.buffer), 1)
     timeout = sock.gettimeout()
     deadline = _io.deadline_of(timeout) if timeout else None
     recv: Any = reader.impl.chan_recv
     while True:
         try:
-            n: int = recv(sock, reader.rx, reader.buffer, maxlen, 0)
+            n: int = recv(sock, reader.rx, reader.buffer, maxlen, 0, records)
             return n
         except InterruptedError:
             continue  # PEP 475: handlers ran; retry
@@ -153,8 +155,7 @@ def fill(sock: socket.socket, reader: FrameReader) -> bool:
             continue
         reader.check_errors()  # descriptors that came with no byte read 0 bytes too
         if reader.seqpacket and empty_record_sent(sock.fileno()):
-            reader.fail("an empty SOCK_SEQPACKET record (the protocol forbids them: "
-                        "they read like end of stream)")
+            reader.fail(EMPTY_RECORD)
         return reader.ended()
 
 

@@ -102,6 +102,7 @@ class ChanRx(Protocol):
     s: ChanState
     reads: int  # slots for held reads
     no_data: int  # the bit in s.errors for descriptors that came with no byte
+    empty_record: int  # the bit in s.errors for an empty SOCK_SEQPACKET record with more after it
 
 
 class Backend(Protocol):
@@ -164,6 +165,7 @@ class Backend(Protocol):
 
     def chan_recv(
         self, sock: socket.socket, rx: ChanRx, buffer: bytearray, maxlen: int, flags: int,
+        records: int = 1,
     ) -> int: ...
 
     def chan_drop(self, rx: ChanRx, upto: int, every: bool) -> None: ...

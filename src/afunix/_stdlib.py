@@ -655,6 +655,7 @@ def pack_frames(out: bytearray, datas: Sequence[Any], joined: bytes, lengths: Se
 
 CHAN_READS = 8
 CHAN_FDS_NO_DATA = 0x40000000
+CHAN_EMPTY_RECORD = 0x20000000
 _CHAN_ANCBUF = socket.CMSG_SPACE(4 * SCM_MAX_FD) + socket.CMSG_SPACE(64)
 _TRUNC = int(socket.MSG_TRUNC)
 
@@ -680,6 +681,7 @@ class ChanRx:
 
     reads = CHAN_READS  # slots for held reads
     no_data = CHAN_FDS_NO_DATA  # in errors: descriptors came with no byte
+    empty_record = CHAN_EMPTY_RECORD  # in errors: never set here (one record per read)
 
     def __init__(self) -> None:
         self.s = _ChanState()
@@ -691,8 +693,12 @@ def new_chan_rx() -> ChanRx:
     return ChanRx()
 
 
-def chan_recv(sock: socket.socket, rx: ChanRx, buffer: bytearray, maxlen: int, flags: int) -> int:
+def chan_recv(sock: socket.socket, rx: ChanRx, buffer: bytearray, maxlen: int, flags: int,
+              records: int = 1) -> int:
     """One recvmsg_into appended to buffer at rx.s.end and recorded in rx; the bytes, or OSError.
+
+    One record per call whatever `records` says (the socket module has no
+    recvmmsg): what the C backend's batch of records gives, a call at a time.
 
     As in recv_batch, the result goes into rx.inbox from C (extend over
     map), then is taken in with stores only.  A read an interrupted call

@@ -35,6 +35,9 @@ READ_ROOM = 32 << 10
 _TRUNC = int(socket.MSG_TRUNC)
 _CTRUNC = int(socket.MSG_CTRUNC)
 _EMPTY = memoryview(b"")
+#: The protocol error of an empty SOCK_SEQPACKET record.
+EMPTY_RECORD = ("an empty SOCK_SEQPACKET record (the protocol forbids them: they read like end "
+                "of stream)")
 
 
 # ---- reading ----------------------------------------------------------------------
@@ -68,7 +71,7 @@ class FrameReader:
 
     __slots__ = ("closed", "impl", "max_frame", "seqpacket", "buffer", "view", "start", "rx", "rs",
                  "reads", "table", "next", "parsed", "batch", "broken", "copies", "copied_from",
-                 "ncopied", "eof", "__weakref__")
+                 "ncopied", "eof", "normal_size", "__weakref__")
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, seqpacket: bool = False,
                  backend: Optional[Backend] = None) -> None:
@@ -81,10 +84,15 @@ class FrameReader:
         # stream offset).  rx is the backend's receive state: the bytes (end)
         # and the descriptors each read brought (held reads, see
         # csrc/channel.h).
-        self.buffer = bytearray(RECV_BUFFER)
+        self.rx = self.impl.new_chan_rx()
+        # SOCK_SEQPACKET: room for a record of the largest size per held-read
+        # slot (one read may bring that many, see _chanio.read), after an
+        # incomplete frame's bytes; the size a grown buffer returns to
+        self.normal_size = (RECORD_MAX * self.rx.reads + READ_ROOM if self.seqpacket
+                            else RECV_BUFFER)
+        self.buffer = bytearray(self.normal_size)
         self.view = memoryview(self.buffer)
         self.start = 0
-        self.rx = self.impl.new_chan_rx()
         self.rs = self.rx.s
         self.reads = self.rx.reads  # slots for held reads
         self.table = self.impl.new_frame_table(TABLE_CAPACITY)
@@ -324,6 +332,8 @@ class FrameReader:
             self.fail("the kernel cut the descriptors of a message (MSG_CTRUNC)")
         if errors & _TRUNC:
             self.fail("a SOCK_SEQPACKET record longer than %d bytes" % RECORD_MAX)
+        if errors & self.rx.empty_record:
+            self.fail(EMPTY_RECORD)
 
     def _make_room(self) -> None:
         """Make room after the data for a read, keeping the unparsed bytes.
@@ -345,7 +355,9 @@ class FrameReader:
             # header alone must not make a peer's 8 bytes cost max_frame.
             # A new buffer rather than a resize: views of the old one (a
             # FrameBatch) may still be held; they keep it alive.
-            new = bytearray(max(min(need, 2 * size), used + room, RECV_BUFFER))
+            # Shrinking (nothing held) returns to the normal size: on
+            # SOCK_SEQPACKET a smaller one has room for fewer records per read.
+            new = bytearray(max(min(need, 2 * size), used + room, self.normal_size))
             new[:used] = self.view[start:end]
             view = memoryview(new)
             self.buffer = new
