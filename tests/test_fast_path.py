@@ -141,11 +141,11 @@ SEND_SOCKETS = ["blocking", "nonblocking", "timeout", "dgram", "stream", "full, 
                 "full, timeout", "closed", "peer closed", "inet"]
 
 
-def _noncontiguous() -> memoryview:
+def noncontiguous_view() -> memoryview:
     return memoryview(b"abcdefgh")[::2]
 
 
-def _released() -> memoryview:
+def released_view() -> memoryview:
     view = memoryview(b"gone")
     view.release()
     return view
@@ -158,8 +158,8 @@ DATAS: List[Tuple[str, Callable[[], Any]]] = [
     ("memoryview", lambda: memoryview(b"abc")),
     ("memoryview of ints", lambda: memoryview(array.array("i", [1, 2, 3]))),
     ("view of a bytearray", lambda: memoryview(bytearray(b"0123456789"))[2:5]),
-    ("noncontiguous", _noncontiguous),
-    ("released", _released),
+    ("noncontiguous", noncontiguous_view),
+    ("released", released_view),
     ("str", lambda: "text"),
     ("int", lambda: 5),
     ("None", lambda: None),

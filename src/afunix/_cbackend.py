@@ -150,7 +150,11 @@ def send_batch(sock: socket.socket, out: Outgoing, start: int, count: int, flags
         if flat:  # a chunk of the batch may carry none
             if len(counts) != count:
                 raise BufferError("%d descriptor counts for %d messages" % (len(counts), count))
-            nfds, fds, nfds_total = _int_array(counts), _int_array(flat), len(flat)
+            if type(flat) is array.array and flat.itemsize == _INT_SIZE:
+                fds = ffi.from_buffer("int[]", flat)  # checked C ints (Outgoing.fd_flat)
+            else:
+                fds = _int_array(flat)
+            nfds, nfds_total = _count_array(counts), len(fds)
     if out.addresses is not None:
         per_addr = out.addresses[start:end]
         addrlens = ffi.new("int[]", [-1 if a is None else len(a) for a in per_addr])
@@ -475,8 +479,16 @@ class Arena:
 
     def take_all_fds(self, count: int) -> list[int]:
         """Every descriptor of messages [0, count) not given yet, given to the caller."""
-        fds = [fd for got in self.held_fds(0, count) for fd in got]
-        self._a.all_handed = 1
+        a = self._a
+        fds: list[int]
+        if (count == a.count and not a.all_handed
+                and ffi.buffer(a.handed, count)[:].count(0) == count):
+            # None given yet, of every message the arena holds: all of its
+            # descriptors, which C keeps back to back in message order.
+            fds = _unpack(a.fds, a.total_fds)
+        else:
+            fds = [fd for got in self.held_fds(0, count) for fd in got]
+        a.all_handed = 1
         return fds
 
     def hand_all(self) -> None:
@@ -529,14 +541,31 @@ def recv_batch(sock: socket.socket, arena: Arena, flags: int) -> int:
     return int(rc)
 
 
-def close_fds(fds: list[int]) -> None:
+def close_fds(fds: Sequence[int]) -> None:
     """Close every descriptor in `fds` in one C call (errors ignored, as EBADF would be)."""
     if fds:
-        lib.afunix_close_fds(_int_array(fds), len(fds))
+        if type(fds) is array.array and fds.itemsize == _INT_SIZE:
+            numbers = ffi.from_buffer("int[]", fds)  # checked C ints (_checks.descriptor_array)
+        else:
+            numbers = _int_array(fds)
+        lib.afunix_close_fds(numbers, len(numbers))
 
 
-def _int_array(values: list[int]) -> Any:
+def _int_array(values: "Sequence[int]") -> Any:
     return ffi.from_buffer("int[]", array.array("i", values))
+
+
+_INT_SIZE = ffi.sizeof("int")
+
+
+def _count_array(values: list[int]) -> Any:
+    """Counts (len() results, >= 0) as a C int array.
+
+    array("I") converts each with one C call, where array("i") goes through
+    the argument parser; a count fits an int, whose bits it then has.
+    """
+    counts = array.array("I", values)
+    return ffi.from_buffer("int[]", counts) if counts.itemsize == _INT_SIZE else _int_array(values)
 
 
 # ---- message channel ----

@@ -1,10 +1,12 @@
 """Argument checks shared by the topic modules: run before any system call."""
 from __future__ import annotations
 
+import array
 import errno
 import operator
 import socket
-from typing import Any
+import sys
+from typing import Any, Optional
 
 from .capabilities import supports
 
@@ -59,6 +61,36 @@ def descriptor(value: Any) -> int:
     if type(value) is int and 0 <= value <= C_INT_MAX:
         return value
     return in_range(value, "descriptor", 0, C_INT_MAX)
+
+
+#: Where the sign bit of a 4-byte C int is: the index of its most significant byte.
+_HIGH_BYTE = 3 if sys.byteorder == "little" else 0
+_INT = {int}
+
+
+def descriptor_array(values: list[Any]) -> Optional["array.array[int]"]:
+    """`values` as an array of 4-byte C ints when every one is an int (exactly) from 0 to C_INT_MAX; else None.
+
+    The check of a whole batch of descriptor numbers at once; None sends
+    the caller to its per-item checks, which raise the right error.
+    array("I") converts each int with one C call (array("i") goes through
+    the argument parser for each, several times the cost) and refuses a
+    negative number or one over UINT_MAX with OverflowError; one over
+    C_INT_MAX has the top bit of its most significant byte set, and
+    isascii() tests every such byte at once.  The bits of a number from 0
+    to C_INT_MAX are the same as a C int's.
+    """
+    if set(map(type, values)) != _INT:  # bool, int subclasses, objects: per item
+        return None
+    try:
+        numbers = array.array("I", values)
+    except OverflowError:
+        return None
+    if numbers.itemsize != 4:  # pragma: no cover - no such platform is supported
+        return None if min(values) < 0 or max(values) > C_INT_MAX else numbers
+    if not numbers.tobytes()[_HIGH_BYTE::4].isascii():
+        return None
+    return numbers
 
 
 def credentials(value: Any) -> tuple[int, int, int]:

@@ -22,7 +22,8 @@ class Outgoing(NamedTuple):
     credentials: Optional[list[Optional[tuple[int, int, int]]]]
     joined: Optional[bytes] = None       # all datas back to back, when already made
     fd_counts: Optional[list[int]] = None  # len() of each fds entry, when already made
-    fd_flat: Optional[list[int]] = None    # every fds entry back to back, when already made
+    fd_flat: Optional[Sequence[int]] = None  # every fds entry back to back, when already made
+    # (a list, or an array.array of 4-byte C ints checked to be from 0 to INT_MAX)
 
 
 class Arena(Protocol):
@@ -183,7 +184,7 @@ class Backend(Protocol):
         """
         ...
 
-    def close_fds(self, fds: list[int]) -> None: ...
+    def close_fds(self, fds: Sequence[int]) -> None: ...
 
     # ---- shared-memory lane (afunix.shm) ----
 

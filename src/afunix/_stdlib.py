@@ -513,7 +513,7 @@ def recv_batch(sock: socket.socket, arena: Arena, flags: int) -> int:
 _first_item = operator.itemgetter(0)
 
 
-def close_fds(fds: list[int]) -> None:
+def close_fds(fds: Sequence[int]) -> None:
     """Close every descriptor in `fds`, ignoring errors (EBADF for one already closed)."""
     for fd in fds:
         try:

@@ -102,6 +102,32 @@ def plain_pinned(items: List[Any]) -> Optional[Tuple[List[Any], List[int]]]:
     return None
 
 
+def _joined_plain(items: List[Any], types: set[type]) -> Optional[Tuple[List[Any], List[int], bytes]]:
+    """`items` pinned, their byte counts and their bytes joined, when all are bytes/bytearray or all memoryviews; else None.
+
+    The batch sends' fast path (`plain_pinned` is the same check without
+    the join).  `types` is set(map(type, items)), made once by the caller.
+    A strided memoryview sends the batch the careful way (its ValueError);
+    its contiguity is checked here, not left to the join: CPython's join
+    refuses such a view, PyPy's copies its bytes.
+    """
+    if types <= _BYTES_TYPES:
+        if bytearray in types:
+            items = (list(map(_VIEW, items)) if len(types) == 1 else
+                     [memoryview(x) if type(x) is bytearray else x for x in items])
+        return items, list(map(len, items)), b"".join(items)
+    if types == _MEMORYVIEW:
+        sizes = list(map(_NBYTES, items))  # also refuses a released view (ValueError)
+        if not all(map(_C_CONTIGUOUS, items)):
+            return None
+        return items, sizes, b"".join(items)
+    return None
+
+
+_MEMORYVIEW = {memoryview}
+_MESSAGE = {Message}
+
+
 def outgoing(messages: Iterable[Any]) -> Outgoing:
     """Check `messages` and split them into the parallel lists the backends take.
 
@@ -114,11 +140,12 @@ def outgoing(messages: Iterable[Any]) -> Outgoing:
     items = list(messages)
     if not items:
         return Outgoing(items, [], None, None, None, b"")
-    plain = plain_pinned(items)
+    types = set(map(type, items))
+    plain = _joined_plain(items, types)
     if plain is not None:  # the common case: plain byte strings
-        pins, sizes = plain
-        return Outgoing(pins, sizes, None, None, None, b"".join(pins))
-    if set(map(type, items)) == {Message}:
+        pins, sizes, joined = plain
+        return Outgoing(pins, sizes, None, None, None, joined)
+    if types == _MESSAGE:
         fast = _messages_with_fds(items)
         if fast is not None:
             return fast
@@ -153,9 +180,6 @@ def outgoing(messages: Iterable[Any]) -> Outgoing:
     )
 
 
-_DATA, _FDS, _ADDRESS, _CREDENTIALS = (operator.itemgetter(i) for i in (0, 1, 2, 4))
-
-
 def _messages_with_fds(items: list[Message]) -> Optional[Outgoing]:
     """Messages with descriptors and nothing else, checked a batch at a time.
 
@@ -163,27 +187,39 @@ def _messages_with_fds(items: list[Message]) -> Optional[Outgoing]:
     descriptors given as objects, non-bytes data, or an error to report.
     """
     n = len(items)
-    if list(map(_ADDRESS, items)).count(None) != n or list(map(_CREDENTIALS, items)).count(None) != n:
+    # One pass splits the fields (a Message is a 5-tuple): data, fds,
+    # address, flags (ignored on send), credentials.
+    datas, fd_lists, addresses, _flags, credentials = zip(*items)
+    if addresses.count(None) != n or credentials.count(None) != n:
         return None
-    plain = plain_pinned(list(map(_DATA, items)))
+    data_list = list(datas)
+    plain = _joined_plain(data_list, set(map(type, data_list)))
     if plain is None:
         return None
-    datas, sizes = plain
-    joined = b"".join(datas)
-    fd_lists = list(map(_FDS, items))
-    if not set(map(type, fd_lists)) <= _SEQUENCES:  # any other iterable: checked one by one
+    pins, sizes, joined = plain
+    containers = set(map(type, fd_lists))
+    if containers == _TUPLE:
+        fd_tuples = list(fd_lists)  # tuples: what is checked is what is sent
+    elif containers <= _SEQUENCES:
+        # One copy of each list, in one C call each (tuple() of a tuple is
+        # the tuple itself): another thread may change a list between the
+        # pass that counts and the pass that flattens.
+        fd_tuples = list(map(tuple, fd_lists))
+    else:  # any other iterable: checked one by one
         return None
-    # One copy of each list, in one C call each (tuple() of a tuple is the
-    # tuple itself): another thread may change a list between the pass that
-    # counts and the pass that flattens.
-    fd_tuples = list(map(tuple, fd_lists))
     counts = list(map(len, fd_tuples))
-    flat = list(itertools.chain.from_iterable(fd_tuples))
-    if max(counts) > SCM_MAX_FD or (flat and (set(map(type, flat)) != {int} or min(flat) < 0
-                                               or max(flat) > _checks.C_INT_MAX)):
+    if max(counts) > SCM_MAX_FD:
         return None
-    return Outgoing(datas, sizes, fd_tuples if flat else None, None, None, joined,
-                        counts if flat else None, flat if flat else None)
+    flat = list(itertools.chain.from_iterable(fd_tuples))
+    if not flat:
+        return Outgoing(pins, sizes, None, None, None, joined)
+    fd_array = _checks.descriptor_array(flat)  # None: bools, objects, out of range
+    if fd_array is None:
+        return None
+    return Outgoing(pins, sizes, fd_tuples, None, None, joined, counts, fd_array)
+
+
+_TUPLE = {tuple}
 
 
 def send_many(sock: Any, messages: Iterable[Any], flags: int = 0) -> int:

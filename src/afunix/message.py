@@ -66,6 +66,10 @@ def close_fds(fds: Iterable[int]) -> None:
     fds = fds if isinstance(fds, list) else list(fds)
     if not fds:
         return
+    numbers = _checks.descriptor_array(fds)
+    if numbers is not None:  # the common case, checked and converted in bulk
+        _backend.impl.close_fds(numbers)
+        return
     # Checked here, not by each backend with its own OverflowError text.  A
     # negative one that fits a C int is EBADF to both backends: ignored.
     top, bottom = max(fds), min(fds)
