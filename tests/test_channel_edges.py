@@ -546,3 +546,117 @@ def test_a_child_forked_while_another_thread_receives_can_receive() -> None:
         a.send(b"to the parent")
         waiting.join(T)
         assert got == [b"to the parent"]
+
+
+# ---- fork() with a shared-memory lane: the region stays the parent's ----
+
+KiB = 1 << 10
+
+
+def forked(work: Callable[[], None]) -> int:
+    """Start `work` in a forked child (see in_child) and return its pid, for `reaped`."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        code = 1
+        try:
+            work()
+            code = 0
+        finally:
+            os._exit(code)
+    return pid
+
+
+def reaped(pid: int) -> None:
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, "the child failed"
+
+
+def taken(ch: Channel, n: int) -> List[bytes]:
+    """The next `n` messages of `ch`."""
+    got: List[bytes] = []
+    while len(got) < n:
+        got.extend(ch.recv_many(n - len(got)))
+    return got
+
+
+@needs_fork
+def test_what_a_child_sends_on_an_inherited_lane_arrives_intact() -> None:
+    # Before: parent and child each took slots of the one region with their
+    # own copy of its free space; the child's message went in the slot the
+    # parent's next one took too, and the peer got A, C, C.
+    a, b = afunix.channel_pair(shm_size=1 << 20, max_frame=128 * KiB)
+    with a, b:
+        a.send(b"A" * (100 * KiB))  # through the lane, in flight over the fork
+
+        def child() -> None:
+            a.send(b"B" * (100 * KiB))  # inline: the child takes no slot
+            with pytest.raises(ValueError, match="max_frame"):
+                a.send(bytes(200 * KiB))  # as on a channel without a lane
+            with pytest.raises(ValueError, match="no shared-memory lane"):
+                a.loan(10)
+            with pytest.raises(ValueError, match="max_frame"):
+                a.send_object(bytes(200 * KiB))
+            a.send_object(bytearray(b"O" * (100 * KiB)))
+
+        in_child(child)
+        a.send(b"C" * (100 * KiB))
+        b.socket.settimeout(T)
+        assert b.recv() == b"A" * (100 * KiB)
+        assert b.recv() == b"B" * (100 * KiB)
+        assert b.recv_object() == bytearray(b"O" * (100 * KiB))
+        assert b.recv() == b"C" * (100 * KiB)
+
+
+@needs_fork
+def test_a_lane_not_announced_before_the_fork_is_announced_by_the_parent_only() -> None:
+    # Before: the child's first frame was the region's REGION frame, and the
+    # parent's too: a second REGION frame, which the peer refuses.
+    a, b = afunix.channel_pair(shm_size=1 << 20)
+    with a, b:
+        in_child(lambda: a.send_many([b"child", b"c" * (100 * KiB)]))
+        a.send(b"p" * (100 * KiB))
+        b.socket.settimeout(T)
+        assert taken(b, 3) == [b"child", b"c" * (100 * KiB), b"p" * (100 * KiB)]
+
+
+@needs_fork
+def test_a_child_receiving_takes_the_returns_of_the_parents_slots_without_error() -> None:
+    # The RETURN frames come to whichever process reads: a child that
+    # receives drops those naming the parent's slots.  Before: its copy of
+    # the lane did not have them in flight, and the child's receive raised
+    # ProtocolError.
+    a, b = afunix.channel_pair(shm_size=1 << 20)
+    with a, b:
+        a.socket.settimeout(T)
+        b.socket.settimeout(T)
+
+        def child() -> None:
+            assert a.recv() == b"to the child"
+
+        pid = forked(child)
+        a.send(b"P" * (100 * KiB))  # a slot the child's copy never lent
+        assert b.recv() == b"P" * (100 * KiB)  # its RETURN goes out with this receive
+        b.send(b"to the child")
+        reaped(pid)
+
+
+@needs_fork
+def test_slots_released_before_the_fork_are_returned_by_the_parent_only() -> None:
+    # Before: a slot of the peer's lane released before the fork and not
+    # yet given back went back from both processes, and the peer's channel
+    # failed at the second return (a slot not in flight).
+    a, b = afunix.channel_pair(shm_size=1 << 20)
+    with a, b:
+        b.socket.settimeout(T)
+        b.send_many([b"x" * (100 * KiB), b"y" * (100 * KiB)])
+        assert a.recv() == b"x" * (100 * KiB)
+        assert a._reader.returns  # held back: the next message is here already
+        in_child(lambda: a.send(b"child"))
+        a.send(b"parent")
+        assert taken(b, 2) == [b"child", b"parent"]
+        assert a.recv() == b"y" * (100 * KiB)
+        a.send(b"end")
+        assert b.recv() == b"end"  # the returns read on the way: one each
+        assert b._lane is not None and b._lane.in_flight == 0

@@ -56,11 +56,21 @@ def _forget_parents_unsent() -> None:
     The claims of the parent's other threads go too: those threads do not
     exist here, and a claim they held would refuse every call of the child
     on that side.  A receive they were in left the reader as an exception
-    would (every receive gives over with stores only).
+    would (every receive gives over with stores only).  Slots of the peer's
+    lane released before the fork and not yet given back are the parent's
+    to return too: returned by both, the second return breaks the peer's
+    channel.  And the lane's region stays the parent's (`_leave_lane`).
     """
     for ch in list(_channels):
         ch._writer.drop_unsent()
         ch._busy.clear()
+        ch._reader.take_returns()
+        if ch._lane is not None:
+            ch._leave_lane()
+
+
+def _returned_to_parent(offset: int, length: int) -> None:
+    """A forked child's on_return: the peer's RETURN frames name the parent's slots; dropped."""
 
 
 if hasattr(os, "register_at_fork"):
@@ -524,6 +534,24 @@ class Channel:
                 pass
         if not progressed and deadline is None and lane.in_flight:
             lane.room.wait(0.01)  # the buffer is full of messages not taken yet
+
+    def _leave_lane(self) -> None:
+        """In a child after fork(): the lane stays the parent's; this copy sends as without one.
+
+        Parent and child would otherwise take slots of one shared region,
+        each with its own copy of the free space, and write over each
+        other's messages in flight.  The child's copy of the region (its
+        descriptor and mapping) is closed, which the parent's does not
+        notice; a RETURN frame the child reads names a slot of the
+        parent's and is dropped.  The peer's region, which the reader
+        maps, stays readable.
+        """
+        lane = self._lane
+        assert lane is not None
+        self._lane = None
+        self._room_wanted = False
+        self._reader.on_return = _returned_to_parent
+        lane.close()
 
     # ---- loans: messages made in place in the lane ---------------------------------
 
