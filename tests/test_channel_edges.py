@@ -586,27 +586,40 @@ def test_what_a_child_sends_on_an_inherited_lane_arrives_intact() -> None:
     # Before: parent and child each took slots of the one region with their
     # own copy of its free space; the child's message went in the slot the
     # parent's next one took too, and the peer got A, C, C.
-    a, b = afunix.channel_pair(shm_size=1 << 20, max_frame=128 * KiB)
+    a, b = afunix.channel_pair(shm_size=1 << 20)
     with a, b:
         a.send(b"A" * (100 * KiB))  # through the lane, in flight over the fork
 
-        def child() -> None:
-            a.send(b"B" * (100 * KiB))  # inline: the child takes no slot
-            with pytest.raises(ValueError, match="max_frame"):
-                a.send(bytes(200 * KiB))  # as on a channel without a lane
-            with pytest.raises(ValueError, match="no shared-memory lane"):
-                a.loan(10)
-            with pytest.raises(ValueError, match="max_frame"):
-                a.send_object(bytes(200 * KiB))
-            a.send_object(bytearray(b"O" * (100 * KiB)))
-
-        in_child(child)
+        in_child(lambda: a.send(b"B" * (100 * KiB)))
         a.send(b"C" * (100 * KiB))
         b.socket.settimeout(T)
         assert b.recv() == b"A" * (100 * KiB)
         assert b.recv() == b"B" * (100 * KiB)
-        assert b.recv_object() == bytearray(b"O" * (100 * KiB))
         assert b.recv() == b"C" * (100 * KiB)
+
+
+@needs_fork
+def test_a_child_sends_on_an_inherited_lane_as_a_channel_without_one() -> None:
+    a, b = afunix.channel_pair(shm_size=1 << 20, max_frame=128 * KiB)
+    with a, b:
+        a.send(b"A" * (100 * KiB))
+
+        def child() -> None:
+            with pytest.raises(ValueError, match="max_frame"):
+                a.send(bytes(200 * KiB))
+            with pytest.raises(ValueError, match="no shared-memory lane"):
+                a.loan(10)
+            with pytest.raises(ValueError, match="max_frame"):
+                a.send_object(bytes(200 * KiB))
+            a.send_object(bytearray(b"O" * (100 * KiB)))  # its buffer inline
+
+        in_child(child)
+        a.send_object(bytearray(b"P" * (100 * KiB)))  # the parent's through the lane
+        b.socket.settimeout(T)
+        assert b.recv() == b"A" * (100 * KiB)
+        assert b.recv_object() == bytearray(b"O" * (100 * KiB))
+        assert b.recv_object() == bytearray(b"P" * (100 * KiB))
+        assert a._lane is not None and a._lane.in_flight == 2
 
 
 @needs_fork
