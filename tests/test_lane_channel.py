@@ -319,16 +319,17 @@ class DocumentPeer:
 
     HEADER = struct.Struct("<IBBBB")
 
-    def __init__(self, sock: socket.socket, size: int, seals: int = 0x7, announced: int = 0) -> None:
+    def __init__(self, sock: socket.socket, size: int, seals: int = 0x17, announced: int = 0) -> None:
         import fcntl
         import mmap
         self.sock = sock
         self.fd = os.memfd_create("peer", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(self.fd, size)
         os.posix_fallocate(self.fd, 0, size)
+        self.map = mmap.mmap(self.fd, size)  # before the seals (FUTURE_WRITE)
         if seals:
-            fcntl.fcntl(self.fd, 1033, seals)  # F_ADD_SEALS: SEAL | SHRINK | GROW = 1 | 2 | 4
-        self.map = mmap.mmap(self.fd, size)
+            # F_ADD_SEALS: SEAL | SHRINK | GROW | FUTURE_WRITE = 1 | 2 | 4 | 16
+            fcntl.fcntl(self.fd, 1033, seals)
         self.frame(1, struct.pack("<Q", announced or size), [self.fd])
 
     def frame(self, kind: int, payload: bytes, fds: List[int] = [], version: int = 2) -> None:
@@ -450,7 +451,7 @@ def test_a_hostile_peer_gets_a_protocol_error_and_nothing_leaks(how: str, match:
     b = Channel(x)
     maps = region_mappings()
     with b, y:
-        peer = DocumentPeer(y, 1 << 16, seals=0 if how == "unsealed" else 0x7,
+        peer = DocumentPeer(y, 1 << 16, seals=0 if how == "unsealed" else 0x17,
                             announced=(1 << 17) if how == "size" else 0)
         others: List[DocumentPeer] = []
         try:

@@ -12,7 +12,7 @@ child process, so a SIGBUS shows as its exit status).  Also: round trips
 of random sizes across the threshold with descriptors and small messages,
 in order, through a peer process; a receiver process that is slow (the
 sender waits for slots as its timeout says, nothing half-sent); a peer that
-keeps writing the region while it is read (and punching holes in it); a
+keeps writing the region while it is read (its hole punching refused); a
 sender that never receives; closing without waiting out a timeout; no
 descriptor left to map the peer's region (the channel closes); and
 many messages through the lane with RSS, descriptors and mappings flat.
@@ -307,7 +307,7 @@ from afunix import Channel, ProtocolError
 CASE, WORKDIR = sys.argv[1], sys.argv[2]
 HEADER = struct.Struct("<IBBBB")
 F_ADD_SEALS = 1033
-SEAL, SHRINK, GROW = 1, 2, 4
+SEAL, SHRINK, GROW, FUTURE_WRITE = 1, 2, 4, 16
 REGION, SLOT, RETURN = 1, 2, 3
 
 
@@ -329,7 +329,7 @@ def frame(sock, kind, body, attach=(), version=2, nfds=None):
     sock.sendall(data[sent:])
 
 
-def memfd(size, seals=SEAL | SHRINK | GROW, reserve=True):
+def memfd(size, seals=SEAL | SHRINK | GROW | FUTURE_WRITE, reserve=True):
     fd = os.memfd_create("hostile", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, size)
     if reserve and size:
@@ -449,7 +449,7 @@ try:
             fd = os.memfd_create("hostile", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
             os.ftruncate(fd, 1 << 20)
             os.posix_fallocate(fd, 0, 1 << 19)
-            fcntl.fcntl(fd, F_ADD_SEALS, SEAL | SHRINK | GROW)
+            fcntl.fcntl(fd, F_ADD_SEALS, SEAL | SHRINK | GROW | FUTURE_WRITE)
             frame(y, REGION, struct.pack("<Q", 1 << 20), [fd]); os.close(fd)
         elif CASE == "pipe":
             r, w = os.pipe()
@@ -561,6 +561,8 @@ RECEIVER_CASES = {
     "seals-3": "not sealed",  # seal and shrink, not grow
     "seals-1": "not sealed",
     "seals-5": "not sealed",
+    "seals-7": "not sealed",  # shrink, grow and seal: holes can be punched in it
+    "seals-22": "not sealed",  # shrink, grow and future-write, not seal
     "unsealed-then-truncated": "not sealed",
     "size-larger": "announced",
     "size-smaller": "announced",
@@ -767,7 +769,8 @@ x, y = afunix.socketpair()
 fd = os.memfd_create("scribbled", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
 os.ftruncate(fd, SIZE)
 os.posix_fallocate(fd, 0, SIZE)
-fcntl.fcntl(fd, 1033, 7)
+m = mmap.mmap(fd, SIZE)  # before the seals: F_SEAL_FUTURE_WRITE refuses a writable mapping after
+fcntl.fcntl(fd, 1033, 0x17)  # F_ADD_SEALS: SEAL | SHRINK | GROW | FUTURE_WRITE
 y.sendmsg([HEADER.pack(8, 1, 1, 2, 0xAF) + struct.pack("<Q", SIZE)],
           [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
 ch = Channel(x)
@@ -778,17 +781,19 @@ assert len(ch.recv()) == 100
 assert len(y.recv(24, socket.MSG_WAITALL)) == 24  # its RETURN
 pid = os.fork()
 if pid == 0:
-    # the writer: every byte of the region, over and over, and holes punched
-    # in it (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE: the seals allow it)
+    # the writer: every byte of the region, over and over, through its
+    # mapping, and holes it tries to punch (FALLOC_FL_PUNCH_HOLE |
+    # FALLOC_FL_KEEP_SIZE), each refused under F_SEAL_FUTURE_WRITE
     libc = ctypes.CDLL(None, use_errno=True)
     libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-    m = mmap.mmap(fd, SIZE)
     rnd = random.Random(1)
     end = time.monotonic() + 3
     while time.monotonic() < end:
         m[:] = bytes([rnd.randrange(256)]) * SIZE
         off = rnd.randrange(0, SIZE, 4096)
-        libc.fallocate(fd, 3, off, rnd.randrange(4096, SIZE - off + 4096, 4096))
+        if (libc.fallocate(fd, 3, off, rnd.randrange(4096, SIZE - off + 4096, 4096)) != -1
+                or ctypes.get_errno() != 1):  # EPERM
+            os._exit(3)
     os._exit(0)
 rnd = random.Random(2)
 count = 0
@@ -811,6 +816,7 @@ while time.monotonic() < deadline:
     count += 1
 _, status = os.waitpid(pid, 0)
 assert status == 0, status
+assert os.fstat(fd).st_blocks * 512 >= SIZE  # no hole: nothing for the reader to allocate
 ch.close()
 print(count)
 '''
@@ -818,7 +824,8 @@ print(count)
 
 def test_a_peer_writing_its_region_while_it_is_read_crashes_nothing(backend: str) -> None:
     """The sender keeps its writable mapping: a forked writer scribbles over the whole
-    region and punches holes in it while the channel copies slots out of it."""
+    region while the channel copies slots out of it, and every hole it tries to punch is
+    refused (F_SEAL_FUTURE_WRITE), so the region stays allocated."""
     out = finish(subprocess.Popen([sys.executable, "-c", SCRIBBLER],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   env=dict(os.environ, AFUNIX_BACKEND=backend)))

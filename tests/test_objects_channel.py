@@ -423,8 +423,8 @@ class RegionPeer:
         self.fd = os.memfd_create(shm.REGION_NAME, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(self.fd, size)
         os.posix_fallocate(self.fd, 0, size)
-        fcntl.fcntl(self.fd, 1033, 0x7)  # F_ADD_SEALS: SEAL | SHRINK | GROW
-        self.map = mmap.mmap(self.fd, size)
+        self.map = mmap.mmap(self.fd, size)  # before the seals (FUTURE_WRITE)
+        fcntl.fcntl(self.fd, 1033, 0x17)  # F_ADD_SEALS: SEAL | SHRINK | GROW | FUTURE_WRITE
         data = HEADER.pack(8, 1, 1, 2, 0xAF) + struct.pack("<Q", size)
         sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                array.array("i", [self.fd]).tobytes())])

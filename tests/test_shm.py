@@ -10,10 +10,12 @@ suite runs it on both all the same.
 from __future__ import annotations
 
 import array
+import ctypes
 import errno
 import fcntl
 import gc
 import hashlib
+import mmap
 import os
 import pickle
 import platform
@@ -96,6 +98,32 @@ def test_a_created_region_is_sealed_sized_and_shared(fd_baseline: set) -> None:
     assert region_mappings() == 0
 
 
+def test_no_hole_can_be_punched_in_a_created_region(fd_baseline: set) -> None:
+    # The receiver checks that the whole region is allocated, so that reading
+    # it allocates nothing on its account.  Before F_SEAL_FUTURE_WRITE the
+    # sender could punch holes afterwards (FALLOC_FL_PUNCH_HOLE passes the
+    # shrink, grow and seal seals), and every read of one allocated a page
+    # again, charged to the receiver.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    size = 1 * MiB
+    with shm.Region.create(size) as region:
+        fd = region.fileno()
+        seals = fcntl.fcntl(fd, _kernel.F_GET_SEALS)  # type: ignore[arg-type]
+        assert seals & _kernel.F_SEAL_FUTURE_WRITE
+        ctypes.set_errno(0)
+        assert libc.fallocate(fd, 0x01 | 0x02, 0, size) == -1  # KEEP_SIZE | PUNCH_HOLE
+        assert ctypes.get_errno() == errno.EPERM
+        assert os.fstat(fd).st_blocks * 512 >= size
+        # no new way to write it either; the region's own mapping still writes
+        with pytest.raises(PermissionError):
+            os.pwrite(fd, b"x", 0)
+        with pytest.raises(PermissionError):
+            mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        region.view(0, 5)[:] = b"still"
+        assert os.pread(fd, 5, 0) == b"still"
+
+
 def test_bad_arguments_are_refused_before_any_system_call(fd_baseline: set) -> None:
     with pytest.raises(TypeError):
         shm.Region.create("4096")  # type: ignore[arg-type]
@@ -171,6 +199,8 @@ HOSTILE_REGIONS = {
     "no shrink seal": (_kernel.F_SEAL_GROW | _kernel.F_SEAL_SEAL, 8192, 8192),
     "no grow seal": (_kernel.F_SEAL_SHRINK | _kernel.F_SEAL_SEAL, 8192, 8192),
     "no seal seal": (_kernel.F_SEAL_SHRINK | _kernel.F_SEAL_GROW, 8192, 8192),
+    "no future-write seal": (_kernel.F_SEAL_SHRINK | _kernel.F_SEAL_GROW | _kernel.F_SEAL_SEAL,
+                             8192, 8192),
     "smaller than announced": (shm.REQUIRED_SEALS, 4096, 8192),
     "larger than announced": (shm.REQUIRED_SEALS, 3 * 4096, 8192),
     "empty": (shm.REQUIRED_SEALS, 0, 8192),

@@ -72,6 +72,9 @@ F_SEAL_SEAL: int = _value(fcntl, "F_SEAL_SEAL", 0x0001) or 0x0001
 F_SEAL_SHRINK: int = _value(fcntl, "F_SEAL_SHRINK", 0x0002) or 0x0002
 #: Seal: the file cannot grow.
 F_SEAL_GROW: int = _value(fcntl, "F_SEAL_GROW", 0x0004) or 0x0004
+#: Seal (Linux 5.1): no new write access (write(2), a new writable
+#: mapping, a hole punched), while mappings made before stay writable.
+F_SEAL_FUTURE_WRITE: int = _value(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010) or 0x0010
 #: os.memfd_create flags (linux/memfd.h): close-on-exec, and seals allowed.
 MFD_CLOEXEC: int = _value(os, "MFD_CLOEXEC", 0x0001 if _LINUX else None) or 0
 MFD_ALLOW_SEALING: int = _value(os, "MFD_ALLOW_SEALING", 0x0002 if _LINUX else None) or 0

@@ -115,7 +115,8 @@ class Channel:
 
     Raises:
         TypeError, ValueError: not such a socket, or bad limits.
-        OSError: ENOSYS where memfd regions are missing (shm_size only).
+        OSError: ENOSYS where memfd regions are missing, or the kernel is
+            older than Linux 5.1 (shm_size only).
     """
 
     def __init__(self, sock: socket.socket, *, max_frame: int = DEFAULT_MAX_FRAME,

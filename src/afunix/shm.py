@@ -1,7 +1,8 @@
 """Shared-memory regions for the channel's lane: sealed memfds, mapped once, reused.
 
-A sender makes a `Region` (``memfd_create``, sized, space reserved, sealed
-against shrinking and growing, mapped read-write), passes its descriptor to
+A sender makes a `Region` (``memfd_create``, sized, space reserved, mapped
+read-write, then sealed against shrinking, growing and any new write
+access), passes its descriptor to
 the peer once (SCM_RIGHTS), and then moves large messages by writing them
 into slots of it (afunix.slots) and naming the slot in a small frame.  The
 receiver adopts the descriptor (`Region.adopt`): it checks the seals and the
@@ -13,6 +14,10 @@ Why sealed: a mapping of a file that shrinks under it raises SIGBUS on the
 next access to the lost pages, which kills a Python process.  With
 F_SEAL_SHRINK on the file, and its size checked against the announced size,
 no access to the mapping can fault; F_SEAL_SEAL keeps the seals as they are.
+F_SEAL_FUTURE_WRITE (Linux 5.1) keeps the sender from punching holes in the
+region once the receiver has checked that all of it is allocated: a hole
+read again would allocate memory on the receiver's account.  The sender's
+own mapping, made before the seal, stays writable.
 
 Why memfd and not a named segment (multiprocessing.shared_memory): it has no
 name to leak after a crash, is freed when the last descriptor and mapping go,
@@ -33,13 +38,13 @@ from types import TracebackType
 from typing import Any, Callable, Optional, Type
 
 from . import _backend, _checks
-from ._kernel import (F_ADD_SEALS, F_GET_SEALS, F_SEAL_GROW, F_SEAL_SEAL, F_SEAL_SHRINK,
-                      MAP_POPULATE, MFD_ALLOW_SEALING, MFD_CLOEXEC)
+from ._kernel import (F_ADD_SEALS, F_GET_SEALS, F_SEAL_FUTURE_WRITE, F_SEAL_GROW, F_SEAL_SEAL,
+                      F_SEAL_SHRINK, MAP_POPULATE, MFD_ALLOW_SEALING, MFD_CLOEXEC)
 from .frames import ProtocolError
 from .slots import DEFAULT_ALIGNMENT, DEFAULT_MAX_SLOTS, Slot, SlotAllocator, SlotLedger
 
 #: The seals every region carries, and a receiver requires.
-REQUIRED_SEALS = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL
+REQUIRED_SEALS = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_FUTURE_WRITE | F_SEAL_SEAL
 
 #: The largest region: the mapping must fit the address space of a 64-bit
 #: process many times over; a 32-bit one is refused by mmap itself.
@@ -84,6 +89,19 @@ def _reserve(fd: int, size: int) -> None:
     error = fallocate(fd, 0, size)
     if error:
         raise OSError(error, os.strerror(error))
+
+
+def _seal(fd: int) -> None:
+    """Add REQUIRED_SEALS to `fd`; ENOSYS where the kernel has no F_SEAL_FUTURE_WRITE."""
+    try:
+        fcntl.fcntl(fd, F_ADD_SEALS, REQUIRED_SEALS)  # type: ignore[arg-type]
+    except OSError as exc:
+        # Before Linux 5.1 an unknown seal bit is EINVAL.  Without that
+        # seal a region is refused by every receiver: no lane, clearly.
+        if exc.errno != errno.EINVAL:
+            raise
+        raise OSError(errno.ENOSYS, "shared-memory regions unavailable: the kernel has no "
+                      "F_SEAL_FUTURE_WRITE (Linux 5.1 or later needed)") from None
 
 
 def _map(fd: int, size: int, writable: bool) -> mmap.mmap:
@@ -131,14 +149,17 @@ class Region:
 
     @classmethod
     def create(cls, size: int) -> "Region":
-        """A new region of `size` bytes, space reserved, sealed, mapped read-write.
+        """A new region of `size` bytes, space reserved, mapped read-write, sealed.
 
         The memory is reserved at once (posix_fallocate), so running out of
-        it is an OSError here and never a fault later.
+        it is an OSError here and never a fault later.  Mapped before it is
+        sealed: F_SEAL_FUTURE_WRITE refuses every writable mapping made
+        after it.
 
         Raises:
             TypeError, ValueError: `size` is not an int from 1 to MAX_REGION_SIZE.
-            OSError: ENOSYS where memfd or sealing is missing; the kernel's
+            OSError: ENOSYS where memfd or sealing is missing, or the kernel
+                has no F_SEAL_FUTURE_WRITE (before Linux 5.1); the kernel's
                 answer otherwise (ENOMEM, ENOSPC, EMFILE).
         """
         size = _checks.in_range(size, "size", 1, MAX_REGION_SIZE)
@@ -147,8 +168,12 @@ class Region:
         try:
             os.ftruncate(fd, size)
             _reserve(fd, size)
-            fcntl.fcntl(fd, F_ADD_SEALS, REQUIRED_SEALS)  # type: ignore[arg-type]
             mapping = _map(fd, size, writable=True)
+            try:
+                _seal(fd)
+            except BaseException:
+                mapping.close()
+                raise
         except BaseException:
             os.close(fd)
             raise
@@ -160,9 +185,11 @@ class Region:
 
         Takes ownership of `fd`: it is closed on every failure, and by
         `close` after success.  Checks, before mapping: the descriptor is a
-        regular file with the seals F_SEAL_SHRINK, F_SEAL_GROW and
-        F_SEAL_SEAL (so its size is fixed for good), its size is `size`,
-        and all of its memory is allocated (the sender reserved it).
+        regular file with the seals F_SEAL_SHRINK, F_SEAL_GROW,
+        F_SEAL_FUTURE_WRITE and F_SEAL_SEAL (so its size is fixed for good
+        and no hole can be punched in it), its size is `size`, and all of
+        its memory is allocated (the sender reserved it: checked after the
+        seals, so it stays so).
 
         Raises:
             ProtocolError: the descriptor is not a sealed memfd, lacks a
@@ -193,7 +220,9 @@ class Region:
             # A sparse region costs its sender nothing, but MAP_POPULATE (and
             # every later read of a hole) allocates its memory here: up to
             # MAX_REGION_SIZE charged to this process for free.  The sender
-            # must have reserved it all (st_blocks counts 512-byte units).
+            # must have reserved it all (st_blocks counts 512-byte units),
+            # and F_SEAL_FUTURE_WRITE, checked above, keeps it from punching
+            # holes afterwards (shmem refuses FALLOC_FL_PUNCH_HOLE with EPERM).
             if st.st_blocks * 512 < size:
                 raise ProtocolError("region's memory is not reserved: %d of %d bytes allocated"
                                     % (st.st_blocks * 512, size))
