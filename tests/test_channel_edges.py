@@ -673,3 +673,52 @@ def test_slots_released_before_the_fork_are_returned_by_the_parent_only() -> Non
         a.send(b"end")
         assert b.recv() == b"end"  # the returns read on the way: one each
         assert b._lane is not None and b._lane.in_flight == 0
+
+
+# ---- descriptors recv() does not return: closed by the next receive ----
+
+
+def is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def copies_of(fd: int, *besides: int) -> List[int]:
+    """This process's descriptors of what `fd` is (a pipe: of either end), but `fd` and `besides`."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        other = int(name)
+        if (other != fd and other not in besides and is_open(other)
+                and os.path.samestat(os.fstat(other), os.fstat(fd))):
+            found.append(other)
+    return found
+
+
+@pytest.mark.parametrize("size", [100, 100 * KiB])  # inline, and through the lane
+def test_descriptors_recv_does_not_return_are_closed_by_the_next_receive_or_close(
+        size: int) -> None:
+    # docs/channel.md (Descriptors): not at once, but by the start of the
+    # next receive, or by close() when none comes.
+    a, b = afunix.channel_pair(shm_size=1 << 20)
+    with a, b:
+        b.socket.settimeout(T)
+        r, w = os.pipe()
+        try:
+            received: List[int] = []
+            for ending in ("receive", "close"):
+                a.send(bytes(size), fds=[w])
+                assert b.recv() == bytes(size)
+                received = copies_of(w, r)
+                assert len(received) == 1  # still open
+                if ending == "receive":
+                    a.send(b"next")
+                    assert b.recv() == b"next"
+                    assert not any(is_open(fd) for fd in received)
+            b.close()
+            assert not any(is_open(fd) for fd in received)
+        finally:
+            os.close(r)
+            os.close(w)

@@ -701,7 +701,7 @@ class Channel:
         return await call_when_ready(self._fd, False, call)
 
     async def recv(self) -> bytes:
-        """Receive one message (descriptors that came with it are closed).
+        """Receive one message (descriptors that came with it are closed by the next receive).
 
         Raises:
             EOFError: the peer closed the channel cleanly.

@@ -899,8 +899,9 @@ class Channel:
         """Receive one message, as bytes.
 
         Waits as ``sock.recv`` would (blocking, timeout or BlockingIOError).
-        Descriptors that came with the message are closed: use
-        `recv_message` where descriptors may come.
+        Descriptors that came with the message are closed, not at once but
+        by the next receive (or `close`; docs/channel.md, Descriptors):
+        use `recv_message` where descriptors may come.
 
         Raises:
             EOFError: the peer closed the channel cleanly (between messages).
@@ -942,7 +943,7 @@ class Channel:
     def recv_many(self, max_messages: int = TABLE_CAPACITY) -> List[bytes]:
         """Receive up to `max_messages` messages: those one read brought, waiting only for the first.
 
-        Descriptors that came with them are closed (see `recv_message`).
+        Descriptors that came with them are closed by the next receive (see `recv`).
 
         Returns:
             The messages, in order; an empty list at a clean end of stream.
