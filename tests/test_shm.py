@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import types
 from typing import List, Optional
 
 import pytest
@@ -122,6 +123,23 @@ def test_no_hole_can_be_punched_in_a_created_region(fd_baseline: set) -> None:
             mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         region.view(0, 5)[:] = b"still"
         assert os.pread(fd, 5, 0) == b"still"
+
+
+def test_a_kernel_without_the_future_write_seal_makes_no_region(
+        monkeypatch: pytest.MonkeyPatch, fd_baseline: set) -> None:
+    # Before Linux 5.1, F_ADD_SEALS with F_SEAL_FUTURE_WRITE is EINVAL: no
+    # region (a receiver would refuse it), said as where memfd is missing.
+    def old_kernel(fd: int, cmd: int, arg: int = 0) -> int:
+        if cmd == _kernel.F_ADD_SEALS and arg & _kernel.F_SEAL_FUTURE_WRITE:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return fcntl.fcntl(fd, cmd, arg)
+
+    maps = region_mappings()
+    monkeypatch.setattr(shm, "fcntl", types.SimpleNamespace(fcntl=old_kernel))
+    with pytest.raises(OSError) as info:
+        shm.Region.create(4096)
+    assert info.value.errno == errno.ENOSYS and "5.1" in str(info.value)
+    assert region_mappings() == maps
 
 
 def test_bad_arguments_are_refused_before_any_system_call(fd_baseline: set) -> None:
