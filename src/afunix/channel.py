@@ -17,8 +17,8 @@ import weakref
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from . import _checks, _io
-from ._chanio import (NOSIGNAL_ONCE, RECEIVING, SENDING, Sender, fill, owning, read_for_room,
-                      refused, stalled)
+from ._chanio import (NOSIGNAL, NOSIGNAL_ONCE, RECEIVING, SENDING, Sender, fill, owning,
+                      read_for_room, refused, stalled)
 from .addresses import connect
 from .batch import checked_fds
 from .codec import TABLE_CAPACITY, FrameReader
@@ -276,12 +276,16 @@ class Channel:
             frame = frame_header(n) + data
             if self._sock.gettimeout() is None and (
                     not self._seqpacket or len(frame) <= RECORD_MAX):
-                # blocking: the kernel writes all of it (a stream) or the
-                # whole record (SEQPACKET), or fails, or a signal cuts a
-                # stream's write short.  The count goes into the writer's
-                # state inside the call (see _chanio.write): an exception
-                # from the handler after it leaves the tail to the next
-                # send, flush or close.  (FrameWriter.begin, inlined.)
+                # blocking: the kernel writes the whole record (SEQPACKET)
+                # or fails, so no count can be lost
+                if self._seqpacket:
+                    self._sock.send(frame, NOSIGNAL)
+                    return
+                # On a stream, all of it or fails, or a signal cuts the
+                # write short: the count goes into the writer's state inside
+                # the call (see _chanio.write), and an exception from the
+                # handler after it leaves the tail to the next send, flush
+                # or close.  (FrameWriter.begin, inlined.)
                 taken: List[int] = []
                 w.taken, w.writing_lengths, w.writing = taken, [n], frame
                 taken.extend(map(self._sock.send, (frame,), NOSIGNAL_ONCE))

@@ -247,7 +247,12 @@ class FrameWriter:
             return 0
         done = sum(self.taken)
         lengths = self.writing_lengths
-        k, end = (0, len(frames)) if lengths is None else cut(lengths, done)
+        if lengths is None:
+            k, end = 0, len(frames)
+        elif done >= len(frames):
+            k, end = len(lengths), done  # (all went: the common case, no walk)
+        else:
+            k, end = cut(lengths, done)
         # a copy: `frames` may be the reusable pack buffer's, or the caller's
         tail = memoryview(bytes(frames[done:end])) if done < end else _EMPTY
         self.pending, self.writing, self.taken = tail, None, []
