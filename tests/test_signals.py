@@ -9,6 +9,9 @@ on.  At the end every message must have arrived exactly once and in order,
 each with the descriptors it carried, and /proc/self/fd must hold what it
 held before: the descriptors of every message were handed over or closed.
 
+Sending is checked the other way round (at the end): this process sends
+under the timer, a child receives, and every frame must arrive whole.
+
 What the README (Reliability) promises, and so what is asserted here: on
 both backends nothing is lost, duplicated, reordered or leaked.  See the
 README for the interpreter behaviour this rests on (CPython runs signal
@@ -887,7 +890,7 @@ RECEIVER = textwrap.dedent("""
     print(" ".join(map(str, seqs)))
 """)
 
-N_SENT = 300  # messages, one in three of 250 KB: more than a socket buffer holds
+N_SENT = 600  # messages, one in three of 250 KB: more than a socket buffer holds
 
 
 def _sent(i: int, null: int) -> Any:
