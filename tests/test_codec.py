@@ -102,19 +102,50 @@ def test_writer_keeps_the_tail_of_the_message_a_short_write_cut() -> None:
     seg, = w.segments([b"aaaa", b"bbbb", b"cccc"])[0]
     packed = bytes(w.pack(seg))
     size = HEADER_SIZE + 4
+
+    def wrote(*counts: int) -> int:
+        w.begin(w.pack(seg), seg.lengths)
+        w.taken += counts
+        return w.settle()
+
     # nothing went: nothing counts; all went: all count
-    assert w.keep_tail(seg, memoryview(packed), 0) == 0 and w.unsent == 0
-    assert w.keep_tail(seg, memoryview(packed), len(packed)) == 3 and w.unsent == 0
+    assert wrote() == 0 and w.unsent == 0
+    assert wrote(len(packed) - 5, 5) == 3 and w.unsent == 0
     # a cut inside the second message: two count, its tail is pending, the third is not started
     done = size + 3
-    assert w.keep_tail(seg, w.pack(seg), done) == 2
+    w.begin(w.pack(seg), seg.lengths)
+    w.taken.append(done)
+    assert w.unsent == 2 * size - done  # before it is settled too
+    assert w.settle() == 2
     assert bytes(w.pending) == packed[done:2 * size]
+    with pytest.raises(RuntimeError, match="pending bytes must be written"):
+        w.begin(packed, seg.lengths)
     w.pack(seg)  # the pack buffer is reused: the kept tail was copied out
     assert bytes(w.pending) == packed[done:2 * size]
-    w.wrote(2)
+    w.begin(w.pending, None)
+    with pytest.raises(RuntimeError, match="in progress"):
+        w.begin(w.pending, None)
+    w.taken.append(2)
+    assert w.settle() == 0
     assert bytes(w.pending) == packed[done + 2:2 * size]
-    w.wrote(len(w.pending))
-    assert w.unsent == 0
+    w.begin(w.pending, None)
+    w.taken.append(len(w.pending))
+    w.settle()
+    assert w.unsent == 0 and w.writing is None
+
+
+def test_writer_settles_a_write_left_in_progress_before_it_packs_again() -> None:
+    # An exception can leave a write in progress (begun, counts taken, not
+    # settled); packing the next segment into the same buffer must keep
+    # the tail of the message it cut first.
+    w = FrameWriter()
+    seg, = w.segments([b"aaaa", b"bbbb"])[0]
+    packed = bytes(w.pack(seg))
+    w.begin(w.pack(seg), seg.lengths)
+    w.taken.append(3)
+    other, = w.segments([b"zzzzzzzz", b"yyyyyyyy"])[0]
+    w.pack(other)
+    assert w.writing is None and bytes(w.pending) == packed[3:HEADER_SIZE + 4]
 
 
 def test_writer_buffer_packs_the_same_bytes_and_says_when_it_is_full() -> None:
@@ -526,15 +557,16 @@ def test_writer_never_drops_a_kept_tail_for_a_caller_who_goes_on() -> None:
     w = FrameWriter()
     seg, = w.segments([b"aaaa", b"bbbb"])[0]
     packed = bytes(w.pack(seg))
-    assert w.keep_tail(seg, w.pack(seg), 3) == 1
+    w.begin(w.pack(seg), seg.lengths)
+    w.taken.append(3)
+    assert w.settle() == 1
     tail = bytes(w.pending)
     assert tail == packed[3:HEADER_SIZE + 4]
     seg2, = w.segments([b"cccc"])[0]
     with pytest.raises(RuntimeError, match="pending"):
-        w.keep_tail(seg2, w.pack(seg2), 2)  # its bytes would go before the tail
-    for bad in (-1, len(tail) + 1):
-        with pytest.raises(ValueError, match="pending"):
-            w.wrote(bad)
-    assert bytes(w.pending) == tail
-    w.wrote(len(tail))
+        w.begin(w.pack(seg2), seg2.lengths)  # its bytes would go before the tail
+    assert bytes(w.pending) == tail and w.settle() == 0 and bytes(w.pending) == tail
+    w.begin(w.pending, None)
+    w.taken.append(len(tail))
+    w.settle()
     assert w.unsent == 0

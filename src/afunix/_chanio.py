@@ -18,13 +18,15 @@ from . import _io
 from ._kernel import MSG_NOSIGNAL
 from .codec import EMPTY_RECORD, FrameReader
 from .frames import RECORD_MAX
-from .framewriter import FrameWriter, Segment, control
+from .framewriter import Frames, FrameWriter, Segment, control
 
 T = TypeVar("T")
 
 # Plain ints: the socket module's constants are enum members, and | or & on
 # them builds a new enum object each time.
 NOSIGNAL = MSG_NOSIGNAL
+# The flags of one send, as `map` takes them (see write).
+NOSIGNAL_ONCE = (NOSIGNAL,)
 DONTWAIT = int(socket.MSG_DONTWAIT)
 # The two sides of a channel, each used by one caller at a time (see
 # Channel._busy): the keys of the claims, and how the refusal names them.
@@ -54,49 +56,59 @@ def stalled(sock: socket.socket) -> OSError:
     return socket.timeout("timed out")
 
 
-def write(sock: socket.socket, view: memoryview, deadline: Optional[float],
-          seqpacket: bool) -> Tuple[int, Optional[BaseException]]:
-    """Write as much of `view` as the socket takes; (bytes written, what stopped it or None)."""
+def write(sock: socket.socket, view: Frames, taken: List[int], deadline: Optional[float],
+          seqpacket: bool) -> Optional[OSError]:
+    """Write `view` from the sum of `taken` on, as far as the socket takes it; None when all went.
+
+    Each count the kernel returns is appended to `taken` by the call that
+    wrote, with no Python code between them (``list.extend`` over ``map``
+    runs in C), so an exception a signal handler raises right after the
+    call cannot lose it (see FrameWriter.settle).  Returns what stopped it:
+    BlockingIOError (a non-blocking socket is full) or a timeout; raises
+    anything else.
+    """
     timeout = sock.gettimeout()
     total = len(view)
-    done = 0
+    done = sum(taken)
     twin: Optional[socket.socket] = None
     record = RECORD_MAX if seqpacket else total
     try:
-        if timeout:
+        if timeout and done < total:
             # CPython's methods wait before every call on a socket with a
             # timeout; try first (a unix socket polls writable only when
             # most of its buffer is free), wait only when it is full.
             twin = _io.nonblocking_twin(sock)
-        writer = twin if twin is not None else sock
+        send = (twin if twin is not None else sock).send
         while done < total:
             try:
-                done += writer.send(view[done:done + record], NOSIGNAL)
+                taken.extend(map(send, (view[done:done + record],), NOSIGNAL_ONCE))
             except BlockingIOError as exc:
                 if twin is None:
-                    return done, exc
+                    return exc
                 if not _io.wait(sock.fileno(), True, deadline):
-                    return done, socket.timeout("timed out")
-    except BaseException as exc:
-        return done, exc
+                    return socket.timeout("timed out")
+                continue
+            done += taken[-1]
     finally:
         if twin is not None:
             twin.detach()
-    return done, None
+    return None
 
 
-def send_fds(sock: socket.socket, packed: memoryview, fds: Tuple[int, ...],
-             deadline: Optional[float], seqpacket: bool) -> int:
-    """The first write of a frame with descriptors: sendmsg with SCM_RIGHTS; bytes written."""
-    ancillary = control(fds)
-    chunk = packed[:RECORD_MAX] if seqpacket else packed
+def send_fds(sock: socket.socket, packed: memoryview, taken: List[int], fds: Tuple[int, ...],
+             deadline: Optional[float], seqpacket: bool) -> None:
+    """The first write of a frame with descriptors: sendmsg with SCM_RIGHTS; the count in `taken`, as `write`."""
+    ancillary = (control(fds),)
+    chunk = ([packed[:RECORD_MAX] if seqpacket else packed],)
     if not sock.gettimeout():
-        return sock.sendmsg([chunk], ancillary, NOSIGNAL)
+        taken.extend(map(sock.sendmsg, chunk, ancillary, NOSIGNAL_ONCE))
+        return
     twin = _io.nonblocking_twin(sock)
     try:
         while True:
             try:
-                return twin.sendmsg([chunk], ancillary, NOSIGNAL)
+                taken.extend(map(twin.sendmsg, chunk, ancillary, NOSIGNAL_ONCE))
+                return
             except BlockingIOError:
                 if not _io.wait(sock.fileno(), True, deadline):
                     raise socket.timeout("timed out") from None
@@ -223,7 +235,10 @@ class Sender:
 
     Partial results are counts, never losses: the messages fully written
     and the one in progress (its tail kept in the writer's `pending`) count
-    as sent, later ones are not started.
+    as sent, later ones are not started.  An exception from a signal
+    handler loses nothing either: the writer holds what the kernel took
+    (FrameWriter.settle), and the next send, flush or close writes the
+    rest of a frame partly written before anything else.
     """
 
     __slots__ = ("sock", "writer", "seqpacket")
@@ -239,7 +254,7 @@ class Sender:
         if w.write_buffer:
             return self.enqueue(segments)
         deadline = _io.deadline_of(self.sock.gettimeout())
-        if (w.pending or w.queue) and not self.drain(deadline):
+        if (w.writing is not None or w.pending or w.queue) and not self.drain(deadline):
             raise stalled(self.sock)
         accepted = 0
         for seg in segments:
@@ -295,6 +310,8 @@ class Sender:
         socket takes nothing: the message is then not accepted.
         """
         w = self.writer
+        if w.writing is not None:
+            w.settle()  # a write an exception interrupted: its tail is pending
         if w.must_flush_before(n):
             if deadline is None:
                 deadline = _io.deadline_of(self.sock.gettimeout())
@@ -308,28 +325,27 @@ class Sender:
     def drain(self, deadline: Optional[float]) -> bool:
         """Write what is pending and buffered; True when nothing is left."""
         w = self.writer
+        w.settle()
         w.take_queue()
         while w.pending:
-            done, exc = write(self.sock, w.pending, deadline, self.seqpacket)
-            w.wrote(done)
+            frames = w.pending
+            w.begin(frames, None)
+            exc = write(self.sock, frames, w.taken, deadline, self.seqpacket)
+            w.settle()
             if exc is not None:
-                if isinstance(exc, (BlockingIOError, socket.timeout)):
-                    return False
-                raise exc
+                return False
         return True
 
     def emit(self, seg: Segment, deadline: Optional[float]) -> Tuple[int, Optional[BaseException]]:
         """Write one segment; (messages accepted, the exception that stopped it or None)."""
-        packed = self.writer.pack(seg)
-        total = len(packed)
-        done = 0
+        w = self.writer
+        packed = w.pack(seg)
+        w.begin(packed, seg.lengths)
         exc: Optional[BaseException] = None
-        if seg.fds:
-            try:
-                done = send_fds(self.sock, packed, seg.fds, deadline, self.seqpacket)
-            except BaseException as e:  # nothing went: the message is not started
-                return 0, e
-        if done < total:
-            more, exc = write(self.sock, packed[done:], deadline, self.seqpacket)
-            done += more
-        return self.writer.keep_tail(seg, packed, done), exc
+        try:
+            if seg.fds:
+                send_fds(self.sock, packed, w.taken, seg.fds, deadline, self.seqpacket)
+            exc = write(self.sock, packed, w.taken, deadline, self.seqpacket)
+        except BaseException as e:  # the writer has what went: settled below
+            exc = e
+        return w.settle(), exc

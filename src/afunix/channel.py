@@ -17,8 +17,8 @@ import weakref
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from . import _checks, _io
-from ._chanio import (NOSIGNAL, RECEIVING, SENDING, Sender, fill, owning, read_for_room,
-                      refused, stalled)
+from ._chanio import (NOSIGNAL, NOSIGNAL_ONCE, RECEIVING, SENDING, Sender, fill, owning,
+                      read_for_room, refused, stalled)
 from .addresses import connect
 from .batch import checked_fds
 from .codec import TABLE_CAPACITY, FrameReader
@@ -280,19 +280,30 @@ class Channel:
             if w.write_buffer:
                 self._sender.enqueue_one(data, n, None)
                 return
-            if w.pending:
+            if w.pending or w.writing is not None:
                 self._send_many([data])
                 return
             # the common case, one call: header and payload in one write
             frame = frame_header(n) + data
             if self._sock.gettimeout() is None and (
                     not self._seqpacket or len(frame) <= RECORD_MAX):
-                # blocking: the kernel writes all of it (a stream) or the
-                # whole record (SEQPACKET), or fails
-                done = self._sock.send(frame, NOSIGNAL)
-                if done == len(frame):
+                # blocking: the kernel writes the whole record (SEQPACKET)
+                # or fails, so no count can be lost
+                if self._seqpacket:
+                    self._sock.send(frame, NOSIGNAL)
                     return
-                w.pending = memoryview(frame)[done:]
+                # On a stream, all of it or fails, or a signal cuts the
+                # write short: the count goes into the writer's state inside
+                # the call (see _chanio.write), and an exception from the
+                # handler after it leaves the tail to the next send, flush
+                # or close.  (FrameWriter.begin, inlined.)
+                taken: List[int] = []
+                w.taken, w.writing_lengths, w.writing = taken, [n], frame
+                taken.extend(map(self._sock.send, (frame,), NOSIGNAL_ONCE))
+                if taken[0] == len(frame):
+                    w.writing = None
+                    return
+                w.settle()
                 self._flush()
                 return
         self._send_many([data if not fds else Message(data, tuple(checked_fds(fds)))])
@@ -1174,7 +1185,7 @@ class Channel:
         try:
             # (claimed as the sending calls do: a thread sending now would
             # interleave with this write, so its pending bytes are dropped)
-            if busy.setdefault(SENDING, me) is me and (self._writer.pending or self._writer.queue):
+            if busy.setdefault(SENDING, me) is me and self._writer.unsent:
                 timeout = self._sock.gettimeout()
                 if not self._sender.drain(_io.deadline_of(timeout)) and timeout:
                     raise socket.timeout("timed out")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import array
 import socket
-from typing import Any, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Iterable, Iterator, List, Optional, Tuple, Union
 
 from . import _backend, _checks
 from ._contract import Backend
@@ -26,6 +26,8 @@ _SOL_SOCKET = int(socket.SOL_SOCKET)
 from ._limits import FRAME_HEADER as HEADER_SIZE
 _SCM_RIGHTS = int(socket.SCM_RIGHTS)
 _EMPTY = memoryview(b"")
+#: What a write takes: a frame made in Python, or a view of packed ones.
+Frames = Union[bytes, memoryview]
 
 
 class Segment:
@@ -94,13 +96,14 @@ class FrameWriter:
 
     The I/O loop asks `segments` (or `fixed`) for the writes a batch of
     messages needs, `pack` for the bytes of each and `control` for the
-    descriptors of one, writes them, and tells the writer what did not go
-    (`keep_tail`, `wrote`).  With a write buffer, messages without
-    descriptors are kept (`queue_one`) until `take_queue` packs them.
+    descriptors of one, writes them (`begin`, the kernel's counts appended
+    to `taken`), and `settle` keeps what did not go.  With a write buffer,
+    messages without descriptors are kept (`queue_one`) until `take_queue`
+    packs them.
     """
 
-    __slots__ = ("impl", "max_frame", "write_buffer", "pending", "queue", "queue_lengths",
-                 "queued", "out")
+    __slots__ = ("impl", "max_frame", "write_buffer", "pending", "queue", "queued", "out",
+                 "writing", "writing_lengths", "taken")
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, write_buffer: int = 0,
                  backend: Optional[Backend] = None) -> None:
@@ -110,20 +113,33 @@ class FrameWriter:
         # frame bytes already promised: the tail of a partly written message,
         # or flushed buffered ones
         self.pending = _EMPTY
-        # buffered payloads (immutable) not packed yet, their sizes, and
-        # their frame bytes
+        # buffered payloads (bytes) not packed yet, and their frame bytes
         self.queue: List[bytes] = []
-        self.queue_lengths: List[int] = []
         self.queued = 0
         # where batches are packed, reused: a fresh large buffer per batch
         # costs a page fault per 4 KiB.  Nothing refers to it between calls
-        # (a kept tail is copied out).
+        # (a kept tail is copied out, and `pack` settles a write first).
         self.out = bytearray(0)
+        # The write in progress: its bytes (None: none), the payload sizes
+        # of its messages (None: the bytes are `pending`'s, all promised),
+        # and the byte counts the kernel took of them.  The call that
+        # writes appends its count to `taken` itself (see _chanio.write),
+        # so an exception from a signal handler right after it cannot lose
+        # it; `settle` turns the three into `pending`, with stores only.
+        self.writing: Optional[Frames] = None
+        self.writing_lengths: Optional[List[int]] = None
+        self.taken: List[int] = []
 
     @property
     def unsent(self) -> int:
         """Bytes of accepted messages not written yet."""
-        return len(self.pending) + self.queued
+        frames, lengths = self.writing, self.writing_lengths
+        if frames is None:
+            return len(self.pending) + self.queued
+        # (a read only: another thread may ask while this one writes)
+        done = sum(self.taken)
+        end = len(frames) if lengths is None else cut(lengths, done)[1]
+        return max(0, end - done) + self.queued
 
     def check_size(self, n: int) -> None:
         if n > self.max_frame:
@@ -183,6 +199,8 @@ class FrameWriter:
         """The frames of `seg`, in the writer's reusable buffer (valid until the next pack)."""
         if seg.packed is not None:
             return memoryview(seg.packed)
+        if self.writing is not None:
+            self.settle()  # the buffer may hold what an interrupted write was writing
         return self._pack_into(seg.datas, seg.joined, seg.lengths,
                                [len(seg.fds)] if seg.fds else None)
 
@@ -196,42 +214,49 @@ class FrameWriter:
         n = self.impl.pack_frames(out, datas, joined, lengths, nfds)
         return memoryview(out)[:n]
 
-    def keep_tail(self, seg: Segment, packed: memoryview, done: int) -> int:
-        """`done` bytes of `packed` (the frames of `seg`) went: the messages that count as sent.
+    def begin(self, frames: Frames, lengths: Optional[List[int]]) -> None:
+        """Start writing `frames`: a segment's (`lengths`: its messages' payload sizes), or `pending`.
 
-        Those fully written and the one in progress count; the tail of the
-        one in progress becomes `pending` (a message is never half-framed on
-        the wire); later messages are not started.
+        The writer then appends each count the kernel takes to `taken`
+        (which begin makes new), and `settle` ends the write.
 
         Raises:
-            RuntimeError: `pending` was not written first (see `wrote`): the
-                bytes of `seg` went ahead of it, and a kept tail is never
-                dropped.
+            RuntimeError: a write is in progress (see `settle`), or a
+                segment would go ahead of `pending`: a kept tail is never
+                dropped or overtaken.
         """
-        if self.pending:
+        if self.writing is not None:
+            raise RuntimeError("a write is in progress: settle it first")
+        if lengths is not None and self.pending:
             raise RuntimeError("%d pending bytes must be written before the next segment"
                                % len(self.pending))
-        if done >= len(packed):
-            return len(seg.lengths)
-        if done == 0:
-            return 0
-        end = 0
-        k = 0
-        for n in seg.lengths:
-            end += HEADER_SIZE + n
-            k += 1
-            if end >= done:
-                break
-        if end > done:
-            self.pending = memoryview(packed[done:end].tobytes())
-        return k
+        self.taken, self.writing_lengths, self.writing = [], lengths, frames
 
-    def wrote(self, done: int) -> None:
-        """`done` bytes of `pending` went; the rest is copied out of the reusable pack buffer."""
-        pending = self.pending
-        if not 0 <= done <= len(pending):
-            raise ValueError("%d bytes written of %d pending" % (done, len(pending)))
-        self.pending = memoryview(pending[done:].tobytes()) if done < len(pending) else _EMPTY
+    def settle(self) -> int:
+        """End the write in progress, if any; how many of its messages count as sent.
+
+        A segment's messages fully written and the one in progress count;
+        the tail of the one in progress becomes `pending` (a message is
+        never half-framed on the wire) and later ones are not started.  Of
+        `pending`'s bytes, what was not written stays pending.  It may be
+        interrupted anywhere (a signal handler's exception) and called
+        again: it changes the state only at its end, with stores alone.
+        """
+        frames = self.writing
+        if frames is None:
+            return 0
+        done = sum(self.taken)
+        lengths = self.writing_lengths
+        if lengths is None:
+            k, end = 0, len(frames)
+        elif done >= len(frames):
+            k, end = len(lengths), done  # (all went: the common case, no walk)
+        else:
+            k, end = cut(lengths, done)
+        # a copy: `frames` may be the reusable pack buffer's, or the caller's
+        tail = memoryview(bytes(frames[done:end])) if done < end else _EMPTY
+        self.pending, self.writing, self.taken = tail, None, []
+        return k
 
     def must_flush_before(self, n: int) -> bool:
         """True when buffering a message of `n` bytes needs the buffered bytes written first."""
@@ -239,26 +264,51 @@ class FrameWriter:
                 and bool(self.queued or self.pending))
 
     def queue_one(self, data: bytes, n: int) -> bool:
-        """Buffer one message (`data`, immutable, `n` bytes); True when the buffer is full."""
-        self.queue.append(data)
-        self.queue_lengths.append(n)
+        """Buffer one message (`data`, bytes, `n` long); True when the buffer is full."""
+        # (the count first: the append is the one call, and an exception a
+        # signal handler raises after it finds the two in step)
         self.queued += n + HEADER_SIZE
+        self.queue.append(data)
         return self.queued >= self.write_buffer
 
     def take_queue(self) -> None:
         """Pack the buffered messages behind `pending`, to be written next."""
         if not self.queue:
             return
-        queue, lengths = self.queue, self.queue_lengths
-        self.queue, self.queue_lengths, self.queued = [], [], 0
-        packed = self._pack_into(queue, b"".join(queue), lengths, None)
-        self.pending = packed if not self.pending else memoryview(
-            bytes(self.pending) + bytes(packed))
+        if self.writing is not None:
+            self.settle()  # (pending is then what follows the write)
+        queue = self.queue
+        # copied before the pack: it may be a view of the pack buffer
+        head = bytes(self.pending)
+        packed = self._pack_into(queue, b"".join(queue), [len(data) for data in queue], None)
+        pending = memoryview(head + bytes(packed)) if head else packed
+        # (stores only: an exception from a signal handler before them
+        # leaves the messages queued, after them, pending)
+        self.pending, self.queue, self.queued = pending, [], 0
 
     def drop_unsent(self) -> None:
         """Forget every message accepted and not written (the peer is gone, or after fork)."""
+        self.writing = None
         self.pending = _EMPTY
-        self.queue, self.queue_lengths, self.queued = [], [], 0
+        self.queue, self.queued = [], 0
 
 
-__all__ = ["FrameWriter", "Segment", "Records", "chunked", "control", "lane_segment", "JOIN_MAX"]
+def cut(lengths: List[int], done: int) -> Tuple[int, int]:
+    """(messages begun, where the last of them ends) once `done` bytes of their frames went.
+
+    `lengths`: the payload sizes of the messages whose frames are written.
+    """
+    if done <= 0:
+        return 0, 0
+    end = 0
+    k = 0
+    for n in lengths:
+        end += HEADER_SIZE + n
+        k += 1
+        if end >= done:
+            break
+    return k, end
+
+
+__all__ = ["FrameWriter", "Frames", "Segment", "Records", "chunked", "control", "cut",
+           "lane_segment", "JOIN_MAX"]
