@@ -1072,7 +1072,8 @@ class Channel:
                 check_unpickle_peer(self._peer_uid)
             except PermissionError as exc:
                 refusal = exc
-        parts = r.take_object()
+        # a refused object is dropped unread: nothing is copied out of its slots
+        parts = r.take_object(drop=refusal is not None)
         if r.returns:
             self._write_returns()
         if refusal is not None:
