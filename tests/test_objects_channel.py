@@ -119,7 +119,9 @@ def test_large_parts_go_in_slots_with_a_lane_and_inline_without(clean: None) -> 
     c, d = channel_pair(shm_threshold=16 * KiB)
     with a, b, c, d:
         a.send_object({"x": bytearray(20 * KiB), "y": Blob(bytearray(30 * KiB))})
-        assert a._lane is not None and a._lane.in_flight == 2  # two buffers in slots, the stream inline
+        # two parts in slots: the Blob's buffer and the stream, which holds
+        # the bytearray (pickle writes one under 64 KiB into it itself)
+        assert a._lane is not None and a._lane.in_flight == 2
         a.send_object(b"small")
         assert a._lane.in_flight == 2
         assert b.recv_object() == {"x": bytearray(20 * KiB), "y": Blob(bytearray(30 * KiB))}
@@ -146,6 +148,27 @@ def test_an_object_too_large_for_max_frame_without_a_slot_is_refused_whole(clean
         assert a.pending == 0
         a.send_object("after")
         assert b.recv_object() == "after"
+
+
+@pytest.mark.parametrize("lane", [0, 4 * MiB], ids=["inline", "lane"])
+def test_what_goes_out_of_band_is_what_the_docs_say(lane: int, clean: None) -> None:
+    # docs/channel.md: protocol-5 buffers anywhere, bytes and bytearray
+    # objects given themselves; a bytes or bytearray inside another object
+    # stays in the stream (pickle writes those itself), which then travels
+    # in a slot as one part.
+    ba, by = bytearray(b"a" * 100 * KiB), bytes(range(256)) * 300
+    inside = {"ba": ba, "by": [by, by, ba], "blob": Blob(bytearray(20 * KiB))}
+    with pickle_object(inside, threshold=16 * KiB) as pickled:
+        assert [p.nbytes for p in pickled.buffers] == [20 * KiB]
+        assert pickled.pickle.nbytes > 100 * KiB + 300 * 256
+    for given in (ba, by):
+        with pickle_object(given, threshold=16 * KiB) as pickled:
+            assert [p.nbytes for p in pickled.buffers] == [len(given)]
+    a, b = channel_pair(shm_size=lane, shm_threshold=16 * KiB)
+    with a, b:
+        got, = exchange(a, b, [inside])
+    assert got == inside and type(got["ba"]) is bytearray and type(got["by"][0]) is bytes
+    assert got["ba"] is got["by"][2] and got["by"][0] is got["by"][1]  # shared as sent
 
 
 @pytest.mark.parametrize("lane", [0, MiB], ids=["inline", "lane"])

@@ -751,10 +751,11 @@ class Channel:
 
         The twin of ``multiprocessing.connection.Connection.send``.  Buffers
         of at least `shm_threshold` bytes (numpy arrays and other
-        protocol-5 buffers, bytearray objects, and `obj` itself when it is
-        large bytes) are not copied into the pickle stream: each goes in a
-        free slot of the lane when the channel has one, inline otherwise,
-        and so does a large stream.  It waits for slots only when what
+        protocol-5 buffers, and `obj` itself when it is bytes or a
+        bytearray; not a bytes or bytearray inside `obj`, which pickle
+        writes into the stream) are not copied into the pickle stream: each
+        goes in a free slot of the lane when the channel has one, inline
+        otherwise, and so does a large stream.  It waits for slots only when what
         would stay inline is over max_frame.  Waits, and keeps a partly
         written object, as `send` does.
 

@@ -6,9 +6,10 @@ Pure functions, no socket I/O, for the channel's ``send_object`` /
 
 1. `pickle_object` pickles with protocol 5; every buffer of at least
    `threshold` bytes -- a `pickle.PickleBuffer` from numpy and other
-   protocol-5 types, and large ``bytes`` / ``bytearray`` objects, which
-   pickle otherwise copies into the stream -- is kept out of band, the rest
-   stays in the pickle stream.
+   protocol-5 types anywhere in the object, and the object itself when it
+   is a ``bytes`` or ``bytearray`` -- is kept out of band, the rest stays in
+   the pickle stream (a bytes or bytearray inside another object too:
+   pickle writes those itself, see `_BytesOutOfBand`).
 2. The caller copies each large part (the stream too, when it is large)
    into a slot of its region (`place_parts` does it with a `RegionWriter`,
    without waiting) or leaves it inline.
@@ -166,10 +167,11 @@ def pickle_object(obj: Any, *, threshold: int = DEFAULT_THRESHOLD) -> PickledObj
 
     Like ``pickle.dumps(obj, protocol=5, buffer_callback=...)``: protocol-5
     buffers (numpy arrays, `pickle.PickleBuffer`) of at least `threshold`
-    bytes are kept out of band, and so are large bytearray objects and a
-    large bytes object given itself.  A large bytes object inside a
-    container stays in the stream (pickle gives no hook for exact bytes);
-    the stream itself can then travel in a slot.
+    bytes are kept out of band (at most `MAX_PARTS` - 1 of them), and so is
+    `obj` itself when it is a large bytes or bytearray object.  A bytes or
+    bytearray object inside another object stays in the stream, whatever
+    its size (pickle gives no hook for exact bytes and bytearray); the
+    stream itself can then travel in a slot.
 
     Raises:
         ValueError: threshold below 1.
