@@ -252,6 +252,13 @@ def test_each_receive_refuses_the_other_kind_and_leaves_it_queued(lane: int, cle
             b.recv_object()
 
 
+@pytest.mark.parametrize("cls", [Channel, aio.Channel], ids=["sync", "aio"])
+def test_every_receive_that_can_raise_message_kind_error_says_so(cls: type) -> None:
+    names = ["recv", "recv_many", "recv_message", "recv_batch", "recv_object",
+             "__iter__" if cls is Channel else "__anext__"]
+    assert [n for n in names if "MessageKindError" not in (getattr(cls, n).__doc__ or "")] == []
+
+
 def test_a_bad_pickle_stream_raises_its_error_and_the_channel_goes_on(clean: None) -> None:
     x, y = afunix.socketpair()
     b = Channel(x)

@@ -876,6 +876,8 @@ class Channel:
 
         Raises:
             EOFError: the peer closed the channel cleanly (between messages).
+            MessageKindError: the next message is an object (sent with
+                `send_object`): it stays, for `recv_object`.
             ProtocolError: the peer broke the protocol; the channel is closed.
             BlockingIOError, TimeoutError, OSError: as sock.recv would.
             RuntimeError: another thread is receiving on this channel.
@@ -917,9 +919,12 @@ class Channel:
         Descriptors that came with them are closed (see `recv_message`).
 
         Returns:
-            The messages, in order; an empty list at a clean end of stream.
+            The messages, in order (up to an object, which ends them); an
+            empty list at a clean end of stream.
 
         Raises:
+            MessageKindError: the first message is an object (sent with
+                `send_object`): it stays, for `recv_object`.
             ProtocolError: the peer broke the protocol; the channel is closed.
             BlockingIOError, TimeoutError, OSError: as sock.recv would.
             RuntimeError: another thread is receiving on this channel.
@@ -955,6 +960,8 @@ class Channel:
 
         Raises:
             EOFError: the peer closed the channel cleanly (between messages).
+            MessageKindError: the next message is an object (sent with
+                `send_object`): it stays, for `recv_object`.
             ProtocolError: the peer broke the protocol (for instance a
                 descriptor count that does not match); the channel is closed
                 and every descriptor received closed.
@@ -990,9 +997,12 @@ class Channel:
         the next receive on this channel.
 
         Returns:
-            The batch; empty (len 0) at a clean end of stream.
+            The batch (up to an object, which ends it); empty (len 0) at a
+            clean end of stream.
 
         Raises:
+            MessageKindError: the first message is an object (sent with
+                `send_object`): it stays, for `recv_object`.
             ProtocolError: the peer broke the protocol; the channel is closed.
             BlockingIOError, TimeoutError, OSError: as sock.recv would.
             RuntimeError: another thread is receiving on this channel.
@@ -1082,7 +1092,12 @@ class Channel:
         return load_object(parts[0], parts[1:])
 
     def __iter__(self) -> Iterator[bytes]:
-        """Every message until the peer closes the channel cleanly (see recv_many)."""
+        """Every message until the peer closes the channel cleanly (see recv_many).
+
+        Raises MessageKindError at an object (sent with `send_object`),
+        which stays for `recv_object`; a new iteration goes on after it is
+        taken.
+        """
         while True:
             messages = self.recv_many()
             if not messages:
