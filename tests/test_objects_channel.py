@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import ctypes
 import gc
 import os
 import pickle
@@ -28,6 +29,7 @@ import afunix
 import afunix.aio as aio
 from afunix import Channel, Message, MessageKindError, channel_pair, shm
 from afunix import channel as channel_module
+from afunix.objects import MAX_PARTS, pickle_object
 
 pytestmark = pytest.mark.skipif(shm.unsupported_reason() is not None,
                                 reason=str(shm.unsupported_reason()))
@@ -117,7 +119,9 @@ def test_large_parts_go_in_slots_with_a_lane_and_inline_without(clean: None) -> 
     c, d = channel_pair(shm_threshold=16 * KiB)
     with a, b, c, d:
         a.send_object({"x": bytearray(20 * KiB), "y": Blob(bytearray(30 * KiB))})
-        assert a._lane is not None and a._lane.in_flight == 2  # two buffers in slots, the stream inline
+        # two parts in slots: the Blob's buffer and the stream, which holds
+        # the bytearray (pickle writes one under 64 KiB into it itself)
+        assert a._lane is not None and a._lane.in_flight == 2
         a.send_object(b"small")
         assert a._lane.in_flight == 2
         assert b.recv_object() == {"x": bytearray(20 * KiB), "y": Blob(bytearray(30 * KiB))}
@@ -144,6 +148,38 @@ def test_an_object_too_large_for_max_frame_without_a_slot_is_refused_whole(clean
         assert a.pending == 0
         a.send_object("after")
         assert b.recv_object() == "after"
+
+
+@pytest.mark.parametrize("lane", [0, 4 * MiB], ids=["inline", "lane"])
+def test_what_goes_out_of_band_is_what_the_docs_say(lane: int, clean: None) -> None:
+    # docs/channel.md: protocol-5 buffers anywhere, bytes and bytearray
+    # objects given themselves; a bytes or bytearray inside another object
+    # stays in the stream (pickle writes those itself), which then travels
+    # in a slot as one part.
+    ba, by = bytearray(b"a" * 100 * KiB), bytes(range(256)) * 300
+    inside = {"ba": ba, "by": [by, by, ba], "blob": Blob(bytearray(20 * KiB))}
+    with pickle_object(inside, threshold=16 * KiB) as pickled:
+        assert [p.nbytes for p in pickled.buffers] == [20 * KiB]
+        assert pickled.pickle.nbytes > 100 * KiB + 300 * 256
+    for given in (ba, by):
+        with pickle_object(given, threshold=16 * KiB) as pickled:
+            assert [p.nbytes for p in pickled.buffers] == [len(given)]
+    a, b = channel_pair(shm_size=lane, shm_threshold=16 * KiB)
+    with a, b:
+        got, = exchange(a, b, [inside])
+    assert got == inside and type(got["ba"]) is bytearray and type(got["by"][0]) is bytes
+    assert got["ba"] is got["by"][2] and got["by"][0] is got["by"][1]  # shared as sent
+
+
+@pytest.mark.parametrize("lane", [0, MiB], ids=["inline", "lane"])
+def test_buffers_beyond_the_part_limit_stay_in_the_stream(lane: int, clean: None) -> None:
+    objs = [Blob(bytearray(b"%d" % i)) for i in range(MAX_PARTS + 10)]
+    with pickle_object(objs, threshold=1) as pickled:
+        assert len(pickled.parts) == MAX_PARTS  # the stream and MAX_PARTS - 1 buffers
+    a, b = channel_pair(shm_size=lane, shm_threshold=1)
+    with a, b:
+        a.send_object(objs)
+        assert b.recv_object() == objs
 
 
 def test_numpy_arrays_round_trip_writable(clean: None) -> None:
@@ -214,6 +250,13 @@ def test_each_receive_refuses_the_other_kind_and_leaves_it_queued(lane: int, cle
         a.close()
         with pytest.raises(EOFError):
             b.recv_object()
+
+
+@pytest.mark.parametrize("cls", [Channel, aio.Channel], ids=["sync", "aio"])
+def test_every_receive_that_can_raise_message_kind_error_says_so(cls: type) -> None:
+    names = ["recv", "recv_many", "recv_message", "recv_batch", "recv_object",
+             "__iter__" if cls is Channel else "__anext__"]
+    assert [n for n in names if "MessageKindError" not in (getattr(cls, n).__doc__ or "")] == []
 
 
 def test_a_bad_pickle_stream_raises_its_error_and_the_channel_goes_on(clean: None) -> None:
@@ -337,6 +380,65 @@ def test_a_real_peer_of_another_uid(trust: bool, clean: None) -> None:
     assert os.waitstatus_to_exitcode(status) == 0
 
 
+def foreign_region_peer(name: bytes, size: int) -> int:
+    """Fork a child that becomes uid 4321 and sends an object whose buffer is in a slot; its pid.
+
+    Its region is adopted first (a message, then a go-ahead), then a hole
+    is punched over the slot: a page of it read by the receiver is
+    allocated again, so the memfd's block count tells whether the slot was
+    read.  The child exits 0 when its slot came back unread, 3 when it was
+    read, 4 when the RETURN frame is not the slot's.
+    """
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        os.setgroups([])
+        os.setgid(FOREIGN_UID)
+        os.setuid(FOREIGN_UID)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(name)
+        peer = RegionPeer(s, size)
+        s.sendall(HEADER.pack(5, 0, 0, 1, 0xAF) + b"ready")
+        s.recv(10, socket.MSG_WAITALL)  # "go": the region is adopted
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+        if libc.fallocate(peer.fd, 3, 0, size // 2) != 0:  # PUNCH_HOLE | KEEP_SIZE
+            os._exit(2)
+        blocks = os.fstat(peer.fd).st_blocks
+        s.sendall(object_frame([inline(STREAM), slot(0, size // 2)])
+                  + HEADER.pack(5, 0, 0, 1, 0xAF) + b"after")
+        returned = s.recv(24, socket.MSG_WAITALL)
+        if returned != HEADER.pack(16, 0, 3, 2, 0xAF) + struct.pack("<QQ", 0, size // 2):
+            code = 4
+        else:
+            code = 0 if os.fstat(peer.fd).st_blocks == blocks else 3
+        peer.close()
+    finally:
+        os._exit(code)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a peer of another uid needs root to start it")
+def test_a_refused_object_s_slots_go_back_unread(clean: None) -> None:
+    name = b"\0afunix-objects-slots-%d" % os.getpid()
+    with afunix.listen(name) as listener:
+        pid = foreign_region_peer(name, 4 * MiB)
+        try:
+            listener.settimeout(20)
+            b = Channel.accept(listener)
+            with b:
+                b.socket.settimeout(20)
+                assert b.recv() == b"ready"
+                b.send(b"go")
+                with pytest.raises(PermissionError, match="uid %d" % FOREIGN_UID):
+                    b.recv_object()
+                assert b.recv() == b"after" and not b.closed
+        finally:
+            _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0  # 3: the refused slot was copied out
+
+
 # ---- a real peer process --------------------------------------------------------------
 
 
@@ -456,6 +558,7 @@ STREAM = pickle.dumps(Blob(bytearray(b"s" * 100)), protocol=5,
     ("truncated", "middle of a frame"),
     ("fds", "carries 1 descriptors"),
     ("too_large", "over max_frame"),
+    ("parts_over_limit", "%d parts, over the limit of %d" % (MAX_PARTS + 1, MAX_PARTS)),
 ])
 def test_a_hostile_object_is_a_protocol_error_and_nothing_leaks(how: str, match: str,
                                                                 clean: None) -> None:
@@ -504,6 +607,8 @@ def test_a_hostile_object_is_a_protocol_error_and_nothing_leaks(how: str, match:
                 frame = object_frame([inline(STREAM)])[:-10]
             elif how == "fds":
                 frame = HEADER.pack(40, 1, 4, 2, 0xAF)
+            elif how == "parts_over_limit":
+                frame = object_frame([inline(STREAM)] + [inline(b"")] * MAX_PARTS)
             else:
                 frame = HEADER.pack((1 << 20) + 1, 0, 4, 2, 0xAF)
             y.sendall(frame)

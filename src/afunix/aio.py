@@ -705,24 +705,37 @@ class Channel:
 
         Raises:
             EOFError: the peer closed the channel cleanly.
+            MessageKindError: the next message is an object (sent with
+                `send_object`): it stays, for `recv_object`.
             ProtocolError: the peer broke the protocol; the channel is closed.
         """
         received: bytes = await self._try(self._ch.recv)
         return received
 
     async def recv_many(self, max_messages: int = 1 << 16) -> List[bytes]:
-        """Receive the messages one read brought, waiting only for the first; [] at end of stream."""
+        """Receive the messages one read brought, waiting only for the first; [] at end of stream.
+
+        MessageKindError when the first is an object (it stays, for
+        `recv_object`); the messages before an object are returned without it.
+        """
         ch = self._ch
         messages: List[bytes] = await self._try(lambda: ch.recv_many(max_messages))
         return messages
 
     async def recv_message(self) -> Message:
-        """Receive one message with its descriptors (owned by the caller)."""
+        """Receive one message with its descriptors (owned by the caller).
+
+        MessageKindError when it is an object (it stays, for `recv_object`).
+        """
         message: Message = await self._try(self._ch.recv_message)
         return message
 
     async def recv_batch(self, max_messages: int = 1 << 16) -> Any:
-        """The zero-copy receive (an `afunix.FrameBatch`, valid until the next receive)."""
+        """The zero-copy receive (an `afunix.FrameBatch`, valid until the next receive).
+
+        MessageKindError when the first message is an object (it stays, for
+        `recv_object`); a batch ends before an object.
+        """
         ch = self._ch
         return await self._try(lambda: ch.recv_batch(max_messages))
 
@@ -730,7 +743,9 @@ class Channel:
         """Receive one object sent with `send_object`, unpickled (see `afunix.Channel.recv_object`).
 
         Refused with PermissionError, and the object dropped, from a peer of
-        another uid unless the channel was opened with ``trust_peer=True``.
+        another uid unless the channel was opened with ``trust_peer=True``;
+        MessageKindError when the next message is not an object (it stays,
+        for `recv` and the other receives).
         """
         return await self._try(self._ch.recv_object)
 
@@ -738,7 +753,10 @@ class Channel:
         return self
 
     async def __anext__(self) -> bytes:
-        """Every message until the peer closes the channel cleanly."""
+        """Every message until the peer closes the channel cleanly.
+
+        MessageKindError at an object (it stays, for `recv_object`).
+        """
         # Parsed already: taken at once, with no wait and no system call.
         # Without the channel's claim: this object is used from its event
         # loop's thread only, and between two awaits nothing else receives.

@@ -791,10 +791,11 @@ class Channel:
 
         The twin of ``multiprocessing.connection.Connection.send``.  Buffers
         of at least `shm_threshold` bytes (numpy arrays and other
-        protocol-5 buffers, bytearray objects, and `obj` itself when it is
-        large bytes) are not copied into the pickle stream: each goes in a
-        free slot of the lane when the channel has one, inline otherwise,
-        and so does a large stream.  It waits for slots only when what
+        protocol-5 buffers, and `obj` itself when it is bytes or a
+        bytearray; not a bytes or bytearray inside `obj`, which pickle
+        writes into the stream) are not copied into the pickle stream: each
+        goes in a free slot of the lane when the channel has one, inline
+        otherwise, and so does a large stream.  It waits for slots only when what
         would stay inline is over max_frame.  Waits, and keeps a partly
         written object, as `send` does.
 
@@ -916,6 +917,8 @@ class Channel:
 
         Raises:
             EOFError: the peer closed the channel cleanly (between messages).
+            MessageKindError: the next message is an object (sent with
+                `send_object`): it stays, for `recv_object`.
             ProtocolError: the peer broke the protocol; the channel is closed.
             BlockingIOError, TimeoutError, OSError: as sock.recv would.
             RuntimeError: another thread is receiving on this channel.
@@ -957,9 +960,12 @@ class Channel:
         Descriptors that came with them are closed by the next receive (see `recv`).
 
         Returns:
-            The messages, in order; an empty list at a clean end of stream.
+            The messages, in order (up to an object, which ends them); an
+            empty list at a clean end of stream.
 
         Raises:
+            MessageKindError: the first message is an object (sent with
+                `send_object`): it stays, for `recv_object`.
             ProtocolError: the peer broke the protocol; the channel is closed.
             BlockingIOError, TimeoutError, OSError: as sock.recv would.
             RuntimeError: another thread is receiving on this channel.
@@ -995,6 +1001,8 @@ class Channel:
 
         Raises:
             EOFError: the peer closed the channel cleanly (between messages).
+            MessageKindError: the next message is an object (sent with
+                `send_object`): it stays, for `recv_object`.
             ProtocolError: the peer broke the protocol (for instance a
                 descriptor count that does not match); the channel is closed
                 and every descriptor received closed.
@@ -1030,9 +1038,12 @@ class Channel:
         the next receive on this channel.
 
         Returns:
-            The batch; empty (len 0) at a clean end of stream.
+            The batch (up to an object, which ends it); empty (len 0) at a
+            clean end of stream.
 
         Raises:
+            MessageKindError: the first message is an object (sent with
+                `send_object`): it stays, for `recv_object`.
             ProtocolError: the peer broke the protocol; the channel is closed.
             BlockingIOError, TimeoutError, OSError: as sock.recv would.
             RuntimeError: another thread is receiving on this channel.
@@ -1113,7 +1124,8 @@ class Channel:
                 check_unpickle_peer(self._peer_uid)
             except PermissionError as exc:
                 refusal = exc
-        parts = r.take_object()
+        # a refused object is dropped unread: nothing is copied out of its slots
+        parts = r.take_object(drop=refusal is not None)
         if r.returns:
             self._write_returns()
         if refusal is not None:
@@ -1121,7 +1133,12 @@ class Channel:
         return load_object(parts[0], parts[1:])
 
     def __iter__(self) -> Iterator[bytes]:
-        """Every message until the peer closes the channel cleanly (see recv_many)."""
+        """Every message until the peer closes the channel cleanly (see recv_many).
+
+        Raises MessageKindError at an object (sent with `send_object`),
+        which stays for `recv_object`; a new iteration goes on after it is
+        taken.
+        """
         while True:
             messages = self.recv_many()
             if not messages:

@@ -859,7 +859,7 @@ class FrameReader:
         """True when the next message to hand out is an object (an OBJECT frame)."""
         return self.next >= self.parsed and isinstance(self.lane_msg, ObjectMessage)
 
-    def take_object(self) -> List[Any]:
+    def take_object(self, drop: bool = False) -> List[Any]:
         """The next message, an object: its pickle stream and out-of-band buffers, this end's own.
 
         Inline parts are views of the payload's copy; a part in a slot is
@@ -869,6 +869,8 @@ class FrameReader:
         the sender flagged READ_ONLY is a bytes object, which rebuilds a
         bytes object without another copy (pickle hands it on as it is);
         any other is a bytearray, which numpy rebuilds a writable array over.
+        `drop`: take the object unread (a refused one): its slots are
+        released without a copy, and the list is empty.
 
         Raises:
             MessageKindError: the next message is not an object (nothing is taken).
@@ -879,8 +881,9 @@ class FrameReader:
         if self.next < self.parsed or not isinstance(msg, ObjectMessage):
             raise MessageKindError("the next message is not an object: receive it with "
                                    "recv(), recv_message() or the other receives")
-        parts: List[Any] = [part if slot is None else bytes(part) if read_only else bytearray(part)
-                            for part, slot, read_only in zip(msg.parts, msg.slots, msg.read_only)]
+        parts: List[Any] = [] if drop else [
+            part if slot is None else bytes(part) if read_only else bytearray(part)
+            for part, slot, read_only in zip(msg.parts, msg.slots, msg.read_only)]
         # the commit: stores only
         self.lane_msg = None
         for slot in msg.slots:

@@ -6,9 +6,10 @@ Pure functions, no socket I/O, for the channel's ``send_object`` /
 
 1. `pickle_object` pickles with protocol 5; every buffer of at least
    `threshold` bytes -- a `pickle.PickleBuffer` from numpy and other
-   protocol-5 types, and large ``bytes`` / ``bytearray`` objects, which
-   pickle otherwise copies into the stream -- is kept out of band, the rest
-   stays in the pickle stream.
+   protocol-5 types anywhere in the object, and the object itself when it
+   is a ``bytes`` or ``bytearray`` -- is kept out of band, the rest stays in
+   the pickle stream (a bytes or bytearray inside another object too:
+   pickle writes those itself, see `_BytesOutOfBand`).
 2. The caller copies each large part (the stream too, when it is large)
    into a slot of its region (`place_parts` does it with a `RegionWriter`,
    without waiting) or leaves it inline.
@@ -44,6 +45,13 @@ DEFAULT_THRESHOLD = 64 << 10
 #: OBJECT payload header: number of parts (the stream and the out-of-band
 #: buffers), reserved (0).
 ENVELOPE_HEADER = struct.Struct("<II")
+#: The most parts an OBJECT payload may have (the stream and 4095 buffers;
+#: as many as a receiver holds slots of its peer's region by default).  A
+#: receiver refuses more before it builds anything per part: otherwise a
+#: peer it will not even unpickle from could make it parse millions of
+#: entries (2.8 M fit in a 64 MiB frame); `pickle_object` keeps the buffers
+#: beyond it in the stream.
+MAX_PARTS = 4096
 #: One entry per part: kind, flags, 6 reserved zero bytes, offset, length.
 ENVELOPE_ENTRY = struct.Struct("<BB6sQQ")
 #: Entry kinds: the buffer's bytes follow in the payload, or lie in a slot of the region.
@@ -103,7 +111,8 @@ def _out_of_band(threshold: int, buffers: List[memoryview],
     """A protocol-5 ``buffer_callback`` keeping buffers of at least `threshold` bytes out of band.
 
     Each buffer kept goes to `buffers` (a read-only view) and whether the
-    object's own buffer is read-only to `read_only`.
+    object's own buffer is read-only to `read_only`; once `MAX_PARTS` - 1
+    are kept, the rest stay in band.
 
     A closure over `buffers`, not a method of a Pickler subclass: a pickler
     that holds its own bound method is a reference cycle, and its memo then
@@ -113,7 +122,10 @@ def _out_of_band(threshold: int, buffers: List[memoryview],
     is still exported).
     """
     def keep(buffer: pickle.PickleBuffer) -> bool:
-        # True: serialize in band (small, or not one flat block of memory).
+        # True: serialize in band (small, not one flat block of memory, or
+        # with MAX_PARTS parts already: the stream is one of them).
+        if len(buffers) >= MAX_PARTS - 1:
+            return True
         with memoryview(buffer) as shape:
             if not shape.contiguous or shape.nbytes < threshold:
                 return True
@@ -155,10 +167,11 @@ def pickle_object(obj: Any, *, threshold: int = DEFAULT_THRESHOLD) -> PickledObj
 
     Like ``pickle.dumps(obj, protocol=5, buffer_callback=...)``: protocol-5
     buffers (numpy arrays, `pickle.PickleBuffer`) of at least `threshold`
-    bytes are kept out of band, and so are large bytearray objects and a
-    large bytes object given itself.  A large bytes object inside a
-    container stays in the stream (pickle gives no hook for exact bytes);
-    the stream itself can then travel in a slot.
+    bytes are kept out of band (at most `MAX_PARTS` - 1 of them), and so is
+    `obj` itself when it is a large bytes or bytearray object.  A bytes or
+    bytearray object inside another object stays in the stream, whatever
+    its size (pickle gives no hook for exact bytes and bytearray); the
+    stream itself can then travel in a slot.
 
     Raises:
         ValueError: threshold below 1.
@@ -217,6 +230,8 @@ def encode_object(pickled: PickledObject, slots: Sequence[Optional[Slot]]) -> Li
     parts = pickled.parts
     if len(slots) != len(parts):
         raise ValueError("%d slots for %d parts" % (len(slots), len(parts)))
+    if len(parts) > MAX_PARTS:
+        raise ValueError("%d parts, over the limit of %d" % (len(parts), MAX_PARTS))
     table = bytearray(ENVELOPE_HEADER.pack(len(parts), 0))
     inline: List[Any] = []
     for view, slot, read_only in zip(parts, slots, pickled.read_only):
@@ -259,9 +274,10 @@ def parse_envelope(payload: Any) -> ObjectEnvelope:
     """Check an OBJECT payload received from the peer and name its parts (no copy).
 
     Raises:
-        ProtocolError: shorter than its header and table, no parts, reserved
-            bytes not zero, an unknown entry kind or flag, an empty stream or slot,
-            inline lengths that do not add up to the payload.
+        ProtocolError: shorter than its header and table, no parts or more
+            than `MAX_PARTS` (refused before anything per part is built),
+            reserved bytes not zero, an unknown entry kind or flag, an empty
+            stream or slot, inline lengths that do not add up to the payload.
     """
     view = memoryview(payload).cast("B")
     size = view.nbytes
@@ -270,6 +286,9 @@ def parse_envelope(payload: Any) -> ObjectEnvelope:
     count, reserved = ENVELOPE_HEADER.unpack_from(view)
     if reserved:
         raise ProtocolError("object payload: reserved header field is %d, not 0" % reserved)
+    if count > MAX_PARTS:
+        raise ProtocolError("object payload of %d parts, over the limit of %d"
+                            % (count, MAX_PARTS))
     position = ENVELOPE_HEADER.size + count * ENVELOPE_ENTRY.size
     if count == 0 or position > size:
         raise ProtocolError("object payload of %d bytes cannot hold %d parts" % (size, count))
