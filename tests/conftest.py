@@ -99,6 +99,21 @@ def need_library(name: str) -> None:
         pytest.skip("%s not installed: %s" % (name, exc))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def libuv_global_pipe() -> None:
+    """Start uvloop once before any test counts descriptors.
+
+    libuv opens a pipe for its signal handling with the first loop of a
+    process and keeps it for the process's life (uv__signal_global_init): the
+    first uvloop test would otherwise count it as its own leak.
+    """
+    try:
+        uvloop = importlib.import_module("uvloop")
+    except ImportError:
+        return
+    uvloop.new_event_loop().close()
+
+
 @pytest.fixture(params=[
     pytest.param(("asyncio", {}), id="asyncio"),
     pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
