@@ -783,6 +783,7 @@ class Channel:
         threshold = lane.threshold if lane is not None else self._object_threshold
         with pickle_object(obj, threshold=threshold) as pickled:
             if lane is not None:
+                self._room_wanted = False
                 self._announce(_io.deadline_of(self._sock.gettimeout()))
                 slots = self._object_slots(pickled)
             else:
