@@ -28,6 +28,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import afunix
 from afunix import ProtocolError, _backend, _kernel, objects, shm
 from afunix.slots import Slot, SlotAllocator, SlotLedger
 
@@ -114,6 +115,34 @@ def test_bad_arguments_are_refused_before_any_system_call(fd_baseline: set) -> N
         SlotAllocator(100, alignment=3)
     with pytest.raises(ValueError):
         SlotAllocator(0)
+
+
+def test_a_region_larger_than_the_machine_is_refused_before_anything_is_allocated(
+        monkeypatch: pytest.MonkeyPatch, fd_baseline: set) -> None:
+    # A region's memory is allocated whole when it is made, and a memfd is
+    # not counted against overcommit: the kernel's answer to a region it
+    # cannot hold is the OOM killer.  Made to believe the machine has
+    # 1 MiB, nothing large is allocated here.
+    monkeypatch.setattr(shm, "_physical_memory", lambda: 1 << 20, raising=False)
+
+    def no_memfd(*args: object) -> int:
+        raise AssertionError("a memfd was made for a region the machine cannot hold")
+
+    monkeypatch.setattr(os, "memfd_create", no_memfd)
+    with pytest.raises(OSError) as info:
+        shm.Region.create(2 << 20)
+    assert info.value.errno == errno.ENOMEM
+    a, b = socket.socketpair()
+    with a, b:
+        with pytest.raises(OSError) as info:
+            afunix.Channel(a, shm_size=(1 << 20) + 1)
+        assert info.value.errno == errno.ENOMEM
+        # over the bound a peer accepts: ValueError, before any system call
+        with pytest.raises(ValueError):
+            afunix.Channel(a, shm_size=shm.MAX_REGION_SIZE + 1)
+    monkeypatch.undo()
+    with shm.Region.create(1 << 20) as region:
+        assert region.size == 1 << 20
 
 
 def _child(code: str, backend: str, sock: socket.socket) -> "tuple[int, str, str]":

@@ -30,7 +30,7 @@ from .lane import DEFAULT_THRESHOLD, LaneSender, return_segments
 from .message import Address, Message
 from .objects import (ENVELOPE_ENTRY, ENVELOPE_HEADER, PickledObject, check_unpickle_peer,
                       encode_object, load_object, peer_uid, pickle_object, place_parts)
-from .shm import Loan
+from .shm import MAX_REGION_SIZE, Loan
 from .slots import Slot
 from .pairs import socketpair
 
@@ -95,7 +95,9 @@ class Channel:
             named by a small frame, and the peer returns the slot when it is
             done with it (docs/PROTOCOL.md, version 2).  Every channel reads
             a peer's lane, with or without its own.  `loan` and
-            `send_loan` make a message in a slot, without a copy.
+            `send_loan` make a message in a slot, without a copy.  At most
+            16 GiB (`afunix.shm.MAX_REGION_SIZE`, which a peer accepts);
+            the region's memory is allocated when the channel is made.
         shm_threshold: the smallest message sent through the lane, and
             the smallest buffer of an object (`send_object`) sent out of
             band.
@@ -105,7 +107,8 @@ class Channel:
 
     Raises:
         TypeError, ValueError: not such a socket, or bad limits.
-        OSError: ENOSYS where memfd regions are missing (shm_size only).
+        OSError: ENOSYS where memfd regions are missing, ENOMEM for a
+            region larger than the machine's RAM (shm_size only).
     """
 
     def __init__(self, sock: socket.socket, *, max_frame: int = DEFAULT_MAX_FRAME,
@@ -140,7 +143,7 @@ class Channel:
         if sock.fileno() < 0:
             raise OSError(errno.EBADF, os.strerror(errno.EBADF))
         writer = FrameWriter(max_frame, write_buffer)
-        shm_size = _checks.in_range(shm_size, "shm_size", 0, 1 << 40)
+        shm_size = _checks.in_range(shm_size, "shm_size", 0, MAX_REGION_SIZE)
         self._object_threshold = _checks.in_range(shm_threshold, "shm_threshold", 1, 1 << 62)
         if type(trust_peer) is not bool:
             raise TypeError("trust_peer must be a bool, not %s" % type(trust_peer).__name__)

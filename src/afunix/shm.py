@@ -41,9 +41,14 @@ from .slots import DEFAULT_ALIGNMENT, DEFAULT_MAX_SLOTS, Slot, SlotAllocator, Sl
 #: The seals every region carries, and a receiver requires.
 REQUIRED_SEALS = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL
 
-#: The largest region: the mapping must fit the address space of a 64-bit
-#: process many times over; a 32-bit one is refused by mmap itself.
-MAX_REGION_SIZE = 1 << 40
+#: The largest region, made (shm_size: ValueError above) or adopted (a
+#: peer's larger one is a ProtocolError).  Its memory is allocated whole
+#: when it is made (see `Region.create`), and memory a memfd holds is not
+#: counted against overcommit: the kernel answers a region larger than the
+#: memory it can find with the OOM killer, not with an error.  A bound
+#: keeps a mistyped size from doing so; over it, a message is better
+#: split than pinned in RAM in one piece.
+MAX_REGION_SIZE = 16 << 30
 
 #: The name a region shows in /proc/PID/maps and /proc/PID/fd (no file has it).
 REGION_NAME = "afunix-lane"
@@ -74,6 +79,14 @@ def _need_support() -> None:
     reason = unsupported_reason()
     if reason is not None:
         raise OSError(errno.ENOSYS, "shared-memory regions unavailable: " + reason)
+
+
+def _physical_memory() -> int:
+    """Bytes of RAM of this machine (0: unknown)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 0
 
 
 def _reserve(fd: int, size: int) -> None:
@@ -133,16 +146,26 @@ class Region:
     def create(cls, size: int) -> "Region":
         """A new region of `size` bytes, space reserved, sealed, mapped read-write.
 
-        The memory is reserved at once (posix_fallocate), so running out of
-        it is an OSError here and never a fault later.
+        The memory is reserved at once (posix_fallocate) and stays
+        allocated until the region is gone, so a fault can never come
+        later.  The kernel does not count it against overcommit: a size
+        over the machine's RAM is refused (ENOMEM) before anything is
+        allocated, but one that RAM holds only once other processes give
+        theirs up gets the OOM killer, not an error.  Size regions for the
+        memory the machine can spare.
 
         Raises:
             TypeError, ValueError: `size` is not an int from 1 to MAX_REGION_SIZE.
-            OSError: ENOSYS where memfd or sealing is missing; the kernel's
-                answer otherwise (ENOMEM, ENOSPC, EMFILE).
+            OSError: ENOSYS where memfd or sealing is missing; ENOMEM for a
+                size over the machine's RAM; the kernel's answer otherwise
+                (ENOMEM, ENOSPC, EMFILE).
         """
         size = _checks.in_range(size, "size", 1, MAX_REGION_SIZE)
         _need_support()
+        ram = _physical_memory()
+        if ram and size > ram:
+            raise OSError(errno.ENOMEM, "a region of %d bytes is larger than this machine's "
+                          "memory (%d bytes)" % (size, ram))
         fd = os.memfd_create(REGION_NAME, MFD_CLOEXEC | MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)
