@@ -166,6 +166,7 @@ def test_a_peer_process_adopts_the_region_and_reads_it_in_place(backend: str, fd
         payload = bytes(random.Random(1).getrandbits(8) for _ in range(1000)) * 1000
         slot = writer.try_copy(payload)
         assert slot is not None
+        writer.sending(*slot)
         socket.send_fds(a, [b"%d %d %d" % (writer.size, slot.offset, slot.length)], [writer.fileno()])
         code, out, err = _child("""
             import hashlib
@@ -530,9 +531,11 @@ def test_slots_are_aligned_first_fit_and_coalesce() -> None:
     assert d == Slot(256, 744) and alloc.largest_free == 0
     assert alloc.bytes_in_use == 1000  # the last slot reserves only what is left
     assert alloc.try_allocate(1) is None  # full: no wait, None
+    for slot in (a, b, c, d):
+        alloc.sending(*slot)
     alloc.free(*b)
     assert alloc.try_allocate(65) is None and alloc.try_allocate(64) == Slot(128, 64)
-    alloc.free(128, 64)
+    alloc.withdraw(128, 64)  # never sent: given up
     for slot in (c, a, d):  # out of order: the free ranges join up again
         alloc.free(*slot)
     assert alloc.slots_in_use == 0 and alloc.bytes_in_use == 0
@@ -548,6 +551,8 @@ def test_a_bad_return_is_a_protocol_error_and_changes_nothing() -> None:
     a = alloc.try_allocate(100)
     b = alloc.try_allocate(200)
     assert a is not None and b is not None
+    alloc.sending(*a)
+    alloc.sending(*b)
     bad = [
         (4000, 200),    # out of range
         (-64, 100),     # out of range
@@ -588,6 +593,7 @@ def test_slot_allocator_property(steps: "list[tuple[bool, int, int]]", alignment
             assert slot.offset % alignment == 0 and 0 <= slot.offset <= size - length
             assert slot.length == length
             ledger.claim(*slot)  # would raise if it overlapped a slot in use
+            alloc.sending(*slot)
             used.append(slot)
         else:
             slot = used.pop(pick % len(used))
@@ -703,7 +709,7 @@ def test_try_copy_takes_any_contiguous_buffer(fd_baseline: set) -> None:
             slot = writer.try_copy(data)
             assert slot is not None and slot.length == len(expected)
             assert bytes(writer.region.view(*slot)) == expected
-            writer.give_back(*slot)
+            writer.withdraw(*slot)
         with pytest.raises(BufferError):
             writer.try_copy(memoryview(b"abcdef")[::2])  # strided: refused, no slot taken
         with pytest.raises(TypeError):
@@ -752,6 +758,8 @@ def test_ten_thousand_cycles_leave_descriptors_and_mappings_flat(fd_baseline: se
             n = rng.randrange(1, 256 << 10)
             if i % 2:
                 slot = writer.try_copy(b"\x01" * n)
+                assert slot is not None
+                writer.sending(*slot)
             else:
                 loan = writer.try_loan(n)
                 assert loan is not None
@@ -831,6 +839,10 @@ def _round_trip(obj: object, writer: Optional[shm.RegionWriter], reader: Optiona
                 threshold: int = 1024) -> "tuple[object, List[Optional[Slot]]]":
     with objects.pickle_object(obj, threshold=threshold) as pickled:
         placed = objects.place_parts(pickled, writer, threshold=threshold)
+        for slot in placed:
+            if slot is not None:
+                assert writer is not None
+                writer.sending(*slot)
         payload = b"".join(bytes(part) for part in objects.encode_object(pickled, placed))
     envelope = objects.parse_envelope(payload)
     parts = []

@@ -14,7 +14,7 @@ import os
 import socket
 import time
 import weakref
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from . import _checks, _io
 from ._chanio import (NOSIGNAL, RECEIVING, SENDING, Sender, fill, owning, read_for_room,
@@ -383,9 +383,7 @@ class Channel:
                     segments, total = w.segments([item])
                     k = self._sender.send(segments, total)
                 else:
-                    k = self._sender.send([seg], 1)
-                    if not k:
-                        lane.abandon(seg)
+                    k = self._send_frame(seg, lambda: lane.abandon(seg))
                 if not k:
                     return accepted
                 accepted += 1
@@ -394,6 +392,24 @@ class Channel:
                 return accepted
             raise
         return accepted
+
+    def _send_frame(self, seg: Segment, unsent: Callable[[], None]) -> int:
+        """Write one frame naming slots of the lane; 1 once any of it went (a tail kept pending).
+
+        When none of it went, `unsent` makes its slots this end's again
+        before the error is raised, whatever the error (EAGAIN, a timeout,
+        EBADF for a closed descriptor in the message's fds): nothing of
+        the message reached the peer.  Once part of it went, its slots are
+        the peer's to return, error or not.
+        """
+        k, exc = self._sender.send_frame(seg)
+        if exc is None:
+            return k
+        if not k:
+            unsent()
+        elif isinstance(exc, (BlockingIOError, socket.timeout)):
+            return k  # the rest is pending, as for any message begun
+        raise exc
 
     def _announce(self, deadline: Optional[float]) -> None:
         """Write the REGION frame if it has not gone yet: before any other frame of this end."""
@@ -447,11 +463,12 @@ class Channel:
             self._wait_for_room(deadline)
 
     def _give_back_all(self, slots: List[Optional[Slot]]) -> None:
+        """Give up the slots an object's parts were placed in (lent, never sent)."""
         lane = self._lane
         assert lane is not None
         for slot in slots:
             if slot is not None:
-                lane.give_back(slot.offset, slot.length)
+                lane.withdraw(slot.offset, slot.length)
 
     def _slot_segment(self, data: Any, fds: Tuple[int, ...],
                       deadline: Optional[float]) -> Optional[Segment]:
@@ -626,15 +643,9 @@ class Channel:
         assert lane is not None
         self._check_open()
         self._announce(_io.deadline_of(self._sock.gettimeout()))
-        seg = lane.loan_segment(loan, fds)
-        try:
-            sent = self._sender.send([seg], 1)
-        except BaseException:
-            loan.reopen()  # nothing of it went (a frame is written whole or kept)
-            raise
-        if not sent:
-            loan.reopen()
-            raise stalled(self._sock)
+        seg = lane.loan_segment(loan, fds)  # committed: sent, for the peer's returns
+        # none of it went: the loan is open again, the caller's to send or give up
+        self._send_frame(seg, loan.reopen)
 
     def _returns_now(self) -> bool:
         """Read what already waits on the socket, without waiting; True when slots came back."""
@@ -798,15 +809,23 @@ class Channel:
                 # one packed frame (the writer keeps a partly written one's tail)
                 frame = b"".join([lane_header(size, 0, KIND_OBJECT), *parts])
                 del parts
-                self._sender.send([lane_segment(frame)], 1)
-            except (ValueError, BlockingIOError, socket.timeout):
-                # not started: the slots are free again.  (After any other
-                # error part of the frame may be on its way: its slots stay
-                # in flight rather than be written again under the peer.)
-                for slot in slots:
-                    if slot is not None and lane is not None:
-                        lane.give_back(slot.offset, slot.length)
+            except BaseException:
+                if lane is not None:
+                    self._give_back_all(slots)
                 raise
+            if lane is None:
+                self._send_frame(lane_segment(frame), _nothing)
+                return
+            placed = [slot for slot in slots if slot is not None]
+            for slot in placed:
+                lane.sending(slot.offset, slot.length)
+
+            def unsent() -> None:
+                for slot in placed:
+                    lane.recall(slot.offset, slot.length)
+                self._give_back_all(slots)
+
+            self._send_frame(lane_segment(frame), unsent)
 
     def flush(self) -> int:
         """Write every accepted message still waiting (buffered, or a partly written tail).
@@ -1204,6 +1223,10 @@ class Channel:
 def reader_of(channel: Channel) -> FrameReader:
     """The FrameReader of `channel`, for the async channel's iteration over the same frames."""
     return channel._reader
+
+
+def _nothing() -> None:
+    """No slots to make this end's again (a frame without any)."""
 
 
 def lane_of(channel: Channel) -> Optional[LaneSender]:

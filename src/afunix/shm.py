@@ -30,7 +30,7 @@ import os
 import stat
 import sys
 from types import TracebackType
-from typing import Any, Callable, Optional, Type
+from typing import Any, Callable, Optional, Protocol, Type
 
 from . import _backend, _checks
 from ._kernel import (F_ADD_SEALS, F_GET_SEALS, F_SEAL_GROW, F_SEAL_SEAL, F_SEAL_SHRINK,
@@ -315,6 +315,16 @@ class Region:
         return "<Region %s size=%d %s>" % (state, self._size, "rw" if self._writable else "ro")
 
 
+class Lender(Protocol):
+    """What a `Loan` tells of its slot: the allocator's moves (`afunix.slots.SlotAllocator`)."""
+
+    def sending(self, offset: int, length: int) -> None: ...
+
+    def recall(self, offset: int, length: int) -> None: ...
+
+    def withdraw(self, offset: int, length: int) -> None: ...
+
+
 class Loan:
     """A writable view of one slot, filled in place and then handed over or given up.
 
@@ -337,15 +347,15 @@ class Loan:
     in flight; the peer maps the region read-only and never faults).
     """
 
-    __slots__ = ("slot", "_view", "_free", "_region")
+    __slots__ = ("slot", "_view", "_lender", "_region")
 
-    def __init__(self, slot: Slot, view: memoryview, free: Callable[[int, int], None],
-                 region: Region) -> None:
+    def __init__(self, slot: Slot, view: memoryview, lender: Lender, region: Region) -> None:
         #: the slot lent: its offset and length in the region
         self.slot = slot
         self._view: Optional[memoryview] = view
-        # gives an abandoned slot back to the free space (offset, length)
-        self._free = free
+        # keeps the slot's state: sent at commit, lent again at reopen,
+        # free again at abandon (until then the peer may not return it)
+        self._lender = lender
         self._region = region
 
     @property
@@ -381,13 +391,15 @@ class Loan:
         """Hand the filled slot over; return it, for the frame that names it.
 
         The slot stays in use until the peer returns it
-        (`RegionWriter.give_back`).
+        (`RegionWriter.give_back`), which it may from now on.
 
         Raises:
             ValueError: already committed or abandoned.
             BufferError: a buffer exported from `view` is still alive.
         """
         self._finish()
+        if not self._region.closed:
+            self._lender.sending(self.slot.offset, self.slot.length)
         return self.slot
 
     def reopen(self) -> None:
@@ -399,10 +411,18 @@ class Loan:
 
         Raises:
             ValueError: the loan is open, or the region is closed.
+            ProtocolError: the peer returned the slot before its frame was
+                sent (the loan stays committed: the slot is not this end's).
         """
         if self._view is not None:
             raise ValueError("the loan is open")
-        self._view = self._region.view(self.slot.offset, self.slot.length)
+        view = self._region.view(self.slot.offset, self.slot.length)
+        try:
+            self._lender.recall(self.slot.offset, self.slot.length)
+        except BaseException:
+            view.release()
+            raise
+        self._view = view
 
     def abandon(self) -> None:
         """Give the slot back unsent (nothing to give back once the region is closed).
@@ -415,7 +435,7 @@ class Loan:
         # RegionWriter.close forgot every slot: freeing this one then would
         # be refused as a bad return, the error of a broken peer.
         if not self._region.closed:
-            self._free(self.slot.offset, self.slot.length)
+            self._lender.withdraw(self.slot.offset, self.slot.length)
 
     def __enter__(self) -> "Loan":
         return self
@@ -436,8 +456,11 @@ class RegionWriter:
     ``RegionWriter(size)`` makes the region (`Region.create`); pass
     `fileno()` to the peer once with ``size``.  Then per message:
     `try_copy` (copy the bytes into a free slot) or `try_loan` (fill a
-    slot in place), announce the slot, and `give_back` each slot the peer
-    returns.  The try calls never wait: None means no room now.
+    slot in place), say `sending` (a loan's `commit` does) and announce
+    the slot, and `give_back` each slot the peer returns.  A slot not
+    announced is the peer's to return only after `sending`: before, a
+    return naming it is a ProtocolError.  The try calls never wait: None
+    means no room now.
     """
 
     __slots__ = ("region", "allocator")
@@ -476,11 +499,11 @@ class RegionWriter:
         slot = self.allocator.try_allocate(length)
         if slot is None:
             return None
-        return Loan(slot, self.region.view(slot.offset, slot.length), self.allocator.free,
+        return Loan(slot, self.region.view(slot.offset, slot.length), self.allocator,
                     self.region)
 
     def try_copy(self, data: Any) -> Optional[Slot]:
-        """Copy the bytes-like `data` into a free slot; the slot, or None when none is free now.
+        """Copy the bytes-like `data` into a free slot; the slot (lent), or None when none is free now.
 
         Raises:
             TypeError: `data` is not a bytes-like object.
@@ -503,15 +526,28 @@ class RegionWriter:
                     else:
                         target[:] = flat
             except BaseException:
-                self.allocator.free(slot.offset, slot.length)
+                self.allocator.withdraw(slot.offset, slot.length)
                 raise
         return slot
+
+    def sending(self, offset: int, length: int) -> None:
+        """The frame naming the lent slot goes to the peer (see `SlotAllocator.sending`)."""
+        self.allocator.sending(offset, length)
+
+    def recall(self, offset: int, length: int) -> None:
+        """Its frame was not written after all: lent again (see `SlotAllocator.recall`)."""
+        self.allocator.recall(offset, length)
+
+    def withdraw(self, offset: int, length: int) -> None:
+        """Give up a lent slot never sent (see `SlotAllocator.withdraw`)."""
+        self.allocator.withdraw(offset, length)
 
     def give_back(self, offset: int, length: int) -> None:
         """Take back the slot the peer returned.
 
         Raises:
-            ProtocolError: it is out of range or not a slot in use (see `SlotAllocator.free`).
+            ProtocolError: it is out of range or not a slot sent and in use
+                (see `SlotAllocator.free`).
         """
         self.allocator.free(offset, length)
 
