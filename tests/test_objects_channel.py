@@ -28,6 +28,7 @@ import afunix
 import afunix.aio as aio
 from afunix import Channel, Message, MessageKindError, channel_pair, shm
 from afunix import channel as channel_module
+from afunix.frames import return_frames
 
 pytestmark = pytest.mark.skipif(shm.unsupported_reason() is not None,
                                 reason=str(shm.unsupported_reason()))
@@ -690,3 +691,17 @@ def test_write_buffer_keeps_objects_in_order_with_buffered_messages(clean: None)
         assert b.recv_object() == {"n": 1}
         assert b.recv() == b"buffered too"
         assert b.recv_object() == bytearray(40 * KiB)
+
+
+def test_a_return_of_a_part_placed_and_not_sent_is_a_protocol_error(clean: None) -> None:
+    # send_object places the parts in slots, and reads the peer's returns
+    # when one finds no room: a RETURN naming a placed part, whose frame
+    # has not gone, is a lie (PROTOCOL.md), not room.
+    a, b = channel_pair(shm_size=1 * MiB, max_frame=64 * KiB)
+    with a, b:
+        a.send(bytes(600 * KiB))  # in flight: 424 KiB of the region left
+        placed = (600 * KiB, 300 * KiB)  # where the first part goes (first fit)
+        b.socket.sendall(return_frames([placed])[0])
+        with pytest.raises(afunix.ProtocolError, match="never sent"):
+            a.send_object([pickle.PickleBuffer(bytearray(300 * KiB)),
+                           pickle.PickleBuffer(bytearray(300 * KiB))])

@@ -576,6 +576,35 @@ def test_a_bad_return_is_a_protocol_error_and_changes_nothing() -> None:
     assert alloc.try_allocate(4096) == Slot(0, 4096)
 
 
+def test_a_return_of_a_slot_lent_and_never_sent_is_a_protocol_error() -> None:
+    # A slot is the peer's to return only once the frame naming it is made
+    # (`sending`); before, the peer has never heard of it (PROTOCOL.md).
+    alloc = SlotAllocator(4096, alignment=64)
+    lent = alloc.try_allocate(100)
+    assert lent is not None
+    with pytest.raises(ProtocolError, match="never sent"):
+        alloc.free(*lent)
+    assert alloc.slots_in_use == 1 and alloc.slots_lent == 1  # nothing changed
+    alloc.sending(*lent)
+    alloc.recall(*lent)  # its frame was not written after all: lent again
+    with pytest.raises(ProtocolError, match="never sent"):
+        alloc.free(*lent)
+    with pytest.raises(ValueError):
+        alloc.recall(*lent)  # not sent
+    alloc.withdraw(*lent)
+    with pytest.raises(ValueError):
+        alloc.withdraw(*lent)  # not lent any more
+    sent = alloc.try_allocate(100)
+    assert sent == lent
+    alloc.sending(*sent)
+    with pytest.raises(ValueError):
+        alloc.withdraw(*sent)  # the peer's now
+    alloc.free(*sent)
+    with pytest.raises(ProtocolError, match="returned before"):
+        alloc.recall(*sent)  # returned already: only a peer that guessed it could
+    assert alloc.slots_in_use == 0 and alloc.try_allocate(4096) == Slot(0, 4096)
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.booleans(), st.integers(1, 3000), st.integers(0, 1 << 30)), max_size=120),
        st.sampled_from([1, 8, 64, 4096]))
