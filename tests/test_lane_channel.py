@@ -563,6 +563,7 @@ def test_a_lane_send_that_wrote_nothing_gives_its_slot_back(clean: None) -> None
     with a, b:
         lane = lane_of(a)
         assert lane is not None
+        a.socket.settimeout(5)  # (slots leaked: the fourth waited for room for ever)
         fd = os.open(os.devnull, os.O_RDONLY)
         os.close(fd)  # a descriptor number nothing has open
         for _ in range(4):
