@@ -605,8 +605,9 @@ class Channel:
         No copy: the message is the slot.  The loan is committed (its view
         released); the slot is this end's again once the peer returns it.
         Messages keep their order with those of `send` and `send_many`.
-        When nothing could be written (BlockingIOError, TimeoutError) the
-        loan is open again, to send later or give back.
+        When nothing of its frame could be written (BlockingIOError,
+        TimeoutError, or an OSError such as EBADF for a closed descriptor
+        in `fds`) the loan is open again, to send later or give back.
 
         Raises:
             TypeError: not an afunix.shm.Loan, or bad descriptors.
