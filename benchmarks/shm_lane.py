@@ -164,6 +164,7 @@ def lane_sender(sock: socket.socket, payload: bytes, count: int, writer: shm.Reg
                 writer.give_back(*NOTICE.unpack_from(returns, at))
             del returns[:whole]
             slot = writer.try_copy(payload)
+        writer.sending(*slot)  # the peer may return it from now on
         sock.sendall(NOTICE.pack(slot.offset, slot.length))
     # drain the remaining returns, then the end mark
     tail = bytes(returns)
@@ -202,6 +203,9 @@ def lane_object_sender(sock: socket.socket, obj: bytes, count: int, writer: shm.
             while writer.allocator.largest_free < len(obj):  # wait for room, as the channel will
                 take_returns()
             placed = objects.place_parts(pickled, writer)
+            for slot in placed:
+                if slot is not None:
+                    writer.sending(*slot)
             parts = objects.encode_object(pickled, placed)
             length = sum(memoryview(part).nbytes for part in parts)
             sock.sendmsg([length.to_bytes(4, "little"), *parts])

@@ -169,3 +169,29 @@ async def test_a_sender_waiting_for_room_wakes_when_another_receive_takes_the_re
                 with pytest.raises(BlockingIOError):
                     a._ch.recv()
             assert await b.recv() == payload(1, 200 * KiB)
+
+
+async def test_send_object_waiting_for_room_waits_on_the_loop_without_spinning(
+        clean: None) -> None:
+    a, b = lane_pair()
+    with anyio.fail_after(BOUND):
+        async with a, b:
+            await a.send(payload(0, 200 * KiB))  # the region's one slot
+            tries = 0
+            send_object = a._ch.send_object
+
+            def counted(obj: Any) -> None:
+                nonlocal tries
+                tries += 1
+                send_object(obj)
+
+            a._ch.send_object = counted  # type: ignore[method-assign]
+            big = bytearray(payload(1, 200 * KiB))  # over max_frame inline: needs a slot
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(a.send_object, big)
+                await anyio.sleep(0.3)
+                # waiting for the peer's returns, not trying again and again
+                # on a socket that is writable all along
+                assert tries <= 3, tries
+                assert await b.recv() == payload(0, 200 * KiB)
+            assert await b.recv_object() == big

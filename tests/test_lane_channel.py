@@ -8,6 +8,7 @@ stream leaves no descriptor and no mapping behind.  Both backends.
 """
 from __future__ import annotations
 
+import errno
 import gc
 import os
 import pickle
@@ -25,6 +26,7 @@ import pytest
 
 import afunix
 from afunix import Channel, Message, channel_pair, shm
+from afunix.channel import lane_of
 
 pytestmark = pytest.mark.skipif(shm.unsupported_reason() is not None,
                                 reason=str(shm.unsupported_reason()))
@@ -605,3 +607,49 @@ def test_a_receive_while_a_sender_reads_for_room_waits_for_that_read_not_refused
             helper.join(15)
         assert not sender.is_alive() and not helper.is_alive()
         assert not errors, errors
+
+
+def test_a_lane_send_that_wrote_nothing_gives_its_slot_back(clean: None) -> None:
+    # Whatever stopped it -- EBADF for a closed descriptor in fds, a full
+    # socket -- a message none of whose frame was written never reaches the
+    # peer, who will never return its slot: it is free again at once.
+    # (Such slots leaked: four of these sends filled the region for good.)
+    a, b = channel_pair(shm_size=1 * MiB, max_frame=64 * KiB)
+    with a, b:
+        lane = lane_of(a)
+        assert lane is not None
+        a.socket.settimeout(5)  # (slots leaked: the fourth waited for room for ever)
+        fd = os.open(os.devnull, os.O_RDONLY)
+        os.close(fd)  # a descriptor number nothing has open
+        for _ in range(4):
+            with pytest.raises(OSError) as info:
+                a.send(payload(0, 300 * KiB), fds=[fd])
+            assert info.value.errno == errno.EBADF
+        assert lane.in_flight == 0
+        a.socket.setblocking(False)
+        small = 0
+        with pytest.raises(BlockingIOError):
+            while True:
+                a.send(b"s" * 1000)
+                small += 1
+        with pytest.raises(BlockingIOError):
+            a.send(payload(1, 300 * KiB))  # over max_frame: a slot, then the full socket
+        assert lane.in_flight == 0 and a.pending == 0
+        a.socket.settimeout(10)
+        b.socket.settimeout(10)
+        for _ in range(small):
+            assert b.recv() == b"s" * 1000
+        a.send(payload(2, 300 * KiB))
+        assert b.recv() == payload(2, 300 * KiB)  # nothing of the others went
+
+
+def test_an_object_whose_frame_wrote_nothing_gives_its_slots_back(clean: None) -> None:
+    a, b = channel_pair(shm_size=1 * MiB)
+    with a:
+        a.send(b"x")  # the REGION frame goes first
+        b.close()
+        with pytest.raises((BrokenPipeError, ConnectionResetError)):
+            a.send_object([pickle.PickleBuffer(bytearray(300 * KiB)),
+                           pickle.PickleBuffer(bytearray(300 * KiB))])
+        lane = lane_of(a)
+        assert lane is not None and lane.in_flight == 0

@@ -16,7 +16,8 @@ from typing import Iterator
 import pytest
 
 import afunix
-from afunix import Channel, Loan, Message, channel_pair, shm
+from afunix import Channel, Loan, Message, ProtocolError, channel_pair, shm
+from afunix.frames import return_frames
 
 pytestmark = pytest.mark.skipif(shm.unsupported_reason() is not None,
                                 reason=str(shm.unsupported_reason()))
@@ -208,3 +209,51 @@ def test_a_loan_sent_to_a_closed_peer_raises_and_stays_lent(clean: None) -> None
         assert loan.open  # nothing went: send it elsewhere or give it back
         loan.abandon()
         assert in_flight(a) == 0
+
+
+def closed_descriptor() -> int:
+    """A descriptor number nothing has open (the kernel refuses it: EBADF)."""
+    fd = os.open(os.devnull, os.O_RDONLY)
+    os.close(fd)
+    return fd
+
+
+def test_a_return_of_a_lent_slot_is_a_protocol_error(clean: None) -> None:
+    # PROTOCOL.md: returning a slot never sent is a protocol error.  Taken
+    # for a return, it freed the open loan's slot, and the next loan
+    # overlapped it.
+    a, b = channel_pair(shm_size=1 * MiB)
+    with a, b:
+        a.send(b"hi")  # the REGION frame goes first
+        assert b.recv() == b"hi"
+        loan = a.loan(600 * KiB)
+        b.socket.sendall(return_frames([loan.slot])[0])
+        a.socket.settimeout(5)
+        with pytest.raises(ProtocolError, match="never sent"):
+            a.loan(600 * KiB)  # no room: reads the peer's RETURN frame
+        loan.abandon()  # the channel is closed: nothing to give back to
+
+
+def test_a_loan_whose_send_went_nowhere_is_lent_again(clean: None) -> None:
+    # A send_loan that wrote nothing (EBADF for a closed descriptor in fds)
+    # leaves the loan open, the caller's to send again or give up, and its
+    # slot lent: the peer has not heard of it, so a return of it is refused.
+    a, b = channel_pair(shm_size=256 * KiB)
+    with a, b:
+        loan = a.loan(100 * KiB)
+        loan.view[:] = b"L" * (100 * KiB)
+        with pytest.raises(OSError) as info:
+            a.send_loan(loan, [closed_descriptor()])
+        assert info.value.errno == errno.EBADF
+        assert loan.open and in_flight(a) == 1
+        a.send_loan(loan)  # sent again, whole
+        assert b.recv() == b"L" * (100 * KiB)
+        again = a.loan(100 * KiB)
+        with pytest.raises(OSError):
+            a.send_loan(again, [closed_descriptor()])
+        assert again.open
+        b.socket.sendall(return_frames([again.slot])[0])
+        a.socket.settimeout(5)
+        with pytest.raises(ProtocolError, match="never sent"):
+            a.loan(200 * KiB)  # no room: reads the peer's RETURN frames
+        again.abandon()

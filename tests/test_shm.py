@@ -31,6 +31,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import afunix
 from afunix import ProtocolError, _backend, _kernel, objects, shm
 from afunix.slots import Slot, SlotAllocator, SlotLedger
 
@@ -162,6 +163,34 @@ def test_bad_arguments_are_refused_before_any_system_call(fd_baseline: set) -> N
         SlotAllocator(0)
 
 
+def test_a_region_larger_than_the_machine_is_refused_before_anything_is_allocated(
+        monkeypatch: pytest.MonkeyPatch, fd_baseline: set) -> None:
+    # A region's memory is allocated whole when it is made, and a memfd is
+    # not counted against overcommit: the kernel's answer to a region it
+    # cannot hold is the OOM killer.  Made to believe the machine has
+    # 1 MiB, nothing large is allocated here.
+    monkeypatch.setattr(shm, "_physical_memory", lambda: 1 << 20, raising=False)
+
+    def no_memfd(*args: object) -> int:
+        raise AssertionError("a memfd was made for a region the machine cannot hold")
+
+    monkeypatch.setattr(os, "memfd_create", no_memfd)
+    with pytest.raises(OSError) as info:
+        shm.Region.create(2 << 20)
+    assert info.value.errno == errno.ENOMEM
+    a, b = socket.socketpair()
+    with a, b:
+        with pytest.raises(OSError) as info:
+            afunix.Channel(a, shm_size=(1 << 20) + 1)
+        assert info.value.errno == errno.ENOMEM
+        # over the bound a peer accepts: ValueError, before any system call
+        with pytest.raises(ValueError):
+            afunix.Channel(a, shm_size=shm.MAX_REGION_SIZE + 1)
+    monkeypatch.undo()
+    with shm.Region.create(1 << 20) as region:
+        assert region.size == 1 << 20
+
+
 def _child(code: str, backend: str, sock: socket.socket) -> "tuple[int, str, str]":
     """Run `code` in another interpreter with `sock` as descriptor SOCK (a variable)."""
     prelude = "import os, socket, sys\nSOCK = socket.socket(fileno=%d)\n" % sock.fileno()
@@ -183,6 +212,7 @@ def test_a_peer_process_adopts_the_region_and_reads_it_in_place(backend: str, fd
         payload = bytes(random.Random(1).getrandbits(8) for _ in range(1000)) * 1000
         slot = writer.try_copy(payload)
         assert slot is not None
+        writer.sending(*slot)
         socket.send_fds(a, [b"%d %d %d" % (writer.size, slot.offset, slot.length)], [writer.fileno()])
         code, out, err = _child("""
             import hashlib
@@ -549,9 +579,11 @@ def test_slots_are_aligned_first_fit_and_coalesce() -> None:
     assert d == Slot(256, 744) and alloc.largest_free == 0
     assert alloc.bytes_in_use == 1000  # the last slot reserves only what is left
     assert alloc.try_allocate(1) is None  # full: no wait, None
+    for slot in (a, b, c, d):
+        alloc.sending(*slot)
     alloc.free(*b)
     assert alloc.try_allocate(65) is None and alloc.try_allocate(64) == Slot(128, 64)
-    alloc.free(128, 64)
+    alloc.withdraw(128, 64)  # never sent: given up
     for slot in (c, a, d):  # out of order: the free ranges join up again
         alloc.free(*slot)
     assert alloc.slots_in_use == 0 and alloc.bytes_in_use == 0
@@ -567,6 +599,8 @@ def test_a_bad_return_is_a_protocol_error_and_changes_nothing() -> None:
     a = alloc.try_allocate(100)
     b = alloc.try_allocate(200)
     assert a is not None and b is not None
+    alloc.sending(*a)
+    alloc.sending(*b)
     bad = [
         (4000, 200),    # out of range
         (-64, 100),     # out of range
@@ -590,6 +624,35 @@ def test_a_bad_return_is_a_protocol_error_and_changes_nothing() -> None:
     assert alloc.try_allocate(4096) == Slot(0, 4096)
 
 
+def test_a_return_of_a_slot_lent_and_never_sent_is_a_protocol_error() -> None:
+    # A slot is the peer's to return only once the frame naming it is made
+    # (`sending`); before, the peer has never heard of it (PROTOCOL.md).
+    alloc = SlotAllocator(4096, alignment=64)
+    lent = alloc.try_allocate(100)
+    assert lent is not None
+    with pytest.raises(ProtocolError, match="never sent"):
+        alloc.free(*lent)
+    assert alloc.slots_in_use == 1 and alloc.slots_lent == 1  # nothing changed
+    alloc.sending(*lent)
+    alloc.recall(*lent)  # its frame was not written after all: lent again
+    with pytest.raises(ProtocolError, match="never sent"):
+        alloc.free(*lent)
+    with pytest.raises(ValueError):
+        alloc.recall(*lent)  # not sent
+    alloc.withdraw(*lent)
+    with pytest.raises(ValueError):
+        alloc.withdraw(*lent)  # not lent any more
+    sent = alloc.try_allocate(100)
+    assert sent == lent
+    alloc.sending(*sent)
+    with pytest.raises(ValueError):
+        alloc.withdraw(*sent)  # the peer's now
+    alloc.free(*sent)
+    with pytest.raises(ProtocolError, match="returned before"):
+        alloc.recall(*sent)  # returned already: only a peer that guessed it could
+    assert alloc.slots_in_use == 0 and alloc.try_allocate(4096) == Slot(0, 4096)
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.booleans(), st.integers(1, 3000), st.integers(0, 1 << 30)), max_size=120),
        st.sampled_from([1, 8, 64, 4096]))
@@ -607,6 +670,7 @@ def test_slot_allocator_property(steps: "list[tuple[bool, int, int]]", alignment
             assert slot.offset % alignment == 0 and 0 <= slot.offset <= size - length
             assert slot.length == length
             ledger.claim(*slot)  # would raise if it overlapped a slot in use
+            alloc.sending(*slot)
             used.append(slot)
         else:
             slot = used.pop(pick % len(used))
@@ -722,7 +786,7 @@ def test_try_copy_takes_any_contiguous_buffer(fd_baseline: set) -> None:
             slot = writer.try_copy(data)
             assert slot is not None and slot.length == len(expected)
             assert bytes(writer.region.view(*slot)) == expected
-            writer.give_back(*slot)
+            writer.withdraw(*slot)
         with pytest.raises(BufferError):
             writer.try_copy(memoryview(b"abcdef")[::2])  # strided: refused, no slot taken
         with pytest.raises(TypeError):
@@ -771,6 +835,8 @@ def test_ten_thousand_cycles_leave_descriptors_and_mappings_flat(fd_baseline: se
             n = rng.randrange(1, 256 << 10)
             if i % 2:
                 slot = writer.try_copy(b"\x01" * n)
+                assert slot is not None
+                writer.sending(*slot)
             else:
                 loan = writer.try_loan(n)
                 assert loan is not None
@@ -850,6 +916,10 @@ def _round_trip(obj: object, writer: Optional[shm.RegionWriter], reader: Optiona
                 threshold: int = 1024) -> "tuple[object, List[Optional[Slot]]]":
     with objects.pickle_object(obj, threshold=threshold) as pickled:
         placed = objects.place_parts(pickled, writer, threshold=threshold)
+        for slot in placed:
+            if slot is not None:
+                assert writer is not None
+                writer.sending(*slot)
         payload = b"".join(bytes(part) for part in objects.encode_object(pickled, placed))
     envelope = objects.parse_envelope(payload)
     parts = []

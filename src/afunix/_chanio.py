@@ -286,6 +286,23 @@ class Sender:
                 raise exc
         return accepted
 
+    def send_frame(self, seg: Segment) -> Tuple[int, Optional[BaseException]]:
+        """`send` of the one packed frame `seg` (buffered or not), the error returned, not raised.
+
+        (1 when any of it went: written, or its tail kept in `pending`;
+        the error that stopped it or None.)  For the frames that name
+        slots of the lane: one that did not start leaves its slots this
+        end's, whatever stopped it.
+        """
+        w = self.writer
+        deadline = _io.deadline_of(self.sock.gettimeout())
+        try:
+            if (w.pending or w.queue) and not self.drain(deadline):
+                return 0, stalled(self.sock)
+        except BaseException as exc:
+            return 0, exc
+        return self.emit(seg, deadline)
+
     def flush(self) -> int:
         """Write everything pending; the bytes still pending (only on a non-blocking socket)."""
         timeout = self.sock.gettimeout()

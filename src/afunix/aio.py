@@ -677,14 +677,18 @@ class Channel:
             await wait(self._fd, True)
 
     async def send_object(self, obj: Any) -> None:
-        """Send `obj` pickled with protocol 5 (see `afunix.Channel.send_object`); all inline.
+        """Send `obj` pickled with protocol 5 (see `afunix.Channel.send_object`).
 
-        Large buffers are kept out of the pickle stream and sent inline
-        (this channel has no lane of its own).  Returns once every byte is
+        Large buffers are kept out of the pickle stream: each goes in a
+        free slot of the lane with ``shm_size``, inline otherwise.  When
+        what stays inline would be over max_frame it waits on the loop for
+        the peer's returns, as `send` does (cancelled while it waits, it has
+        taken no slot and sent nothing).  Returns once every byte is
         written, as `send` does without a write buffer.
         """
         ch = self._ch
-        await call_when_ready(self._fd, True, lambda: ch.send_object(obj))
+        wait_for = self._wait_to_send if lane_of(ch) is not None else None
+        await call_when_ready(self._fd, True, lambda: ch.send_object(obj), wait_for=wait_for)
         if self._flush_after_send:
             await self.flush()
 

@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 import weakref
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from . import _checks, _io
 from ._chanio import (NOSIGNAL, NOSIGNAL_ONCE, RECEIVING, SENDING, Borrow, Sender, fill, owning,
@@ -31,7 +31,7 @@ from .lane import DEFAULT_THRESHOLD, LaneSender, return_segments
 from .message import Address, Message
 from .objects import (ENVELOPE_ENTRY, ENVELOPE_HEADER, PickledObject, check_unpickle_peer,
                       encode_object, load_object, peer_uid, pickle_object, place_parts)
-from .shm import Loan
+from .shm import MAX_REGION_SIZE, Loan
 from .slots import Slot
 from .pairs import socketpair
 
@@ -112,7 +112,9 @@ class Channel:
             named by a small frame, and the peer returns the slot when it is
             done with it (docs/PROTOCOL.md, version 2).  Every channel reads
             a peer's lane, with or without its own.  `loan` and
-            `send_loan` make a message in a slot, without a copy.
+            `send_loan` make a message in a slot, without a copy.  At most
+            16 GiB (`afunix.shm.MAX_REGION_SIZE`, which a peer accepts);
+            the region's memory is allocated when the channel is made.
         shm_threshold: the smallest message sent through the lane, and
             the smallest buffer of an object (`send_object`) sent out of
             band.
@@ -123,7 +125,8 @@ class Channel:
     Raises:
         TypeError, ValueError: not such a socket, or bad limits.
         OSError: ENOSYS where memfd regions are missing, or the kernel is
-            older than Linux 5.1 (shm_size only).
+            older than Linux 5.1; ENOMEM for a region larger than the
+            machine's RAM (shm_size only).
     """
 
     def __init__(self, sock: socket.socket, *, max_frame: int = DEFAULT_MAX_FRAME,
@@ -158,7 +161,7 @@ class Channel:
         if sock.fileno() < 0:
             raise OSError(errno.EBADF, os.strerror(errno.EBADF))
         writer = FrameWriter(max_frame, write_buffer)
-        shm_size = _checks.in_range(shm_size, "shm_size", 0, 1 << 40)
+        shm_size = _checks.in_range(shm_size, "shm_size", 0, MAX_REGION_SIZE)
         self._object_threshold = _checks.in_range(shm_threshold, "shm_threshold", 1, 1 << 62)
         if type(trust_peer) is not bool:
             raise TypeError("trust_peer must be a bool, not %s" % type(trust_peer).__name__)
@@ -451,9 +454,7 @@ class Channel:
                     segments, total = w.segments([item])
                     k = self._sender.send(segments, total)
                 else:
-                    k = self._sender.send([seg], 1)
-                    if not k:
-                        lane.abandon(seg)
+                    k = self._send_frame(seg, lambda: lane.abandon(seg))
                 if not k:
                     return accepted
                 accepted += 1
@@ -462,6 +463,24 @@ class Channel:
                 return accepted
             raise
         return accepted
+
+    def _send_frame(self, seg: Segment, unsent: Callable[[], None]) -> int:
+        """Write one frame naming slots of the lane; 1 once any of it went (a tail kept pending).
+
+        When none of it went, `unsent` makes its slots this end's again
+        before the error is raised, whatever the error (EAGAIN, a timeout,
+        EBADF for a closed descriptor in the message's fds): nothing of
+        the message reached the peer.  Once part of it went, its slots are
+        the peer's to return, error or not.
+        """
+        k, exc = self._sender.send_frame(seg)
+        if exc is None:
+            return k
+        if not k:
+            unsent()
+        elif isinstance(exc, (BlockingIOError, socket.timeout)):
+            return k  # the rest is pending, as for any message begun
+        raise exc
 
     def _announce(self, deadline: Optional[float]) -> None:
         """Write the REGION frame if it has not gone yet: before any other frame of this end."""
@@ -515,11 +534,12 @@ class Channel:
             self._wait_for_room(deadline)
 
     def _give_back_all(self, slots: List[Optional[Slot]]) -> None:
+        """Give up the slots an object's parts were placed in (lent, never sent)."""
         lane = self._lane
         assert lane is not None
         for slot in slots:
             if slot is not None:
-                lane.give_back(slot.offset, slot.length)
+                lane.withdraw(slot.offset, slot.length)
 
     def _slot_segment(self, data: Any, fds: Tuple[int, ...],
                       deadline: Optional[float]) -> Optional[Segment]:
@@ -676,8 +696,9 @@ class Channel:
         No copy: the message is the slot.  The loan is committed (its view
         released); the slot is this end's again once the peer returns it.
         Messages keep their order with those of `send` and `send_many`.
-        When nothing could be written (BlockingIOError, TimeoutError) the
-        loan is open again, to send later or give back.
+        When nothing of its frame could be written (BlockingIOError,
+        TimeoutError, or an OSError such as EBADF for a closed descriptor
+        in `fds`) the loan is open again, to send later or give back.
 
         Raises:
             TypeError: not an afunix.shm.Loan, or bad descriptors.
@@ -714,15 +735,9 @@ class Channel:
         assert lane is not None
         self._check_open()
         self._announce(_io.deadline_of(self._sock.gettimeout()))
-        seg = lane.loan_segment(loan, fds)
-        try:
-            sent = self._sender.send([seg], 1)
-        except BaseException:
-            loan.reopen()  # nothing of it went (a frame is written whole or kept)
-            raise
-        if not sent:
-            loan.reopen()
-            raise stalled(self._sock)
+        seg = lane.loan_segment(loan, fds)  # committed: sent, for the peer's returns
+        # none of it went: the loan is open again, the caller's to send or give up
+        self._send_frame(seg, loan.reopen)
 
     def _returns_now(self) -> bool:
         """Read what already waits on the socket, without waiting; True when slots came back."""
@@ -876,6 +891,7 @@ class Channel:
         threshold = lane.threshold if lane is not None else self._object_threshold
         with pickle_object(obj, threshold=threshold) as pickled:
             if lane is not None:
+                self._room_wanted = False
                 self._announce(_io.deadline_of(self._sock.gettimeout()))
                 slots = self._object_slots(pickled)
             else:
@@ -887,15 +903,23 @@ class Channel:
                 # one packed frame (the writer keeps a partly written one's tail)
                 frame = b"".join([lane_header(size, 0, KIND_OBJECT), *parts])
                 del parts
-                self._sender.send([lane_segment(frame)], 1)
-            except (ValueError, BlockingIOError, socket.timeout):
-                # not started: the slots are free again.  (After any other
-                # error part of the frame may be on its way: its slots stay
-                # in flight rather than be written again under the peer.)
-                for slot in slots:
-                    if slot is not None and lane is not None:
-                        lane.give_back(slot.offset, slot.length)
+            except BaseException:
+                if lane is not None:
+                    self._give_back_all(slots)
                 raise
+            if lane is None:
+                self._send_frame(lane_segment(frame), _nothing)
+                return
+            placed = [slot for slot in slots if slot is not None]
+            for slot in placed:
+                lane.sending(slot.offset, slot.length)
+
+            def unsent() -> None:
+                for slot in placed:
+                    lane.recall(slot.offset, slot.length)
+                self._give_back_all(slots)
+
+            self._send_frame(lane_segment(frame), unsent)
 
     def flush(self) -> int:
         """Write every accepted message still waiting (buffered, or a partly written tail).
@@ -1310,6 +1334,10 @@ class Channel:
 def reader_of(channel: Channel) -> FrameReader:
     """The FrameReader of `channel`, for the async channel's iteration over the same frames."""
     return channel._reader
+
+
+def _nothing() -> None:
+    """No slots to make this end's again (a frame without any)."""
 
 
 def lane_of(channel: Channel) -> Optional[LaneSender]:

@@ -29,7 +29,8 @@ class LaneSender:
     Messages of `threshold` bytes or more belong in the lane
     (`wants`); `try_segment` copies one into a free slot and gives the
     SLOT frame to write, or None while no slot is free (the caller waits
-    for the peer's RETURN frames and passes each slot to `give_back`).
+    for the peer's RETURN frames and passes each slot to `give_back`;
+    a slot is the peer's to return only once its frame is made).
     `announcement` gives the REGION frame, once: it must be the first frame
     this end writes, so that a peer that does not speak version 2 refuses
     the channel at once.  The channel's send side owns it; `give_back`
@@ -78,6 +79,8 @@ class LaneSender:
         with self.lock:
             self.room.clear()
             slot = self.region.try_copy(data)
+            if slot is not None:
+                self.region.sending(slot.offset, slot.length)  # its frame goes next
         if slot is None:
             return None
         return lane_segment(slot_frame(slot.offset, slot.length, len(fds)), fds)
@@ -85,7 +88,8 @@ class LaneSender:
     def try_loan(self, nbytes: int) -> Optional[Loan]:
         """A `Loan` of a free slot of `nbytes` bytes to fill in place; None when none is free now.
 
-        Abandoned, its slot comes back as a returned one does (`give_back`).
+        Abandoned, its slot comes back as a returned one does; the peer
+        may return it only once `loan_segment` made its frame.
 
         Raises:
             ValueError: `nbytes` below 1 or over the region's size, or the region is closed.
@@ -98,8 +102,7 @@ class LaneSender:
             slot = region.allocator.try_allocate(nbytes)
         if slot is None:
             return None
-        return Loan(slot, region.region.view(slot.offset, slot.length), self.give_back,
-                    region.region)
+        return Loan(slot, region.region.view(slot.offset, slot.length), self, region.region)
 
     def loan_segment(self, loan: Loan, fds: Tuple[int, ...] = ()) -> Segment:
         """The SLOT frame naming the filled slot of `loan` (committed: its view is released).
@@ -127,10 +130,45 @@ class LaneSender:
         if on_room is not None:
             on_room()
 
+    # A loan's moves (shm.Lender), and the channel's for slots it placed:
+    # under the lock, as the receiving thread frees slots under it.
+
+    def sending(self, offset: int, length: int) -> None:
+        """The frame naming the lent slot is made: the peer may return it from now on."""
+        with self.lock:
+            if not self.region.region.closed:
+                self.region.sending(offset, length)
+
+    def recall(self, offset: int, length: int) -> None:
+        """The frame naming the slot was not written after all: lent again.
+
+        Raises:
+            ProtocolError: the peer returned it before it was sent.
+        """
+        with self.lock:
+            if not self.region.region.closed:
+                self.region.recall(offset, length)
+
+    def withdraw(self, offset: int, length: int) -> None:
+        """A lent slot given up unsent: free again (a sender waiting for room wakes)."""
+        with self.lock:
+            if self.region.region.closed:
+                return
+            self.region.withdraw(offset, length)
+        self.room.set()
+        on_room = self.on_room
+        if on_room is not None:
+            on_room()
+
     def abandon(self, seg: Segment) -> None:
-        """The SLOT frame `seg` was not written at all: its slot is free again."""
+        """The SLOT frame `seg` was not written at all: its slot is free again.
+
+        Raises:
+            ProtocolError: the peer returned it before it was sent (it is free already).
+        """
         (offset, length), = unpack_pairs(seg.joined)
-        self.give_back(offset, length)
+        self.recall(offset, length)
+        self.withdraw(offset, length)
 
     @property
     def in_flight(self) -> int:

@@ -199,7 +199,7 @@ def place_parts(pickled: PickledObject, writer: Optional[RegionWriter], *,
 
     Never waits: a part for which no slot is free now, or that is larger
     than the region, stays inline, as all do without a writer.  On an error, the slots already taken are given
-    back before it is raised.
+    back before it is raised.  The slots are lent: say `RegionWriter.sending` before the frame naming them goes.
     """
     threshold = _checks.in_range(threshold, "threshold", 1, (1 << 63) - 1)
     if writer is None:
@@ -212,7 +212,7 @@ def place_parts(pickled: PickledObject, writer: Optional[RegionWriter], *,
     except BaseException:
         for slot in placed:
             if slot is not None:
-                writer.give_back(slot.offset, slot.length)
+                writer.withdraw(slot.offset, slot.length)
         raise
     return placed
 

@@ -35,7 +35,7 @@ import os
 import stat
 import sys
 from types import TracebackType
-from typing import Any, Callable, Optional, Type
+from typing import Any, Callable, Optional, Protocol, Type
 
 from . import _backend, _checks
 from ._kernel import (F_ADD_SEALS, F_GET_SEALS, F_SEAL_FUTURE_WRITE, F_SEAL_GROW, F_SEAL_SEAL,
@@ -46,9 +46,14 @@ from .slots import DEFAULT_ALIGNMENT, DEFAULT_MAX_SLOTS, Slot, SlotAllocator, Sl
 #: The seals every region carries, and a receiver requires.
 REQUIRED_SEALS = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_FUTURE_WRITE | F_SEAL_SEAL
 
-#: The largest region: the mapping must fit the address space of a 64-bit
-#: process many times over; a 32-bit one is refused by mmap itself.
-MAX_REGION_SIZE = 1 << 40
+#: The largest region, made (shm_size: ValueError above) or adopted (a
+#: peer's larger one is a ProtocolError).  Its memory is allocated whole
+#: when it is made (see `Region.create`), and memory a memfd holds is not
+#: counted against overcommit: the kernel answers a region larger than the
+#: memory it can find with the OOM killer, not with an error.  A bound
+#: keeps a mistyped size from doing so; over it, a message is better
+#: split than pinned in RAM in one piece.
+MAX_REGION_SIZE = 16 << 30
 
 #: The name a region shows in /proc/PID/maps and /proc/PID/fd (no file has it).
 REGION_NAME = "afunix-lane"
@@ -79,6 +84,14 @@ def _need_support() -> None:
     reason = unsupported_reason()
     if reason is not None:
         raise OSError(errno.ENOSYS, "shared-memory regions unavailable: " + reason)
+
+
+def _physical_memory() -> int:
+    """Bytes of RAM of this machine (0: unknown)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 0
 
 
 def _reserve(fd: int, size: int) -> None:
@@ -151,19 +164,28 @@ class Region:
     def create(cls, size: int) -> "Region":
         """A new region of `size` bytes, space reserved, mapped read-write, sealed.
 
-        The memory is reserved at once (posix_fallocate), so running out of
-        it is an OSError here and never a fault later.  Mapped before it is
-        sealed: F_SEAL_FUTURE_WRITE refuses every writable mapping made
-        after it.
+        The memory is reserved at once (posix_fallocate) and stays
+        allocated until the region is gone, so a fault can never come
+        later.  The kernel does not count it against overcommit: a size
+        over the machine's RAM is refused (ENOMEM) before anything is
+        allocated, but one that RAM holds only once other processes give
+        theirs up gets the OOM killer, not an error.  Size regions for the
+        memory the machine can spare.  Mapped before it is sealed:
+        F_SEAL_FUTURE_WRITE refuses every writable mapping made after it.
 
         Raises:
             TypeError, ValueError: `size` is not an int from 1 to MAX_REGION_SIZE.
             OSError: ENOSYS where memfd or sealing is missing, or the kernel
-                has no F_SEAL_FUTURE_WRITE (before Linux 5.1); the kernel's
-                answer otherwise (ENOMEM, ENOSPC, EMFILE).
+                has no F_SEAL_FUTURE_WRITE (before Linux 5.1); ENOMEM for a
+                size over the machine's RAM; the kernel's answer otherwise
+                (ENOMEM, ENOSPC, EMFILE).
         """
         size = _checks.in_range(size, "size", 1, MAX_REGION_SIZE)
         _need_support()
+        ram = _physical_memory()
+        if ram and size > ram:
+            raise OSError(errno.ENOMEM, "a region of %d bytes is larger than this machine's "
+                          "memory (%d bytes)" % (size, ram))
         fd = os.memfd_create(REGION_NAME, MFD_CLOEXEC | MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)
@@ -321,6 +343,16 @@ class Region:
         return "<Region %s size=%d %s>" % (state, self._size, "rw" if self._writable else "ro")
 
 
+class Lender(Protocol):
+    """What a `Loan` tells of its slot: the allocator's moves (`afunix.slots.SlotAllocator`)."""
+
+    def sending(self, offset: int, length: int) -> None: ...
+
+    def recall(self, offset: int, length: int) -> None: ...
+
+    def withdraw(self, offset: int, length: int) -> None: ...
+
+
 class Loan:
     """A writable view of one slot, filled in place and then handed over or given up.
 
@@ -343,15 +375,15 @@ class Loan:
     in flight; the peer maps the region read-only and never faults).
     """
 
-    __slots__ = ("slot", "_view", "_free", "_region")
+    __slots__ = ("slot", "_view", "_lender", "_region")
 
-    def __init__(self, slot: Slot, view: memoryview, free: Callable[[int, int], None],
-                 region: Region) -> None:
+    def __init__(self, slot: Slot, view: memoryview, lender: Lender, region: Region) -> None:
         #: the slot lent: its offset and length in the region
         self.slot = slot
         self._view: Optional[memoryview] = view
-        # gives an abandoned slot back to the free space (offset, length)
-        self._free = free
+        # keeps the slot's state: sent at commit, lent again at reopen,
+        # free again at abandon (until then the peer may not return it)
+        self._lender = lender
         self._region = region
 
     @property
@@ -387,13 +419,15 @@ class Loan:
         """Hand the filled slot over; return it, for the frame that names it.
 
         The slot stays in use until the peer returns it
-        (`RegionWriter.give_back`).
+        (`RegionWriter.give_back`), which it may from now on.
 
         Raises:
             ValueError: already committed or abandoned.
             BufferError: a buffer exported from `view` is still alive.
         """
         self._finish()
+        if not self._region.closed:
+            self._lender.sending(self.slot.offset, self.slot.length)
         return self.slot
 
     def reopen(self) -> None:
@@ -405,10 +439,18 @@ class Loan:
 
         Raises:
             ValueError: the loan is open, or the region is closed.
+            ProtocolError: the peer returned the slot before its frame was
+                sent (the loan stays committed: the slot is not this end's).
         """
         if self._view is not None:
             raise ValueError("the loan is open")
-        self._view = self._region.view(self.slot.offset, self.slot.length)
+        view = self._region.view(self.slot.offset, self.slot.length)
+        try:
+            self._lender.recall(self.slot.offset, self.slot.length)
+        except BaseException:
+            view.release()
+            raise
+        self._view = view
 
     def abandon(self) -> None:
         """Give the slot back unsent (nothing to give back once the region is closed).
@@ -421,7 +463,7 @@ class Loan:
         # RegionWriter.close forgot every slot: freeing this one then would
         # be refused as a bad return, the error of a broken peer.
         if not self._region.closed:
-            self._free(self.slot.offset, self.slot.length)
+            self._lender.withdraw(self.slot.offset, self.slot.length)
 
     def __enter__(self) -> "Loan":
         return self
@@ -442,8 +484,11 @@ class RegionWriter:
     ``RegionWriter(size)`` makes the region (`Region.create`); pass
     `fileno()` to the peer once with ``size``.  Then per message:
     `try_copy` (copy the bytes into a free slot) or `try_loan` (fill a
-    slot in place), announce the slot, and `give_back` each slot the peer
-    returns.  The try calls never wait: None means no room now.
+    slot in place), say `sending` (a loan's `commit` does) and announce
+    the slot, and `give_back` each slot the peer returns.  A slot not
+    announced is the peer's to return only after `sending`: before, a
+    return naming it is a ProtocolError.  The try calls never wait: None
+    means no room now.
     """
 
     __slots__ = ("region", "allocator")
@@ -482,11 +527,11 @@ class RegionWriter:
         slot = self.allocator.try_allocate(length)
         if slot is None:
             return None
-        return Loan(slot, self.region.view(slot.offset, slot.length), self.allocator.free,
+        return Loan(slot, self.region.view(slot.offset, slot.length), self.allocator,
                     self.region)
 
     def try_copy(self, data: Any) -> Optional[Slot]:
-        """Copy the bytes-like `data` into a free slot; the slot, or None when none is free now.
+        """Copy the bytes-like `data` into a free slot; the slot (lent), or None when none is free now.
 
         Raises:
             TypeError: `data` is not a bytes-like object.
@@ -509,15 +554,28 @@ class RegionWriter:
                     else:
                         target[:] = flat
             except BaseException:
-                self.allocator.free(slot.offset, slot.length)
+                self.allocator.withdraw(slot.offset, slot.length)
                 raise
         return slot
+
+    def sending(self, offset: int, length: int) -> None:
+        """The frame naming the lent slot goes to the peer (see `SlotAllocator.sending`)."""
+        self.allocator.sending(offset, length)
+
+    def recall(self, offset: int, length: int) -> None:
+        """Its frame was not written after all: lent again (see `SlotAllocator.recall`)."""
+        self.allocator.recall(offset, length)
+
+    def withdraw(self, offset: int, length: int) -> None:
+        """Give up a lent slot never sent (see `SlotAllocator.withdraw`)."""
+        self.allocator.withdraw(offset, length)
 
     def give_back(self, offset: int, length: int) -> None:
         """Take back the slot the peer returned.
 
         Raises:
-            ProtocolError: it is out of range or not a slot in use (see `SlotAllocator.free`).
+            ProtocolError: it is out of range or not a slot sent and in use
+                (see `SlotAllocator.free`).
         """
         self.allocator.free(offset, length)
 

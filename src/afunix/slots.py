@@ -12,7 +12,7 @@ that carry slots are drafted in docs/PROTOCOL.md ("Shared-memory lane").
 from __future__ import annotations
 
 import bisect
-from typing import Dict, List, NamedTuple, Optional
+from typing import Dict, List, NamedTuple, Optional, Set
 
 from . import _checks
 from .frames import ProtocolError
@@ -55,9 +55,15 @@ class SlotAllocator:
     its length rounded up to the alignment.  Free ranges are coalesced as
     slots come back, so a receiver returning slots in any order leaves no
     holes behind.  Not thread-safe: one sender owns it.
+
+    A slot handed out is this end's (lent: being filled, or waiting for
+    its frame) until `sending` says the frame naming it goes to the peer;
+    only then may the peer return it (`free`).  A slot whose frame was
+    not written after all goes back with `recall`; one never sent is
+    given up with `withdraw`.
     """
 
-    __slots__ = ("size", "alignment", "_starts", "_free", "_used", "_used_bytes")
+    __slots__ = ("size", "alignment", "_starts", "_free", "_used", "_used_bytes", "_lent")
 
     def __init__(self, size: int, *, alignment: int = DEFAULT_ALIGNMENT) -> None:
         """Args:
@@ -77,6 +83,9 @@ class SlotAllocator:
         # slots handed out: offset -> (length, reserved)
         self._used: Dict[int, "tuple[int, int]"] = {}
         self._used_bytes = 0
+        # offsets of the slots handed out and not sent: the peer has never
+        # heard of them, and a return naming one is a lie
+        self._lent: Set[int] = set()
 
     def try_allocate(self, length: int) -> Optional[Slot]:
         """A free slot of `length` bytes, or None when none is free now.
@@ -104,15 +113,57 @@ class SlotAllocator:
             self._starts.remove(start)
         self._used[start] = (length, reserved)
         self._used_bytes += reserved
+        self._lent.add(start)
         return Slot(start, length)
+
+    def _lent_slot(self, offset: int, length: int) -> bool:
+        used = self._used.get(offset)
+        return used is not None and used[0] == length and offset in self._lent
+
+    def sending(self, offset: int, length: int) -> None:
+        """The frame naming the lent slot ``(offset, length)`` goes to the peer: it may return it from now on.
+
+        Raises:
+            ValueError: it is not a slot lent (a mistake of the caller).
+        """
+        if not self._lent_slot(offset, length):
+            raise ValueError("slot (offset %r, length %r) is not lent" % (offset, length))
+        self._lent.discard(offset)
+
+    def recall(self, offset: int, length: int) -> None:
+        """The frame naming the slot ``(offset, length)`` was not written after all: it is lent again.
+
+        Raises:
+            ProtocolError: it is no slot in use any more: the peer returned
+                it before it could know it (only a peer guessing does).
+            ValueError: it is lent, not sent (a mistake of the caller).
+        """
+        used = self._used.get(offset)
+        if used is None or used[0] != length:
+            raise ProtocolError("slot (offset %r, length %r) returned before its frame was sent"
+                                % (offset, length))
+        if offset in self._lent:
+            raise ValueError("slot (offset %r, length %r) was not sent" % (offset, length))
+        self._lent.add(offset)
+
+    def withdraw(self, offset: int, length: int) -> None:
+        """Give up the lent slot ``(offset, length)``, never sent: it is free again.
+
+        Raises:
+            ValueError: it is not a slot lent (a mistake of the caller).
+        """
+        if not self._lent_slot(offset, length):
+            raise ValueError("slot (offset %r, length %r) is not lent" % (offset, length))
+        self._lent.discard(offset)
+        self._release(Slot(offset, length))
 
     def free(self, offset: int, length: int) -> None:
         """Take back the slot ``(offset, length)`` the receiver returned.
 
         Raises:
             ProtocolError: the range is outside the region, or is not exactly a
-                slot handed out and not yet returned (overlapping, shifted,
-                or returned twice).  Nothing changes then.
+                slot sent and not yet returned (overlapping, shifted,
+                returned twice, or lent and never sent).  Nothing changes then.
             TypeError: offset or length is not an int.
         """
         slot = _wire_range(offset, length, self.size)
@@ -120,8 +171,14 @@ class SlotAllocator:
         if used is None or used[0] != slot.length:
             raise ProtocolError("returned slot (offset %d, length %d) is not a slot in use"
                                 % (slot.offset, slot.length))
-        del self._used[slot.offset]
-        reserved = used[1]
+        if slot.offset in self._lent:
+            raise ProtocolError("returned slot (offset %d, length %d) was never sent"
+                                % (slot.offset, slot.length))
+        self._release(slot)
+
+    def _release(self, slot: Slot) -> None:
+        """The slot in use `slot` is free again: joined to the free ranges beside it."""
+        reserved = self._used.pop(slot.offset)[1]
         self._used_bytes -= reserved
         start, end = slot.offset, slot.offset + reserved
         i = bisect.bisect_left(self._starts, start)
@@ -146,11 +203,17 @@ class SlotAllocator:
         self._free = {0: self.size}
         self._used.clear()
         self._used_bytes = 0
+        self._lent.clear()
 
     @property
     def slots_in_use(self) -> int:
-        """How many slots are handed out and not yet returned."""
+        """How many slots are handed out and not yet returned (lent ones too)."""
         return len(self._used)
+
+    @property
+    def slots_lent(self) -> int:
+        """How many slots are handed out and not sent."""
+        return len(self._lent)
 
     @property
     def bytes_in_use(self) -> int:
