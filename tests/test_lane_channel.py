@@ -555,60 +555,6 @@ def test_a_peer_closing_while_a_sender_waits_for_room_ends_the_wait(call: str,
         assert a._lane is not None and a._lane.in_flight == 1  # no slot taken by the wait
 
 
-def test_a_receive_while_a_sender_reads_for_room_waits_for_that_read_not_refused(
-        clean: None) -> None:
-    """A sender waiting for slots reads the socket itself (RETURN frames come that way) in
-    the gaps between another thread's receives.  A receive that comes in such a gap is the
-    application's one receiver: it waits for that read to end and takes the side, and is
-    never refused (RuntimeError) -- a refused receiver thread stops reading, and a peer
-    echoing through its own lane then waits on both sides for ever."""
-    a, b = channel_pair(shm_size=64 * KiB, shm_threshold=1 * KiB, max_frame=16 * KiB)
-    big = [bytes([i]) * 40 * KiB for i in (1, 2)]  # over max_frame: only a slot carries them
-    errors: List[BaseException] = []
-    done = threading.Event()
-
-    def send() -> None:
-        try:
-            a.send(big[0])
-            a.send(big[1])  # no room: reads a's socket for b's RETURN frame
-        except BaseException as exc:
-            errors.append(exc)
-
-    def peer() -> None:
-        # only once the receive below waits (or gave up): till then nothing comes to
-        # a's socket, so the sender's read for room holds the receiving side throughout
-        deadline = time.monotonic() + 5
-        while not getattr(a, "_receiver_waiting", False) and not done.is_set() \
-                and time.monotonic() < deadline:
-            time.sleep(0.001)
-        try:
-            assert b.recv() == big[0]  # its slot goes back to a
-            b.send(b"hello")
-            assert b.recv() == big[1]
-        except BaseException as exc:
-            errors.append(exc)
-
-    with a, b:
-        a.socket.settimeout(10)
-        b.socket.settimeout(10)
-        sender = threading.Thread(target=send)
-        sender.start()
-        deadline = time.monotonic() + 5
-        while "receiving" not in a._busy and sender.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.001)
-        assert "receiving" in a._busy  # the sender reads for room
-        helper = threading.Thread(target=peer)
-        helper.start()
-        try:
-            assert a.recv() == b"hello"
-        finally:
-            done.set()
-            sender.join(15)
-            helper.join(15)
-        assert not sender.is_alive() and not helper.is_alive()
-        assert not errors, errors
-
-
 def test_a_lane_send_that_wrote_nothing_gives_its_slot_back(clean: None) -> None:
     # Whatever stopped it -- EBADF for a closed descriptor in fds, a full
     # socket -- a message none of whose frame was written never reaches the

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import socket
-import threading
 import time
 from typing import Any, Callable, List, Optional, Tuple, TypeVar
 
@@ -39,25 +38,6 @@ def refused(side: str) -> RuntimeError:
     """The error of a second caller on a side already claimed."""
     return RuntimeError("this Channel is already %s in another thread (or in the call a "
                         "signal handler interrupted): one caller at a time" % side)
-
-
-class Borrow:
-    """The receiving side's claim taken by a sender waiting for slots, for one read of the socket.
-
-    The peer's RETURN frames come on the socket, so a sender out of room
-    reads it when no receive is in progress.  The application may have a
-    receiver thread that is only between two receives: its next receive
-    waits for that read to end (`done`) and takes the side, rather than be
-    refused as a second receiver would.  `thread` tells a receive in a
-    signal handler that interrupted the borrowing sender (refused: waiting
-    there would wait for ever).
-    """
-
-    __slots__ = ("thread", "done")
-
-    def __init__(self) -> None:
-        self.thread = threading.get_ident()
-        self.done = threading.Event()
 
 
 def owning(sock: socket.socket, make: Callable[[], T]) -> T:

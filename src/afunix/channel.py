@@ -12,13 +12,12 @@ import contextlib
 import errno
 import os
 import socket
-import threading
 import time
 import weakref
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from . import _checks, _io
-from ._chanio import (NOSIGNAL, NOSIGNAL_ONCE, RECEIVING, SENDING, Borrow, Sender, fill, owning,
+from ._chanio import (NOSIGNAL, NOSIGNAL_ONCE, RECEIVING, SENDING, Sender, fill, owning,
                       read_for_room, refused, stalled)
 from .addresses import connect
 from .batch import checked_fds
@@ -43,12 +42,6 @@ _SEQPACKET = int(socket.SOCK_SEQPACKET)
 # folded in, no enum made).
 _socket_type = _socket.socket.type.__get__
 
-
-# The longest a sender waiting for slots leaves the socket to a receive in
-# another thread before it looks again (that receive may end with the
-# returns still to come), and a receive waits between looks at a sender's
-# read for room (see `_claim_after_borrow`).
-ROOM_POLL = 0.05
 
 # Every open Channel of this process, for the fork hook below.
 _channels: "weakref.WeakSet[Channel]" = weakref.WeakSet()
@@ -174,9 +167,6 @@ class Channel:
         # set when the last sending call stopped for want of slots, not of
         # socket space (afunix.aio.Channel then waits for the peer's returns)
         self._room_wanted = False
-        # set while a receive waits for a sender's read for room to end
-        # (`_claim_after_borrow`): the sender then leaves the reads to it
-        self._receiver_waiting = False
         self._sock = sock
         self._fd = sock.fileno()
         self._seqpacket = kind == _SEQPACKET
@@ -241,45 +231,6 @@ class Channel:
     def buffered_messages(self) -> int:
         """Messages already received and parsed, that the next receive returns without waiting."""
         return self._reader.buffered
-
-    def _claim_after_borrow(self, me: object) -> None:
-        """Claim the receiving side for a receive that found it claimed (`me`: its token).
-
-        A sender waiting for slots reads the socket between this thread's
-        receives (`Borrow`): the receive waits for that read to end, then
-        takes the side, and the sender, seeing it wait, leaves the reads to
-        it.  A second receiver, or a receive in a signal handler that
-        interrupted the borrowing sender, is refused.
-
-        Raises:
-            RuntimeError: refused, as above.
-            TimeoutError: the read for room outlasted the socket's timeout
-                (a non-blocking socket's read never waits for input: this
-                waits for it to end).
-        """
-        busy = self._busy
-        waited = False
-        timeout = self._sock.gettimeout()
-        deadline = time.monotonic() + timeout if timeout else None
-        try:
-            while True:
-                holder = busy.setdefault(RECEIVING, me)
-                if holder is me:
-                    return
-                if type(holder) is not Borrow or holder.thread == threading.get_ident():
-                    raise refused(RECEIVING)
-                waited = self._receiver_waiting = True
-                wait = ROOM_POLL
-                if deadline is not None:
-                    wait = min(wait, deadline - time.monotonic())
-                    if wait <= 0:
-                        raise socket.timeout("timed out")
-                # (a poll as well: a sender interrupted between letting go and
-                # setting `done` never sets it)
-                holder.done.wait(wait)
-        finally:
-            if waited:
-                self._receiver_waiting = False
 
     def _check_open(self) -> None:
         if self._closed:
@@ -577,8 +528,8 @@ class Channel:
         """One wait for the peer to return slots (a caller holding the sending side loops over it).
 
         Reads the socket (RETURN frames come that way) unless another
-        thread is receiving on this channel, or waits to (`Borrow`): that
-        one reads them, and this one waits for it to, a while at a time.
+        thread is receiving on this channel: that one reads them, and this
+        one waits for it to.
 
         Raises:
             BlockingIOError, TimeoutError: the deadline passed.
@@ -595,26 +546,24 @@ class Channel:
             self._room_wanted = True
             raise stalled(self._sock)
         self._send_returns()  # the peer may be waiting for ours just the same
-        me = Borrow()
+        me: List[object] = []
         try:
-            if not self._receiver_waiting and busy.setdefault(RECEIVING, me) is me:
+            if busy.setdefault(RECEIVING, me) is me:
                 try:
                     progressed = read_for_room(self._sock, self._reader, deadline)
                 except ProtocolError:
                     self._abort()
                     raise
             else:
-                # a receive reads them; a while only: it may end with the
-                # returns still to come, and the next read is this one's
-                remaining = ROOM_POLL if deadline is None else deadline - time.monotonic()
-                progressed = lane.room.wait(min(ROOM_POLL, max(0.0, remaining)))
+                remaining = None if deadline is None else deadline - time.monotonic()
+                progressed = lane.room.wait(remaining if remaining is None or remaining > 0
+                                            else 0.0)
         finally:
             try:
                 if busy[RECEIVING] is me:
                     del busy[RECEIVING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
-            me.done.set()
         if not progressed and deadline is None and lane.in_flight:
             lane.room.wait(0.01)  # the buffer is full of messages not taken yet
 
@@ -744,10 +693,10 @@ class Channel:
         lane = self._lane
         assert lane is not None
         busy = self._busy
-        me = Borrow()
+        me: List[object] = []
         before = lane.in_flight
         try:
-            if not self._receiver_waiting and busy.setdefault(RECEIVING, me) is me:
+            if busy.setdefault(RECEIVING, me) is me:
                 try:
                     for _ in range(16):
                         if not read_for_room(self._sock, self._reader, time.monotonic()):
@@ -763,7 +712,6 @@ class Channel:
                     del busy[RECEIVING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
-            me.done.set()
         return lane.in_flight < before
 
     def _write_returns(self) -> None:
@@ -1003,7 +951,7 @@ class Channel:
         me: List[object] = []  # a fresh token, held by this call only
         try:
             if busy.setdefault(RECEIVING, me) is not me:
-                self._claim_after_borrow(me)
+                raise refused(RECEIVING)
             return self._recv()
         finally:
             try:
@@ -1050,7 +998,7 @@ class Channel:
         me: List[object] = []  # a fresh token, held by this call only
         try:
             if busy.setdefault(RECEIVING, me) is not me:
-                self._claim_after_borrow(me)
+                raise refused(RECEIVING)
             return self._recv_many(max_messages)
         finally:
             try:
@@ -1089,7 +1037,7 @@ class Channel:
         me: List[object] = []  # a fresh token, held by this call only
         try:
             if busy.setdefault(RECEIVING, me) is not me:
-                self._claim_after_borrow(me)
+                raise refused(RECEIVING)
             return self._recv_message()
         finally:
             try:
@@ -1128,7 +1076,7 @@ class Channel:
         me: List[object] = []  # a fresh token, held by this call only
         try:
             if busy.setdefault(RECEIVING, me) is not me:
-                self._claim_after_borrow(me)
+                raise refused(RECEIVING)
             return self._recv_batch(max_messages)
         finally:
             try:
@@ -1176,7 +1124,7 @@ class Channel:
         me: List[object] = []  # a fresh token, held by this call only
         try:
             if busy.setdefault(RECEIVING, me) is not me:
-                self._claim_after_borrow(me)
+                raise refused(RECEIVING)
             return self._recv_object()
         finally:
             try:
