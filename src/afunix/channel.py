@@ -12,13 +12,14 @@ import contextlib
 import errno
 import os
 import socket
+import threading
 import time
 import weakref
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from . import _checks, _io
-from ._chanio import (NOSIGNAL, RECEIVING, SENDING, Sender, fill, owning, read_for_room,
-                      refused, stalled)
+from ._chanio import (NOSIGNAL, RECEIVING, SENDING, Borrowed, Sender, fill, owning,
+                      read_for_room, refused, stalled)
 from .addresses import connect
 from .batch import checked_fds
 from .codec import TABLE_CAPACITY, FrameReader
@@ -41,6 +42,11 @@ _SEQPACKET = int(socket.SOCK_SEQPACKET)
 # The socket's type as the kernel reports it (no SOCK_NONBLOCK/CLOEXEC bits
 # folded in, no enum made).
 _socket_type = _socket.socket.type.__get__
+# The longest a sender waiting for the peer's returns sleeps before it looks
+# again whether it may read them itself (a receive that held the socket may
+# have ended without reading them), and a caller waits before it looks
+# again whether the channel's own use of its side ended.
+_ROOM_STEP = 0.01
 
 
 # Every open Channel of this process, for the fork hook below.
@@ -61,6 +67,7 @@ def _forget_parents_unsent() -> None:
     for ch in list(_channels):
         ch._writer.drop_unsent()
         ch._busy.clear()
+        ch._borrow_ended = threading.Condition()  # its lock may be held by a thread not here
 
 
 if hasattr(os, "register_at_fork"):
@@ -130,6 +137,10 @@ class Channel:
         # threads there too).  (Not a decorator:
         # *args/**kwargs cost about 100 ns per message.)
         self._busy: Dict[str, object] = {}
+        # notified as a claim the channel took for itself (Borrowed) ends,
+        # while callers wait for it (how many: _borrow_waiters)
+        self._borrow_ended = threading.Condition()
+        self._borrow_waiters = 0
         if not isinstance(sock, socket.socket):
             raise TypeError("Channel needs a socket.socket, not %s" % type(sock).__name__)
         if sock.family != socket.AF_UNIX:
@@ -222,6 +233,43 @@ class Channel:
         if self._closed:
             raise OSError(errno.EBADF, "the channel is closed")
 
+    def _claimed_after_borrow(self, side: str, me: List[object]) -> bool:
+        """Claim `side` for `me` once the channel's own use of it ends; False while a caller holds it.
+
+        A sender waiting for room reads the peer's RETURN frames on the
+        receiving side, and a receive writes its own on the sending side
+        (`Borrowed`): a caller of that side waits for that to end instead of
+        being refused, as receiving and sending are independent.  The wait
+        is short: a borrow never waits for the peer to send, and writes at
+        most what the caller would have to write first itself.  A call of a
+        signal handler inside a borrow of its own thread is refused (the
+        borrow cannot end under it).  Called inside the caller's try: the
+        claim is one setdefault, released by the caller's finally.
+        """
+        busy = self._busy
+        while True:
+            holder = busy.setdefault(side, me)
+            if holder is me:
+                return True
+            if type(holder) is not Borrowed or holder.thread == threading.get_ident():
+                return False
+            with self._borrow_ended:
+                # counted before the look: a borrow released after it sees the count
+                self._borrow_waiters += 1
+                try:
+                    if busy.get(side) is holder:
+                        # (timed: a notice lost to a signal handler's
+                        # exception in the borrower costs one step)
+                        self._borrow_ended.wait(_ROOM_STEP)
+                finally:
+                    self._borrow_waiters -= 1
+
+    def _borrow_released(self) -> None:
+        """After a claim the channel took for itself is let go: wake the callers waiting for it."""
+        if self._borrow_waiters:
+            with self._borrow_ended:
+                self._borrow_ended.notify_all()
+
     # ---- send -------------------------------------------------------------------
 
     def send(self, data: Any, fds: Iterable[Any] = ()) -> None:
@@ -242,17 +290,18 @@ class Channel:
         busy = self._busy
         me: List[object] = []  # a fresh token, held by this call only
         try:
-            if busy.setdefault(SENDING, me) is not me:
+            if (busy.setdefault(SENDING, me) is not me
+                    and not self._claimed_after_borrow(SENDING, me)):
                 raise refused(SENDING)
             self._send(data, fds)
-            if self._reader.returns:
-                self._send_returns()  # a receive in another thread left them to this side
         finally:
             try:
                 if busy[SENDING] is me:
                     del busy[SENDING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
+            if self._reader.returns:
+                self._write_returns()  # a receive in another thread left them to this call
 
     def _send(self, data: Any, fds: Iterable[Any]) -> None:
         w = self._writer
@@ -314,18 +363,18 @@ class Channel:
         busy = self._busy
         me: List[object] = []  # a fresh token, held by this call only
         try:
-            if busy.setdefault(SENDING, me) is not me:
+            if (busy.setdefault(SENDING, me) is not me
+                    and not self._claimed_after_borrow(SENDING, me)):
                 raise refused(SENDING)
-            sent = self._send_many(messages)
-            if self._reader.returns:
-                self._send_returns()  # a receive in another thread left them to this side
-            return sent
+            return self._send_many(messages)
         finally:
             try:
                 if busy[SENDING] is me:
                     del busy[SENDING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
+            if self._reader.returns:
+                self._write_returns()  # a receive in another thread left them to this call
 
     def _send_many(self, messages: Iterable[Any]) -> int:
         self._check_open()
@@ -485,45 +534,43 @@ class Channel:
     def _wait_for_room(self, deadline: Optional[float]) -> None:
         """One wait for the peer to return slots (a caller holding the sending side loops over it).
 
-        Reads the socket (RETURN frames come that way) unless another
-        thread is receiving on this channel: that one reads them, and this
-        one waits for it to.
+        RETURN frames come on the socket.  While another thread is
+        receiving on this channel, that one reads them: this one waits for
+        the lane's `room`, set as slots come back, as such a receive leaves
+        RETURN frames of its own to this call to write, and at close.
+        Otherwise this one waits for the socket to be readable and reads
+        what came, borrowing the receiving side for that read only (a
+        receive that starts meanwhile waits for it to end, never refused,
+        and never for the peer).  Either wait lasts at most _ROOM_STEP:
+        then the caller looks again (a receive may have ended without
+        reading them, or begun meanwhile).
 
         Raises:
             BlockingIOError, TimeoutError: the deadline passed.
             BrokenPipeError: the peer closed the channel.
             ProtocolError: the peer broke the protocol (the channel is closed).
+            OSError: EBADF, the channel was closed.
         """
         lane = self._lane
         assert lane is not None
-        busy = self._busy
-        if deadline is not None and time.monotonic() >= deadline:
+        self._check_open()
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
             self._send_returns()
             if self._returns_now():  # (a non-blocking socket: what already came)
                 return
             self._room_wanted = True
             raise stalled(self._sock)
         self._send_returns()  # the peer may be waiting for ours just the same
-        me: List[object] = []
-        try:
-            if busy.setdefault(RECEIVING, me) is me:
-                try:
-                    progressed = read_for_room(self._sock, self._reader, deadline)
-                except ProtocolError:
-                    self._abort()
-                    raise
-            else:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                progressed = lane.room.wait(remaining if remaining is None or remaining > 0
-                                            else 0.0)
-        finally:
-            try:
-                if busy[RECEIVING] is me:
-                    del busy[RECEIVING]
-            except KeyError:  # unclaimed: the holder left (see __init__)
-                pass
-        if not progressed and deadline is None and lane.in_flight:
-            lane.room.wait(0.01)  # the buffer is full of messages not taken yet
+        step = _ROOM_STEP if deadline is None else min(_ROOM_STEP, deadline - now)
+        if RECEIVING in self._busy:
+            lane.room.wait(step)
+        elif (_io.wait(self._fd, False, now + step) and not self._returns_now()
+              and _io.wait(self._fd, False, time.monotonic())):
+            # readable still, and nothing came back: the buffer is full of
+            # messages not taken yet, and the next read waits for a receive
+            lane.room.wait(step)
+        self._check_open()
 
     # ---- loans: messages made in place in the lane ---------------------------------
 
@@ -553,7 +600,8 @@ class Channel:
         busy = self._busy
         me: List[object] = []  # a fresh token, held by this call only
         try:
-            if busy.setdefault(SENDING, me) is not me:
+            if (busy.setdefault(SENDING, me) is not me
+                    and not self._claimed_after_borrow(SENDING, me)):
                 raise refused(SENDING)
             return self._loan(nbytes)
         finally:
@@ -562,6 +610,8 @@ class Channel:
                     del busy[SENDING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
+            if self._reader.returns:
+                self._write_returns()  # a receive in another thread left them to this call
 
     def _loan(self, nbytes: int) -> Loan:
         lane = self._lane
@@ -606,17 +656,18 @@ class Channel:
         busy = self._busy
         me: List[object] = []  # a fresh token, held by this call only
         try:
-            if busy.setdefault(SENDING, me) is not me:
+            if (busy.setdefault(SENDING, me) is not me
+                    and not self._claimed_after_borrow(SENDING, me)):
                 raise refused(SENDING)
             self._send_loan(loan, fds)
-            if self._reader.returns:
-                self._send_returns()  # a receive in another thread left them to this side
         finally:
             try:
                 if busy[SENDING] is me:
                     del busy[SENDING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
+            if self._reader.returns:
+                self._write_returns()  # a receive in another thread left them to this call
 
     def _send_loan(self, loan: Loan, fds: Tuple[int, ...]) -> None:
         lane = self._lane
@@ -638,10 +689,10 @@ class Channel:
         lane = self._lane
         assert lane is not None
         busy = self._busy
-        me: List[object] = []
+        me = Borrowed()
         before = lane.in_flight
         try:
-            if busy.setdefault(RECEIVING, me) is me:
+            if busy.setdefault(RECEIVING, me) is me and not self._closed:
                 try:
                     for _ in range(16):
                         if not read_for_room(self._sock, self._reader, time.monotonic()):
@@ -657,6 +708,7 @@ class Channel:
                     del busy[RECEIVING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
+            self._borrow_released()
         return lane.in_flight < before
 
     def _write_returns(self) -> None:
@@ -667,14 +719,16 @@ class Channel:
         never raises for the socket: what does not go stays for the next
         call (a receive has handed its message out, which must not be lost
         for the sake of a RETURN frame).  Skipped while another thread is
-        sending: that one writes them.  Skipped too while the socket is not
+        sending: that one writes them (as it waits for room, and as it
+        ends); else the sending side is borrowed for the write (`Borrowed`:
+        a send that starts meanwhile waits for it to end).  Skipped too while the socket is not
         writable: a peer that only sends reads RETURN frames only once its
         region is full, so a receive that waited for it to read them would
         stop taking the messages that peer is blocked writing, and both
         would wait for ever; the slots go with a later receive or send.
         """
         busy = self._busy
-        me: List[object] = []
+        me = Borrowed()
         try:
             if not self._reader.returns:
                 return
@@ -691,6 +745,7 @@ class Channel:
                     del busy[SENDING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
+            self._borrow_released()
 
     def _send_returns(self) -> None:
         """`_write_returns` for a caller that holds the sending side."""
@@ -727,7 +782,8 @@ class Channel:
         busy = self._busy
         me: List[object] = []  # a fresh token, held by this call only
         try:
-            if busy.setdefault(SENDING, me) is not me:
+            if (busy.setdefault(SENDING, me) is not me
+                    and not self._claimed_after_borrow(SENDING, me)):
                 raise refused(SENDING)
             return self._send_fixed(buffer, size)
         finally:
@@ -736,6 +792,8 @@ class Channel:
                     del busy[SENDING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
+            if self._reader.returns:
+                self._write_returns()  # a receive in another thread left them to this call
 
     def _send_fixed(self, buffer: Any, size: int) -> int:
         self._check_open()
@@ -767,7 +825,8 @@ class Channel:
         busy = self._busy
         me: List[object] = []  # a fresh token, held by this call only
         try:
-            if busy.setdefault(SENDING, me) is not me:
+            if (busy.setdefault(SENDING, me) is not me
+                    and not self._claimed_after_borrow(SENDING, me)):
                 raise refused(SENDING)
             self._send_object(obj)
         finally:
@@ -776,6 +835,8 @@ class Channel:
                     del busy[SENDING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
+            if self._reader.returns:
+                self._write_returns()  # a receive in another thread left them to this call
 
     def _send_object(self, obj: Any) -> None:
         self._check_open()
@@ -819,7 +880,8 @@ class Channel:
         busy = self._busy
         me: List[object] = []  # a fresh token, held by this call only
         try:
-            if busy.setdefault(SENDING, me) is not me:
+            if (busy.setdefault(SENDING, me) is not me
+                    and not self._claimed_after_borrow(SENDING, me)):
                 raise refused(SENDING)
             return self._flush()
         finally:
@@ -828,6 +890,8 @@ class Channel:
                     del busy[SENDING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
+            if self._reader.returns:
+                self._write_returns()  # a receive in another thread left them to this call
 
     def _flush(self) -> int:
         self._check_open()
@@ -882,7 +946,8 @@ class Channel:
         busy = self._busy
         me: List[object] = []  # a fresh token, held by this call only
         try:
-            if busy.setdefault(RECEIVING, me) is not me:
+            if (busy.setdefault(RECEIVING, me) is not me
+                    and not self._claimed_after_borrow(RECEIVING, me)):
                 raise refused(RECEIVING)
             return self._recv()
         finally:
@@ -926,7 +991,8 @@ class Channel:
         busy = self._busy
         me: List[object] = []  # a fresh token, held by this call only
         try:
-            if busy.setdefault(RECEIVING, me) is not me:
+            if (busy.setdefault(RECEIVING, me) is not me
+                    and not self._claimed_after_borrow(RECEIVING, me)):
                 raise refused(RECEIVING)
             return self._recv_many(max_messages)
         finally:
@@ -963,7 +1029,8 @@ class Channel:
         busy = self._busy
         me: List[object] = []  # a fresh token, held by this call only
         try:
-            if busy.setdefault(RECEIVING, me) is not me:
+            if (busy.setdefault(RECEIVING, me) is not me
+                    and not self._claimed_after_borrow(RECEIVING, me)):
                 raise refused(RECEIVING)
             return self._recv_message()
         finally:
@@ -999,7 +1066,8 @@ class Channel:
         busy = self._busy
         me: List[object] = []  # a fresh token, held by this call only
         try:
-            if busy.setdefault(RECEIVING, me) is not me:
+            if (busy.setdefault(RECEIVING, me) is not me
+                    and not self._claimed_after_borrow(RECEIVING, me)):
                 raise refused(RECEIVING)
             return self._recv_batch(max_messages)
         finally:
@@ -1047,7 +1115,8 @@ class Channel:
         busy = self._busy
         me: List[object] = []  # a fresh token, held by this call only
         try:
-            if busy.setdefault(RECEIVING, me) is not me:
+            if (busy.setdefault(RECEIVING, me) is not me
+                    and not self._claimed_after_borrow(RECEIVING, me)):
                 raise refused(RECEIVING)
             return self._recv_object()
         finally:
@@ -1121,6 +1190,7 @@ class Channel:
         self._sock.close()
         if self._lane is not None:
             self._lane.close()
+            self._lane.room.set()  # a sender waiting for room in another thread wakes, and finds it closed
         _channels.discard(self)
 
     def close(self) -> None:
