@@ -301,7 +301,7 @@ class Channel:
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
             if self._reader.returns:
-                self._write_returns()  # a receive in another thread left them to this call
+                self._write_returns(wait=True)  # a receive in another thread left them to this call
 
     def _send(self, data: Any, fds: Iterable[Any]) -> None:
         w = self._writer
@@ -374,7 +374,7 @@ class Channel:
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
             if self._reader.returns:
-                self._write_returns()  # a receive in another thread left them to this call
+                self._write_returns(wait=True)  # a receive in another thread left them to this call
 
     def _send_many(self, messages: Iterable[Any]) -> int:
         self._check_open()
@@ -538,12 +538,12 @@ class Channel:
         receiving on this channel, that one reads them: this one waits for
         the lane's `room`, set as slots come back, as such a receive leaves
         RETURN frames of its own to this call to write, and at close.
-        Otherwise this one waits for the socket to be readable and reads
-        what came, borrowing the receiving side for that read only (a
+        Otherwise this one applies those a receive read and left unparsed,
+        and reads what came, borrowing the receiving side for that only (a
         receive that starts meanwhile waits for it to end, never refused,
-        and never for the peer).  Either wait lasts at most _ROOM_STEP:
-        then the caller looks again (a receive may have ended without
-        reading them, or begun meanwhile).
+        and never for the peer); then waits for the socket, with no claim.
+        Either wait lasts at most _ROOM_STEP: then the caller looks again
+        (a receive may have ended without reading them, or begun meanwhile).
 
         Raises:
             BlockingIOError, TimeoutError: the deadline passed.
@@ -565,11 +565,13 @@ class Channel:
         step = _ROOM_STEP if deadline is None else min(_ROOM_STEP, deadline - now)
         if RECEIVING in self._busy:
             lane.room.wait(step)
-        elif (_io.wait(self._fd, False, now + step) and not self._returns_now()
-              and _io.wait(self._fd, False, time.monotonic())):
-            # readable still, and nothing came back: the buffer is full of
-            # messages not taken yet, and the next read waits for a receive
-            lane.room.wait(step)
+        elif not self._returns_now():
+            if _io.wait(self._fd, False, time.monotonic()):
+                # readable, and nothing came back: the buffer is full of
+                # messages not taken yet, and the next read waits for a receive
+                lane.room.wait(step)
+            else:
+                _io.wait(self._fd, False, now + step)
         self._check_open()
 
     # ---- loans: messages made in place in the lane ---------------------------------
@@ -611,7 +613,7 @@ class Channel:
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
             if self._reader.returns:
-                self._write_returns()  # a receive in another thread left them to this call
+                self._write_returns(wait=True)  # a receive in another thread left them to this call
 
     def _loan(self, nbytes: int) -> Loan:
         lane = self._lane
@@ -667,7 +669,7 @@ class Channel:
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
             if self._reader.returns:
-                self._write_returns()  # a receive in another thread left them to this call
+                self._write_returns(wait=True)  # a receive in another thread left them to this call
 
     def _send_loan(self, loan: Loan, fds: Tuple[int, ...]) -> None:
         lane = self._lane
@@ -685,7 +687,7 @@ class Channel:
             raise stalled(self._sock)
 
     def _returns_now(self) -> bool:
-        """Read what already waits on the socket, without waiting; True when slots came back."""
+        """Apply the RETURN frames held and read what already waits on the socket, without waiting; True when slots came back."""
         lane = self._lane
         assert lane is not None
         busy = self._busy
@@ -694,6 +696,8 @@ class Channel:
         try:
             if busy.setdefault(RECEIVING, me) is me and not self._closed:
                 try:
+                    # (a receive may have read them and ended before it parsed them)
+                    self._reader.scan_returns()
                     for _ in range(16):
                         if not read_for_room(self._sock, self._reader, time.monotonic()):
                             break
@@ -711,17 +715,19 @@ class Channel:
             self._borrow_released()
         return lane.in_flight < before
 
-    def _write_returns(self) -> None:
+    def _write_returns(self, wait: bool = False) -> None:
         """Send the slots of the peer's lane released here back (RETURN frames), as far as the socket takes them.
 
-        Called after a receive hands a message of the lane out, and by a
-        sender waiting for room.  Never waits past the socket's timeout and
-        never raises for the socket: what does not go stays for the next
-        call (a receive has handed its message out, which must not be lost
-        for the sake of a RETURN frame).  Skipped while another thread is
-        sending: that one writes them (as it waits for room, and as it
-        ends); else the sending side is borrowed for the write (`Borrowed`:
-        a send that starts meanwhile waits for it to end).  Skipped too while the socket is not
+        Called after a receive hands a message of the lane out, and as a
+        sending call ends (`wait`: then written as a send writes, waiting
+        for the socket as its timeout says).  Never waits past the socket's
+        timeout and never raises for the socket: what does not go stays for
+        the next call (a receive has handed its message out, which must not
+        be lost for the sake of a RETURN frame).  Skipped while another
+        thread is sending: that one writes them (as it waits for room, and
+        as it ends); else the sending side is borrowed for the write
+        (`Borrowed`: a send that starts meanwhile waits for it to end).
+        Unless `wait`, skipped too while the socket is not
         writable: a peer that only sends reads RETURN frames only once its
         region is full, so a receive that waited for it to read them would
         stop taking the messages that peer is blocked writing, and both
@@ -736,7 +742,7 @@ class Channel:
                 if self._lane is not None:
                     self._lane.room.set()  # a sender waiting for room wakes and writes them
                 return
-            if not _io.wait(self._fd, True, time.monotonic()):
+            if not wait and not _io.wait(self._fd, True, time.monotonic()):
                 return
             self._send_returns()
         finally:
@@ -793,7 +799,7 @@ class Channel:
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
             if self._reader.returns:
-                self._write_returns()  # a receive in another thread left them to this call
+                self._write_returns(wait=True)  # a receive in another thread left them to this call
 
     def _send_fixed(self, buffer: Any, size: int) -> int:
         self._check_open()
@@ -836,7 +842,7 @@ class Channel:
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
             if self._reader.returns:
-                self._write_returns()  # a receive in another thread left them to this call
+                self._write_returns(wait=True)  # a receive in another thread left them to this call
 
     def _send_object(self, obj: Any) -> None:
         self._check_open()
@@ -891,7 +897,7 @@ class Channel:
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
             if self._reader.returns:
-                self._write_returns()  # a receive in another thread left them to this call
+                self._write_returns(wait=True)  # a receive in another thread left them to this call
 
     def _flush(self) -> int:
         self._check_open()
