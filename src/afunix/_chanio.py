@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import threading
 import time
 from typing import Any, Callable, List, Optional, Tuple, TypeVar
 
@@ -32,6 +33,25 @@ DONTWAIT = int(socket.MSG_DONTWAIT)
 # Channel._busy): the keys of the claims, and how the refusal names them.
 SENDING = "sending"
 RECEIVING = "receiving"
+
+
+class Borrowed:
+    """The token of a claim the channel takes for itself, for a moment, on the side it does not serve.
+
+    A sender waiting for room reads the peer's RETURN frames on the
+    receiving side, and a receive writes its own RETURN frames on the
+    sending side; each only while no caller holds that side, and never
+    waiting for the peer while it holds it.  A caller of that side who
+    finds such a claim waits for it to end instead of being refused
+    (`Channel._claimed_after_borrow`): receiving and sending stay
+    independent.  The thread is kept because a signal handler's call in
+    that thread, inside the borrow, would wait for ever: it is refused.
+    """
+
+    __slots__ = ("thread",)
+
+    def __init__(self) -> None:
+        self.thread = threading.get_ident()
 
 
 def refused(side: str) -> RuntimeError:

@@ -12,13 +12,14 @@ import contextlib
 import errno
 import os
 import socket
+import threading
 import time
 import weakref
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from . import _checks, _io
-from ._chanio import (NOSIGNAL, NOSIGNAL_ONCE, RECEIVING, SENDING, Sender, fill, owning,
-                      read_for_room, refused, stalled)
+from ._chanio import (NOSIGNAL, NOSIGNAL_ONCE, RECEIVING, SENDING, Borrowed, Sender, fill,
+                      owning, read_for_room, refused, stalled)
 from .addresses import connect
 from .batch import checked_fds
 from .codec import TABLE_CAPACITY, FrameReader
@@ -41,6 +42,11 @@ _SEQPACKET = int(socket.SOCK_SEQPACKET)
 # The socket's type as the kernel reports it (no SOCK_NONBLOCK/CLOEXEC bits
 # folded in, no enum made).
 _socket_type = _socket.socket.type.__get__
+# The longest a sender waiting for the peer's returns sleeps before it looks
+# again whether it may read them itself (a receive that held the socket may
+# have ended without reading them), and a caller waits before it looks
+# again whether the channel's own use of its side ended.
+_ROOM_STEP = 0.01
 
 
 # Every open Channel of this process, for the fork hook below.
@@ -65,6 +71,7 @@ def _forget_parents_unsent() -> None:
         ch._writer.drop_unsent()
         ch._busy.clear()
         ch._reader.take_returns()
+        ch._borrow_ended = threading.Condition()  # its lock may be held by a thread not here
         if ch._lane is not None:
             ch._leave_lane()
 
@@ -144,6 +151,10 @@ class Channel:
         # threads there too).  (Not a decorator:
         # *args/**kwargs cost about 100 ns per message.)
         self._busy: Dict[str, object] = {}
+        # notified as a claim the channel took for itself (Borrowed) ends,
+        # while callers wait for it (how many: _borrow_waiters)
+        self._borrow_ended = threading.Condition()
+        self._borrow_waiters = 0
         if not isinstance(sock, socket.socket):
             raise TypeError("Channel needs a socket.socket, not %s" % type(sock).__name__)
         if sock.family != socket.AF_UNIX:
@@ -236,6 +247,43 @@ class Channel:
         if self._closed:
             raise OSError(errno.EBADF, "the channel is closed")
 
+    def _claimed_after_borrow(self, side: str, me: List[object]) -> bool:
+        """Claim `side` for `me` once the channel's own use of it ends; False while a caller holds it.
+
+        A sender waiting for room reads the peer's RETURN frames on the
+        receiving side, and a receive writes its own on the sending side
+        (`Borrowed`): a caller of that side waits for that to end instead of
+        being refused, as receiving and sending are independent.  The wait
+        is short: a borrow never waits for the peer to send, and writes at
+        most what the caller would have to write first itself.  A call of a
+        signal handler inside a borrow of its own thread is refused (the
+        borrow cannot end under it).  Called inside the caller's try: the
+        claim is one setdefault, released by the caller's finally.
+        """
+        busy = self._busy
+        while True:
+            holder = busy.setdefault(side, me)
+            if holder is me:
+                return True
+            if type(holder) is not Borrowed or holder.thread == threading.get_ident():
+                return False
+            with self._borrow_ended:
+                # counted before the look: a borrow released after it sees the count
+                self._borrow_waiters += 1
+                try:
+                    if busy.get(side) is holder:
+                        # (timed: a notice lost to a signal handler's
+                        # exception in the borrower costs one step)
+                        self._borrow_ended.wait(_ROOM_STEP)
+                finally:
+                    self._borrow_waiters -= 1
+
+    def _borrow_released(self) -> None:
+        """After a claim the channel took for itself is let go: wake the callers waiting for it."""
+        if self._borrow_waiters:
+            with self._borrow_ended:
+                self._borrow_ended.notify_all()
+
     # ---- send -------------------------------------------------------------------
 
     def send(self, data: Any, fds: Iterable[Any] = ()) -> None:
@@ -256,17 +304,18 @@ class Channel:
         busy = self._busy
         me: List[object] = []  # a fresh token, held by this call only
         try:
-            if busy.setdefault(SENDING, me) is not me:
+            if (busy.setdefault(SENDING, me) is not me
+                    and not self._claimed_after_borrow(SENDING, me)):
                 raise refused(SENDING)
             self._send(data, fds)
-            if self._reader.returns:
-                self._send_returns()  # a receive in another thread left them to this side
         finally:
             try:
                 if busy[SENDING] is me:
                     del busy[SENDING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
+            if self._reader.returns:
+                self._write_returns(wait=True)  # a receive in another thread left them to this call
 
     def _send(self, data: Any, fds: Iterable[Any]) -> None:
         w = self._writer
@@ -339,18 +388,18 @@ class Channel:
         busy = self._busy
         me: List[object] = []  # a fresh token, held by this call only
         try:
-            if busy.setdefault(SENDING, me) is not me:
+            if (busy.setdefault(SENDING, me) is not me
+                    and not self._claimed_after_borrow(SENDING, me)):
                 raise refused(SENDING)
-            sent = self._send_many(messages)
-            if self._reader.returns:
-                self._send_returns()  # a receive in another thread left them to this side
-            return sent
+            return self._send_many(messages)
         finally:
             try:
                 if busy[SENDING] is me:
                     del busy[SENDING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
+            if self._reader.returns:
+                self._write_returns(wait=True)  # a receive in another thread left them to this call
 
     def _send_many(self, messages: Iterable[Any]) -> int:
         self._check_open()
@@ -527,45 +576,45 @@ class Channel:
     def _wait_for_room(self, deadline: Optional[float]) -> None:
         """One wait for the peer to return slots (a caller holding the sending side loops over it).
 
-        Reads the socket (RETURN frames come that way) unless another
-        thread is receiving on this channel: that one reads them, and this
-        one waits for it to.
+        RETURN frames come on the socket.  While another thread is
+        receiving on this channel, that one reads them: this one waits for
+        the lane's `room`, set as slots come back, as such a receive leaves
+        RETURN frames of its own to this call to write, and at close.
+        Otherwise this one applies those a receive read and left unparsed,
+        and reads what came, borrowing the receiving side for that only (a
+        receive that starts meanwhile waits for it to end, never refused,
+        and never for the peer); then waits for the socket, with no claim.
+        Either wait lasts at most _ROOM_STEP: then the caller looks again
+        (a receive may have ended without reading them, or begun meanwhile).
 
         Raises:
             BlockingIOError, TimeoutError: the deadline passed.
             BrokenPipeError: the peer closed the channel.
             ProtocolError: the peer broke the protocol (the channel is closed).
+            OSError: EBADF, the channel was closed.
         """
         lane = self._lane
         assert lane is not None
-        busy = self._busy
-        if deadline is not None and time.monotonic() >= deadline:
+        self._check_open()
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
             self._send_returns()
             if self._returns_now():  # (a non-blocking socket: what already came)
                 return
             self._room_wanted = True
             raise stalled(self._sock)
         self._send_returns()  # the peer may be waiting for ours just the same
-        me: List[object] = []
-        try:
-            if busy.setdefault(RECEIVING, me) is me:
-                try:
-                    progressed = read_for_room(self._sock, self._reader, deadline)
-                except ProtocolError:
-                    self._abort()
-                    raise
+        step = _ROOM_STEP if deadline is None else min(_ROOM_STEP, deadline - now)
+        if RECEIVING in self._busy:
+            lane.room.wait(step)
+        elif not self._returns_now():
+            if _io.wait(self._fd, False, time.monotonic()):
+                # readable, and nothing came back: the buffer is full of
+                # messages not taken yet, and the next read waits for a receive
+                lane.room.wait(step)
             else:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                progressed = lane.room.wait(remaining if remaining is None or remaining > 0
-                                            else 0.0)
-        finally:
-            try:
-                if busy[RECEIVING] is me:
-                    del busy[RECEIVING]
-            except KeyError:  # unclaimed: the holder left (see __init__)
-                pass
-        if not progressed and deadline is None and lane.in_flight:
-            lane.room.wait(0.01)  # the buffer is full of messages not taken yet
+                _io.wait(self._fd, False, now + step)
+        self._check_open()
 
     def _leave_lane(self) -> None:
         """In a child after fork(): the lane stays the parent's; this copy sends as without one.
@@ -613,7 +662,8 @@ class Channel:
         busy = self._busy
         me: List[object] = []  # a fresh token, held by this call only
         try:
-            if busy.setdefault(SENDING, me) is not me:
+            if (busy.setdefault(SENDING, me) is not me
+                    and not self._claimed_after_borrow(SENDING, me)):
                 raise refused(SENDING)
             return self._loan(nbytes)
         finally:
@@ -622,6 +672,8 @@ class Channel:
                     del busy[SENDING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
+            if self._reader.returns:
+                self._write_returns(wait=True)  # a receive in another thread left them to this call
 
     def _loan(self, nbytes: int) -> Loan:
         lane = self._lane
@@ -667,17 +719,18 @@ class Channel:
         busy = self._busy
         me: List[object] = []  # a fresh token, held by this call only
         try:
-            if busy.setdefault(SENDING, me) is not me:
+            if (busy.setdefault(SENDING, me) is not me
+                    and not self._claimed_after_borrow(SENDING, me)):
                 raise refused(SENDING)
             self._send_loan(loan, fds)
-            if self._reader.returns:
-                self._send_returns()  # a receive in another thread left them to this side
         finally:
             try:
                 if busy[SENDING] is me:
                     del busy[SENDING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
+            if self._reader.returns:
+                self._write_returns(wait=True)  # a receive in another thread left them to this call
 
     def _send_loan(self, loan: Loan, fds: Tuple[int, ...]) -> None:
         lane = self._lane
@@ -689,15 +742,17 @@ class Channel:
         self._send_frame(seg, loan.reopen)
 
     def _returns_now(self) -> bool:
-        """Read what already waits on the socket, without waiting; True when slots came back."""
+        """Apply the RETURN frames held and read what already waits on the socket, without waiting; True when slots came back."""
         lane = self._lane
         assert lane is not None
         busy = self._busy
-        me: List[object] = []
+        me = Borrowed()
         before = lane.in_flight
         try:
-            if busy.setdefault(RECEIVING, me) is me:
+            if busy.setdefault(RECEIVING, me) is me and not self._closed:
                 try:
+                    # (a receive may have read them and ended before it parsed them)
+                    self._reader.scan_returns()
                     for _ in range(16):
                         if not read_for_room(self._sock, self._reader, time.monotonic()):
                             break
@@ -712,24 +767,29 @@ class Channel:
                     del busy[RECEIVING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
+            self._borrow_released()
         return lane.in_flight < before
 
-    def _write_returns(self) -> None:
+    def _write_returns(self, wait: bool = False) -> None:
         """Send the slots of the peer's lane released here back (RETURN frames), as far as the socket takes them.
 
-        Called after a receive hands a message of the lane out, and by a
-        sender waiting for room.  Never waits past the socket's timeout and
-        never raises for the socket: what does not go stays for the next
-        call (a receive has handed its message out, which must not be lost
-        for the sake of a RETURN frame).  Skipped while another thread is
-        sending: that one writes them.  Skipped too while the socket is not
+        Called after a receive hands a message of the lane out, and as a
+        sending call ends (`wait`: then written as a send writes, waiting
+        for the socket as its timeout says).  Never waits past the socket's
+        timeout and never raises for the socket: what does not go stays for
+        the next call (a receive has handed its message out, which must not
+        be lost for the sake of a RETURN frame).  Skipped while another
+        thread is sending: that one writes them (as it waits for room, and
+        as it ends); else the sending side is borrowed for the write
+        (`Borrowed`: a send that starts meanwhile waits for it to end).
+        Unless `wait`, skipped too while the socket is not
         writable: a peer that only sends reads RETURN frames only once its
         region is full, so a receive that waited for it to read them would
         stop taking the messages that peer is blocked writing, and both
         would wait for ever; the slots go with a later receive or send.
         """
         busy = self._busy
-        me: List[object] = []
+        me = Borrowed()
         try:
             if not self._reader.returns:
                 return
@@ -737,7 +797,7 @@ class Channel:
                 if self._lane is not None:
                     self._lane.room.set()  # a sender waiting for room wakes and writes them
                 return
-            if not _io.wait(self._fd, True, time.monotonic()):
+            if not wait and not _io.wait(self._fd, True, time.monotonic()):
                 return
             self._send_returns()
         finally:
@@ -746,6 +806,7 @@ class Channel:
                     del busy[SENDING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
+            self._borrow_released()
 
     def _send_returns(self) -> None:
         """`_write_returns` for a caller that holds the sending side."""
@@ -782,7 +843,8 @@ class Channel:
         busy = self._busy
         me: List[object] = []  # a fresh token, held by this call only
         try:
-            if busy.setdefault(SENDING, me) is not me:
+            if (busy.setdefault(SENDING, me) is not me
+                    and not self._claimed_after_borrow(SENDING, me)):
                 raise refused(SENDING)
             return self._send_fixed(buffer, size)
         finally:
@@ -791,6 +853,8 @@ class Channel:
                     del busy[SENDING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
+            if self._reader.returns:
+                self._write_returns(wait=True)  # a receive in another thread left them to this call
 
     def _send_fixed(self, buffer: Any, size: int) -> int:
         self._check_open()
@@ -823,7 +887,8 @@ class Channel:
         busy = self._busy
         me: List[object] = []  # a fresh token, held by this call only
         try:
-            if busy.setdefault(SENDING, me) is not me:
+            if (busy.setdefault(SENDING, me) is not me
+                    and not self._claimed_after_borrow(SENDING, me)):
                 raise refused(SENDING)
             self._send_object(obj)
         finally:
@@ -832,6 +897,8 @@ class Channel:
                     del busy[SENDING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
+            if self._reader.returns:
+                self._write_returns(wait=True)  # a receive in another thread left them to this call
 
     def _send_object(self, obj: Any) -> None:
         self._check_open()
@@ -884,7 +951,8 @@ class Channel:
         busy = self._busy
         me: List[object] = []  # a fresh token, held by this call only
         try:
-            if busy.setdefault(SENDING, me) is not me:
+            if (busy.setdefault(SENDING, me) is not me
+                    and not self._claimed_after_borrow(SENDING, me)):
                 raise refused(SENDING)
             return self._flush()
         finally:
@@ -893,6 +961,8 @@ class Channel:
                     del busy[SENDING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
+            if self._reader.returns:
+                self._write_returns(wait=True)  # a receive in another thread left them to this call
 
     def _flush(self) -> int:
         self._check_open()
@@ -950,7 +1020,8 @@ class Channel:
         busy = self._busy
         me: List[object] = []  # a fresh token, held by this call only
         try:
-            if busy.setdefault(RECEIVING, me) is not me:
+            if (busy.setdefault(RECEIVING, me) is not me
+                    and not self._claimed_after_borrow(RECEIVING, me)):
                 raise refused(RECEIVING)
             return self._recv()
         finally:
@@ -997,7 +1068,8 @@ class Channel:
         busy = self._busy
         me: List[object] = []  # a fresh token, held by this call only
         try:
-            if busy.setdefault(RECEIVING, me) is not me:
+            if (busy.setdefault(RECEIVING, me) is not me
+                    and not self._claimed_after_borrow(RECEIVING, me)):
                 raise refused(RECEIVING)
             return self._recv_many(max_messages)
         finally:
@@ -1036,7 +1108,8 @@ class Channel:
         busy = self._busy
         me: List[object] = []  # a fresh token, held by this call only
         try:
-            if busy.setdefault(RECEIVING, me) is not me:
+            if (busy.setdefault(RECEIVING, me) is not me
+                    and not self._claimed_after_borrow(RECEIVING, me)):
                 raise refused(RECEIVING)
             return self._recv_message()
         finally:
@@ -1075,7 +1148,8 @@ class Channel:
         busy = self._busy
         me: List[object] = []  # a fresh token, held by this call only
         try:
-            if busy.setdefault(RECEIVING, me) is not me:
+            if (busy.setdefault(RECEIVING, me) is not me
+                    and not self._claimed_after_borrow(RECEIVING, me)):
                 raise refused(RECEIVING)
             return self._recv_batch(max_messages)
         finally:
@@ -1123,7 +1197,8 @@ class Channel:
         busy = self._busy
         me: List[object] = []  # a fresh token, held by this call only
         try:
-            if busy.setdefault(RECEIVING, me) is not me:
+            if (busy.setdefault(RECEIVING, me) is not me
+                    and not self._claimed_after_borrow(RECEIVING, me)):
                 raise refused(RECEIVING)
             return self._recv_object()
         finally:
@@ -1203,6 +1278,7 @@ class Channel:
         self._sock.close()
         if self._lane is not None:
             self._lane.close()
+            self._lane.room.set()  # a sender waiting for room in another thread wakes, and finds it closed
         _channels.discard(self)
 
     def close(self) -> None:
