@@ -63,7 +63,7 @@ def in_thread(call: Any, results: List[Any]) -> threading.Thread:
     return t
 
 
-@pytest.mark.parametrize("type", [socket.SOCK_STREAM, socket.SOCK_SEQPACKET])
+@pytest.mark.parametrize("type", [socket.SOCK_STREAM, socket.SOCK_SEQPACKET], ids=["stream", "seqpacket"])
 def test_a_receive_writes_held_returns_while_it_waits_for_input(type: int) -> None:
     a, b = owing_pair(type)
     with a, b:
