@@ -1239,14 +1239,19 @@ class Channel:
         timeout = sock.gettimeout()
         deadline = _io.deadline_of(timeout)
         while r.returns and not r.rs.deferred:  # (a read the backend holds needs no wait)
-            if SENDING in self._busy:
+            stuck = SENDING in self._busy
+            if not stuck:
+                readable, writable = _io.wait_either(fd, deadline)
+                if writable:
+                    owed = r.returning
+                    self._write_returns()
+                    # writable and nothing went (a send claimed meanwhile, or
+                    # a write error the next send reports): no spin on it
+                    stuck = not readable and r.returning == owed
+            if stuck:
                 wait = ROOM_POLL if deadline is None else min(ROOM_POLL, deadline - time.monotonic())
                 readable = _io.wait(fd, False, time.monotonic() + max(0.0, wait))
                 writable = False
-            else:
-                readable, writable = _io.wait_either(fd, deadline)
-                if writable:
-                    self._write_returns()
             if readable:
                 got = read_now(sock, r)
                 if got is not None:
