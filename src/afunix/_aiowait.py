@@ -77,6 +77,34 @@ async def wait(fd: int, writable: bool) -> None:
     loop = asyncio.get_running_loop()
     key = (loop, fd, writable)
     fut: asyncio.Future[None] = loop.create_future()
+    _enlist(key, fut)
+    try:
+        await fut
+    finally:
+        _leave(key, fut)
+
+
+async def wait_either(fd: int) -> None:
+    """Wait until `fd` is readable or writable, whichever comes first (see `wait`)."""
+    trio_support = trio_running()
+    if trio_support is not None:
+        await trio_support.wait_either(fd)
+        return
+    loop = asyncio.get_running_loop()
+    keys = [(loop, fd, False), (loop, fd, True)]
+    fut: asyncio.Future[None] = loop.create_future()  # one future, woken by either callback
+    try:
+        for key in keys:
+            _enlist(key, fut)
+        await fut
+    finally:
+        for key in keys:
+            if fut in waiters.get(key, ()):
+                _leave(key, fut)
+
+
+def _enlist(key: Key, fut: "asyncio.Future[None]") -> None:
+    loop, fd, writable = key
     futures = waiters.get(key)
     if futures is None:
         if writable:
@@ -85,16 +113,18 @@ async def wait(fd: int, writable: bool) -> None:
             loop.add_reader(fd, _wake, key)
         futures = waiters[key] = []
     futures.append(fut)
-    try:
-        await fut
-    finally:
-        futures.remove(fut)
-        if not futures:
-            del waiters[key]
-            if writable:
-                loop.remove_writer(fd)
-            else:
-                loop.remove_reader(fd)
+
+
+def _leave(key: Key, fut: "asyncio.Future[None]") -> None:
+    loop, fd, writable = key
+    futures = waiters[key]
+    futures.remove(fut)
+    if not futures:
+        del waiters[key]
+        if writable:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
 
 
 def notify_closing(fd: int) -> None:

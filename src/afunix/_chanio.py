@@ -193,6 +193,28 @@ def fill(sock: socket.socket, reader: FrameReader) -> bool:
         return reader.ended()
 
 
+def read_now(sock: socket.socket, reader: FrameReader) -> Optional[bool]:
+    """One read that does not wait (the socket polled readable): as `fill`, None for more to wait for.
+
+    For a receive that waits for input and for room to write returns at
+    once (`Channel._fill_owing`): True when the reader holds parsed
+    frames, False at a clean end of stream, None when nothing came (woken
+    for nothing, a signal) or the frame is not complete yet.
+    """
+    maxlen, records = (RECORD_MAX, reader.reads) if reader.seqpacket else (len(reader.buffer), 1)
+    recv: Any = reader.impl.chan_recv
+    try:
+        n: int = recv(sock, reader.rx, reader.buffer, maxlen, DONTWAIT, records)
+    except (BlockingIOError, InterruptedError):
+        return None  # (PEP 475: handlers ran) the caller waits again
+    if n:
+        return True if reader.received(n) else None
+    reader.check_errors()  # as in fill
+    if reader.seqpacket and empty_record_sent(sock.fileno()):
+        reader.fail(EMPTY_RECORD)
+    return reader.ended()
+
+
 def read_for_room(sock: socket.socket, reader: FrameReader, deadline: Optional[float]) -> bool:
     """One read while a sender waits for the peer to return slots of its lane; False past the deadline.
 

@@ -102,6 +102,19 @@ def wait(fd: int, writable: bool, deadline: Optional[float]) -> bool:
     return bool(poller.poll(None if remaining is None else remaining * 1000.0))
 
 
+def wait_either(fd: int, deadline: Optional[float]) -> tuple[bool, bool]:
+    """Wait until `fd` is readable or writable or the deadline passes: (readable, writable)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN | select.POLLOUT)
+    remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+    events = 0
+    for _, ev in poller.poll(None if remaining is None else remaining * 1000.0):
+        events |= ev
+    # (an error or hang-up reads as both: the next call on the socket says which)
+    failed = bool(events & (select.POLLERR | select.POLLHUP | select.POLLNVAL))
+    return bool(events & select.POLLIN) or failed, bool(events & select.POLLOUT) or failed
+
+
 def wait_setup(t: Target, flags: int) -> tuple[int, Optional[float], bool]:
     """How a sync call on `t` waits: (flags for its system calls, deadline, may_wait).
 

@@ -59,6 +59,16 @@ async def wait(fd: int, writable: bool) -> None:
         woken.set()
 
 
+async def wait_either(fd: int) -> None:
+    """Wait until `fd` may be readable or writable: both waits at once, the first ends the other."""
+    async with trio.open_nursery() as nursery:
+        async def one(writable: bool) -> None:
+            await wait(fd, writable)
+            nursery.cancel_scope.cancel()
+        nursery.start_soon(one, False)
+        nursery.start_soon(one, True)
+
+
 def notify_closing(fd: int) -> None:
     """Wake this run's waits on `fd` before it is closed (see _aiowait.notify_closing)."""
     trio.lowlevel.notify_closing(fd)

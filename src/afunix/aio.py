@@ -57,7 +57,7 @@ import sys
 from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 from . import _checks, _io
-from ._aiowait import call_when_ready, notify_closing, sleep, wait, wake
+from ._aiowait import call_when_ready, notify_closing, sleep, wait, wait_either, wake
 from ._sockets import raw_family, raw_type
 from ._kernel import MSG_NOSIGNAL
 from .addresses import encode_address
@@ -702,7 +702,19 @@ class Channel:
 
     async def _try(self, call: Callable[[], Any]) -> Any:
         # (under trio a checkpoint, as every other call; see call_when_ready)
-        return await call_when_ready(self._fd, False, call)
+        return await call_when_ready(self._fd, False, call, wait_for=self._wait_to_receive)
+
+    async def _wait_to_receive(self) -> None:
+        """What a refused receive waits for: input, or room for the RETURN frames it holds back.
+
+        docs/PROTOCOL.md: a receiver never waits for input while it holds
+        back returns (the peer may wait for those slots before it sends
+        anything); the next try writes them (`afunix.Channel`'s receive).
+        """
+        if self._reader.returns:
+            await wait_either(self._fd)
+        else:
+            await wait(self._fd, False)
 
     async def recv(self) -> bytes:
         """Receive one message (descriptors that came with it are closed by the next receive).

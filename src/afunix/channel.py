@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tupl
 
 from . import _checks, _io
 from ._chanio import (NOSIGNAL, NOSIGNAL_ONCE, RECEIVING, SENDING, Borrowed, Sender, fill,
-                      owning, read_for_room, refused, stalled)
+                      owning, read_for_room, read_now, refused, stalled)
 from .addresses import connect
 from .batch import checked_fds
 from .codec import TABLE_CAPACITY, FrameReader
@@ -1256,6 +1256,8 @@ class Channel:
                 if r.frames_ready():
                     return True
                 self._write_returns()
+                if r.returns:
+                    return self._fill_owing()
             return fill(self._sock, r)
         except BaseException:
             # The reader closed itself: the peer broke the protocol, or its
@@ -1264,6 +1266,49 @@ class Channel:
             if r.closed:
                 self._abort()
             raise
+
+    def _fill_owing(self) -> bool:
+        """`fill` for a receive that holds back RETURN frames the socket did not take.
+
+        It waits for input or for room to write them, whichever comes
+        first, and writes them as soon as the socket takes them
+        (docs/PROTOCOL.md: a receiver never waits for input while it holds
+        back returns): the peer may be waiting for those slots before it
+        sends what this end waits for, and may have read the socket empty
+        waiting for them.  Reads here do not wait: a frame not complete
+        yet is waited for the same way.  While another thread sends, that
+        one writes them after its frame (`send`, `_wait_for_room`): this
+        waits for input a while at a time and looks again.
+        """
+        r = self._reader
+        sock = self._sock
+        fd = self._fd
+        timeout = sock.gettimeout()
+        deadline = _io.deadline_of(timeout)
+        while r.returns and not r.rs.deferred:  # (a read the backend holds needs no wait)
+            stuck = SENDING in self._busy
+            if not stuck:
+                readable, writable = _io.wait_either(fd, deadline)
+                if writable:
+                    owed = r.returning
+                    self._write_returns()
+                    # writable and nothing went (a send claimed meanwhile, or
+                    # a write error the next send reports): no spin on it
+                    stuck = not readable and r.returning == owed
+            if stuck:
+                wait = _ROOM_STEP if deadline is None else min(_ROOM_STEP,
+                                                                deadline - time.monotonic())
+                readable = _io.wait(fd, False, time.monotonic() + max(0.0, wait))
+                writable = False
+            if readable:
+                got = read_now(sock, r)
+                if got is not None:
+                    return got
+            elif not writable and deadline is not None and time.monotonic() >= deadline:
+                if not timeout:
+                    break  # non-blocking: the read below says EAGAIN, or takes what just came
+                raise socket.timeout("timed out")
+        return fill(sock, r)
 
     # ---- closing ----------------------------------------------------------------
 
