@@ -449,7 +449,11 @@ def test_a_receive_about_to_wait_writes_the_returns_of_the_batch_before(clean: N
 ])
 def test_a_hostile_peer_gets_a_protocol_error_and_nothing_leaks(how: str, match: str,
                                                                  clean: None) -> None:
+    if how == "overlap" and sys.implementation.name == "pypy":
+        pytest.skip("PyPy does not count a view's exports: a slot whose batch view is kept "
+                    "goes back at the next receive (docs/channel.md)")
     x, y = afunix.socketpair()
+    x.settimeout(10)  # a frame taken as good would otherwise leave the loop below waiting
     b = Channel(x)
     maps = region_mappings()
     with b, y:
