@@ -12,6 +12,7 @@ import gc
 import os
 import pickle
 import struct
+import sys
 from typing import Iterator, List, Optional, Tuple
 
 import pytest
@@ -197,6 +198,9 @@ def test_a_batch_reads_the_slot_in_place_until_the_next_receive(clean: None) -> 
     lane.close()
 
 
+@pytest.mark.skipif(sys.implementation.name == "pypy",
+                    reason="PyPy does not count a view's exports: a slot whose batch view is "
+                    "kept goes back at the next receive (docs/channel.md)")
 def test_a_slot_still_exported_is_not_returned_and_an_overlap_with_it_fails(clean: None) -> None:
     lane, writer, reader = pair()
     seg = lane.try_segment(b"z" * 5000)

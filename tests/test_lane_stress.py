@@ -616,6 +616,9 @@ def test_a_hostile_peer_is_a_protocol_error_that_leaks_nothing(
         case: str, backend: str, tmp_path: Any) -> None:
     """Each forged frame: ProtocolError saying why, the channel closed (EBADF after), every
     descriptor and mapping of the child process back to what it was, no signal death."""
+    if case.endswith("-held") and sys.implementation.name == "pypy":
+        pytest.skip("PyPy does not count a view's exports: a slot whose batch view is kept "
+                    "goes back at the next receive (docs/channel.md)")
     child = subprocess.Popen([sys.executable, "-c", HOSTILE, case, str(tmp_path)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              env=dict(os.environ, AFUNIX_BACKEND=backend))

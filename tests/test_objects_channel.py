@@ -266,7 +266,11 @@ def test_a_bad_pickle_stream_raises_its_error_and_the_channel_goes_on(clean: Non
     with b, y:
         y.sendall(object_frame([inline(b"\x80\x05not a pickle")]))
         y.sendall(HEADER.pack(5, 0, 0, 1, 0xAF) + b"after")
-        with pytest.raises(pickle.UnpicklingError):
+        # the unpickler's own error: PyPy's pickle, written in Python, says
+        # KeyError for an opcode it does not know
+        bad = (pickle.UnpicklingError, KeyError) if sys.implementation.name == "pypy" \
+            else pickle.UnpicklingError
+        with pytest.raises(bad):
             b.recv_object()
         assert b.recv() == b"after" and not b.closed
 
