@@ -610,6 +610,24 @@ class FrameReader:
             self.lane = None
             lane.close()
 
+    def forget_held(self) -> None:
+        """In a child after fork(): the slots a batch holds are the parent's to return.
+
+        Released here from this copy's ledger (where no view of them is
+        still exported) but never returned: the parent returns them at its
+        next receive, and a second return from the child would free a slot
+        the peer has since filled again.
+        """
+        lane = self.lane
+        held = self.lane_held
+        self.lane_held = []
+        if lane is not None:
+            for slot in held:
+                try:
+                    lane.release(slot.offset, slot.length)
+                except BufferError:
+                    pass  # still exported here: it stays held in this copy only
+
     def take_returns(self) -> List[Slot]:
         """The slots released since the last call, to send back in RETURN frames (`frames.return_frames`)."""
         returns = self.returns
