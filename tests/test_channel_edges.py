@@ -398,20 +398,7 @@ def test_an_exception_from_a_signal_handler_never_leaves_a_side_claimed() -> Non
 
 def in_child(work: Callable[[], None]) -> None:
     """Run `work` in a forked child; fail here if it raised."""
-    with warnings.catch_warnings():
-        # (3.12+ warns about fork() beside a running thread: the child here
-        # runs only `work`, which takes no lock another thread may hold)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        code = 1
-        try:
-            work()
-            code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, "the child failed"
+    reaped(forked(work))
 
 
 def everything(ch: Channel) -> List[bytes]:
@@ -554,8 +541,10 @@ KiB = 1 << 10
 
 
 def forked(work: Callable[[], None]) -> int:
-    """Start `work` in a forked child (see in_child) and return its pid, for `reaped`."""
+    """Start `work` in a forked child and return its pid, for `reaped`."""
     with warnings.catch_warnings():
+        # (3.12+ warns about fork() beside a running thread: the child here
+        # runs only `work`, which takes no lock another thread may hold)
         warnings.simplefilter("ignore", DeprecationWarning)
         pid = os.fork()
     if pid == 0:  # pragma: no cover - child

@@ -8,12 +8,11 @@ descriptors, /proc/self/maps).  Both backends (conftest.py).
 """
 from __future__ import annotations
 
-import gc
 import os
 import pickle
 import struct
 import sys
-from typing import Iterator, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import pytest
 
@@ -22,6 +21,7 @@ from afunix.codec import FrameReader
 from afunix.frames import region_frame, return_frames, slot_frame
 from afunix.framewriter import FrameWriter, Segment
 from afunix.lane import LaneSender, return_segments
+from conftest import region_mappings
 
 pytestmark = pytest.mark.skipif(shm.unsupported_reason() is not None,
                                 reason=str(shm.unsupported_reason()))
@@ -36,19 +36,6 @@ def v1(data: bytes, nfds: int = 0) -> bytes:
 def v2(kind: int, payload: bytes, nfds: int = 0) -> bytes:
     return HEADER.pack(len(payload), nfds, kind, 2, 0xAF) + payload
 
-
-def region_mappings() -> int:
-    with open("/proc/self/maps") as f:
-        return sum(1 for line in f if "memfd:" + shm.REGION_NAME in line)
-
-
-@pytest.fixture
-def clean(fd_baseline: set) -> Iterator[None]:
-    """No descriptor and no region mapping left behind by the test."""
-    maps = region_mappings()
-    yield
-    gc.collect()
-    assert region_mappings() == maps
 
 
 def sealed_memfd(size: int, seals: Optional[int] = shm.REQUIRED_SEALS) -> int:

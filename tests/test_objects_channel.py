@@ -20,7 +20,7 @@ import subprocess
 import sys
 import textwrap
 import threading
-from typing import Any, Iterator, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import pytest
 
@@ -31,6 +31,7 @@ from afunix import channel as channel_module
 from afunix.codec import FrameReader
 from afunix.frames import return_frames
 from afunix.objects import MAX_PARTS, pickle_object
+from conftest import region_mappings
 
 pytestmark = pytest.mark.skipif(shm.unsupported_reason() is not None,
                                 reason=str(shm.unsupported_reason()))
@@ -40,18 +41,6 @@ MiB = 1 << 20
 TYPES = [socket.SOCK_STREAM, socket.SOCK_SEQPACKET]
 HEADER = struct.Struct("<IBBBB")
 
-
-def region_mappings() -> int:
-    with open("/proc/self/maps") as f:
-        return sum(1 for line in f if "memfd:" + shm.REGION_NAME in line)
-
-
-@pytest.fixture
-def clean(fd_baseline: set) -> Iterator[None]:
-    maps = region_mappings()
-    yield
-    gc.collect()
-    assert region_mappings() == maps
 
 
 class Blob:

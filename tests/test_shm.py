@@ -33,6 +33,7 @@ from hypothesis import strategies as st
 
 import afunix
 from afunix import ProtocolError, _backend, _kernel, objects, shm
+from conftest import region_mappings
 from afunix.slots import Slot, SlotAllocator, SlotLedger
 
 from conftest import open_fds, run_python
@@ -44,11 +45,6 @@ pytestmark = pytest.mark.skipif(REASON is not None, reason="shared-memory region
 MiB = 1 << 20
 T = 60.0
 
-
-def region_mappings() -> int:
-    """Mappings of afunix regions in this process (/proc/self/maps)."""
-    with open("/proc/self/maps") as f:
-        return sum(1 for line in f if "memfd:" + shm.REGION_NAME in line)
 
 
 def memfd(size: int, seals: Optional[int], reserved: Optional[int] = None) -> int:
