@@ -55,8 +55,15 @@ def stalled(sock: socket.socket) -> OSError:
 
 
 def write(sock: socket.socket, view: memoryview, deadline: Optional[float],
-          seqpacket: bool) -> Tuple[int, Optional[BaseException]]:
-    """Write as much of `view` as the socket takes; (bytes written, what stopped it or None)."""
+          seqpacket: bool, log: Optional[List[int]] = None) -> Tuple[int, Optional[BaseException]]:
+    """Write as much of `view` as the socket takes; (bytes written, what stopped it or None).
+
+    `log`: a list each write's byte count is appended to inside the C call
+    that writes (``list.extend`` over ``map``: no Python code, so no signal
+    handler, between the kernel's answer and the store), for a caller that
+    must know whether anything went even when an exception from a handler
+    loses the count returned here.
+    """
     timeout = sock.gettimeout()
     total = len(view)
     done = 0
@@ -71,7 +78,11 @@ def write(sock: socket.socket, view: memoryview, deadline: Optional[float],
         writer = twin if twin is not None else sock
         while done < total:
             try:
-                done += writer.send(view[done:done + record], NOSIGNAL)
+                if log is None:
+                    done += writer.send(view[done:done + record], NOSIGNAL)
+                else:
+                    log.extend(map(writer.send, (view[done:done + record],), (NOSIGNAL,)))
+                    done += log[-1]
             except BlockingIOError as exc:
                 if twin is None:
                     return done, exc
@@ -86,16 +97,25 @@ def write(sock: socket.socket, view: memoryview, deadline: Optional[float],
 
 
 def send_fds(sock: socket.socket, packed: memoryview, fds: Tuple[int, ...],
-             deadline: Optional[float], seqpacket: bool) -> int:
-    """The first write of a frame with descriptors: sendmsg with SCM_RIGHTS; bytes written."""
+             deadline: Optional[float], seqpacket: bool, log: Optional[List[int]] = None) -> int:
+    """The first write of a frame with descriptors: sendmsg with SCM_RIGHTS; bytes written.
+
+    `log`: as for `write`.
+    """
     ancillary = control(fds)
     chunk = packed[:RECORD_MAX] if seqpacket else packed
     if not sock.gettimeout():
+        if log is not None:
+            log.extend(map(sock.sendmsg, ([chunk],), (ancillary,), (NOSIGNAL,)))
+            return log[-1]
         return sock.sendmsg([chunk], ancillary, NOSIGNAL)
     twin = _io.nonblocking_twin(sock)
     try:
         while True:
             try:
+                if log is not None:
+                    log.extend(map(twin.sendmsg, ([chunk],), (ancillary,), (NOSIGNAL,)))
+                    return log[-1]
                 return twin.sendmsg([chunk], ancillary, NOSIGNAL)
             except BlockingIOError:
                 if not _io.wait(sock.fileno(), True, deadline):
@@ -326,10 +346,10 @@ class Sender:
         exc: Optional[BaseException] = None
         if seg.fds:
             try:
-                done = send_fds(self.sock, packed, seg.fds, deadline, self.seqpacket)
+                done = send_fds(self.sock, packed, seg.fds, deadline, self.seqpacket, seg.log)
             except BaseException as e:  # nothing went: the message is not started
                 return 0, e
         if done < total:
-            more, exc = write(self.sock, packed[done:], deadline, self.seqpacket)
+            more, exc = write(self.sock, packed[done:], deadline, self.seqpacket, seg.log)
             done += more
         return self.writer.keep_tail(seg, packed, done), exc

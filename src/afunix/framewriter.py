@@ -31,22 +31,31 @@ _EMPTY = memoryview(b"")
 class Segment:
     """Messages sent with one write: a run without descriptors, or one message with them."""
 
-    __slots__ = ("datas", "lengths", "joined", "fds", "packed")
+    __slots__ = ("datas", "lengths", "joined", "fds", "packed", "log")
 
     def __init__(self, datas: Any, lengths: List[int], joined: bytes,
-                 fds: Tuple[int, ...] = (), packed: Optional[bytes] = None) -> None:
+                 fds: Tuple[int, ...] = (), packed: Optional[bytes] = None,
+                 log: Optional[List[int]] = None) -> None:
         self.datas = datas
         self.lengths = lengths
         self.joined = joined
         self.fds = fds
         # the frame already packed: one of the lane's version-2 frames
         self.packed = packed
+        # where the writes of this segment append the byte counts the kernel
+        # took, in the same C call as the write (see _chanio.write): the
+        # lane's bookkeeping asks it whether its frame went
+        self.log = log
 
 
-def lane_segment(frame: bytes, fds: Tuple[int, ...] = ()) -> Segment:
-    """One packed version-2 frame (frames.region_frame, slot_frame, return_frames) as a segment."""
+def lane_segment(frame: bytes, fds: Tuple[int, ...] = (),
+                 log: Optional[List[int]] = None) -> Segment:
+    """One packed version-2 frame (frames.region_frame, slot_frame, return_frames) as a segment.
+
+    `log`: see `Segment.log`.
+    """
     payload = frame[HEADER_SIZE:]
-    return Segment([payload], [len(payload)], payload, fds, frame)
+    return Segment([payload], [len(payload)], payload, fds, frame, log)
 
 
 class Records:
