@@ -105,7 +105,7 @@ class LaneSender:
             return
         loan = self.staged_loan
         if loan is not None:
-            if not loan.open:
+            if not loan.open and not self.region.region.closed:
                 loan.reopen()
             self.staged_loan = None
         allocator = self.region.allocator
