@@ -197,6 +197,11 @@ def read_for_room(sock: socket.socket, reader: FrameReader, deadline: Optional[f
             SOCK_SEQPACKET record, as `fill`.
     """
     rs = reader.rs
+    # RETURN frames read already and not applied (an exception from a signal
+    # handler stopped the call that read them) come first: the peer may
+    # send nothing more until it has its slots
+    if reader.scan_returns():
+        return True
     # a read the backend took and holds to report next needs no wait (the
     # socket may have nothing more)
     if not rs.deferred and not _io.wait(sock.fileno(), False, deadline):
