@@ -5,6 +5,7 @@ AFUNIX_REQUIRE_C=1 (as in CI) a missing core fails the run instead.
 """
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 import platform
@@ -17,7 +18,7 @@ from typing import Iterator
 import pytest
 
 import afunix
-from afunix import _backend
+from afunix import _backend, shm
 
 REQUIRE_C = os.environ.get("AFUNIX_REQUIRE_C", "") not in ("", "0")
 PYPY = platform.python_implementation() == "PyPy"
@@ -134,3 +135,18 @@ def need_tool(name: str) -> str:
             pytest.fail("%s is required in CI (.ci/run installs it)" % name)
         pytest.skip("%s not installed" % name)
     return path
+
+
+def region_mappings() -> int:
+    """Mappings of afunix's shared-memory regions in this process (/proc/self/maps)."""
+    with open("/proc/self/maps") as f:
+        return sum(1 for line in f if "memfd:" + shm.REGION_NAME in line)
+
+
+@pytest.fixture
+def clean(fd_baseline: set) -> Iterator[None]:
+    """No descriptor and no region mapping left behind by the test."""
+    maps = region_mappings()
+    yield
+    gc.collect()
+    assert region_mappings() == maps

@@ -398,20 +398,7 @@ def test_an_exception_from_a_signal_handler_never_leaves_a_side_claimed() -> Non
 
 def in_child(work: Callable[[], None]) -> None:
     """Run `work` in a forked child; fail here if it raised."""
-    with warnings.catch_warnings():
-        # (3.12+ warns about fork() beside a running thread: the child here
-        # runs only `work`, which takes no lock another thread may hold)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        code = 1
-        try:
-            work()
-            code = 0
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, "the child failed"
+    reaped(forked(work))
 
 
 def everything(ch: Channel) -> List[bytes]:
@@ -554,8 +541,10 @@ KiB = 1 << 10
 
 
 def forked(work: Callable[[], None]) -> int:
-    """Start `work` in a forked child (see in_child) and return its pid, for `reaped`."""
+    """Start `work` in a forked child and return its pid, for `reaped`."""
     with warnings.catch_warnings():
+        # (3.12+ warns about fork() beside a running thread: the child here
+        # runs only `work`, which takes no lock another thread may hold)
         warnings.simplefilter("ignore", DeprecationWarning)
         pid = os.fork()
     if pid == 0:  # pragma: no cover - child
@@ -673,6 +662,41 @@ def test_slots_released_before_the_fork_are_returned_by_the_parent_only() -> Non
         a.send(b"end")
         assert b.recv() == b"end"  # the returns read on the way: one each
         assert b._lane is not None and b._lane.in_flight == 0
+
+
+def test_slots_a_batch_holds_at_the_fork_are_returned_by_the_parent_only() -> None:
+    # Before: the child returned the slot of the parent's batch at its next
+    # read, and the parent again later: the second RETURN freed the slot the
+    # peer had filled again meanwhile, and the next message overwrote one
+    # not read yet (silently: both the same size).
+    a, b = afunix.channel_pair(shm_size=1 << 16, shm_threshold=1 * KiB)
+    m1, m2, m3 = (bytes([i]) * 5000 for i in (1, 2, 3))
+    with a, b:
+        a.socket.settimeout(T)
+        b.socket.settimeout(T)
+        a.send(m1)
+        a.send(b"c1")
+        batch = b.recv_batch()
+        assert bytes(batch[0]) == m1  # its slot stays held until b's next receive
+
+        def child() -> None:
+            assert b.recv() == b"c1"  # (buffered)
+            assert b.recv() == b"c3"  # reads the socket
+            b.send(b"child")  # any RETURN frame the child owes goes with it
+
+        pid = forked(child)
+        a.send(b"c3")
+        reaped(pid)
+        assert a.recv() == b"child"
+        a.send(b"c4")
+        a.send(m2)
+        assert b.recv() == b"c1"
+        assert b.recv() == b"c4"
+        b.send(b"parent")  # the batch's slot goes back now, once
+        assert a.recv() == b"parent"
+        a.send(m3)
+        assert b.recv() == m2  # not overwritten by m3
+        assert b.recv() == m3
 
 
 # ---- descriptors recv() does not return: closed by the next receive ----

@@ -163,6 +163,37 @@ def test_writer_buffer_packs_the_same_bytes_and_says_when_it_is_full() -> None:
     assert w.unsent == 0
 
 
+def test_writer_never_packs_over_pending_bytes_not_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    # take_queue leaves `pending` a view of the reusable pack buffer.  An
+    # exception (a signal handler's) after it and before the write, then
+    # another after the next take_queue packed and before it stored, left
+    # `pending` showing the new packing's bytes: the stream carried a cut
+    # copy of them (CI: "message 195 damaged").
+    w = FrameWriter(write_buffer=1 << 20)
+    w.queue_one(b"a" * 100, 100)
+    w.take_queue()
+    first = frame(b"a" * 100)
+    assert bytes(w.pending) == first
+    w.queue_one(b"b" * 300, 300)
+    pack_into = FrameWriter._pack_into
+
+    def packed_then_interrupted(self: FrameWriter, *args: object) -> memoryview:
+        pack_into(self, *args)  # type: ignore[arg-type]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(FrameWriter, "_pack_into", packed_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        w.take_queue()
+    monkeypatch.undo()
+    assert bytes(w.pending) == first and w.queue == [b"b" * 300]
+    w.take_queue()
+    assert bytes(w.pending) == first + frame(b"b" * 300)
+    # and a segment packed while bytes are pending leaves them as they are
+    seg, = w.segments([b"z" * 500])[0]
+    w.pack(seg)
+    assert bytes(w.pending) == first + frame(b"b" * 300)
+
+
 def test_writer_fixed_records() -> None:
     w = FrameWriter()
     seg = w.fixed(b"abcdefgh", 4)

@@ -7,10 +7,9 @@ while a send waits ends the wait with the stream's error.  Both backends.
 """
 from __future__ import annotations
 
-import gc
 import os
 import socket
-from typing import Any, Iterator, List
+from typing import Any, List
 
 import anyio
 import pytest
@@ -25,18 +24,6 @@ pytestmark = [pytest.mark.anyio,
 KiB = 1 << 10
 BOUND = 30.0
 
-
-def region_mappings() -> int:
-    with open("/proc/self/maps") as f:
-        return sum(1 for line in f if "memfd:" + shm.REGION_NAME in line)
-
-
-@pytest.fixture
-def clean(fd_baseline: set) -> Iterator[None]:
-    maps = region_mappings()
-    yield
-    gc.collect()
-    assert region_mappings() == maps
 
 
 def payload(i: int, n: int) -> bytes:

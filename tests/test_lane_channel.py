@@ -20,13 +20,14 @@ import sys
 import textwrap
 import threading
 import time
-from typing import Iterator, List, Tuple
+from typing import List, Tuple
 
 import pytest
 
 import afunix
 from afunix import Channel, Message, channel_pair, shm
 from afunix.channel import lane_of
+from conftest import open_fds, region_mappings
 
 pytestmark = pytest.mark.skipif(shm.unsupported_reason() is not None,
                                 reason=str(shm.unsupported_reason()))
@@ -35,18 +36,6 @@ KiB = 1 << 10
 MiB = 1 << 20
 TYPES = [socket.SOCK_STREAM, socket.SOCK_SEQPACKET]
 
-
-def region_mappings() -> int:
-    with open("/proc/self/maps") as f:
-        return sum(1 for line in f if "memfd:" + shm.REGION_NAME in line)
-
-
-@pytest.fixture
-def clean(fd_baseline: set) -> Iterator[None]:
-    maps = region_mappings()
-    yield
-    gc.collect()
-    assert region_mappings() == maps
 
 
 def sizes(seed: int, n: int, threshold: int) -> List[int]:
@@ -156,7 +145,7 @@ def test_a_sender_out_of_room_times_out_and_a_non_blocking_one_is_refused(clean:
         a.send(b"\1" * 200 * KiB)  # the region is full until b takes it
         a.socket.settimeout(0.3)
         start = time.monotonic()
-        with pytest.raises(TimeoutError):
+        with pytest.raises(socket.timeout):
             a.send(b"\2" * 200 * KiB)
         assert 0.25 <= time.monotonic() - start < 5
         a.socket.settimeout(0.0)
@@ -449,7 +438,11 @@ def test_a_receive_about_to_wait_writes_the_returns_of_the_batch_before(clean: N
 ])
 def test_a_hostile_peer_gets_a_protocol_error_and_nothing_leaks(how: str, match: str,
                                                                  clean: None) -> None:
+    if how == "overlap" and sys.implementation.name == "pypy":
+        pytest.skip("PyPy does not count a view's exports: a slot whose batch view is kept "
+                    "goes back at the next receive (docs/channel.md)")
     x, y = afunix.socketpair()
+    x.settimeout(10)  # a frame taken as good would otherwise leave the loop below waiting
     b = Channel(x)
     maps = region_mappings()
     with b, y:
@@ -484,8 +477,6 @@ def test_a_hostile_peer_gets_a_protocol_error_and_nothing_leaks(how: str, match:
 
 
 def test_many_messages_through_the_lane_keep_descriptors_and_mappings_flat(clean: None) -> None:
-    from conftest import open_fds
-
     a, b = channel_pair(shm_size=256 * KiB, shm_threshold=1 * KiB, max_frame=64 * KiB)
     with a, b:
         message = b"s" * 70 * KiB  # over max_frame: every one through a slot

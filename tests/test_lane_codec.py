@@ -8,11 +8,11 @@ descriptors, /proc/self/maps).  Both backends (conftest.py).
 """
 from __future__ import annotations
 
-import gc
 import os
 import pickle
 import struct
-from typing import Iterator, List, Optional, Tuple
+import sys
+from typing import List, Optional, Tuple
 
 import pytest
 
@@ -21,6 +21,7 @@ from afunix.codec import FrameReader
 from afunix.frames import region_frame, return_frames, slot_frame
 from afunix.framewriter import FrameWriter, Segment
 from afunix.lane import LaneSender, return_segments
+from conftest import region_mappings
 
 pytestmark = pytest.mark.skipif(shm.unsupported_reason() is not None,
                                 reason=str(shm.unsupported_reason()))
@@ -35,19 +36,6 @@ def v1(data: bytes, nfds: int = 0) -> bytes:
 def v2(kind: int, payload: bytes, nfds: int = 0) -> bytes:
     return HEADER.pack(len(payload), nfds, kind, 2, 0xAF) + payload
 
-
-def region_mappings() -> int:
-    with open("/proc/self/maps") as f:
-        return sum(1 for line in f if "memfd:" + shm.REGION_NAME in line)
-
-
-@pytest.fixture
-def clean(fd_baseline: set) -> Iterator[None]:
-    """No descriptor and no region mapping left behind by the test."""
-    maps = region_mappings()
-    yield
-    gc.collect()
-    assert region_mappings() == maps
 
 
 def sealed_memfd(size: int, seals: Optional[int] = shm.REQUIRED_SEALS) -> int:
@@ -221,6 +209,9 @@ def test_a_batch_reads_the_slot_in_place_until_the_next_receive(clean: None) -> 
     lane.close()
 
 
+@pytest.mark.skipif(sys.implementation.name == "pypy",
+                    reason="PyPy does not count a view's exports: a slot whose batch view is "
+                    "kept goes back at the next receive (docs/channel.md)")
 def test_a_slot_still_exported_is_not_returned_and_an_overlap_with_it_fails(clean: None) -> None:
     lane, writer, reader = pair()
     seg = lane.try_segment(b"z" * 5000)

@@ -7,11 +7,9 @@ the free space.  Both backends, real socketpairs.
 from __future__ import annotations
 
 import errno
-import gc
 import os
 import socket
 import threading
-from typing import Iterator
 
 import pytest
 
@@ -25,18 +23,6 @@ pytestmark = pytest.mark.skipif(shm.unsupported_reason() is not None,
 KiB = 1 << 10
 MiB = 1 << 20
 
-
-def region_mappings() -> int:
-    with open("/proc/self/maps") as f:
-        return sum(1 for line in f if "memfd:" + shm.REGION_NAME in line)
-
-
-@pytest.fixture
-def clean(fd_baseline: set) -> Iterator[None]:
-    maps = region_mappings()
-    yield
-    gc.collect()
-    assert region_mappings() == maps
 
 
 def in_flight(ch: Channel) -> int:

@@ -40,7 +40,7 @@ def owing_pair(type: int) -> Tuple[afunix.Channel, afunix.Channel]:
     try:
         while True:
             b.send(b"m" * 1000)
-    except TimeoutError:
+    except socket.timeout:  # (TimeoutError from 3.10 on)
         pass
     a.socket.settimeout(BOUND)
     b.socket.settimeout(BOUND)

@@ -249,11 +249,11 @@ def test_a_slow_receiver_process_makes_the_sender_wait_as_its_timeout_says(
             accepted.append(m[0])
             x.settimeout(0.3)
             start = time.monotonic()
-            with pytest.raises(TimeoutError):
+            with pytest.raises(socket.timeout):
                 a.send(m[1])
             assert 0.25 <= time.monotonic() - start < 5
             assert a.pending == 0 and lane.in_flight == 1  # nothing of m[1] went
-            with pytest.raises(TimeoutError):
+            with pytest.raises(socket.timeout):
                 a.send_many([m[1], m[2]])
             assert a.pending == 0 and lane.in_flight == 1
             x.settimeout(0.0)
@@ -616,6 +616,9 @@ def test_a_hostile_peer_is_a_protocol_error_that_leaks_nothing(
         case: str, backend: str, tmp_path: Any) -> None:
     """Each forged frame: ProtocolError saying why, the channel closed (EBADF after), every
     descriptor and mapping of the child process back to what it was, no signal death."""
+    if case.endswith("-held") and sys.implementation.name == "pypy":
+        pytest.skip("PyPy does not count a view's exports: a slot whose batch view is kept "
+                    "goes back at the next receive (docs/channel.md)")
     child = subprocess.Popen([sys.executable, "-c", HOSTILE, case, str(tmp_path)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              env=dict(os.environ, AFUNIX_BACKEND=backend))

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import textwrap
 import threading
-from typing import Any, Iterator, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import pytest
 
@@ -31,6 +31,7 @@ from afunix import channel as channel_module
 from afunix.codec import FrameReader
 from afunix.frames import return_frames
 from afunix.objects import MAX_PARTS, pickle_object
+from conftest import region_mappings
 
 pytestmark = pytest.mark.skipif(shm.unsupported_reason() is not None,
                                 reason=str(shm.unsupported_reason()))
@@ -40,18 +41,6 @@ MiB = 1 << 20
 TYPES = [socket.SOCK_STREAM, socket.SOCK_SEQPACKET]
 HEADER = struct.Struct("<IBBBB")
 
-
-def region_mappings() -> int:
-    with open("/proc/self/maps") as f:
-        return sum(1 for line in f if "memfd:" + shm.REGION_NAME in line)
-
-
-@pytest.fixture
-def clean(fd_baseline: set) -> Iterator[None]:
-    maps = region_mappings()
-    yield
-    gc.collect()
-    assert region_mappings() == maps
 
 
 class Blob:
@@ -266,7 +255,11 @@ def test_a_bad_pickle_stream_raises_its_error_and_the_channel_goes_on(clean: Non
     with b, y:
         y.sendall(object_frame([inline(b"\x80\x05not a pickle")]))
         y.sendall(HEADER.pack(5, 0, 0, 1, 0xAF) + b"after")
-        with pytest.raises(pickle.UnpicklingError):
+        # the unpickler's own error: PyPy's pickle, written in Python, says
+        # KeyError for an opcode it does not know
+        bad = (pickle.UnpicklingError, KeyError) if sys.implementation.name == "pypy" \
+            else pickle.UnpicklingError
+        with pytest.raises(bad):
             b.recv_object()
         assert b.recv() == b"after" and not b.closed
 

@@ -64,13 +64,15 @@ def _forget_parents_unsent() -> None:
     on that side.  A receive they were in left the reader as an exception
     would (every receive gives over with stores only).  Slots of the peer's
     lane released before the fork and not yet given back are the parent's
-    to return too: returned by both, the second return breaks the peer's
-    channel.  And the lane's region stays the parent's (`_leave_lane`).
+    to return too, and so are those a batch holds: returned by both, the
+    second return breaks the peer's channel, or frees a slot it has filled
+    again.  And the lane's region stays the parent's (`_leave_lane`).
     """
     for ch in list(_channels):
         ch._writer.drop_unsent()
         ch._busy.clear()
         ch._reader.forget_returns()
+        ch._reader.forget_held()
         ch._borrow_ended = threading.Condition()  # its lock may be held by a thread not here
         if ch._lane is not None:
             ch._leave_lane()

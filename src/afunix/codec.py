@@ -680,6 +680,24 @@ class FrameReader:
         self.returning = 0
         self.return_n = 0
 
+    def forget_held(self) -> None:
+        """In a child after fork(): the slots a batch holds are the parent's to return.
+
+        Released here from this copy's ledger (where no view of them is
+        still exported) but never returned: the parent returns them at its
+        next receive, and a second return from the child would free a slot
+        the peer has since filled again.  (`discard` can be made again: a
+        pass stopped half way leaves `lane_held` whole for the next.)
+        """
+        lane = self.lane
+        if lane is not None:
+            for slot in self.lane_held:
+                try:
+                    lane.discard(slot.offset, slot.length)
+                except BufferError:
+                    pass  # still exported here: it stays held in this copy only
+        self.lane_held = []
+
     def return_segment(self) -> Optional[Segment]:
         """The next RETURN frame to write, for the slots at the front of `returns`; None when none wait.
 

@@ -218,8 +218,14 @@ class FrameWriter:
                    nfds: Optional[List[int]]) -> memoryview:
         total = len(joined) + HEADER_SIZE * len(lengths)
         out = self.out
-        if len(out) < total or (len(out) > (8 << 20) and total < len(out) // 8):
-            # a new buffer, not a resize: a view of the old one may be alive
+        pending = self.pending
+        if (len(out) < total or (len(out) > (8 << 20) and total < len(out) // 8)
+                or (pending and pending.obj is out)):
+            # A new buffer, not a resize: a view of the old one may be
+            # alive.  Never over bytes still pending: take_queue leaves
+            # `pending` a view of this buffer, and a signal handler's
+            # exception between this pack and the store that replaces
+            # `pending` would leave it showing the new bytes.
             out = self.out = bytearray(max(total, 64 << 10))
         n = self.impl.pack_frames(out, datas, joined, lengths, nfds)
         return memoryview(out)[:n]
