@@ -666,11 +666,21 @@ class Channel:
         nbytes = _checks.in_range(nbytes, "nbytes", 1, lane.region.size)
         busy = self._busy
         me: List[object] = []  # a fresh token, held by this call only
+        loan: Optional[Loan] = None
         try:
             if (busy.setdefault(SENDING, me) is not me
                     and not self._claimed_after_borrow(SENDING, me)):
                 raise refused(SENDING)
             loan = self._loan(nbytes)
+            # The returns a receive in another thread left to this call go
+            # before the loan is the caller's, and `lent` is the last step:
+            # an exception (a signal handler's) before it leaves the slot
+            # staged, and the next sending call frees it; one after it
+            # would lose the loan, and its slot for good.  (Returns left
+            # after this write: that receive writes them once the claim is
+            # gone, see `_fill_owing`.)
+            if self._reader.returns:
+                self._send_returns()
             lane.lent()  # the caller's from here: no longer freed by the next settle
             return loan
         finally:
@@ -679,7 +689,7 @@ class Channel:
                     del busy[SENDING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
-            if self._reader.returns:
+            if loan is None and self._reader.returns:
                 self._write_returns(wait=True)  # a receive in another thread left them to this call
 
     def _loan(self, nbytes: int) -> Loan:

@@ -1,0 +1,105 @@
+"""The lane's loans and regions, each stopped at one exact point by an exception, and a hostile RETURN.
+
+An exception from a signal handler (KeyboardInterrupt) can land after any
+call: here it is raised at one chosen point, by wrapping a method or by a
+profile hook after one C call, so that each case is run, not hoped for.
+What must hold: no slot is lost (a message of the whole region still takes
+every slot), no descriptor is left open, and a loan ends either sent or
+open with a view that can still be written, never half way.  And a peer
+that returns a slot whose frame was never written is refused with
+ProtocolError, as docs/PROTOCOL.md says, even when the RETURN comes while
+that frame waits to be written.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from types import FrameType
+from typing import Any, Callable, Iterator, List, Tuple
+
+import pytest
+
+import afunix
+from afunix import Channel, ProtocolError, channel_pair, shm
+from afunix.frames import return_frames
+from afunix.lane import LaneSender
+from conftest import open_fds
+from test_lane_stress import KiB, payload
+
+REGION = 64 * KiB
+MAX_FRAME = 32 * KiB  # below REGION: a message of the whole region goes only through the lane
+
+
+def lane_pair() -> Tuple[Channel, Channel]:
+    a, b = channel_pair(shm_size=REGION, shm_threshold=1024, max_frame=MAX_FRAME)
+    for ch in (a, b):
+        ch.socket.settimeout(10)
+    return a, b
+
+
+def in_flight(ch: Channel) -> int:
+    lane = afunix.channel.lane_of(ch)
+    assert lane is not None
+    return lane.in_flight
+
+
+def region_is_free(a: Channel) -> None:
+    """Every slot of a's lane is free: a loan of the whole region comes at once (no wait for returns)."""
+    a.socket.settimeout(2)  # a slot lost for good: TimeoutError, not a hang
+    with a.loan(REGION):
+        pass
+    assert in_flight(a) == 0
+
+
+@pytest.fixture
+def stop_after() -> Iterator[Callable[[str, str], Callable[[], bool]]]:
+    """stop_after(c_name, in_function): raise KeyboardInterrupt once, right after the C
+    function `c_name` returns into afunix's function `in_function` (where CPython runs
+    a signal handler); what it returns tells whether it did."""
+    hit = [False]
+
+    def arm(c_name: str, in_function: str) -> Callable[[], bool]:
+        def hook(frame: FrameType, event: str, arg: Any) -> None:
+            if (event == "c_return" and getattr(arg, "__name__", None) == c_name
+                    and frame.f_code.co_name == in_function
+                    and "afunix" in frame.f_code.co_filename):
+                sys.setprofile(None)
+                hit[0] = True
+                raise KeyboardInterrupt
+
+        sys.setprofile(hook)
+        return lambda: hit[0]
+
+    try:
+        yield arm
+    finally:
+        sys.setprofile(None)
+
+
+def test_a_loan_stopped_as_it_writes_the_returns_left_to_it_loses_no_slot(
+        backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Channel.loan writes the returns a receive left to it; an exception there
+    (after the write) used to come after the loan was the caller's: the caller
+    never got it and its slot stayed taken for good."""
+    a, b = lane_pair()
+    with a, b:
+        m1, m2 = payload(1, 5000), payload(2, 5000)
+        b.send(m1)
+        b.send(m2)
+        assert a.recv() == m1
+        assert a._reader.returns  # held back: the next message is here already
+        real = Channel._send_returns
+
+        def stopped(self: Channel) -> None:
+            real(self)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(Channel, "_send_returns", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            a.loan(5000)
+        monkeypatch.undo()
+        assert not a._reader.returns  # (they went)
+        region_is_free(a)
+        assert a.recv() == m2
