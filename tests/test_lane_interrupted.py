@@ -103,3 +103,46 @@ def test_a_loan_stopped_as_it_writes_the_returns_left_to_it_loses_no_slot(
         assert not a._reader.returns  # (they went)
         region_is_free(a)
         assert a.recv() == m2
+
+
+def test_an_abandon_stopped_before_it_frees_the_slot_leaves_the_loan_to_abandon_again(
+        backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = lane_pair()
+    with a, b:
+        loan = a.loan(5000)
+
+        def stopped(self: LaneSender, *args: Any) -> None:
+            monkeypatch.undo()  # once
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(LaneSender, "withdraw", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            loan.abandon()
+        assert loan.open  # not closed with its slot still taken
+        loan.abandon()
+        assert not loan.open
+        region_is_free(a)
+
+
+def test_an_abandon_stopped_after_it_freed_the_slot_frees_it_once(
+        backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    a, b = lane_pair()
+    with a, b:
+        loan = a.loan(5000)
+        real = LaneSender.withdraw
+
+        def stopped(self: LaneSender, *args: Any) -> None:
+            monkeypatch.undo()  # once
+            real(self, *args)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(LaneSender, "withdraw", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            loan.abandon()
+        other = a.loan(5000)  # the slot is free: taken again
+        assert other.slot == loan.slot
+        if loan.open:
+            loan.abandon()  # finishes, and frees nothing more: `other` keeps its slot
+        assert not loan.open and in_flight(a) == 1
+        other.abandon()
+        region_is_free(a)

@@ -248,12 +248,15 @@ class LaneSender:
             if not region.region.closed and not region.allocator.is_lent(offset, length):
                 region.recall(offset, length)
 
-    def withdraw(self, offset: int, length: int) -> None:
-        """A lent slot given up unsent: free again (a sender waiting for room wakes)."""
+    def withdraw(self, offset: int, length: int, keep: Optional[List[Slot]] = None) -> None:
+        """A lent slot given up unsent: free again (a sender waiting for room wakes).
+
+        `keep`: see `SlotAllocator.withdraw`.
+        """
         with self.lock:
             if self.region.region.closed:
                 return
-            self.region.withdraw(offset, length)
+            self.region.withdraw(offset, length, keep)
         self._woken()
 
     def _woken(self) -> None:

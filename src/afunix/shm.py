@@ -356,7 +356,7 @@ class Lender(Protocol):
 
     def recall(self, offset: int, length: int) -> None: ...
 
-    def withdraw(self, offset: int, length: int) -> None: ...
+    def withdraw(self, offset: int, length: int, keep: Optional[List[Slot]] = None) -> None: ...
 
 
 class Loan:
@@ -381,7 +381,7 @@ class Loan:
     in flight; the peer maps the region read-only and never faults).
     """
 
-    __slots__ = ("slot", "_view", "_lender", "_region")
+    __slots__ = ("slot", "_view", "_lender", "_region", "_held")
 
     def __init__(self, slot: Slot, view: memoryview, lender: Lender, region: Region) -> None:
         #: the slot lent: its offset and length in the region
@@ -391,6 +391,10 @@ class Loan:
         # free again at abandon (until then the peer may not return it)
         self._lender = lender
         self._region = region
+        # the slot until `abandon` gave it back: the lender frees it and
+        # empties this list in one commit, so an abandon stopped half way
+        # (a signal handler's exception) and made again frees it once
+        self._held = [slot]
 
     @property
     def region(self) -> Region:
@@ -461,15 +465,26 @@ class Loan:
     def abandon(self) -> None:
         """Give the slot back unsent (nothing to give back once the region is closed).
 
+        An exception that stops it (a signal handler's) leaves the loan
+        open, its view released: abandon it again to finish.
+
         Raises:
             ValueError: already committed or abandoned.
             BufferError: a buffer exported from `view` is still alive.
         """
-        self._finish()
-        # RegionWriter.close forgot every slot: freeing this one then would
-        # be refused as a bad return, the error of a broken peer.
-        if not self._region.closed:
-            self._lender.withdraw(self.slot.offset, self.slot.length)
+        view = self._view
+        if view is None:
+            raise ValueError("the loan was already committed or abandoned")
+        view.release()  # BufferError while an export exists: the loan stays open
+        # Still open until the slot is free: an exception before that
+        # leaves the loan to abandon again, never closed with its slot
+        # lent for good.  RegionWriter.close forgot every slot: freeing
+        # this one then would be refused as a bad return, the error of a
+        # broken peer.
+        held = self._held
+        if held and not self._region.closed:
+            self._lender.withdraw(self.slot.offset, self.slot.length, held)
+        self._view = None
 
     def __enter__(self) -> "Loan":
         return self
