@@ -146,3 +146,17 @@ def test_an_abandon_stopped_after_it_freed_the_slot_frees_it_once(
         assert not loan.open and in_flight(a) == 1
         other.abandon()
         region_is_free(a)
+
+
+def test_a_region_close_stopped_after_its_views_go_still_closes_its_descriptor(
+        backend: str, stop_after: Callable[[str, str], Callable[[], bool]]) -> None:
+    before = open_fds()
+    region = shm.Region.create(64 * KiB)
+    fd = region.fileno()
+    hit = stop_after("release", "close")
+    with pytest.raises(KeyboardInterrupt):
+        region.close()
+    assert hit()
+    assert region.closed
+    region.close()  # again: nothing to do
+    assert open_fds() == before, "descriptor %d left open" % fd

@@ -318,19 +318,24 @@ class Region:
         if root is None:
             return
         self._root = self._map = None
-        root.release()
+        # Each step in a finally: an exception (a signal handler's) after
+        # any of them still leaves the rest done, and once `_root` is None
+        # a second close does nothing.
         try:
-            if self._fd >= 0:  # (-1: a region adopted without its descriptor)
-                os.close(self._fd)
+            root.release()
         finally:
-            if mapping is not None:
-                try:
-                    mapping.close()
-                except BufferError:
-                    # CPython: a view made by `view` (or one derived from it) is
-                    # alive.  Dropping our reference leaves the mapping to the
-                    # mmap object, which unmaps it when that view is released.
-                    pass
+            try:
+                if self._fd >= 0:  # (-1: a region adopted without its descriptor)
+                    os.close(self._fd)
+            finally:
+                if mapping is not None:
+                    try:
+                        mapping.close()
+                    except BufferError:
+                        # CPython: a view made by `view` (or one derived from it) is
+                        # alive.  Dropping our reference leaves the mapping to the
+                        # mmap object, which unmaps it when that view is released.
+                        pass
 
     def __enter__(self) -> "Region":
         return self
