@@ -160,3 +160,26 @@ def test_a_region_close_stopped_after_its_views_go_still_closes_its_descriptor(
     assert region.closed
     region.close()  # again: nothing to do
     assert open_fds() == before, "descriptor %d left open" % fd
+
+
+def test_a_send_loan_stopped_as_the_loan_is_committed_leaves_it_open_and_usable(
+        backend: str, stop_after: Callable[[str, str], Callable[[], bool]]) -> None:
+    """The exception lands after the loan's view is released and before its
+    frame is written: the loan is open again, with a view that takes writes,
+    and sends whole afterwards (never open with a released view)."""
+    a, b = lane_pair()
+    with a, b:
+        loan = a.loan(5000)
+        loan.view[:] = b"x" * 5000
+        hit = stop_after("release", "_finish")
+        with pytest.raises(KeyboardInterrupt):
+            a.send_loan(loan)
+        assert hit()
+        assert loan.open
+        data = payload(3, 5000)
+        loan.view[:] = data
+        a.send_loan(loan)
+        assert b.recv() == data
+        b.send(b"returns")
+        assert a.recv() == b"returns"
+        region_is_free(a)

@@ -427,8 +427,15 @@ class Loan:
         view = self._view
         if view is None:
             raise ValueError("the loan was already committed or abandoned")
-        view.release()  # BufferError while an export exists: the loan stays open
+        # Closed first, then released: an exception (a signal handler's)
+        # after the release finds the loan closed, never open with its view
+        # released (`send_loan` opens a loan whose frame did not go again).
         self._view = None
+        try:
+            view.release()
+        except BufferError:
+            self._view = view  # an export is alive: the loan stays open
+            raise
 
     def commit(self) -> Slot:
         """Hand the filled slot over; return it, for the frame that names it.
