@@ -183,3 +183,62 @@ def test_a_send_loan_stopped_as_the_loan_is_committed_leaves_it_open_and_usable(
         b.send(b"returns")
         assert a.recv() == b"returns"
         region_is_free(a)
+
+
+@pytest.mark.parametrize("how", ["send", "loan"])
+def test_a_return_of_a_slot_whose_frame_waits_and_never_goes_is_a_protocol_error(
+        backend: str, how: str) -> None:
+    """A hostile peer returns the slot of a frame a's send is still waiting to
+    write (the socket is full), read by a receive in another thread; the
+    frame then goes nowhere (a timeout): the peer named a slot it was never
+    sent, and a's send says so and closes the channel, as a return of a
+    lent slot is refused."""
+    a, b = lane_pair()
+    with a, b:
+        b.send(b"start")  # b's REGION frame first, as its lane says
+        assert a.recv() == b"start"
+        a.send(payload(0, 5000))  # a's REGION, and a slot b keeps
+        a.socket.settimeout(0)
+        try:
+            while True:
+                a.send(b"x" * 1000)  # until a's socket and buffer are full
+        except BlockingIOError:
+            pass
+        a.socket.settimeout(1.0)
+        lane = afunix.channel.lane_of(a)
+        assert lane is not None
+        allocator = lane.region.allocator
+        got: List[Any] = []
+
+        def receive() -> None:
+            try:
+                got.append(a.recv())
+            except BaseException as exc:  # reported below
+                got.append(exc)
+
+        def hostile() -> None:
+            deadline = time.monotonic() + 5
+            while allocator.slots_in_use < 2 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            offset = max(o for o in range(0, REGION, 64) if allocator.holds(o, 5000))
+            time.sleep(0.05)
+            b.socket.sendall(return_frames([(offset, 5000)])[0])
+            time.sleep(0.05)
+            b.send(b"hi")
+
+        threads = [threading.Thread(target=receive), threading.Thread(target=hostile)]
+        for t in threads:
+            t.start()
+        try:
+            with pytest.raises(ProtocolError, match="never sent|before its frame was sent"):
+                if how == "send":
+                    a.send(payload(1, 5000))
+                else:
+                    loan = a.loan(5000)
+                    loan.view[:] = payload(1, 5000)
+                    a.send_loan(loan)
+        finally:
+            for t in threads:
+                t.join(10)
+        assert got and (got[0] == b"hi" or isinstance(got[0], ProtocolError))
+        assert a.closed

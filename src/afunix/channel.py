@@ -78,6 +78,16 @@ def _forget_parents_unsent() -> None:
             ch._leave_lane()
 
 
+def _aborts(ref: "weakref.ref[Channel]") -> Callable[[], None]:
+    """LaneSender.on_fault for the channel `ref` names: closes it (by a weak reference: no cycle
+    keeps a channel dropped unclosed, and its socket, alive until a collection)."""
+    def abort() -> None:
+        ch = ref()
+        if ch is not None:
+            ch._abort()
+    return abort
+
+
 def _returned_to_parent(offset: int, length: int, mark: Any = None) -> None:
     """A forked child's on_return: the peer's RETURN frames name the parent's slots; dropped."""
 
@@ -193,6 +203,8 @@ class Channel:
         # and backward jumps).
         self._reader = FrameReader(writer.max_frame, self._seqpacket,
                                    on_return=self._lane.give_back if self._lane else None)
+        if self._lane is not None:
+            self._lane.on_fault = _aborts(weakref.ref(self))
         self._closed = False
         _channels.add(self)
 

@@ -39,8 +39,8 @@ class LaneSender:
     come back.
     """
 
-    __slots__ = ("region", "threshold", "lock", "room", "on_room", "staged", "staged_loan",
-                 "log", "region_log")
+    __slots__ = ("region", "threshold", "lock", "room", "on_room", "on_fault", "staged",
+                 "staged_loan", "log", "region_log")
 
     def __init__(self, size: int, threshold: int = DEFAULT_THRESHOLD) -> None:
         """Raises:
@@ -56,6 +56,10 @@ class LaneSender:
         self.room = threading.Event()
         #: called after `room` is set (afunix.aio.Channel wakes a task waiting for room)
         self.on_room: Optional[Callable[[], None]] = None
+        #: called when `settle` finds the peer broke the protocol, before it
+        #: raises ProtocolError (the channel closes: as for a fault its
+        #: reader finds)
+        self.on_fault: Optional[Callable[[], None]] = None
         # The frame being made (see `begin`): the slots taken for it, or the
         # loan it sends, and the byte counts its writes took (Segment.log,
         # appended inside the C call that writes).  A signal handler's
@@ -101,9 +105,11 @@ class LaneSender:
         next.
 
         Raises:
-            ProtocolError: the peer returned the slot of the loan, whose
-                frame never went (the loan stays committed: its slot is
-                not this end's any more).
+            ProtocolError: the peer returned a slot of the frame, or the
+                slot of the loan, though none of the frame went: it named
+                a slot it was never sent (docs/PROTOCOL.md).  The loan
+                stays committed then: its slot is not this end's any more.
+                `on_fault` is called first (the channel closes).
         """
         staged = self.staged
         if self.log:
@@ -118,18 +124,26 @@ class LaneSender:
                     loan.reopen()
                 except ProtocolError:
                     self.staged_loan = None  # the slot is not this end's: the loan stays committed
+                    self._fault()
                     raise
             self.staged_loan = None
         region = self.region
         allocator = region.allocator
         freed = bool(staged)
+        lie: Optional[Slot] = None
         while staged:
             slot = staged[-1]
             with self.lock:
-                if region.region.closed or not allocator.holds(slot.offset, slot.length):
-                    # forgotten with the region; or "returned" by a broken
-                    # peer though its frame never went: free either way,
-                    # as a frame not sent leaves it
+                if region.region.closed:
+                    del staged[-1]  # forgotten with the region
+                    continue
+                if not allocator.holds(slot.offset, slot.length):
+                    # Marked sending, then freed by a RETURN frame read in
+                    # another thread while this frame waited to be written,
+                    # and none of it went: the peer returned a slot it was
+                    # never sent.  Free all the same (as a frame not sent
+                    # leaves it), and refused below.
+                    lie = slot
                     del staged[-1]
                     continue
                 if not allocator.is_lent(slot.offset, slot.length):
@@ -137,6 +151,16 @@ class LaneSender:
                 region.withdraw(slot.offset, slot.length, keep=staged)
         if freed:
             self._woken()
+        if lie is not None:
+            self._fault()
+            raise ProtocolError("returned slot (offset %d, length %d) was never sent: its frame "
+                                "was not written" % (lie.offset, lie.length))
+
+    def _fault(self) -> None:
+        """The peer broke the protocol (see `settle`): `on_fault`, if set."""
+        on_fault = self.on_fault
+        if on_fault is not None:
+            on_fault()
 
     def begin(self) -> List[int]:
         """Settle what an interrupted call left (`settle`) and start a frame: the log for its segment."""
