@@ -204,7 +204,7 @@ def test_a_return_of_a_slot_whose_frame_waits_and_never_goes_is_a_protocol_error
                 a.send(b"x" * 1000)  # until a's socket and buffer are full
         except BlockingIOError:
             pass
-        a.socket.settimeout(1.0)
+        a.socket.settimeout(1.5)  # the frame goes nowhere: b reads nothing
         lane = afunix.channel.lane_of(a)
         assert lane is not None
         allocator = lane.region.allocator
@@ -216,14 +216,18 @@ def test_a_return_of_a_slot_whose_frame_waits_and_never_goes_is_a_protocol_error
             except BaseException as exc:  # reported below
                 got.append(exc)
 
+        def sending() -> List[int]:
+            return [o for o in range(64, REGION, 64)
+                    if allocator.holds(o, 5000) and not allocator.is_lent(o, 5000)]
+
         def hostile() -> None:
             deadline = time.monotonic() + 5
-            while allocator.slots_in_use < 2 and time.monotonic() < deadline:
-                time.sleep(0.001)
-            offset = max(o for o in range(0, REGION, 64) if allocator.holds(o, 5000))
-            time.sleep(0.05)
+            while not sending() and time.monotonic() < deadline:
+                time.sleep(0.001)  # until the frame naming it waits to be written
+            offset, = sending()
             b.socket.sendall(return_frames([(offset, 5000)])[0])
-            time.sleep(0.05)
+            while allocator.holds(offset, 5000) and time.monotonic() < deadline:
+                time.sleep(0.001)  # until a's receive applied it
             b.send(b"hi")
 
         threads = [threading.Thread(target=receive), threading.Thread(target=hostile)]
