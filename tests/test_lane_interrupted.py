@@ -19,14 +19,19 @@ import time
 from types import FrameType
 from typing import Any, Callable, Iterator, List, Tuple
 
+import anyio
 import pytest
 
 import afunix
+import afunix.aio as aio
 from afunix import Channel, ProtocolError, channel_pair, shm
 from afunix.frames import return_frames
 from afunix.lane import LaneSender
 from conftest import open_fds
 from test_lane_stress import KiB, payload
+
+pytestmark = pytest.mark.skipif(shm.unsupported_reason() is not None,
+                                reason=str(shm.unsupported_reason()))
 
 REGION = 64 * KiB
 MAX_FRAME = 32 * KiB  # below REGION: a message of the whole region goes only through the lane
@@ -103,6 +108,34 @@ def test_a_loan_stopped_as_it_writes_the_returns_left_to_it_loses_no_slot(
         assert not a._reader.returns  # (they went)
         region_is_free(a)
         assert a.recv() == m2
+
+
+@pytest.mark.anyio
+async def test_an_aio_loan_stopped_as_it_writes_the_returns_left_to_it_loses_no_slot(
+        backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same through afunix.aio.Channel.loan, which makes the loan with Channel.loan."""
+    a, b = aio.channel_pair(shm_size=REGION, shm_threshold=1024, max_frame=MAX_FRAME)
+    with anyio.fail_after(30):
+        async with a, b:
+            m1, m2 = payload(1, 5000), payload(2, 5000)
+            await b.send(m1)
+            await b.send(m2)
+            assert await a.recv() == m1
+            assert a._ch._reader.returns  # held back: the next message is here already
+            real = Channel._send_returns
+
+            def stopped(self: Channel) -> None:
+                real(self)
+                raise KeyboardInterrupt
+
+            monkeypatch.setattr(Channel, "_send_returns", stopped)
+            with pytest.raises(KeyboardInterrupt):
+                await a.loan(5000)
+            monkeypatch.undo()
+            with anyio.fail_after(2):  # a slot lost for good: the loan waits for ever
+                whole = await a.loan(REGION)
+            whole.abandon()
+            assert await a.recv() == m2
 
 
 def test_an_abandon_stopped_before_it_frees_the_slot_leaves_the_loan_to_abandon_again(
