@@ -57,7 +57,7 @@ import sys
 from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 from . import _checks, _io
-from ._aiowait import call_when_ready, notify_closing, sleep, wait, wait_either, wake
+from ._aiowait import call_when_ready, notify_closing, wait, wait_either, wait_woken, wake
 from ._sockets import raw_family, raw_type
 from ._kernel import MSG_NOSIGNAL
 from .addresses import encode_address
@@ -655,14 +655,24 @@ class Channel:
         if not room_wanted(self._ch):
             await wait(self._fd, True)
             return
-        if self._reader.buffered:
-            # Messages nobody took yet keep the socket readable once the
-            # buffer is full, and a wait would return at once: pause, as
-            # the synchronous channel does in that case.
-            await sleep(0.005)
+        lane = lane_of(self._ch)
+        assert lane is not None  # (room is wanted of a lane only)
+        # Counted before anything else runs: from here the slots a receive
+        # of another task takes back wake this task (_room_came), and the
+        # ones that came back since this task's try set the lane's `room`
+        # (cleared by each try), so no return is missed in between.
         self._room_waiters += 1
         try:
-            await wait(self._fd, False)  # the peer's RETURN frames (or the lane's on_room)
+            if lane.room.is_set():
+                return  # slots came back since the try: try again
+            if self._reader.buffered:
+                # Messages nobody took yet keep the socket readable once
+                # the buffer is full, and a wait for it would return at
+                # once: a pause (as the synchronous channel's), cut short
+                # by the returns a receive of another task takes in.
+                await wait_woken(self._fd, 0.005)
+            else:
+                await wait(self._fd, False)  # the peer's RETURN frames (or the lane's on_room)
         finally:
             self._room_waiters -= 1
 
