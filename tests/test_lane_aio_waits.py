@@ -2,8 +2,10 @@
 
 A send waiting for slots is woken by the returns a receive of another task
 takes in, whenever they come (even during its pause while messages nobody
-took keep the socket readable).  Under asyncio, uvloop and trio; both
-backends.
+took keep the socket readable); a receive waiting for input is woken by the
+messages a send read in while it looked for returns; a receive that owes
+RETURN frames to a peer that reads nothing more does not spin.  Under
+asyncio, uvloop and trio; both backends.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import sniffio
 
 import afunix.aio as aio
 from afunix import MessageKindError, shm
+from afunix._aiowait import is_waiting
 
 pytestmark = [pytest.mark.anyio,
               pytest.mark.skipif(shm.unsupported_reason() is not None,
@@ -85,6 +88,38 @@ async def test_slots_returned_during_the_pause_of_a_waiting_send_wake_it(
                 await done.wait()
         with anyio.fail_after(5):
             assert await recv_big(b, how) == BIG
+
+
+@pytest.mark.parametrize("size", [200 * KiB, 900 * KiB], ids=["inline", "slot"])
+async def test_a_receive_waiting_for_input_takes_the_messages_a_send_read_in(
+        clean: None, size: int) -> None:
+    # 200 KiB fits max_frame: with no slot free it goes inline, once the send
+    # read the socket for returns; 900 KiB waits for the slot
+    a, b = lane_pair(max_frame=256 * KiB)
+    first = bytes(900 * KiB)
+    async with a, b:
+        await a.send(first)  # the lane of `a` is full; b does not receive yet
+        got: List[bytes] = []
+
+        async def receiver() -> None:
+            got.append(await a.recv())
+
+        async def request_then_send() -> None:
+            # no await in between: the loop never sees the request come, as
+            # a's send reads it in, looking for returns
+            b._ch.send(b"request")
+            await a.send(bytes(size))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(receiver)
+            await until(lambda: is_waiting(a.fileno(), False))
+            with anyio.fail_after(3):
+                async with anyio.create_task_group() as senders:
+                    senders.start_soon(request_then_send)
+                    await until(lambda: bool(got))
+                    assert got == [b"request"]
+                    assert await b.recv() == first  # the slot goes back
+            assert await b.recv() == bytes(size)
 
 
 def numbered(i: int, n: int) -> bytes:
