@@ -4,7 +4,7 @@ A send waiting for slots is woken by the returns a receive of another task
 takes in, whenever they come (even during its pause while messages nobody
 took keep the socket readable); a receive waiting for input is woken by the
 messages a send read in while it looked for returns; a receive that owes
-RETURN frames to a peer that reads nothing more does not spin.  Under
+RETURN frames to a peer that reads nothing more waits without spinning.  Under
 asyncio, uvloop and trio; both backends.
 """
 from __future__ import annotations
@@ -21,9 +21,11 @@ import anyio
 import pytest
 import sniffio
 
+import afunix
 import afunix.aio as aio
 from afunix import MessageKindError, shm
 from afunix._aiowait import is_waiting
+from test_lane_channel import DocumentPeer
 
 pytestmark = [pytest.mark.anyio,
               pytest.mark.skipif(shm.unsupported_reason() is not None,
@@ -180,3 +182,37 @@ async def test_full_duplex_with_cancelled_receives_neither_hangs_nor_loses(
                 tg.start_soon(receiver, b, "b<-a")
                 tg.start_soon(receiver, a, "a<-b")
     assert progress == {"a sent": count, "b sent": count, "b<-a": count, "a<-b": count}
+
+
+async def test_a_receive_owing_returns_to_a_peer_that_reads_nothing_more_does_not_spin(
+        clean: None) -> None:
+    x, y = afunix.socketpair()
+    peer = DocumentPeer(y, 64 * KiB)
+    try:
+        peer.slot(0, b"s" * 5000)
+        # writes to `x` fail (EPIPE) from here, while it polls writable
+        y.shutdown(socket.SHUT_RD)
+        x.setblocking(False)
+        async with aio.Channel(x) as a:
+            with anyio.fail_after(5):
+                assert await a.recv() == b"s" * 5000  # its slot is owed back
+            got: List[bytes] = []
+
+            async def receiver() -> None:
+                got.append(await a.recv())
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(receiver)
+                await anyio.sleep(0.05)
+                cpu = time.process_time()
+                await anyio.sleep(0.5)
+                used = time.process_time() - cpu
+                peer.slot(8 * KiB, b"t" * 5000)  # the peer still writes
+                await until(lambda: bool(got))
+            # a spinning wait takes most of a CPU (0.25 s and more here, even
+            # on a busy machine); waiting for input alone, next to nothing
+            assert used < 0.1, used
+            assert got == [b"t" * 5000]
+    finally:
+        peer.close()
+        y.close()
