@@ -103,6 +103,50 @@ async def wait_either(fd: int) -> None:
                 _leave(key, fut)
 
 
+# (loop, fd) -> the futures of the tasks waiting for `wake` (or a pause to
+# end): a wait tied to no readiness event of the descriptor.
+Bell = Tuple[asyncio.AbstractEventLoop, int]
+ringing: Dict[Bell, List["asyncio.Future[None]"]] = {}
+
+
+async def wait_woken(fd: int, seconds: float) -> None:
+    """Wait until `wake` (or `notify_closing`) for `fd`, or `seconds` passed.
+
+    For a task whose descriptor stays ready while the thing it waits for
+    is elsewhere (a sender waiting for slots while messages nobody took
+    keep its socket readable): a readiness wait would return at once.  The
+    task is enlisted before this coroutine first yields, so a `wake` from
+    another task at any point after the call is never missed.
+    """
+    trio_support = trio_running()
+    if trio_support is not None:
+        await trio_support.wait_woken(fd, seconds)
+        return
+    loop = asyncio.get_running_loop()
+    bell = (loop, fd)
+    fut: asyncio.Future[None] = loop.create_future()
+    futures = ringing.setdefault(bell, [])
+    futures.append(fut)
+    timer = loop.call_later(seconds, _done, fut)
+    try:
+        await fut
+    finally:
+        timer.cancel()
+        futures.remove(fut)
+        if not futures and ringing.get(bell) is futures:
+            del ringing[bell]
+
+
+def _done(fut: "asyncio.Future[None]") -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _ring(bell: Bell) -> None:
+    for fut in ringing.get(bell, ()):
+        _done(fut)
+
+
 def _enlist(key: Key, fut: "asyncio.Future[None]") -> None:
     loop, fd, writable = key
     futures = waiters.get(key)
@@ -145,16 +189,18 @@ def notify_closing(fd: int) -> None:
         return
     _wake((loop, fd, False))
     _wake((loop, fd, True))
+    _ring((loop, fd))
 
 
 def wake(fd: int) -> None:
-    """Wake the tasks of the running loop (or trio run) waiting for `fd` to be readable.
+    """Wake the tasks of the running loop (or trio run) waiting for `fd` to be readable, or in `wait_woken`.
 
     For a task waiting on something a readiness event would not report
     (the async channel's sender waiting for slots another task's receive
-    took back): woken, it tries its call again.  trio ends a readiness
-    wait only through notify_closing, which wakes both directions; the
-    descriptor stays open and later waits on it work as before.
+    took back, a receive waiting for messages a send read in): woken, it
+    tries its call again.  trio ends a readiness wait only through
+    notify_closing, which wakes both directions; the descriptor stays
+    open and later waits on it work as before.
     """
     trio_support = trio_running()
     if trio_support is not None:
@@ -165,6 +211,7 @@ def wake(fd: int) -> None:
     except RuntimeError:
         return
     _wake((loop, fd, False))
+    _ring((loop, fd))
 
 
 async def call_when_ready(fd: Optional[int], writable: bool, attempt: Callable[[], R],

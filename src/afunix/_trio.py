@@ -14,7 +14,7 @@ call and loses nothing.
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Any, Dict, List, Tuple
 
 import sniffio
 import trio
@@ -23,6 +23,8 @@ import trio
 # The run's token is in the key: two trio runs in two threads are unrelated.
 _Key = Tuple[object, int, bool]
 _leaders: Dict[_Key, trio.Event] = {}
+# (run, fd) -> the Event of the tasks in wait_woken, and how many wait on it
+_bells: Dict[Tuple[object, int], List[Any]] = {}
 
 sleep = trio.sleep
 #: Raise Cancelled if the surrounding scope is cancelled; never yields otherwise.
@@ -69,9 +71,28 @@ async def wait_either(fd: int) -> None:
         nursery.start_soon(one, True)
 
 
+async def wait_woken(fd: int, seconds: float) -> None:
+    """Wait until notify_closing(fd), or `seconds` passed (see _aiowait.wait_woken)."""
+    key = (trio.lowlevel.current_trio_token(), fd)
+    bell = _bells.get(key)
+    if bell is None:
+        bell = _bells[key] = [trio.Event(), 0]
+    bell[1] += 1
+    try:
+        with trio.move_on_after(seconds):
+            await bell[0].wait()
+    finally:
+        bell[1] -= 1
+        if not bell[1] and _bells.get(key) is bell:
+            del _bells[key]
+
+
 def notify_closing(fd: int) -> None:
-    """Wake this run's waits on `fd` before it is closed (see _aiowait.notify_closing)."""
+    """Wake this run's waits on `fd` before it is closed (see _aiowait.notify_closing), and those in wait_woken."""
     trio.lowlevel.notify_closing(fd)
+    bell = _bells.pop((trio.lowlevel.current_trio_token(), fd), None)
+    if bell is not None:
+        bell[0].set()
 
 
 def is_waiting(fd: int, writable: bool) -> bool:

@@ -54,10 +54,10 @@ import errno
 import os
 import socket
 import sys
-from typing import Any, Callable, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Iterable, List, Optional, Tuple, TypeVar
 
 from . import _checks, _io
-from ._aiowait import call_when_ready, notify_closing, sleep, wait, wait_either, wake
+from ._aiowait import call_when_ready, notify_closing, wait, wait_either, wait_woken, wake
 from ._sockets import raw_family, raw_type
 from ._kernel import MSG_NOSIGNAL
 from .addresses import encode_address
@@ -94,6 +94,8 @@ _DONTWAIT = int(socket.MSG_DONTWAIT)
 # A closed peer is BrokenPipeError, never SIGPIPE (as in the synchronous layer).
 _NOSIGNAL = MSG_NOSIGNAL
 
+
+R = TypeVar("R")
 
 # ---- the socket ---------------------------------------------------------------
 
@@ -561,6 +563,10 @@ class Channel:
         # another task may take the returns in, and the socket then says
         # nothing more; the lane wakes them (on_room)
         self._room_waiters = 0
+        # tasks waiting for input: a send that waits for slots reads the
+        # socket, and may bring in messages a readiness event then never
+        # reports; the send wakes them (_sending)
+        self._receivers = 0
         lane = lane_of(self._ch)
         if lane is not None:
             lane.on_room = self._room_came
@@ -614,8 +620,12 @@ class Channel:
         wait_for = self._wait_to_send if lane_of(self._ch) is not None else None
         while sent < len(items):
             rest = items[sent:] if sent else items
-            sent += await call_when_ready(self._fd, True, lambda: self._ch.send_many(rest),
-                                          wait_for=wait_for)
+            if wait_for is None:  # (no lane: a send never reads)
+                sent += await call_when_ready(self._fd, True, lambda: self._ch.send_many(rest))
+            else:
+                sent += await call_when_ready(
+                    self._fd, True, lambda: self._sending(lambda: self._ch.send_many(rest)),
+                    wait_for=wait_for)
         if self._flush_after_send:
             await self.flush()
         return sent
@@ -634,8 +644,9 @@ class Channel:
         ch = self._ch
         if lane_of(ch) is None:
             raise ValueError("this channel has no shared-memory lane (see shm_size)")
-        loan: Loan = await call_when_ready(self._fd, True, lambda: ch.loan(nbytes),
-                                           wait_for=self._wait_to_send)
+        loan: Loan = await call_when_ready(
+            self._fd, True, lambda: self._sending(lambda: ch.loan(nbytes)),
+            wait_for=self._wait_to_send)
         return loan
 
     async def send_loan(self, loan: Loan, fds: Iterable[Any] = ()) -> None:
@@ -646,23 +657,48 @@ class Channel:
         """
         ch = self._ch
         fd_list = tuple(fds)
-        await call_when_ready(self._fd, True, lambda: ch.send_loan(loan, fd_list))
+        await call_when_ready(self._fd, True,
+                              lambda: self._sending(lambda: ch.send_loan(loan, fd_list)))
         if self._flush_after_send:
             await self.flush()
+
+    def _sending(self, call: Callable[[], R]) -> R:
+        """`call`, a sending call of the synchronous channel; then the receives waiting are woken if it read messages in.
+
+        A send that finds no free slot reads the peer's frames for its
+        RETURNs, and parses the messages among them when nothing waits to
+        be taken (`afunix.Channel`'s send): the socket then says nothing
+        about them, and a receive task waiting for it would wait for ever.
+        """
+        try:
+            return call()
+        finally:
+            if self._receivers and self._reader.buffered:
+                wake(self._fd)
 
     async def _wait_to_send(self) -> None:
         """What a refused send of a channel with a lane waits for: socket space, or returned slots."""
         if not room_wanted(self._ch):
             await wait(self._fd, True)
             return
-        if self._reader.buffered:
-            # Messages nobody took yet keep the socket readable once the
-            # buffer is full, and a wait would return at once: pause, as
-            # the synchronous channel does in that case.
-            await sleep(0.005)
+        lane = lane_of(self._ch)
+        assert lane is not None  # (room is wanted of a lane only)
+        # Counted before anything else runs: from here the slots a receive
+        # of another task takes back wake this task (_room_came), and the
+        # ones that came back since this task's try set the lane's `room`
+        # (cleared by each try), so no return is missed in between.
         self._room_waiters += 1
         try:
-            await wait(self._fd, False)  # the peer's RETURN frames (or the lane's on_room)
+            if lane.room.is_set():
+                return  # slots came back since the try: try again
+            if self._reader.buffered:
+                # Messages nobody took yet keep the socket readable once
+                # the buffer is full, and a wait for it would return at
+                # once: a pause (as the synchronous channel's), cut short
+                # by the returns a receive of another task takes in.
+                await wait_woken(self._fd, 0.005)
+            else:
+                await wait(self._fd, False)  # the peer's RETURN frames (or the lane's on_room)
         finally:
             self._room_waiters -= 1
 
@@ -688,7 +724,8 @@ class Channel:
         """
         ch = self._ch
         wait_for = self._wait_to_send if lane_of(ch) is not None else None
-        await call_when_ready(self._fd, True, lambda: ch.send_object(obj), wait_for=wait_for)
+        await call_when_ready(self._fd, True, lambda: self._sending(lambda: ch.send_object(obj)),
+                              wait_for=wait_for)
         if self._flush_after_send:
             await self.flush()
 
@@ -711,10 +748,14 @@ class Channel:
         back returns (the peer may wait for those slots before it sends
         anything); the next try writes them (`afunix.Channel`'s receive).
         """
-        if self._reader.returns:
-            await wait_either(self._fd)
-        else:
-            await wait(self._fd, False)
+        self._receivers += 1  # a send that reads messages in wakes it (_sending)
+        try:
+            if self._reader.returns:
+                await wait_either(self._fd)
+            else:
+                await wait(self._fd, False)
+        finally:
+            self._receivers -= 1
 
     async def recv(self) -> bytes:
         """Receive one message (descriptors that came with it are closed by the next receive).

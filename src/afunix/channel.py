@@ -850,7 +850,11 @@ class Channel:
         One RETURN frame at a time: the reader makes it, and settles it from
         its write log after the write (or at the next call, after an
         exception from a signal handler): its slots leave `returns` once a
-        byte of it went, and only then.
+        byte of it went, and only then.  A socket that refuses them for
+        good (EPIPE, ECONNRESET: the peer reads nothing more) drops them:
+        kept, they would be owed for ever, and a receive that owes returns
+        waits for the socket to take them as well as for input, which such
+        a socket, writable all along, would end at once, again and again.
         """
         r = self._reader
         if not r.returns or self._closed:
@@ -866,6 +870,9 @@ class Channel:
                 r.settle_returns()
                 if not sent:
                     return
+        except (BrokenPipeError, ConnectionResetError):
+            r.settle_returns()
+            r.drop_returns()  # never read: the sends say so at their next call
         except OSError:
             r.settle_returns()  # kept; a socket that is broken says so at the next call
 

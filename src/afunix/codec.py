@@ -680,6 +680,14 @@ class FrameReader:
         self.returning = 0
         self.return_n = 0
 
+    def drop_returns(self) -> None:
+        """The slots in `returns` never go back: the peer reads nothing more (a write got EPIPE or ECONNRESET).
+
+        Released from the lane's ledger as `forget_returns` releases them;
+        their region is unmapped at close as before.
+        """
+        self.forget_returns()
+
     def forget_held(self) -> None:
         """In a child after fork(): the slots a batch holds are the parent's to return.
 
