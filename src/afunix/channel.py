@@ -30,7 +30,8 @@ from .framewriter import FrameWriter, Segment, lane_segment
 from .lane import DEFAULT_THRESHOLD, LaneSender
 from .message import Address, Message
 from .objects import (ENVELOPE_ENTRY, ENVELOPE_HEADER, PickledObject, check_unpickle_peer,
-                      encode_object, load_object, peer_uid, pickle_object, place_parts)
+                      encode_object, inline_when_free, load_object, peer_uid, pickle_object,
+                      place_parts)
 from .shm import MAX_REGION_SIZE, Loan
 from .slots import Slot
 from .pairs import socketpair
@@ -524,10 +525,10 @@ class Channel:
         again; a part still without one goes inline (as a message that
         fits max_frame does, see `_slot_segment`), unless what is inline
         would then be over max_frame: then this waits for the peer to return
-        slots, as the socket's timeout says.
+        slots (or for open loans to end), as the socket's timeout says.  The
+        caller made sure that it fits with every slot free.
 
         Raises:
-            ValueError: over max_frame even with every slot of the lane free.
             BlockingIOError, TimeoutError: no slot came back in time.
             BrokenPipeError: the peer closed the channel.
         """
@@ -553,8 +554,11 @@ class Channel:
                     continue
             inline = sum(view.nbytes for view, slot in zip(parts, slots) if slot is None)
             table = ENVELOPE_HEADER.size + ENVELOPE_ENTRY.size * len(parts)
-            if inline + table <= self._writer.max_frame or not lane.in_flight:
-                return slots  # inline, or over max_frame for good: _send_object refuses it
+            if inline + table <= self._writer.max_frame:
+                return slots
+            # It fits once enough slots are free (_send_object checked it
+            # against an empty region): slots sent come back as the peer
+            # returns them, slots of open loans as those are sent or given up.
             lane.settle()
             self._wait_for_room(deadline)
 
@@ -952,6 +956,11 @@ class Channel:
             log: Optional[List[int]] = None
             if lane is not None:
                 self._room_wanted = False
+                # Before any system call: an object whose inline rest is
+                # over max_frame even in an empty region is refused at once
+                # (waiting for returns would wait for nothing).
+                self._writer.check_size(inline_when_free(pickled, lane.region.allocator,
+                                                         threshold=threshold))
                 self._announce(_io.deadline_of(self._sock.gettimeout()))
                 # The parts' slots are staged (LaneSender.begin) until the
                 # next frame settles them from this frame's write log: in

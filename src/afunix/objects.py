@@ -35,7 +35,7 @@ from . import _checks
 from .fds import peer_credentials
 from .frames import ProtocolError
 from .shm import RegionWriter
-from .slots import Slot
+from .slots import Slot, SlotAllocator
 
 #: Default threshold: buffers of at least this many bytes travel out of band
 #: (in a slot of the region when there is one).  Below it a copy through the
@@ -219,6 +219,24 @@ def place_parts(pickled: PickledObject, writer: Optional[RegionWriter], *,
                     writer.withdraw(slot.offset, slot.length)
         raise
     return placed
+
+
+def inline_when_free(pickled: PickledObject, allocator: SlotAllocator, *,
+                     threshold: int = DEFAULT_THRESHOLD) -> int:
+    """The OBJECT payload's bytes when `place_parts` finds every slot of `allocator`'s region free.
+
+    Pure bookkeeping on an empty copy of `allocator` (no memory, no system
+    call): the placement is the one `place_parts` makes in that region when
+    nothing else holds a slot (first fit, with its alignment), so a payload
+    over max_frame here is over it however long the sender waits for returns.
+    """
+    empty = allocator.empty_copy()
+    size = ENVELOPE_HEADER.size + ENVELOPE_ENTRY.size * len(pickled.parts)
+    for view in pickled.parts:
+        n = view.nbytes
+        if not threshold <= n <= empty.size or empty.try_allocate(n) is None:
+            size += n
+    return size
 
 
 def encode_object(pickled: PickledObject, slots: Sequence[Optional[Slot]]) -> List[Any]:

@@ -240,6 +240,14 @@ class SlotAllocator:
         if k >= 0 and keep is not None:
             del keep[k]
 
+    def empty_copy(self) -> "SlotAllocator":
+        """A new allocator of this one's size and alignment with every slot free.
+
+        What this one gives once all its slots came back: its free ranges
+        are coalesced, so an empty region is one free range, as a new one's.
+        """
+        return SlotAllocator(self.size, alignment=self.alignment)
+
     def holds(self, offset: int, length: int) -> bool:
         """True when ``(offset, length)`` is a slot handed out and not yet returned."""
         used = self._used.get(offset)
