@@ -897,3 +897,35 @@ def test_an_object_waiting_for_the_room_of_a_loan_goes_when_the_loan_is_abandone
         t.join(10)
         assert got == [None]
         assert b.recv_object() == bytearray(b"o" * 600 * KiB)
+
+
+@pytest.mark.parametrize("kind", TYPES, ids=["stream", "seqpacket"])
+def test_an_object_of_max_parts_in_slots_never_trips_the_receivers_slot_limit(
+        kind: int, clean: None) -> None:
+    # docs/PROTOCOL.md: a sender has at most MAX_SLOTS slots outstanding, a
+    # receiver holds as many.  The receiver still holds a slot (a batch's
+    # view it keeps exported, as docs/channel.md allows); an object of
+    # MAX_PARTS parts, each above the threshold, then finds one slot fewer
+    # free: that part goes inline, and the receiver takes the object.
+    a, b = channel_pair(kind, shm_size=8 * MiB, shm_threshold=16, trust_peer=True)
+    with a, b:
+        a.socket.settimeout(10)
+        b.socket.settimeout(10)
+        a.send(b"k" * 100)  # through the lane
+        batch = b.recv_batch()
+        keep = pickle.PickleBuffer(batch.buffer)  # the slot stays held while exported
+        obj = [pickle.PickleBuffer(bytearray(b"%05d" % i * 4)) for i in range(MAX_PARTS - 1)]
+        assert a._lane is not None
+        got: List[Any] = []
+        t = threading.Thread(target=lambda: got.append(b.recv_object()))
+        t.start()
+        try:
+            a.send_object(obj)
+        finally:
+            t.join(10)
+        assert len(got) == 1 and not b.closed
+        assert [bytes(x) for x in got[0]] == [b"%05d" % i * 4 for i in range(MAX_PARTS - 1)]
+        assert bytes(keep) == b"k" * 100
+        del keep, batch
+        b.send(b"done")
+        assert a.recv() == b"done"

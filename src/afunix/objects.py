@@ -46,7 +46,7 @@ DEFAULT_THRESHOLD = 64 << 10
 #: buffers), reserved (0).
 ENVELOPE_HEADER = struct.Struct("<II")
 #: The most parts an OBJECT payload may have (the stream and 4095 buffers;
-#: as many as a receiver holds slots of its peer's region by default).  A
+#: as many as a sender has slots outstanding, `afunix.slots.MAX_SLOTS`).  A
 #: receiver refuses more before it builds anything per part: otherwise a
 #: peer it will not even unpickle from could make it parse millions of
 #: entries (2.8 M fit in a 64 MiB frame); `pickle_object` keeps the buffers
