@@ -27,6 +27,7 @@ import pytest
 import afunix
 from afunix import Channel, Message, channel_pair, shm
 from afunix.channel import lane_of
+from afunix.codec import FrameReader
 from conftest import open_fds, region_mappings
 
 pytestmark = pytest.mark.skipif(shm.unsupported_reason() is not None,
@@ -655,5 +656,37 @@ def test_a_receive_the_channel_closed_under_raises_ebadf_and_closes_what_it_read
         assert len(got) == 1 and type(got[0]) is OSError and got[0].errno == errno.EBADF, got
         # the pipe's read end that came with the frame is closed: EPIPE on write
         with pytest.raises(BrokenPipeError):
+            os.write(w, b"x")
+        os.close(w)
+
+
+@pytest.mark.parametrize("lane", [False, True], ids=["inline", "lane"])
+def test_a_close_that_lands_while_a_read_is_parsed_is_ebadf_too(
+        lane: bool, monkeypatch: pytest.MonkeyPatch, clean: None) -> None:
+    # the other thread's close() comes after the read returned, before its
+    # frames are parsed (made so here: the parse closes the channel first)
+    x, y = afunix.socketpair()
+    a = Channel(x)
+    b = Channel(y, shm_size=MiB, shm_threshold=16 * KiB)
+    with b:
+        b.send(b"first")
+        assert a.recv() == b"first"
+        r, w = os.pipe()
+        try:
+            b.send(b"m" * (64 * KiB if lane else 100), fds=[r])
+        finally:
+            os.close(r)
+        parse = FrameReader.received
+
+        def closed_first(reader: FrameReader, n: int) -> bool:
+            a.close()
+            return parse(reader, n)
+
+        monkeypatch.setattr(FrameReader, "received", closed_first)
+        with pytest.raises(OSError) as info:
+            a.recv_message()
+        monkeypatch.undo()
+        assert info.value.errno == errno.EBADF and type(info.value) is OSError
+        with pytest.raises(BrokenPipeError):  # the descriptor that came was closed
             os.write(w, b"x")
         os.close(w)

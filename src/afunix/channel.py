@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tupl
 
 from . import _checks, _io
 from ._chanio import (NOSIGNAL, NOSIGNAL_ONCE, RECEIVING, SENDING, Borrowed, Sender, fill,
-                      owning, read_for_room, read_now, refused, stalled)
+                      closed_under, owning, read_for_room, read_now, refused, stalled)
 from .addresses import connect
 from .batch import checked_fds
 from .codec import TABLE_CAPACITY, FrameReader
@@ -799,6 +799,8 @@ class Channel:
                         if lane.in_flight < before:
                             break
                 except ProtocolError:
+                    if self._closed:
+                        closed_under(self._reader)  # closed under this read: as in _fill
                     self._abort()
                     raise
         finally:
@@ -1317,8 +1319,25 @@ class Channel:
             yield from messages
 
     def _fill(self) -> bool:
-        """Receive until the reader holds parsed frames; False at a clean end of stream."""
+        """Receive until the reader holds parsed frames; False at a clean end of stream.
+
+        Raises OSError(EBADF) when another thread closed the channel under
+        it, whatever the read brought (`closed_under`): a close that lands
+        while the read's frames are parsed too.
+        """
         self._check_open()
+        r = self._reader
+        try:
+            got = self._fill_now()
+        except Exception:
+            if self._closed:
+                closed_under(r)  # (not the reader's fault: it was closed under the parse)
+            raise
+        if self._closed:
+            closed_under(r)
+        return got
+
+    def _fill_now(self) -> bool:
         r = self._reader
         try:
             if r.returns or r.lane_held:
