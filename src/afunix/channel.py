@@ -1329,9 +1329,11 @@ class Channel:
         r = self._reader
         try:
             got = self._fill_now()
-        except Exception:
-            if self._closed:
+        except BaseException as exc:
+            if self._closed and isinstance(exc, Exception):
                 closed_under(r)  # (not the reader's fault: it was closed under the parse)
+            elif self._closed:
+                r.release()  # (a signal handler's exception goes on as it is; nothing kept)
             raise
         if self._closed:
             closed_under(r)

@@ -22,12 +22,11 @@ from .frames import ProtocolError
 DEFAULT_ALIGNMENT = 64
 
 #: The most slots a sender has outstanding at once (docs/PROTOCOL.md, "A
-#: message in a slot"): handed out and not yet returned, so named in frames
-#: it wrote and not yet returned among them.  A `SlotAllocator` hands out no
-#: more, and a `SlotLedger` refuses a slot more than it (by default): the
-#: receiver's bound, without which a peer naming millions of tiny slots would
-#: grow the ledger without limit, and one an honest sender never trips,
-#: whatever the receiver still holds.
+#: message in a slot"): a `SlotAllocator` hands out no more (a slot counts
+#: from the moment it is taken to its return), so a receiver never holds
+#: more, whatever it still holds; a `SlotLedger` refuses one more (by
+#: default), which bounds what a peer naming millions of tiny slots makes
+#: it keep.
 MAX_SLOTS = 4096
 
 
@@ -56,10 +55,11 @@ class SlotAllocator:
 
     `try_allocate` never waits: it returns None when no free range is large
     enough now, or `max_slots` slots are in use (waiting for the receiver
-    to return slots is the caller's job).  Slots are aligned to `alignment` bytes; a slot's reserved space is
-    its length rounded up to the alignment.  Free ranges are coalesced as
-    slots come back, so a receiver returning slots in any order leaves no
-    holes behind.  Not thread-safe: one sender owns it.
+    to return slots is the caller's job).  Slots are aligned to `alignment`
+    bytes; a slot's reserved space is its length rounded up to the alignment.
+    Free ranges are coalesced as slots come back, so a receiver returning
+    slots in any order leaves no holes behind.  Not thread-safe: one sender
+    owns it.
 
     A slot handed out is this end's (lent: being filled, or waiting for
     its frame) until `sending` says the frame naming it goes to the peer;
@@ -76,10 +76,10 @@ class SlotAllocator:
         """Args:
             size: bytes of the region, at least 1.
             alignment: a power of two from 1 to 1 MiB; every slot's offset is a multiple of it.
-            max_slots: the most slots in use at once (lent ones too).
+            max_slots: the most slots in use at once (lent ones too), 1 to 2**24.
 
         Raises:
-            TypeError, ValueError: for a bad size or alignment.
+            TypeError, ValueError: for a bad size, alignment or max_slots.
         """
         self.size = _checks.in_range(size, "size", 1, (1 << 63) - 1)
         self.alignment = _checks.in_range(alignment, "alignment", 1, 1 << 20)
