@@ -1334,6 +1334,11 @@ class Channel:
                 closed_under(r)  # (not the reader's fault: it was closed under the parse)
             elif self._closed:
                 r.release()  # (a signal handler's exception goes on as it is; nothing kept)
+            elif r.closed:
+                # The reader closed itself: the peer broke the protocol, or its
+                # region could not be mapped here (EMFILE, ENOMEM) and the stream
+                # cannot go on in step.  The socket goes too, and `closed` says so.
+                self._abort()
             raise
         if self._closed:
             closed_under(r)
@@ -1341,24 +1346,16 @@ class Channel:
 
     def _fill_now(self) -> bool:
         r = self._reader
-        try:
-            if r.returns or r.lane_held:
-                # Slots released and not written yet (see FrameReader.returns_due)
-                # go back before this receive reads, and may wait: the peer
-                # may be waiting for them to send what this end waits for.
-                if r.frames_ready():
-                    return True
-                self._write_returns()
-                if r.returns:
-                    return self._fill_owing()
-            return fill(self._sock, r)
-        except BaseException:
-            # The reader closed itself: the peer broke the protocol, or its
-            # region could not be mapped here (EMFILE, ENOMEM) and the stream
-            # cannot go on in step.  The socket goes too, and `closed` says so.
-            if r.closed:
-                self._abort()
-            raise
+        if r.returns or r.lane_held:
+            # Slots released and not written yet (see FrameReader.returns_due)
+            # go back before this receive reads, and may wait: the peer
+            # may be waiting for them to send what this end waits for.
+            if r.frames_ready():
+                return True
+            self._write_returns()
+            if r.returns:
+                return self._fill_owing()
+        return fill(self._sock, r)
 
     def _fill_owing(self) -> bool:
         """`fill` for a receive that holds back RETURN frames the socket did not take.
