@@ -960,9 +960,14 @@ class Channel:
                 self._room_wanted = False
                 # Before any system call: an object whose inline rest is
                 # over max_frame even in an empty region is refused at once
-                # (waiting for returns would wait for nothing).
-                self._writer.check_size(inline_when_free(pickled, lane.region.allocator,
-                                                         threshold=threshold))
+                # (waiting for returns would wait for nothing).  Placed in
+                # an empty copy only when it is over max_frame all inline:
+                # a small object pays no allocator.
+                parts = pickled.parts
+                table = ENVELOPE_HEADER.size + ENVELOPE_ENTRY.size * len(parts)
+                if table + sum(view.nbytes for view in parts) > self._writer.max_frame:
+                    self._writer.check_size(inline_when_free(pickled, lane.region.allocator,
+                                                             threshold=threshold))
                 self._announce(_io.deadline_of(self._sock.gettimeout()))
                 # The parts' slots are staged (LaneSender.begin) until the
                 # next frame settles them from this frame's write log: in
