@@ -27,6 +27,7 @@ import pytest
 import afunix
 from afunix import Channel, Message, channel_pair, shm
 from afunix.channel import lane_of
+from afunix.codec import FrameReader
 from conftest import open_fds, region_mappings
 
 pytestmark = pytest.mark.skipif(shm.unsupported_reason() is not None,
@@ -596,3 +597,96 @@ def test_an_object_whose_frame_wrote_nothing_gives_its_slots_back(clean: None) -
                            pickle.PickleBuffer(bytearray(300 * KiB))])
         lane = lane_of(a)
         assert lane is not None and lane.in_flight == 0
+
+
+# recvmsg and recvmmsg, by machine: a test waits until a thread sleeps in one
+_RECV_SYSCALLS = {"x86_64": ("47", "299"), "aarch64": ("212", "243")}
+
+
+def wait_in_recv(thread: threading.Thread) -> None:
+    """Wait until `thread` sleeps in a read of a socket (its current system call, /proc)."""
+    calls = _RECV_SYSCALLS.get(os.uname().machine)
+    if calls is None:
+        pytest.skip("recvmsg's system call number is not known for %s" % os.uname().machine)
+    path = "/proc/self/task/%d/syscall" % thread.native_id
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with open(path) as f:
+            if f.read().split(" ", 1)[0] in calls:
+                return
+        time.sleep(0.005)
+    pytest.fail("the receive never waited in recvmsg")
+
+
+@pytest.mark.parametrize("lane", [False, True], ids=["inline", "lane"])
+def test_a_receive_the_channel_closed_under_raises_ebadf_and_closes_what_it_read(
+        lane: bool, clean: None) -> None:
+    # close() in another thread does not stop a recvmsg already waiting:
+    # the kernel finishes it with the next frame, here one that brings a
+    # descriptor (through the lane: a SLOT frame, whose region the closed
+    # channel forgot).  The receive raises what a receive on a closed
+    # channel raises, hands nothing out, and closes the descriptor.
+    x, y = afunix.socketpair()
+    a = Channel(x)
+    b = Channel(y, shm_size=MiB, shm_threshold=16 * KiB)
+    with b:
+        b.send(b"first")
+        assert a.recv() == b"first"  # (b's region adopted)
+        got: List[BaseException] = []
+
+        def receive() -> None:
+            try:
+                got.append(a.recv_message())  # type: ignore[arg-type]
+            except BaseException as exc:
+                got.append(exc)
+
+        t = threading.Thread(target=receive)
+        t.start()
+        try:
+            wait_in_recv(t)
+            a.close()
+            r, w = os.pipe()
+            try:
+                b.send(b"m" * (64 * KiB if lane else 100), fds=[r])
+            finally:
+                os.close(r)
+        finally:
+            t.join(10)
+        assert not t.is_alive()
+        assert len(got) == 1 and type(got[0]) is OSError and got[0].errno == errno.EBADF, got
+        # the pipe's read end that came with the frame is closed: EPIPE on write
+        with pytest.raises(BrokenPipeError):
+            os.write(w, b"x")
+        os.close(w)
+
+
+@pytest.mark.parametrize("lane", [False, True], ids=["inline", "lane"])
+def test_a_close_that_lands_while_a_read_is_parsed_is_ebadf_too(
+        lane: bool, monkeypatch: pytest.MonkeyPatch, clean: None) -> None:
+    # the other thread's close() comes after the read returned, before its
+    # frames are parsed (made so here: the parse closes the channel first)
+    x, y = afunix.socketpair()
+    a = Channel(x)
+    b = Channel(y, shm_size=MiB, shm_threshold=16 * KiB)
+    with b:
+        b.send(b"first")
+        assert a.recv() == b"first"
+        r, w = os.pipe()
+        try:
+            b.send(b"m" * (64 * KiB if lane else 100), fds=[r])
+        finally:
+            os.close(r)
+        parse = FrameReader.received
+
+        def closed_first(reader: FrameReader, n: int) -> bool:
+            a.close()
+            return parse(reader, n)
+
+        monkeypatch.setattr(FrameReader, "received", closed_first)
+        with pytest.raises(OSError) as info:
+            a.recv_message()
+        monkeypatch.undo()
+        assert info.value.errno == errno.EBADF and type(info.value) is OSError
+        with pytest.raises(BrokenPipeError):  # the descriptor that came was closed
+            os.write(w, b"x")
+        os.close(w)

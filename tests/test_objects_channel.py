@@ -14,6 +14,7 @@ import asyncio
 import gc
 import os
 import pickle
+import select
 import socket
 import struct
 import subprocess
@@ -808,3 +809,123 @@ def test_a_return_of_a_part_placed_and_not_sent_is_a_protocol_error(clean: None)
         with pytest.raises(afunix.ProtocolError, match="never sent"):
             a.send_object([pickle.PickleBuffer(bytearray(300 * KiB)),
                            pickle.PickleBuffer(bytearray(300 * KiB))])
+
+
+def _readable(sock: socket.socket) -> bool:
+    readable, _, _ = select.select([sock], [], [], 0)
+    return bool(readable)
+
+
+# Objects that never fit: two 600 KiB parts in a 1 MiB region; two parts of
+# 64 KiB + 1 in a region of 128 KiB + 64, which only the slots' alignment
+# (64) makes too small for both.  max_frame 64 KiB: the part left inline is
+# over it, however many slots come back.
+NEVER_FITS = {
+    "two-large-parts": (MiB, [bytearray(600 * KiB), bytearray(600 * KiB)]),
+    "alignment": (128 * KiB + 64, [bytearray(64 * KiB + 1), bytearray(64 * KiB + 1)]),
+}
+
+
+@pytest.mark.parametrize("timeout", [None, 1.0, 0.0], ids=["blocking", "timeout", "nonblocking"])
+@pytest.mark.parametrize("case", sorted(NEVER_FITS))
+def test_an_object_that_never_fits_is_refused_before_any_system_call(
+        case: str, timeout: Optional[float], clean: None) -> None:
+    # docs/channel.md: ValueError when over max_frame even with every slot
+    # of the lane free, before anything is written (not even the REGION
+    # frame), whatever the socket's timeout: nothing else is in flight, so
+    # a wait for returns would be for ever.
+    size, buffers = NEVER_FITS[case]
+    a, b = channel_pair(shm_size=size, shm_threshold=4 * KiB, max_frame=64 * KiB)
+    with a, b:
+        a.socket.settimeout(timeout)
+        obj = [pickle.PickleBuffer(buf) for buf in buffers]
+        got: List[BaseException] = []
+
+        def send() -> None:
+            try:
+                a.send_object(obj)
+            except BaseException as exc:
+                got.append(exc)
+
+        t = threading.Thread(target=send)
+        t.start()
+        t.join(5)
+        if t.is_alive():
+            a.close()  # (wakes the waiting send)
+            t.join(5)
+        assert len(got) == 1 and type(got[0]) is ValueError, got
+        assert "over max_frame" in str(got[0])
+        assert not _readable(b.socket)  # no frame went, not even the REGION frame
+        assert a._lane is not None and a._lane.in_flight == 0 and not a._lane.announced
+        a.socket.settimeout(10)
+        a.send_object([pickle.PickleBuffer(buffers[0]), "fits"])
+        assert b.recv_object()[1] == "fits"
+
+
+@pytest.mark.parametrize("case", sorted(NEVER_FITS))
+def test_aio_an_object_that_never_fits_is_refused(case: str, clean: None) -> None:
+    size, buffers = NEVER_FITS[case]
+
+    async def main() -> None:
+        a, b = aio.channel_pair(shm_size=size, shm_threshold=4 * KiB, max_frame=64 * KiB)
+        async with a, b:
+            with pytest.raises(ValueError, match="over max_frame"):
+                await asyncio.wait_for(a.send_object([pickle.PickleBuffer(x) for x in buffers]), 5)
+            assert not _readable(b.socket)
+            await a.send_object("after")
+            assert await b.recv_object() == "after"
+
+    asyncio.run(main())
+
+
+def test_an_object_waiting_for_the_room_of_a_loan_goes_when_the_loan_is_abandoned(
+        clean: None) -> None:
+    # docs/channel.md: the room of an open loan comes back when it is
+    # given up (here by another thread; sending it waits for the send in
+    # progress): a send that needs it waits for that, as for returns
+    a, b = channel_pair(shm_size=MiB, shm_threshold=4 * KiB, max_frame=64 * KiB)
+    with a, b:
+        a.socket.settimeout(10)
+        loan = a.loan(600 * KiB)
+        got: List[Any] = []
+        t = threading.Thread(target=lambda: got.append(
+            a.send_object(pickle.PickleBuffer(bytearray(b"o" * 600 * KiB)))))
+        t.start()
+        t.join(0.3)
+        assert t.is_alive()  # waiting: the loan holds the room
+        loan.abandon()
+        t.join(10)
+        assert got == [None]
+        assert b.recv_object() == bytearray(b"o" * 600 * KiB)
+
+
+@pytest.mark.parametrize("kind", TYPES, ids=["stream", "seqpacket"])
+def test_an_object_of_max_parts_in_slots_never_trips_the_receivers_slot_limit(
+        kind: int, clean: None) -> None:
+    # docs/PROTOCOL.md: a sender has at most MAX_SLOTS slots outstanding, a
+    # receiver holds as many.  The receiver still holds a slot (a batch's
+    # view it keeps exported, as docs/channel.md allows); an object of
+    # MAX_PARTS parts, each above the threshold, then finds one slot fewer
+    # free: that part goes inline, and the receiver takes the object.
+    a, b = channel_pair(kind, shm_size=8 * MiB, shm_threshold=16, trust_peer=True)
+    with a, b:
+        a.socket.settimeout(10)
+        b.socket.settimeout(10)
+        a.send(b"k" * 100)  # through the lane
+        batch = b.recv_batch()
+        keep = pickle.PickleBuffer(batch.buffer)  # the slot stays held while exported
+        obj = [pickle.PickleBuffer(bytearray(b"%05d" % i * 4)) for i in range(MAX_PARTS - 1)]
+        assert a._lane is not None
+        got: List[Any] = []
+        t = threading.Thread(target=lambda: got.append(b.recv_object()))
+        t.start()
+        try:
+            a.send_object(obj)
+        finally:
+            t.join(10)
+        assert len(got) == 1 and not b.closed
+        assert [bytes(x) for x in got[0]] == [b"%05d" % i * 4 for i in range(MAX_PARTS - 1)]
+        assert bytes(keep) == b"k" * 100
+        del keep, batch
+        b.send(b"done")
+        assert a.recv() == b"done"

@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 import afunix
 from afunix import ProtocolError, _backend, _kernel, objects, shm
 from conftest import region_mappings
-from afunix.slots import Slot, SlotAllocator, SlotLedger
+from afunix.slots import MAX_SLOTS, Slot, SlotAllocator, SlotLedger
 
 from conftest import open_fds, run_python
 
@@ -677,6 +677,25 @@ def test_slot_allocator_property(steps: "list[tuple[bool, int, int]]", alignment
     for slot in used:
         alloc.free(*slot)
     assert alloc.try_allocate(size) == Slot(0, size)
+
+
+def test_the_sender_has_no_more_slots_outstanding_than_a_receiver_holds() -> None:
+    # docs/PROTOCOL.md: a sender has at most MAX_SLOTS slots outstanding
+    # (lent ones too: their frames may go), and a receiver holds as many
+    assert SlotAllocator(1 << 20).max_slots == SlotLedger(1 << 20).max_slots == MAX_SLOTS
+    alloc = SlotAllocator(1 << 20, max_slots=3)
+    slots = [alloc.try_allocate(10) for _ in range(2)]
+    assert alloc.largest_free > 0
+    slots.append(alloc.try_allocate(10))
+    assert None not in slots
+    assert alloc.try_allocate(10) is None and alloc.largest_free == 0  # room, but no slot
+    assert alloc.empty_copy().max_slots == 3
+    alloc.sending(*slots[0])
+    alloc.free(*slots[0])
+    assert alloc.try_allocate(10) is not None
+    assert alloc.try_allocate(10) is None
+    with pytest.raises(ValueError):
+        SlotAllocator(100, max_slots=0)
 
 
 def test_the_receiver_refuses_slots_out_of_range_or_overlapping() -> None:

@@ -136,8 +136,26 @@ def send_fds(sock: socket.socket, packed: memoryview, taken: List[int], fds: Tup
         twin.detach()
 
 
+def closed_under(reader: FrameReader) -> None:
+    """After a read: OSError(EBADF) when the channel closed while it waited, what it read dropped.
+
+    close() in another thread does not stop a recvmsg already waiting on
+    the socket: the kernel finishes it with what comes next, into a
+    reader closed meanwhile (its lane forgotten, its descriptors closed).
+    Nothing of it is the channel's any more: the descriptors it brought
+    are closed, nothing is parsed or handed out, and the receive raises
+    what a receive on the closed channel raises.
+    """
+    if reader.closed:
+        reader.release()
+        raise OSError(errno.EBADF, "the channel is closed")
+
+
 def read(sock: socket.socket, reader: FrameReader) -> int:
-    """One read into the reader's buffer, recorded by the backend's call; the bytes read."""
+    """One read into the reader's buffer, recorded by the backend's call; the bytes read.
+
+    Raises OSError(EBADF) when the channel closed under it (`closed_under`).
+    """
     # (FrameReader.read_size, written out: the path of every receive; the
     # backend's chan_recv reads at most the room after the bytes held;
     # SOCK_SEQPACKET: up to a record per held-read slot in one call, each
@@ -149,6 +167,7 @@ def read(sock: socket.socket, reader: FrameReader) -> int:
     while True:
         try:
             n: int = recv(sock, reader.rx, reader.buffer, maxlen, 0, records)
+            closed_under(reader)
             return n
         except InterruptedError:
             continue  # PEP 475: handlers ran; retry
@@ -207,6 +226,7 @@ def read_now(sock: socket.socket, reader: FrameReader) -> Optional[bool]:
         n: int = recv(sock, reader.rx, reader.buffer, maxlen, DONTWAIT, records)
     except (BlockingIOError, InterruptedError):
         return None  # (PEP 475: handlers ran) the caller waits again
+    closed_under(reader)
     if n:
         return True if reader.received(n) else None
     reader.check_errors()  # as in fill
@@ -260,6 +280,7 @@ def read_for_room(sock: socket.socket, reader: FrameReader, deadline: Optional[f
         n: int = recv(sock, reader.rx, reader.buffer, room, DONTWAIT)
     except (BlockingIOError, InterruptedError):
         return True  # woken for nothing: the caller looks again
+    closed_under(reader)
     if rs.errors:
         # what the read brought fails the channel here, as in a receive,
         # whatever the messages not taken yet (a record a backend read

@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tupl
 
 from . import _checks, _io
 from ._chanio import (NOSIGNAL, NOSIGNAL_ONCE, RECEIVING, SENDING, Borrowed, Sender, fill,
-                      owning, read_for_room, read_now, refused, stalled)
+                      closed_under, owning, read_for_room, read_now, refused, stalled)
 from .addresses import connect
 from .batch import checked_fds
 from .codec import TABLE_CAPACITY, FrameReader
@@ -30,7 +30,8 @@ from .framewriter import FrameWriter, Segment, lane_segment
 from .lane import DEFAULT_THRESHOLD, LaneSender
 from .message import Address, Message
 from .objects import (ENVELOPE_ENTRY, ENVELOPE_HEADER, PickledObject, check_unpickle_peer,
-                      encode_object, load_object, peer_uid, pickle_object, place_parts)
+                      encode_object, inline_when_free, load_object, peer_uid, pickle_object,
+                      place_parts)
 from .shm import MAX_REGION_SIZE, Loan
 from .slots import Slot
 from .pairs import socketpair
@@ -524,10 +525,10 @@ class Channel:
         again; a part still without one goes inline (as a message that
         fits max_frame does, see `_slot_segment`), unless what is inline
         would then be over max_frame: then this waits for the peer to return
-        slots, as the socket's timeout says.
+        slots (or for open loans to end), as the socket's timeout says.  The
+        caller made sure that it fits with every slot free.
 
         Raises:
-            ValueError: over max_frame even with every slot of the lane free.
             BlockingIOError, TimeoutError: no slot came back in time.
             BrokenPipeError: the peer closed the channel.
         """
@@ -553,8 +554,11 @@ class Channel:
                     continue
             inline = sum(view.nbytes for view, slot in zip(parts, slots) if slot is None)
             table = ENVELOPE_HEADER.size + ENVELOPE_ENTRY.size * len(parts)
-            if inline + table <= self._writer.max_frame or not lane.in_flight:
-                return slots  # inline, or over max_frame for good: _send_object refuses it
+            if inline + table <= self._writer.max_frame:
+                return slots
+            # It fits once enough slots are free (_send_object checked it
+            # against an empty region): slots sent come back as the peer
+            # returns them, slots of open loans as those are sent or given up.
             lane.settle()
             self._wait_for_room(deadline)
 
@@ -795,6 +799,8 @@ class Channel:
                         if lane.in_flight < before:
                             break
                 except ProtocolError:
+                    if self._closed:
+                        closed_under(self._reader)  # closed under this read: as in _fill
                     self._abort()
                     raise
         finally:
@@ -959,6 +965,16 @@ class Channel:
             log: Optional[List[int]] = None
             if lane is not None:
                 self._room_wanted = False
+                # Before any system call: an object whose inline rest is
+                # over max_frame even in an empty region is refused at once
+                # (waiting for returns would wait for nothing).  Placed in
+                # an empty copy only when it is over max_frame all inline:
+                # a small object pays no allocator.
+                parts = pickled.parts
+                table = ENVELOPE_HEADER.size + ENVELOPE_ENTRY.size * len(parts)
+                if table + sum(view.nbytes for view in parts) > self._writer.max_frame:
+                    self._writer.check_size(inline_when_free(pickled, lane.region.allocator,
+                                                             threshold=threshold))
                 self._announce(_io.deadline_of(self._sock.gettimeout()))
                 # The parts' slots are staged (LaneSender.begin) until the
                 # next frame settles them from this frame's write log: in
@@ -1315,27 +1331,43 @@ class Channel:
             yield from messages
 
     def _fill(self) -> bool:
-        """Receive until the reader holds parsed frames; False at a clean end of stream."""
+        """Receive until the reader holds parsed frames; False at a clean end of stream.
+
+        Raises OSError(EBADF) when another thread closed the channel under
+        it, whatever the read brought (`closed_under`): a close that lands
+        while the read's frames are parsed too.
+        """
         self._check_open()
         r = self._reader
         try:
-            if r.returns or r.lane_held:
-                # Slots released and not written yet (see FrameReader.returns_due)
-                # go back before this receive reads, and may wait: the peer
-                # may be waiting for them to send what this end waits for.
-                if r.frames_ready():
-                    return True
-                self._write_returns()
-                if r.returns:
-                    return self._fill_owing()
-            return fill(self._sock, r)
-        except BaseException:
-            # The reader closed itself: the peer broke the protocol, or its
-            # region could not be mapped here (EMFILE, ENOMEM) and the stream
-            # cannot go on in step.  The socket goes too, and `closed` says so.
-            if r.closed:
+            got = self._fill_now()
+        except BaseException as exc:
+            if self._closed and isinstance(exc, Exception):
+                closed_under(r)  # (not the reader's fault: it was closed under the parse)
+            elif self._closed:
+                r.release()  # (a signal handler's exception goes on as it is; nothing kept)
+            elif r.closed:
+                # The reader closed itself: the peer broke the protocol, or its
+                # region could not be mapped here (EMFILE, ENOMEM) and the stream
+                # cannot go on in step.  The socket goes too, and `closed` says so.
                 self._abort()
             raise
+        if self._closed:
+            closed_under(r)
+        return got
+
+    def _fill_now(self) -> bool:
+        r = self._reader
+        if r.returns or r.lane_held:
+            # Slots released and not written yet (see FrameReader.returns_due)
+            # go back before this receive reads, and may wait: the peer
+            # may be waiting for them to send what this end waits for.
+            if r.frames_ready():
+                return True
+            self._write_returns()
+            if r.returns:
+                return self._fill_owing()
+        return fill(self._sock, r)
 
     def _fill_owing(self) -> bool:
         """`fill` for a receive that holds back RETURN frames the socket did not take.

@@ -30,7 +30,7 @@ from .framewriter import JOIN_MAX, FrameWriter, Segment, lane_segment
 from .message import Message
 from .objects import parse_envelope
 from .shm import MAX_REGION_SIZE, RegionReader
-from .slots import DEFAULT_MAX_SLOTS, Slot
+from .slots import MAX_SLOTS, Slot
 
 #: Most frames one parse puts in the reader's table (a receive hands out at most these).
 TABLE_CAPACITY = 4096
@@ -144,7 +144,7 @@ class FrameReader:
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, seqpacket: bool = False,
                  backend: Optional[Backend] = None, *, max_region: int = MAX_REGION_SIZE,
-                 max_slots: int = DEFAULT_MAX_SLOTS,
+                 max_slots: int = MAX_SLOTS,
                  on_return: Optional[Callable[[int, int, Any], None]] = None) -> None:
         self.closed = True  # until set up: close() and __del__ have nothing to do
         self.impl = backend if backend is not None else _backend.impl

@@ -35,7 +35,7 @@ from . import _checks
 from .fds import peer_credentials
 from .frames import ProtocolError
 from .shm import RegionWriter
-from .slots import Slot
+from .slots import Slot, SlotAllocator
 
 #: Default threshold: buffers of at least this many bytes travel out of band
 #: (in a slot of the region when there is one).  Below it a copy through the
@@ -46,7 +46,7 @@ DEFAULT_THRESHOLD = 64 << 10
 #: buffers), reserved (0).
 ENVELOPE_HEADER = struct.Struct("<II")
 #: The most parts an OBJECT payload may have (the stream and 4095 buffers;
-#: as many as a receiver holds slots of its peer's region by default).  A
+#: as many as a sender has slots outstanding, `afunix.slots.MAX_SLOTS`).  A
 #: receiver refuses more before it builds anything per part: otherwise a
 #: peer it will not even unpickle from could make it parse millions of
 #: entries (2.8 M fit in a 64 MiB frame); `pickle_object` keeps the buffers
@@ -219,6 +219,24 @@ def place_parts(pickled: PickledObject, writer: Optional[RegionWriter], *,
                     writer.withdraw(slot.offset, slot.length)
         raise
     return placed
+
+
+def inline_when_free(pickled: PickledObject, allocator: SlotAllocator, *,
+                     threshold: int = DEFAULT_THRESHOLD) -> int:
+    """The OBJECT payload's bytes when `place_parts` finds every slot of `allocator`'s region free.
+
+    Pure bookkeeping on an empty copy of `allocator` (no memory, no system
+    call): the placement is the one `place_parts` makes in that region when
+    nothing else holds a slot (first fit, with its alignment), so a payload
+    over max_frame here is over it however long the sender waits for returns.
+    """
+    empty = allocator.empty_copy()
+    size = ENVELOPE_HEADER.size + ENVELOPE_ENTRY.size * len(pickled.parts)
+    for view in pickled.parts:
+        n = view.nbytes
+        if not threshold <= n <= empty.size or empty.try_allocate(n) is None:
+            size += n
+    return size
 
 
 def encode_object(pickled: PickledObject, slots: Sequence[Optional[Slot]]) -> List[Any]:

@@ -41,7 +41,7 @@ from . import _backend, _checks
 from ._kernel import (F_ADD_SEALS, F_GET_SEALS, F_SEAL_FUTURE_WRITE, F_SEAL_GROW, F_SEAL_SEAL,
                       F_SEAL_SHRINK, MAP_POPULATE, MFD_ALLOW_SEALING, MFD_CLOEXEC)
 from .frames import ProtocolError
-from .slots import DEFAULT_ALIGNMENT, DEFAULT_MAX_SLOTS, Slot, SlotAllocator, SlotLedger
+from .slots import DEFAULT_ALIGNMENT, MAX_SLOTS, Slot, SlotAllocator, SlotLedger
 
 #: The seals every region carries, and a receiver requires.
 REQUIRED_SEALS = F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_FUTURE_WRITE | F_SEAL_SEAL
@@ -643,7 +643,7 @@ class RegionReader:
 
     __slots__ = ("region", "ledger", "_views")
 
-    def __init__(self, fd: int, size: int, *, max_slots: int = DEFAULT_MAX_SLOTS,
+    def __init__(self, fd: int, size: int, *, max_slots: int = MAX_SLOTS,
                  owned: bool = True) -> None:
         """Raises:
             as `Region.adopt` (ProtocolError for a region without the seals

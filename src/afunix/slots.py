@@ -21,9 +21,13 @@ from .frames import ProtocolError
 #: numpy dtype built over it.
 DEFAULT_ALIGNMENT = 64
 
-#: Default bound on the slots a receiver holds at once: a peer naming
-#: millions of tiny slots would otherwise grow the ledger without limit.
-DEFAULT_MAX_SLOTS = 4096
+#: The most slots a sender has outstanding at once (docs/PROTOCOL.md, "A
+#: message in a slot"): a `SlotAllocator` hands out no more (a slot counts
+#: from the moment it is taken to its return), so a receiver never holds
+#: more, whatever it still holds; a `SlotLedger` refuses one more (by
+#: default), which bounds what a peer naming millions of tiny slots makes
+#: it keep.
+MAX_SLOTS = 4096
 
 
 class Slot(NamedTuple):
@@ -50,11 +54,12 @@ class SlotAllocator:
     """The sender's free space of a region of `size` bytes: variable-size slots, first fit.
 
     `try_allocate` never waits: it returns None when no free range is large
-    enough now (waiting for the receiver to return slots is the caller's
-    job).  Slots are aligned to `alignment` bytes; a slot's reserved space is
-    its length rounded up to the alignment.  Free ranges are coalesced as
-    slots come back, so a receiver returning slots in any order leaves no
-    holes behind.  Not thread-safe: one sender owns it.
+    enough now, or `max_slots` slots are in use (waiting for the receiver
+    to return slots is the caller's job).  Slots are aligned to `alignment`
+    bytes; a slot's reserved space is its length rounded up to the alignment.
+    Free ranges are coalesced as slots come back, so a receiver returning
+    slots in any order leaves no holes behind.  Not thread-safe: one sender
+    owns it.
 
     A slot handed out is this end's (lent: being filled, or waiting for
     its frame) until `sending` says the frame naming it goes to the peer;
@@ -63,21 +68,24 @@ class SlotAllocator:
     given up with `withdraw`.
     """
 
-    __slots__ = ("size", "alignment", "_starts", "_free", "_used", "_used_bytes", "_lent",
-                 "last_mark")
+    __slots__ = ("size", "alignment", "max_slots", "_starts", "_free", "_used", "_used_bytes",
+                 "_lent", "last_mark")
 
-    def __init__(self, size: int, *, alignment: int = DEFAULT_ALIGNMENT) -> None:
+    def __init__(self, size: int, *, alignment: int = DEFAULT_ALIGNMENT,
+                 max_slots: int = MAX_SLOTS) -> None:
         """Args:
             size: bytes of the region, at least 1.
             alignment: a power of two from 1 to 1 MiB; every slot's offset is a multiple of it.
+            max_slots: the most slots in use at once (lent ones too), 1 to 2**24.
 
         Raises:
-            TypeError, ValueError: for a bad size or alignment.
+            TypeError, ValueError: for a bad size, alignment or max_slots.
         """
         self.size = _checks.in_range(size, "size", 1, (1 << 63) - 1)
         self.alignment = _checks.in_range(alignment, "alignment", 1, 1 << 20)
         if self.alignment & (self.alignment - 1):
             raise ValueError("alignment must be a power of two, got %d" % self.alignment)
+        self.max_slots = _checks.in_range(max_slots, "max_slots", 1, 1 << 24)
         # free ranges: sorted starts and start -> length; one range for all at first
         self._starts: List[int] = [0]
         self._free: Dict[int, int] = {0: self.size}
@@ -103,6 +111,8 @@ class SlotAllocator:
             ValueError: `length` is below 1 or larger than the region: it never fits.
         """
         length = _checks.in_range(length, "length", 1, self.size)
+        if len(self._used) >= self.max_slots:
+            return None  # the peer holds no more (MAX_SLOTS)
         mask = self.alignment - 1
         reserved = (length + mask) & ~mask
         starts = self._starts
@@ -240,6 +250,14 @@ class SlotAllocator:
         if k >= 0 and keep is not None:
             del keep[k]
 
+    def empty_copy(self) -> "SlotAllocator":
+        """A new allocator of this one's size, alignment and max_slots with every slot free.
+
+        What this one gives once all its slots came back: its free ranges
+        are coalesced, so an empty region is one free range, as a new one's.
+        """
+        return SlotAllocator(self.size, alignment=self.alignment, max_slots=self.max_slots)
+
     def holds(self, offset: int, length: int) -> bool:
         """True when ``(offset, length)`` is a slot handed out and not yet returned."""
         used = self._used.get(offset)
@@ -271,7 +289,9 @@ class SlotAllocator:
 
     @property
     def largest_free(self) -> int:
-        """The longest slot `try_allocate` would give now."""
+        """The longest slot `try_allocate` would give now (0 with `max_slots` in use)."""
+        if len(self._used) >= self.max_slots:
+            return 0
         return max(self._free.values(), default=0)
 
     def __repr__(self) -> str:
@@ -290,10 +310,11 @@ class SlotLedger:
 
     __slots__ = ("size", "max_slots", "_starts", "_lengths", "_keys")
 
-    def __init__(self, size: int, *, max_slots: int = DEFAULT_MAX_SLOTS) -> None:
+    def __init__(self, size: int, *, max_slots: int = MAX_SLOTS) -> None:
         """Args:
             size: bytes of the region, at least 1.
-            max_slots: the most slots held at once; a peer naming more is a ProtocolError.
+            max_slots: the most slots held at once; a peer naming more is a
+                ProtocolError (a lower bound than MAX_SLOTS may refuse an honest peer).
         """
         self.size = _checks.in_range(size, "size", 1, (1 << 63) - 1)
         self.max_slots = _checks.in_range(max_slots, "max_slots", 1, 1 << 24)
