@@ -984,6 +984,68 @@ def test_channel_send_interrupted_twice_keeps_the_stream_whole(
     assert open_fds() == before
 
 
+@CHANNEL_KINDS
+def test_send_object_after_an_interrupted_send_writes_that_send_first(
+        backend: str, kind: int) -> None:
+    """send_object right after a send_many interrupted at each point: the object goes, behind it.
+
+    An exception can leave the write in progress unsettled (the kernel's
+    count kept, the tail not yet pending).  send_object writes one packed
+    frame, which needs no pack, so nothing settled that write first, and
+    it refused with RuntimeError ("a write is in progress").
+    """
+    x, y = afunix.channel_pair(kind)
+    x.socket.settimeout(DEADLINE)  # written through the loop that waits for room
+    got: List[Any] = []
+    failure: List[BaseException] = []
+
+    def receive() -> None:
+        try:
+            with y:
+                while True:
+                    try:
+                        m = y.recv()
+                    except afunix.MessageKindError:
+                        got.append(y.recv_object())
+                        continue
+                    except EOFError:
+                        return
+                    seq = int(m[:8])
+                    assert m == _numbered(seq, len(m) - 8), "message %d damaged" % seq
+                    got.append(seq)
+        except BaseException as exc:
+            failure.append(exc)
+
+    receiver = threading.Thread(target=receive, daemon=True)
+    receiver.start()
+    sure: List[Any] = []  # sent by calls that returned
+    seq = 0
+
+    def batch() -> None:
+        nonlocal seq
+        base, seq = seq, seq + 3
+        sure.extend(range(base, base + x.send_many(
+            [_numbered(base + j, size) for j, size in enumerate((10, BIG, 20))])))
+
+    _raising_at_point(0, batch)  # (an untraced first run: see the single-point test)
+    try:
+        for k in range(1, 2000):
+            raised, _ = _raising_at_point(k, batch)
+            x.send_object(("object", k))
+            sure.append(("object", k))
+            if not raised:
+                break
+    finally:
+        x.close()
+        receiver.join(DEADLINE)
+    assert not receiver.is_alive() and not failure, failure
+    assert k > 50
+    # whole, at most once, in order, and every one of a call that returned
+    order = [item if isinstance(item, int) else 3 * item[1] + 2.5 for item in got]
+    assert order == sorted(order) and len(got) == len(set(got))
+    assert set(sure) <= set(got), [item for item in sure if item not in got][:10]
+
+
 # The storm, sending: this process sends under the timer, a child receives
 # and checks.  The sender never sends a message again after a Storm (one
 # the interrupted call did send would arrive twice): it goes on with the

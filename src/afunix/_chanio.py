@@ -319,7 +319,9 @@ class Sender:
         w = self.writer
         deadline = _io.deadline_of(self.sock.gettimeout())
         try:
-            if (w.pending or w.queue) and not self.drain(deadline):
+            # (a write an exception left unsettled too: the packed frame
+            # needs no pack, which would settle it, and `begin` refuses)
+            if (w.writing is not None or w.pending or w.queue) and not self.drain(deadline):
                 return 0, stalled(self.sock)
         except BaseException as exc:
             return 0, exc
