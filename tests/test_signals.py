@@ -35,7 +35,7 @@ import threading
 import time
 import zlib
 from types import FrameType
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, TypeVar
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple, TypeVar
 
 import pytest
 
@@ -770,6 +770,8 @@ class Receiver(threading.Thread):
                 while True:
                     try:
                         m = self.ch.recv_message()
+                    except afunix.MessageKindError:  # an object: its number, no descriptors
+                        m = afunix.Message(b"%08d" % self.ch.recv_object())
                     except EOFError:
                         return
                     for fd in m.fds:
@@ -896,20 +898,24 @@ class Promised:
 
 
 @CHANNEL_KINDS
-@pytest.mark.parametrize("write_buffer", [0, 1 << 20], ids=["unbuffered", "buffered"])
+@pytest.mark.parametrize("mode", ["unbuffered", "buffered", "batched"])
 def test_channel_send_interrupted_twice_keeps_the_stream_whole(
-        backend: str, kind: int, write_buffer: int) -> None:
+        backend: str, kind: int, mode: str) -> None:
     """An exception in one call, then another in the next, before anything settles the state.
 
     What an interrupted call leaves (a tail pending, a write in progress,
     packed or queued messages) must stay whole through a second exception
-    anywhere in the next call.  For every point a of the first call: the
-    channel flushed, the call raises at a, then the next raises at the
-    first point where bytes the channel still owes changed under it
-    (`Promised`: where a second exception does its harm), else at a point
-    drawn at random (seeded: the seed is printed).  The receiver checks
-    that messages arrive whole, in order, at most once, and every one of a
-    call that returned.
+    anywhere in a later call.  A round is a few calls (send_object, then
+    sends of 300 KB messages, some with a descriptor, through the mode's
+    path).  For every point a of every call of the round: the channel
+    flushed, the calls before it made, it raises at a; then, in the calls
+    that follow (a round's worth), a second exception at the first point
+    where bytes the channel still owes changed under it (`Promised`: where
+    a second exception does its harm).  That is after the first of each
+    kind of state the first exception left (`left_by`); after one in
+    eight of the others (seeded: the seed is printed), also at a point
+    drawn at random.  The receiver checks that messages arrive whole, in
+    order, at most once, and every one of a call that returned.
     """
     seed = random.randrange(1 << 30)
     print("seed", seed)
@@ -917,57 +923,103 @@ def test_channel_send_interrupted_twice_keeps_the_stream_whole(
     before = open_fds()
     null = os.open(os.devnull, os.O_RDONLY)
     sure: List[int] = []  # sent by calls that returned
-    x, y = afunix.channel_pair(kind, write_buffer=write_buffer)
-    x.socket.settimeout(DEADLINE)  # written through the loop that waits for room
+    x, y = afunix.channel_pair(kind, write_buffer=1 << 20 if mode == "buffered" else 0)
+    if mode != "batched":  # (batched: blocking, where a plain send is one write)
+        x.socket.settimeout(DEADLINE)  # written through the loop that waits for room
     receiver = Receiver(y)
     seq = 0
 
-    def step() -> None:
+    def send(j: int, size: int) -> None:
+        x.send(_numbered(j, size))
+        sure.append(j)
+
+    def send_many(j: int, sizes: Tuple[int, ...]) -> None:
+        # odd ones carry a descriptor: the first part of their frame goes by sendmsg
+        batch = [afunix.Message(_numbered(j + i, size), fds=(null,)) if (j + i) % 2
+                 else _numbered(j + i, size) for i, size in enumerate(sizes)]
+        sure.extend(range(j, j + x.send_many(batch)))
+
+    def batched(j: int) -> None:
+        with x.batched():
+            for i, size in enumerate((BIG, 40, BIG)):
+                send(j + 2 * i, size)
+
+    def send_object(j: int) -> None:
+        # a packed frame: no pack settles anything for it
+        x.send_object(j)
+        sure.append(j)
+
+    def round_() -> List[Callable[[], None]]:
         # (numbers taken before each call: a message of a call that raised
         # may have gone, and must not come again under the same number)
         nonlocal seq
-        base, seq = seq, seq + 10
-        if write_buffer:
-            # queued, packed behind a pending tail, drained to make room,
-            # and one with a descriptor that waits for the queue ahead of it
-            x.send(_numbered(base, BIG))
-            sure.append(base)
-            assert x.send_many([_numbered(base + 2, 40),
-                                afunix.Message(_numbered(base + 3, BIG), fds=(null,))]) == 2
-            sure.extend((base + 2, base + 3))
-            x.send(_numbered(base + 4, BIG))
-            sure.append(base + 4)
-            x.flush()
+        j, seq = seq, seq + 20
+        # a packed frame first, right after whatever the round before left
+        calls: List[Callable[[], None]] = [lambda: send_object(j)]
+        if mode == "buffered":
+            # queued, packed and left pending by a flush, then queued and
+            # packed behind that to let a descriptor's frame go
+            calls += [lambda: send(j + 2, BIG), lambda: send(j + 4, 40), x.flush,
+                      lambda: send_many(j + 6, (40, BIG))]
+        elif mode == "batched":
+            # a block, then a send that is one write unless something is owed
+            calls += [lambda: batched(j + 2), lambda: send(j + 8, 20)]
         else:
-            # odd ones carry a descriptor: the first part of their frame goes by sendmsg
-            batch = [afunix.Message(_numbered(base + j, size), fds=(null,)) if j % 2
-                     else _numbered(base + j, size)
-                     for j, size in enumerate((10, BIG, 20, 30, BIG))]
-            sure.extend(range(base, base + x.send_many(batch)))
+            calls += [lambda: send_many(j + 1, (10, BIG, 20, 30, BIG))]
+        return calls
 
-    # (an untraced first run: see the single-point test) counting the points
-    points = [0]
-    _raising_at_point(0, step, lambda: bool(points.__setitem__(0, points[0] + 1)))
-    assert points[0] > 50
-    aimed = 0
+    # An untraced first run (see the single-point test), counting each call's points.
+    points: List[int] = []
+    for call in round_():
+        points.append(0)
+        _raising_at_point(0, call, lambda: bool(points.__setitem__(-1, points[-1] + 1)))
+    assert min(points) > 5
+    first = aimed = 0
+    kinds: Set[Tuple[Any, ...]] = set()
+
+    def left_by(c: int) -> Tuple[Any, ...]:
+        """The kind of state the writer is left in after call c raised: what holds bytes, and where."""
+        w = x._writer
+        pending, writing, out = w.pending, w.writing, w.out
+        return (c, len(pending) > 0, getattr(pending, "obj", pending) is out, writing is None,
+                getattr(writing, "obj", writing) is out, writing is pending,
+                sum(w.taken) > 0, len(w.queue), w.write_buffer)
+
     try:
-        for a in range(1, 2000):
-            x.flush()
-            raised, _ = _raising_at_point(a, step)
-            if not raised:
-                break
-            promised = Promised(x._writer)
-            hit = [False]
+        for c in range(len(points)):
+            for a in range(1, 2000):
+                x.flush()
+                calls = round_()
+                for call in calls[:c]:
+                    call()
+                raised, _ = _raising_at_point(a, calls[c])
+                if not raised:
+                    break
+                first += 1
+                # The second: in one of the calls that follow, as many as a
+                # round has.  After the first of each kind of state a first
+                # exception leaves, only where owed bytes change; after one
+                # in eight of the others, there or at a point drawn at random
+                # (the tracing is slow).
+                kind_left = left_by(c)
+                new = kind_left not in kinds
+                if not new and rng.random() >= 1 / 8:
+                    continue
+                kinds.add(kind_left)
+                later = calls[c + 1:] + round_()[:c + 1]
+                promised = Promised(x._writer)
+                hit = [False]
 
-            def harm() -> bool:
-                hit[0] = promised.changed()
-                return hit[0]
+                def harm() -> bool:
+                    hit[0] = promised.changed()
+                    return hit[0]
 
-            _raising_at_point(rng.randrange(1, points[0] + 1), step, harm)
-            aimed += hit[0]
-            promised.seen.clear()
-        else:
-            pytest.fail("the send path has more than 2000 points")
+                _raising_at_point(0 if new else rng.randrange(1, sum(points) + 1),
+                                  lambda: [call() for call in later] and None, harm)
+                aimed += hit[0]
+                promised.seen.clear()
+            else:
+                pytest.fail("a call of the send path has more than 2000 points")
     except (BrokenPipeError, ConnectionResetError):
         x.close()
         receiver.finish()  # the receiver gave up: its error says why
@@ -976,8 +1028,9 @@ def test_channel_send_interrupted_twice_keeps_the_stream_whole(
         x.close()
         os.close(null)
     received = receiver.finish()
-    print("%d first points, %d second exceptions aimed where owed bytes changed" % (a - 1, aimed))
-    assert a > 50
+    print("%d first points, %d kinds of state left, %d second exceptions aimed where owed "
+          "bytes changed" % (first, len(kinds), aimed))
+    assert first > 50
     assert len(received) == len(set(received)) and received == sorted(received)
     assert set(sure) <= set(received), sorted(set(sure) - set(received))[:10]
     gc.collect()
