@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Iterator
 
 import pytest
@@ -135,6 +136,29 @@ def need_tool(name: str) -> str:
             pytest.fail("%s is required in CI (.ci/run installs it)" % name)
         pytest.skip("%s not installed" % name)
     return path
+
+
+#: The flag of a listening socket in /proc/net/unix (the kernel's __SO_ACCEPTCON).
+ACCEPTCON = 0x10000
+
+
+def wait_for_listener(path: str, proc: "subprocess.Popen[bytes]", timeout: float) -> None:
+    """Wait until some process listens on the socket file `path` (while `proc` lives).
+
+    A tool binds, then listens: a connect between the two is refused, so a
+    socket file that exists is not yet one to connect to.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        with open("/proc/net/unix") as f:
+            next(f)  # the heading
+            for line in f:
+                fields = line.split()
+                if len(fields) == 8 and fields[7] == path and int(fields[3], 16) & ACCEPTCON:
+                    return
+        assert proc.poll() is None, "the server exited: %r" % (proc.communicate(),)
+        assert time.monotonic() < deadline, "nothing listens on %s" % path
+        time.sleep(0.01)
 
 
 def region_mappings() -> int:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import socket
-import stat
 import subprocess
 import sys
 import textwrap
@@ -13,7 +12,7 @@ from typing import Any, List
 import pytest
 
 import afunix
-from conftest import need_tool
+from conftest import need_tool, wait_for_listener
 
 T = 5.0  # seconds: the bound on every blocking step in these tests
 
@@ -216,11 +215,7 @@ def test_systemd_socket_activate_hands_over_a_listener(backend: str, short_dir: 
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     try:
-        deadline = time.monotonic() + T
-        while not (os.path.exists(p) and stat.S_ISSOCK(os.lstat(p).st_mode)):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "systemd-socket-activate never bound"
-            time.sleep(0.01)
+        wait_for_listener(p, proc, T)
         with afunix.connect(p, timeout=T) as c:
             c.sendall(b"activated")
             assert c.recv(100) == b"%s:activated" % backend.encode()

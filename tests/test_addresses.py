@@ -19,7 +19,7 @@ import pytest
 import afunix
 from afunix import addresses, pathlock
 
-from conftest import need_tool, open_fds
+from conftest import need_tool, open_fds, wait_for_listener
 
 LINUX = sys.platform.startswith("linux")
 needs_abstract = pytest.mark.skipif(not afunix.supports("abstract"), reason="no abstract namespace")
@@ -1280,19 +1280,11 @@ def test_socat_connects_to_an_abstract_server() -> None:
                     stream.close()
 
 
-def wait_for_socket(path: str, proc: subprocess.Popen[Any]) -> None:
-    deadline = time.monotonic() + T
-    while not (os.path.exists(path) and stat.S_ISSOCK(os.lstat(path).st_mode)):
-        assert proc.poll() is None, "server exited early"
-        assert time.monotonic() < deadline, "server never bound %s" % path
-        time.sleep(0.01)
-
-
 def test_connect_reaches_a_socat_server(short_dir: str, fd_baseline: set[int]) -> None:
     p = os.path.join(short_dir, "socat.sock")
     server = socat("UNIX-LISTEN:" + p, "EXEC:cat")
     try:
-        wait_for_socket(p, server)
+        wait_for_listener(p, server, T)
         with afunix.connect(p, timeout=T) as c:
             c.sendall(b"through socat")
             c.shutdown(socket.SHUT_WR)

@@ -50,7 +50,27 @@ def sealed_memfd(size: int, seals: Optional[int] = shm.REQUIRED_SEALS) -> int:
 
 def feed_segment(reader: FrameReader, writer: FrameWriter, seg: Segment) -> bool:
     """What one sendmsg of `seg` brings: its bytes, and a duplicate of each descriptor."""
+    if seg.log is not None:
+        written(seg)
     return reader.feed(bytes(writer.pack(seg)), [os.dup(fd) for fd in seg.fds])
+
+
+def written(seg: Segment) -> None:
+    """Record `seg` as written whole, as the channel's write does in its log (Segment.log)."""
+    assert seg.log is not None and seg.packed is not None
+    seg.log.append(len(seg.packed))
+
+
+def take_returns(reader: FrameReader) -> list:
+    """The slots the reader has to send back, with their RETURN frames made and written."""
+    slots = list(reader.returns)
+    seg = reader.return_segment()
+    while seg is not None:
+        written(seg)
+        reader.settle_returns()
+        seg = reader.return_segment()
+    assert not reader.returns
+    return slots
 
 
 def pair(size: int = 1 << 20, threshold: int = 1024) -> Tuple[LaneSender, FrameWriter, FrameReader]:
@@ -59,7 +79,7 @@ def pair(size: int = 1 << 20, threshold: int = 1024) -> Tuple[LaneSender, FrameW
     reader = FrameReader()
     seg = lane.announcement()
     assert seg is not None
-    lane.announced = True
+    written(seg)
     assert lane.announcement() is None
     feed_segment(reader, writer, seg)
     return lane, writer, reader
@@ -82,7 +102,7 @@ def test_the_region_frame_comes_once_with_the_region_descriptor(clean: None) -> 
     assert seg is not None and seg.fds == (lane.region.fileno(),)
     assert bytes(FrameWriter().pack(seg)) == region_frame(1 << 16)
     assert lane.announcement() is not None  # until its write went
-    lane.announced = True
+    written(seg)
     assert lane.announcement() is None
     lane.close()
 
@@ -98,8 +118,8 @@ def test_a_message_in_a_slot_comes_out_and_its_slot_goes_back(clean: None) -> No
     assert feed_segment(reader, writer, seg)
     assert reader.buffered == 1
     assert reader.take_bytes() == data
-    returned = reader.take_returns()
-    assert [tuple(s) for s in returned] == [(0, len(data))] and reader.take_returns() == []
+    returned = take_returns(reader)
+    assert [tuple(s) for s in returned] == [(0, len(data))] and take_returns(reader) == []
     # the RETURN frame, the other way, read by the sender's own reader
     back = FrameReader(on_return=lane.give_back)
     for seg in return_segments(returned):
@@ -116,8 +136,12 @@ def test_slots_and_data_frames_keep_their_order_with_their_descriptors(clean: No
     fd = os.open(os.devnull, os.O_RDONLY)
     try:
         # one read: small, SLOT, small, SLOT, small (no descriptors)
-        s0, s1 = lane.try_segment(big[0]), lane.try_segment(big[1])
-        assert s0 is not None and s1 is not None
+        s0 = lane.try_segment(big[0])
+        assert s0 is not None
+        written(s0)  # (before the next frame is made: see LaneSender.begin)
+        s1 = lane.try_segment(big[1])
+        assert s1 is not None
+        written(s1)
         stream = (v1(b"a") + bytes(writer.pack(s0)) + v1(b"b") + bytes(writer.pack(s1))
                   + v1(b"c"))
         reader.feed(stream)
@@ -133,7 +157,7 @@ def test_slots_and_data_frames_keep_their_order_with_their_descriptors(clean: No
         assert message.data == big[2] and len(message.fds) == 1
         assert os.fstat(message.fds[0]).st_ino == os.fstat(fd).st_ino
         os.close(message.fds[0])
-        assert len(reader.take_returns()) == 3
+        assert len(take_returns(reader)) == 3
     finally:
         os.close(fd)
         reader.close()
@@ -177,9 +201,9 @@ def test_a_batch_reads_the_slot_in_place_until_the_next_receive(clean: None) -> 
     batch = reader.take_batch(10)
     assert len(batch) == 1 and bytes(batch[0]) == data and batch.lengths[0] == len(data)
     assert batch[0].readonly
-    assert reader.take_returns() == []  # still read in place
+    assert take_returns(reader) == []  # still read in place
     assert not reader.frames_ready()  # the next receive: released
-    assert [tuple(s) for s in reader.take_returns()] == [(0, len(data))]
+    assert [tuple(s) for s in take_returns(reader)] == [(0, len(data))]
     del batch
     reader.close()
     lane.close()
@@ -196,7 +220,7 @@ def test_a_slot_still_exported_is_not_returned_and_an_overlap_with_it_fails(clea
     batch = reader.take_batch(1)
     export = pickle.PickleBuffer(batch.buffer)  # holds the slot's view
     assert not reader.frames_ready()
-    assert reader.take_returns() == []  # never handed back while read
+    assert take_returns(reader) == []  # never handed back while read
     # a hostile peer names a range overlapping it
     with pytest.raises(ProtocolError, match="overlaps"):
         reader.feed(slot_frame(4096, 2000))
@@ -317,11 +341,14 @@ def test_returns_the_sender_never_sent_fail(clean: None) -> None:
     lane = LaneSender(1 << 16)
     seg = lane.try_segment(b"r" * 100)
     assert seg is not None
+    written(seg)  # in flight: the peer may return it (a frame not written: see LaneSender.settle)
     for bad in [[(0, 99)], [(64, 100)], [(0, 100), (0, 100)], [(1 << 16, 1)]]:
         back = FrameReader(on_return=lane.give_back)
         refused(back, return_frames(bad)[0])
         lane.region.allocator.reset()
-        assert lane.try_segment(b"r" * 100) is not None  # in flight again for the next
+        seg = lane.try_segment(b"r" * 100)
+        assert seg is not None  # in flight again for the next
+        written(seg)
     lane.close()
 
 
@@ -354,6 +381,7 @@ def test_a_sender_without_room_gets_none_and_room_after_a_return(clean: None) ->
     assert lane.wants(8192) and not lane.wants(8193) and lane.wants(1)
     first = lane.try_segment(b"a" * 6000)
     assert first is not None
+    written(first)
     assert lane.try_segment(b"b" * 6000) is None
     lane.give_back(0, 6000)
     assert lane.try_segment(b"b" * 6000) is not None

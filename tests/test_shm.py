@@ -1036,11 +1036,11 @@ def test_failed_pickling_and_placing_give_back_what_they_took(fd_baseline: set) 
     class FailingWriter(shm.RegionWriter):
         copies = 0
 
-        def try_copy(self, data: object) -> Optional[Slot]:
+        def try_copy(self, data: object, keep: Optional[List[Slot]] = None) -> Optional[Slot]:
             FailingWriter.copies += 1
             if FailingWriter.copies == 2:
                 raise RuntimeError("the second copy fails")
-            return super().try_copy(data)
+            return super().try_copy(data, keep)
 
     with FailingWriter(MiB) as writer:
         with objects.pickle_object([Blob(bytearray(5000)), b"s" * 5000], threshold=1024) as pickled:  # type: ignore[arg-type]

@@ -231,6 +231,11 @@ def read_for_room(sock: socket.socket, reader: FrameReader, deadline: Optional[f
             SOCK_SEQPACKET record, as `fill`.
     """
     rs = reader.rs
+    # RETURN frames read already and not applied (an exception from a signal
+    # handler stopped the call that read them) come first: the peer may
+    # send nothing more until it has its slots
+    if reader.scan_returns():
+        return True
     # a read the backend took and holds to report next needs no wait (the
     # socket may have nothing more)
     if not rs.deferred and not _io.wait(sock.fileno(), False, deadline):
@@ -319,8 +324,7 @@ class Sender:
         w = self.writer
         deadline = _io.deadline_of(self.sock.gettimeout())
         try:
-            # (a write an exception left unsettled too: the packed frame
-            # needs no pack, which would settle it, and `begin` refuses)
+            # (writing: a write an exception interrupted, settled by drain)
             if (w.writing is not None or w.pending or w.queue) and not self.drain(deadline):
                 return 0, stalled(self.sock)
         except BaseException as exc:
@@ -401,7 +405,8 @@ class Sender:
         """Write one segment; (messages accepted, the exception that stopped it or None)."""
         w = self.writer
         packed = w.pack(seg)
-        w.begin(packed, seg.lengths)
+        # (a lane frame's counts go to its own log: see Segment.log)
+        w.begin(packed, seg.lengths, seg.log)
         exc: Optional[BaseException] = None
         try:
             if seg.fds:

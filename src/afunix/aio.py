@@ -64,7 +64,7 @@ from .addresses import encode_address
 from .batch import outgoing, send_with_control
 from ._chanio import owning
 from .channel import Channel as SyncChannel
-from .channel import lane_of, reader_of, room_wanted, settle_returns
+from .channel import before_take, lane_of, reader_of, room_wanted
 from .batch import send_many as _send_many_now
 from .receive import RecvBatch
 from .receive import recv_many as _recv_many_now
@@ -783,10 +783,11 @@ class Channel:
             data = r.copies[k]
             r.next = i + 1
             return data
-        taken = r.take_next()
-        if taken is not None:
-            if r.returns:
-                settle_returns(self._ch)  # a message of the peer's lane: its slot goes back
+        if r.buffered:
+            if r.returns or r.lane_msg is not None:
+                before_take(self._ch)  # slots of the peer's lane go back, this one's too
+            taken = r.take_next()
+            assert taken is not None  # (a message is parsed: take_next gives one)
             return taken
         try:
             received: bytes = await self._try(self._ch.recv)

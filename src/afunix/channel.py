@@ -23,11 +23,11 @@ from ._chanio import (NOSIGNAL, NOSIGNAL_ONCE, RECEIVING, SENDING, Borrowed, Sen
 from .addresses import connect
 from .batch import checked_fds
 from .codec import TABLE_CAPACITY, FrameReader
-from .frames import (DEFAULT_MAX_FRAME, KIND_OBJECT, RECORD_MAX, RETURN_MAX_SLOTS, FrameBatch,
+from .frames import (DEFAULT_MAX_FRAME, KIND_OBJECT, RECORD_MAX, FrameBatch,
                      ProtocolError, frame_header, lane_header)
 from ._limits import FRAME_HEADER as HEADER_SIZE
 from .framewriter import FrameWriter, Segment, lane_segment
-from .lane import DEFAULT_THRESHOLD, LaneSender, return_segments
+from .lane import DEFAULT_THRESHOLD, LaneSender
 from .message import Address, Message
 from .objects import (ENVELOPE_ENTRY, ENVELOPE_HEADER, PickledObject, check_unpickle_peer,
                       encode_object, load_object, peer_uid, pickle_object, place_parts)
@@ -71,14 +71,24 @@ def _forget_parents_unsent() -> None:
     for ch in list(_channels):
         ch._writer.drop_unsent()
         ch._busy.clear()
-        ch._reader.take_returns()
+        ch._reader.forget_returns()
         ch._reader.forget_held()
         ch._borrow_ended = threading.Condition()  # its lock may be held by a thread not here
         if ch._lane is not None:
             ch._leave_lane()
 
 
-def _returned_to_parent(offset: int, length: int) -> None:
+def _aborts(ref: "weakref.ref[Channel]") -> Callable[[], None]:
+    """LaneSender.on_fault for the channel `ref` names: closes it (by a weak reference: no cycle
+    keeps a channel dropped unclosed, and its socket, alive until a collection)."""
+    def abort() -> None:
+        ch = ref()
+        if ch is not None:
+            ch._abort()
+    return abort
+
+
+def _returned_to_parent(offset: int, length: int, mark: Any = None) -> None:
     """A forked child's on_return: the peer's RETURN frames name the parent's slots; dropped."""
 
 
@@ -193,6 +203,8 @@ class Channel:
         # and backward jumps).
         self._reader = FrameReader(writer.max_frame, self._seqpacket,
                                    on_return=self._lane.give_back if self._lane else None)
+        if self._lane is not None:
+            self._lane.on_fault = _aborts(weakref.ref(self))
         self._closed = False
         _channels.add(self)
 
@@ -322,7 +334,7 @@ class Channel:
     def _send(self, data: Any, fds: Iterable[Any]) -> None:
         w = self._writer
         lane = self._lane
-        if lane is not None and (fds or type(data) is not bytes or not lane.announced
+        if lane is not None and (fds or type(data) is not bytes or not lane.region_log
                                  or len(data) >= lane.threshold):
             # the lane's frame, or its REGION frame first: the plan of _send_lane
             self._send_many([data if not fds else Message(data, tuple(checked_fds(fds)))])
@@ -458,7 +470,12 @@ class Channel:
                     segments, total = w.segments([item])
                     k = self._sender.send(segments, total)
                 else:
-                    k = self._send_frame(seg, lambda: lane.abandon(seg))
+                    # The slot is staged (LaneSender.begin) and settled from
+                    # the frame's write log: in flight if a byte of it went,
+                    # free again if none did (whatever stopped the write),
+                    # and an exception anywhere from its copy to after its
+                    # write leaves it to the next frame to settle so.
+                    k = self._send_frame(seg, lane.settle)
                 if not k:
                     return accepted
                 accepted += 1
@@ -487,7 +504,12 @@ class Channel:
         raise exc
 
     def _announce(self, deadline: Optional[float]) -> None:
-        """Write the REGION frame if it has not gone yet: before any other frame of this end."""
+        """Write the REGION frame if it has not gone yet: before any other frame of this end.
+
+        Whether it went is its write log (LaneSender.region_log), filled in
+        the C call that writes: never written twice, whatever exception
+        lands after that call.
+        """
         lane = self._lane
         assert lane is not None
         seg = lane.announcement()
@@ -495,7 +517,6 @@ class Channel:
             return
         if not self._sender.send([seg], 1):
             raise stalled(self._sock)
-        lane.announced = True
 
     def _object_slots(self, pickled: PickledObject) -> List[Optional[Slot]]:
         """Slots of the lane for the parts of `pickled` that belong there; None: inline.
@@ -518,9 +539,11 @@ class Channel:
         deadline = _io.deadline_of(self._sock.gettimeout())
         waited = False
         while True:
+            # (the slots are staged, see _send_object: settle frees them all)
             with lane.lock:
                 lane.room.clear()
-                slots = place_parts(pickled, lane.region, threshold=lane.threshold)
+                slots = place_parts(pickled, lane.region, threshold=lane.threshold,
+                                    keep=lane.staged)
             if all(slot is not None or not lane.wants(view.nbytes)
                    for view, slot in zip(parts, slots)):
                 return slots
@@ -528,22 +551,14 @@ class Channel:
                 waited = True
                 self._send_returns()  # the peer may be waiting for ours just the same
                 if self._returns_now():
-                    self._give_back_all(slots)
+                    lane.settle()
                     continue
             inline = sum(view.nbytes for view, slot in zip(parts, slots) if slot is None)
             table = ENVELOPE_HEADER.size + ENVELOPE_ENTRY.size * len(parts)
             if inline + table <= self._writer.max_frame or not lane.in_flight:
                 return slots  # inline, or over max_frame for good: _send_object refuses it
-            self._give_back_all(slots)
+            lane.settle()
             self._wait_for_room(deadline)
-
-    def _give_back_all(self, slots: List[Optional[Slot]]) -> None:
-        """Give up the slots an object's parts were placed in (lent, never sent)."""
-        lane = self._lane
-        assert lane is not None
-        for slot in slots:
-            if slot is not None:
-                lane.withdraw(slot.offset, slot.length)
 
     def _slot_segment(self, data: Any, fds: Tuple[int, ...],
                       deadline: Optional[float]) -> Optional[Segment]:
@@ -665,18 +680,30 @@ class Channel:
         nbytes = _checks.in_range(nbytes, "nbytes", 1, lane.region.size)
         busy = self._busy
         me: List[object] = []  # a fresh token, held by this call only
+        loan: Optional[Loan] = None
         try:
             if (busy.setdefault(SENDING, me) is not me
                     and not self._claimed_after_borrow(SENDING, me)):
                 raise refused(SENDING)
-            return self._loan(nbytes)
+            loan = self._loan(nbytes)
+            # The returns a receive in another thread left to this call go
+            # before the loan is the caller's, and `lent` is the last step:
+            # an exception (a signal handler's) before it leaves the slot
+            # staged, and the next sending call frees it; one after it
+            # would lose the loan, and its slot for good.  (Returns left
+            # after this write: that receive writes them once the claim is
+            # gone, see `_fill_owing`.)
+            if self._reader.returns:
+                self._send_returns()
+            lane.lent()  # the caller's from here: no longer freed by the next settle
+            return loan
         finally:
             try:
                 if busy[SENDING] is me:
                     del busy[SENDING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
-            if self._reader.returns:
+            if loan is None and self._reader.returns:
                 self._write_returns(wait=True)  # a receive in another thread left them to this call
 
     def _loan(self, nbytes: int) -> Loan:
@@ -741,9 +768,16 @@ class Channel:
         assert lane is not None
         self._check_open()
         self._announce(_io.deadline_of(self._sock.gettimeout()))
-        seg = lane.loan_segment(loan, fds)  # committed: sent, for the peer's returns
-        # none of it went: the loan is open again, the caller's to send or give up
-        self._send_frame(seg, loan.reopen)
+        # The loan is staged (LaneSender.loan_segment) until settled from
+        # the write log: open again if nothing of its frame went (the
+        # caller's to send or give up), in flight if a byte did, whatever
+        # exception lands in between.
+        try:
+            seg = lane.loan_segment(loan, fds)  # committed: sent, for the peer's returns
+            self._send_frame(seg, lane.settle)
+        except BaseException:
+            lane.settle()  # (settled already when the write failed: then nothing to do)
+            raise
 
     def _returns_now(self) -> bool:
         """Apply the RETURN frames held and read what already waits on the socket, without waiting; True when slots came back."""
@@ -813,21 +847,29 @@ class Channel:
             self._borrow_released()
 
     def _send_returns(self) -> None:
-        """`_write_returns` for a caller that holds the sending side."""
+        """`_write_returns` for a caller that holds the sending side.
+
+        One RETURN frame at a time: the reader makes it, and settles it from
+        its write log after the write (or at the next call, after an
+        exception from a signal handler): its slots leave `returns` once a
+        byte of it went, and only then.
+        """
         r = self._reader
         if not r.returns or self._closed:
             return
-        slots = r.take_returns()
-        segments = return_segments(slots)
-        sent = 0
         try:
             if self._lane is not None:
                 self._announce(None)  # this end's first frame, whatever comes after it
-            sent = self._sender.send(segments, len(segments))
+            while True:
+                seg = r.return_segment()
+                if seg is None:
+                    return
+                sent = self._sender.send([seg], 1)
+                r.settle_returns()
+                if not sent:
+                    return
         except OSError:
-            pass  # kept below; a socket that is broken says so at the next call
-        if sent < len(segments):
-            r.keep_returns(slots[sent * RETURN_MAX_SLOTS:])
+            r.settle_returns()  # kept; a socket that is broken says so at the next call
 
     def send_fixed(self, buffer: Any, size: int) -> int:
         """Send `buffer` as ``len(buffer) // size`` messages of `size` bytes each, in order.
@@ -909,9 +951,15 @@ class Channel:
         lane = self._lane
         threshold = lane.threshold if lane is not None else self._object_threshold
         with pickle_object(obj, threshold=threshold) as pickled:
+            log: Optional[List[int]] = None
             if lane is not None:
                 self._room_wanted = False
                 self._announce(_io.deadline_of(self._sock.gettimeout()))
+                # The parts' slots are staged (LaneSender.begin) until the
+                # next frame settles them from this frame's write log: in
+                # flight if a byte of it went, free if not, whatever
+                # exception (a signal handler's) stops this call.
+                log = lane.begin()
                 slots = self._object_slots(pickled)
             else:
                 slots = place_parts(pickled, None, threshold=threshold)
@@ -924,21 +972,16 @@ class Channel:
                 del parts
             except BaseException:
                 if lane is not None:
-                    self._give_back_all(slots)
+                    lane.settle()  # not started: the slots are free again
                 raise
             if lane is None:
                 self._send_frame(lane_segment(frame), _nothing)
                 return
-            placed = [slot for slot in slots if slot is not None]
-            for slot in placed:
-                lane.sending(slot.offset, slot.length)
-
-            def unsent() -> None:
-                for slot in placed:
-                    lane.recall(slot.offset, slot.length)
-                self._give_back_all(slots)
-
-            self._send_frame(lane_segment(frame), unsent)
+            for slot in slots:
+                if slot is not None:
+                    lane.sending(slot.offset, slot.length)
+            # none of it went: the slots are free again (settle recalls them)
+            self._send_frame(lane_segment(frame, (), log), lane.settle)
 
     def flush(self) -> int:
         """Write every accepted message still waiting (buffered, or a partly written tail).
@@ -1040,18 +1083,38 @@ class Channel:
         i = r.next
         k = i - r.copied_from
         if 0 <= k < r.ncopied:  # copied out already: FrameReader.take_next's first branch, inline
+            if r.returns:
+                self._before_take(1)
             data: Optional[bytes] = r.copies[k]
             r.next = i + 1
         else:
             if i >= r.parsed and not self._fill():
                 raise EOFError("the peer closed the channel")
+            if r.returns or r.lane_msg is not None:
+                self._before_take(1)
             # the frames of this read copied out at once (its descriptors are
             # closed by the next receive)
             data = r.take_next()
         assert data is not None  # (frames are ready: take_next gives one)
-        if r.returns and r.returns_due():
-            self._write_returns()
         return data
+
+    def _before_take(self, n: int, copy: bool = True, drop: bool = False) -> None:
+        """Before a receive takes `n` messages: the slots of the peer's lane to go back, written when due.
+
+        Written before the take, never after: an exception (a signal
+        handler's) while writing them then leaves the messages where they
+        were, for the next receive, instead of dropping messages taken.
+        So that the slot of a message of the lane taken now goes back now
+        all the same, it is copied out first (`FrameReader.copy_lane`, not
+        for `copy=False`: a batch reads it in place, and its slot goes back
+        at the next receive; with `drop`, a refused object's slots go back
+        uncopied).
+        """
+        r = self._reader
+        if copy and r.lane_msg is not None:
+            r.copy_lane(drop)
+        if r.returns and r.returns_due(n):
+            self._write_returns()
 
     def recv_many(self, max_messages: int = TABLE_CAPACITY) -> List[bytes]:
         """Receive up to `max_messages` messages: those one read brought, waiting only for the first.
@@ -1089,10 +1152,9 @@ class Channel:
         r = self._reader
         if r.next >= r.parsed and not self._fill():
             return []
-        messages = r.take_many(max_messages)
-        if r.returns and r.returns_due():
-            self._write_returns()
-        return messages
+        if r.returns or r.lane_msg is not None:
+            self._before_take(max(1, min(r.parsed - r.next, max_messages)))
+        return r.take_many(max_messages)
 
     def recv_message(self) -> Message:
         """Receive one message with its descriptors, as ``Message(data, fds)``.
@@ -1127,10 +1189,9 @@ class Channel:
         r = self._reader
         if r.next >= r.parsed and not self._fill():
             raise EOFError("the peer closed the channel")
-        message = r.take_message()
-        if r.returns and r.returns_due():
-            self._write_returns()
-        return message
+        if r.returns or r.lane_msg is not None:
+            self._before_take(1)
+        return r.take_message()
 
     def recv_batch(self, max_messages: int = TABLE_CAPACITY) -> FrameBatch:
         """Receive up to `max_messages` messages without copying them out (see FrameBatch).
@@ -1168,10 +1229,10 @@ class Channel:
         r = self._reader
         if r.next >= r.parsed and not self._fill():
             return r.empty_batch()
-        batch = r.take_batch(max_messages)
-        if r.returns and r.returns_due():
-            self._write_returns()  # slots of the batch before, released by this receive
-        return batch
+        if r.returns:
+            # slots of the batch before, released by this receive
+            self._before_take(max(1, min(r.parsed - r.next, max_messages)), copy=False)
+        return r.take_batch(max_messages)
 
     def recv_object(self) -> Any:
         """Receive one object sent with `send_object`, unpickled.
@@ -1228,9 +1289,9 @@ class Channel:
             except PermissionError as exc:
                 refusal = exc
         # a refused object is dropped unread: nothing is copied out of its slots
-        parts = r.take_object(drop=refusal is not None)
-        if r.returns:
-            self._write_returns()
+        drop = refusal is not None
+        self._before_take(1, drop=drop)
+        parts = r.take_object(drop=drop)
         if refusal is not None:
             raise refusal  # before anything is unpickled
         return load_object(parts[0], parts[1:])
@@ -1423,10 +1484,9 @@ def room_wanted(channel: Channel) -> bool:
     return channel._room_wanted
 
 
-def settle_returns(channel: Channel) -> None:
-    """After a take from `channel`'s reader (see reader_of): send back the slots of the peer's lane it released, when due."""
-    if channel._reader.returns_due():
-        channel._write_returns()
+def before_take(channel: Channel) -> None:
+    """Before a take of one message from `channel`'s reader (see reader_of): as `Channel._before_take`."""
+    channel._before_take(1)
 
 
 def channel_pair(type: int = socket.SOCK_STREAM, **options: Any) -> Tuple[Channel, Channel]:

@@ -21,12 +21,12 @@ from . import _backend, _checks
 from ._contract import Backend
 from .frames import (DEFAULT_MAX_FRAME, KIND_OBJECT, KIND_REGION, KIND_RETURN, KIND_SLOT,
                      LANE_VERSION, MAX_FRAME_LIMIT, PAIR_SIZE, RECORD_MAX, RETURN_MAX_SLOTS,
-                     FrameBatch, MessageKindError, ProtocolError, end_batch, unpack_header,
-                     unpack_pairs, unpack_region)
+                     FrameBatch, MessageKindError, ProtocolError, end_batch, return_frames,
+                     unpack_header, unpack_pairs, unpack_region)
 from ._limits import FRAME_HEADER as HEADER_SIZE
 from ._limits import FRAME_MAGIC as MAGIC
 from ._limits import SCM_MAX_FD
-from .framewriter import JOIN_MAX, FrameWriter
+from .framewriter import JOIN_MAX, FrameWriter, Segment, lane_segment
 from .message import Message
 from .objects import parse_envelope
 from .shm import MAX_REGION_SIZE, RegionReader
@@ -52,12 +52,17 @@ _LANE_PAYLOAD = {KIND_REGION: 8, KIND_SLOT: PAIR_SIZE}
 class SlotMessage:
     """A message the peer put in a slot of its region, parsed and not handed out yet."""
 
-    __slots__ = ("offset", "length", "view", "fdslot")
+    __slots__ = ("offset", "length", "view", "fdslot", "slot", "copy")
 
     def __init__(self, offset: int, length: int, view: memoryview, fdslot: int) -> None:
         self.offset, self.length, self.view = offset, length, view
         # the held read whose descriptors the SLOT frame claimed, -1: none
         self.fdslot = fdslot
+        # (made here: taking the message commits with stores only)
+        self.slot = Slot(offset, length)
+        # the payload copied out ahead of the take, its slot gone back to
+        # `returns` then (`FrameReader.copy_lane`); None until
+        self.copy: Optional[bytes] = None
 
 
 class ObjectMessage:
@@ -70,11 +75,18 @@ class ObjectMessage:
     READ_ONLY.
     """
 
-    __slots__ = ("parts", "slots", "read_only")
+    __slots__ = ("parts", "slots", "read_only", "held", "held_bytes", "copies")
 
     def __init__(self, parts: List[memoryview], slots: List[Optional[Slot]],
                  read_only: List[bool]) -> None:
         self.parts, self.slots, self.read_only = parts, slots, read_only
+        # the slots, and their bytes (made here: taking the object commits
+        # with stores only)
+        self.held = [slot for slot in slots if slot is not None]
+        self.held_bytes = sum(slot.length for slot in self.held)
+        # the parts copied out ahead of the take (as SlotMessage.copy); []
+        # for an object refused, whose slots go back unread
+        self.copies: Optional[List[Any]] = None
 
 
 # ---- reading ----------------------------------------------------------------------
@@ -106,30 +118,34 @@ class FrameReader:
             (default: the active one).
         max_region: the largest region the peer may announce (its lane).
         max_slots: the most slots of the peer's region held at once.
-        on_return: called with (offset, length) for each slot the peer
-            returns (a RETURN frame: slots of this end's own region); it
-            raises ProtocolError for one that is not in flight.  None: this
-            end sent no slots, and a RETURN frame is a protocol error.
+        on_return: called with (offset, length, mark) for each slot the
+            peer returns (a RETURN frame: slots of this end's own region); it
+            raises ProtocolError for one that is not in flight.  `mark`,
+            ``(stream offset of the frame, index in it)``, grows from one
+            return to the next: one at or below the last applied is the same
+            return applied again (see `afunix.lane.LaneSender.give_back`).
+            None: this end sent no slots, and a RETURN frame is a protocol
+            error.
 
     The shared-memory lane (docs/PROTOCOL.md, version 2): a REGION frame is
     adopted (checked before it is mapped, `afunix.shm.RegionReader`); a
     SLOT frame's message is handed out by the same take_* calls as a DATA
     frame's, copied out of the region (`take_batch`: in place, a batch of
-    that one message); the slot is then released, and `take_returns` gives
-    the slots to send back in RETURN frames.  Slots of a batch are released
-    at the next receive.
+    that one message); the slot then joins `returns`, and `return_segment`
+    and `settle_returns` send them back in RETURN frames.  Slots of a batch
+    join them at the next receive.
     """
 
     __slots__ = ("closed", "impl", "max_frame", "seqpacket", "buffer", "view", "start", "rx", "rs",
                  "reads", "table", "next", "parsed", "batch", "broken", "copies", "copied_from",
                  "ncopied", "eof", "max_region", "max_slots", "on_return", "lane", "lane_msg",
                  "lane_held", "returns", "returning", "applied", "scanned", "normal_size",
-                 "__weakref__")
+                 "lane_at", "return_log", "return_n", "return_bytes", "__weakref__")
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, seqpacket: bool = False,
                  backend: Optional[Backend] = None, *, max_region: int = MAX_REGION_SIZE,
                  max_slots: int = DEFAULT_MAX_SLOTS,
-                 on_return: Optional[Callable[[int, int], None]] = None) -> None:
+                 on_return: Optional[Callable[[int, int, Any], None]] = None) -> None:
         self.closed = True  # until set up: close() and __del__ have nothing to do
         self.impl = backend if backend is not None else _backend.impl
         self.max_frame = _checks.in_range(max_frame, "max_frame", 0, MAX_FRAME_LIMIT)
@@ -137,14 +153,22 @@ class FrameReader:
         self.max_region = _checks.in_range(max_region, "max_region", 1, MAX_REGION_SIZE)
         self.max_slots = _checks.in_range(max_slots, "max_slots", 1, 1 << 24)
         self.on_return = on_return
-        # the peer's region once announced; the slot message parsed and not
-        # handed out; slots handed out in place (a batch), released at the
-        # next receive; slots released and not yet sent back
+        # the peer's region once announced (and the stream offset of its
+        # REGION frame); the slot message parsed and not handed out; slots
+        # handed out in place (a batch), released at the next receive;
+        # slots no longer read and not yet sent back (still in the lane's
+        # ledger until their RETURN frame is made, see return_segment)
         self.lane: Optional[RegionReader] = None
+        self.lane_at = -1
         self.lane_msg: Optional[Union[SlotMessage, ObjectMessage]] = None
         self.lane_held: List[Slot] = []
         self.returns: List[Slot] = []
         self.returning = 0  # bytes of the slots in returns
+        # the RETURN frame being written: its write log (Segment.log), and
+        # how many slots (and bytes) at the front of returns it carries
+        self.return_log: List[int] = []
+        self.return_n = 0
+        self.return_bytes = 0
         # RETURN frames applied ahead of the messages before them (stream
         # offsets, see scan_returns), and where that scan stopped
         self.applied: Set[int] = set()
@@ -394,20 +418,23 @@ class FrameReader:
                     self.fail("a SLOT frame before the REGION frame")
                     return 0  # not reached
                 try:
-                    view = lane.claim(offset, size)
+                    # (keyed by the frame: the same frame parsed again after
+                    # an interruption claims it again without a fault)
+                    view = lane.claim(offset, size, (at, 0))
                 except ProtocolError as exc:
                     self.fail(exc.strerror or "bad slot")
+                msg = SlotMessage(offset, size, view, fdslot)
                 # the commit: stores only
-                self.lane_msg = SlotMessage(offset, size, view, fdslot)
+                self.lane_msg = msg
                 self.start = start + HEADER_SIZE + length
                 self.next = self.parsed = self.ncopied = 0
                 return 1
             if kind == KIND_REGION:
-                self._adopt(unpack_region(payload), fdslot)
+                self._adopt(unpack_region(payload), fdslot, at)
             elif at in self.applied:
                 self.applied.discard(at)  # applied by scan_returns already
             else:
-                self._returned(unpack_pairs(payload))
+                self._returned(unpack_pairs(payload), at)
             self.start = start + HEADER_SIZE + length
             self.next = self.parsed = self.ncopied = 0
 
@@ -426,7 +453,7 @@ class FrameReader:
             self.fail(exc.strerror or "bad object payload")
         parts: List[memoryview] = []
         slots: List[Optional[Slot]] = []
-        for part in envelope.parts:
+        for i, part in enumerate(envelope.parts):
             if isinstance(part, memoryview):
                 parts.append(part)
                 slots.append(None)
@@ -436,13 +463,15 @@ class FrameReader:
                 self.fail("an OBJECT frame names a slot before the REGION frame")
                 return 0  # not reached
             try:
-                parts.append(lane.claim(part.offset, part.length))
+                # (keyed by frame and part, as in _lane_frames)
+                parts.append(lane.claim(part.offset, part.length, (at, i)))
             except ProtocolError as exc:
                 # (the slots claimed before go with the region: fail closes it)
                 self.fail(exc.strerror or "bad slot")
             slots.append(part)
+        msg = ObjectMessage(parts, slots, envelope.read_only)
         # the commit: stores only
-        self.lane_msg = ObjectMessage(parts, slots, envelope.read_only)
+        self.lane_msg = msg
         self.start = start + HEADER_SIZE + length
         self.next = self.parsed = self.ncopied = 0
         return 1
@@ -492,8 +521,10 @@ class FrameReader:
             if kind == KIND_RETURN and version == LANE_VERSION and at not in self.applied:
                 pairs = unpack_pairs(bytes(self.view[pos + HEADER_SIZE:pos + HEADER_SIZE + length]))
                 try:
-                    for offset, size in pairs:
-                        self.on_return(offset, size)
+                    # (marked: a pass stopped by an exception and made again
+                    # skips what the first applied, see on_return)
+                    for i, (offset, size) in enumerate(pairs):
+                        self.on_return(offset, size, (at, i))
                 except ProtocolError as exc:
                     self.fail(exc.strerror or "bad returned slot")
                 self.applied.add(at)
@@ -552,52 +583,70 @@ class FrameReader:
         rs.frame[slot] = at
         return slot
 
-    def _adopt(self, size: int, fdslot: int) -> None:
-        """The peer's REGION: its one descriptor checked and mapped read-only, or ProtocolError."""
-        fd, = self.impl.chan_fds(self.rx, fdslot)
-        self.rs.nfds[fdslot] = 0  # given over: the region (or the close below) owns it
+    def _adopt(self, size: int, fdslot: int, at: int) -> None:
+        """The peer's REGION (its frame at stream offset `at`): its descriptor checked and mapped read-only, or ProtocolError.
+
+        The descriptor stays the held read's (closed once the frame is
+        behind `start`, or by `fail`): the mapping does not need it, so an
+        exception from a signal handler before the commit leaves nothing
+        behind, and the frame parsed again adopts the region again; after
+        the commit, the frame parsed again is known by `lane_at`.
+        """
         if self.lane is not None:
-            os.close(fd)
+            if self.lane_at == at:
+                return  # adopted already: the same frame, parsed again
             self.fail("a second REGION frame")
         if not 1 <= size <= self.max_region:
-            os.close(fd)
             self.fail("a region of %d bytes announced, the limit is %d" % (size, self.max_region))
+        fd, = self.impl.chan_fds(self.rx, fdslot)
         try:
-            self.lane = RegionReader(fd, size, max_slots=self.max_slots)
+            lane = RegionReader(fd, size, max_slots=self.max_slots, owned=False)
         except ProtocolError as exc:
             self.fail(exc.strerror or "bad region")
-        except BaseException:
+            return  # not reached
+        except (OSError, MemoryError):
             self.close()  # out of descriptors or memory here: the stream cannot go on in step
             raise
+        # the commit: stores only
+        self.lane = lane
+        self.lane_at = at
 
-    def _returned(self, pairs: List[Tuple[int, int]]) -> None:
-        """The slots of this end's region the peer gave back (a RETURN frame)."""
+    def _returned(self, pairs: List[Tuple[int, int]], at: int) -> None:
+        """The slots of this end's region the peer gave back (a RETURN frame at stream offset `at`)."""
         on_return = self.on_return
         if on_return is None:
             self.fail("a RETURN frame, and this end sent no slots")
             return  # not reached
-        for offset, length in pairs:
+        for i, (offset, length) in enumerate(pairs):
             try:
-                on_return(offset, length)
+                on_return(offset, length, (at, i))  # (marked: see scan_returns)
             except ProtocolError as exc:
                 self.fail(exc.strerror or "bad returned slot")
 
-    def _release(self, offset: int, length: int) -> None:
-        """The slot is no longer read here: to be sent back (`take_returns`)."""
-        lane = self.lane
-        if lane is not None:
-            self.returns.append(lane.release(offset, length))
-            self.returning += length
-
     def _release_held(self) -> None:
-        """Release the slots a batch handed out in place; a slot whose view is still exported stays."""
+        """The slots a batch handed out in place join `returns`; a slot whose view is still exported stays.
+
+        Releasing a view again is a no-op, so a pass an exception stopped
+        is made again by the next receive; the lists change at the end,
+        with stores only.
+        """
+        lane = self.lane
         kept: List[Slot] = []
+        freed: List[Slot] = []
+        nbytes = 0
         for slot in self.lane_held:
             try:
-                self._release(slot.offset, slot.length)
+                if lane is not None:
+                    lane.release_view(slot.offset)
             except BufferError:
                 kept.append(slot)  # the caller still holds it: never overwritten under it
+                continue
+            freed.append(slot)
+            nbytes += slot.length
+        # the commit: stores only
         self.lane_held = kept
+        self.returns += freed
+        self.returning += nbytes
 
     def _close_lane(self) -> None:
         """Unmap the peer's region and forget its slots (at the end, on error, at close)."""
@@ -606,9 +655,30 @@ class FrameReader:
         self.lane_held = []
         self.returns = []
         self.returning = 0
+        self.return_n = 0
         if lane is not None:
             self.lane = None
             lane.close()
+
+    def forget_returns(self) -> None:
+        """In a child after fork(): the slots in `returns` are the parent's to send back; forgotten here.
+
+        Returned by both processes, the second return would break the
+        peer's channel.  They leave the lane's ledger all the same (as
+        `return_segment` releases them): the peer names them again once
+        the parent returned them, and this copy must not take that for an
+        overlap.
+        """
+        lane = self.lane
+        if lane is not None:
+            for slot in self.returns:
+                try:
+                    lane.discard(slot.offset, slot.length)
+                except BufferError:
+                    pass  # a view still exported: held, as a batch's slot is
+        self.returns = []
+        self.returning = 0
+        self.return_n = 0
 
     def forget_held(self) -> None:
         """In a child after fork(): the slots a batch holds are the parent's to return.
@@ -616,34 +686,67 @@ class FrameReader:
         Released here from this copy's ledger (where no view of them is
         still exported) but never returned: the parent returns them at its
         next receive, and a second return from the child would free a slot
-        the peer has since filled again.
+        the peer has since filled again.  (`discard` can be made again: a
+        pass stopped half way leaves `lane_held` whole for the next.)
         """
         lane = self.lane
-        held = self.lane_held
-        self.lane_held = []
         if lane is not None:
-            for slot in held:
+            for slot in self.lane_held:
                 try:
-                    lane.release(slot.offset, slot.length)
+                    lane.discard(slot.offset, slot.length)
                 except BufferError:
                     pass  # still exported here: it stays held in this copy only
+        self.lane_held = []
 
-    def take_returns(self) -> List[Slot]:
-        """The slots released since the last call, to send back in RETURN frames (`frames.return_frames`)."""
+    def return_segment(self) -> Optional[Segment]:
+        """The next RETURN frame to write, for the slots at the front of `returns`; None when none wait.
+
+        The slots are released from the lane's ledger first (each release
+        can be made again: they stay in `returns` until `settle_returns`
+        sees their frame went).  After writing it (or failing to), call
+        `settle_returns`; a frame made and never settled is settled by the
+        next call.
+        """
+        self.settle_returns()
         returns = self.returns
-        if returns:
-            self.returns = []
-            self.returning = 0
-        return returns
+        lane = self.lane
+        if not returns or lane is None:
+            return None
+        slots = returns[:RETURN_MAX_SLOTS]
+        for slot in slots:
+            lane.discard(slot.offset, slot.length)
+        log: List[int] = []
+        frame, = return_frames(slots)
+        seg = lane_segment(frame, (), log)
+        nbytes = sum(slot.length for slot in slots)
+        # the commit: stores only
+        self.return_log = log
+        self.return_n = len(slots)
+        self.return_bytes = nbytes
+        return seg
 
-    def keep_returns(self, slots: List[Slot]) -> None:
-        """Put back, ahead of the others, slots `take_returns` gave that could not be written."""
-        if slots and self.lane is not None:  # (none to send once the peer's region is gone)
-            self.returns[:0] = slots
-            self.returning += sum(slot.length for slot in slots)
+    def settle_returns(self) -> None:
+        """The RETURN frame `return_segment` made: its slots leave `returns` if a byte of it went.
 
-    def returns_due(self) -> bool:
+        Known from its write log, which the write fills inside the C call:
+        a count lost to a signal handler's exception neither sends the
+        slots twice (a fault at the peer) nor keeps them for ever.
+        """
+        n = self.return_n
+        if not n:
+            return
+        # the commit: stores only
+        if self.return_log:
+            self.returns = self.returns[n:]
+            self.returning -= self.return_bytes
+        self.return_n = 0
+
+    def returns_due(self, after: int = 0) -> bool:
         """True when the slots released (`returns`) must be written now, not with later ones.
+
+        `after`: as if that many more messages were taken (a receive asks
+        before it takes, so that an exception while writing them never
+        comes after a message was taken: see `Channel._before_take`).
 
         A receive that hands out a message of the lane releases its slot;
         writing a RETURN frame for each costs a system call per message.
@@ -663,17 +766,19 @@ class FrameReader:
         if (lane is None or len(returns) >= RETURN_MAX_SLOTS
                 or self.returning * 4 >= lane.region.size):
             return True
-        return not self.holds_message()
+        return not self.holds_message(after)
 
-    def holds_message(self) -> bool:
+    def holds_message(self, after: int = 0) -> bool:
         """True when the next receive hands out a message without reading the socket.
+
+        `after`: as if that many more of the messages parsed were taken.
 
         A message parsed and not taken, or a complete frame among the bytes
         held that is a message (a REGION or RETURN frame is not; a frame
         the parse will refuse counts, as the next receive ends there too).
         Reads headers only: nothing changes.
         """
-        if self.next < self.parsed or self.lane_msg is not None:
+        if self.parsed - self.next + (self.lane_msg is not None) > after:
             return True
         buf, end, pos = self.buffer, self.rs.end, self.start
         for _ in range(16):  # a few control frames ahead of a message at most
@@ -687,17 +792,54 @@ class FrameReader:
             pos += HEADER_SIZE + length
         return False
 
-    def _take_lane(self) -> Tuple[SlotMessage, bytes]:
-        """The slot message, copied out and released (its descriptors stay held); IndexError when none."""
+    def _slot_message(self) -> SlotMessage:
+        """The slot message parsed and not taken (pure); IndexError when none, MessageKindError for an object."""
         msg = self.lane_msg
         if msg is None:
             raise self._none_parsed()
         if isinstance(msg, ObjectMessage):
             raise _object_next()
+        return msg
+
+    def copy_lane(self, drop: bool = False) -> None:
+        """Copy the lane's message (next to hand out) out of the peer's region, ahead of its take; its slots join `returns`.
+
+        For a receive that writes RETURN frames before it takes (see
+        `returns_due`), so that the slot of the message it takes goes back
+        at once all the same.  The message stays next, with its copy (a
+        receive that an exception stops before the take hands out the
+        copy).  Does nothing for a message copied already; an object's
+        parts are copied as `take_object` would, or, with `drop` (an
+        object refused: `take_object(drop=True)` follows), not at all.
+        """
+        msg = self.lane_msg
+        if isinstance(msg, SlotMessage) and msg.copy is None:
+            data = msg.view.tobytes()
+            # the commit: stores only
+            msg.copy = data
+            self.returns += (msg.slot,)
+            self.returning += msg.length
+        elif isinstance(msg, ObjectMessage) and msg.copies is None:
+            parts: List[Any] = [] if drop else self._object_copies(msg)
+            # the commit: stores only
+            msg.copies = parts
+            self.returns += msg.held
+            self.returning += msg.held_bytes
+
+    def _take_lane(self) -> bytes:
+        """The slot message, copied out; its slot joins `returns` (its descriptors stay held)."""
+        msg = self._slot_message()
+        if msg.copy is not None:
+            copied = msg.copy
+            self.lane_msg = None  # (its slot went back with the copy)
+            return copied
         data = msg.view.tobytes()
+        # the commit: stores only (the view is released with the slot's
+        # RETURN frame, see return_segment)
+        self.returns += (msg.slot,)
+        self.returning += msg.length
         self.lane_msg = None
-        self._release(msg.offset, msg.length)
-        return msg, data
+        return data
 
     def _claim(self, n: int) -> Tuple[int, Optional[str]]:
         """Match each parsed frame to the descriptors it declares (docs/PROTOCOL.md, Descriptors).
@@ -808,7 +950,7 @@ class FrameReader:
         """The next message's payload (its descriptors are closed at the next receive)."""
         i = self.next
         if i >= self.parsed:
-            return self._take_lane()[1]
+            return self._take_lane()
         t = self.table
         o = t.offsets[i]
         data = bytes(self.view[o:o + t.lengths[i]])
@@ -832,7 +974,7 @@ class FrameReader:
             return data
         n = self.parsed - i
         if n <= 0:
-            return self._take_lane()[1] if self.lane_msg is not None else None
+            return self._take_lane() if self.lane_msg is not None else None
         copies = self._copies(i, n)
         # the commit: stores only
         self.copies, self.copied_from, self.ncopied = copies, i, n
@@ -846,7 +988,7 @@ class FrameReader:
         i = self.next
         n = min(self.parsed - i, max_messages)
         if n <= 0:
-            return [self._take_lane()[1]] if self.lane_msg is not None else []
+            return [self._take_lane()] if self.lane_msg is not None else []
         messages = self._copies(i, n)
         self.next = i + n
         return messages
@@ -881,7 +1023,7 @@ class FrameReader:
         """The next message, an object: its pickle stream and out-of-band buffers, this end's own.
 
         Inline parts are views of the payload's copy; a part in a slot is
-        copied out and the slot released (sent back by `take_returns`): the
+        copied out and its slot joins `returns` (sent back by `return_segment`): the
         peer keeps writing its region, and a slot changed while it is
         unpickled must not change what is unpickled.  The copy of a part
         the sender flagged READ_ONLY is a bytes object, which rebuilds a
@@ -899,25 +1041,39 @@ class FrameReader:
         if self.next < self.parsed or not isinstance(msg, ObjectMessage):
             raise MessageKindError("the next message is not an object: receive it with "
                                    "recv(), recv_message() or the other receives")
-        parts: List[Any] = [] if drop else [
-            part if slot is None else bytes(part) if read_only else bytearray(part)
-            for part, slot, read_only in zip(msg.parts, msg.slots, msg.read_only)]
-        # the commit: stores only
+        if msg.copies is not None:
+            copied = msg.copies
+            self.lane_msg = None  # (its slots went back with the copies: copy_lane)
+            return [] if drop else copied
+        parts: List[Any] = [] if drop else self._object_copies(msg)
+        # the commit: stores only (its slots go back together, see _take_lane)
+        self.returns += msg.held
+        self.returning += msg.held_bytes
         self.lane_msg = None
-        for slot in msg.slots:
-            if slot is not None:
-                self._release(slot.offset, slot.length)
         return parts
+
+    @staticmethod
+    def _object_copies(msg: ObjectMessage) -> List[Any]:
+        """The parts of `msg` as this end's own: copies of those in slots (see take_object)."""
+        return [part if slot is None else bytes(part) if read_only else bytearray(part)
+                for part, slot, read_only in zip(msg.parts, msg.slots, msg.read_only)]
 
     def take_message(self) -> Message:
         """The next message with its descriptors, handed over to the caller."""
         i = self.next
         if i >= self.parsed:
-            msg, data = self._take_lane()
+            msg = self._slot_message()
             fds = self.impl.chan_fds(self.rx, msg.fdslot) if msg.fdslot >= 0 else []
+            copied = msg.copy
+            lane_message = Message(msg.view.tobytes() if copied is None else copied, tuple(fds))
+            # the commit: stores only (as _take_lane)
             if msg.fdslot >= 0:
                 self.rs.nfds[msg.fdslot] = 0  # given over
-            return Message(data, tuple(fds))
+            if copied is None:
+                self.returns += (msg.slot,)
+                self.returning += msg.length
+            self.lane_msg = None
+            return lane_message
         t = self.table
         o = t.offsets[i]
         slot = self._slot_of(i) if t.nfds[i] else -1
@@ -968,13 +1124,20 @@ class FrameReader:
         return batch
 
     def _lane_batch(self, msg: SlotMessage) -> FrameBatch:
-        """The slot message in place: a batch of one, its buffer the slot (no header before it)."""
+        """The slot message in place: a batch of one, its buffer the slot (no header before it).
+
+        (Its copy instead, when a receive that an exception stopped made
+        one: the slot went back then, see `copy_lane`.)
+        """
         take = self._taker({0: msg.fdslot}) if msg.fdslot >= 0 else None
-        batch = FrameBatch(msg.view, memoryview(array.array("Q", [0])),
+        copied = msg.copy
+        batch = FrameBatch(msg.view if copied is None else memoryview(copied),
+                           memoryview(array.array("Q", [0])),
                            memoryview(array.array("Q", [msg.length])), None, 0, msg.length, take)
         # the commit: stores only
         self.batch = batch
-        self.lane_held.append(Slot(msg.offset, msg.length))
+        if copied is None:
+            self.lane_held += (msg.slot,)
         self.lane_msg = None
         return batch
 

@@ -33,22 +33,32 @@ Frames = Union[bytes, memoryview]
 class Segment:
     """Messages sent with one write: a run without descriptors, or one message with them."""
 
-    __slots__ = ("datas", "lengths", "joined", "fds", "packed")
+    __slots__ = ("datas", "lengths", "joined", "fds", "packed", "log")
 
     def __init__(self, datas: Any, lengths: List[int], joined: bytes,
-                 fds: Tuple[int, ...] = (), packed: Optional[bytes] = None) -> None:
+                 fds: Tuple[int, ...] = (), packed: Optional[bytes] = None,
+                 log: Optional[List[int]] = None) -> None:
         self.datas = datas
         self.lengths = lengths
         self.joined = joined
         self.fds = fds
         # the frame already packed: one of the lane's version-2 frames
         self.packed = packed
+        # a lane frame's own list for the writer's `taken` (FrameWriter.begin):
+        # the byte counts the kernel took of it, appended in the C call that
+        # writes (see _chanio.write), kept with the frame after the write
+        # ends: the lane's bookkeeping asks it whether its frame went
+        self.log = log
 
 
-def lane_segment(frame: bytes, fds: Tuple[int, ...] = ()) -> Segment:
-    """One packed version-2 frame (frames.region_frame, slot_frame, return_frames) as a segment."""
+def lane_segment(frame: bytes, fds: Tuple[int, ...] = (),
+                 log: Optional[List[int]] = None) -> Segment:
+    """One packed version-2 frame (frames.region_frame, slot_frame, return_frames) as a segment.
+
+    `log`: see `Segment.log`.
+    """
     payload = frame[HEADER_SIZE:]
-    return Segment([payload], [len(payload)], payload, fds, frame)
+    return Segment([payload], [len(payload)], payload, fds, frame, log)
 
 
 class Records:
@@ -220,11 +230,13 @@ class FrameWriter:
         n = self.impl.pack_frames(out, datas, joined, lengths, nfds)
         return memoryview(out)[:n]
 
-    def begin(self, frames: Frames, lengths: Optional[List[int]]) -> None:
+    def begin(self, frames: Frames, lengths: Optional[List[int]],
+              taken: Optional[List[int]] = None) -> None:
         """Start writing `frames`: a segment's (`lengths`: its messages' payload sizes), or `pending`.
 
         The writer then appends each count the kernel takes to `taken`
-        (which begin makes new), and `settle` ends the write.
+        (which begin makes new, or the segment's `log`: see Segment.log),
+        and `settle` ends the write.
 
         Raises:
             RuntimeError: a write is in progress (see `settle`), or a
@@ -236,7 +248,8 @@ class FrameWriter:
         if lengths is not None and self.pending:
             raise RuntimeError("%d pending bytes must be written before the next segment"
                                % len(self.pending))
-        self.taken, self.writing_lengths, self.writing = [], lengths, frames
+        self.taken, self.writing_lengths, self.writing = (
+            [] if taken is None else taken), lengths, frames
 
     def settle(self) -> int:
         """End the write in progress, if any; how many of its messages count as sent.

@@ -13,7 +13,7 @@ import threading
 from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 from . import _checks
-from .frames import region_frame, return_frames, slot_frame, unpack_pairs
+from .frames import ProtocolError, region_frame, return_frames, slot_frame
 from .framewriter import Segment, lane_segment
 from .shm import MAX_REGION_SIZE, Loan, RegionWriter
 from .slots import Slot
@@ -39,99 +39,217 @@ class LaneSender:
     come back.
     """
 
-    __slots__ = ("region", "threshold", "announced", "lock", "room", "on_room")
+    __slots__ = ("region", "threshold", "lock", "room", "on_room", "on_fault", "staged",
+                 "staged_loan", "log", "region_log")
 
     def __init__(self, size: int, threshold: int = DEFAULT_THRESHOLD) -> None:
         """Raises:
             TypeError, ValueError: size not from 1 to MAX_REGION_SIZE, threshold below 1.
             OSError: as `afunix.shm.Region.create` (ENOSYS where memfd or sealing is missing).
         """
-        size = _checks.in_range(size, "shm_size", 1, MAX_REGION_SIZE)
+        size = _checks.in_range(size, "size", 1, MAX_REGION_SIZE)
         self.threshold = _checks.in_range(threshold, "shm_threshold", 1, 1 << 62)
         #: the region, its free space and its slots in flight
         self.region = RegionWriter(size)
-        self.announced = False
         self.lock = threading.Lock()
         #: set when slots come back (a sender waiting in another thread wakes)
         self.room = threading.Event()
         #: called after `room` is set (afunix.aio.Channel wakes a task waiting for room)
         self.on_room: Optional[Callable[[], None]] = None
+        #: called when `settle` finds the peer broke the protocol, before it
+        #: raises ProtocolError (the channel closes: as for a fault its
+        #: reader finds)
+        self.on_fault: Optional[Callable[[], None]] = None
+        # The frame being made (see `begin`): the slots taken for it, or the
+        # loan it sends, and the byte counts its writes took (Segment.log,
+        # appended inside the C call that writes).  A signal handler's
+        # exception can stop a sending call anywhere; what it was making is
+        # settled by the next call from the log: the frame went (a byte of
+        # it, the rest is pending), so its slots are in flight; or it did
+        # not, so they are free again (a loan open again).
+        self.staged: List[Slot] = []
+        self.staged_loan: Optional[Loan] = None
+        self.log: List[int] = []
+        # the writes of the REGION frame: announced once a byte of it went
+        self.region_log: List[int] = []
+
+    @property
+    def announced(self) -> bool:
+        """True once the REGION frame went (a byte of it: the rest is pending, and goes first)."""
+        return bool(self.region_log)
 
     def wants(self, nbytes: int) -> bool:
         """True when a message of `nbytes` goes through the lane (it fits the region at all)."""
         return self.threshold <= nbytes <= self.region.size
 
     def announcement(self) -> Optional[Segment]:
-        """The REGION frame with the region's descriptor until `announced` is set; then None.
+        """The REGION frame with the region's descriptor until it went (`announced`); then None.
 
-        The caller sets `announced` once the frame's first write went.
+        Its writes are logged in `region_log`: whether it went is known
+        even when a signal handler's exception loses the count the write
+        returned, so it is never written twice.
         """
-        if self.announced:
+        if self.region_log:
             return None
-        return lane_segment(region_frame(self.region.size), (self.region.fileno(),))
+        return lane_segment(region_frame(self.region.size), (self.region.fileno(),),
+                            self.region_log)
+
+    def settle(self) -> None:
+        """Settle the frame a sending call was making (`begin`), from its log.
+
+        A byte of it went: its slots are in flight.  None went: its slots
+        are free again and its loan is open again (a slot marked `sending`
+        is recalled first: the peer never heard of it).  Each step commits
+        with stores (a slot freed is removed from `staged` in the same
+        commit), so a settle that an exception stops is finished by the
+        next.
+
+        Raises:
+            ProtocolError: the peer returned a slot of the frame, or the
+                slot of the loan, though none of the frame went: it named
+                a slot it was never sent (docs/PROTOCOL.md).  The loan
+                stays committed then: its slot is not this end's any more.
+                `on_fault` is called first (the channel closes).
+        """
+        staged = self.staged
+        if self.log:
+            # the commit: stores only
+            self.staged = []
+            self.staged_loan = None
+            return
+        loan = self.staged_loan
+        if loan is not None:
+            if not loan.open and not self.region.region.closed:
+                try:
+                    loan.reopen()
+                except ProtocolError:
+                    self.staged_loan = None  # the slot is not this end's: the loan stays committed
+                    self._fault()
+                    raise
+            self.staged_loan = None
+        region = self.region
+        allocator = region.allocator
+        freed = bool(staged)
+        lie: Optional[Slot] = None
+        while staged:
+            slot = staged[-1]
+            with self.lock:
+                if region.region.closed:
+                    del staged[-1]  # forgotten with the region
+                    continue
+                if not allocator.holds(slot.offset, slot.length):
+                    # Marked sending, then freed by a RETURN frame read in
+                    # another thread while this frame waited to be written,
+                    # and none of it went: the peer returned a slot it was
+                    # never sent.  Free all the same (as a frame not sent
+                    # leaves it), and refused below.
+                    lie = slot
+                    del staged[-1]
+                    continue
+                if not allocator.is_lent(slot.offset, slot.length):
+                    region.recall(slot.offset, slot.length)  # its frame never went
+                region.withdraw(slot.offset, slot.length, keep=staged)
+        if freed:
+            self._woken()
+        if lie is not None:
+            self._fault()
+            raise ProtocolError("returned slot (offset %d, length %d) was never sent: its frame "
+                                "was not written" % (lie.offset, lie.length))
+
+    def _fault(self) -> None:
+        """The peer broke the protocol (see `settle`): `on_fault`, if set."""
+        on_fault = self.on_fault
+        if on_fault is not None:
+            on_fault()
+
+    def begin(self) -> List[int]:
+        """Settle what an interrupted call left (`settle`) and start a frame: the log for its segment."""
+        if self.staged or self.staged_loan is not None:
+            self.settle()
+        log: List[int] = []
+        self.log = log
+        return log
 
     def try_segment(self, data: Any, fds: Tuple[int, ...] = ()) -> Optional[Segment]:
         """`data` copied into a free slot, as the SLOT frame to write; None when no slot is free now.
 
+        The slot is staged (`begin`): after a failed write call `settle`.
+
         Raises:
             ValueError: `data` is empty or larger than the region.
         """
+        log = self.begin()
         with self.lock:
             self.room.clear()
-            slot = self.region.try_copy(data)
+            slot = self.region.try_copy(data, self.staged)
             if slot is not None:
                 self.region.sending(slot.offset, slot.length)  # its frame goes next
         if slot is None:
             return None
-        return lane_segment(slot_frame(slot.offset, slot.length, len(fds)), fds)
+        return lane_segment(slot_frame(slot.offset, slot.length, len(fds)), fds, log)
 
     def try_loan(self, nbytes: int) -> Optional[Loan]:
         """A `Loan` of a free slot of `nbytes` bytes to fill in place; None when none is free now.
 
         Abandoned, its slot comes back as a returned one does; the peer
-        may return it only once `loan_segment` made its frame.
+        may return it only once `loan_segment` made its frame.  The slot
+        is staged until `lent` says the loan reached the caller.
 
         Raises:
             ValueError: `nbytes` below 1 or over the region's size, or the region is closed.
         """
         region = self.region
+        self.begin()
         with self.lock:
             self.room.clear()
             if region.region.closed:
                 raise ValueError("I/O operation on closed region")
-            slot = region.allocator.try_allocate(nbytes)
+            slot = region.allocator.try_allocate(nbytes, self.staged)
         if slot is None:
             return None
         return Loan(slot, region.region.view(slot.offset, slot.length), self, region.region)
 
+    def lent(self) -> None:
+        """The loan `try_loan` gave is the caller's now (a store: see `settle`)."""
+        self.staged = []
+
     def loan_segment(self, loan: Loan, fds: Tuple[int, ...] = ()) -> Segment:
         """The SLOT frame naming the filled slot of `loan` (committed: its view is released).
+
+        The loan is staged: after a failed write call `settle` (it opens
+        the loan again when nothing went).
 
         Raises:
             ValueError: the loan is not open.
             BufferError: a buffer exported from its view is alive (the loan stays open).
         """
+        log = self.begin()
+        self.staged_loan = loan  # before the commit: an exception after it finds it here
         slot = loan.commit()
-        return lane_segment(slot_frame(slot.offset, slot.length, len(fds)), fds)
+        return lane_segment(slot_frame(slot.offset, slot.length, len(fds)), fds, log)
 
-    def give_back(self, offset: int, length: int) -> None:
+    def give_back(self, offset: int, length: int, mark: Any = None) -> None:
         """A slot the peer returned (FrameReader's on_return); ProtocolError for one not in flight.
 
-        Once the lane is closed every slot is forgotten, and a return that
-        comes after (read by a receive in another thread as the channel
-        closes) is dropped: it is no fault of the peer's.
+        `mark` names the return (where its RETURN frame is, which slot of
+        it; increasing): one at or below the last applied is that return
+        applied again, after a signal handler's exception stopped the
+        first pass over its frame, and is skipped.  Once the lane is closed
+        every slot is forgotten, and a return that comes after (read by a
+        receive in another thread as the channel closes) is dropped: it is
+        no fault of the peer's.
         """
+        allocator = self.region.allocator
         with self.lock:
             if self.region.region.closed:
                 return
-            self.region.give_back(offset, length)
-        self.room.set()
-        on_room = self.on_room
-        if on_room is not None:
-            on_room()
+            last = allocator.last_mark
+            if mark is None or last is None or mark > last:
+                allocator.free(offset, length, mark)
+        self._woken()
 
-    # A loan's moves (shm.Lender), and the channel's for slots it placed:
-    # under the lock, as the receiving thread frees slots under it.
+    # A loan's moves (shm.Lender): under the lock, as the receiving thread
+    # frees slots under it.
 
     def sending(self, offset: int, length: int) -> None:
         """The frame naming the lent slot is made: the peer may return it from now on."""
@@ -142,33 +260,35 @@ class LaneSender:
     def recall(self, offset: int, length: int) -> None:
         """The frame naming the slot was not written after all: lent again.
 
+        A slot lent already is left so: a commit or a reopen that an
+        exception (a signal handler's) stopped between its steps is done
+        again (see `settle`).
+
         Raises:
             ProtocolError: the peer returned it before it was sent.
         """
         with self.lock:
-            if not self.region.region.closed:
-                self.region.recall(offset, length)
+            region = self.region
+            if not region.region.closed and not region.allocator.is_lent(offset, length):
+                region.recall(offset, length)
 
-    def withdraw(self, offset: int, length: int) -> None:
-        """A lent slot given up unsent: free again (a sender waiting for room wakes)."""
+    def withdraw(self, offset: int, length: int, keep: Optional[List[Slot]] = None) -> None:
+        """A lent slot given up unsent: free again (a sender waiting for room wakes).
+
+        `keep`: see `SlotAllocator.withdraw`.
+        """
         with self.lock:
             if self.region.region.closed:
                 return
-            self.region.withdraw(offset, length)
+            self.region.withdraw(offset, length, keep)
+        self._woken()
+
+    def _woken(self) -> None:
+        """Slots came back: a sender waiting for room wakes (`room`, `on_room`)."""
         self.room.set()
         on_room = self.on_room
         if on_room is not None:
             on_room()
-
-    def abandon(self, seg: Segment) -> None:
-        """The SLOT frame `seg` was not written at all: its slot is free again.
-
-        Raises:
-            ProtocolError: the peer returned it before it was sent (it is free already).
-        """
-        (offset, length), = unpack_pairs(seg.joined)
-        self.recall(offset, length)
-        self.withdraw(offset, length)
 
     @property
     def in_flight(self) -> int:

@@ -194,12 +194,15 @@ def pickle_object(obj: Any, *, threshold: int = DEFAULT_THRESHOLD) -> PickledObj
 
 
 def place_parts(pickled: PickledObject, writer: Optional[RegionWriter], *,
-                threshold: int = DEFAULT_THRESHOLD) -> List[Optional[Slot]]:
+                threshold: int = DEFAULT_THRESHOLD,
+                keep: Optional[List[Slot]] = None) -> List[Optional[Slot]]:
     """Copy each part of at least `threshold` bytes into a free slot of `writer`; None: inline.
 
     Never waits: a part for which no slot is free now, or that is larger
     than the region, stays inline, as all do without a writer.  On an error, the slots already taken are given
     back before it is raised.  The slots are lent: say `RegionWriter.sending` before the frame naming them goes.
+    `keep`: as for `SlotAllocator.try_allocate`; with it, the slots taken
+    stay in it on an error, for its owner to give up.
     """
     threshold = _checks.in_range(threshold, "threshold", 1, (1 << 63) - 1)
     if writer is None:
@@ -208,11 +211,12 @@ def place_parts(pickled: PickledObject, writer: Optional[RegionWriter], *,
     try:
         for view in pickled.parts:
             fits = threshold <= view.nbytes <= writer.size
-            placed.append(writer.try_copy(view) if fits else None)
+            placed.append(writer.try_copy(view, keep) if fits else None)
     except BaseException:
-        for slot in placed:
-            if slot is not None:
-                writer.withdraw(slot.offset, slot.length)
+        if keep is None:
+            for slot in placed:
+                if slot is not None:
+                    writer.withdraw(slot.offset, slot.length)
         raise
     return placed
 

@@ -35,7 +35,7 @@ import os
 import stat
 import sys
 from types import TracebackType
-from typing import Any, Callable, Optional, Protocol, Type
+from typing import Any, Callable, List, Optional, Protocol, Type
 
 from . import _backend, _checks
 from ._kernel import (F_ADD_SEALS, F_GET_SEALS, F_SEAL_FUTURE_WRITE, F_SEAL_GROW, F_SEAL_SEAL,
@@ -202,11 +202,15 @@ class Region:
         return cls(fd, mapping, size, writable=True)
 
     @classmethod
-    def adopt(cls, fd: int, size: int) -> "Region":
+    def adopt(cls, fd: int, size: int, *, owned: bool = True) -> "Region":
         """The region behind `fd`, received from a peer who announced `size` bytes; read-only.
 
         Takes ownership of `fd`: it is closed on every failure, and by
-        `close` after success.  Checks, before mapping: the descriptor is a
+        `close` after success.  With ``owned=False`` it stays the caller's
+        (closed by the caller, whatever happens here): the mapping does
+        not need it, and a caller interrupted before it stores the region
+        (a signal handler's exception) loses nothing but the mapping, which
+        goes with the object.  Checks, before mapping: the descriptor is a
         regular file with the seals F_SEAL_SHRINK, F_SEAL_GROW,
         F_SEAL_FUTURE_WRITE and F_SEAL_SEAL (so its size is fixed for good
         and no hole can be punched in it), its size is `size`, and all of
@@ -259,9 +263,10 @@ class Region:
             except ValueError as exc:
                 raise ProtocolError("region cannot be mapped for reading: %s" % exc) from None
         except BaseException:
-            os.close(fd)
+            if owned:
+                os.close(fd)
             raise
-        return cls(fd, mapping, size, writable=False)
+        return cls(fd if owned else -1, mapping, size, writable=False)
 
     @property
     def size(self) -> int:
@@ -313,18 +318,24 @@ class Region:
         if root is None:
             return
         self._root = self._map = None
-        root.release()
+        # Each step in a finally: an exception (a signal handler's) after
+        # any of them still leaves the rest done, and once `_root` is None
+        # a second close does nothing.
         try:
-            os.close(self._fd)
+            root.release()
         finally:
-            if mapping is not None:
-                try:
-                    mapping.close()
-                except BufferError:
-                    # CPython: a view made by `view` (or one derived from it) is
-                    # alive.  Dropping our reference leaves the mapping to the
-                    # mmap object, which unmaps it when that view is released.
-                    pass
+            try:
+                if self._fd >= 0:  # (-1: a region adopted without its descriptor)
+                    os.close(self._fd)
+            finally:
+                if mapping is not None:
+                    try:
+                        mapping.close()
+                    except BufferError:
+                        # CPython: a view made by `view` (or one derived from it) is
+                        # alive.  Dropping our reference leaves the mapping to the
+                        # mmap object, which unmaps it when that view is released.
+                        pass
 
     def __enter__(self) -> "Region":
         return self
@@ -350,7 +361,7 @@ class Lender(Protocol):
 
     def recall(self, offset: int, length: int) -> None: ...
 
-    def withdraw(self, offset: int, length: int) -> None: ...
+    def withdraw(self, offset: int, length: int, keep: Optional[List[Slot]] = None) -> None: ...
 
 
 class Loan:
@@ -375,7 +386,7 @@ class Loan:
     in flight; the peer maps the region read-only and never faults).
     """
 
-    __slots__ = ("slot", "_view", "_lender", "_region")
+    __slots__ = ("slot", "_view", "_lender", "_region", "_held")
 
     def __init__(self, slot: Slot, view: memoryview, lender: Lender, region: Region) -> None:
         #: the slot lent: its offset and length in the region
@@ -385,6 +396,10 @@ class Loan:
         # free again at abandon (until then the peer may not return it)
         self._lender = lender
         self._region = region
+        # the slot until `abandon` gave it back: the lender frees it and
+        # empties this list in one commit, so an abandon stopped half way
+        # (a signal handler's exception) and made again frees it once
+        self._held = [slot]
 
     @property
     def region(self) -> Region:
@@ -412,8 +427,15 @@ class Loan:
         view = self._view
         if view is None:
             raise ValueError("the loan was already committed or abandoned")
-        view.release()  # BufferError while an export exists: the loan stays open
+        # Closed first, then released: an exception (a signal handler's)
+        # after the release finds the loan closed, never open with its view
+        # released (`send_loan` opens a loan whose frame did not go again).
         self._view = None
+        try:
+            view.release()
+        except BufferError:
+            self._view = view  # an export is alive: the loan stays open
+            raise
 
     def commit(self) -> Slot:
         """Hand the filled slot over; return it, for the frame that names it.
@@ -455,15 +477,26 @@ class Loan:
     def abandon(self) -> None:
         """Give the slot back unsent (nothing to give back once the region is closed).
 
+        An exception that stops it (a signal handler's) leaves the loan
+        open, its view released: abandon it again to finish.
+
         Raises:
             ValueError: already committed or abandoned.
             BufferError: a buffer exported from `view` is still alive.
         """
-        self._finish()
-        # RegionWriter.close forgot every slot: freeing this one then would
-        # be refused as a bad return, the error of a broken peer.
-        if not self._region.closed:
-            self._lender.withdraw(self.slot.offset, self.slot.length)
+        view = self._view
+        if view is None:
+            raise ValueError("the loan was already committed or abandoned")
+        view.release()  # BufferError while an export exists: the loan stays open
+        # Still open until the slot is free: an exception before that
+        # leaves the loan to abandon again, never closed with its slot
+        # lent for good.  RegionWriter.close forgot every slot: freeing
+        # this one then would be refused as a bad return, the error of a
+        # broken peer.
+        held = self._held
+        if held and not self._region.closed:
+            self._lender.withdraw(self.slot.offset, self.slot.length, held)
+        self._view = None
 
     def __enter__(self) -> "Loan":
         return self
@@ -516,22 +549,27 @@ class RegionWriter:
         """The region's descriptor, to pass to the peer (still owned here)."""
         return self.region.fileno()
 
-    def try_loan(self, length: int) -> Optional[Loan]:
+    def try_loan(self, length: int, keep: Optional[List[Slot]] = None) -> Optional[Loan]:
         """A `Loan` of a free slot of `length` bytes, or None when none is free now.
+
+        `keep`: as for `SlotAllocator.try_allocate`.
 
         Raises:
             ValueError: `length` below 1 or over the region's size, or the region is closed.
         """
         if self.region.closed:
             raise ValueError("I/O operation on closed region")
-        slot = self.allocator.try_allocate(length)
+        slot = self.allocator.try_allocate(length, keep)
         if slot is None:
             return None
         return Loan(slot, self.region.view(slot.offset, slot.length), self.allocator,
                     self.region)
 
-    def try_copy(self, data: Any) -> Optional[Slot]:
+    def try_copy(self, data: Any, keep: Optional[List[Slot]] = None) -> Optional[Slot]:
         """Copy the bytes-like `data` into a free slot; the slot (lent), or None when none is free now.
+
+        `keep`: as for `SlotAllocator.try_allocate` (the slot is in it from
+        the moment it is taken; on a failure here it is freed and removed).
 
         Raises:
             TypeError: `data` is not a bytes-like object.
@@ -543,7 +581,7 @@ class RegionWriter:
             nbytes = source.nbytes
             if self.region.closed:
                 raise ValueError("I/O operation on closed region")
-            slot = self.allocator.try_allocate(nbytes)
+            slot = self.allocator.try_allocate(nbytes, keep)
             if slot is None:
                 return None
             try:
@@ -554,7 +592,9 @@ class RegionWriter:
                     else:
                         target[:] = flat
             except BaseException:
-                self.allocator.withdraw(slot.offset, slot.length)
+                # (with `keep`, freed and removed from it in one commit: an
+                # exception that stops this withdraw leaves it there, to its owner)
+                self.allocator.withdraw(slot.offset, slot.length, keep=keep)
                 raise
         return slot
 
@@ -566,9 +606,9 @@ class RegionWriter:
         """Its frame was not written after all: lent again (see `SlotAllocator.recall`)."""
         self.allocator.recall(offset, length)
 
-    def withdraw(self, offset: int, length: int) -> None:
+    def withdraw(self, offset: int, length: int, keep: Optional[List[Slot]] = None) -> None:
         """Give up a lent slot never sent (see `SlotAllocator.withdraw`)."""
-        self.allocator.withdraw(offset, length)
+        self.allocator.withdraw(offset, length, keep)
 
     def give_back(self, offset: int, length: int) -> None:
         """Take back the slot the peer returned.
@@ -603,20 +643,22 @@ class RegionReader:
 
     __slots__ = ("region", "ledger", "_views")
 
-    def __init__(self, fd: int, size: int, *, max_slots: int = DEFAULT_MAX_SLOTS) -> None:
+    def __init__(self, fd: int, size: int, *, max_slots: int = DEFAULT_MAX_SLOTS,
+                 owned: bool = True) -> None:
         """Raises:
             as `Region.adopt` (ProtocolError for a region without the seals
             or of another size); ValueError for a bad max_slots (the
-            descriptor is closed then too).
+            descriptor is closed then too, unless ``owned=False``: see
+            `Region.adopt`).
         """
         try:
             # the ledger checks max_slots before adopt makes any system call
             ledger = SlotLedger(size, max_slots=max_slots)
         except BaseException:
-            if type(fd) is int and fd >= 0:
+            if owned and type(fd) is int and fd >= 0:
                 os.close(fd)  # taken over all the same
             raise
-        region = Region.adopt(fd, size)
+        region = Region.adopt(fd, size, owned=owned)
         #: the region, mapped read-only
         self.region = region
         #: the slots held
@@ -624,12 +666,14 @@ class RegionReader:
         # offset -> (the view handed out, the slot's length)
         self._views: "dict[int, tuple[memoryview, int]]" = {}
 
-    def claim(self, offset: int, length: int) -> memoryview:
+    def claim(self, offset: int, length: int, key: Any = None) -> memoryview:
         """A read-only view of the slot the peer named, recorded as held.
 
         Read-only here only: the peer keeps writing the region, and a
         broken or hostile one can change the slot's bytes while they are
         read.  Check a copy of what must not change between two reads.
+        `key`: see `SlotLedger.claim` (the same claim made again gives the
+        same view).
 
         Raises:
             ProtocolError: out of range, empty, overlapping a slot held, or too many held.
@@ -637,7 +681,10 @@ class RegionReader:
         """
         if self.region.closed:
             raise ValueError("I/O operation on closed region")
-        slot = self.ledger.claim(offset, length)
+        slot = self.ledger.claim(offset, length, key)
+        held = self._views.get(slot.offset)
+        if held is not None and held[1] == slot.length:
+            return held[0]  # claimed again (key): the view made then
         view = self.region.view(slot.offset, slot.length)
         self._views[slot.offset] = (view, slot.length)
         return view
@@ -657,6 +704,32 @@ class RegionReader:
         held[0].release()  # a no-op when the caller released it already
         del self._views[offset]
         return self.ledger.release(offset, length)
+
+    def release_view(self, offset: int) -> None:
+        """Release the view of the held slot at `offset` (it stays held); idempotent.
+
+        Raises:
+            BufferError: a buffer exported from it is still alive (see `release`).
+        """
+        held = self._views.get(offset)
+        if held is not None:
+            held[0].release()
+
+    def discard(self, offset: int, length: int) -> None:
+        """`release`, for a slot that may be released already (then nothing happens).
+
+        Each step can be done again: an exception between two of them (a
+        signal handler's) leaves the rest to the next call.
+
+        Raises:
+            BufferError: as `release`.
+        """
+        held = self._views.get(offset)
+        if held is not None and held[1] == length:
+            held[0].release()
+            del self._views[offset]
+        if self.ledger.holds(offset, length):
+            self.ledger.release(offset, length)
 
     def close(self) -> None:
         """Close the region (idempotent); held slots are forgotten, their views released where possible."""

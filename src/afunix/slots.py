@@ -12,7 +12,7 @@ that carry slots are drafted in docs/PROTOCOL.md ("Shared-memory lane").
 from __future__ import annotations
 
 import bisect
-from typing import Dict, List, NamedTuple, Optional, Set
+from typing import Any, Dict, List, NamedTuple, Optional
 
 from . import _checks
 from .frames import ProtocolError
@@ -63,7 +63,8 @@ class SlotAllocator:
     given up with `withdraw`.
     """
 
-    __slots__ = ("size", "alignment", "_starts", "_free", "_used", "_used_bytes", "_lent")
+    __slots__ = ("size", "alignment", "_starts", "_free", "_used", "_used_bytes", "_lent",
+                 "last_mark")
 
     def __init__(self, size: int, *, alignment: int = DEFAULT_ALIGNMENT) -> None:
         """Args:
@@ -84,11 +85,19 @@ class SlotAllocator:
         self._used: Dict[int, "tuple[int, int]"] = {}
         self._used_bytes = 0
         # offsets of the slots handed out and not sent: the peer has never
-        # heard of them, and a return naming one is a lie
-        self._lent: Set[int] = set()
+        # heard of them, and a return naming one is a lie.  (A dict, not a
+        # set: an item stored or deleted is a store, where set.add is a
+        # call, after which a signal handler may run: see try_allocate.)
+        self._lent: Dict[int, None] = {}
+        #: the mark of the last `free` (see there)
+        self.last_mark: Any = None
 
-    def try_allocate(self, length: int) -> Optional[Slot]:
+    def try_allocate(self, length: int, keep: Optional[List[Slot]] = None) -> Optional[Slot]:
         """A free slot of `length` bytes, or None when none is free now.
+
+        `keep`: a list the slot is also appended to, in the same commit: a
+        caller interrupted before it stores the result (a signal handler's
+        exception) finds the slot there, so it is never lost.
 
         Raises:
             ValueError: `length` is below 1 or larger than the region: it never fits.
@@ -96,7 +105,8 @@ class SlotAllocator:
         length = _checks.in_range(length, "length", 1, self.size)
         mask = self.alignment - 1
         reserved = (length + mask) & ~mask
-        for start in self._starts:  # address order: first fit
+        starts = self._starts
+        for i, start in enumerate(starts):  # address order: first fit
             room = self._free[start]
             if room >= length:
                 break
@@ -105,20 +115,30 @@ class SlotAllocator:
         # The last range of the region may be shorter than the rounded length:
         # the slot then takes what is left.
         reserved = min(reserved, room)
+        slot = Slot(start, length)
+        # the commit: stores only (CPython runs signal handlers at calls,
+        # function entries and backward jumps, so an exception from one
+        # comes before it or after it, never inside)
         del self._free[start]
         if reserved < room:
             self._free[start + reserved] = room - reserved
-            self._starts[bisect.bisect_left(self._starts, start)] = start + reserved
+            starts[i] = start + reserved
         else:
-            self._starts.remove(start)
+            del starts[i]
         self._used[start] = (length, reserved)
         self._used_bytes += reserved
-        self._lent.add(start)
-        return Slot(start, length)
+        self._lent[start] = None
+        if keep is not None:
+            keep += (slot,)
+        return slot
 
     def _lent_slot(self, offset: int, length: int) -> bool:
         used = self._used.get(offset)
         return used is not None and used[0] == length and offset in self._lent
+
+    def is_lent(self, offset: int, length: int) -> bool:
+        """True when ``(offset, length)`` is a slot handed out and not sent (see `sending`)."""
+        return self._lent_slot(offset, length)
 
     def sending(self, offset: int, length: int) -> None:
         """The frame naming the lent slot ``(offset, length)`` goes to the peer: it may return it from now on.
@@ -128,7 +148,7 @@ class SlotAllocator:
         """
         if not self._lent_slot(offset, length):
             raise ValueError("slot (offset %r, length %r) is not lent" % (offset, length))
-        self._lent.discard(offset)
+        del self._lent[offset]  # the commit: one store
 
     def recall(self, offset: int, length: int) -> None:
         """The frame naming the slot ``(offset, length)`` was not written after all: it is lent again.
@@ -144,21 +164,29 @@ class SlotAllocator:
                                 % (offset, length))
         if offset in self._lent:
             raise ValueError("slot (offset %r, length %r) was not sent" % (offset, length))
-        self._lent.add(offset)
+        self._lent[offset] = None  # the commit: one store
 
-    def withdraw(self, offset: int, length: int) -> None:
+    def withdraw(self, offset: int, length: int, keep: Optional[List[Slot]] = None) -> None:
         """Give up the lent slot ``(offset, length)``, never sent: it is free again.
+
+        `keep`: as for `free`.
 
         Raises:
             ValueError: it is not a slot lent (a mistake of the caller).
         """
         if not self._lent_slot(offset, length):
             raise ValueError("slot (offset %r, length %r) is not lent" % (offset, length))
-        self._lent.discard(offset)
-        self._release(Slot(offset, length))
+        self._release(Slot(offset, length), None, keep)
 
-    def free(self, offset: int, length: int) -> None:
+    def free(self, offset: int, length: int, mark: Any = None,
+             keep: Optional[List[Slot]] = None) -> None:
         """Take back the slot ``(offset, length)`` the receiver returned.
+
+        `mark`: when not None, stored as `last_mark` in the same commit, so that a caller
+        interrupted right after can tell that this free was done (a RETURN
+        frame applied again after an interruption skips what it freed).
+        `keep`: a list holding the slot (see `try_allocate`); it is removed
+        from there in the same commit.
 
         Raises:
             ProtocolError: the range is outside the region, or is not exactly a
@@ -174,28 +202,48 @@ class SlotAllocator:
         if slot.offset in self._lent:
             raise ProtocolError("returned slot (offset %d, length %d) was never sent"
                                 % (slot.offset, slot.length))
-        self._release(slot)
+        self._release(slot, mark, keep)
 
-    def _release(self, slot: Slot) -> None:
-        """The slot in use `slot` is free again: joined to the free ranges beside it."""
-        reserved = self._used.pop(slot.offset)[1]
-        self._used_bytes -= reserved
+    def _release(self, slot: Slot, mark: Any, keep: Optional[List[Slot]]) -> None:
+        """The slot in use `slot` is free again: joined to the free ranges beside it (see `free`)."""
+        reserved = self._used[slot.offset][1]
+        lent = slot.offset in self._lent
         start, end = slot.offset, slot.offset + reserved
-        i = bisect.bisect_left(self._starts, start)
-        # join the free range that ends where this slot starts ...
-        if i > 0:
-            before = self._starts[i - 1]
-            if before + self._free[before] == start:
-                start = before
-                del self._free[before]
-                del self._starts[i - 1]
-                i -= 1
-        # ... and the one that starts where it ends
-        if i < len(self._starts) and self._starts[i] == end:
-            end += self._free.pop(end)
-            del self._starts[i]
-        self._starts.insert(i, start)
-        self._free[start] = end - start
+        starts, free = self._starts, self._free
+        i = bisect.bisect_left(starts, start)
+        k = -1 if keep is None else keep.index(slot) if slot in keep else -1
+        # what joins: the free range that ends where this slot starts, and
+        # the one that starts where it ends (read first: the commit below
+        # is stores only, see try_allocate)
+        before = starts[i - 1] if i > 0 else -1
+        join_before = before >= 0 and before + free[before] == start
+        join_after = i < len(starts) and starts[i] == end
+        after = free[end] if join_after else 0
+        # the commit: stores only
+        del self._used[slot.offset]
+        if lent:
+            del self._lent[slot.offset]
+        self._used_bytes -= reserved
+        if join_before:
+            del free[before]
+            start = before
+            i -= 1
+            del starts[i]
+        if join_after:
+            del free[end]
+            del starts[i]
+            end += after
+        starts[i:i] = (start,)
+        free[start] = end - start
+        if mark is not None:
+            self.last_mark = mark
+        if k >= 0 and keep is not None:
+            del keep[k]
+
+    def holds(self, offset: int, length: int) -> bool:
+        """True when ``(offset, length)`` is a slot handed out and not yet returned."""
+        used = self._used.get(offset)
+        return used is not None and used[0] == length
 
     def reset(self) -> None:
         """Forget every slot in use: the whole region is free again (after the peer is gone)."""
@@ -204,6 +252,7 @@ class SlotAllocator:
         self._used.clear()
         self._used_bytes = 0
         self._lent.clear()
+        self.last_mark = None  # (marks name returns of the peer that is gone)
 
     @property
     def slots_in_use(self) -> int:
@@ -239,7 +288,7 @@ class SlotLedger:
     are no longer read and the slot goes back to the sender.
     """
 
-    __slots__ = ("size", "max_slots", "_starts", "_lengths")
+    __slots__ = ("size", "max_slots", "_starts", "_lengths", "_keys")
 
     def __init__(self, size: int, *, max_slots: int = DEFAULT_MAX_SLOTS) -> None:
         """Args:
@@ -250,9 +299,17 @@ class SlotLedger:
         self.max_slots = _checks.in_range(max_slots, "max_slots", 1, 1 << 24)
         self._starts: List[int] = []
         self._lengths: Dict[int, int] = {}
+        # offset -> the key of the claim that holds it (see claim)
+        self._keys: Dict[int, Any] = {}
 
-    def claim(self, offset: int, length: int) -> Slot:
+    def claim(self, offset: int, length: int, key: Any = None) -> Slot:
         """Record the slot ``(offset, length)`` the peer named; return it.
+
+        `key` names what claims it (the receiver: where the frame naming it
+        is in the stream, and which part): the same slot claimed again with
+        the same key, not None, is the same claim made again (the frame
+        parsed again after a signal handler's exception interrupted the
+        parse) and returns the slot as the first did.
 
         Raises:
             ProtocolError: empty, out of range, overlapping a slot held, or
@@ -260,6 +317,9 @@ class SlotLedger:
             TypeError: offset or length is not an int.
         """
         slot = _wire_range(offset, length, self.size)
+        if (key is not None and self._keys.get(slot.offset) == key
+                and self._lengths.get(slot.offset) == slot.length):
+            return slot
         starts = self._starts
         i = bisect.bisect_right(starts, slot.offset)
         if i > 0 and starts[i - 1] + self._lengths[starts[i - 1]] > slot.offset:
@@ -270,9 +330,15 @@ class SlotLedger:
                                 % (slot.offset, slot.length))
         if len(starts) >= self.max_slots:
             raise ProtocolError("more than %d slots in use at once" % self.max_slots)
-        starts.insert(i, slot.offset)
+        # the commit: stores only (see SlotAllocator.try_allocate)
+        starts[i:i] = (slot.offset,)
         self._lengths[slot.offset] = slot.length
+        self._keys[slot.offset] = key
         return slot
+
+    def holds(self, offset: int, length: int) -> bool:
+        """True when ``(offset, length)`` is a slot held."""
+        return self._lengths.get(offset) == length
 
     def release(self, offset: int, length: int) -> Slot:
         """Forget the held slot ``(offset, length)``; return it (to send back).
@@ -282,9 +348,13 @@ class SlotLedger:
         """
         if self._lengths.get(offset) != length:
             raise ValueError("slot (offset %r, length %r) is not held" % (offset, length))
+        slot = Slot(offset, length)
+        i = bisect.bisect_left(self._starts, offset)
+        # the commit: stores only
         del self._lengths[offset]
-        self._starts.remove(offset)
-        return Slot(offset, length)
+        del self._keys[offset]
+        del self._starts[i]
+        return slot
 
     def held(self) -> List[Slot]:
         """The slots held, in address order."""
