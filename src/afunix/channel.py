@@ -347,7 +347,9 @@ class Channel:
             if w.write_buffer:
                 self._sender.enqueue_one(data, n, None)
                 return
-            if w.pending or w.writing is not None:
+            if w.pending or w.writing is not None or w.queue:
+                # (a queue too: a batched() block whose closing flush an
+                # exception interrupted leaves its messages queued here)
                 self._send_many([data])
                 return
             # the common case, one call: header and payload in one write
