@@ -10,9 +10,11 @@ asyncio, uvloop and trio; both backends.
 from __future__ import annotations
 
 import asyncio
+import pickle
 import random
 import socket
 import struct
+import threading
 import time
 import zlib
 from typing import Any, Callable, Dict, List
@@ -90,6 +92,41 @@ async def test_slots_returned_during_the_pause_of_a_waiting_send_wake_it(
                 await done.wait()
         with anyio.fail_after(5):
             assert await recv_big(b, how) == BIG
+
+
+async def test_an_object_that_finds_room_for_some_parts_waits_on_the_loop(clean: None) -> None:
+    # One part finds a slot, the other does not, and together inline they
+    # are over max_frame: the try frees the slot it placed and waits.  That
+    # free woke the sender itself, which tried again at once, for ever,
+    # without yielding to the loop (nothing else ran, timeouts neither).
+    a, b = lane_pair()
+    parts = (pickle.PickleBuffer(bytearray(200 * KiB)), pickle.PickleBuffer(bytearray(200 * KiB)))
+    ticks = [0]
+    # if the loop freezes, a thread ends it: the peer's end shut, the send fails
+    guard = threading.Timer(5.0, b.socket.shutdown, (socket.SHUT_RDWR,))
+    async with a, b:
+        await a.send(BIG)  # 700 KiB in flight: one 200 KiB part fits, two do not
+
+        async def ticker() -> None:
+            while True:
+                ticks[0] += 1
+                await anyio.sleep(0.01)
+
+        guard.start()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(ticker)
+                with anyio.move_on_after(0.5) as waited:
+                    await a.send_object(parts)
+                tg.cancel_scope.cancel()
+        finally:
+            guard.cancel()
+        assert waited.cancel_called, "sent, with no room for it"
+        assert ticks[0] >= 10, "the loop ran the ticker %d times in 0.5 s" % ticks[0]
+        with anyio.fail_after(5):
+            assert await b.recv() == BIG  # its slot back: now the object goes
+            await a.send_object(parts)
+            assert [len(p) for p in await b.recv_object()] == [200 * KiB, 200 * KiB]
 
 
 @pytest.mark.parametrize("size", [200 * KiB, 900 * KiB], ids=["inline", "slot"])

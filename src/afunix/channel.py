@@ -561,7 +561,9 @@ class Channel:
             # It fits once enough slots are free (_send_object checked it
             # against an empty region): slots sent come back as the peer
             # returns them, slots of open loans as those are sent or given up.
-            lane.settle()
+            # (The slots this try placed are freed without a wake: they
+            # are no room that was not there before it.)
+            lane.settle(wake=False)
             self._wait_for_room(deadline)
 
     def _slot_segment(self, data: Any, fds: Tuple[int, ...],

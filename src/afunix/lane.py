@@ -94,7 +94,7 @@ class LaneSender:
         return lane_segment(region_frame(self.region.size), (self.region.fileno(),),
                             self.region_log)
 
-    def settle(self) -> None:
+    def settle(self, wake: bool = True) -> None:
         """Settle the frame a sending call was making (`begin`), from its log.
 
         A byte of it went: its slots are in flight.  None went: its slots
@@ -103,6 +103,12 @@ class LaneSender:
         with stores (a slot freed is removed from `staged` in the same
         commit), so a settle that an exception stops is finished by the
         next.
+
+        `wake` False: the slots freed are the caller's own try's, which
+        refused nobody (it holds the sending side): no sender waiting for
+        room is woken, and `room` stays as the try left it.  A try that
+        woke itself would try again at once, for ever (an async sender
+        never yielded to the loop).
 
         Raises:
             ProtocolError: the peer returned a slot of the frame, or the
@@ -149,7 +155,7 @@ class LaneSender:
                 if not allocator.is_lent(slot.offset, slot.length):
                     region.recall(slot.offset, slot.length)  # its frame never went
                 region.withdraw(slot.offset, slot.length, keep=staged)
-        if freed:
+        if freed and wake:
             self._woken()
         if lie is not None:
             self._fault()
