@@ -1442,6 +1442,13 @@ class Channel:
         while another thread is sending (its write and this one would
         interleave).
 
+        The socket is closed whatever happens on the way, as a file's
+        close does: when the write times out or fails, or an exception (a
+        signal handler's, KeyboardInterrupt) interrupts it, what was not
+        written yet is dropped, and the peer may see the frame in progress
+        cut short (a ProtocolError at its end).  Where every byte matters,
+        call `flush()` first: it can be retried.
+
         Raises:
             TimeoutError, OSError: writing what was pending failed; the
                 channel is closed all the same.
