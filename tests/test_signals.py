@@ -1109,8 +1109,7 @@ def test_a_send_after_an_interrupted_batched_exit_goes_behind_the_batch(
     when nothing is pending; the queue left by the interrupted flush was
     not counted, and the message went ahead of the block's (message 0 after 4).
     """
-    _raising_at_point(0, lambda: None)  # (an untraced first run: see the single-point test)
-    for k in range(1, 2000):
+    def attempt(k: int) -> bool:
         x, y = afunix.channel_pair(kind)
         receiver = Receiver(y)
         block = x.batched()
@@ -1121,7 +1120,14 @@ def test_a_send_after_an_interrupted_batched_exit_goes_behind_the_batch(
         x.send(_numbered(4, 100))  # blocking, no write buffer now: one write
         x.close()
         assert receiver.finish() == [0, 2, 4], "interrupted at point %d" % k
-        if not raised:
+        return raised
+
+    attempt(0)  # traced, raising nowhere: see the single-point test
+    for k in range(1, 2000):
+        # A run that reached no point k may have run code traced for the
+        # first time (reached only after an interruption): CPython 3.13
+        # sends no opcode events then.  Only a second such run ends.
+        if not attempt(k) and not attempt(k):
             break
     assert k > 20
 
