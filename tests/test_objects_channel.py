@@ -902,6 +902,9 @@ def test_an_object_waiting_for_the_room_of_a_loan_goes_when_the_loan_is_abandone
 @pytest.mark.parametrize("kind", TYPES, ids=["stream", "seqpacket"])
 def test_an_object_of_max_parts_in_slots_never_trips_the_receivers_slot_limit(
         kind: int, clean: None) -> None:
+    if sys.implementation.name == "pypy":
+        pytest.skip("PyPy does not count a view's exports: a slot whose batch view is kept "
+                    "goes back at the next receive (docs/channel.md)")
     # docs/PROTOCOL.md: a sender has at most MAX_SLOTS slots outstanding, a
     # receiver holds as many.  The receiver still holds a slot (a batch's
     # view it keeps exported, as docs/channel.md allows); an object of
