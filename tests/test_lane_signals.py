@@ -22,19 +22,18 @@ from __future__ import annotations
 import gc
 import os
 import random
-import signal
-import socket
 import struct
 import sys
 import threading
 from types import FrameType
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import pytest
 
 import afunix
 from afunix import Channel, channel_pair
 from conftest import open_fds
+from storm import AFUNIX_DIR, Storm, Timer
 from test_lane_stress import KiB, finish, payload, spawn
 
 # The guarantee rests on CPython running signal handlers only after calls,
@@ -45,7 +44,6 @@ pytestmark = pytest.mark.skipif(
     reason="before Python 3.11 a signal handler may run where a result is handed over: "
            "outside the guarantee (docs/reliability.md)")
 
-AFUNIX_DIR = os.path.dirname(os.path.abspath(afunix.__file__)) + os.sep
 REGION = 64 * KiB
 MAX_FRAME = 32 * KiB  # below REGION: a message of the whole region goes only through the lane
 
@@ -279,64 +277,10 @@ def test_a_lane_send_interrupted_anywhere_sends_once_or_not_and_leaks_no_slot(
 # ---- signal storms -----------------------------------------------------------------
 
 
-STDLIB_DIR = os.path.dirname(os.path.abspath(socket.__file__)) + os.sep
 HERE = os.path.abspath(__file__)
-
-
-class Storm(BaseException):
-    """What the timer's handler raises (a BaseException, as KeyboardInterrupt is)."""
-
-
-def _in_afunix(frame: Optional[FrameType]) -> bool:
-    """Whether `frame` runs afunix code (or stdlib code it called) on behalf of this test."""
-    if frame is None:
-        return False
-    innermost = frame.f_code.co_filename
-    if not (innermost.startswith(AFUNIX_DIR) or innermost.startswith(STDLIB_DIR)
-            or innermost == "<string>"):
-        return False
-    found = False
-    while frame is not None:
-        filename = frame.f_code.co_filename
-        if frame.f_code.co_name == "__del__" or filename.endswith("threading.py"):
-            return False
-        if filename.startswith(AFUNIX_DIR):
-            found = True
-        elif filename == HERE:
-            return found
-        elif not found and not (filename.startswith(STDLIB_DIR) or filename == "<string>"):
-            return False
-        frame = frame.f_back
-    return False
-
-
-class Timer:
-    """SIGALRM every 100 us; while armed, the handler raises Storm (p = 0.3) inside afunix."""
-
-    def __init__(self, seed: int) -> None:
-        self.rng = random.Random(seed)
-        self.armed = False
-        self.raised = 0
-        self.where: Dict[str, int] = {}
-
-    def _handler(self, signum: int, frame: Optional[FrameType]) -> None:
-        if not self.armed or self.rng.random() >= 0.3 or not _in_afunix(frame):
-            return
-        self.raised += 1
-        assert frame is not None
-        key = "%s:%s" % (os.path.basename(frame.f_code.co_filename), frame.f_lineno)
-        self.where[key] = self.where.get(key, 0) + 1
-        raise Storm()
-
-    def __enter__(self) -> "Timer":
-        self._previous = signal.signal(signal.SIGALRM, self._handler)
-        signal.setitimer(signal.ITIMER_REAL, 100e-6, 100e-6)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.armed = False
-        signal.setitimer(signal.ITIMER_REAL, 0, 0)
-        signal.signal(signal.SIGALRM, self._previous)
+#: where the storm never raises: inside threading's own code (the lane's
+#: Event), whose bookkeeping is threading's to keep, not the lane's
+THREADING = (os.path.abspath(threading.__file__),)
 
 
 STORM_N = 3000
@@ -383,7 +327,7 @@ def test_a_signal_storm_during_lane_receives_loses_and_leaks_nothing(
     got: List[Tuple[int, int]] = []  # (index, descriptors)
     seed = random.randrange(1 << 30)
     try:
-        with Timer(seed) as timer:
+        with Timer(seed, HERE, THREADING) as timer:
             while len(got) < STORM_N:
                 timer.armed = True
                 try:
@@ -468,7 +412,7 @@ def test_a_signal_storm_during_lane_sends_leaves_no_slot_or_descriptor_behind(
     completed = 0
     seed = random.randrange(1 << 30)
     try:
-        with Timer(seed) as timer:
+        with Timer(seed, HERE, THREADING) as timer:
             for i in range(STORM_N):
                 n = rnd.choice([rnd.randrange(4, 1024), rnd.randrange(1024, 20000)])
                 timer.armed = True

@@ -26,7 +26,6 @@ import inspect
 import os
 import random
 import selectors
-import signal
 import socket
 import subprocess
 import sys
@@ -42,6 +41,7 @@ import pytest
 import afunix
 import afunix.aio
 from conftest import open_fds
+from storm import AFUNIX_DIR, Storm, Timer
 
 # The guarantee rests on CPython running signal handlers only after calls,
 # at function entries and on backward jumps: CI shows it holding on 3.11 and
@@ -54,7 +54,6 @@ pytestmark = pytest.mark.skipif(
 
 R = TypeVar("R")
 
-AFUNIX_DIR = os.path.dirname(os.path.abspath(afunix.__file__)) + os.sep
 HERE = os.path.abspath(__file__)
 DEADLINE = 30.0  # seconds: the watchdog kills the peer after this; a case takes a few
 FD_EVERY = 7  # message i carries descriptors when i % FD_EVERY == 0 ...
@@ -65,78 +64,8 @@ def expected_fds(i: int) -> int:
     return 2 if i % TWO_FDS_EVERY == 0 else 1 if i % FD_EVERY == 0 else 0
 
 
-class Storm(BaseException):
-    """What the timer's handler raises: a BaseException, as KeyboardInterrupt is."""
-
-
 EVENT_LOOP = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep if m.__name__ == "asyncio"
                    else os.path.abspath(m.__file__) for m in (asyncio, selectors))
-
-
-STDLIB_DIR = os.path.dirname(os.path.abspath(socket.__file__)) + os.sep
-
-
-def _in_afunix(frame: Optional[FrameType]) -> bool:
-    """Whether `frame` runs afunix code, or standard library code afunix called.
-
-    Left out: this test's own frames (a loss there would be the test's),
-    finalizers (an exception from __del__ is only printed), hooks of the
-    test runner, and the event loop's machinery (asyncio, selectors) even
-    where afunix.aio called it: an exception inside add_reader breaks the
-    loop's bookkeeping, not afunix's.
-    """
-    if frame is None:
-        return False
-    innermost = frame.f_code.co_filename
-    if not (innermost.startswith(AFUNIX_DIR) or innermost.startswith(STDLIB_DIR)
-            or innermost == "<string>"):  # namedtuple's __new__
-        return False
-    found = False
-    while frame is not None:
-        filename = frame.f_code.co_filename
-        if frame.f_code.co_name == "__del__" or filename.startswith(EVENT_LOOP):
-            return False
-        if filename.startswith(AFUNIX_DIR):
-            found = True
-        elif filename == HERE:
-            return found
-        elif not found and not (filename.startswith(STDLIB_DIR) or filename == "<string>"):
-            return False
-        frame = frame.f_back
-    return False
-
-
-class Timer:
-    """SIGALRM every `interval` seconds; while armed, the handler raises Storm with probability p."""
-
-    def __init__(self, seed: int, interval: float = 100e-6, p: float = 0.3) -> None:
-        self.rng = random.Random(seed)
-        self.interval = interval
-        self.p = p
-        self.armed = False
-        self.ticks = 0
-        self.raised = 0
-        self.where: dict[str, int] = {}
-
-    def _handler(self, signum: int, frame: Optional[FrameType]) -> None:
-        self.ticks += 1
-        if not self.armed or self.rng.random() >= self.p or not _in_afunix(frame):
-            return
-        self.raised += 1
-        assert frame is not None
-        key = "%s:%s" % (os.path.basename(frame.f_code.co_filename), frame.f_lineno)
-        self.where[key] = self.where.get(key, 0) + 1
-        raise Storm()
-
-    def __enter__(self) -> "Timer":
-        self._previous = signal.signal(signal.SIGALRM, self._handler)
-        signal.setitimer(signal.ITIMER_REAL, self.interval, self.interval)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.armed = False
-        signal.setitimer(signal.ITIMER_REAL, 0, 0)
-        signal.signal(signal.SIGALRM, self._previous)
 
 
 def retry(timer: Timer, call: Callable[[], R]) -> R:
@@ -250,7 +179,7 @@ def storm(backend: str, request: pytest.FixtureRequest) -> Iterator[Timer]:
     seed = random.randrange(1 << 30)
     print("storm seed", seed)
     before = open_fds()
-    with Timer(seed) as timer:
+    with Timer(seed, HERE, EVENT_LOOP) as timer:
         yield timer
     # the exceptions' tracebacks make reference cycles through the frames
     # they passed: free what they kept alive before counting
