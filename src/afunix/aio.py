@@ -671,10 +671,33 @@ class Channel:
         about them, and a receive task waiting for it would wait for ever.
         """
         try:
-            return call()
+            return self._calling(call)
         finally:
             if self._receivers and self._reader.buffered:
                 wake(self._fd)
+
+    def _calling(self, call: Callable[[], R]) -> R:
+        """`call`, a call of the synchronous channel; every task waiting on the channel is woken if it closed the channel.
+
+        A call that meets a ProtocolError (a receive, or a send reading the
+        peer's frames for its RETURNs) closes the channel and its socket
+        from inside (`afunix.Channel`'s abort), with no close() here to
+        wake the other tasks: a closed descriptor never reports ready, and
+        they would wait for ever.  Woken, each meets the closed channel's
+        EBADF, as after close().  Only the call that closed it wakes them:
+        the descriptor's number may belong to another object afterwards.
+        The reader is closed first of all by that abort (and by close()),
+        and its flag is read with no call: a receive returns what it took
+        with no call after it, where a signal handler's exception lands.
+        """
+        r = self._reader
+        if r.closed:
+            return call()
+        try:
+            return call()
+        finally:
+            if r.closed:
+                notify_closing(self._fd)
 
     async def _wait_to_send(self) -> None:
         """What a refused send of a channel with a lane waits for: socket space, or returned slots."""
@@ -739,7 +762,8 @@ class Channel:
 
     async def _try(self, call: Callable[[], Any]) -> Any:
         # (under trio a checkpoint, as every other call; see call_when_ready)
-        return await call_when_ready(self._fd, False, call, wait_for=self._wait_to_receive)
+        return await call_when_ready(self._fd, False, lambda: self._calling(call),
+                                     wait_for=self._wait_to_receive)
 
     async def _wait_to_receive(self) -> None:
         """What a refused receive waits for: input, or room for the RETURN frames it holds back.
