@@ -2,12 +2,15 @@
 
 A call that meets a ProtocolError closes the channel from inside (a send
 reading the peer's frames for its returns, or a receive): every other task
-waiting on the channel wakes and gets EBADF, as after close().  Under
-asyncio, uvloop and trio; both backends.
+waiting on the channel wakes and gets EBADF, as after close().  Under trio a
+receive owing returns keeps a wake that comes before its two waits park.
+Under asyncio, uvloop and trio; both backends.
 """
 from __future__ import annotations
 
 import errno
+import importlib
+import socket
 from typing import Any, List
 
 import anyio
@@ -15,7 +18,7 @@ import pytest
 
 import afunix.aio as aio
 from afunix import ProtocolError, shm
-from afunix._aiowait import is_waiting
+from afunix._aiowait import is_waiting, trio_running, wait_either, wake
 
 pytestmark = pytest.mark.skipif(shm.unsupported_reason() is not None,
                                 reason=str(shm.unsupported_reason()))
@@ -87,3 +90,45 @@ async def test_a_receive_that_meets_a_bad_frame_wakes_the_send_waiting(
             with anyio.fail_after(3):
                 await until(lambda: bool(got))
         assert got[0].errno == errno.EBADF, got
+
+
+class WakeBeforeTheWaits:
+    """A trio Instrument: wakes `fd`'s waits as the first task of wait_either takes its first step."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.rung: List[str] = []
+
+    def before_task_step(self, task: Any) -> None:
+        if not self.rung and "wait_either" in task.name:
+            self.rung.append(task.name)
+            wake(self.fd)
+
+
+@pytest.mark.anyio
+async def test_trio_wait_either_keeps_a_wake_that_comes_before_its_waits_park() -> None:
+    # wait_either's two readiness waits are child tasks, parked only at a
+    # later turn of the scheduler; the wake lands just before the first of
+    # them takes its first step (trio's notify_closing reaches parked
+    # waits only), on a socket neither readable nor writable: nothing
+    # else ends the wait
+    if trio_running() is None:
+        pytest.skip("trio's waits (asyncio's wait_either is one future, enlisted at once)")
+    lowlevel = importlib.import_module("trio.lowlevel")
+    x, y = socket.socketpair()
+    x.setblocking(False)
+    try:
+        with pytest.raises(BlockingIOError):
+            while True:
+                x.send(bytes(64 * KiB))
+        instrument = WakeBeforeTheWaits(x.fileno())
+        lowlevel.add_instrument(instrument)
+        try:
+            with anyio.fail_after(3):
+                await wait_either(x.fileno())
+        finally:
+            lowlevel.remove_instrument(instrument)
+        assert instrument.rung
+    finally:
+        x.close()
+        y.close()
