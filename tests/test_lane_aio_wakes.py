@@ -3,7 +3,8 @@
 A call that meets a ProtocolError closes the channel from inside (a send
 reading the peer's frames for its returns, or a receive): every other task
 waiting on the channel wakes and gets EBADF, as after close().  Under trio a
-receive owing returns keeps a wake that comes before its two waits park.
+receive owing returns keeps a wake that comes before its two waits park.  A
+send waiting for slots while its task holds a batch pauses, not spins.
 Under asyncio, uvloop and trio; both backends.
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import errno
 import importlib
 import socket
+import time
 from typing import Any, List
 
 import anyio
@@ -132,3 +134,36 @@ async def test_trio_wait_either_keeps_a_wake_that_comes_before_its_waits_park() 
     finally:
         x.close()
         y.close()
+
+
+@pytest.mark.anyio
+async def test_a_send_waiting_for_slots_while_its_task_holds_a_batch_does_not_spin(
+        clean: None) -> None:
+    a, b = lane_pair()
+    async with a, b:
+        await a.send(BIG)  # the lane of `a` is full; b takes it at the end
+        b._ch.send(b"m" * 1000)
+        batch = await a.recv_batch()  # held: a read for returns only appends bytes
+        assert len(batch) == 1
+
+        async def flood() -> None:  # until the reader's buffer and the socket are full
+            with anyio.move_on_after(0.3):
+                while True:
+                    try:
+                        b._ch.send(b"m" * 1000)
+                    except BlockingIOError:
+                        await anyio.sleep(0.01)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(flood)
+            with anyio.move_on_after(1.0) as waited:
+                async with anyio.create_task_group() as sending:
+                    sending.start_soon(a.send, BIG)  # waits for a slot, which never comes
+                    await anyio.sleep(0.4)
+                    cpu = time.process_time()
+                    await anyio.sleep(0.5)
+                    used = time.process_time() - cpu
+            assert waited.cancel_called
+        # a send trying again at every turn of the loop takes most of a CPU
+        # (0.4 s and more in 0.5 s); pausing, next to nothing
+        assert used < 0.15, used

@@ -714,11 +714,12 @@ class Channel:
         try:
             if lane.room.is_set():
                 return  # slots came back since the try: try again
-            if self._reader.buffered:
-                # Messages nobody took yet keep the socket readable once
-                # the buffer is full, and a wait for it would return at
-                # once: a pause (as the synchronous channel's), cut short
-                # by the returns a receive of another task takes in.
+            if self._reader.holding:
+                # Messages nobody took yet (parsed, or behind a batch still
+                # out) keep the socket readable once the buffer is full, and
+                # a wait for it would return at once: a pause (as the
+                # synchronous channel's), cut short by the returns a
+                # receive of another task takes in.
                 await wait_woken(self._fd, 0.005)
             else:
                 await wait(self._fd, False)  # the peer's RETURN frames (or the lane's on_room)
