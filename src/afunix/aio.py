@@ -51,6 +51,7 @@ The message Channel (``afunix.channel``) has its async form here too:
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import socket
 import sys
@@ -64,7 +65,7 @@ from .addresses import encode_address
 from .batch import outgoing, send_with_control
 from ._chanio import owning
 from .channel import Channel as SyncChannel
-from .channel import before_take, lane_of, reader_of, room_wanted
+from .channel import before_close, before_take, lane_of, reader_of, room_wanted
 from .batch import send_many as _send_many_now
 from .receive import RecvBatch
 from .receive import recv_many as _recv_many_now
@@ -558,6 +559,12 @@ class Channel:
         # reader is the only receive buffer
         self._ch = SyncChannel(sock, **options)
         self._reader = reader_of(self._ch)
+        # Whatever closes the socket (close(), or a call that meets a
+        # ProtocolError and closes the channel from inside), the tasks
+        # waiting on it wake first: a closed descriptor never reports
+        # ready, and uvloop aborts on a callback left on one.  (The fd, not
+        # this object: the sync channel keeps the hook.)
+        before_close(self._ch, functools.partial(notify_closing, self._fd))
         self._flush_after_send = not options.get("write_buffer")
         # tasks waiting for slots of the lane to come back: a receive in
         # another task may take the returns in, and the socket then says
@@ -671,33 +678,10 @@ class Channel:
         about them, and a receive task waiting for it would wait for ever.
         """
         try:
-            return self._calling(call)
+            return call()
         finally:
             if self._receivers and self._reader.buffered:
                 wake(self._fd)
-
-    def _calling(self, call: Callable[[], R]) -> R:
-        """`call`, a call of the synchronous channel; every task waiting on the channel is woken if it closed the channel.
-
-        A call that meets a ProtocolError (a receive, or a send reading the
-        peer's frames for its RETURNs) closes the channel and its socket
-        from inside (`afunix.Channel`'s abort), with no close() here to
-        wake the other tasks: a closed descriptor never reports ready, and
-        they would wait for ever.  Woken, each meets the closed channel's
-        EBADF, as after close().  Only the call that closed it wakes them:
-        the descriptor's number may belong to another object afterwards.
-        The reader is closed first of all by that abort (and by close()),
-        and its flag is read with no call: a receive returns what it took
-        with no call after it, where a signal handler's exception lands.
-        """
-        r = self._reader
-        if r.closed:
-            return call()
-        try:
-            return call()
-        finally:
-            if r.closed:
-                notify_closing(self._fd)
 
     async def _wait_to_send(self) -> None:
         """What a refused send of a channel with a lane waits for: socket space, or returned slots."""
@@ -763,8 +747,7 @@ class Channel:
 
     async def _try(self, call: Callable[[], Any]) -> Any:
         # (under trio a checkpoint, as every other call; see call_when_ready)
-        return await call_when_ready(self._fd, False, lambda: self._calling(call),
-                                     wait_for=self._wait_to_receive)
+        return await call_when_ready(self._fd, False, call, wait_for=self._wait_to_receive)
 
     async def _wait_to_receive(self) -> None:
         """What a refused receive waits for: input, or room for the RETURN frames it holds back.
@@ -869,9 +852,7 @@ class Channel:
         A task waiting on the channel (a send, flush or receive) wakes and
         gets OSError(EBADF); one leaving ``async with`` just ends.
         """
-        if not self._ch.closed:
-            notify_closing(self._fd)  # before the close: a closed descriptor never wakes them
-        self._ch.close()
+        self._ch.close()  # (it wakes them before its socket closes: see __init__)
 
     async def __aenter__(self) -> "Channel":
         return self
