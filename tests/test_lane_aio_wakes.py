@@ -21,6 +21,7 @@ import pytest
 import afunix.aio as aio
 from afunix import ProtocolError, shm
 from afunix._aiowait import is_waiting, trio_running, wait_either, wake
+from conftest import need_library, run_python
 
 pytestmark = pytest.mark.skipif(shm.unsupported_reason() is not None,
                                 reason=str(shm.unsupported_reason()))
@@ -92,6 +93,94 @@ async def test_a_receive_that_meets_a_bad_frame_wakes_the_send_waiting(
             with anyio.fail_after(3):
                 await until(lambda: bool(got))
         assert got[0].errno == errno.EBADF, got
+
+
+# One task waits on the channel, enlisted on the loop in the turn the channel
+# closes: uvloop (libuv) registers its callback with epoll only at the next
+# poll, and aborts the process (SIGABRT) when that meets a closed descriptor.
+# Each callback must go while the descriptor is still open (its number may be
+# another object's once closed).
+CLOSED_IN_THE_TURN = r"""
+import asyncio, errno, os
+import uvloop
+import afunix.aio as aio
+from afunix import ProtocolError
+
+KiB = 1 << 10
+BIG = bytes(700 * KiB)
+late = []  # callbacks removed after their descriptor closed
+
+class Loop(uvloop.Loop):
+    def remove_reader(self, fd):
+        self.removing(fd)
+        return super().remove_reader(fd)
+
+    def remove_writer(self, fd):
+        self.removing(fd)
+        return super().remove_writer(fd)
+
+    def removing(self, fd):
+        try:
+            os.fstat(fd)
+        except OSError:
+            late.append(fd)
+
+async def waiting(call):
+    try:
+        await call()
+    except OSError as exc:
+        return exc.errno
+
+async def trial():
+    lane = case == "send-reads-a-bad-frame"
+    a, b = aio.channel_pair(**dict(shm_size=1 << 20, shm_threshold=4 * KiB,
+                                   max_frame=64 * KiB) if lane else {})
+    try:
+        if case in ("close-under-a-send", "receive-meets-a-bad-frame"):
+            while True:  # the socket full: the send waits for room
+                try:
+                    a.socket.send(bytes(64 * KiB))
+                except BlockingIOError:
+                    break
+            waiter = asyncio.ensure_future(waiting(lambda: a.send(b"m")))
+        else:
+            if lane:
+                await a.send(BIG)  # the lane is full: the next send reads for returns
+            waiter = asyncio.ensure_future(waiting(a.recv))
+        await asyncio.sleep(0)  # the waiter enlists; the loop polls after this turn
+        if case.startswith("close"):
+            a.close()
+        else:
+            b.socket.send(b"\xff" * 64)
+            try:
+                await (a.send(BIG) if lane else a.recv())
+            except ProtocolError:
+                pass
+        assert a.closed
+        assert await asyncio.wait_for(waiter, 3) == errno.EBADF
+    finally:
+        a.close()
+        b.close()
+
+async def main():
+    for _ in range(20):
+        await trial()
+
+Loop().run_until_complete(main())
+assert not late, late
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("case", ["close-under-a-receive", "close-under-a-send",
+                                  "send-reads-a-bad-frame", "receive-meets-a-bad-frame"])
+def test_uvloop_keeps_no_callback_on_the_descriptor_a_close_takes(
+        backend: str, case: str) -> None:
+    # close(), or a call that closes the channel on a ProtocolError, while
+    # another task waits on it: the callbacks go before the descriptor does
+    need_library("uvloop")
+    done = run_python("case = %r\n" % case + CLOSED_IN_THE_TURN, backend)
+    assert (done.returncode, done.stdout) == (0, "ok\n"), done.stderr
 
 
 class WakeBeforeTheWaits:
