@@ -161,7 +161,9 @@ def _enlist(key: Key, fut: "asyncio.Future[None]") -> None:
 
 def _leave(key: Key, fut: "asyncio.Future[None]") -> None:
     loop, fd, writable = key
-    futures = waiters[key]
+    futures = waiters.get(key)
+    if futures is None or fut not in futures:
+        return  # (dropped by notify_closing; the key may be a new descriptor's by now)
     futures.remove(fut)
     if not futures:
         del waiters[key]
@@ -178,6 +180,12 @@ def notify_closing(fd: int) -> None:
     drops it silently), so its waiters would wait forever; woken, each
     tries its call again and meets the closed object's error.  Called
     outside a running loop: nothing of ours can be waiting there.
+
+    Call it before the close: the reader and writer callbacks on `fd` go
+    now, not when the woken tasks next run.  uvloop (libuv) registers a
+    callback with epoll only at the loop's next poll, and aborts the
+    process when that registration, or a later change, meets a closed or
+    reused descriptor (EBADF, ENOENT).
     """
     trio_support = trio_running()
     if trio_support is not None:
@@ -187,8 +195,15 @@ def notify_closing(fd: int) -> None:
         loop = asyncio.get_running_loop()
     except RuntimeError:
         return
-    _wake((loop, fd, False))
-    _wake((loop, fd, True))
+    for writable in (False, True):
+        key = (loop, fd, writable)
+        if key in waiters:
+            _wake(key)
+            if writable:
+                loop.remove_writer(fd)
+            else:
+                loop.remove_reader(fd)
+            del waiters[key]  # (last: its woken tasks leave it as they run)
     _ring((loop, fd))
 
 

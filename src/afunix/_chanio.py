@@ -260,7 +260,7 @@ def read_for_room(sock: socket.socket, reader: FrameReader, deadline: Optional[f
     # socket may have nothing more)
     if not rs.deferred and not _io.wait(sock.fileno(), False, deadline):
         return False
-    idle = not reader.buffered and reader.batch is None
+    idle = not reader.holding
     if idle and reader.frames_ready():
         idle = False  # frames that were held behind a parse limit
     rs = reader.rs

@@ -62,29 +62,55 @@ async def wait(fd: int, writable: bool) -> None:
 
 
 async def wait_either(fd: int) -> None:
-    """Wait until `fd` may be readable or writable: both waits at once, the first ends the other."""
-    async with trio.open_nursery() as nursery:
-        async def one(writable: bool) -> None:
-            await wait(fd, writable)
-            nursery.cancel_scope.cancel()
-        nursery.start_soon(one, False)
-        nursery.start_soon(one, True)
+    """Wait until `fd` may be readable or writable, or notify_closing(fd): the first ends the others.
+
+    The two readiness waits run in child tasks, which start only at a later
+    turn of the scheduler, and trio's notify_closing reaches only the
+    waits already parked: a wake in between would be lost.  So the bell
+    of `wait_woken` is enlisted first, before anything yields, and a wake
+    from then on ends this wait.
+    """
+    key, bell = _enlist(fd)
+    try:
+        async with trio.open_nursery() as nursery:
+            async def one(writable: bool) -> None:
+                await wait(fd, writable)
+                nursery.cancel_scope.cancel()
+
+            async def rung() -> None:
+                await bell[0].wait()
+                nursery.cancel_scope.cancel()
+            nursery.start_soon(rung)
+            nursery.start_soon(one, False)
+            nursery.start_soon(one, True)
+    finally:
+        _leave(key, bell)
 
 
 async def wait_woken(fd: int, seconds: float) -> None:
     """Wait until notify_closing(fd), or `seconds` passed (see _aiowait.wait_woken)."""
+    key, bell = _enlist(fd)
+    try:
+        with trio.move_on_after(seconds):
+            await bell[0].wait()
+    finally:
+        _leave(key, bell)
+
+
+def _enlist(fd: int) -> Tuple[Tuple[object, int], List[Any]]:
+    """The bell notify_closing(fd) rings, with one more task counted on it."""
     key = (trio.lowlevel.current_trio_token(), fd)
     bell = _bells.get(key)
     if bell is None:
         bell = _bells[key] = [trio.Event(), 0]
     bell[1] += 1
-    try:
-        with trio.move_on_after(seconds):
-            await bell[0].wait()
-    finally:
-        bell[1] -= 1
-        if not bell[1] and _bells.get(key) is bell:
-            del _bells[key]
+    return key, bell
+
+
+def _leave(key: Tuple[object, int], bell: List[Any]) -> None:
+    bell[1] -= 1
+    if not bell[1] and _bells.get(key) is bell:
+        del _bells[key]
 
 
 def notify_closing(fd: int) -> None:

@@ -51,6 +51,7 @@ The message Channel (``afunix.channel``) has its async form here too:
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import socket
 import sys
@@ -64,7 +65,7 @@ from .addresses import encode_address
 from .batch import outgoing, send_with_control
 from ._chanio import owning
 from .channel import Channel as SyncChannel
-from .channel import before_take, lane_of, reader_of, room_wanted
+from .channel import before_close, before_take, lane_of, reader_of, room_wanted
 from .batch import send_many as _send_many_now
 from .receive import RecvBatch
 from .receive import recv_many as _recv_many_now
@@ -558,6 +559,12 @@ class Channel:
         # reader is the only receive buffer
         self._ch = SyncChannel(sock, **options)
         self._reader = reader_of(self._ch)
+        # Whatever closes the socket (close(), or a call that meets a
+        # ProtocolError and closes the channel from inside), the tasks
+        # waiting on it wake first: a closed descriptor never reports
+        # ready, and uvloop aborts on a callback left on one.  (The fd, not
+        # this object: the sync channel keeps the hook.)
+        before_close(self._ch, functools.partial(notify_closing, self._fd))
         self._flush_after_send = not options.get("write_buffer")
         # tasks waiting for slots of the lane to come back: a receive in
         # another task may take the returns in, and the socket then says
@@ -691,11 +698,12 @@ class Channel:
         try:
             if lane.room.is_set():
                 return  # slots came back since the try: try again
-            if self._reader.buffered:
-                # Messages nobody took yet keep the socket readable once
-                # the buffer is full, and a wait for it would return at
-                # once: a pause (as the synchronous channel's), cut short
-                # by the returns a receive of another task takes in.
+            if self._reader.holding:
+                # Messages nobody took yet (parsed, or behind a batch still
+                # out) keep the socket readable once the buffer is full, and
+                # a wait for it would return at once: a pause (as the
+                # synchronous channel's), cut short by the returns a
+                # receive of another task takes in.
                 await wait_woken(self._fd, 0.005)
             else:
                 await wait(self._fd, False)  # the peer's RETURN frames (or the lane's on_room)
@@ -844,9 +852,7 @@ class Channel:
         A task waiting on the channel (a send, flush or receive) wakes and
         gets OSError(EBADF); one leaving ``async with`` just ends.
         """
-        if not self._ch.closed:
-            notify_closing(self._fd)  # before the close: a closed descriptor never wakes them
-        self._ch.close()
+        self._ch.close()  # (it wakes them before its socket closes: see __init__)
 
     async def __aenter__(self) -> "Channel":
         return self

@@ -206,6 +206,9 @@ class Channel:
                                    on_return=self._lane.give_back if self._lane else None)
         if self._lane is not None:
             self._lane.on_fault = _aborts(weakref.ref(self))
+        # Called just before the socket closes, whoever closes it (close(),
+        # or a call that aborts on a ProtocolError): see before_close.
+        self._before_close: Optional[Callable[[], None]] = None
         self._closed = False
         _channels.add(self)
 
@@ -1426,7 +1429,12 @@ class Channel:
         self._writer.drop_unsent()
         if self._lane is not None and self._lane.announced:
             self._discard_returns()
-        self._sock.close()
+        hook = self._before_close
+        try:
+            if hook is not None:
+                hook()
+        finally:
+            self._sock.close()
         if self._lane is not None:
             self._lane.close()
             self._lane.room.set()  # a sender waiting for room in another thread wakes, and finds it closed
@@ -1530,6 +1538,18 @@ def lane_of(channel: Channel) -> Optional[LaneSender]:
 def room_wanted(channel: Channel) -> bool:
     """True when `channel`'s last sending call stopped for want of slots (wait for the peer's returns)."""
     return channel._room_wanted
+
+
+def before_close(channel: Channel, hook: Callable[[], None]) -> None:
+    """Have `channel` call `hook` just before it closes its socket, whatever closes it.
+
+    For the async channel: a call that meets a ProtocolError closes the
+    socket from inside, and the tasks waiting on its descriptor must be
+    woken, and their loop's callbacks on it removed, while it is open
+    (afunix._aiowait.notify_closing).  `hook` is kept by the channel: it
+    should not keep the async channel itself alive (a cycle).
+    """
+    channel._before_close = hook
 
 
 def before_take(channel: Channel) -> None:

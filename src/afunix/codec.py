@@ -212,6 +212,16 @@ class FrameReader:
         return self.parsed - self.next + (self.lane_msg is not None)
 
     @property
+    def holding(self) -> bool:
+        """True while the application has yet to take what was read: messages parsed, or a batch out.
+
+        A read meanwhile (a sender's, looking for returns) only appends
+        bytes, unparsed (`read_for_room`): once the buffer is full the
+        socket stays readable with nothing that read can take.
+        """
+        return self.batch is not None or self.parsed > self.next or self.lane_msg is not None
+
+    @property
     def read_size(self) -> int:
         """The most bytes the next read may bring: what `feed` takes now.
 
