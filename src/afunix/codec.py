@@ -15,6 +15,7 @@ import array
 import errno
 import os
 import socket
+import threading
 from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Union
 
 from . import _backend, _checks
@@ -140,7 +141,8 @@ class FrameReader:
                  "reads", "table", "next", "parsed", "batch", "broken", "copies", "copied_from",
                  "ncopied", "eof", "max_region", "max_slots", "on_return", "lane", "lane_msg",
                  "lane_held", "returns", "returning", "applied", "scanned", "normal_size",
-                 "lane_at", "return_log", "return_n", "return_bytes", "__weakref__")
+                 "lane_at", "return_log", "return_n", "return_bytes", "returns_lock",
+                 "__weakref__")
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, seqpacket: bool = False,
                  backend: Optional[Backend] = None, *, max_region: int = MAX_REGION_SIZE,
@@ -169,6 +171,15 @@ class FrameReader:
         self.return_log: List[int] = []
         self.return_n = 0
         self.return_bytes = 0
+        # Held by every change of `returns` and of the lane's ledger.  They
+        # are shared by two threads: a channel's sending thread writes the
+        # RETURN frames a receive in another thread left to it
+        # (return_segment releases their slots from the ledger, and
+        # settle_returns drops them from `returns`) while that receive
+        # claims slots of new frames and adds the slots it releases.  Never
+        # held across a system call or a wait; reentrant, so that a signal
+        # handler's call in the thread that holds it does not wait for itself.
+        self.returns_lock = threading.RLock()
         # RETURN frames applied ahead of the messages before them (stream
         # offsets, see scan_returns), and where that scan stopped
         self.applied: Set[int] = set()
@@ -420,7 +431,8 @@ class FrameReader:
                 try:
                     # (keyed by the frame: the same frame parsed again after
                     # an interruption claims it again without a fault)
-                    view = lane.claim(offset, size, (at, 0))
+                    with self.returns_lock:
+                        view = lane.claim(offset, size, (at, 0))
                 except ProtocolError as exc:
                     self.fail(exc.strerror or "bad slot")
                 msg = SlotMessage(offset, size, view, fdslot)
@@ -464,7 +476,8 @@ class FrameReader:
                 return 0  # not reached
             try:
                 # (keyed by frame and part, as in _lane_frames)
-                parts.append(lane.claim(part.offset, part.length, (at, i)))
+                with self.returns_lock:
+                    parts.append(lane.claim(part.offset, part.length, (at, i)))
             except ProtocolError as exc:
                 # (the slots claimed before go with the region: fail closes it)
                 self.fail(exc.strerror or "bad slot")
@@ -643,10 +656,11 @@ class FrameReader:
                 continue
             freed.append(slot)
             nbytes += slot.length
-        # the commit: stores only
-        self.lane_held = kept
-        self.returns += freed
-        self.returning += nbytes
+        # the commit: stores only (see returns_lock)
+        with self.returns_lock:
+            self.lane_held = kept
+            self.returns += freed
+            self.returning += nbytes
 
     def _close_lane(self) -> None:
         """Unmap the peer's region and forget its slots (at the end, on error, at close)."""
@@ -669,16 +683,17 @@ class FrameReader:
         the parent returned them, and this copy must not take that for an
         overlap.
         """
-        lane = self.lane
-        if lane is not None:
-            for slot in self.returns:
-                try:
-                    lane.discard(slot.offset, slot.length)
-                except BufferError:
-                    pass  # a view still exported: held, as a batch's slot is
-        self.returns = []
-        self.returning = 0
-        self.return_n = 0
+        with self.returns_lock:
+            lane = self.lane
+            if lane is not None:
+                for slot in self.returns:
+                    try:
+                        lane.discard(slot.offset, slot.length)
+                    except BufferError:
+                        pass  # a view still exported: held, as a batch's slot is
+            self.returns = []
+            self.returning = 0
+            self.return_n = 0
 
     def drop_returns(self) -> None:
         """The slots in `returns` never go back: the peer reads nothing more (a write got EPIPE or ECONNRESET).
@@ -715,23 +730,24 @@ class FrameReader:
         `settle_returns`; a frame made and never settled is settled by the
         next call.
         """
-        self.settle_returns()
-        returns = self.returns
-        lane = self.lane
-        if not returns or lane is None:
-            return None
-        slots = returns[:RETURN_MAX_SLOTS]
-        for slot in slots:
-            lane.discard(slot.offset, slot.length)
-        log: List[int] = []
-        frame, = return_frames(slots)
-        seg = lane_segment(frame, (), log)
-        nbytes = sum(slot.length for slot in slots)
-        # the commit: stores only
-        self.return_log = log
-        self.return_n = len(slots)
-        self.return_bytes = nbytes
-        return seg
+        with self.returns_lock:  # (the ledger is the receiving thread's too)
+            self.settle_returns()
+            returns = self.returns
+            lane = self.lane
+            if not returns or lane is None:
+                return None
+            slots = returns[:RETURN_MAX_SLOTS]
+            for slot in slots:
+                lane.discard(slot.offset, slot.length)
+            log: List[int] = []
+            frame, = return_frames(slots)
+            seg = lane_segment(frame, (), log)
+            nbytes = sum(slot.length for slot in slots)
+            # the commit: stores only
+            self.return_log = log
+            self.return_n = len(slots)
+            self.return_bytes = nbytes
+            return seg
 
     def settle_returns(self) -> None:
         """The RETURN frame `return_segment` made: its slots leave `returns` if a byte of it went.
@@ -740,14 +756,17 @@ class FrameReader:
         a count lost to a signal handler's exception neither sends the
         slots twice (a fault at the peer) nor keeps them for ever.
         """
-        n = self.return_n
-        if not n:
+        if not self.return_n:
             return
-        # the commit: stores only
-        if self.return_log:
-            self.returns = self.returns[n:]
-            self.returning -= self.return_bytes
-        self.return_n = 0
+        with self.returns_lock:  # (a receive in another thread may add to returns meanwhile)
+            n = self.return_n
+            if not n:
+                return
+            # the commit: stores only
+            if self.return_log:
+                self.returns = self.returns[n:]
+                self.returning -= self.return_bytes
+            self.return_n = 0
 
     def returns_due(self, after: int = 0) -> bool:
         """True when the slots released (`returns`) must be written now, not with later ones.
@@ -823,16 +842,18 @@ class FrameReader:
         msg = self.lane_msg
         if isinstance(msg, SlotMessage) and msg.copy is None:
             data = msg.view.tobytes()
-            # the commit: stores only
-            msg.copy = data
-            self.returns += (msg.slot,)
-            self.returning += msg.length
+            # the commit: stores only (see returns_lock)
+            with self.returns_lock:
+                msg.copy = data
+                self.returns += (msg.slot,)
+                self.returning += msg.length
         elif isinstance(msg, ObjectMessage) and msg.copies is None:
             parts: List[Any] = [] if drop else self._object_copies(msg)
             # the commit: stores only
-            msg.copies = parts
-            self.returns += msg.held
-            self.returning += msg.held_bytes
+            with self.returns_lock:
+                msg.copies = parts
+                self.returns += msg.held
+                self.returning += msg.held_bytes
 
     def _take_lane(self) -> bytes:
         """The slot message, copied out; its slot joins `returns` (its descriptors stay held)."""
@@ -844,9 +865,10 @@ class FrameReader:
         data = msg.view.tobytes()
         # the commit: stores only (the view is released with the slot's
         # RETURN frame, see return_segment)
-        self.returns += (msg.slot,)
-        self.returning += msg.length
-        self.lane_msg = None
+        with self.returns_lock:
+            self.returns += (msg.slot,)
+            self.returning += msg.length
+            self.lane_msg = None
         return data
 
     def _claim(self, n: int) -> Tuple[int, Optional[str]]:
@@ -1055,9 +1077,10 @@ class FrameReader:
             return [] if drop else copied
         parts: List[Any] = [] if drop else self._object_copies(msg)
         # the commit: stores only (its slots go back together, see _take_lane)
-        self.returns += msg.held
-        self.returning += msg.held_bytes
-        self.lane_msg = None
+        with self.returns_lock:
+            self.returns += msg.held
+            self.returning += msg.held_bytes
+            self.lane_msg = None
         return parts
 
     @staticmethod
@@ -1075,12 +1098,13 @@ class FrameReader:
             copied = msg.copy
             lane_message = Message(msg.view.tobytes() if copied is None else copied, tuple(fds))
             # the commit: stores only (as _take_lane)
-            if msg.fdslot >= 0:
-                self.rs.nfds[msg.fdslot] = 0  # given over
-            if copied is None:
-                self.returns += (msg.slot,)
-                self.returning += msg.length
-            self.lane_msg = None
+            with self.returns_lock:
+                if msg.fdslot >= 0:
+                    self.rs.nfds[msg.fdslot] = 0  # given over
+                if copied is None:
+                    self.returns += (msg.slot,)
+                    self.returning += msg.length
+                self.lane_msg = None
             return lane_message
         t = self.table
         o = t.offsets[i]
