@@ -833,7 +833,8 @@ class FrameReader:
 
         For a receive that writes RETURN frames before it takes (see
         `returns_due`), so that the slot of the message it takes goes back
-        at once all the same.  The message stays next, with its copy (a
+        at once all the same, and the first step of every take of the
+        lane's message (see `_take_lane`).  The message stays next, with its copy (a
         receive that an exception stops before the take hands out the
         copy).  Does nothing for a message copied already; an object's
         parts are copied as `take_object` would, or, with `drop` (an
@@ -858,18 +859,17 @@ class FrameReader:
     def _take_lane(self) -> bytes:
         """The slot message, copied out; its slot joins `returns` (its descriptors stay held)."""
         msg = self._slot_message()
-        if msg.copy is not None:
-            copied = msg.copy
-            self.lane_msg = None  # (its slot went back with the copy)
-            return copied
-        data = msg.view.tobytes()
-        # the commit: stores only (the view is released with the slot's
-        # RETURN frame, see return_segment)
-        with self.returns_lock:
-            self.returns += (msg.slot,)
-            self.returning += msg.length
-            self.lane_msg = None
-        return data
+        if msg.copy is None:
+            # Copied first, its slot joining `returns` under returns_lock
+            # (the view is released with the slot's RETURN frame, see
+            # return_segment): the lock's release is a call, where a signal
+            # handler's exception would lose a message taken in the same
+            # commit; after a copy it leaves the copy next, for the next receive.
+            self.copy_lane()
+        copied = msg.copy
+        assert copied is not None
+        self.lane_msg = None  # (its slot went back with the copy)
+        return copied
 
     def _claim(self, n: int) -> Tuple[int, Optional[str]]:
         """Match each parsed frame to the descriptors it declares (docs/PROTOCOL.md, Descriptors).
@@ -1071,17 +1071,12 @@ class FrameReader:
         if self.next < self.parsed or not isinstance(msg, ObjectMessage):
             raise MessageKindError("the next message is not an object: receive it with "
                                    "recv(), recv_message() or the other receives")
-        if msg.copies is not None:
-            copied = msg.copies
-            self.lane_msg = None  # (its slots went back with the copies: copy_lane)
-            return [] if drop else copied
-        parts: List[Any] = [] if drop else self._object_copies(msg)
-        # the commit: stores only (its slots go back together, see _take_lane)
-        with self.returns_lock:
-            self.returns += msg.held
-            self.returning += msg.held_bytes
-            self.lane_msg = None
-        return parts
+        if msg.copies is None:
+            self.copy_lane(drop)  # (copied first, as in _take_lane)
+        copied = msg.copies
+        assert copied is not None
+        self.lane_msg = None  # (its slots went back with the copies: copy_lane)
+        return [] if drop else copied
 
     @staticmethod
     def _object_copies(msg: ObjectMessage) -> List[Any]:
@@ -1094,17 +1089,16 @@ class FrameReader:
         i = self.next
         if i >= self.parsed:
             msg = self._slot_message()
-            fds = self.impl.chan_fds(self.rx, msg.fdslot) if msg.fdslot >= 0 else []
+            if msg.copy is None:
+                self.copy_lane()  # (copied first, as in _take_lane)
             copied = msg.copy
-            lane_message = Message(msg.view.tobytes() if copied is None else copied, tuple(fds))
+            assert copied is not None
+            fds = self.impl.chan_fds(self.rx, msg.fdslot) if msg.fdslot >= 0 else []
+            lane_message = Message(copied, tuple(fds))
             # the commit: stores only (as _take_lane)
-            with self.returns_lock:
-                if msg.fdslot >= 0:
-                    self.rs.nfds[msg.fdslot] = 0  # given over
-                if copied is None:
-                    self.returns += (msg.slot,)
-                    self.returning += msg.length
-                self.lane_msg = None
+            if msg.fdslot >= 0:
+                self.rs.nfds[msg.fdslot] = 0  # given over
+            self.lane_msg = None
             return lane_message
         t = self.table
         o = t.offsets[i]
