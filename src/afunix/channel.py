@@ -72,6 +72,7 @@ def _forget_parents_unsent() -> None:
     for ch in list(_channels):
         ch._writer.drop_unsent()
         ch._busy.clear()
+        ch._reader.returns_lock = threading.RLock()  # may be held by a thread not here, as below
         ch._reader.forget_returns()
         ch._reader.forget_held()
         ch._borrow_ended = threading.Condition()  # its lock may be held by a thread not here

@@ -15,6 +15,7 @@ import array
 import errno
 import os
 import socket
+import threading
 from typing import Any, Callable, Dict, Iterable, List, Optional, Set, Tuple, Union
 
 from . import _backend, _checks
@@ -140,7 +141,8 @@ class FrameReader:
                  "reads", "table", "next", "parsed", "batch", "broken", "copies", "copied_from",
                  "ncopied", "eof", "max_region", "max_slots", "on_return", "lane", "lane_msg",
                  "lane_held", "returns", "returning", "applied", "scanned", "normal_size",
-                 "lane_at", "return_log", "return_n", "return_bytes", "__weakref__")
+                 "lane_at", "return_log", "return_n", "return_bytes", "returns_lock",
+                 "__weakref__")
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, seqpacket: bool = False,
                  backend: Optional[Backend] = None, *, max_region: int = MAX_REGION_SIZE,
@@ -169,6 +171,15 @@ class FrameReader:
         self.return_log: List[int] = []
         self.return_n = 0
         self.return_bytes = 0
+        # Held by every change of `returns` and of the lane's ledger.  They
+        # are shared by two threads: a channel's sending thread writes the
+        # RETURN frames a receive in another thread left to it
+        # (return_segment releases their slots from the ledger, and
+        # settle_returns drops them from `returns`) while that receive
+        # claims slots of new frames and adds the slots it releases.  Never
+        # held across a system call or a wait; reentrant, so that a signal
+        # handler's call in the thread that holds it does not wait for itself.
+        self.returns_lock = threading.RLock()
         # RETURN frames applied ahead of the messages before them (stream
         # offsets, see scan_returns), and where that scan stopped
         self.applied: Set[int] = set()
@@ -430,7 +441,8 @@ class FrameReader:
                 try:
                     # (keyed by the frame: the same frame parsed again after
                     # an interruption claims it again without a fault)
-                    view = lane.claim(offset, size, (at, 0))
+                    with self.returns_lock:
+                        view = lane.claim(offset, size, (at, 0))
                 except ProtocolError as exc:
                     self.fail(exc.strerror or "bad slot")
                 msg = SlotMessage(offset, size, view, fdslot)
@@ -474,7 +486,8 @@ class FrameReader:
                 return 0  # not reached
             try:
                 # (keyed by frame and part, as in _lane_frames)
-                parts.append(lane.claim(part.offset, part.length, (at, i)))
+                with self.returns_lock:
+                    parts.append(lane.claim(part.offset, part.length, (at, i)))
             except ProtocolError as exc:
                 # (the slots claimed before go with the region: fail closes it)
                 self.fail(exc.strerror or "bad slot")
@@ -653,10 +666,11 @@ class FrameReader:
                 continue
             freed.append(slot)
             nbytes += slot.length
-        # the commit: stores only
-        self.lane_held = kept
-        self.returns += freed
-        self.returning += nbytes
+        # the commit: stores only (see returns_lock)
+        with self.returns_lock:
+            self.lane_held = kept
+            self.returns += freed
+            self.returning += nbytes
 
     def _close_lane(self) -> None:
         """Unmap the peer's region and forget its slots (at the end, on error, at close)."""
@@ -679,16 +693,17 @@ class FrameReader:
         the parent returned them, and this copy must not take that for an
         overlap.
         """
-        lane = self.lane
-        if lane is not None:
-            for slot in self.returns:
-                try:
-                    lane.discard(slot.offset, slot.length)
-                except BufferError:
-                    pass  # a view still exported: held, as a batch's slot is
-        self.returns = []
-        self.returning = 0
-        self.return_n = 0
+        with self.returns_lock:
+            lane = self.lane
+            if lane is not None:
+                for slot in self.returns:
+                    try:
+                        lane.discard(slot.offset, slot.length)
+                    except BufferError:
+                        pass  # a view still exported: held, as a batch's slot is
+            self.returns = []
+            self.returning = 0
+            self.return_n = 0
 
     def drop_returns(self) -> None:
         """The slots in `returns` never go back: the peer reads nothing more (a write got EPIPE or ECONNRESET).
@@ -725,23 +740,24 @@ class FrameReader:
         `settle_returns`; a frame made and never settled is settled by the
         next call.
         """
-        self.settle_returns()
-        returns = self.returns
-        lane = self.lane
-        if not returns or lane is None:
-            return None
-        slots = returns[:RETURN_MAX_SLOTS]
-        for slot in slots:
-            lane.discard(slot.offset, slot.length)
-        log: List[int] = []
-        frame, = return_frames(slots)
-        seg = lane_segment(frame, (), log)
-        nbytes = sum(slot.length for slot in slots)
-        # the commit: stores only
-        self.return_log = log
-        self.return_n = len(slots)
-        self.return_bytes = nbytes
-        return seg
+        with self.returns_lock:  # (the ledger is the receiving thread's too)
+            self.settle_returns()
+            returns = self.returns
+            lane = self.lane
+            if not returns or lane is None:
+                return None
+            slots = returns[:RETURN_MAX_SLOTS]
+            for slot in slots:
+                lane.discard(slot.offset, slot.length)
+            log: List[int] = []
+            frame, = return_frames(slots)
+            seg = lane_segment(frame, (), log)
+            nbytes = sum(slot.length for slot in slots)
+            # the commit: stores only
+            self.return_log = log
+            self.return_n = len(slots)
+            self.return_bytes = nbytes
+            return seg
 
     def settle_returns(self) -> None:
         """The RETURN frame `return_segment` made: its slots leave `returns` if a byte of it went.
@@ -750,14 +766,17 @@ class FrameReader:
         a count lost to a signal handler's exception neither sends the
         slots twice (a fault at the peer) nor keeps them for ever.
         """
-        n = self.return_n
-        if not n:
+        if not self.return_n:
             return
-        # the commit: stores only
-        if self.return_log:
-            self.returns = self.returns[n:]
-            self.returning -= self.return_bytes
-        self.return_n = 0
+        with self.returns_lock:  # (a receive in another thread may add to returns meanwhile)
+            n = self.return_n
+            if not n:
+                return
+            # the commit: stores only
+            if self.return_log:
+                self.returns = self.returns[n:]
+                self.returning -= self.return_bytes
+            self.return_n = 0
 
     def returns_due(self, after: int = 0) -> bool:
         """True when the slots released (`returns`) must be written now, not with later ones.
@@ -824,7 +843,8 @@ class FrameReader:
 
         For a receive that writes RETURN frames before it takes (see
         `returns_due`), so that the slot of the message it takes goes back
-        at once all the same.  The message stays next, with its copy (a
+        at once all the same, and the first step of every take of the
+        lane's message (see `_take_lane`).  The message stays next, with its copy (a
         receive that an exception stops before the take hands out the
         copy).  Does nothing for a message copied already; an object's
         parts are copied as `take_object` would, or, with `drop` (an
@@ -833,31 +853,33 @@ class FrameReader:
         msg = self.lane_msg
         if isinstance(msg, SlotMessage) and msg.copy is None:
             data = msg.view.tobytes()
-            # the commit: stores only
-            msg.copy = data
-            self.returns += (msg.slot,)
-            self.returning += msg.length
+            # the commit: stores only (see returns_lock)
+            with self.returns_lock:
+                msg.copy = data
+                self.returns += (msg.slot,)
+                self.returning += msg.length
         elif isinstance(msg, ObjectMessage) and msg.copies is None:
             parts: List[Any] = [] if drop else self._object_copies(msg)
             # the commit: stores only
-            msg.copies = parts
-            self.returns += msg.held
-            self.returning += msg.held_bytes
+            with self.returns_lock:
+                msg.copies = parts
+                self.returns += msg.held
+                self.returning += msg.held_bytes
 
     def _take_lane(self) -> bytes:
         """The slot message, copied out; its slot joins `returns` (its descriptors stay held)."""
         msg = self._slot_message()
-        if msg.copy is not None:
-            copied = msg.copy
-            self.lane_msg = None  # (its slot went back with the copy)
-            return copied
-        data = msg.view.tobytes()
-        # the commit: stores only (the view is released with the slot's
-        # RETURN frame, see return_segment)
-        self.returns += (msg.slot,)
-        self.returning += msg.length
-        self.lane_msg = None
-        return data
+        if msg.copy is None:
+            # Copied first, its slot joining `returns` under returns_lock
+            # (the view is released with the slot's RETURN frame, see
+            # return_segment): the lock's release is a call, where a signal
+            # handler's exception would lose a message taken in the same
+            # commit; after a copy it leaves the copy next, for the next receive.
+            self.copy_lane()
+        copied = msg.copy
+        assert copied is not None
+        self.lane_msg = None  # (its slot went back with the copy)
+        return copied
 
     def _claim(self, n: int) -> Tuple[int, Optional[str]]:
         """Match each parsed frame to the descriptors it declares (docs/PROTOCOL.md, Descriptors).
@@ -1059,16 +1081,12 @@ class FrameReader:
         if self.next < self.parsed or not isinstance(msg, ObjectMessage):
             raise MessageKindError("the next message is not an object: receive it with "
                                    "recv(), recv_message() or the other receives")
-        if msg.copies is not None:
-            copied = msg.copies
-            self.lane_msg = None  # (its slots went back with the copies: copy_lane)
-            return [] if drop else copied
-        parts: List[Any] = [] if drop else self._object_copies(msg)
-        # the commit: stores only (its slots go back together, see _take_lane)
-        self.returns += msg.held
-        self.returning += msg.held_bytes
-        self.lane_msg = None
-        return parts
+        if msg.copies is None:
+            self.copy_lane(drop)  # (copied first, as in _take_lane)
+        copied = msg.copies
+        assert copied is not None
+        self.lane_msg = None  # (its slots went back with the copies: copy_lane)
+        return [] if drop else copied
 
     @staticmethod
     def _object_copies(msg: ObjectMessage) -> List[Any]:
@@ -1081,15 +1099,15 @@ class FrameReader:
         i = self.next
         if i >= self.parsed:
             msg = self._slot_message()
-            fds = self.impl.chan_fds(self.rx, msg.fdslot) if msg.fdslot >= 0 else []
+            if msg.copy is None:
+                self.copy_lane()  # (copied first, as in _take_lane)
             copied = msg.copy
-            lane_message = Message(msg.view.tobytes() if copied is None else copied, tuple(fds))
+            assert copied is not None
+            fds = self.impl.chan_fds(self.rx, msg.fdslot) if msg.fdslot >= 0 else []
+            lane_message = Message(copied, tuple(fds))
             # the commit: stores only (as _take_lane)
             if msg.fdslot >= 0:
                 self.rs.nfds[msg.fdslot] = 0  # given over
-            if copied is None:
-                self.returns += (msg.slot,)
-                self.returning += msg.length
             self.lane_msg = None
             return lane_message
         t = self.table
