@@ -110,3 +110,69 @@ def test_a_send_ending_inside_a_claim_leaves_the_ledger_whole(
         for i in range(32):
             b.send(payload(i, 64 * KiB))
             assert a.recv() == payload(i, 64 * KiB)
+
+
+@pytest.mark.parametrize("kind", TYPES, ids=KINDS)
+def test_the_end_of_stream_waits_for_a_return_frame_being_made(
+        kind: int, backend: str) -> None:
+    """The peer closes while the sending thread makes the RETURN frame a receive left to it:
+    the receive that meets the end of the stream lets go of the peer's region only after
+    that frame is made (it used to clear the region's slots under it: KeyError from send)."""
+    x, y = afunix.socketpair(kind)
+    x.settimeout(10)
+    y.settimeout(10)
+    a = Channel(x)  # reads the slots of b's lane
+    b = Channel(y, shm_size=MiB, shm_threshold=KiB)
+    first, big = payload(1, 64 * KiB), payload(3, 4 * MiB)
+    errors: List[BaseException] = []
+    ended: List[BaseException] = []
+    in_discard = threading.Event()
+    receiving = threading.Event()
+
+    def send_big() -> None:
+        try:
+            a.send(big)
+        except BaseException as exc:  # reported by the test
+            errors.append(exc)
+
+    def receive_the_end() -> None:
+        try:
+            a.recv()
+        except BaseException as exc:  # EOFError expected
+            ended.append(exc)
+
+    with a:
+        b.send(first)
+        sender = threading.Thread(target=send_big, daemon=True)
+        sender.start()
+        wait_until(lambda: SENDING in a._busy and not writable(x))
+        assert a.recv() == first
+        r = reader_of(a)
+        assert r.returns, "the slot should be owed to the sender thread"
+        lane = r.lane
+        assert lane is not None
+        offset = r.returns[0].offset
+        view, length = lane._views[offset]
+        receiver = threading.Thread(target=receive_the_end, daemon=True)
+
+        class Held:
+            """The slot's view: its release returns where the receive gets its turn."""
+
+            def release(self) -> None:
+                view.release()
+                if threading.current_thread() is sender:
+                    in_discard.set()
+                    receiving.wait(5)
+                    receiver.join(0.3)  # (with the fix it waits for this frame: not the end)
+
+        lane._views[offset] = (Held(), length)  # type: ignore[assignment]
+        assert b.recv() == big  # the send ends, and makes the RETURN frame it owes
+        assert in_discard.wait(5), "the sender made no RETURN frame"
+        b.close()  # the peer goes
+        receiver.start()
+        receiving.set()
+        sender.join(5)
+        receiver.join(5)
+        assert not sender.is_alive() and not receiver.is_alive()
+        assert not errors, errors
+        assert len(ended) == 1 and isinstance(ended[0], EOFError), ended

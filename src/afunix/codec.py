@@ -177,8 +177,10 @@ class FrameReader:
         # (return_segment releases their slots from the ledger, and
         # settle_returns drops them from `returns`) while that receive
         # claims slots of new frames and adds the slots it releases.  Never
-        # held across a system call or a wait; reentrant, so that a signal
-        # handler's call in the thread that holds it does not wait for itself.
+        # held across a wait (only across the unmapping at the end);
+        # reentrant, so that a signal handler's call in the thread that
+        # holds it does not wait for itself (docs/reliability.md: what
+        # that leaves out).
         self.returns_lock = threading.RLock()
         # RETURN frames applied ahead of the messages before them (stream
         # offsets, see scan_returns), and where that scan stopped
@@ -673,16 +675,22 @@ class FrameReader:
             self.returning += nbytes
 
     def _close_lane(self) -> None:
-        """Unmap the peer's region and forget its slots (at the end, on error, at close)."""
-        lane = self.lane
-        self.lane_msg = None
-        self.lane_held = []
-        self.returns = []
-        self.returning = 0
-        self.return_n = 0
-        if lane is not None:
-            self.lane = None
-            lane.close()
+        """Unmap the peer's region and forget its slots (at the end, on error, at close).
+
+        Under returns_lock: a sending thread may be releasing slots of this
+        region from its ledger for a RETURN frame a receive left to it
+        (return_segment) while the receive meets the end of the stream.
+        """
+        with self.returns_lock:
+            lane = self.lane
+            self.lane_msg = None
+            self.lane_held = []
+            self.returns = []
+            self.returning = 0
+            self.return_n = 0
+            if lane is not None:
+                self.lane = None
+                lane.close()
 
     def forget_returns(self) -> None:
         """In a child after fork(): the slots in `returns` are the parent's to send back; forgotten here.
