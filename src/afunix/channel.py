@@ -98,6 +98,12 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_parents_unsent)
 
 
+class _Closing:
+    """The claim of the receiving side a close takes to close the reader: a receive it refuses raises EBADF."""
+
+    __slots__ = ()
+
+
 class Channel:
     """Framed messages over a connected SOCK_STREAM or SOCK_SEQPACKET AF_UNIX socket.
 
@@ -284,6 +290,8 @@ class Channel:
             holder = busy.setdefault(side, me)
             if holder is me:
                 return True
+            if type(holder) is _Closing:
+                raise OSError(errno.EBADF, "the channel is closed")  # (closing in another thread)
             if type(holder) is not Borrowed or holder.thread == threading.get_ident():
                 return False
             with self._borrow_ended:
@@ -817,6 +825,8 @@ class Channel:
                     del busy[RECEIVING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
+            if self._closed:
+                self._close_reader()  # left to this call by a close() in another thread
             self._borrow_released()
         return lane.in_flight < before
 
@@ -1099,6 +1109,8 @@ class Channel:
             if (busy.setdefault(RECEIVING, me) is not me
                     and not self._claimed_after_borrow(RECEIVING, me)):
                 raise refused(RECEIVING)
+            if self._closed:  # (the reader may still hold what a close left to this call)
+                self._check_open()
             return self._recv()
         finally:
             try:
@@ -1106,6 +1118,8 @@ class Channel:
                     del busy[RECEIVING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
+            if self._closed:
+                self._close_reader()  # left to this call by a close() in another thread
 
     def _recv(self) -> bytes:
         r = self._reader
@@ -1167,6 +1181,8 @@ class Channel:
             if (busy.setdefault(RECEIVING, me) is not me
                     and not self._claimed_after_borrow(RECEIVING, me)):
                 raise refused(RECEIVING)
+            if self._closed:  # (the reader may still hold what a close left to this call)
+                self._check_open()
             return self._recv_many(max_messages)
         finally:
             try:
@@ -1174,6 +1190,8 @@ class Channel:
                     del busy[RECEIVING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
+            if self._closed:
+                self._close_reader()  # left to this call by a close() in another thread
 
     def _recv_many(self, max_messages: int) -> List[bytes]:
         if type(max_messages) is not int or max_messages < 1:
@@ -1206,6 +1224,8 @@ class Channel:
             if (busy.setdefault(RECEIVING, me) is not me
                     and not self._claimed_after_borrow(RECEIVING, me)):
                 raise refused(RECEIVING)
+            if self._closed:  # (the reader may still hold what a close left to this call)
+                self._check_open()
             return self._recv_message()
         finally:
             try:
@@ -1213,6 +1233,8 @@ class Channel:
                     del busy[RECEIVING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
+            if self._closed:
+                self._close_reader()  # left to this call by a close() in another thread
 
     def _recv_message(self) -> Message:
         r = self._reader
@@ -1245,6 +1267,8 @@ class Channel:
             if (busy.setdefault(RECEIVING, me) is not me
                     and not self._claimed_after_borrow(RECEIVING, me)):
                 raise refused(RECEIVING)
+            if self._closed:  # (the reader may still hold what a close left to this call)
+                self._check_open()
             return self._recv_batch(max_messages)
         finally:
             try:
@@ -1252,6 +1276,8 @@ class Channel:
                     del busy[RECEIVING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
+            if self._closed:
+                self._close_reader()  # left to this call by a close() in another thread
 
     def _recv_batch(self, max_messages: int) -> FrameBatch:
         max_messages = _checks.in_range(max_messages, "max_messages", 1, 1 << 62)
@@ -1294,6 +1320,8 @@ class Channel:
             if (busy.setdefault(RECEIVING, me) is not me
                     and not self._claimed_after_borrow(RECEIVING, me)):
                 raise refused(RECEIVING)
+            if self._closed:  # (the reader may still hold what a close left to this call)
+                self._check_open()
             return self._recv_object()
         finally:
             try:
@@ -1301,6 +1329,8 @@ class Channel:
                     del busy[RECEIVING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
+            if self._closed:
+                self._close_reader()  # left to this call by a close() in another thread
 
     def _recv_object(self) -> Any:
         r = self._reader
@@ -1425,8 +1455,31 @@ class Channel:
     def _abort(self) -> None:
         if self._closed:
             return
-        self._reader.close()  # first: a close() after an interrupted abort closes them
-        self._closed = True
+        busy = self._busy
+        me = _Closing()  # a fresh token, held by this call only
+        try:
+            if busy.setdefault(RECEIVING, me) is me:
+                self._reader.close()  # first: a close() after an interrupted abort closes them
+                self._closed = True
+            else:
+                # Another call is receiving (or a send reads RETURN frames:
+                # Borrowed), maybe inside the backend's read, which writes
+                # the reader's state and buffer with the GIL released, and
+                # may be reading the peer's region: nothing of the reader is
+                # touched under it.  It is marked closed only (a store: the
+                # read's next look raises EBADF, `closed_under`); the call
+                # closes it as it ends, seeing the channel closed
+                # (`_close_reader`), or this one does, should the call have
+                # ended before the channel was marked.
+                self._closed = True
+                self._reader.closed = True
+                self._close_reader()
+        finally:
+            try:
+                if busy[RECEIVING] is me:
+                    del busy[RECEIVING]
+            except KeyError:  # unclaimed: the holder left (see __init__)
+                pass
         self._writer.drop_unsent()
         if self._lane is not None and self._lane.announced:
             self._discard_returns()
@@ -1440,6 +1493,27 @@ class Channel:
             self._lane.close()
             self._lane.room.set()  # a sender waiting for room in another thread wakes, and finds it closed
         _channels.discard(self)
+
+    def _close_reader(self) -> None:
+        """Close the reader of a closed channel, unless a call holds the receiving side (it does, as it ends).
+
+        Whoever ends up with the claim, after the channel is marked closed,
+        closes it: the receiving call releases its claim before it looks,
+        and `_abort` marks the channel before it tries the claim, so one of
+        them always does (both may: closing again does nothing more).
+        """
+        busy = self._busy
+        me = _Closing()  # a fresh token, held by this call only
+        try:
+            if busy.setdefault(RECEIVING, me) is me:
+                self._reader.close()
+        finally:
+            try:
+                if busy[RECEIVING] is me:
+                    del busy[RECEIVING]
+            except KeyError:  # unclaimed: the holder left (see __init__)
+                pass
+            self._borrow_released()
 
     def close(self) -> None:
         """Write what is pending as `flush` would, then close the socket.
