@@ -177,7 +177,10 @@ def test_close_racing_a_send_that_reads_returns(frequent_switches: None, clean: 
                 while True:
                     a.send(b"s" * (64 * KiB))
             except OSError as exc:
-                if exc.errno != errno.EBADF or type(exc) is not OSError:
+                # (ENOTSOCK: a write through the descriptor's number after
+                # the close freed it and another descriptor took it, as a
+                # plain socket's call can; not what this test is about)
+                if exc.errno not in (errno.EBADF, errno.ENOTSOCK) or type(exc) is not OSError:
                     wrong.append("send: %r" % exc)
             except BaseException as exc:
                 wrong.append("send: %r" % exc)

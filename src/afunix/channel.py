@@ -341,6 +341,8 @@ class Channel:
                     del busy[SENDING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
+            if self._closed and self._lane is not None:
+                self._close_lane()  # left to this call by a close() in another thread
             if self._reader.returns:
                 self._write_returns(wait=True)  # a receive in another thread left them to this call
 
@@ -427,6 +429,8 @@ class Channel:
                     del busy[SENDING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
+            if self._closed and self._lane is not None:
+                self._close_lane()  # left to this call by a close() in another thread
             if self._reader.returns:
                 self._write_returns(wait=True)  # a receive in another thread left them to this call
 
@@ -721,6 +725,8 @@ class Channel:
                     del busy[SENDING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
+            if self._closed and self._lane is not None:
+                self._close_lane()  # left to this call by a close() in another thread
             if loan is None and self._reader.returns:
                 self._write_returns(wait=True)  # a receive in another thread left them to this call
 
@@ -778,6 +784,8 @@ class Channel:
                     del busy[SENDING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
+            if self._closed and self._lane is not None:
+                self._close_lane()  # left to this call by a close() in another thread
             if self._reader.returns:
                 self._write_returns(wait=True)  # a receive in another thread left them to this call
 
@@ -866,6 +874,8 @@ class Channel:
                     del busy[SENDING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
+            if self._closed and self._lane is not None:
+                self._close_lane()  # left to this call by a close() in another thread
             self._borrow_released()
 
     def _send_returns(self) -> None:
@@ -928,6 +938,8 @@ class Channel:
                     del busy[SENDING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
+            if self._closed and self._lane is not None:
+                self._close_lane()  # left to this call by a close() in another thread
             if self._reader.returns:
                 self._write_returns(wait=True)  # a receive in another thread left them to this call
 
@@ -972,6 +984,8 @@ class Channel:
                     del busy[SENDING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
+            if self._closed and self._lane is not None:
+                self._close_lane()  # left to this call by a close() in another thread
             if self._reader.returns:
                 self._write_returns(wait=True)  # a receive in another thread left them to this call
 
@@ -1047,6 +1061,8 @@ class Channel:
                     del busy[SENDING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
+            if self._closed and self._lane is not None:
+                self._close_lane()  # left to this call by a close() in another thread
             if self._reader.returns:
                 self._write_returns(wait=True)  # a receive in another thread left them to this call
 
@@ -1342,6 +1358,7 @@ class Channel:
         if not self._trust_peer:
             if not self._peer_uid_read:
                 self._peer_uid = peer_uid(self._sock)
+                self._check_open()  # (closed in another thread: no uid, and EBADF is the answer)
                 self._peer_uid_read = True
             try:
                 check_unpickle_peer(self._peer_uid)
@@ -1490,7 +1507,7 @@ class Channel:
         finally:
             self._sock.close()
         if self._lane is not None:
-            self._lane.close()
+            self._close_lane()
             self._lane.room.set()  # a sender waiting for room in another thread wakes, and finds it closed
         _channels.discard(self)
 
@@ -1511,6 +1528,26 @@ class Channel:
             try:
                 if busy[RECEIVING] is me:
                     del busy[RECEIVING]
+            except KeyError:  # unclaimed: the holder left (see __init__)
+                pass
+            self._borrow_released()
+
+    def _close_lane(self) -> None:
+        """Close this end's region of a closed channel, unless a call holds the sending side (it does, as it ends).
+
+        As `_close_reader`: a send may be copying into the region (the
+        backend's copy runs with the GIL released) or taking its slots.
+        """
+        lane = self._lane
+        busy = self._busy
+        me = _Closing()  # a fresh token, held by this call only
+        try:
+            if lane is not None and busy.setdefault(SENDING, me) is me:
+                lane.close()
+        finally:
+            try:
+                if busy[SENDING] is me:
+                    del busy[SENDING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
             self._borrow_released()
