@@ -341,8 +341,8 @@ class Channel:
                     del busy[SENDING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
-            if self._closed:
-                self._close_writer()  # left to this call by a close() in another thread
+            if self._closed and self._lane is not None:
+                self._close_lane()  # left to this call by a close() in another thread
             if self._reader.returns:
                 self._write_returns(wait=True)  # a receive in another thread left them to this call
 
@@ -429,8 +429,8 @@ class Channel:
                     del busy[SENDING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
-            if self._closed:
-                self._close_writer()  # left to this call by a close() in another thread
+            if self._closed and self._lane is not None:
+                self._close_lane()  # left to this call by a close() in another thread
             if self._reader.returns:
                 self._write_returns(wait=True)  # a receive in another thread left them to this call
 
@@ -725,8 +725,8 @@ class Channel:
                     del busy[SENDING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
-            if self._closed:
-                self._close_writer()  # left to this call by a close() in another thread
+            if self._closed and self._lane is not None:
+                self._close_lane()  # left to this call by a close() in another thread
             if loan is None and self._reader.returns:
                 self._write_returns(wait=True)  # a receive in another thread left them to this call
 
@@ -784,8 +784,8 @@ class Channel:
                     del busy[SENDING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
-            if self._closed:
-                self._close_writer()  # left to this call by a close() in another thread
+            if self._closed and self._lane is not None:
+                self._close_lane()  # left to this call by a close() in another thread
             if self._reader.returns:
                 self._write_returns(wait=True)  # a receive in another thread left them to this call
 
@@ -874,8 +874,8 @@ class Channel:
                     del busy[SENDING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
-            if self._closed:
-                self._close_writer()  # left to this call by a close() in another thread
+            if self._closed and self._lane is not None:
+                self._close_lane()  # left to this call by a close() in another thread
             self._borrow_released()
 
     def _send_returns(self) -> None:
@@ -938,8 +938,8 @@ class Channel:
                     del busy[SENDING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
-            if self._closed:
-                self._close_writer()  # left to this call by a close() in another thread
+            if self._closed and self._lane is not None:
+                self._close_lane()  # left to this call by a close() in another thread
             if self._reader.returns:
                 self._write_returns(wait=True)  # a receive in another thread left them to this call
 
@@ -984,8 +984,8 @@ class Channel:
                     del busy[SENDING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
-            if self._closed:
-                self._close_writer()  # left to this call by a close() in another thread
+            if self._closed and self._lane is not None:
+                self._close_lane()  # left to this call by a close() in another thread
             if self._reader.returns:
                 self._write_returns(wait=True)  # a receive in another thread left them to this call
 
@@ -1061,8 +1061,8 @@ class Channel:
                     del busy[SENDING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
-            if self._closed:
-                self._close_writer()  # left to this call by a close() in another thread
+            if self._closed and self._lane is not None:
+                self._close_lane()  # left to this call by a close() in another thread
             if self._reader.returns:
                 self._write_returns(wait=True)  # a receive in another thread left them to this call
 
@@ -1497,6 +1497,7 @@ class Channel:
                     del busy[RECEIVING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
+        self._writer.drop_unsent()
         if self._lane is not None and self._lane.announced:
             self._discard_returns()
         hook = self._before_close
@@ -1505,8 +1506,8 @@ class Channel:
                 hook()
         finally:
             self._sock.close()
-        self._close_writer()
         if self._lane is not None:
+            self._close_lane()
             self._lane.room.set()  # a sender waiting for room in another thread wakes, and finds it closed
         _channels.discard(self)
 
@@ -1531,22 +1532,18 @@ class Channel:
                 pass
             self._borrow_released()
 
-    def _close_writer(self) -> None:
-        """Drop what is unsent and close this end's region, unless a call holds the sending side (it does, as it ends).
+    def _close_lane(self) -> None:
+        """Close this end's region of a closed channel, unless a call holds the sending side (it does, as it ends).
 
-        As `_close_reader`: a send may be writing the writer's pending bytes
-        or copying into the region (the backend's calls run with the GIL
-        released); changed under it, its write counted nothing and it said
-        "timed out" on a closed channel.  Both are dropped once, whoever
-        ends up with the claim.
+        As `_close_reader`: a send may be copying into the region (the
+        backend's copy runs with the GIL released) or taking its slots.
         """
+        lane = self._lane
         busy = self._busy
         me = _Closing()  # a fresh token, held by this call only
         try:
-            if busy.setdefault(SENDING, me) is me:
-                self._writer.drop_unsent()
-                if self._lane is not None:
-                    self._lane.close()
+            if lane is not None and busy.setdefault(SENDING, me) is me:
+                lane.close()
         finally:
             try:
                 if busy[SENDING] is me:
