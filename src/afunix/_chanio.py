@@ -176,7 +176,6 @@ def read(sock: socket.socket, reader: FrameReader) -> int:
             # sock.recvmsg would
             if not timeout:
                 raise
-            closed_under(reader)  # (then the socket may be closed too: no wait on it)
             if not _io.wait(sock.fileno(), False, deadline):
                 raise socket.timeout("timed out") from None
 

@@ -95,8 +95,6 @@ def deadline_of(timeout: Optional[float]) -> Optional[float]:
 
 def wait(fd: int, writable: bool, deadline: Optional[float]) -> bool:
     """Wait until `fd` is readable/writable or the deadline passes; False on timeout."""
-    if fd < 0:  # sock.fileno() of a socket closed meanwhile (in another thread)
-        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
     poller = select.poll()
     poller.register(fd, select.POLLOUT if writable else select.POLLIN)
     remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -106,8 +104,6 @@ def wait(fd: int, writable: bool, deadline: Optional[float]) -> bool:
 
 def wait_either(fd: int, deadline: Optional[float]) -> tuple[bool, bool]:
     """Wait until `fd` is readable or writable or the deadline passes: (readable, writable)."""
-    if fd < 0:  # sock.fileno() of a socket closed meanwhile (in another thread)
-        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
     poller = select.poll()
     poller.register(fd, select.POLLIN | select.POLLOUT)
     remaining = None if deadline is None else max(0.0, deadline - time.monotonic())

@@ -1,13 +1,11 @@
 """Socket objects over descriptors afunix does not own, and the socket's raw type and family.
 
-A leaf below the backends: it imports only socket, errno and os, so both
+A leaf below the backends: it imports only the socket module, so both
 backends and the topic modules can use it.
 """
 from __future__ import annotations
 
 import _socket
-import errno
-import os
 import socket
 
 # socket.socket.type builds an enum object on every access; the C-level
@@ -45,9 +43,6 @@ def nonblocking_twin(sock: socket.socket) -> socket.socket:
     wait out the whole timeout.  The descriptor of such a socket is already
     O_NONBLOCK, so a twin with timeout 0 changes nothing at the kernel level.
     """
-    fd = sock.fileno()
-    if fd < 0:  # closed meanwhile (a close in another thread): as the socket's own calls say
-        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
-    twin = BorrowedSocket(sock.family, sock.type, sock.proto, fd)
+    twin = BorrowedSocket(sock.family, sock.type, sock.proto, sock.fileno())
     twin.settimeout(0.0)
     return twin

@@ -98,12 +98,6 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_parents_unsent)
 
 
-class _Closing:
-    """The claim of the receiving side a close takes to close the reader: a receive it refuses raises EBADF."""
-
-    __slots__ = ()
-
-
 class Channel:
     """Framed messages over a connected SOCK_STREAM or SOCK_SEQPACKET AF_UNIX socket.
 
@@ -290,8 +284,6 @@ class Channel:
             holder = busy.setdefault(side, me)
             if holder is me:
                 return True
-            if type(holder) is _Closing:
-                raise OSError(errno.EBADF, "the channel is closed")  # (closing in another thread)
             if type(holder) is not Borrowed or holder.thread == threading.get_ident():
                 return False
             with self._borrow_ended:
@@ -341,8 +333,6 @@ class Channel:
                     del busy[SENDING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
-            if self._closed and self._lane is not None:
-                self._close_lane()  # left to this call by a close() in another thread
             if self._reader.returns:
                 self._write_returns(wait=True)  # a receive in another thread left them to this call
 
@@ -429,8 +419,6 @@ class Channel:
                     del busy[SENDING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
-            if self._closed and self._lane is not None:
-                self._close_lane()  # left to this call by a close() in another thread
             if self._reader.returns:
                 self._write_returns(wait=True)  # a receive in another thread left them to this call
 
@@ -725,8 +713,6 @@ class Channel:
                     del busy[SENDING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
-            if self._closed and self._lane is not None:
-                self._close_lane()  # left to this call by a close() in another thread
             if loan is None and self._reader.returns:
                 self._write_returns(wait=True)  # a receive in another thread left them to this call
 
@@ -784,8 +770,6 @@ class Channel:
                     del busy[SENDING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
-            if self._closed and self._lane is not None:
-                self._close_lane()  # left to this call by a close() in another thread
             if self._reader.returns:
                 self._write_returns(wait=True)  # a receive in another thread left them to this call
 
@@ -833,8 +817,6 @@ class Channel:
                     del busy[RECEIVING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
-            if self._closed:
-                self._close_reader()  # left to this call by a close() in another thread
             self._borrow_released()
         return lane.in_flight < before
 
@@ -874,8 +856,6 @@ class Channel:
                     del busy[SENDING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
-            if self._closed and self._lane is not None:
-                self._close_lane()  # left to this call by a close() in another thread
             self._borrow_released()
 
     def _send_returns(self) -> None:
@@ -938,8 +918,6 @@ class Channel:
                     del busy[SENDING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
-            if self._closed and self._lane is not None:
-                self._close_lane()  # left to this call by a close() in another thread
             if self._reader.returns:
                 self._write_returns(wait=True)  # a receive in another thread left them to this call
 
@@ -984,8 +962,6 @@ class Channel:
                     del busy[SENDING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
-            if self._closed and self._lane is not None:
-                self._close_lane()  # left to this call by a close() in another thread
             if self._reader.returns:
                 self._write_returns(wait=True)  # a receive in another thread left them to this call
 
@@ -1061,8 +1037,6 @@ class Channel:
                     del busy[SENDING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
-            if self._closed and self._lane is not None:
-                self._close_lane()  # left to this call by a close() in another thread
             if self._reader.returns:
                 self._write_returns(wait=True)  # a receive in another thread left them to this call
 
@@ -1125,8 +1099,6 @@ class Channel:
             if (busy.setdefault(RECEIVING, me) is not me
                     and not self._claimed_after_borrow(RECEIVING, me)):
                 raise refused(RECEIVING)
-            if self._closed:  # (the reader may still hold what a close left to this call)
-                self._check_open()
             return self._recv()
         finally:
             try:
@@ -1134,8 +1106,6 @@ class Channel:
                     del busy[RECEIVING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
-            if self._closed:
-                self._close_reader()  # left to this call by a close() in another thread
 
     def _recv(self) -> bytes:
         r = self._reader
@@ -1197,8 +1167,6 @@ class Channel:
             if (busy.setdefault(RECEIVING, me) is not me
                     and not self._claimed_after_borrow(RECEIVING, me)):
                 raise refused(RECEIVING)
-            if self._closed:  # (the reader may still hold what a close left to this call)
-                self._check_open()
             return self._recv_many(max_messages)
         finally:
             try:
@@ -1206,8 +1174,6 @@ class Channel:
                     del busy[RECEIVING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
-            if self._closed:
-                self._close_reader()  # left to this call by a close() in another thread
 
     def _recv_many(self, max_messages: int) -> List[bytes]:
         if type(max_messages) is not int or max_messages < 1:
@@ -1240,8 +1206,6 @@ class Channel:
             if (busy.setdefault(RECEIVING, me) is not me
                     and not self._claimed_after_borrow(RECEIVING, me)):
                 raise refused(RECEIVING)
-            if self._closed:  # (the reader may still hold what a close left to this call)
-                self._check_open()
             return self._recv_message()
         finally:
             try:
@@ -1249,8 +1213,6 @@ class Channel:
                     del busy[RECEIVING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
-            if self._closed:
-                self._close_reader()  # left to this call by a close() in another thread
 
     def _recv_message(self) -> Message:
         r = self._reader
@@ -1283,8 +1245,6 @@ class Channel:
             if (busy.setdefault(RECEIVING, me) is not me
                     and not self._claimed_after_borrow(RECEIVING, me)):
                 raise refused(RECEIVING)
-            if self._closed:  # (the reader may still hold what a close left to this call)
-                self._check_open()
             return self._recv_batch(max_messages)
         finally:
             try:
@@ -1292,8 +1252,6 @@ class Channel:
                     del busy[RECEIVING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
-            if self._closed:
-                self._close_reader()  # left to this call by a close() in another thread
 
     def _recv_batch(self, max_messages: int) -> FrameBatch:
         max_messages = _checks.in_range(max_messages, "max_messages", 1, 1 << 62)
@@ -1336,8 +1294,6 @@ class Channel:
             if (busy.setdefault(RECEIVING, me) is not me
                     and not self._claimed_after_borrow(RECEIVING, me)):
                 raise refused(RECEIVING)
-            if self._closed:  # (the reader may still hold what a close left to this call)
-                self._check_open()
             return self._recv_object()
         finally:
             try:
@@ -1345,8 +1301,6 @@ class Channel:
                     del busy[RECEIVING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
-            if self._closed:
-                self._close_reader()  # left to this call by a close() in another thread
 
     def _recv_object(self) -> Any:
         r = self._reader
@@ -1358,7 +1312,6 @@ class Channel:
         if not self._trust_peer:
             if not self._peer_uid_read:
                 self._peer_uid = peer_uid(self._sock)
-                self._check_open()  # (closed in another thread: no uid, and EBADF is the answer)
                 self._peer_uid_read = True
             try:
                 check_unpickle_peer(self._peer_uid)
@@ -1472,31 +1425,8 @@ class Channel:
     def _abort(self) -> None:
         if self._closed:
             return
-        busy = self._busy
-        me = _Closing()  # a fresh token, held by this call only
-        try:
-            if busy.setdefault(RECEIVING, me) is me:
-                self._reader.close()  # first: a close() after an interrupted abort closes them
-                self._closed = True
-            else:
-                # Another call is receiving (or a send reads RETURN frames:
-                # Borrowed), maybe inside the backend's read, which writes
-                # the reader's state and buffer with the GIL released, and
-                # may be reading the peer's region: nothing of the reader is
-                # touched under it.  It is marked closed only (a store: the
-                # read's next look raises EBADF, `closed_under`); the call
-                # closes it as it ends, seeing the channel closed
-                # (`_close_reader`), or this one does, should the call have
-                # ended before the channel was marked.
-                self._closed = True
-                self._reader.closed = True
-                self._close_reader()
-        finally:
-            try:
-                if busy[RECEIVING] is me:
-                    del busy[RECEIVING]
-            except KeyError:  # unclaimed: the holder left (see __init__)
-                pass
+        self._reader.close()  # first: a close() after an interrupted abort closes them
+        self._closed = True
         self._writer.drop_unsent()
         if self._lane is not None and self._lane.announced:
             self._discard_returns()
@@ -1507,50 +1437,9 @@ class Channel:
         finally:
             self._sock.close()
         if self._lane is not None:
-            self._close_lane()
+            self._lane.close()
             self._lane.room.set()  # a sender waiting for room in another thread wakes, and finds it closed
         _channels.discard(self)
-
-    def _close_reader(self) -> None:
-        """Close the reader of a closed channel, unless a call holds the receiving side (it does, as it ends).
-
-        Whoever ends up with the claim, after the channel is marked closed,
-        closes it: the receiving call releases its claim before it looks,
-        and `_abort` marks the channel before it tries the claim, so one of
-        them always does (both may: closing again does nothing more).
-        """
-        busy = self._busy
-        me = _Closing()  # a fresh token, held by this call only
-        try:
-            if busy.setdefault(RECEIVING, me) is me:
-                self._reader.close()
-        finally:
-            try:
-                if busy[RECEIVING] is me:
-                    del busy[RECEIVING]
-            except KeyError:  # unclaimed: the holder left (see __init__)
-                pass
-            self._borrow_released()
-
-    def _close_lane(self) -> None:
-        """Close this end's region of a closed channel, unless a call holds the sending side (it does, as it ends).
-
-        As `_close_reader`: a send may be copying into the region (the
-        backend's copy runs with the GIL released) or taking its slots.
-        """
-        lane = self._lane
-        busy = self._busy
-        me = _Closing()  # a fresh token, held by this call only
-        try:
-            if lane is not None and busy.setdefault(SENDING, me) is me:
-                lane.close()
-        finally:
-            try:
-                if busy[SENDING] is me:
-                    del busy[SENDING]
-            except KeyError:  # unclaimed: the holder left (see __init__)
-                pass
-            self._borrow_released()
 
     def close(self) -> None:
         """Write what is pending as `flush` would, then close the socket.

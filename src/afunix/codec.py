@@ -1218,12 +1218,9 @@ class FrameReader:
         self.impl.chan_drop(self.rx, 0, True)
 
     def close(self) -> None:
-        """Close every descriptor held; the reader takes nothing more.
-
-        Releases again when called again: a reader marked `closed` while
-        another thread read into it is closed by that thread afterwards
-        (afunix.Channel's close), and closing a closed one changes nothing.
-        """
+        """Close every descriptor held; the reader takes nothing more."""
+        if self.closed:
+            return
         self.release()  # first: a close() after an interrupted one closes them
         self.closed = True
         self.next = self.parsed = self.ncopied = 0
