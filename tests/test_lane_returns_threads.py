@@ -17,11 +17,9 @@ from __future__ import annotations
 import bisect
 import select
 import socket
-import struct
 import threading
-import time
 import types
-from typing import Callable, List
+from typing import List
 
 import pytest
 
@@ -30,31 +28,20 @@ import afunix.slots
 from afunix import Channel, shm
 from afunix._chanio import SENDING
 from afunix.channel import reader_of
+from test_lane_duplex import wait_until
+from test_lane_stress import KiB, MiB, payload
 
 pytestmark = pytest.mark.skipif(shm.unsupported_reason() is not None,
                                 reason=str(shm.unsupported_reason()))
 
-KiB = 1 << 10
-MiB = 1 << 20
 TYPES = [socket.SOCK_STREAM, socket.SOCK_SEQPACKET]
 KINDS = ["stream", "seqpacket"]
-
-
-def payload(i: int, n: int) -> bytes:
-    return (struct.pack("<I", i) * (n // 4 + 1))[:n]
 
 
 def writable(sock: socket.socket) -> bool:
     poller = select.poll()
     poller.register(sock, select.POLLOUT)
     return bool(poller.poll(0))
-
-
-def wait_until(check: Callable[[], bool], bound: float = 5.0) -> None:
-    deadline = time.monotonic() + bound
-    while not check():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.002)
 
 
 @pytest.mark.parametrize("kind", TYPES, ids=KINDS)
