@@ -433,3 +433,22 @@ def test_a_signal_storm_during_lane_sends_leaves_no_slot_or_descriptor_behind(
     assert completed <= int(out) <= STORM_N
     gc.collect()
     assert open_fds() == before
+
+
+def test_a_close_interrupted_anywhere_closes_everything_when_called_again(backend: str) -> None:
+    """close() of a channel whose region went, with the peer's RETURN frame waiting on its
+    socket, interrupted at each point in turn: a second close() closes what the first did
+    not reach (the socket, the region, the descriptors held), before anything is collected."""
+    def scenario(k: int) -> bool:
+        before = open_fds()
+        a, b = lane_pair()
+        a.send(payload(1, 5000))
+        assert b.recv() == payload(1, 5000)
+        b.send(b"returns")  # writes b's RETURN frame: it waits on a's socket
+        raised, _ = raising_at(k, a.close)
+        a.close()
+        b.close()
+        assert open_fds() == before, "left open with the exception at point %d" % k
+        return raised
+
+    assert every_point(scenario) > 20

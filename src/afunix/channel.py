@@ -1427,19 +1427,31 @@ class Channel:
             return
         self._reader.close()  # first: a close() after an interrupted abort closes them
         self._closed = True
-        self._writer.drop_unsent()
-        if self._lane is not None and self._lane.announced:
-            self._discard_returns()
-        hook = self._before_close
+        # From here an exception (a signal handler's) stops nothing that
+        # closes: the finally blocks go on, and a close() after one that did
+        # not reach them closes what is left (see close()).
         try:
+            self._writer.drop_unsent()
+            if self._lane is not None and self._lane.announced:
+                self._discard_returns()
+            hook = self._before_close
             if hook is not None:
                 hook()
         finally:
-            self._sock.close()
-        if self._lane is not None:
-            self._lane.close()
-            self._lane.room.set()  # a sender waiting for room in another thread wakes, and finds it closed
-        _channels.discard(self)
+            try:
+                self._sock.close()
+            finally:
+                self._close_lane()
+                _channels.discard(self)
+
+    def _close_lane(self) -> None:
+        """Close this end's region (idempotent) and wake a sender waiting for room in another thread."""
+        lane = self._lane
+        if lane is not None:
+            try:
+                lane.close()
+            finally:
+                lane.room.set()  # it wakes, and finds the channel closed
 
     def close(self) -> None:
         """Write what is pending as `flush` would, then close the socket.
@@ -1463,6 +1475,10 @@ class Channel:
                 channel is closed all the same.
         """
         if self._closed:
+            # (each closes once: what an exception stopped a close before
+            # from reaching -- the socket, the region -- is closed now)
+            self._sock.close()
+            self._close_lane()
             return
         busy = self._busy
         me: List[object] = []  # a fresh token, held by this call only
