@@ -367,3 +367,18 @@ def test_frame_batch_index_is_an_integer_as_for_a_list() -> None:
         assert batch.fds(Two()) == []  # type: ignore[arg-type]
         with pytest.raises(IndexError):
             batch.fds(3)
+
+
+@pytest.mark.parametrize("bad", [3.0, "3", None, 2**31])
+def test_close_fds_checks_every_descriptor_before_closing_any(backend: str, bad: Any) -> None:
+    """A bad item after good ones: one error, the same on both backends, and nothing closed."""
+    r, w = os.pipe()
+    try:
+        with pytest.raises((TypeError, ValueError)) as info:
+            afunix.close_fds([r, w, bad])
+        os.fstat(r), os.fstat(w)  # both still open
+        kind = TypeError if type(bad) is not int else ValueError
+        assert type(info.value) is kind
+    finally:
+        os.close(r)
+        os.close(w)

@@ -61,7 +61,9 @@ class TruncatedError(OSError):
 def close_fds(fds: Iterable[int]) -> None:
     """Close every descriptor in `fds`, ignoring ones already closed (EBADF).
 
-    The C backend closes a whole list in one call.
+    Each is checked first: a bad one (not an integer, out of range) is a
+    TypeError or ValueError, and then none is closed.  The C backend
+    closes a whole list in one call.
     """
     fds = fds if isinstance(fds, list) else list(fds)
     if not fds:
@@ -70,8 +72,10 @@ def close_fds(fds: Iterable[int]) -> None:
     if numbers is not None:  # the common case, checked and converted in bulk
         _backend.impl.close_fds(numbers)
         return
-    # Checked here, not by each backend with its own OverflowError text.  A
-    # negative one that fits a C int is EBADF to both backends: ignored.
+    # Checked here, every one before any is closed, not by each backend
+    # with its own errors (the stdlib one would close those before a bad
+    # one).  A negative one that fits a C int is EBADF to both: ignored.
+    fds = [_checks.as_int(fd, "descriptor") for fd in fds]
     top, bottom = max(fds), min(fds)
     if top > _checks.C_INT_MAX or bottom < -_checks.C_INT_MAX - 1:
         raise ValueError("descriptor must be from 0 to %d, got %d"
