@@ -160,6 +160,24 @@ def test_recv_batch_zero_copy_views_offsets_and_uniform_size() -> None:
 
 
 @pytest.mark.parametrize("kind", TYPES)
+def test_recv_batch_views_are_read_only(kind: int) -> None:
+    """A batch's views are into the channel's receive buffer, which also holds frames not parsed
+    yet: a write through them would change what the peer sent, so they are read-only."""
+    a, b = afunix.channel_pair(kind)
+    with a, b:
+        a.send_many([b"first", b"second"] * 50)
+        batch = b.recv_batch(3)
+        assert all(view.readonly for view in batch) and batch[0].readonly
+        assert batch.buffer.readonly
+        with pytest.raises(TypeError):
+            batch[0][0] = 0
+        with pytest.raises(TypeError):
+            batch.buffer[batch.end] = 0  # the header of the next frame
+        # and the frames after it arrive as sent
+        assert [b.recv() for _ in range(97)] == ([b"second", b"first"] * 49)[:97]
+
+
+@pytest.mark.parametrize("kind", TYPES)
 def test_descriptors_ride_on_their_message(kind: int, devnull: int, fd_baseline: set[int]) -> None:
     a, b = afunix.channel_pair(kind)
     r, w = os.pipe()

@@ -137,7 +137,7 @@ class FrameReader:
     join them at the next receive.
     """
 
-    __slots__ = ("closed", "impl", "max_frame", "seqpacket", "buffer", "view", "start", "rx", "rs",
+    __slots__ = ("closed", "impl", "max_frame", "seqpacket", "buffer", "view", "shown", "start", "rx", "rs",
                  "reads", "table", "next", "parsed", "batch", "broken", "copies", "copied_from",
                  "ncopied", "eof", "max_region", "max_slots", "on_return", "lane", "lane_msg",
                  "lane_held", "returns", "returning", "applied", "scanned", "normal_size",
@@ -199,6 +199,9 @@ class FrameReader:
                             else RECV_BUFFER)
         self.buffer = bytearray(self.normal_size)
         self.view = memoryview(self.buffer)
+        # what a FrameBatch hands out: a write into it would change frames
+        # not parsed yet, as the peer could not
+        self.shown = self.view.toreadonly()
         self.start = 0
         self.rs = self.rx.s
         self.reads = self.rx.reads  # slots for held reads
@@ -974,8 +977,10 @@ class FrameReader:
             new = bytearray(max(min(need, 2 * size), used + room, self.normal_size))
             new[:used] = self.view[start:end]
             view = memoryview(new)
+            shown = view.toreadonly()
             self.buffer = new
             self.view = view
+            self.shown = shown
         elif used and size - end >= max(least, READ_ROOM):
             return
         elif used:
@@ -1160,7 +1165,7 @@ class FrameReader:
             slots = {j: self._slot_of(i + j) for j in range(n) if t.nfds[i + j]}
             take = self._taker({j: s for j, s in slots.items() if s >= 0})
         last = i + n - 1
-        batch = FrameBatch(self.view, t.offsets[i:i + n], t.lengths[i:i + n],
+        batch = FrameBatch(self.shown, t.offsets[i:i + n], t.lengths[i:i + n],
                            t.uniform if t.uniform >= 0 else None,
                            t.offsets[i] - HEADER_SIZE, t.offsets[last] + t.lengths[last], take)
         self.batch = batch
@@ -1175,7 +1180,7 @@ class FrameReader:
         """
         take = self._taker({0: msg.fdslot}) if msg.fdslot >= 0 else None
         copied = msg.copy
-        batch = FrameBatch(msg.view if copied is None else memoryview(copied),
+        batch = FrameBatch(msg.view if copied is None else memoryview(copied).toreadonly(),
                            memoryview(array.array("Q", [0])),
                            memoryview(array.array("Q", [msg.length])), None, 0, msg.length, take)
         # the commit: stores only
@@ -1187,7 +1192,7 @@ class FrameReader:
 
     def empty_batch(self) -> FrameBatch:
         """The batch of a clean end of stream: no messages."""
-        batch = FrameBatch(self.view, _EMPTY.cast("I"), _EMPTY.cast("I"), None,
+        batch = FrameBatch(self.shown, _EMPTY.cast("I"), _EMPTY.cast("I"), None,
                            self.start, self.start, None)
         self.batch = batch
         return batch

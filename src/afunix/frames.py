@@ -133,7 +133,7 @@ class MessageKindError(TypeError):
 class FrameBatch:
     """Messages received by `Channel.recv_batch`, in place in the channel's buffer.
 
-    ``batch[i]`` is a memoryview of message i; for callers that want no
+    ``batch[i]`` is a read-only memoryview of message i; for callers that want no
     object per message, `buffer`, `offsets` and `lengths` give message i as
     ``buffer[offsets[i]:offsets[i] + lengths[i]]``, and when `size` is not
     None every message has that length and message i starts at
@@ -153,7 +153,7 @@ class FrameBatch:
     def __init__(self, buffer: memoryview, offsets: memoryview, lengths: memoryview,
                  size: Optional[int], start: int, end: int,
                  take: Optional[Callable[[int], List[int]]]) -> None:
-        #: the channel's whole receive buffer
+        #: the channel's whole receive buffer (read-only)
         self.buffer = buffer
         #: payload offsets into `buffer` (memoryview of format "I")
         self.offsets = offsets
