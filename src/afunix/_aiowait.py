@@ -13,7 +13,7 @@ import asyncio
 import importlib
 import sys
 from types import ModuleType
-from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple, TypeVar
+from typing import Awaitable, Callable, Dict, List, Optional, Tuple, TypeVar
 
 R = TypeVar("R")
 _trio_module: List[ModuleType] = []  # afunix._trio, once trio itself was imported
