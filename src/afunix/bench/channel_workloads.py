@@ -40,7 +40,7 @@ import importlib
 import socket
 import struct
 import sys
-from typing import Any, Callable, List, Tuple
+from typing import Any, Callable, List
 
 import afunix
 
