@@ -9,7 +9,10 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import sys
 import threading
+from types import FrameType
+from typing import Any, Callable, List, Optional, Tuple
 
 import pytest
 
@@ -23,6 +26,7 @@ pytestmark = pytest.mark.skipif(shm.unsupported_reason() is not None,
 KiB = 1 << 10
 MiB = 1 << 20
 
+AFUNIX_DIR = os.path.dirname(afunix.__file__)
 
 
 def in_flight(ch: Channel) -> int:
@@ -243,3 +247,130 @@ def test_a_loan_whose_send_went_nowhere_is_lent_again(clean: None) -> None:
         with pytest.raises(ProtocolError, match="never sent"):
             a.loan(200 * KiB)  # no room: reads the peer's RETURN frames
         again.abandon()
+
+
+class AtCall:
+    """A profile hook that runs `action` in another thread at the `point`-th switch point in afunix's code.
+
+    The points are where CPython may switch threads in afunix's Python
+    code: each function entry, and after each call of a C function.  As a
+    thread switch there would: the profiled call goes on once the action
+    ended, or after `wait` seconds (an action waiting for a lock the
+    profiled call holds goes on once that call lets it go).
+    """
+
+    def __init__(self, point: int, action: Callable[[], Any], wait: float = 5.0,
+                 where: Tuple[str, ...] = (AFUNIX_DIR,)) -> None:
+        self.point = point
+        self.action = action
+        self.wait = wait
+        self.where = where  # the files (or directories) whose points count
+        self.calls = 0
+        self.thread: Optional[threading.Thread] = None
+        self.failed: List[BaseException] = []
+
+    def _act(self) -> None:
+        try:
+            self.action()
+        except BaseException as exc:  # reported by run
+            self.failed.append(exc)
+
+    def __call__(self, frame: FrameType, event: str, arg: Any) -> None:
+        if (event in ("call", "c_return") and self.thread is None
+                and frame.f_code.co_filename.startswith(self.where)):
+            if self.calls == self.point:
+                self.thread = threading.Thread(target=self._act)
+                self.thread.start()
+                self.thread.join(self.wait)
+            self.calls += 1
+
+    @property
+    def fired(self) -> bool:
+        """True when the point was reached (past the last one: False)."""
+        return self.thread is not None
+
+    def run(self, call: Callable[[], Any]) -> Any:
+        """`call()` profiled; the action must end, without an exception, soon after it."""
+        sys.setprofile(self)
+        try:
+            return call()
+        finally:
+            sys.setprofile(None)
+            if self.thread is not None:
+                self.thread.join(10)
+                assert not self.thread.is_alive(), "the action never ended"
+            assert not self.failed, self.failed
+
+
+class Interrupt(Exception):
+    pass
+
+
+def end_loan(loan: Loan, how: str) -> None:
+    if how == "abandon":
+        loan.abandon()
+    elif how == "with":
+        with pytest.raises(Interrupt):
+            with loan:
+                raise Interrupt()  # left by an exception: abandoned
+    else:
+        loan.commit()
+
+
+@pytest.mark.parametrize("how", ["abandon", "with", "commit"])
+def test_a_loan_ended_while_close_runs_in_another_thread(how: str, clean: None) -> None:
+    # A review found it: abandon looked at the region (open), close() in
+    # another thread closed it and forgot every slot, and abandon's
+    # withdraw of the slot raised ValueError ("not lent") or KeyError,
+    # leaving the loan open; commit's "sending" likewise.  The close runs at
+    # each switch point of the loan's end in turn: the loan ends all the
+    # same, with nothing to give back, and nothing stays mapped (`clean`).
+    point = 0
+    while True:
+        a, b = channel_pair(shm_size=256 * KiB, shm_threshold=1024)
+        with a, b:
+            loan = a.loan(2048)
+            loan.view[:4] = b"made"
+            hook = AtCall(point, a.close)
+            hook.run(lambda: end_loan(loan, how))
+            assert not loan.open, point
+            assert a.closed == hook.fired
+            if not hook.fired:  # (past the last point: the loan ended with the channel open)
+                assert in_flight(a) == (1 if how == "commit" else 0)
+        if not hook.fired:
+            break
+        point += 1
+    assert point >= 5  # (the points were reached: the loan's end is traced)
+
+
+def test_a_loan_given_up_while_a_receive_applies_returns_in_another_thread(clean: None) -> None:
+    # The receive applies the peer's RETURN frames to the free space while
+    # the loan's abandon in another thread gives a slot back to it: the
+    # abandon runs at each switch point of the receive's bookkeeping of the
+    # lane in turn.  Both end, every slot is free, and the free space is one
+    # range again (a slot freed twice, or a range lost, or two ranges left
+    # apart, would leave the whole region unlendable).
+    lane_code = (afunix.lane.__file__, afunix.slots.__file__)
+    point = 0
+    while True:
+        a, b = channel_pair(shm_size=256 * KiB, shm_threshold=1024)
+        with a, b:
+            a.socket.settimeout(5)
+            b.socket.settimeout(5)
+            for message in (b"y" * 4 * KiB, b"z" * 4 * KiB):
+                a.send(message)  # (the first: after the REGION frame)
+                assert b.recv() == message
+            b.send(b"done")  # behind b's RETURN frames of both
+            loan = a.loan(2048)
+            assert in_flight(a) == 3
+            hook = AtCall(point, loan.abandon, wait=0.1, where=lane_code)
+            assert hook.run(a.recv) == b"done"
+            if not hook.fired:
+                loan.abandon()  # (past the last point: after the receive)
+            assert not loan.open and in_flight(a) == 0, point
+            a.socket.setblocking(False)  # (no room: BlockingIOError at once, no wait)
+            a.loan(256 * KiB).abandon()
+        if not hook.fired:
+            break
+        point += 1
+    assert point >= 8

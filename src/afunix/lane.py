@@ -153,8 +153,8 @@ class LaneSender:
                     del staged[-1]
                     continue
                 if not allocator.is_lent(slot.offset, slot.length):
-                    region.recall(slot.offset, slot.length)  # its frame never went
-                region.withdraw(slot.offset, slot.length, keep=staged)
+                    allocator.recall(slot.offset, slot.length)  # its frame never went
+                allocator.withdraw(slot.offset, slot.length, keep=staged)
         if freed and wake:
             self._woken()
         if lie is not None:
@@ -255,13 +255,19 @@ class LaneSender:
         self._woken()
 
     # A loan's moves (shm.Lender): under the lock, as the receiving thread
-    # frees slots under it.
+    # frees slots under it.  Each takes the allocator before it looks
+    # whether the region is closed, and changes that one: close() in
+    # another thread (which does not take the lock) replaces it only after
+    # the region is marked closed (RegionWriter.close), so a move that
+    # found the region open finishes on an allocator nothing else changes,
+    # and one that took the new allocator finds the region closed.
 
     def sending(self, offset: int, length: int) -> None:
         """The frame naming the lent slot is made: the peer may return it from now on."""
+        allocator = self.region.allocator
         with self.lock:
             if not self.region.region.closed:
-                self.region.sending(offset, length)
+                allocator.sending(offset, length)
 
     def recall(self, offset: int, length: int) -> None:
         """The frame naming the slot was not written after all: lent again.
@@ -273,20 +279,21 @@ class LaneSender:
         Raises:
             ProtocolError: the peer returned it before it was sent.
         """
+        allocator = self.region.allocator
         with self.lock:
-            region = self.region
-            if not region.region.closed and not region.allocator.is_lent(offset, length):
-                region.recall(offset, length)
+            if not self.region.region.closed and not allocator.is_lent(offset, length):
+                allocator.recall(offset, length)
 
     def withdraw(self, offset: int, length: int, keep: Optional[List[Slot]] = None) -> None:
         """A lent slot given up unsent: free again (a sender waiting for room wakes).
 
         `keep`: see `SlotAllocator.withdraw`.
         """
+        allocator = self.region.allocator
         with self.lock:
             if self.region.region.closed:
-                return
-            self.region.withdraw(offset, length, keep)
+                return  # (nothing to give back: see above)
+            allocator.withdraw(offset, length, keep)
         self._woken()
 
     def _woken(self) -> None:

@@ -384,6 +384,10 @@ class Loan:
     export, as PyPy's buffers all do: the release cannot reach them, so do
     not keep them past `commit` (a write through them changes the message
     in flight; the peer maps the region read-only and never faults).
+
+    Once the region is closed (the channel's close, in any thread) there is
+    nothing to give back: `abandon` only ends the loan, and `commit` only
+    hands the slot out, also when the close comes in the middle of them.
     """
 
     __slots__ = ("slot", "_view", "_lender", "_region", "_held")
@@ -441,7 +445,9 @@ class Loan:
         """Hand the filled slot over; return it, for the frame that names it.
 
         The slot stays in use until the peer returns it
-        (`RegionWriter.give_back`), which it may from now on.
+        (`RegionWriter.give_back`), which it may from now on.  Once the
+        region is closed (before or during this call) the slot is
+        forgotten with it: the loan is committed all the same.
 
         Raises:
             ValueError: already committed or abandoned.
@@ -477,8 +483,11 @@ class Loan:
     def abandon(self) -> None:
         """Give the slot back unsent (nothing to give back once the region is closed).
 
-        An exception that stops it (a signal handler's) leaves the loan
-        open, its view released: abandon it again to finish.
+        The loan ends also when the region closes during this call (the
+        channel's close() in another thread): the slot is then forgotten
+        with the region, never refused.  An exception that stops it (a
+        signal handler's) leaves the loan open, its view released: abandon
+        it again to finish.
 
         Raises:
             ValueError: already committed or abandoned.
@@ -492,7 +501,10 @@ class Loan:
         # leaves the loan to abandon again, never closed with its slot
         # lent for good.  RegionWriter.close forgot every slot: freeing
         # this one then would be refused as a bad return, the error of a
-        # broken peer.
+        # broken peer.  (The lender looks again, under its lock, on the
+        # allocator it took first: a close in another thread after this
+        # look replaces that allocator, never changes it under the
+        # withdraw, see RegionWriter.close.)
         held = self._held
         if held and not self._region.closed:
             self._lender.withdraw(self.slot.offset, self.slot.length, held)
@@ -620,9 +632,19 @@ class RegionWriter:
         self.allocator.free(offset, length)
 
     def close(self) -> None:
-        """Close the region (idempotent); every slot is forgotten."""
+        """Close the region (idempotent); every slot is forgotten.
+
+        Forgotten by a new allocator, stored once the region is marked
+        closed; the old one is left as it was, never changed here: a call
+        in another thread that took the allocator (before it looks whether
+        the region is closed, as `afunix.lane.LaneSender` does) and found
+        the region open ends its change of that one whole, whenever this
+        close runs.  Reset in place, a thread switch between that look and
+        the change made the slot "not lent" (ValueError) or missing
+        (KeyError) in the middle of it.
+        """
         self.region.close()
-        self.allocator.reset()
+        self.allocator = self.allocator.empty_copy()
 
     def __enter__(self) -> "RegionWriter":
         return self
