@@ -398,6 +398,14 @@ class Loan:
     Once the region is closed (the channel's close, in any thread) there is
     nothing to give back: `abandon` only ends the loan, and `commit` only
     hands the slot out, also when the close comes in the middle of them.
+
+    A loan open across ``fork()`` is the parent's.  In the child its view
+    still maps the parent's slot (a shared mapping: a write there changes
+    what the parent sends), `afunix.Channel.send_loan` refuses it and
+    `abandon` does nothing (the child's copy of the region is closed): a
+    child must not use it.  Ending the same loan in two threads at once
+    ends it once: the one that loses gets the ValueError of a loan ended
+    already.
     """
 
     __slots__ = ("slot", "_view", "_lender", "_region", "_held")
