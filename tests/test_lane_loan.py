@@ -515,3 +515,42 @@ def test_reopening_an_abandoned_raw_loan_is_the_callers_mistake() -> None:
         with pytest.raises(ValueError):
             loan.reopen()
         assert writer.allocator.slots_in_use == 0
+
+
+def test_a_raw_loan_whose_commit_an_exception_stopped_can_be_abandoned() -> None:
+    # A signal handler's exception at each switch point of a RegionWriter
+    # loan's commit: one that stopped it after the view closed and before
+    # the slot was handed over left the slot lent for good (abandon
+    # refused the closed loan).  Now abandon gives it back, wherever the
+    # commit stopped.
+    point = 0
+    while True:
+        with shm.RegionWriter(64 * KiB) as writer:
+            loan = writer.try_loan(1000)
+            assert loan is not None
+            calls = [0]
+
+            def hook(frame: FrameType, event: str, arg: Any) -> None:
+                if event in ("call", "c_return") and frame.f_code.co_filename.startswith(AFUNIX_DIR):
+                    calls[0] += 1
+                    if calls[0] == point + 1:
+                        sys.setprofile(None)
+                        raise Interrupt()
+
+            sys.setprofile(hook)
+            try:
+                loan.commit()
+                stopped = False
+            except Interrupt:
+                stopped = True
+            finally:
+                sys.setprofile(None)
+            if not stopped:
+                break
+            loan.abandon()
+            assert not loan.open
+            assert writer.allocator.slots_in_use == 0, point
+            with pytest.raises(ValueError):
+                loan.abandon()
+        point += 1
+    assert point >= 5

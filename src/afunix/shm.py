@@ -408,7 +408,7 @@ class Loan:
     already.
     """
 
-    __slots__ = ("slot", "_view", "_lender", "_region", "_held")
+    __slots__ = ("slot", "_view", "_lender", "_region", "_held", "_stopped")
 
     def __init__(self, slot: Slot, view: memoryview, lender: Lender, region: Region) -> None:
         #: the slot lent: its offset and length in the region
@@ -422,6 +422,10 @@ class Loan:
         # empties this list in one commit, so an abandon stopped half way
         # (a signal handler's exception) and made again frees it once
         self._held = [slot]
+        # True from the moment a commit closed the view until it handed
+        # the slot over: a commit an exception stopped in between leaves
+        # the slot lent, and `abandon` may still give it back
+        self._stopped = False
 
     @property
     def region(self) -> Region:
@@ -472,9 +476,13 @@ class Loan:
                 thread during this call: the loan is abandoned then).
             BufferError: a buffer exported from `view` is still alive.
         """
+        if self._view is None:
+            raise ValueError(ENDED)  # (before the mark: a loan ended stays ended)
+        self._stopped = True
         self._finish()
         if not self._region.closed:
             self._lender.sending(self.slot.offset, self.slot.length, self._held)
+        self._stopped = False
         return self.slot
 
     def reopen(self) -> None:
@@ -500,6 +508,7 @@ class Loan:
             view.release()
             raise
         self._view = view
+        self._stopped = False
 
     def abandon(self) -> None:
         """Give the slot back unsent (nothing to give back once the region is closed).
@@ -508,7 +517,9 @@ class Loan:
         channel's close() in another thread): the slot is then forgotten
         with the region, never refused.  An exception that stops it (a
         signal handler's) leaves the loan open, its view released: abandon
-        it again to finish.
+        it again to finish.  A `commit` that an exception stopped before it
+        handed the slot over leaves the loan closed and its slot lent:
+        abandon gives it back (one whose slot went raises ValueError).
 
         Raises:
             ValueError: already committed or abandoned (also by another
@@ -517,8 +528,10 @@ class Loan:
         """
         view = self._view
         if view is None:
-            raise ValueError(ENDED)
-        view.release()  # BufferError while an export exists: the loan stays open
+            if not (self._stopped and self._held):
+                raise ValueError(ENDED)
+        else:
+            view.release()  # BufferError while an export exists: the loan stays open
         # Still open until the slot is free: an exception before that
         # leaves the loan to abandon again, never closed with its slot
         # lent for good.  RegionWriter.close forgot every slot: freeing
@@ -537,6 +550,7 @@ class Loan:
             if not self._lender.withdraw(self.slot.offset, self.slot.length, held):
                 raise ValueError(ENDED)
         self._view = None
+        self._stopped = False
 
     def __enter__(self) -> "Loan":
         return self
