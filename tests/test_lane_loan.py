@@ -260,8 +260,12 @@ class AtCall:
     """
 
     def __init__(self, point: int, action: Callable[[], Any], wait: float = 5.0,
-                 where: Tuple[str, ...] = (AFUNIX_DIR,)) -> None:
+                 where: Tuple[str, ...] = (AFUNIX_DIR,), lines: bool = False) -> None:
         self.point = point
+        # also before each line (a trace hook): CPython switches threads
+        # between the bytecodes of a line too, so a look and the change it
+        # decides on, on one line each, are points apart
+        self.lines = lines
         self.action = action
         self.wait = wait
         self.where = where  # the files (or directories) whose points count
@@ -276,8 +280,19 @@ class AtCall:
             self.failed.append(exc)
 
     def __call__(self, frame: FrameType, event: str, arg: Any) -> None:
-        if (event in ("call", "c_return") and self.thread is None
-                and frame.f_code.co_filename.startswith(self.where)):
+        if event in ("call", "c_return"):
+            self._reached(frame)
+
+    def _traced(self, frame: FrameType, event: str, arg: Any) -> Any:
+        if event == "line":
+            self._reached(frame)
+        return self._traced
+
+    def _trace(self, frame: FrameType, event: str, arg: Any) -> Any:
+        return self._traced if frame.f_code.co_filename.startswith(self.where) else None
+
+    def _reached(self, frame: FrameType) -> None:
+        if self.thread is None and frame.f_code.co_filename.startswith(self.where):
             if self.calls == self.point:
                 self.thread = threading.Thread(target=self._act)
                 self.thread.start()
@@ -292,9 +307,12 @@ class AtCall:
     def run(self, call: Callable[[], Any]) -> Any:
         """`call()` profiled; the action must end, without an exception, soon after it."""
         sys.setprofile(self)
+        if self.lines:
+            sys.settrace(self._trace)
         try:
             return call()
         finally:
+            sys.settrace(None)
             sys.setprofile(None)
             if self.thread is not None:
                 self.thread.join(10)
@@ -349,7 +367,8 @@ def test_a_loan_given_up_while_a_receive_applies_returns_in_another_thread(clean
     # abandon runs at each switch point of the receive's bookkeeping of the
     # lane in turn.  Both end, every slot is free, and the free space is one
     # range again (a slot freed twice, or a range lost, or two ranges left
-    # apart, would leave the whole region unlendable).
+    # apart, would leave the whole region unlendable).  Lines count too: a
+    # withdraw without the lock fails only between two lines of the free.
     lane_code = (afunix.lane.__file__, afunix.slots.__file__)
     point = 0
     while True:
@@ -363,7 +382,7 @@ def test_a_loan_given_up_while_a_receive_applies_returns_in_another_thread(clean
             b.send(b"done")  # behind b's RETURN frames of both
             loan = a.loan(2048)
             assert in_flight(a) == 3
-            hook = AtCall(point, loan.abandon, wait=0.1, where=lane_code)
+            hook = AtCall(point, loan.abandon, wait=0.05, where=lane_code, lines=True)
             assert hook.run(a.recv) == b"done"
             if not hook.fired:
                 loan.abandon()  # (past the last point: after the receive)
@@ -374,3 +393,164 @@ def test_a_loan_given_up_while_a_receive_applies_returns_in_another_thread(clean
             break
         point += 1
     assert point >= 8
+
+
+def paused(monkeypatch: pytest.MonkeyPatch, name: str) -> Tuple[threading.Event, threading.Event]:
+    """LaneSender.`name` made to stop at its entry (the first call only) until `go` is set."""
+    at, go = threading.Event(), threading.Event()
+    original = getattr(afunix.lane.LaneSender, name)
+
+    def stopping(self: Any, *args: Any) -> Any:
+        if not at.is_set():
+            at.set()
+            go.wait(5)
+        return original(self, *args)
+
+    monkeypatch.setattr(afunix.lane.LaneSender, name, stopping)
+    return at, go
+
+
+def test_a_loan_abandoned_in_two_threads_at_once_frees_its_slot_once(
+        monkeypatch: pytest.MonkeyPatch, clean: None) -> None:
+    # Both abandons pass their look at the loan before either frees the
+    # slot: freed twice, it went to a later loan and was then freed under
+    # it (two open loans shared one slot).  One wins, the other gets the
+    # ValueError of a second abandon.
+    a, b = channel_pair(shm_size=256 * KiB, shm_threshold=1024)
+    with a, b:
+        loan = a.loan(2048)
+        at, go = paused(monkeypatch, "withdraw")
+        failed: List[BaseException] = []
+
+        def first() -> None:
+            try:
+                loan.abandon()
+            except BaseException as exc:
+                failed.append(exc)
+
+        thread = threading.Thread(target=first)
+        thread.start()
+        assert at.wait(5)
+        loan.abandon()  # (the second, passing the first's pause)
+        other = a.loan(2048)  # takes the slot just freed
+        go.set()
+        thread.join(10)
+        assert len(failed) == 1 and isinstance(failed[0], ValueError), failed
+        assert "already committed or abandoned" in str(failed[0])
+        assert not loan.open and other.open
+        third = a.loan(2048)
+        assert third.slot.offset != other.slot.offset  # the slot is still the other loan's
+        other.abandon()
+        third.abandon()
+        assert in_flight(a) == 0
+
+
+def test_a_loan_abandoned_while_another_thread_sends_it_is_refused_to_the_sender(
+        monkeypatch: pytest.MonkeyPatch, clean: None) -> None:
+    # The abandon frees the slot while send_loan commits the loan: the send
+    # gets the ValueError of a loan ended already (it raised ProtocolError,
+    # blaming the peer for a slot "returned before its frame was sent", and
+    # closed the channel).
+    a, b = channel_pair(shm_size=256 * KiB, shm_threshold=1024)
+    with a, b:
+        a.socket.settimeout(5)
+        b.socket.settimeout(5)
+        loan = a.loan(2048)
+        loan.view[:4] = b"made"
+        w_at, w_go = paused(monkeypatch, "withdraw")
+        s_at, s_go = paused(monkeypatch, "sending")
+        results = {}
+
+        def run(name: str, call: Callable[[], Any]) -> None:
+            try:
+                call()
+                results[name] = None
+            except BaseException as exc:
+                results[name] = exc
+
+        abandon = threading.Thread(target=run, args=("abandon", loan.abandon))
+        abandon.start()
+        assert w_at.wait(5)
+        send = threading.Thread(target=run, args=("send", lambda: a.send_loan(loan)))
+        send.start()
+        assert s_at.wait(5)
+        w_go.set()
+        abandon.join(10)
+        s_go.set()
+        send.join(10)
+        assert results["abandon"] is None
+        assert isinstance(results["send"], ValueError), results
+        assert "already committed or abandoned" in str(results["send"])
+        assert not a.closed and not loan.open and in_flight(a) == 0
+        a.send(b"after")  # the channel goes on; nothing was sent of the loan
+        assert b.recv() == b"after"
+        a.loan(256 * KiB).abandon()  # the whole region is free
+
+
+def test_a_loan_asked_while_another_thread_closes_the_channel_is_ebadf(
+        monkeypatch: pytest.MonkeyPatch, clean: None) -> None:
+    # close() does not take the lane's lock: it may close the region after
+    # the loan's look at it and before the view of the slot (ValueError of a
+    # released memoryview, where the docs promise EBADF).
+    a, b = channel_pair(shm_size=256 * KiB, shm_threshold=1024)
+    with a, b:
+        original = shm.Region.view
+
+        def closing_first(self: Any, offset: int, length: int) -> memoryview:
+            a.close()  # (as another thread would, at this point)
+            return original(self, offset, length)
+
+        monkeypatch.setattr(shm.Region, "view", closing_first)
+        with pytest.raises(OSError) as raised:
+            a.loan(2048)
+        assert raised.value.errno == errno.EBADF
+
+
+def test_reopening_an_abandoned_raw_loan_is_the_callers_mistake() -> None:
+    # A ValueError, never the ProtocolError that blames a peer.
+    with shm.RegionWriter(64 * KiB) as writer:
+        loan = writer.try_loan(1000)
+        assert loan is not None
+        loan.abandon()
+        with pytest.raises(ValueError):
+            loan.reopen()
+        assert writer.allocator.slots_in_use == 0
+
+
+def test_a_raw_loan_whose_commit_an_exception_stopped_can_be_abandoned() -> None:
+    # A signal handler's exception at each switch point of a RegionWriter
+    # loan's commit: one that stopped it after the view closed and before
+    # the slot was handed over left the slot lent for good (abandon
+    # refused the closed loan).  Now abandon gives it back, wherever the
+    # commit stopped.
+    point = 0
+    while True:
+        with shm.RegionWriter(64 * KiB) as writer:
+            loan = writer.try_loan(1000)
+            assert loan is not None
+            calls = [0]
+
+            def hook(frame: FrameType, event: str, arg: Any) -> None:
+                if event in ("call", "c_return") and frame.f_code.co_filename.startswith(AFUNIX_DIR):
+                    calls[0] += 1
+                    if calls[0] == point + 1:
+                        sys.setprofile(None)
+                        raise Interrupt()
+
+            sys.setprofile(hook)
+            try:
+                loan.commit()
+                stopped = False
+            except Interrupt:
+                stopped = True
+            finally:
+                sys.setprofile(None)
+            if not stopped:
+                break
+            loan.abandon()
+            assert not loan.open
+            assert writer.allocator.slots_in_use == 0, point
+            with pytest.raises(ValueError):
+                loan.abandon()
+        point += 1
+    assert point >= 5

@@ -9,13 +9,14 @@ and takes back the slots the peer returns.  The receiving half is in
 """
 from __future__ import annotations
 
+import errno
 import threading
 from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 from . import _checks
 from .frames import ProtocolError, region_frame, return_frames, slot_frame
 from .framewriter import Segment, lane_segment
-from .shm import MAX_REGION_SIZE, Loan, RegionWriter
+from .shm import ENDED, MAX_REGION_SIZE, Loan, RegionWriter
 from .slots import Slot
 
 #: Messages of at least this many bytes go through the lane by default: below
@@ -128,6 +129,8 @@ class LaneSender:
             if not loan.open and not self.region.region.closed:
                 try:
                     loan.reopen()
+                except ValueError:
+                    pass  # abandoned in another thread meanwhile (or closed): nothing to open
                 except ProtocolError:
                     self.staged_loan = None  # the slot is not this end's: the loan stays committed
                     self._fault()
@@ -202,18 +205,32 @@ class LaneSender:
         is staged until `lent` says the loan reached the caller.
 
         Raises:
-            ValueError: `nbytes` below 1 or over the region's size, or the region is closed.
+            ValueError: `nbytes` below 1 or over the region's size.
+            OSError: the region is closed (EBADF), also by a close() in
+                another thread during this call.
         """
         region = self.region
         self.begin()
         with self.lock:
             self.room.clear()
-            if region.region.closed:
-                raise ValueError("I/O operation on closed region")
+            mapped = region.region  # (close() replaces no region: it closes this one)
+            if mapped.closed:
+                raise _closed()
             slot = region.allocator.try_allocate(nbytes, self.staged)
         if slot is None:
             return None
-        return Loan(slot, region.region.view(slot.offset, slot.length), self, region.region)
+        # close() in another thread does not take the lock (one from a
+        # signal handler inside it would hang): the region may close
+        # between the look above and this view, which then fails on the
+        # released mapping.  The slot stays staged: the next call's settle
+        # forgets it with the region.
+        try:
+            view = mapped.view(slot.offset, slot.length)
+        except ValueError:
+            if not mapped.closed:
+                raise
+            raise _closed() from None
+        return Loan(slot, view, self, mapped)
 
     def lent(self) -> None:
         """The loan `try_loan` gave is the caller's now (a store: see `settle`)."""
@@ -231,7 +248,13 @@ class LaneSender:
         """
         log = self.begin()
         self.staged_loan = loan  # before the commit: an exception after it finds it here
-        slot = loan.commit()
+        try:
+            slot = loan.commit()
+        except ValueError:
+            # ended already, or abandoned in another thread during the
+            # commit: nothing of this call to settle (nor to open again)
+            self.staged_loan = None
+            raise
         return lane_segment(slot_frame(slot.offset, slot.length, len(fds)), fds, log)
 
     def give_back(self, offset: int, length: int, mark: Any = None) -> None:
@@ -255,21 +278,34 @@ class LaneSender:
         self._woken()
 
     # A loan's moves (shm.Lender): under the lock, as the receiving thread
-    # frees slots under it.  Each takes the allocator before it looks
+    # frees slots under it.  Ending a loan is one claim under the lock:
+    # `held` (the loan's list of its slot) is emptied by the withdraw that
+    # frees the slot, and a withdraw, sending or recall that finds it empty
+    # (or the slot no longer lent, for the first two) changes nothing: two
+    # threads ending the same loan at once (two abandons, an abandon and a
+    # send_loan) end it once, and the second learns it lost.  Each takes the allocator before it looks
     # whether the region is closed, and changes that one: close() in
     # another thread (which does not take the lock) replaces it only after
     # the region is marked closed (RegionWriter.close), so a move that
     # found the region open finishes on an allocator nothing else changes,
     # and one that took the new allocator finds the region closed.
 
-    def sending(self, offset: int, length: int) -> None:
-        """The frame naming the lent slot is made: the peer may return it from now on."""
+    def sending(self, offset: int, length: int, held: Optional[List[Slot]] = None) -> None:
+        """The frame naming the lent slot is made: the peer may return it from now on.
+
+        Raises:
+            ValueError: `held` (a loan's, see above) is empty or its slot is
+                not lent: the loan was abandoned or committed already.
+        """
         allocator = self.region.allocator
         with self.lock:
-            if not self.region.region.closed:
-                allocator.sending(offset, length)
+            if self.region.region.closed:
+                return
+            if held is not None and not (held and allocator.is_lent(offset, length)):
+                raise ValueError(ENDED)
+            allocator.sending(offset, length)
 
-    def recall(self, offset: int, length: int) -> None:
+    def recall(self, offset: int, length: int, held: Optional[List[Slot]] = None) -> None:
         """The frame naming the slot was not written after all: lent again.
 
         A slot lent already is left so: a commit or a reopen that an
@@ -277,24 +313,35 @@ class LaneSender:
         again (see `settle`).
 
         Raises:
+            ValueError: `held` is empty: the loan was abandoned (see above).
             ProtocolError: the peer returned it before it was sent.
         """
         allocator = self.region.allocator
         with self.lock:
-            if not self.region.region.closed and not allocator.is_lent(offset, length):
+            if self.region.region.closed:
+                return
+            if held is not None and not held:
+                raise ValueError(ENDED)
+            if not allocator.is_lent(offset, length):
                 allocator.recall(offset, length)
 
-    def withdraw(self, offset: int, length: int, keep: Optional[List[Slot]] = None) -> None:
+    def withdraw(self, offset: int, length: int, keep: Optional[List[Slot]] = None) -> bool:
         """A lent slot given up unsent: free again (a sender waiting for room wakes).
 
-        `keep`: see `SlotAllocator.withdraw`.
+        `keep`: see `SlotAllocator.withdraw`; a loan's `held` (see above).
+        Returns False, changing nothing, when `keep` no longer holds the
+        slot or the slot is not lent: another thread ended the loan first.
         """
         allocator = self.region.allocator
         with self.lock:
             if self.region.region.closed:
-                return  # (nothing to give back: see above)
+                return True  # (nothing to give back: see above)
+            if keep is not None and not (Slot(offset, length) in keep
+                                         and allocator.is_lent(offset, length)):
+                return False
             allocator.withdraw(offset, length, keep)
         self._woken()
+        return True
 
     def _woken(self) -> None:
         """Slots came back: a sender waiting for room wakes (`room`, `on_room`)."""
@@ -311,6 +358,11 @@ class LaneSender:
     def close(self) -> None:
         """Close the region (idempotent): the peer's mapping stays valid until it unmaps it."""
         self.region.close()
+
+
+def _closed() -> OSError:
+    """The error of a loan asked of a closed lane: as any call on a closed channel."""
+    return OSError(errno.EBADF, "the channel is closed")
 
 
 def return_segments(slots: Iterable[Slot]) -> List[Segment]:

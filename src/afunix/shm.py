@@ -354,14 +354,24 @@ class Region:
         return "<Region %s size=%d %s>" % (state, self._size, "rw" if self._writable else "ro")
 
 
+#: what ending a loan ended already raises
+ENDED = "the loan was already committed or abandoned"
+
+
 class Lender(Protocol):
-    """What a `Loan` tells of its slot: the allocator's moves (`afunix.slots.SlotAllocator`)."""
+    """What a `Loan` tells of its slot: the allocator's moves, each given the loan's `held`.
 
-    def sending(self, offset: int, length: int) -> None: ...
+    `held` holds the slot until a `withdraw` frees it and empties it, in
+    one step: `sending` and `recall` raise ValueError (`ENDED`) when it
+    is empty (`sending` also when the slot is not lent), and `withdraw`
+    then returns False and changes nothing (see `afunix.lane.LaneSender`).
+    """
 
-    def recall(self, offset: int, length: int) -> None: ...
+    def sending(self, offset: int, length: int, held: Optional[List[Slot]] = None) -> None: ...
 
-    def withdraw(self, offset: int, length: int, keep: Optional[List[Slot]] = None) -> None: ...
+    def recall(self, offset: int, length: int, held: Optional[List[Slot]] = None) -> None: ...
+
+    def withdraw(self, offset: int, length: int, keep: Optional[List[Slot]] = None) -> bool: ...
 
 
 class Loan:
@@ -388,9 +398,17 @@ class Loan:
     Once the region is closed (the channel's close, in any thread) there is
     nothing to give back: `abandon` only ends the loan, and `commit` only
     hands the slot out, also when the close comes in the middle of them.
+
+    A loan open across ``fork()`` is the parent's.  In the child its view
+    still maps the parent's slot (a shared mapping: a write there changes
+    what the parent sends), `afunix.Channel.send_loan` refuses it and
+    `abandon` does nothing (the child's copy of the region is closed): a
+    child must not use it.  Ending the same loan in two threads at once
+    ends it once: the one that loses gets the ValueError of a loan ended
+    already.
     """
 
-    __slots__ = ("slot", "_view", "_lender", "_region", "_held")
+    __slots__ = ("slot", "_view", "_lender", "_region", "_held", "_stopped")
 
     def __init__(self, slot: Slot, view: memoryview, lender: Lender, region: Region) -> None:
         #: the slot lent: its offset and length in the region
@@ -404,6 +422,10 @@ class Loan:
         # empties this list in one commit, so an abandon stopped half way
         # (a signal handler's exception) and made again frees it once
         self._held = [slot]
+        # True from the moment a commit closed the view until it handed
+        # the slot over: a commit an exception stopped in between leaves
+        # the slot lent, and `abandon` may still give it back
+        self._stopped = False
 
     @property
     def region(self) -> Region:
@@ -430,7 +452,7 @@ class Loan:
     def _finish(self) -> None:
         view = self._view
         if view is None:
-            raise ValueError("the loan was already committed or abandoned")
+            raise ValueError(ENDED)
         # Closed first, then released: an exception (a signal handler's)
         # after the release finds the loan closed, never open with its view
         # released (`send_loan` opens a loan whose frame did not go again).
@@ -450,12 +472,17 @@ class Loan:
         forgotten with it: the loan is committed all the same.
 
         Raises:
-            ValueError: already committed or abandoned.
+            ValueError: already committed or abandoned (also by another
+                thread during this call: the loan is abandoned then).
             BufferError: a buffer exported from `view` is still alive.
         """
+        if self._view is None:
+            raise ValueError(ENDED)  # (before the mark: a loan ended stays ended)
+        self._stopped = True
         self._finish()
         if not self._region.closed:
-            self._lender.sending(self.slot.offset, self.slot.length)
+            self._lender.sending(self.slot.offset, self.slot.length, self._held)
+        self._stopped = False
         return self.slot
 
     def reopen(self) -> None:
@@ -466,19 +493,22 @@ class Loan:
         the caller may send it again or abandon it.
 
         Raises:
-            ValueError: the loan is open, or the region is closed.
+            ValueError: the loan is open or was abandoned, or the region is closed.
             ProtocolError: the peer returned the slot before its frame was
                 sent (the loan stays committed: the slot is not this end's).
         """
         if self._view is not None:
             raise ValueError("the loan is open")
+        if not self._held:
+            raise ValueError("the loan was abandoned")  # (its slot may be another's now)
         view = self._region.view(self.slot.offset, self.slot.length)
         try:
-            self._lender.recall(self.slot.offset, self.slot.length)
+            self._lender.recall(self.slot.offset, self.slot.length, self._held)
         except BaseException:
             view.release()
             raise
         self._view = view
+        self._stopped = False
 
     def abandon(self) -> None:
         """Give the slot back unsent (nothing to give back once the region is closed).
@@ -487,16 +517,21 @@ class Loan:
         channel's close() in another thread): the slot is then forgotten
         with the region, never refused.  An exception that stops it (a
         signal handler's) leaves the loan open, its view released: abandon
-        it again to finish.
+        it again to finish.  A `commit` that an exception stopped before it
+        handed the slot over leaves the loan closed and its slot lent:
+        abandon gives it back (one whose slot went raises ValueError).
 
         Raises:
-            ValueError: already committed or abandoned.
+            ValueError: already committed or abandoned (also by another
+                thread during this call).
             BufferError: a buffer exported from `view` is still alive.
         """
         view = self._view
         if view is None:
-            raise ValueError("the loan was already committed or abandoned")
-        view.release()  # BufferError while an export exists: the loan stays open
+            if not (self._stopped and self._held):
+                raise ValueError(ENDED)
+        else:
+            view.release()  # BufferError while an export exists: the loan stays open
         # Still open until the slot is free: an exception before that
         # leaves the loan to abandon again, never closed with its slot
         # lent for good.  RegionWriter.close forgot every slot: freeing
@@ -505,10 +540,17 @@ class Loan:
         # allocator it took first: a close in another thread after this
         # look replaces that allocator, never changes it under the
         # withdraw, see RegionWriter.close.)
+        # The withdraw is the claim: it frees the slot and empties `held` in
+        # one step under the lender's lock, or does nothing and says so when
+        # another thread ended the loan first (its abandon emptied `held`,
+        # or its commit sent the slot): freed twice, the slot would be
+        # handed to a later loan and then freed under it.
         held = self._held
         if held and not self._region.closed:
-            self._lender.withdraw(self.slot.offset, self.slot.length, held)
+            if not self._lender.withdraw(self.slot.offset, self.slot.length, held):
+                raise ValueError(ENDED)
         self._view = None
+        self._stopped = False
 
     def __enter__(self) -> "Loan":
         return self
@@ -574,8 +616,7 @@ class RegionWriter:
         slot = self.allocator.try_allocate(length, keep)
         if slot is None:
             return None
-        return Loan(slot, self.region.view(slot.offset, slot.length), self.allocator,
-                    self.region)
+        return Loan(slot, self.region.view(slot.offset, slot.length), self, self.region)
 
     def try_copy(self, data: Any, keep: Optional[List[Slot]] = None) -> Optional[Slot]:
         """Copy the bytes-like `data` into a free slot; the slot (lent), or None when none is free now.
@@ -610,17 +651,39 @@ class RegionWriter:
                 raise
         return slot
 
-    def sending(self, offset: int, length: int) -> None:
+    # (`held`: a loan's, see `Lender`; a RegionWriter is used by one
+    # thread at a time, so no lock)
+
+    def sending(self, offset: int, length: int, held: Optional[List[Slot]] = None) -> None:
         """The frame naming the lent slot goes to the peer (see `SlotAllocator.sending`)."""
+        if held is not None and not (held and self.allocator.is_lent(offset, length)):
+            raise ValueError(ENDED)
         self.allocator.sending(offset, length)
 
-    def recall(self, offset: int, length: int) -> None:
-        """Its frame was not written after all: lent again (see `SlotAllocator.recall`)."""
+    def recall(self, offset: int, length: int, held: Optional[List[Slot]] = None) -> None:
+        """Its frame was not written after all: lent again (see `SlotAllocator.recall`).
+
+        Raises:
+            ValueError: `held` is empty: the loan was abandoned, its slot
+                perhaps another's now (a mistake of the caller, never the
+                peer's: not a ProtocolError).
+            ProtocolError: as `SlotAllocator.recall`.
+        """
+        if held is not None and not held:
+            raise ValueError("the loan was abandoned")
         self.allocator.recall(offset, length)
 
-    def withdraw(self, offset: int, length: int, keep: Optional[List[Slot]] = None) -> None:
-        """Give up a lent slot never sent (see `SlotAllocator.withdraw`)."""
+    def withdraw(self, offset: int, length: int, keep: Optional[List[Slot]] = None) -> bool:
+        """Give up a lent slot never sent (see `SlotAllocator.withdraw`); True.
+
+        With `keep` (a loan's `held`): False, and nothing changes, when it
+        no longer holds the slot or the slot is not lent.
+        """
+        if keep is not None and not (Slot(offset, length) in keep
+                                     and self.allocator.is_lent(offset, length)):
+            return False
         self.allocator.withdraw(offset, length, keep)
+        return True
 
     def give_back(self, offset: int, length: int) -> None:
         """Take back the slot the peer returned.
