@@ -341,8 +341,8 @@ class Channel:
                     and not self._claimed_after_borrow(SENDING, me)):
                 raise refused(SENDING)
             self._send(data, fds)
-        except OSError:
-            if self._closed:
+        except OSError as exc:
+            if self._closed and not isinstance(exc, ProtocolError):
                 raise _closed_error() from None  # a close() in another thread woke it (EPIPE)
             raise
         finally:
@@ -431,8 +431,8 @@ class Channel:
                     and not self._claimed_after_borrow(SENDING, me)):
                 raise refused(SENDING)
             return self._send_many(messages)
-        except OSError:
-            if self._closed:
+        except OSError as exc:
+            if self._closed and not isinstance(exc, ProtocolError):
                 raise _closed_error() from None  # a close() in another thread woke it (EPIPE)
             raise
         finally:
@@ -729,8 +729,8 @@ class Channel:
                 self._send_returns()
             lane.lent()  # the caller's from here: no longer freed by the next settle
             return loan
-        except OSError:
-            if self._closed:
+        except OSError as exc:
+            if self._closed and not isinstance(exc, ProtocolError):
                 raise _closed_error() from None  # a close() in another thread woke it
             raise
         finally:
@@ -790,8 +790,8 @@ class Channel:
                     and not self._claimed_after_borrow(SENDING, me)):
                 raise refused(SENDING)
             self._send_loan(loan, fds)
-        except OSError:
-            if self._closed:
+        except OSError as exc:
+            if self._closed and not isinstance(exc, ProtocolError):
                 raise _closed_error() from None  # a close() in another thread woke it (EPIPE)
             raise
         finally:
@@ -943,8 +943,8 @@ class Channel:
                     and not self._claimed_after_borrow(SENDING, me)):
                 raise refused(SENDING)
             return self._send_fixed(buffer, size)
-        except OSError:
-            if self._closed:
+        except OSError as exc:
+            if self._closed and not isinstance(exc, ProtocolError):
                 raise _closed_error() from None  # a close() in another thread woke it (EPIPE)
             raise
         finally:
@@ -991,8 +991,8 @@ class Channel:
                     and not self._claimed_after_borrow(SENDING, me)):
                 raise refused(SENDING)
             self._send_object(obj)
-        except OSError:
-            if self._closed:
+        except OSError as exc:
+            if self._closed and not isinstance(exc, ProtocolError):
                 raise _closed_error() from None  # a close() in another thread woke it (EPIPE)
             raise
         finally:
@@ -1070,8 +1070,8 @@ class Channel:
                     and not self._claimed_after_borrow(SENDING, me)):
                 raise refused(SENDING)
             return self._flush()
-        except OSError:
-            if self._closed:
+        except OSError as exc:
+            if self._closed and not isinstance(exc, ProtocolError):
                 raise _closed_error() from None  # a close() in another thread woke it (EPIPE)
             raise
         finally:
