@@ -330,3 +330,33 @@ def test_a_signal_handler_closing_inside_a_call_does_not_wait_for_it() -> None:
         signal.signal(signal.SIGALRM, previous)
         b.close()
 
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
+def test_a_send_that_starts_while_close_writes_the_pending_bytes_gets_ebadf(kind: int) -> None:
+    """close() writes what is pending (blocked here on a full socket) before it marks the
+    channel closed: a send another thread starts meanwhile waits for that write, then finds
+    the channel closed (EBADF), never refused as if a caller were sending (RuntimeError)."""
+    fds = open_fds()
+    a, b = afunix.channel_pair(kind, write_buffer=64 * KiB)
+    while True:  # the peer reads nothing: a's socket fills
+        try:
+            a.socket.send(b"\0" * 512, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            break
+    a.send(b"p" * 100)
+    assert a.pending > 0
+    a.socket.settimeout(0.5)  # (the close's write gives up then)
+    closer, closed = in_thread(a.close)
+    try:
+        settled(closer)
+        with pytest.raises(OSError) as raised:
+            a.send(b"during the close")
+        assert type(raised.value) is OSError and raised.value.errno == errno.EBADF
+        closer.join(WAKE)
+        assert len(closed) == 1 and isinstance(closed[0], socket.timeout), closed
+        b.close()
+        assert open_fds() == fds
+    finally:
+        b.close()
+        closer.join(WAKE)

@@ -1599,7 +1599,11 @@ class Channel:
             self._abort()
             return
         busy = self._busy
-        me: List[object] = []  # a fresh token, held by this call only
+        # (The sending side, claimed as a borrow: a send that another thread
+        # starts meanwhile waits for the write to end, then finds the channel
+        # closed, where a plain claim would refuse it, RuntimeError, before
+        # the channel is marked closed.)
+        me = Borrowed()
         try:
             # (claimed as the sending calls do: a thread sending now would
             # interleave with this write, so its pending bytes are dropped)
@@ -1615,6 +1619,7 @@ class Channel:
                     del busy[SENDING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
+            self._borrow_released()
             self._abort()
 
     def _discard_returns(self) -> None:
