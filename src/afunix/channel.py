@@ -1468,7 +1468,7 @@ class Channel:
     # ---- closing ----------------------------------------------------------------
 
     def _abort(self) -> None:
-        """Close the channel: marked closed first, then, once no call of another thread is left in it, everything it holds.
+        """Close the channel: marked closed, then, once no call of another thread is in it, all it holds.
 
         Called by close(), and by a call that meets a ProtocolError.  Every
         step is idempotent and runs under `_closing`: a second close (at
