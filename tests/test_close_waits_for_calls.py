@@ -168,10 +168,11 @@ def test_close_racing_receives_of_lane_messages_arriving(kind: int, call: str) -
                             afunix.close_fds(got.fds)
                         elif call == "recv_batch":
                             # (valid until the next receive or the close: read
-                            # before the close, or its views are released)
+                            # while the close runs, its views are released, or on
+                            # PyPy, which does not count exports, read anything)
                             try:
                                 for j in range(len(got)):
-                                    if bytes(got[j]) != payload:
+                                    if bytes(got[j]) != payload and not a.closed:
                                         wrong.append("recv_batch: a wrong message")
                                     afunix.close_fds(got.fds(j))
                             except ValueError:
