@@ -621,11 +621,12 @@ def wait_in_recv(thread: threading.Thread) -> None:
 @pytest.mark.parametrize("lane", [False, True], ids=["inline", "lane"])
 def test_a_receive_the_channel_closed_under_raises_ebadf_and_closes_what_it_read(
         lane: bool, clean: None) -> None:
-    # close() in another thread does not stop a recvmsg already waiting:
-    # the kernel finishes it with the next frame, here one that brings a
-    # descriptor (through the lane: a SLOT frame, whose region the closed
-    # channel forgot).  The receive raises what a receive on a closed
-    # channel raises, hands nothing out, and closes the descriptor.
+    # close() in another thread wakes a recvmsg already waiting (it shuts
+    # the socket down) and waits for it to leave before it closes the
+    # reader: the receive raises what a receive on a closed channel raises
+    # and hands nothing out; a frame the peer sends then (through the lane:
+    # a SLOT frame) meets a closed socket, and its descriptor stays the
+    # peer's.
     x, y = afunix.socketpair()
     a = Channel(x)
     b = Channel(y, shm_size=MiB, shm_threshold=16 * KiB)
@@ -645,19 +646,18 @@ def test_a_receive_the_channel_closed_under_raises_ebadf_and_closes_what_it_read
         try:
             wait_in_recv(t)
             a.close()
+            assert not t.is_alive()  # (close() returned after the receive left)
             r, w = os.pipe()
             try:
-                b.send(b"m" * (64 * KiB if lane else 100), fds=[r])
+                with pytest.raises(BrokenPipeError):
+                    b.send(b"m" * (64 * KiB if lane else 100), fds=[r])
             finally:
                 os.close(r)
+                os.close(w)
         finally:
             t.join(10)
         assert not t.is_alive()
         assert len(got) == 1 and type(got[0]) is OSError and got[0].errno == errno.EBADF, got
-        # the pipe's read end that came with the frame is closed: EPIPE on write
-        with pytest.raises(BrokenPipeError):
-            os.write(w, b"x")
-        os.close(w)
 
 
 @pytest.mark.parametrize("lane", [False, True], ids=["inline", "lane"])

@@ -12,14 +12,16 @@ import contextlib
 import errno
 import os
 import socket
+import sys
 import threading
 import time
 import weakref
+from types import FrameType
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from . import _checks, _io
 from ._chanio import (NOSIGNAL, NOSIGNAL_ONCE, RECEIVING, SENDING, Borrowed, Sender, fill,
-                      closed_under, owning, read_for_room, read_now, refused, stalled)
+                      owning, read_for_room, read_now, refused, stalled)
 from .addresses import connect
 from .batch import checked_fds
 from .codec import TABLE_CAPACITY, FrameReader
@@ -48,6 +50,10 @@ _socket_type = _socket.socket.type.__get__
 # have ended without reading them), and a caller waits before it looks
 # again whether the channel's own use of its side ended.
 _ROOM_STEP = 0.01
+# A close() waiting for the calls of other threads to leave looks again
+# after this long at first, then twice as long each time, up to _ROOM_STEP:
+# a woken call leaves in microseconds, one copying out of a region later.
+_LEAVE_STEP = 0.001
 
 
 # Every open Channel of this process, for the fork hook below.
@@ -76,6 +82,7 @@ def _forget_parents_unsent() -> None:
         ch._reader.forget_returns()
         ch._reader.forget_held()
         ch._borrow_ended = threading.Condition()  # its lock may be held by a thread not here
+        ch._closing = threading.RLock()  # (as may this one, by a close() of such a thread)
         if ch._lane is not None:
             ch._leave_lane()
 
@@ -169,6 +176,13 @@ class Channel:
         # while callers wait for it (how many: _borrow_waiters)
         self._borrow_ended = threading.Condition()
         self._borrow_waiters = 0
+        # Held by whoever runs the closing steps (`_abort`): two closes at
+        # once, or a close racing a call that aborts, run them one after the
+        # other (reentrant: a signal handler's close() inside a close()).
+        self._closing = threading.RLock()
+        # the claims of calls that are closing the channel themselves (a
+        # ProtocolError in two calls at once): no closer waits for those
+        self._closers: List[object] = []
         if not isinstance(sock, socket.socket):
             raise TypeError("Channel needs a socket.socket, not %s" % type(sock).__name__)
         if sock.family != socket.AF_UNIX:
@@ -327,6 +341,10 @@ class Channel:
                     and not self._claimed_after_borrow(SENDING, me)):
                 raise refused(SENDING)
             self._send(data, fds)
+        except OSError as exc:
+            if self._closed and not isinstance(exc, ProtocolError):
+                raise _closed_error() from None  # a close() in another thread woke it (EPIPE)
+            raise
         finally:
             try:
                 if busy[SENDING] is me:
@@ -413,6 +431,10 @@ class Channel:
                     and not self._claimed_after_borrow(SENDING, me)):
                 raise refused(SENDING)
             return self._send_many(messages)
+        except OSError as exc:
+            if self._closed and not isinstance(exc, ProtocolError):
+                raise _closed_error() from None  # a close() in another thread woke it (EPIPE)
+            raise
         finally:
             try:
                 if busy[SENDING] is me:
@@ -707,6 +729,10 @@ class Channel:
                 self._send_returns()
             lane.lent()  # the caller's from here: no longer freed by the next settle
             return loan
+        except OSError as exc:
+            if self._closed and not isinstance(exc, ProtocolError):
+                raise _closed_error() from None  # a close() in another thread woke it
+            raise
         finally:
             try:
                 if busy[SENDING] is me:
@@ -764,6 +790,10 @@ class Channel:
                     and not self._claimed_after_borrow(SENDING, me)):
                 raise refused(SENDING)
             self._send_loan(loan, fds)
+        except OSError as exc:
+            if self._closed and not isinstance(exc, ProtocolError):
+                raise _closed_error() from None  # a close() in another thread woke it (EPIPE)
+            raise
         finally:
             try:
                 if busy[SENDING] is me:
@@ -808,7 +838,8 @@ class Channel:
                             break
                 except ProtocolError:
                     if self._closed:
-                        closed_under(self._reader)  # closed under this read: as in _fill
+                        # a close() woke this read (its shutdown cut a frame short)
+                        raise _closed_error() from None
                     self._abort()
                     raise
         finally:
@@ -912,6 +943,10 @@ class Channel:
                     and not self._claimed_after_borrow(SENDING, me)):
                 raise refused(SENDING)
             return self._send_fixed(buffer, size)
+        except OSError as exc:
+            if self._closed and not isinstance(exc, ProtocolError):
+                raise _closed_error() from None  # a close() in another thread woke it (EPIPE)
+            raise
         finally:
             try:
                 if busy[SENDING] is me:
@@ -956,6 +991,10 @@ class Channel:
                     and not self._claimed_after_borrow(SENDING, me)):
                 raise refused(SENDING)
             self._send_object(obj)
+        except OSError as exc:
+            if self._closed and not isinstance(exc, ProtocolError):
+                raise _closed_error() from None  # a close() in another thread woke it (EPIPE)
+            raise
         finally:
             try:
                 if busy[SENDING] is me:
@@ -1031,6 +1070,10 @@ class Channel:
                     and not self._claimed_after_borrow(SENDING, me)):
                 raise refused(SENDING)
             return self._flush()
+        except OSError as exc:
+            if self._closed and not isinstance(exc, ProtocolError):
+                raise _closed_error() from None  # a close() in another thread woke it (EPIPE)
+            raise
         finally:
             try:
                 if busy[SENDING] is me:
@@ -1341,19 +1384,21 @@ class Channel:
     def _fill(self) -> bool:
         """Receive until the reader holds parsed frames; False at a clean end of stream.
 
-        Raises OSError(EBADF) when another thread closed the channel under
-        it, whatever the read brought (`closed_under`): a close that lands
-        while the read's frames are parsed too.
+        Raises OSError(EBADF) when another thread closed the channel while
+        it read, whatever the read brought: that close shut the socket down
+        to wake it, so what it met (the end of stream, a frame cut short,
+        EPIPE) is the close's doing, not the peer's; what the read brought
+        stays in the reader, which that close closes once this call left.
         """
         self._check_open()
         r = self._reader
         try:
             got = self._fill_now()
         except BaseException as exc:
-            if self._closed and isinstance(exc, Exception):
-                closed_under(r)  # (not the reader's fault: it was closed under the parse)
-            elif self._closed:
-                r.release()  # (a signal handler's exception goes on as it is; nothing kept)
+            if self._closed:
+                if isinstance(exc, Exception):
+                    raise _closed_error() from None
+                # (a signal handler's exception goes on as it is; the closer closes the reader)
             elif r.closed:
                 # The reader closed itself: the peer broke the protocol, or its
                 # region could not be mapped here (EMFILE, ENOMEM) and the stream
@@ -1361,7 +1406,7 @@ class Channel:
                 self._abort()
             raise
         if self._closed:
-            closed_under(r)
+            raise _closed_error()
         return got
 
     def _fill_now(self) -> bool:
@@ -1423,26 +1468,83 @@ class Channel:
     # ---- closing ----------------------------------------------------------------
 
     def _abort(self) -> None:
-        if self._closed:
-            return
-        self._reader.close()  # first: a close() after an interrupted abort closes them
-        self._closed = True
-        # From here an exception (a signal handler's) stops nothing that
-        # closes: the finally blocks go on, and a close() after one that did
-        # not reach them closes what is left (see close()).
-        try:
-            self._writer.drop_unsent()
-            if self._lane is not None and self._lane.announced:
-                self._discard_returns()
-            hook = self._before_close
-            if hook is not None:
-                hook()
-        finally:
+        """Close the channel: marked closed, then, once no call of another thread is in it, all it holds.
+
+        Called by close(), and by a call that meets a ProtocolError.  Every
+        step is idempotent and runs under `_closing`: a second close (at
+        once, or after one an exception interrupted) closes what is left.
+        """
+        self._closed = True  # first: a call that starts now gets EBADF
+        # (not in a try: interrupted while calls of other threads may still
+        # be in, nothing closes; the next close() does it all)
+        self._wait_for_calls()
+        with self._closing:
+            # From here an exception (a signal handler's) stops nothing that
+            # closes: the finally blocks go on, and a close() after one that did
+            # not reach them closes what is left.
             try:
-                self._sock.close()
+                self._reader.close()
+                self._writer.drop_unsent()
+                # Only while the socket is open: closed by a close before,
+                # its descriptor number may be another file's by now.
+                if self._sock.fileno() >= 0:
+                    if self._lane is not None and self._lane.announced:
+                        self._discard_returns()
+                    hook = self._before_close
+                    if hook is not None:
+                        hook()
             finally:
-                self._close_lane()
-                _channels.discard(self)
+                try:
+                    self._sock.close()
+                finally:
+                    self._close_lane()
+                    _channels.discard(self)
+
+    def _wait_for_calls(self) -> None:
+        """Wait until no call of another thread holds a side of this channel (it is marked closed).
+
+        A call in progress uses the reader's buffers, the writer's unsent
+        bytes, the lane's region and the socket's descriptor number (cached:
+        closed under it, the number may name another file by the time it
+        reads or writes); closing them under it would corrupt what it reads
+        and leak or double-close what it holds.  So the close wakes it --
+        the socket shut down (a blocked read ends with the end of stream, a
+        blocked write with EPIPE, a poll with POLLHUP), the lane's `room`
+        set, the waiters for a borrow notified -- and waits for it to leave:
+        the call sees the channel closed and raises EBADF, or returns the
+        result it already had.  Only when another thread's call holds a
+        side is the socket shut down (a forked child, whose parent's calls
+        are not its own, never does: a copy of the socket in another
+        process would be shut down too).  Calls of this thread (the one a
+        signal handler's close() interrupted, the one that aborts) cannot
+        leave while this waits, and another closer's call waits for this
+        one: neither is waited for.
+        """
+        busy = self._busy
+        mine = _claims_of_this_thread(self)
+        closers = self._closers
+        closers.extend(mine)
+        step = _LEAVE_STEP
+        woken = False
+        while True:
+            others = False
+            for side in (SENDING, RECEIVING):
+                holder = busy.get(side)
+                if holder is not None and not any(holder is t for t in mine) \
+                        and not any(holder is t for t in closers):
+                    others = True
+            if not others:
+                return
+            if not woken:
+                woken = True
+                with contextlib.suppress(OSError):  # (closed by another close already: EBADF)
+                    self._sock.shutdown(socket.SHUT_RDWR)
+            if self._lane is not None:
+                self._lane.room.set()  # a sender waiting for room wakes
+            with self._borrow_ended:
+                self._borrow_ended.notify_all()
+            time.sleep(step)
+            step = min(2 * step, _ROOM_STEP)
 
     def _close_lane(self) -> None:
         """Close this end's region (idempotent) and wake a sender waiting for room in another thread."""
@@ -1460,8 +1562,24 @@ class Channel:
         dropped, without an error, when the peer is gone (BrokenPipeError,
         ConnectionResetError: nobody would read them), on a non-blocking
         socket that cannot take them at once (check `flush()` first), and
-        while another thread is sending (its write and this one would
-        interleave).
+        while another thread is sending or closing (its write and this one
+        would interleave).
+
+        A call in progress in another thread (a receive blocked without a
+        timeout, a send blocked on a full socket or waiting for slots of
+        the lane) is woken and waited for: the socket is shut down
+        (``shutdown(SHUT_RDWR)``; a copy of it in another process is shut
+        down too, and the peer sees the end of stream at once), and only
+        once every such call has left are the socket, the descriptors
+        received, the unsent bytes and the lane's region closed.  The call
+        raises OSError(EBADF), or returns the result it already had
+        (whatever it hands out is the caller's).  A call this close waits
+        for returns in microseconds once woken, unless it is running the
+        caller's code (unpickling in `recv_object`).  Calls of the thread
+        that closes (one a signal handler's close() interrupted) are not
+        waited for; in a forked child the calls of the parent's threads are
+        not calls of the child, and its close() never shuts the socket down.
+        Two closes at once both return once everything is closed.
 
         The socket is closed whatever happens on the way, as a file's
         close does: when the write times out or fails, or an exception (a
@@ -1476,12 +1594,16 @@ class Channel:
         """
         if self._closed:
             # (each closes once: what an exception stopped a close before
-            # from reaching -- the socket, the region -- is closed now)
-            self._sock.close()
-            self._close_lane()
+            # from reaching -- the socket, the region -- is closed now; and
+            # a close at once with another one returns once it is done)
+            self._abort()
             return
         busy = self._busy
-        me: List[object] = []  # a fresh token, held by this call only
+        # (The sending side, claimed as a borrow: a send that another thread
+        # starts meanwhile waits for the write to end, then finds the channel
+        # closed, where a plain claim would refuse it, RuntimeError, before
+        # the channel is marked closed.)
+        me = Borrowed()
         try:
             # (claimed as the sending calls do: a thread sending now would
             # interleave with this write, so its pending bytes are dropped)
@@ -1497,6 +1619,7 @@ class Channel:
                     del busy[SENDING]
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
+            self._borrow_released()
             self._abort()
 
     def _discard_returns(self) -> None:
@@ -1536,6 +1659,40 @@ class Channel:
     def __repr__(self) -> str:
         state = "closed" if self._closed else "fd=%d" % self._fd
         return "<afunix.Channel %s %s>" % (state, "SOCK_SEQPACKET" if self._seqpacket else "SOCK_STREAM")
+
+
+def _closed_error() -> OSError:
+    """What a call on a closed channel raises, and one that a close() in another thread ended."""
+    return OSError(errno.EBADF, "the channel is closed")
+
+
+def _claims_of_this_thread(channel: Channel) -> List[object]:
+    """The tokens of the claims on `channel` held by calls of the running thread.
+
+    A close() waits for the calls of other threads to leave before it
+    closes what they use; a call of its own thread cannot leave while it
+    waits: the call a signal handler that closes interrupted, the call that
+    aborts on a ProtocolError, a close() a handler's close() interrupted.
+    Those are found here, on the stack, when a close needs them, so that a
+    call pays nothing for it (no thread id kept with each claim): each
+    public call holds its claim in its local `me`, and a claim the channel
+    takes for itself (`Borrowed`) names its thread.
+    """
+    tokens: List[object] = []
+    here = globals()
+    frame: Optional[FrameType] = sys._getframe(1)
+    while frame is not None:
+        if frame.f_globals is here:
+            local = frame.f_locals
+            if local.get("self") is channel and "me" in local:
+                tokens.append(local["me"])
+        frame = frame.f_back
+    thread = threading.get_ident()
+    for side in (SENDING, RECEIVING):
+        holder = channel._busy.get(side)
+        if type(holder) is Borrowed and holder.thread == thread:
+            tokens.append(holder)
+    return tokens
 
 
 def reader_of(channel: Channel) -> FrameReader:
