@@ -611,7 +611,6 @@ class Channel:
         """
         lane = self._lane
         assert lane is not None
-        busy = self._busy
         inline = memoryview(data).nbytes <= self._writer.max_frame
         while True:
             seg = lane.try_segment(data, fds)
