@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, Iterator, List
 import pytest
 
 import afunix
-from conftest import open_fds
+from conftest import BATCH_TAKE_RACE, open_fds
 
 KiB = 1024
 MiB = 1 << 20
@@ -118,7 +118,8 @@ def _one_race(take: Callable[[afunix.Channel], None], lane: bool, objects: bool)
     return wrong
 
 
-@pytest.mark.parametrize("call", ["recv", "recv_message", "recv_many", "recv_batch"])
+@pytest.mark.parametrize("call", ["recv", "recv_message", "recv_many",
+                                  pytest.param("recv_batch", marks=BATCH_TAKE_RACE)])
 @pytest.mark.parametrize("lane", [False, True], ids=["inline", "lane"])
 def test_close_racing_receives_of_messages_with_descriptors(call: str, lane: bool,
                                                             frequent_switches: None) -> None:
