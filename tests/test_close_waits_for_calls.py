@@ -364,3 +364,35 @@ def test_a_send_that_starts_while_close_writes_the_pending_bytes_gets_ebadf(kind
     finally:
         b.close()
         closer.join(WAKE)
+
+
+@pytest.mark.parametrize("call", ["recv", "recv_message", "recv_many", "recv_batch", "send",
+                                  "flush"])
+def test_a_call_that_claims_after_the_close_looked_for_calls_gets_ebadf(
+        monkeypatch: pytest.MonkeyPatch, call: str) -> None:
+    """A call of another thread that claims its side just after close() looked for calls to
+    wait for (its messages already parsed: no read needed) is not waited for: it must raise
+    EBADF and touch nothing, not hand out a message while the close closes the reader."""
+    a, b = afunix.channel_pair()
+    b.send_many([b"m"] * 5)
+    assert a.recv() == b"m"  # the other four wait parsed in the reader
+    outcomes: List[str] = []
+    look = afunix.Channel._wait_for_calls
+
+    def look_then_call(channel: afunix.Channel) -> None:
+        look(channel)
+        if channel is a:
+            def other() -> None:
+                try:
+                    getattr(a, call)(*([b"x"] if call == "send" else []))
+                    outcomes.append("returned")
+                except OSError as exc:
+                    outcomes.append(errno.errorcode.get(exc.errno or 0, repr(exc)))
+            thread = threading.Thread(target=other)
+            thread.start()
+            thread.join()
+
+    monkeypatch.setattr(afunix.Channel, "_wait_for_calls", look_then_call)
+    with b:
+        a.close()
+    assert outcomes == ["EBADF"]

@@ -340,6 +340,11 @@ class Channel:
             if (busy.setdefault(SENDING, me) is not me
                     and not self._claimed_after_borrow(SENDING, me)):
                 raise refused(SENDING)
+            # (a close() marks the channel closed before it looks for calls to
+            # wait for: one that claims after that look sees it here, and
+            # touches nothing the close is closing)
+            if self._closed:
+                raise _closed_error()
             self._send(data, fds)
         except OSError as exc:
             if self._closed and not isinstance(exc, ProtocolError):
@@ -430,6 +435,8 @@ class Channel:
             if (busy.setdefault(SENDING, me) is not me
                     and not self._claimed_after_borrow(SENDING, me)):
                 raise refused(SENDING)
+            if self._closed:
+                raise _closed_error()
             return self._send_many(messages)
         except OSError as exc:
             if self._closed and not isinstance(exc, ProtocolError):
@@ -716,6 +723,8 @@ class Channel:
             if (busy.setdefault(SENDING, me) is not me
                     and not self._claimed_after_borrow(SENDING, me)):
                 raise refused(SENDING)
+            if self._closed:
+                raise _closed_error()
             loan = self._loan(nbytes)
             # The returns a receive in another thread left to this call go
             # before the loan is the caller's, and `lent` is the last step:
@@ -788,6 +797,8 @@ class Channel:
             if (busy.setdefault(SENDING, me) is not me
                     and not self._claimed_after_borrow(SENDING, me)):
                 raise refused(SENDING)
+            if self._closed:
+                raise _closed_error()
             self._send_loan(loan, fds)
         except OSError as exc:
             if self._closed and not isinstance(exc, ProtocolError):
@@ -941,6 +952,8 @@ class Channel:
             if (busy.setdefault(SENDING, me) is not me
                     and not self._claimed_after_borrow(SENDING, me)):
                 raise refused(SENDING)
+            if self._closed:
+                raise _closed_error()
             return self._send_fixed(buffer, size)
         except OSError as exc:
             if self._closed and not isinstance(exc, ProtocolError):
@@ -989,6 +1002,8 @@ class Channel:
             if (busy.setdefault(SENDING, me) is not me
                     and not self._claimed_after_borrow(SENDING, me)):
                 raise refused(SENDING)
+            if self._closed:
+                raise _closed_error()
             self._send_object(obj)
         except OSError as exc:
             if self._closed and not isinstance(exc, ProtocolError):
@@ -1068,6 +1083,8 @@ class Channel:
             if (busy.setdefault(SENDING, me) is not me
                     and not self._claimed_after_borrow(SENDING, me)):
                 raise refused(SENDING)
+            if self._closed:
+                raise _closed_error()
             return self._flush()
         except OSError as exc:
             if self._closed and not isinstance(exc, ProtocolError):
@@ -1141,6 +1158,8 @@ class Channel:
             if (busy.setdefault(RECEIVING, me) is not me
                     and not self._claimed_after_borrow(RECEIVING, me)):
                 raise refused(RECEIVING)
+            if self._closed:
+                raise _closed_error()
             return self._recv()
         finally:
             try:
@@ -1209,6 +1228,8 @@ class Channel:
             if (busy.setdefault(RECEIVING, me) is not me
                     and not self._claimed_after_borrow(RECEIVING, me)):
                 raise refused(RECEIVING)
+            if self._closed:
+                raise _closed_error()
             return self._recv_many(max_messages)
         finally:
             try:
@@ -1248,6 +1269,8 @@ class Channel:
             if (busy.setdefault(RECEIVING, me) is not me
                     and not self._claimed_after_borrow(RECEIVING, me)):
                 raise refused(RECEIVING)
+            if self._closed:
+                raise _closed_error()
             return self._recv_message()
         finally:
             try:
@@ -1287,6 +1310,8 @@ class Channel:
             if (busy.setdefault(RECEIVING, me) is not me
                     and not self._claimed_after_borrow(RECEIVING, me)):
                 raise refused(RECEIVING)
+            if self._closed:
+                raise _closed_error()
             return self._recv_batch(max_messages)
         finally:
             try:
@@ -1336,6 +1361,8 @@ class Channel:
             if (busy.setdefault(RECEIVING, me) is not me
                     and not self._claimed_after_borrow(RECEIVING, me)):
                 raise refused(RECEIVING)
+            if self._closed:
+                raise _closed_error()
             return self._recv_object()
         finally:
             try:
@@ -1576,7 +1603,8 @@ class Channel:
         for returns in microseconds once woken, unless it is running the
         caller's code (unpickling in `recv_object`).  Calls of the thread
         that closes (one a signal handler's close() interrupted) are not
-        waited for; in a forked child the calls of the parent's threads are
+        waited for, nor kept safe: such a receive may still hand out the
+        message it was taking, with descriptors the close closed; in a forked child the calls of the parent's threads are
         not calls of the child, and its close() never shuts the socket down.
         Two closes at once both return once everything is closed.
 
