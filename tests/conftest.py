@@ -24,16 +24,6 @@ from afunix import _backend, shm
 REQUIRE_C = os.environ.get("AFUNIX_REQUIRE_C", "") not in ("", "0")
 PYPY = platform.python_implementation() == "PyPy"
 
-# Known open defect: FrameBatch.fds(j), called after recv_batch returned (no claim held), racing
-# close() in another thread, can hand out descriptors the close closes too (a descriptor closed
-# twice: seen as close() raising EBADF, CPython 3.9, stdlib backend).  Excluding the reader's
-# close from a take needs a hand-over with no call after it (signal safety); until then the
-# close-racing receive tests of recv_batch may fail.
-BATCH_TAKE_RACE = pytest.mark.xfail(
-    reason="FrameBatch.fds racing close() in another thread can close a descriptor twice (open)",
-    strict=False)
-
-
 #: PyPy's own crash, kept away from: memoryview() of a ctypes array whose inner
 #: dimension is empty, such as ``(ctypes.c_uint8 * 0 * 2)()`` (shape (2, 0)),
 #: kills PyPy 3.9 (7.3.11) with SIGFPE, an integer division by zero in its

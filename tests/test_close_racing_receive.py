@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, Iterator, List
 import pytest
 
 import afunix
-from conftest import BATCH_TAKE_RACE, open_fds
+from conftest import open_fds
 
 KiB = 1024
 MiB = 1 << 20
@@ -119,7 +119,7 @@ def _one_race(take: Callable[[afunix.Channel], None], lane: bool, objects: bool)
 
 
 @pytest.mark.parametrize("call", ["recv", "recv_message", "recv_many",
-                                  pytest.param("recv_batch", marks=BATCH_TAKE_RACE)])
+                                  "recv_batch"])
 @pytest.mark.parametrize("lane", [False, True], ids=["inline", "lane"])
 def test_close_racing_receives_of_messages_with_descriptors(call: str, lane: bool,
                                                             frequent_switches: None) -> None:

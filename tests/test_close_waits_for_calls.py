@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import sys
 import socket
 import threading
 import time
@@ -20,7 +21,7 @@ from typing import Any, Callable, Dict, List, Tuple
 import pytest
 
 import afunix
-from conftest import BATCH_TAKE_RACE, PYPY, open_fds, region_mappings
+from conftest import PYPY, open_fds, region_mappings
 
 KiB = 1024
 MiB = 1 << 20
@@ -138,7 +139,7 @@ def test_close_wakes_a_send_waiting_for_slots(kind: int) -> None:
 
 @pytest.mark.parametrize("kind", KINDS, ids=KIND_IDS)
 @pytest.mark.parametrize("call", ["recv", "recv_message", "recv_many",
-                                  pytest.param("recv_batch", marks=BATCH_TAKE_RACE)])
+                                  "recv_batch"])
 def test_close_racing_receives_of_lane_messages_arriving(kind: int, call: str) -> None:
     """A peer sends messages of the lane with a descriptor each, a thread receives them, and
     the channel closes at a random moment: each receive returns a whole message or raises
@@ -396,3 +397,44 @@ def test_a_call_that_claims_after_the_close_looked_for_calls_gets_ebadf(
     with b:
         a.close()
     assert outcomes == ["EBADF"]
+
+
+@pytest.mark.parametrize("lane", [False, True], ids=["inline", "lane"])
+def test_a_batch_take_racing_close_hands_out_open_descriptors_or_none(lane: bool) -> None:
+    """close() in another thread lands inside `batch.fds(0)` (after recv_batch returned): the
+    take either hands the descriptors over, open, and the close leaves them to the caller, or
+    hands none and the close closes them; never one descriptor both handed out and closed."""
+    r, w = os.pipe()
+    try:
+        fds, maps = open_fds(), region_mappings()
+        a, b = pair(socket.SOCK_STREAM, lane)
+        b.send(b"x" * (2 * KiB if lane else 16), fds=[r])
+        batch = a.recv_batch()
+        assert len(batch) == 1
+        closer = threading.Thread(target=a.close)
+
+        def in_take(frame: Any, event: str, arg: Any) -> Any:
+            # once the take has read the descriptor numbers, before it gives them over
+            if event == "line" and "fds" in frame.f_locals and closer.ident is None:
+                closer.start()
+                closer.join(0.2)  # (a close that waits for the take does not end here)
+            return in_take
+
+        def tracer(frame: Any, event: str, arg: Any) -> Any:
+            return in_take if event == "call" and frame.f_code.co_name == "take" else None
+
+        sys.settrace(tracer)
+        try:
+            got = batch.fds(0)
+        finally:
+            sys.settrace(None)
+        closer.join(5)
+        assert not closer.is_alive()
+        for fd in got:
+            os.fstat(fd)  # open: handed over, the caller's to close
+        afunix.close_fds(got)
+        b.close()
+        assert open_fds() == fds and region_mappings() == maps
+    finally:
+        os.close(r)
+        os.close(w)

@@ -24,7 +24,7 @@ from ._chanio import (NOSIGNAL, NOSIGNAL_ONCE, RECEIVING, SENDING, Borrowed, Sen
                       owning, read_for_room, read_now, refused, stalled)
 from .addresses import connect
 from .batch import checked_fds
-from .codec import TABLE_CAPACITY, FrameReader
+from .codec import TABLE_CAPACITY, FrameReader, TakeGuard
 from .frames import (DEFAULT_MAX_FRAME, KIND_OBJECT, RECORD_MAX, FrameBatch,
                      ProtocolError, frame_header, lane_header)
 from ._limits import FRAME_HEADER as HEADER_SIZE
@@ -95,6 +95,20 @@ def _aborts(ref: "weakref.ref[Channel]") -> Callable[[], None]:
         if ch is not None:
             ch._abort()
     return abort
+
+
+def _claimed_takes(ref: "weakref.ref[Channel]") -> TakeGuard:
+    """FrameReader.take_guard for the channel `ref` names (weakly: no cycle through its reader).
+
+    A batch's descriptors are taken (``FrameBatch.fds``) after the receive
+    that made it returned, without its claim: a close() in another thread
+    would not wait for the take, and could close the descriptors the take
+    hands out.  Each take claims the receiving side as a receive does.
+    """
+    def guard(take: Callable[[int], List[int]], i: int) -> List[int]:
+        ch = ref()
+        return take(i) if ch is None else ch._take_claimed(take, i)
+    return guard
 
 
 def _returned_to_parent(offset: int, length: int, mark: Any = None) -> None:
@@ -218,7 +232,8 @@ class Channel:
         # it gives out is built (CPython runs signal handlers only at calls
         # and backward jumps).
         self._reader = FrameReader(writer.max_frame, self._seqpacket,
-                                   on_return=self._lane.give_back if self._lane else None)
+                                   on_return=self._lane.give_back if self._lane else None,
+                                   take_guard=_claimed_takes(weakref.ref(self)))
         if self._lane is not None:
             self._lane.on_fault = _aborts(weakref.ref(self))
         # Called just before the socket closes, whoever closes it (close(),
@@ -1329,6 +1344,32 @@ class Channel:
             # slots of the batch before, released by this receive
             self._before_take(max(1, min(r.parsed - r.next, max_messages)), copy=False)
         return r.take_batch(max_messages)
+
+    def _take_claimed(self, take: Callable[[int], List[int]], i: int) -> List[int]:
+        """``take(i)`` (a batch's descriptors handed over) under the claim of the receiving side.
+
+        None once the channel is closed: the close closes them (it waits
+        for a take that claimed first, and one that claims after its look
+        sees the channel closed).
+
+        Raises:
+            RuntimeError: another thread is receiving on this channel.
+        """
+        busy = self._busy
+        me: List[object] = []  # a fresh token, held by this call only
+        try:
+            if (busy.setdefault(RECEIVING, me) is not me
+                    and not self._claimed_after_borrow(RECEIVING, me)):
+                raise refused(RECEIVING)
+            if self._closed:
+                return []
+            return take(i)
+        finally:
+            try:
+                if busy[RECEIVING] is me:
+                    del busy[RECEIVING]
+            except KeyError:  # unclaimed: the holder left (see __init__)
+                pass
 
     def recv_object(self) -> Any:
         """Receive one object sent with `send_object`, unpickled.

@@ -33,6 +33,9 @@ from .objects import parse_envelope
 from .shm import MAX_REGION_SIZE, RegionReader
 from .slots import MAX_SLOTS, Slot
 
+#: FrameReader.take_guard: (take, i) -> message i's descriptors, from take(i) or none
+TakeGuard = Callable[[Callable[[int], List[int]], int], List[int]]
+
 #: Most frames one parse puts in the reader's table (a receive hands out at most these).
 TABLE_CAPACITY = 4096
 #: Bytes of the receive buffer to begin with (it grows for a large frame).
@@ -127,6 +130,12 @@ class FrameReader:
             return applied again (see `afunix.lane.LaneSender.give_back`).
             None: this end sent no slots, and a RETURN frame is a protocol
             error.
+        take_guard: when set, ``FrameBatch.fds(i)`` runs as
+            ``take_guard(take, i)``, which calls ``take(i)`` or returns
+            ``[]``: the channel's claim of its receiving side, so that a
+            take after the receive returned and a close in another thread
+            exclude each other (one descriptor never both handed out and
+            closed).
 
     The shared-memory lane (docs/PROTOCOL.md, version 2): a REGION frame is
     adopted (checked before it is mapped, `afunix.shm.RegionReader`); a
@@ -142,13 +151,15 @@ class FrameReader:
                  "ncopied", "eof", "max_region", "max_slots", "on_return", "lane", "lane_msg",
                  "lane_held", "returns", "returning", "applied", "scanned", "normal_size",
                  "lane_at", "return_log", "return_n", "return_bytes", "returns_lock",
-                 "__weakref__")
+                 "take_guard", "__weakref__")
 
     def __init__(self, max_frame: int = DEFAULT_MAX_FRAME, seqpacket: bool = False,
                  backend: Optional[Backend] = None, *, max_region: int = MAX_REGION_SIZE,
                  max_slots: int = MAX_SLOTS,
-                 on_return: Optional[Callable[[int, int, Any], None]] = None) -> None:
+                 on_return: Optional[Callable[[int, int, Any], None]] = None,
+                 take_guard: Optional[TakeGuard] = None) -> None:
         self.closed = True  # until set up: close() and __del__ have nothing to do
+        self.take_guard = take_guard
         self.impl = backend if backend is not None else _backend.impl
         self.max_frame = _checks.in_range(max_frame, "max_frame", 0, MAX_FRAME_LIMIT)
         self.seqpacket = bool(seqpacket)
@@ -1209,7 +1220,19 @@ class FrameReader:
             rs.nfds[slot] = 0  # given over: a store, then return
             return fds
 
-        return take
+        guard = self.take_guard
+        if guard is None:
+            return take
+
+        # (Made here, before the receive's commit: a call after it could
+        # raise a signal handler's exception with the batch taken.  A Python
+        # function, not functools.partial: CPython runs a pending handler on
+        # the return from a C callable, which would drop the descriptors
+        # just handed over; Python calls return without that check.)
+        def guarded(j: int) -> List[int]:
+            return guard(take, j)
+
+        return guarded
 
     # ---- closing ----------------------------------------------------------------
 

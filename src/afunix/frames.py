@@ -183,7 +183,14 @@ class FrameBatch:
             yield buf[o:o + n]
 
     def fds(self, i: int) -> List[int]:
-        """Message i's descriptors, handed to the caller (who must close them)."""
+        """Message i's descriptors, handed to the caller (who must close them).
+
+        None once the next receive began or the channel closed.  A take
+        from a channel claims its receiving side, as a receive does.
+
+        Raises:
+            RuntimeError: another thread is receiving on the channel.
+        """
         if type(i) is not int:
             i = _checks.index(i, "FrameBatch")
         if i < 0:
