@@ -178,6 +178,31 @@ def test_recv_batch_views_are_read_only(kind: int) -> None:
 
 
 @pytest.mark.parametrize("kind", TYPES)
+def test_a_take_from_a_batch_the_next_receive_ended_hands_out_nothing(kind: int) -> None:
+    """A take that read the batch's taker before the next receive and runs after it (another
+    thread, or a signal handler's receive inside the take): the slots it names hold later
+    messages' descriptors by then, so it hands out none, and each message keeps its own."""
+    r, w = os.pipe()
+    try:
+        a, b = afunix.channel_pair(kind)
+        with a, b:
+            b.send(b"one", [r])
+            b.send(b"two", [w])
+            first = a.recv_batch(1)
+            stale = afunix.frames.taker_of(first)  # what first.fds(0) calls, read now
+            assert stale is not None
+            second = a.recv_batch(1)  # the next receive: first has ended
+            assert bytes(second[0]) == b"two"
+            assert stale(0) == []
+            got = second.fds(0)
+            assert len(got) == 1 and same_file(got[0], w)
+            afunix.close_fds(got)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+@pytest.mark.parametrize("kind", TYPES)
 def test_descriptors_ride_on_their_message(kind: int, devnull: int, fd_baseline: set[int]) -> None:
     a, b = afunix.channel_pair(kind)
     r, w = os.pipe()

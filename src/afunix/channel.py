@@ -107,7 +107,8 @@ def _claimed_takes(ref: "weakref.ref[Channel]") -> TakeGuard:
     """
     def guard(take: Callable[[int], List[int]], i: int) -> List[int]:
         ch = ref()
-        return take(i) if ch is None else ch._take_claimed(take, i)
+        # (gone: its reader is being or was released, closing the descriptors)
+        return [] if ch is None else ch._take_claimed(take, i)
     return guard
 
 

@@ -23,7 +23,7 @@ from ._contract import Backend
 from .frames import (DEFAULT_MAX_FRAME, KIND_OBJECT, KIND_REGION, KIND_RETURN, KIND_SLOT,
                      LANE_VERSION, MAX_FRAME_LIMIT, PAIR_SIZE, RECORD_MAX, RETURN_MAX_SLOTS,
                      FrameBatch, MessageKindError, ProtocolError, end_batch, return_frames,
-                     unpack_header, unpack_pairs, unpack_region)
+                     taker_of, unpack_header, unpack_pairs, unpack_region)
 from ._limits import FRAME_HEADER as HEADER_SIZE
 from ._limits import FRAME_MAGIC as MAGIC
 from ._limits import SCM_MAX_FD
@@ -1213,6 +1213,13 @@ class FrameReader:
         rx, rs, fds_of = self.rx, self.rs, self.impl.chan_fds
 
         def take(j: int) -> List[int]:
+            # Only while the batch is the one handed out: once the next
+            # receive began (or a close), its slots may hold the descriptors
+            # of later messages.  (A take that read the batch's taker before
+            # that receive, and runs after it, ends here.)
+            batch = self.batch
+            if batch is None or taker_of(batch) is not handed[0]:
+                return []
             slot = slots.get(j, -1)
             if slot < 0 or not rs.nfds[slot]:
                 return []
@@ -1220,19 +1227,20 @@ class FrameReader:
             rs.nfds[slot] = 0  # given over: a store, then return
             return fds
 
+        handed: List[Callable[[int], List[int]]] = [take]  # what the batch calls
         guard = self.take_guard
-        if guard is None:
-            return take
+        if guard is not None:
+            # (Made here, before the receive's commit: a call after it could
+            # raise a signal handler's exception with the batch taken.  A
+            # Python function, not functools.partial: CPython runs a pending
+            # handler on the return from a C callable, which would drop the
+            # descriptors just handed over; Python calls return without that
+            # check.)
+            def guarded(j: int) -> List[int]:
+                return guard(take, j)
 
-        # (Made here, before the receive's commit: a call after it could
-        # raise a signal handler's exception with the batch taken.  A Python
-        # function, not functools.partial: CPython runs a pending handler on
-        # the return from a C callable, which would drop the descriptors
-        # just handed over; Python calls return without that check.)
-        def guarded(j: int) -> List[int]:
-            return guard(take, j)
-
-        return guarded
+            handed[0] = guarded
+        return handed[0]
 
     # ---- closing ----------------------------------------------------------------
 

@@ -208,3 +208,8 @@ class FrameBatch:
 def end_batch(batch: FrameBatch) -> None:
     """The receive after `batch` began: its descriptors not taken are no longer handed out."""
     batch._close()
+
+
+def taker_of(batch: FrameBatch) -> Optional[Callable[[int], List[int]]]:
+    """What `batch.fds` calls; None once the batch ended (`end_batch`)."""
+    return batch._take
