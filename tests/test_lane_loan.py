@@ -119,6 +119,50 @@ def test_a_loan_waits_for_the_receiver_to_return_a_slot(clean: None) -> None:
         second.abandon()
 
 
+class CountedEvent(threading.Event):
+    """The lane's `room`, counting the waits on it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits = 0
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        self.waits += 1
+        return super().wait(timeout)
+
+
+@pytest.mark.parametrize("kind", [socket.SOCK_STREAM, socket.SOCK_SEQPACKET],
+                         ids=["stream", "seqpacket"])
+def test_a_return_that_comes_just_after_the_look_is_read_at_once(
+        kind: int, monkeypatch: pytest.MonkeyPatch, clean: None) -> None:
+    # A sender waiting for slots reads the returns on the socket
+    # (_returns_now), then waits for more.  A RETURN frame that came just
+    # after that read made the socket readable, which the wait took for a
+    # reader full of messages not taken: it slept on the lane's `room`, an
+    # event only a receive in another thread sets, for _ROOM_STEP (10 ms per
+    # message in the loan row of the bench).  The first two looks are made
+    # to miss the return already there.
+    a, b = channel_pair(kind, shm_size=256 * KiB)
+    with a, b:
+        a.send_loan(a.loan(200 * KiB))
+        assert len(b.recv()) == 200 * KiB  # its RETURN frame is on a's socket now
+        lane = a._lane
+        assert lane is not None
+        room = lane.room = CountedEvent()
+        looks = [0]
+        returns_now = Channel._returns_now
+
+        def late(self: Channel) -> bool:
+            looks[0] += 1
+            return False if looks[0] <= 2 else returns_now(self)
+
+        monkeypatch.setattr(Channel, "_returns_now", late)
+        a.socket.settimeout(10)
+        loan = a.loan(200 * KiB)
+        assert looks[0] >= 3 and room.waits == 0
+        loan.abandon()
+
+
 def test_a_loan_filled_through_numpy(clean: None) -> None:
     np = pytest.importorskip("numpy")
     a, b = channel_pair(shm_size=MiB)
