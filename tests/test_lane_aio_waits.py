@@ -10,6 +10,7 @@ asyncio, uvloop and trio; both backends.
 from __future__ import annotations
 
 import asyncio
+import os
 import pickle
 import random
 import socket
@@ -92,6 +93,31 @@ async def test_slots_returned_during_the_pause_of_a_waiting_send_wake_it(
                 await done.wait()
         with anyio.fail_after(5):
             assert await recv_big(b, how) == BIG
+
+
+@pytest.mark.parametrize("how", ["send", "loan", "send_object"])
+async def test_a_waiting_send_sees_the_peer_hang_up_behind_a_message_with_descriptors(
+        clean: None, how: str) -> None:
+    # The end of stream, read while a message with a descriptor waited
+    # untaken, was taken for a read with nothing new: the task paused and
+    # tried again until its deadline, though no slot can come back.
+    a, b = lane_pair()
+    r, w = os.pipe()
+    try:
+        async with a:
+            await a.send(BIG)  # the lane of `a` is full, for good
+            await b.send(b"with a descriptor", fds=[r])
+            b.close()
+            with anyio.fail_after(5):
+                with pytest.raises(BrokenPipeError):
+                    await send_big(a, how)
+            m = await a.recv_message()  # still there, with its descriptor
+            assert m.data == b"with a descriptor" and len(m.fds) == 1
+            os.close(m.fds[0])
+    finally:
+        b.close()
+        os.close(r)
+        os.close(w)
 
 
 async def test_an_object_that_finds_room_for_some_parts_waits_on_the_loop(clean: None) -> None:

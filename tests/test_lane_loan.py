@@ -18,7 +18,7 @@ import pytest
 
 import afunix
 from afunix import Channel, Loan, Message, ProtocolError, channel_pair, shm
-from afunix.frames import return_frames
+from afunix.frames import frame_header, return_frames
 
 pytestmark = pytest.mark.skipif(shm.unsupported_reason() is not None,
                                 reason=str(shm.unsupported_reason()))
@@ -158,9 +158,58 @@ def test_a_return_that_comes_just_after_the_look_is_read_at_once(
 
         monkeypatch.setattr(Channel, "_returns_now", late)
         a.socket.settimeout(10)
-        loan = a.loan(200 * KiB)
-        assert looks[0] >= 3 and room.waits == 0
-        loan.abandon()
+        with a.loan(200 * KiB):
+            assert looks[0] >= 3 and room.waits == 0
+
+
+def drained(sock: socket.socket) -> None:
+    """Read away what waits on `sock` (what the peer's channel sent: its frames, not parsed)."""
+    while True:
+        try:
+            sock.recv(1 << 16, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+
+
+@pytest.mark.parametrize("kind, behind", [
+    (socket.SOCK_STREAM, "a message not taken"),
+    (socket.SOCK_SEQPACKET, "a message not taken"),
+    (socket.SOCK_STREAM, "half a frame"),  # (a record is whole: no half frame of SEQPACKET)
+], ids=["stream-message", "seqpacket-message", "stream-half-frame"])
+def test_a_sender_waiting_for_slots_sees_the_peer_hang_up_behind_descriptors(
+        kind: int, behind: str, clean: None) -> None:
+    # The end of stream, read while a message with descriptors waits in
+    # the reader (not taken, or its frame cut short), was taken for a read
+    # with nothing new: the sender waited for slots until its timeout (for
+    # ever without one), though no slot can come back.
+    a, b = channel_pair(kind, shm_size=256 * KiB)
+    r, w = os.pipe()
+    try:
+        with a:
+            a.send_loan(a.loan(200 * KiB))  # out for good: the peer never returns it
+            if behind == "a message not taken":
+                b.send(b"with a descriptor", fds=[r])
+            else:
+                drained(b.socket)  # (its RETURN frames never go: b's channel is bypassed)
+                b.socket.sendmsg([frame_header(100, 1) + b"x" * 10],
+                                 [(socket.SOL_SOCKET, socket.SCM_RIGHTS, r.to_bytes(4, "little"))])
+            b.close()
+            a.socket.settimeout(5)
+            with pytest.raises(BrokenPipeError):
+                a.loan(200 * KiB)
+            if behind == "a message not taken":
+                m = a.recv_message()  # still there, with its descriptor
+                assert m.data == b"with a descriptor" and len(m.fds) == 1
+                os.close(m.fds[0])
+                with pytest.raises(EOFError):
+                    a.recv()
+            else:
+                with pytest.raises(ProtocolError, match="middle of a frame"):
+                    a.recv()
+    finally:
+        b.close()
+        os.close(r)
+        os.close(w)
 
 
 def test_a_loan_filled_through_numpy(clean: None) -> None:

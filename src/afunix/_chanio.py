@@ -235,22 +235,6 @@ def read_now(sock: socket.socket, reader: FrameReader) -> Optional[bool]:
     return reader.ended()
 
 
-def room_to_read(reader: FrameReader) -> int:
-    """Bytes a read while a sender waits for slots may take; 0 when the reader is full.
-
-    Full: the buffer, or the backend's slots for held reads, hold messages
-    the application has not taken yet, and no RETURN frame can be read
-    behind them until it does.
-    """
-    rs = reader.rs
-    room = len(reader.buffer) - rs.end
-    if reader.seqpacket:
-        room = 0 if room < RECORD_MAX else RECORD_MAX
-    if room <= 0 or rs.tail - rs.head >= reader.reads:
-        return 0
-    return room
-
-
 def read_for_room(sock: socket.socket, reader: FrameReader, deadline: Optional[float]) -> bool:
     """One read while a sender waits for the peer to return slots of its lane; False past the deadline.
 
@@ -280,14 +264,19 @@ def read_for_room(sock: socket.socket, reader: FrameReader, deadline: Optional[f
     if idle and reader.frames_ready():
         idle = False  # frames that were held behind a parse limit
     rs = reader.rs
-    room = room_to_read(reader)
-    if not room:
-        # what comes next waits for the application (as a pair of sockets
-        # that both only write would); wait out the deadline
+    room = len(reader.buffer) - rs.end
+    if reader.seqpacket:
+        room = 0 if room < RECORD_MAX else RECORD_MAX
+    if room <= 0 or rs.tail - rs.head >= reader.reads:
+        # the buffer, or the backend's slots for held reads, are full of
+        # messages the application has not taken:
+        # what comes next waits for it (as a pair of sockets that both
+        # only write would); wait out the deadline
         if deadline is not None:
             time.sleep(max(0.0, deadline - time.monotonic()))
         return False
     recv: Any = reader.impl.chan_recv
+    held = rs.tail
     try:
         n: int = recv(sock, reader.rx, reader.buffer, room, DONTWAIT)
     except (BlockingIOError, InterruptedError):
@@ -298,8 +287,10 @@ def read_for_room(sock: socket.socket, reader: FrameReader, deadline: Optional[f
         # whatever the messages not taken yet (a record a backend read
         # ahead and reported only now fails it at the same send)
         reader.check_errors()
-    if not n and rs.head == rs.tail:
-        # as in fill: an empty record reads like the end of stream
+    if not n and rs.tail == held:
+        # as in fill: an empty record reads like the end of stream.  (Reads
+        # held before this one, of messages not taken yet, stay for the
+        # receives: no slot comes back all the same.)
         if reader.seqpacket and empty_record_sent(sock.fileno()):
             reader.fail(EMPTY_RECORD)
         raise BrokenPipeError(errno.EPIPE, "the peer closed the channel while this end "

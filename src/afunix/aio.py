@@ -63,7 +63,7 @@ from ._sockets import raw_family, raw_type
 from ._kernel import MSG_NOSIGNAL
 from .addresses import encode_address
 from .batch import outgoing, send_with_control
-from ._chanio import owning, room_to_read
+from ._chanio import owning
 from .channel import Channel as SyncChannel
 from .channel import before_close, before_take, lane_of, reader_of, room_wanted
 from .batch import send_many as _send_many_now
@@ -698,13 +698,12 @@ class Channel:
         try:
             if lane.room.is_set():
                 return  # slots came back since the try: try again
-            if not room_to_read(self._reader):
+            if self._reader.holding:
                 # Messages nobody took yet (parsed, or behind a batch still
-                # out) fill the reader and keep the socket readable, and a
-                # wait for it would return at once: a pause (as the
+                # out) keep the socket readable once the buffer is full, and
+                # a wait for it would return at once: a pause (as the
                 # synchronous channel's), cut short by the returns a
-                # receive of another task takes in.  (With room left, the
-                # next try reads what came, returns among it.)
+                # receive of another task takes in.
                 await wait_woken(self._fd, 0.005)
             else:
                 await wait(self._fd, False)  # the peer's RETURN frames (or the lane's on_room)

@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tupl
 
 from . import _checks, _io
 from ._chanio import (NOSIGNAL, NOSIGNAL_ONCE, RECEIVING, SENDING, Borrowed, Sender, fill,
-                      owning, read_for_room, read_now, refused, room_to_read, stalled)
+                      owning, read_for_room, read_now, refused, stalled)
 from .addresses import connect
 from .batch import checked_fds
 from .codec import TABLE_CAPACITY, FrameReader, TakeGuard
@@ -681,14 +681,14 @@ class Channel:
         if RECEIVING in self._busy:
             lane.room.wait(step)
         elif not self._returns_now():
-            if not room_to_read(self._reader):
-                # the reader is full of messages not taken yet: what comes
-                # next (the returns too) waits for a receive
-                lane.room.wait(step)
-            else:
-                # (a return that came after the look above ends this wait at
-                # once: the caller looks again)
+            if not _io.wait(self._fd, False, time.monotonic()):
                 _io.wait(self._fd, False, now + step)
+            elif not self._returns_now():
+                # Readable, and still nothing came back: the reader is full
+                # of messages not taken yet, and the next read waits for a
+                # receive.  (The second look: what made it readable may be a
+                # return that came just after the first.)
+                lane.room.wait(step)
         self._check_open()
 
     def _leave_lane(self) -> None:
