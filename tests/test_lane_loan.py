@@ -17,6 +17,8 @@ from typing import Any, Callable, List, Optional, Tuple
 import pytest
 
 import afunix
+import afunix.channel
+from afunix import _chanio
 from afunix import Channel, Loan, Message, ProtocolError, channel_pair, shm
 from afunix.frames import frame_header, return_frames
 
@@ -135,13 +137,13 @@ class CountedEvent(threading.Event):
                          ids=["stream", "seqpacket"])
 def test_a_return_that_comes_just_after_the_look_is_read_at_once(
         kind: int, monkeypatch: pytest.MonkeyPatch, clean: None) -> None:
-    # A sender waiting for slots reads the returns on the socket
-    # (_returns_now), then waits for more.  A RETURN frame that came just
-    # after that read made the socket readable, which the wait took for a
-    # reader full of messages not taken: it slept on the lane's `room`, an
-    # event only a receive in another thread sets, for _ROOM_STEP (10 ms per
-    # message in the loan row of the bench).  The first two looks are made
-    # to miss the return already there.
+    # A sender waiting for slots reads the returns on the socket, then
+    # waits for more.  A RETURN frame that came just after that read made
+    # the socket readable, which the wait took for a reader full of
+    # messages not taken: it slept on the lane's `room`, an event only a
+    # receive in another thread sets, for _ROOM_STEP (10 ms per message in
+    # the loan row of the bench).  The first two reads are made to miss the
+    # return already there.
     a, b = channel_pair(kind, shm_size=256 * KiB)
     with a, b:
         a.send_loan(a.loan(200 * KiB))
@@ -149,17 +151,41 @@ def test_a_return_that_comes_just_after_the_look_is_read_at_once(
         lane = a._lane
         assert lane is not None
         room = lane.room = CountedEvent()
-        looks = [0]
-        returns_now = Channel._returns_now
+        reads = [0]
 
-        def late(self: Channel) -> bool:
-            looks[0] += 1
-            return False if looks[0] <= 2 else returns_now(self)
+        def late(sock: socket.socket, reader: Any, deadline: Optional[float]) -> int:
+            reads[0] += 1
+            if reads[0] <= 2:
+                return _chanio.NOTHING_READ
+            return _chanio.read_for_room(sock, reader, deadline)
 
-        monkeypatch.setattr(Channel, "_returns_now", late)
+        monkeypatch.setattr(afunix.channel, "read_for_room", late)
         a.socket.settimeout(10)
         with a.loan(200 * KiB):
-            assert looks[0] >= 3 and room.waits == 0
+            assert reads[0] >= 3 and room.waits == 0
+
+
+@pytest.mark.parametrize("kind", [socket.SOCK_STREAM, socket.SOCK_SEQPACKET],
+                         ids=["stream", "seqpacket"])
+def test_a_return_behind_many_messages_not_taken_is_read_at_once(
+        kind: int, clean: None) -> None:
+    # A look for returns reads 16 times at most; one that read only
+    # messages (not taken, the reader having room for more) waits on the
+    # socket or looks again, never on `room` (for _ROOM_STEP): the return
+    # may be right behind them (a SOCK_SEQPACKET read takes one record).
+    a, b = channel_pair(kind, shm_size=256 * KiB)
+    with a, b:
+        a.send_loan(a.loan(200 * KiB))
+        for i in range(60):
+            b.send(b"message %d" % i)
+        assert len(b.recv()) == 200 * KiB  # its RETURN frame comes after the 60
+        lane = a._lane
+        assert lane is not None
+        room = lane.room = CountedEvent()
+        a.socket.settimeout(10)
+        with a.loan(200 * KiB):
+            assert room.waits == 0
+        assert [a.recv() for _ in range(60)] == [b"message %d" % i for i in range(60)]
 
 
 def drained(sock: socket.socket) -> None:

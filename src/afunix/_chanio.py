@@ -33,6 +33,14 @@ DONTWAIT = int(socket.MSG_DONTWAIT)
 # Channel._busy): the keys of the claims, and how the refusal names them.
 SENDING = "sending"
 RECEIVING = "receiving"
+# What a look for the peer's RETURN frames found (`read_for_room` answers
+# the first three; `Channel._look_for_returns` all five): what a sender
+# waiting for slots waits on next.
+NOTHING_READ = 0  # nothing on the socket: wait for it
+READ = 1  # bytes read, no slot among them (or a read woken for nothing): look again
+READER_FULL = 2  # messages not taken fill the reader: nothing more is read before a receive
+RETURNED = 3  # slots came back
+ELSEWHERE = 4  # another thread receives (or a close began): that one reads them
 
 
 class Borrowed:
@@ -235,8 +243,12 @@ def read_now(sock: socket.socket, reader: FrameReader) -> Optional[bool]:
     return reader.ended()
 
 
-def read_for_room(sock: socket.socket, reader: FrameReader, deadline: Optional[float]) -> bool:
-    """One read while a sender waits for the peer to return slots of its lane; False past the deadline.
+def read_for_room(sock: socket.socket, reader: FrameReader, deadline: Optional[float]) -> int:
+    """One read while a sender waits for the peer to return slots of its lane.
+
+    READ when it read (or applied held RETURN frames), NOTHING_READ when
+    nothing came by the deadline, READER_FULL when messages not taken yet
+    fill the reader (after waiting out the deadline).
 
     RETURN frames are applied as they are read (the reader's on_return).
     When the reader holds nothing the application has yet to take, this
@@ -255,11 +267,11 @@ def read_for_room(sock: socket.socket, reader: FrameReader, deadline: Optional[f
     # handler stopped the call that read them) come first: the peer may
     # send nothing more until it has its slots
     if reader.scan_returns():
-        return True
+        return READ
     # a read the backend took and holds to report next needs no wait (the
     # socket may have nothing more)
     if not rs.deferred and not _io.wait(sock.fileno(), False, deadline):
-        return False
+        return NOTHING_READ
     idle = not reader.holding
     if idle and reader.frames_ready():
         idle = False  # frames that were held behind a parse limit
@@ -274,13 +286,13 @@ def read_for_room(sock: socket.socket, reader: FrameReader, deadline: Optional[f
         # only write would); wait out the deadline
         if deadline is not None:
             time.sleep(max(0.0, deadline - time.monotonic()))
-        return False
+        return READER_FULL
     recv: Any = reader.impl.chan_recv
     held = rs.tail
     try:
         n: int = recv(sock, reader.rx, reader.buffer, room, DONTWAIT)
     except (BlockingIOError, InterruptedError):
-        return True  # woken for nothing: the caller looks again
+        return READ  # woken for nothing: the caller looks again
     closed_under(reader)
     if rs.errors:
         # what the read brought fails the channel here, as in a receive,
@@ -298,7 +310,7 @@ def read_for_room(sock: socket.socket, reader: FrameReader, deadline: Optional[f
     if idle:
         reader.received(n)
     reader.scan_returns()
-    return True
+    return READ
 
 
 class Sender:

@@ -20,8 +20,9 @@ from types import FrameType
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from . import _checks, _io
-from ._chanio import (NOSIGNAL, NOSIGNAL_ONCE, RECEIVING, SENDING, Borrowed, Sender, fill,
-                      owning, read_for_room, read_now, refused, stalled)
+from ._chanio import (ELSEWHERE, NOSIGNAL, NOSIGNAL_ONCE, NOTHING_READ, READ, READER_FULL,
+                      RECEIVING, RETURNED, SENDING, Borrowed, Sender, fill, owning,
+                      read_for_room, read_now, refused, stalled)
 from .addresses import connect
 from .batch import checked_fds
 from .codec import TABLE_CAPACITY, FrameReader, TakeGuard
@@ -678,17 +679,15 @@ class Channel:
             raise stalled(self._sock)
         self._send_returns()  # the peer may be waiting for ours just the same
         step = _ROOM_STEP if deadline is None else min(_ROOM_STEP, deadline - now)
-        if RECEIVING in self._busy:
+        found = ELSEWHERE if RECEIVING in self._busy else self._look_for_returns()
+        if found == NOTHING_READ:
+            # (a return that comes after the look ends this wait at once)
+            _io.wait(self._fd, False, now + step)
+        elif found == READER_FULL or found == ELSEWHERE:
+            # the next read waits for a receive, or another thread's
+            # receive reads the returns: it sets `room` as slots come back
             lane.room.wait(step)
-        elif not self._returns_now():
-            if not _io.wait(self._fd, False, time.monotonic()):
-                _io.wait(self._fd, False, now + step)
-            elif not self._returns_now():
-                # Readable, and still nothing came back: the reader is full
-                # of messages not taken yet, and the next read waits for a
-                # receive.  (The second look: what made it readable may be a
-                # return that came just after the first.)
-                lane.room.wait(step)
+        # (RETURNED: slots came back; READ: read what came, none among it: the caller looks again)
         self._check_open()
 
     def _leave_lane(self) -> None:
@@ -849,20 +848,24 @@ class Channel:
 
     def _returns_now(self) -> bool:
         """Apply the RETURN frames held and read what already waits on the socket, without waiting; True when slots came back."""
+        return self._look_for_returns() == RETURNED
+
+    def _look_for_returns(self) -> int:
+        """`_returns_now`, saying what it found: RETURNED, or what to wait on (see `_chanio.READ`)."""
         lane = self._lane
         assert lane is not None
         busy = self._busy
         me = Borrowed()
         before = lane.in_flight
+        found = ELSEWHERE
         try:
             if busy.setdefault(RECEIVING, me) is me and not self._closed:
                 try:
                     # (a receive may have read them and ended before it parsed them)
                     self._reader.scan_returns()
                     for _ in range(16):
-                        if not read_for_room(self._sock, self._reader, time.monotonic()):
-                            break
-                        if lane.in_flight < before:
+                        found = read_for_room(self._sock, self._reader, time.monotonic())
+                        if found != READ or lane.in_flight < before:
                             break
                 except ProtocolError:
                     if self._closed:
@@ -877,7 +880,7 @@ class Channel:
             except KeyError:  # unclaimed: the holder left (see __init__)
                 pass
             self._borrow_released()
-        return lane.in_flight < before
+        return RETURNED if lane.in_flight < before else found
 
     def _write_returns(self, wait: bool = False) -> None:
         """Send the slots of the peer's lane released here back (RETURN frames), as far as the socket takes them.
