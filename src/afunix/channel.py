@@ -1354,7 +1354,7 @@ class Channel:
     def _take_claimed(self, take: Callable[[int], List[int]], i: int) -> List[int]:
         """``take(i)`` (a batch's descriptors handed over) under the claim of the receiving side.
 
-        None once the channel is closed: the close closes them (it waits
+        An empty list once the channel is closed: the close closes them (it waits
         for a take that claimed first, and one that claims after its look
         sees the channel closed).
 

@@ -185,8 +185,8 @@ class FrameBatch:
     def fds(self, i: int) -> List[int]:
         """Message i's descriptors, handed to the caller (who must close them).
 
-        None once the next receive began or the channel closed.  A take
-        from a channel claims its receiving side, as a receive does.
+        An empty list once the next receive began or the channel closed.
+        A take from a channel claims its receiving side, as a receive does.
 
         Raises:
             RuntimeError: another thread is receiving on the channel.
