@@ -12,7 +12,7 @@ import pytest
 import afunix
 
 PACKAGE = Path(afunix.__file__).resolve().parent
-LEAVES = {"afunix._limits", "afunix._kernel", "afunix._sockets", "afunix._contract",
+LEAVES = {"afunix._limits", "afunix._kernel", "afunix._sockets", "afunix._contract", "afunix._wakeups",
           "afunix._version"}
 BACKENDS = {"afunix._cbackend", "afunix._stdlib"}
 # Late imports that load less, not cycle dodges (there is no cycle: see below):

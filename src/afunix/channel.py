@@ -38,6 +38,7 @@ from .objects import (ENVELOPE_ENTRY, ENVELOPE_HEADER, PickledObject, check_unpi
 from .shm import MAX_REGION_SIZE, Loan
 from .slots import Slot
 from .pairs import socketpair
+from ._wakeups import Bell
 
 # Plain ints: the socket module's constants are enum members, and | or & on
 # them builds a new enum object each time.
@@ -82,7 +83,7 @@ def _forget_parents_unsent() -> None:
         ch._reader.returns_lock = threading.RLock()  # may be held by a thread not here, as below
         ch._reader.forget_returns()
         ch._reader.forget_held()
-        ch._borrow_ended = threading.Condition()  # its lock may be held by a thread not here
+        ch._borrow_ended = Bell()  # its list may hold locks of threads not here
         ch._closing = threading.RLock()  # (as may this one, by a close() of such a thread)
         if ch._lane is not None:
             ch._leave_lane()
@@ -188,10 +189,9 @@ class Channel:
         # threads there too).  (Not a decorator:
         # *args/**kwargs cost about 100 ns per message.)
         self._busy: Dict[str, object] = {}
-        # notified as a claim the channel took for itself (Borrowed) ends,
-        # while callers wait for it (how many: _borrow_waiters)
-        self._borrow_ended = threading.Condition()
-        self._borrow_waiters = 0
+        # rung as a claim the channel took for itself (Borrowed) ends, for
+        # the callers waiting for it
+        self._borrow_ended = Bell()
         # Held by whoever runs the closing steps (`_abort`): two closes at
         # once, or a close racing a call that aborts, run them one after the
         # other (reentrant: a signal handler's close() inside a close()).
@@ -317,22 +317,14 @@ class Channel:
                 return True
             if type(holder) is not Borrowed or holder.thread == threading.get_ident():
                 return False
-            with self._borrow_ended:
-                # counted before the look: a borrow released after it sees the count
-                self._borrow_waiters += 1
-                try:
-                    if busy.get(side) is holder:
-                        # (timed: a notice lost to a signal handler's
-                        # exception in the borrower costs one step)
-                        self._borrow_ended.wait(_ROOM_STEP)
-                finally:
-                    self._borrow_waiters -= 1
+            # (timed: a notice lost to a signal handler's exception in the
+            # borrower costs one step)
+            self._borrow_ended.wait_unless(lambda: busy.get(side) is not holder, _ROOM_STEP)
 
     def _borrow_released(self) -> None:
         """After a claim the channel took for itself is let go: wake the callers waiting for it."""
-        if self._borrow_waiters:
-            with self._borrow_ended:
-                self._borrow_ended.notify_all()
+        if self._borrow_ended:
+            self._borrow_ended.ring()
 
     # ---- send -------------------------------------------------------------------
 
@@ -1614,8 +1606,7 @@ class Channel:
                     self._sock.shutdown(socket.SHUT_RDWR)
             if self._lane is not None:
                 self._lane.room.set()  # a sender waiting for room wakes
-            with self._borrow_ended:
-                self._borrow_ended.notify_all()
+            self._borrow_ended.ring()
             time.sleep(step)
             step = min(2 * step, _ROOM_STEP)
 

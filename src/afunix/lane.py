@@ -18,6 +18,7 @@ from .frames import ProtocolError, region_frame, return_frames, slot_frame
 from .framewriter import Segment, lane_segment
 from .shm import ENDED, MAX_REGION_SIZE, Loan, RegionWriter
 from .slots import Slot
+from ._wakeups import Flag
 
 #: Messages of at least this many bytes go through the lane by default: below
 #: it a copy through the socket costs less than a slot and its return.
@@ -54,7 +55,7 @@ class LaneSender:
         self.region = RegionWriter(size)
         self.lock = threading.Lock()
         #: set when slots come back (a sender waiting in another thread wakes)
-        self.room = threading.Event()
+        self.room = Flag()
         #: called after `room` is set (afunix.aio.Channel wakes a task waiting for room)
         self.on_room: Optional[Callable[[], None]] = None
         #: called when `settle` finds the peer broke the protocol, before it
