@@ -28,19 +28,17 @@ __all__ = ["Bell", "Flag"]
 class Bell:
     """Wakes the threads waiting on it: `threading.Condition.notify_all` without the condition's lock."""
 
-    __slots__ = ("_sleepers",)
+    __slots__ = ("sleepers",)
 
     def __init__(self) -> None:
-        # one lock per waiting thread, acquired by that thread; released to wake it
-        self._sleepers: List[_thread.LockType] = []
-
-    def __bool__(self) -> bool:
-        """Whether a thread waits (or may: one stopped by an exception leaves its lock for the next ring)."""
-        return bool(self._sleepers)
+        #: one lock per waiting thread, acquired by that thread, released to
+        #: wake it; read it to skip a ring nobody waits for (a waiter stopped
+        #: by an exception may leave its lock: the next ring takes it)
+        self.sleepers: List[_thread.LockType] = []
 
     def ring(self) -> None:
         """Wake every thread waiting now."""
-        sleepers = self._sleepers
+        sleepers = self.sleepers
         while sleepers:
             try:
                 sleeper = sleepers.pop()
@@ -57,13 +55,13 @@ class Bell:
         """
         sleeper = _thread.allocate_lock()
         sleeper.acquire()
-        self._sleepers.append(sleeper)
+        self.sleepers.append(sleeper)
         try:
             if not done():
                 sleeper.acquire(True, -1 if timeout is None else timeout)
         finally:
             try:
-                self._sleepers.remove(sleeper)
+                self.sleepers.remove(sleeper)
             except ValueError:  # popped by a ring
                 pass
 

@@ -323,7 +323,7 @@ class Channel:
 
     def _borrow_released(self) -> None:
         """After a claim the channel took for itself is let go: wake the callers waiting for it."""
-        if self._borrow_ended:
+        if self._borrow_ended.sleepers:
             self._borrow_ended.ring()
 
     # ---- send -------------------------------------------------------------------
