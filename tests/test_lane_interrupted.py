@@ -13,6 +13,7 @@ that frame waits to be written.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import threading
 import time
@@ -279,3 +280,51 @@ def test_a_return_of_a_slot_whose_frame_waits_and_never_goes_is_a_protocol_error
                 t.join(10)
         assert got and (got[0] == b"hi" or isinstance(got[0], ProtocolError))
         assert a.closed
+
+
+def test_a_read_stopped_while_a_sender_waits_behind_messages_is_kept_where_it_landed() -> None:
+    """A sender waiting for slots reads the peer's messages after those not taken yet; an exception
+    right after the read call (before the stdlib backend recorded it) loses and repeats nothing.
+
+    The read lands after the messages not taken.  Once they are taken, the
+    next receive moves what is left of the buffer to its front before it
+    reads again; a read not yet recorded must be recorded where it landed
+    first, or the bytes at the front (the message taken last) are handed
+    out in its place.  (SOCK_SEQPACKET: a read takes one record, so the
+    read after a message is parsed is the next message.)
+    """
+    a, b = channel_pair(socket.SOCK_SEQPACKET, shm_size=REGION, shm_threshold=1024,
+                        max_frame=MAX_FRAME)
+    try:
+        b.send(b"X" * 100)
+        fill = b"F" * (REGION // 2)
+        a.send(fill)
+        a.send(fill)  # a's region is full: b receives nothing, so returns nothing
+        b.send(b"Y" * 100)
+        a.socket.settimeout(2)
+        reader = a._reader
+
+        def hook(frame: FrameType, event: str, arg: Any) -> None:
+            if event != "c_return" or frame.f_code.co_name != "chan_recv":
+                return
+            if getattr(arg, "__name__", "") not in ("extend", "afunix_chan_recv"):
+                return
+            if reader.next < reader.parsed:  # X waits, parsed: this read brought Y after it
+                sys.setprofile(None)
+                raise KeyboardInterrupt
+
+        sys.setprofile(hook)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                a.send(fill)  # waits for slots, reading what b sent
+        finally:
+            sys.setprofile(None)
+        assert a.recv() == b"X" * 100
+        assert a.recv() == b"Y" * 100
+        assert b.recv() == fill and b.recv() == fill
+        a.socket.settimeout(10)
+        a.send(b"after")
+        assert b.recv() == b"after"
+    finally:
+        a.close()
+        b.close()

@@ -279,11 +279,12 @@ def read_for_room(sock: socket.socket, reader: FrameReader, deadline: Optional[f
     room = len(reader.buffer) - rs.end
     if reader.seqpacket:
         room = 0 if room < RECORD_MAX else RECORD_MAX
-    if room <= 0 or rs.tail - rs.head >= reader.reads:
+    if not rs.deferred and (room <= 0 or rs.tail - rs.head >= reader.reads):
         # the buffer, or the backend's slots for held reads, are full of
         # messages the application has not taken:
         # what comes next waits for it (as a pair of sockets that both
-        # only write would); wait out the deadline
+        # only write would); wait out the deadline.  (A read the backend
+        # holds needs no room: it is reported, not read.)
         if deadline is not None:
             time.sleep(max(0.0, deadline - time.monotonic()))
         return READER_FULL

@@ -674,11 +674,23 @@ class _ChanState:
         self.frame = [-1] * CHAN_READS
         self.nfds = [0] * CHAN_READS
         self.fds: list[list[int]] = [[] for _ in range(CHAN_READS)]
-        self.deferred = 0  # never set: every call reads one record and reports it
+        # the recvmsg_into result of a read a signal handler's exception
+        # stopped before it was taken in (at most one: each call takes in
+        # what is there first)
+        self.inbox: list[Any] = []
+
+    @property
+    def deferred(self) -> int:
+        """Nonzero while a read waits in the inbox: the next chan_recv reports it.
+
+        Its bytes lie after `end`, where it read them: the reader keeps its
+        buffer as it is until then (FrameReader.frames_ready).
+        """
+        return 1 if self.inbox else 0
 
 
 class ChanRx:
-    """A channel's receive state: `s` has the fields, `inbox` recvmsg_into results not taken in."""
+    """A channel's receive state: `s` has the fields (its inbox, recvmsg_into results not taken in)."""
 
     reads = CHAN_READS  # slots for held reads
     no_data = CHAN_FDS_NO_DATA  # in errors: descriptors came with no byte
@@ -686,7 +698,6 @@ class ChanRx:
 
     def __init__(self) -> None:
         self.s = _ChanState()
-        self.inbox: list[Any] = []
 
 
 def new_chan_rx() -> ChanRx:
@@ -701,23 +712,23 @@ def chan_recv(sock: socket.socket, rx: ChanRx, buffer: bytearray, maxlen: int, f
     One record per call whatever `records` says (the socket module has no
     recvmmsg): what the C backend's batch of records gives, a call at a time.
 
-    As in recv_batch, the result goes into rx.inbox from C (extend over
+    As in recv_batch, the result goes into rx.s.inbox from C (extend over
     map), then is taken in with stores only.  A read an interrupted call
     left in the inbox is taken in first, and counts as this one.
     """
-    if rx.inbox:
+    if rx.s.inbox:
         return _chan_take_in(rx)
     s = rx.s
     if s.tail - s.head >= CHAN_READS or s.end >= len(buffer):
         raise OSError(errno.ENOBUFS, os.strerror(errno.ENOBUFS))
     view = memoryview(buffer)[s.end:s.end + min(maxlen, len(buffer) - s.end)]
-    rx.inbox.extend(map(sock.recvmsg_into, [[view]], [_CHAN_ANCBUF], [flags | _CLOEXEC]))
+    rx.s.inbox.extend(map(sock.recvmsg_into, [[view]], [_CHAN_ANCBUF], [flags | _CLOEXEC]))
     return _chan_take_in(rx)
 
 
 def _chan_take_in(rx: ChanRx) -> int:
     s = rx.s
-    nbytes, ancdata, msg_flags, _ = rx.inbox[0]
+    nbytes, ancdata, msg_flags, _ = rx.s.inbox[0]
     fds: list[int] = []
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -740,13 +751,13 @@ def _chan_take_in(rx: ChanRx) -> int:
         s.tail = s.tail + 1
     s.end = s.end + n
     s.errors = errors
-    rx.inbox = []
+    rx.s.inbox = []
     return int(n)
 
 
 def chan_drop(rx: ChanRx, upto: int, every: bool) -> None:
     """Close the held reads claimed by frames before stream offset `upto` (every held read with `every`)."""
-    if rx.inbox:
+    if rx.s.inbox:
         _chan_take_in(rx)
     s = rx.s
     head, doomed = s.head, []
@@ -800,12 +811,12 @@ def copy_streaming(target: memoryview, source: memoryview) -> None:
 def chan_hold(rx: ChanRx, nbytes: int, fds: list[int], flags: int) -> None:
     """The contract's chan_hold (_contract.Backend), in this backend's receive state."""
     s = rx.s
-    if rx.inbox:
+    if rx.s.inbox:
         # a read an interrupted chan_recv left is not taken in yet: the
         # caller's bytes went where it belongs (the C core has no such state)
         raise OSError(errno.EBUSY, "a receive left a read to take in first")
     if s.tail - s.head >= CHAN_READS or nbytes < 0 or len(fds) > SCM_MAX_FD:
         raise OSError(errno.ENOBUFS, os.strerror(errno.ENOBUFS))
     ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
-    rx.inbox = [(nbytes, ancdata, flags, None)]
+    rx.s.inbox = [(nbytes, ancdata, flags, None)]
     _chan_take_in(rx)

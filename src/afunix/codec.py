@@ -296,6 +296,12 @@ class FrameReader:
             return self.ended()  # fed while frames waited: they are all out now
         if rs.head < rs.tail:
             self._check_stray_fds()
+        if rs.deferred:
+            # a read the backend holds (one a signal handler's exception
+            # stopped before the stdlib backend took it in) lies after `end`,
+            # where it landed: the next chan_recv reports it there, so the
+            # bytes stay where they are until then
+            return False
         self._make_room()
         return False
 
