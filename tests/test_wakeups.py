@@ -27,6 +27,7 @@ import pytest
 import afunix
 from afunix import channel_pair
 from afunix._chanio import SENDING, Borrowed
+from afunix._wakeups import Bell, Flag
 
 KiB = 1024
 LIMIT = 5.0  # seconds a thread may take to get through (the waits are steps of 10 ms)
@@ -124,3 +125,36 @@ def test_an_exception_while_a_borrow_ends_wakes_or_leaves_its_waiter_to_its_step
         assert every_point(scenario) > 1  # (raised at one point at least)
     finally:
         gets_through(lambda: (a.close(), b.close()))  # (close sets `room`: no wait here either)
+
+
+@pytest.mark.parametrize("primitive", ["Flag", "Bell"])
+def test_a_waiter_wakes_as_soon_as_it_is_woken(primitive: str) -> None:
+    # (the waits above are steps of 10 ms: a wake-up that never came would
+    # pass them; this one waits up to LIMIT)
+    flag, bell = Flag(), Bell()
+    wait = {"Flag": lambda: flag.wait(LIMIT), "Bell": lambda: bell.wait_unless(lambda: False, LIMIT)}
+    wake = {"Flag": flag.set, "Bell": bell.ring}
+    for _ in range(20):
+        flag.clear()
+        took: List[float] = []
+
+        def waiter() -> None:
+            t0 = time.monotonic()
+            wait[primitive]()
+            took.append(time.monotonic() - t0)
+
+        thread = threading.Thread(target=waiter, daemon=True)
+        thread.start()
+        time.sleep(0.01)
+        wake[primitive]()
+        thread.join(LIMIT + 1)
+        assert took and took[0] < LIMIT / 2, took
+
+
+def test_waits_are_always_timed() -> None:
+    flag = Flag()
+    assert flag.wait(-1) is False and flag.wait(0) is False
+    with pytest.raises(TypeError):
+        flag.wait()  # type: ignore[call-arg]
+    flag.set()
+    assert flag.wait(-1) is True

@@ -20,7 +20,7 @@ step.
 from __future__ import annotations
 
 import _thread
-from typing import Callable, List, Optional
+from typing import Callable, List
 
 __all__ = ["Bell", "Flag"]
 
@@ -46,19 +46,22 @@ class Bell:
                 return
             sleeper.release()  # (popped once, so released once)
 
-    def wait_unless(self, done: Callable[[], bool], timeout: Optional[float]) -> None:
-        """Wait until rung, or `timeout` seconds (None: no limit), unless `done()` is true.
+    def wait_unless(self, done: Callable[[], bool], timeout: float) -> None:
+        """Wait until rung, or `timeout` seconds, unless `done()` is true.
 
         `done()` is called after this thread is on the list: a ring after
         the change `done` looks for wakes it, so no notice falls between
-        the look and the wait.
+        the look and the wait.  Always timed: a ring stopped between taking
+        this thread's lock off the list and releasing it wakes nobody.
         """
+        if timeout <= 0:
+            return
         sleeper = _thread.allocate_lock()
         sleeper.acquire()
         self.sleepers.append(sleeper)
         try:
             if not done():
-                sleeper.acquire(True, -1 if timeout is None else timeout)
+                sleeper.acquire(True, timeout)
         finally:
             try:
                 self.sleepers.remove(sleeper)
@@ -67,7 +70,7 @@ class Bell:
 
 
 class Flag:
-    """`threading.Event` (set, clear, is_set, wait), built on `Bell`."""
+    """`threading.Event` (set, clear, is_set, and wait with a timeout), built on `Bell`."""
 
     __slots__ = ("_set", "_bell")
 
@@ -85,8 +88,8 @@ class Flag:
     def clear(self) -> None:
         self._set = False
 
-    def wait(self, timeout: Optional[float] = None) -> bool:
-        """Wait until set, or `timeout` seconds; whether it is set (as `threading.Event.wait`)."""
+    def wait(self, timeout: float) -> bool:
+        """Wait until set, or `timeout` seconds; whether it is set (as `threading.Event.wait`, always timed)."""
         if not self._set:
             self._bell.wait_unless(self.is_set, timeout)
         return self._set

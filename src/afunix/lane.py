@@ -346,10 +346,14 @@ class LaneSender:
 
     def _woken(self) -> None:
         """Slots came back: a sender waiting for room wakes (`room`, `on_room`)."""
-        self.room.set()
-        on_room = self.on_room
-        if on_room is not None:
-            on_room()
+        try:
+            self.room.set()
+        finally:
+            # (also after a signal handler's exception in the set: an async
+            # sender waits for this wake-up without a time limit)
+            on_room = self.on_room
+            if on_room is not None:
+                on_room()
 
     @property
     def in_flight(self) -> int:
