@@ -238,6 +238,59 @@ def test_a_sender_waiting_for_slots_sees_the_peer_hang_up_behind_descriptors(
         os.close(w)
 
 
+@pytest.mark.parametrize("kind", [socket.SOCK_STREAM, socket.SOCK_SEQPACKET], ids=["stream", "seqpacket"])
+@pytest.mark.parametrize("how", ["recv_message", "recv", "recv_batch"])
+def test_a_sender_waiting_for_slots_frees_the_reads_of_messages_taken(
+        kind: int, how: str, clean: None) -> None:
+    # The backend holds the descriptors of 8 reads.  Messages with
+    # descriptors, some taken and the rest waiting, filled those slots: a
+    # sender waiting for slots took the reader for full of messages not
+    # taken, and waited until its timeout (for ever without one) with the
+    # RETURN frame on its socket.  The reads of the messages taken are
+    # freed for it now, also after a batch that the next receive ended.
+    a, b = channel_pair(kind, shm_size=256 * KiB)
+    r, w = os.pipe()
+    try:
+        with a, b:
+            a.send_loan(a.loan(200 * KiB))  # out until b receives it
+            for i in range(8):
+                b.send(b"m%d" % i, fds=[r])
+            a.socket.settimeout(0.5)
+            with pytest.raises(TimeoutError):
+                a.loan(200 * KiB)  # reads the 8 messages while it waits (none came back)
+            taken = [a.recv_message()]  # m0
+            if how == "recv_message":
+                taken += [a.recv_message(), a.recv_message()]
+            elif how == "recv":
+                assert [a.recv(), a.recv()] == [b"m1", b"m2"]  # (their descriptors closed)
+            else:
+                batch = a.recv_batch(max_messages=2)
+                assert [bytes(batch[j]) for j in range(2)] == [b"m1", b"m2"]
+                taken += [afunix.Message(bytes(batch[j]), tuple(batch.fds(j))) for j in range(2)]
+                taken.append(a.recv_message())  # m3: the batch ends
+            for m in taken:
+                assert len(m.fds) == 1
+                os.close(m.fds[0])
+            b.send(b"m8", fds=[r])  # the 8th read held: none free for the RETURN frame behind it
+            assert len(b.recv()) == 200 * KiB  # the loan's slot goes back
+            a.socket.settimeout(5)
+            with a.loan(200 * KiB):
+                pass
+            rest = []
+            while True:
+                m = a.recv_message()
+                assert len(m.fds) == 1
+                os.close(m.fds[0])
+                rest.append(m.data)
+                if m.data == b"m8":
+                    break
+            assert [m.data for m in taken] + rest == [b"m%d" % i for i in range(9)
+                                                      if how != "recv" or i not in (1, 2)]
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 def test_a_loan_filled_through_numpy(clean: None) -> None:
     np = pytest.importorskip("numpy")
     a, b = channel_pair(shm_size=MiB)

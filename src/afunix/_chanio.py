@@ -276,6 +276,10 @@ def read_for_room(sock: socket.socket, reader: FrameReader, deadline: Optional[f
     if idle and reader.frames_ready():
         idle = False  # frames that were held behind a parse limit
     rs = reader.rs
+    if rs.tail - rs.head >= reader.reads and not idle:
+        # messages wait to be taken: the slots of reads whose messages were
+        # taken already come free for this read
+        reader.drop_taken_reads()
     room = len(reader.buffer) - rs.end
     if reader.seqpacket:
         room = 0 if room < RECORD_MAX else RECORD_MAX

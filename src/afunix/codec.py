@@ -147,7 +147,7 @@ class FrameReader:
     """
 
     __slots__ = ("closed", "impl", "max_frame", "seqpacket", "buffer", "view", "shown", "start", "rx", "rs",
-                 "reads", "table", "next", "parsed", "batch", "broken", "copies", "copied_from",
+                 "reads", "table", "next", "parsed", "batch", "batch_from", "batch_next", "broken", "copies", "copied_from",
                  "ncopied", "eof", "max_region", "max_slots", "on_return", "lane", "lane_msg",
                  "lane_held", "returns", "returning", "applied", "scanned", "normal_size",
                  "lane_at", "return_log", "return_n", "return_bytes", "returns_lock",
@@ -220,6 +220,11 @@ class FrameReader:
         self.next = 0  # next parsed frame to hand out
         self.parsed = 0  # frames in the table
         self.batch: Optional[FrameBatch] = None
+        # the stream offset of the batch's first frame (-1 for a batch of
+        # the lane), and the index of the frame after its last: a receive
+        # after the batch moved `next` past it (see drop_taken_reads)
+        self.batch_from = -1
+        self.batch_next = 0
         # copies[k] is the payload of parsed frame copied_from + k, for
         # k < ncopied (see take_next); ncopied = 0 whenever the table changes
         self.copies: List[bytes] = []
@@ -317,6 +322,40 @@ class FrameReader:
             self._check_stray_fds()
         self._make_room()
         return False
+
+    def drop_taken_reads(self) -> None:
+        """While messages wait to be taken: close the held reads of the frames handed out before them.
+
+        `frames_ready` does this at the next receive, once every parsed
+        frame is out.  A sender waiting for slots meanwhile reads only
+        while the backend has a slot for the read (`read_for_room`), and
+        reads of messages already taken (with `recv_message`, or handed
+        out by `recv` with their descriptors closed) would fill the slots
+        while only a receive can free them: this frees them now.  Kept:
+        the reads of the frames not handed out yet, of the current batch
+        (its descriptors may still be taken), and all of them while a
+        message of the lane waits or is out in a batch.  A batch that a
+        later receive moved past (its frames are all before `next`, and
+        that receive took frames after them) is ended here, as the
+        receive after a batch ends it (`frames_ready`, which a receive
+        calls only once no parsed frame waits): its descriptors not taken
+        are closed with the others.
+        """
+        if self.lane_msg is not None:
+            return
+        rs = self.rs
+        upto = rs.base + self.start  # every parsed frame lies before the bytes not parsed
+        if self.next < self.parsed:
+            upto = rs.base + self.table.offsets[self.next] - HEADER_SIZE
+        batch = self.batch
+        if batch is not None:
+            if self.next == self.batch_next:
+                upto = min(upto, self.batch_from)  # the batch may still take its descriptors
+            else:
+                end_batch(batch)
+                self.batch = None
+        if upto > 0 and rs.head < rs.tail:
+            self.impl.chan_drop(self.rx, upto, False)
 
     def ended(self) -> bool:
         """The peer closed its end (a read of 0 bytes): False when that is a clean end of stream.
@@ -1182,9 +1221,14 @@ class FrameReader:
             slots = {j: self._slot_of(i + j) for j in range(n) if t.nfds[i + j]}
             take = self._taker({j: s for j, s in slots.items() if s >= 0})
         last = i + n - 1
+        first = t.offsets[i] - HEADER_SIZE
         batch = FrameBatch(self.shown, t.offsets[i:i + n], t.lengths[i:i + n],
                            t.uniform if t.uniform >= 0 else None,
-                           t.offsets[i] - HEADER_SIZE, t.offsets[last] + t.lengths[last], take)
+                           first, t.offsets[last] + t.lengths[last], take)
+        batch_from = self.rs.base + first
+        # the commit: stores only
+        self.batch_from = batch_from
+        self.batch_next = i + n
         self.batch = batch
         self.next = i + n
         return batch
@@ -1201,6 +1245,8 @@ class FrameReader:
                            memoryview(array.array("Q", [0])),
                            memoryview(array.array("Q", [msg.length])), None, 0, msg.length, take)
         # the commit: stores only
+        self.batch_from = -1
+        self.batch_next = self.next
         self.batch = batch
         if copied is None:
             self.lane_held += (msg.slot,)
@@ -1211,6 +1257,10 @@ class FrameReader:
         """The batch of a clean end of stream: no messages."""
         batch = FrameBatch(self.shown, _EMPTY.cast("I"), _EMPTY.cast("I"), None,
                            self.start, self.start, None)
+        batch_from = self.rs.base + self.start
+        # the commit: stores only
+        self.batch_from = batch_from
+        self.batch_next = self.next
         self.batch = batch
         return batch
 
