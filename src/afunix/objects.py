@@ -35,12 +35,11 @@ from . import _checks
 from .fds import peer_credentials
 from .frames import ProtocolError
 from .shm import RegionWriter
+from .lane import DEFAULT_THRESHOLD
 from .slots import Slot, SlotAllocator
 
-#: Default threshold: buffers of at least this many bytes travel out of band
-#: (in a slot of the region when there is one).  Below it a copy through the
-#: socket costs less than a slot and its return frame.
-DEFAULT_THRESHOLD = 64 << 10
+# (DEFAULT_THRESHOLD, the lane's: buffers of at least that many bytes travel
+# out of band, in a slot of the region when there is one)
 
 #: OBJECT payload header: number of parts (the stream and the out-of-band
 #: buffers), reserved (0).
