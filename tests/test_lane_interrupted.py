@@ -13,6 +13,7 @@ that frame waits to be written.
 from __future__ import annotations
 
 import os
+import select
 import socket
 import sys
 import threading
@@ -331,6 +332,64 @@ def test_a_read_stopped_while_a_sender_waits_behind_messages_is_kept_where_it_la
         a.socket.settimeout(10)
         a.send(b"after")
         assert b.recv() == b"after"
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_read_left_by_a_stopped_receive_does_not_make_the_next_wait_with_returns_owed() -> None:
+    """A receive that owes RETURN frames the socket does not take yet waits for input or for room,
+    whichever comes first; a read an exception left to take in (stdlib backend) must not send it
+    to a wait for input alone: the peer, waiting for those slots before it sends, would wait too.
+    """
+    region = 256 * KiB
+    a, b = channel_pair(socket.SOCK_SEQPACKET, shm_size=region, shm_threshold=8192,
+                        max_frame=64 * KiB)
+    try:
+        for ch in (a, b):
+            ch.socket.settimeout(3)
+        a.send(b"A" * (region // 2))  # a slot of a's region
+        b.send(b"L" * (region - 4096))  # nearly all of b's
+        assert b.recv() == b"A" * (region // 2)  # b writes a's slot back
+        n = 0
+        while select.select([], [a.fileno()], [], 0)[1]:  # a's socket takes nothing more
+            a.send(b"x%d" % n)
+            n += 1
+        assert a.recv() == b"L" * (region - 4096)  # a owes b's slot, and cannot write it
+        reader = a._reader
+        assert reader.returns
+        point = ("c_return", "extend") if afunix.BACKEND == "stdlib" else ("return", "int")
+
+        def hook(frame: FrameType, event: str, arg: Any) -> None:
+            if frame.f_code.co_name != "chan_recv" or event != point[0]:
+                return
+            if event == "c_return" and getattr(arg, "__name__", "") != point[1]:
+                return
+            sys.setprofile(None)
+            raise KeyboardInterrupt
+
+        a.socket.settimeout(0.3)
+        sys.setprofile(hook)
+        # (the C core reads up to 8 records a call: it read the RETURN frame
+        # with L, and this receive finds nothing to read)
+        stopped = KeyboardInterrupt if afunix.BACKEND == "stdlib" else (KeyboardInterrupt, socket.timeout)
+        try:
+            with pytest.raises(stopped):
+                a.recv()  # reads a's RETURN frame: stopped right after the read
+        finally:
+            sys.setprofile(None)
+        sent: List[str] = []
+
+        def peer() -> None:
+            b.send(b"M" * (region - 4096))  # waits for its slot back: a's RETURN frame
+            sent.append("sent")
+
+        thread = threading.Thread(target=peer, daemon=True)
+        thread.start()
+        a.socket.settimeout(3)
+        assert a.recv() == b"M" * (region - 4096)  # a writes the return as b drains a's records
+        thread.join(5)
+        assert sent
     finally:
         a.close()
         b.close()

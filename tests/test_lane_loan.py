@@ -305,6 +305,80 @@ def test_a_sender_waiting_for_slots_frees_the_reads_of_messages_taken(
         os.close(w)
 
 
+def fd_name(fd: int) -> str:
+    """What descriptor `fd` names (a memfd: "/memfd:NAME (deleted)")."""
+    return os.readlink("/proc/self/fd/%d" % fd)
+
+
+@pytest.mark.parametrize("kind", [socket.SOCK_STREAM, socket.SOCK_SEQPACKET], ids=["stream", "seqpacket"])
+@pytest.mark.parametrize("case", ["batch out", "batch moved past", "lane message", "lane batch"])
+def test_the_reads_a_waiting_sender_frees_are_never_those_still_owed(
+        kind: int, case: str, clean: None) -> None:
+    # What the sender waiting for slots keeps: the reads of a batch still
+    # out (its fds(i) hand them over), and all while a message of the
+    # peer's lane waits or is out in a batch.  A batch a later receive
+    # moved past ends there: its fds(i) hand out nothing, never the
+    # descriptors of the messages read into the slots freed.  Every
+    # descriptor is checked by what it names.
+    a, b = channel_pair(kind, shm_size=256 * KiB, shm_threshold=1024)
+    fds = [os.memfd_create("m%d" % i) for i in range(10)]
+    got: dict = {}
+    try:
+        with a, b:
+            a.send_loan(a.loan(200 * KiB))  # out until b receives it
+            lane = case.startswith("lane")
+            if lane:
+                b.send(b"L" * 4096, fds=[fds[0]])  # through b's lane
+            else:
+                b.send(b"m0", fds=[fds[0]])
+            for i in range(1, 9):  # (m8 waits on the socket: the 8 reads fill the backend's slots)
+                b.send(b"m%d" % i, fds=[fds[i]])
+            a.socket.settimeout(0.3)
+            batch = None
+            if case == "lane batch":
+                batch = a.recv_batch()
+                assert len(batch) == 1 and len(batch[0]) == 4096
+            with pytest.raises(socket.timeout):  # (TimeoutError from 3.10)
+                a.loan(200 * KiB)  # reads what b sent while it waits
+            if case == "lane message":
+                m = a.recv_message()
+                assert m.data == b"L" * 4096
+                got[0] = m.fds
+            elif case != "lane batch":
+                got[0] = a.recv_message().fds
+                batch = a.recv_batch(max_messages=2)
+                assert [bytes(batch[j]) for j in range(2)] == [b"m1", b"m2"]
+                if case == "batch moved past":
+                    got[3] = a.recv_message().fds
+            b.send(b"m9", fds=[fds[9]])
+            assert len(b.recv()) == 200 * KiB  # the loan's slot goes back
+            a.socket.settimeout(0.5)
+            try:
+                with a.loan(200 * KiB):  # frees what it may, reads m8 and m9 if it can
+                    pass
+            except socket.timeout:
+                assert case == "batch out" or lane  # (their reads stay: the slots may stay full)
+            if batch is not None:
+                if case == "batch moved past":
+                    assert [batch.fds(j) for j in range(2)] == [[], []]
+                elif case == "lane batch":
+                    got[0] = tuple(batch.fds(0))
+                else:
+                    got[1], got[2] = tuple(batch.fds(0)), tuple(batch.fds(1))
+            a.socket.settimeout(5)
+            while 9 not in got:
+                m = a.recv_message()
+                got[int(m.data[1:])] = m.fds
+            for i, mine in got.items():
+                assert [fd_name(fd) for fd in mine] == ["/memfd:m%d (deleted)" % i], i
+    finally:
+        for mine in got.values():
+            for fd in mine:
+                os.close(fd)
+        for fd in fds:
+            os.close(fd)
+
+
 def test_a_loan_filled_through_numpy(clean: None) -> None:
     np = pytest.importorskip("numpy")
     a, b = channel_pair(shm_size=MiB)

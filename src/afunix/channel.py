@@ -1505,7 +1505,15 @@ class Channel:
         fd = self._fd
         timeout = sock.gettimeout()
         deadline = _io.deadline_of(timeout)
-        while r.returns and not r.rs.deferred:  # (a read the backend holds needs no wait)
+        while r.returns:
+            if r.rs.deferred:
+                # a read the backend holds (left by a receive a signal
+                # handler's exception stopped) is taken in without a wait;
+                # if it brought no frame the returns are still owed: go on
+                got = read_now(sock, r)
+                if got is not None:
+                    return got
+                continue
             stuck = SENDING in self._busy
             if not stuck:
                 readable, writable = _io.wait_either(fd, deadline)
