@@ -288,11 +288,7 @@ def read_for_room(sock: socket.socket, reader: FrameReader, deadline: Optional[f
         # messages the application has not taken:
         # what comes next waits for it (as a pair of sockets that both
         # only write would); wait out the deadline.  (A read the backend
-        # holds needs no room: it is reported, not read.)  But a peer that
-        # hung up with nothing more queued returns no slot: the end of
-        # stream is known without reading it
-        if _io.peer_hung_up(sock.fileno()) and not _io.queued_bytes(sock.fileno()):
-            raise _hung_up()
+        # holds needs no room: it is reported, not read.)
         if deadline is not None:
             time.sleep(max(0.0, deadline - time.monotonic()))
         return READER_FULL
@@ -314,17 +310,12 @@ def read_for_room(sock: socket.socket, reader: FrameReader, deadline: Optional[f
         # receives: no slot comes back all the same.)
         if reader.seqpacket and empty_record_sent(sock.fileno()):
             reader.fail(EMPTY_RECORD)
-        raise _hung_up()
+        raise BrokenPipeError(errno.EPIPE, "the peer closed the channel while this end "
+                                           "waited for it to return slots of its lane")
     if idle:
         reader.received(n)
     reader.scan_returns()
     return READ
-
-
-def _hung_up() -> BrokenPipeError:
-    """The error of a sender waiting for slots whose peer closed the channel."""
-    return BrokenPipeError(errno.EPIPE, "the peer closed the channel while this end "
-                                        "waited for it to return slots of its lane")
 
 
 class Sender:
