@@ -283,6 +283,20 @@ def test_a_return_of_a_slot_whose_frame_waits_and_never_goes_is_a_protocol_error
         assert a.closed
 
 
+def read_done(frame: FrameType, event: str, arg: Any) -> bool:
+    """For a profile hook: whether this event is a channel read done and not yet handed over.
+
+    The stdlib backend's recvmsg_into result stored (extend), and the C
+    core's call returned (its Python function returning: PyPy reports no
+    event for a call into cffi's library).
+    """
+    if frame.f_code.co_name != "chan_recv":
+        return False
+    if afunix.BACKEND == "stdlib":
+        return event == "c_return" and getattr(arg, "__name__", "") == "extend"
+    return event == "return"
+
+
 def test_a_read_stopped_while_a_sender_waits_behind_messages_is_kept_where_it_landed() -> None:
     """A sender waiting for slots reads the peer's messages after those not taken yet; an exception
     right after the read call (before the stdlib backend recorded it) loses and repeats nothing.
@@ -305,16 +319,8 @@ def test_a_read_stopped_while_a_sender_waits_behind_messages_is_kept_where_it_la
         a.socket.settimeout(2)
         reader = a._reader
 
-        # where the read is done and not yet handed over: the stdlib
-        # backend's recvmsg_into result stored (extend), and the C core's
-        # call returned (its Python function returning: PyPy reports no
-        # event for a call into cffi's library)
-        point = ("c_return", "extend") if afunix.BACKEND == "stdlib" else ("return", "int")
-
         def hook(frame: FrameType, event: str, arg: Any) -> None:
-            if frame.f_code.co_name != "chan_recv" or event != point[0]:
-                return
-            if event == "c_return" and getattr(arg, "__name__", "") != point[1]:
+            if not read_done(frame, event, arg):
                 return
             if reader.next < reader.parsed:  # X waits, parsed: this read brought Y after it
                 sys.setprofile(None)
@@ -358,12 +364,8 @@ def test_a_read_left_by_a_stopped_receive_does_not_make_the_next_wait_with_retur
         assert a.recv() == b"L" * (region - 4096)  # a owes b's slot, and cannot write it
         reader = a._reader
         assert reader.returns
-        point = ("c_return", "extend") if afunix.BACKEND == "stdlib" else ("return", "int")
-
         def hook(frame: FrameType, event: str, arg: Any) -> None:
-            if frame.f_code.co_name != "chan_recv" or event != point[0]:
-                return
-            if event == "c_return" and getattr(arg, "__name__", "") != point[1]:
+            if not read_done(frame, event, arg):
                 return
             sys.setprofile(None)
             raise KeyboardInterrupt
