@@ -1,6 +1,6 @@
 """Benchmarks (pytest-benchmark): same public call, implementations side by side.
 
-Run: python -m pytest benchmarks --benchmark-only
+Run: python -m pytest benchmarks --benchmark-only -n 0
 At the end, each group's medians are printed as ratios to its base
 (the column "base": what Python programs use today), all measured in the same run.
 """

@@ -384,6 +384,15 @@ def test_compare_calls_overlapping_runs_noise() -> None:
     assert compare.speed_ratio(10.0, 5.0, True) == 2.0
 
 
+def test_report_lines_never_break_a_path_at_its_hyphens() -> None:
+    # a path given to --compare is printed whole, to be copied back
+    path = "/tmp/some-directory/" + "x" * 40 + "/run-of-yesterday-evening/old.json"
+    text = "comparison: this run against " + path
+    lines = report.wrapped(text)
+    assert len(lines) == 2 and lines[1] == "  " + path
+    assert all(len(line) <= report.WIDTH for line in lines)
+
+
 def test_compare_against_a_run_measures_then_compares(capsys: pytest.CaptureFixture[str],
                                                       tmp_path: Path) -> None:
     old = tmp_path / "old.json"

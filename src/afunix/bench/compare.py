@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import math
-import textwrap
 from typing import Any, Dict, List, Optional, Tuple
 
 from . import schema
 from .matrix import LABELS, Row
-from .report import WIDTH, label, number
+from .report import WIDTH, label, number, wrapped
 from .registry import WORKLOADS
 
 CellKey = Tuple[str, str, str, str]  # row key, placement, implementation, metric
@@ -89,14 +88,12 @@ def verdict(old: List[float], new: List[float], lower_is_better: bool) -> str:
 def compare(old: Dict[str, Any], new: Dict[str, Any], old_name: str = "OLD",
             new_name: str = "this run") -> List[str]:
     """The comparison table of `new` against `old`, at most 100 columns wide."""
-    lines = textwrap.wrap("comparison: %s against %s" % (new_name, old_name), WIDTH,
-                          subsequent_indent="  ", break_long_words=False)
+    lines = wrapped("comparison: %s against %s" % (new_name, old_name))
     for name, doc in ((old_name, old), (new_name, new)):
         i, m = doc["interpreter"], doc["machine"]
-        lines += textwrap.wrap("%s: afunix %s, %s %s, backend %s, %s %s, %s CPUs, %s" % (
+        lines += wrapped("%s: afunix %s, %s %s, backend %s, %s %s, %s CPUs, %s" % (
             name, doc["afunix"], i["implementation"], i["version"], doc["backend"]["active"],
-            m["system"], m["kernel"], m["cpus"], doc["created"]), WIDTH,
-            initial_indent="  ", subsequent_indent="    ")
+            m["system"], m["kernel"], m["cpus"], doc["created"]), "  ", "    ")
     if (old["interpreter"]["implementation"], old["machine"]["cpus"]) != \
             (new["interpreter"]["implementation"], new["machine"]["cpus"]):
         lines.append("  note: the interpreters or machines differ: the ratios compare those too")
@@ -135,8 +132,8 @@ def compare(old: Dict[str, Any], new: Dict[str, Any], old_name: str = "OLD",
     else:
         lines.append("no cell in common")
     if only_old or only_new:
-        lines += textwrap.wrap("%d cells only in %s, %d only in %s (rows or columns that differ)"
-                               % (only_old, old_name, only_new, new_name), WIDTH)
+        lines += wrapped("%d cells only in %s, %d only in %s (rows or columns that differ)"
+                         % (only_old, old_name, only_new, new_name))
     return lines
 
 

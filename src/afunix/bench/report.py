@@ -31,8 +31,11 @@ _CPUS = {"two-cpus": "2", "one-cpu": "1", "-": "-"}
 
 # ---- the header ----------------------------------------------------------------------
 
-def _wrap(text: str) -> List[str]:
-    return textwrap.wrap(text, WIDTH, subsequent_indent="  ", break_on_hyphens=False)
+def wrapped(text: str, initial_indent: str = "", subsequent_indent: str = "  ") -> List[str]:
+    """`text` in lines of at most WIDTH columns, never broken inside a word or at a hyphen
+    (paths and names stay whole, to be copied)."""
+    return textwrap.wrap(text, WIDTH, initial_indent=initial_indent,
+                         subsequent_indent=subsequent_indent, break_on_hyphens=False)
 
 
 def header(mode: Mode, placements: Sequence[Placement], facts: Dict[str, Any]) -> List[str]:
@@ -44,29 +47,29 @@ def header(mode: Mode, placements: Sequence[Placement], facts: Dict[str, Any]) -
         if mode.rerun_budget is not None:
             reruns += " (while the session is under %.0f s)" % mode.rerun_budget
         reruns += ", then"
-    lines = _wrap(
+    lines = wrapped(
         "afunix %s benchmark, %s mode: each cell is calibrated by 1-3 short runs, then measured "
         "%d time%s; a row's columns run in interleaved rounds (A B C D, A B C D, ...); a figure is "
         "the median of its runs, +-(max-min)/median; %s marked noisy." % (
             facts["afunix"], mode.name, mode.runs, "" if mode.runs == 1 else "s", reruns))
     load = " ".join("%.2f" % v for v in m["loadavg"]) or "unknown"
-    lines += _wrap("machine: %s %s %s, %s CPUs (%s), load average %s at the start" % (
+    lines += wrapped("machine: %s %s %s, %s CPUs (%s), load average %s at the start" % (
         m["system"], m["kernel"], m["arch"], m["cpus"], m["cpu_model"], load))
-    lines += _wrap("interpreter: %s %s%s; active backend: %s (C core: %s)" % (
+    lines += wrapped("interpreter: %s %s%s; active backend: %s (C core: %s)" % (
         interp["implementation"], interp["version"],
         ", cffi %s" % interp["cffi"] if interp.get("cffi") else "",
         backend["active"], backend["c_core"]))
     where = "; ".join("cpu %s = %s" % (_CPUS[p.name], p.describe().split(": ", 1)[1])
                       for p in placements)
-    lines += _wrap("placement: %s; cpu - = one process. A peer's own threads (pyzmq's I/O "
+    lines += wrapped("placement: %s; cpu - = one process. A peer's own threads (pyzmq's I/O "
                    "thread, nng's, a Queue's feeder) run on its process's CPU." % where)
-    lines += _wrap("columns: base = what Python programs use today for the row's job; "
+    lines += wrapped("columns: base = what Python programs use today for the row's job; "
                    "af[stdlib], af[c] = afunix on its stdlib and C backends; C = the same "
                    "operation in plain C (same socket type, batch and placement), empty where "
                    "there is none; af/base, af/C = af[c] against them, > 1 means afunix is "
                    "faster (times inverted). Each row's columns are spelled out under the table.")
     if m.get("busy"):
-        lines += _wrap("WARNING: the machine was busy at the start (%s): expect spread and "
+        lines += wrapped("WARNING: the machine was busy at the start (%s): expect spread and "
                        "noisy rows; measure again on a quiet machine before quoting figures."
                        % "; ".join(m["busy"]))
     return lines
@@ -212,14 +215,14 @@ def table(results: Results) -> List[str]:
         for impl in IMPLEMENTATIONS:
             cell = cells.get(impl)
             if cell is not None and cell.status == "FAILED":
-                notes += _wrap("FAILED %s cpu %s %s: %s" % (
+                notes += wrapped("FAILED %s cpu %s %s: %s" % (
                     label(result.row), _CPUS[result.placement_name], LABELS[impl], cell.note))
             elif cell is not None and cell.status == "n/a":
-                note = _wrap("n/a %s: %s" % (LABELS[impl], cell.note))
+                note = wrapped("n/a %s: %s" % (LABELS[impl], cell.note))
                 if note[0] not in notes:
                     notes += note
     for line in results.skipped:
-        notes += _wrap(line)
+        notes += wrapped(line)
     return lines + ([""] + notes if notes else [])
 
 
@@ -237,9 +240,7 @@ def legend(results: Results) -> List[str]:
         parts = ["base: " + base if base else "no base",
                  "af: " + afunix_text if afunix_text else "no af",
                  "C: " + c if c else "no C"]
-        lines += textwrap.wrap("%s -- %s." % (", ".join(titles), "; ".join(parts)), WIDTH,
-                               initial_indent="- ", subsequent_indent="    ",
-                               break_on_hyphens=False)
+        lines += wrapped("%s -- %s." % (", ".join(titles), "; ".join(parts)), "- ", "    ")
     return lines
 
 
@@ -257,7 +258,7 @@ def footer(results: Results) -> List[str]:
         text += "; goals met in %d of %d rows" % (sum(g is True for g in goals), len(goals))
         if None in goals:
             text += " (%d without a figure)" % goals.count(None)
-    return _wrap(text + ")")
+    return wrapped(text + ")")
 
 
 # ---- JSON -------------------------------------------------------------------------------
