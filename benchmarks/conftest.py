@@ -25,6 +25,14 @@ def record_median() -> Iterator[object]:
     yield record
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # pytest-benchmark measures nothing in pytest-xdist's workers (and its
+    # warning saying so is silenced for the test suite): refuse them here.
+    if getattr(config.option, "dist", "no") != "no" or hasattr(config, "workerinput"):
+        raise pytest.UsageError("run the benchmarks in one process: "
+                                "python -m pytest benchmarks --benchmark-only -n 0")
+
+
 def pytest_terminal_summary(terminalreporter: object) -> None:
     if not _MEDIANS:
         return

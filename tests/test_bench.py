@@ -384,23 +384,25 @@ def test_compare_calls_overlapping_runs_noise() -> None:
     assert compare.speed_ratio(10.0, 5.0, True) == 2.0
 
 
-def test_report_lines_never_break_a_path_at_its_hyphens() -> None:
-    # a path given to --compare is printed whole, to be copied back
-    path = "/tmp/some-directory/" + "x" * 40 + "/run-of-yesterday-evening/old.json"
-    text = "comparison: this run against " + path
-    lines = report.wrapped(text)
-    assert len(lines) == 2 and lines[1] == "  " + path
-    assert all(len(line) <= report.WIDTH for line in lines)
+def test_report_lines_never_break_a_path() -> None:
+    # a path given to --compare is printed whole, to be copied back: not
+    # at its hyphens, and not when it is longer than a line
+    for path in ("/tmp/some-directory/" + "x" * 40 + "/run-of-yesterday-evening/old.json",
+                 "/tmp/" + "y" * 120 + "/old.json"):
+        assert report.wrapped("comparison: this run against " + path) == [
+            "comparison: this run against", "  " + path]
 
 
 def test_compare_against_a_run_measures_then_compares(capsys: pytest.CaptureFixture[str],
                                                       tmp_path: Path) -> None:
-    old = tmp_path / "old.json"
+    # a path with hyphens, too long to share the first line: it goes whole to the next
+    old = tmp_path / "compare-run-of-yesterday-evening" / "old.json"
+    old.parent.mkdir()
     bench(capsys, "--only", "socketpairs", "--json", str(old))
     status, out, _ = bench(capsys, "--only", "socketpairs", "--compare", str(old))
     assert status == 0
     assert "\nsocketpairs x100" in out  # the table of this run
-    assert "comparison: this run against %s" % old in " ".join(unwrapped(out))
+    assert "comparison: this run against\n  %s\n" % old in out
     assert "4 cells compared" in out
 
 

@@ -32,10 +32,11 @@ _CPUS = {"two-cpus": "2", "one-cpu": "1", "-": "-"}
 # ---- the header ----------------------------------------------------------------------
 
 def wrapped(text: str, initial_indent: str = "", subsequent_indent: str = "  ") -> List[str]:
-    """`text` in lines of at most WIDTH columns, never broken inside a word or at a hyphen
-    (paths and names stay whole, to be copied)."""
+    """`text` in lines of at most WIDTH columns, never broken inside a word or at a hyphen:
+    paths and names stay whole, to be copied (one longer than WIDTH gets a line of its own)."""
     return textwrap.wrap(text, WIDTH, initial_indent=initial_indent,
-                         subsequent_indent=subsequent_indent, break_on_hyphens=False)
+                         subsequent_indent=subsequent_indent, break_long_words=False,
+                         break_on_hyphens=False)
 
 
 def header(mode: Mode, placements: Sequence[Placement], facts: Dict[str, Any]) -> List[str]:
