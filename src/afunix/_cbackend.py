@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ._contract import Outgoing
+from ._kernel import MSG_NOSIGNAL
+from ._sockets import raw_family, raw_type
 from ._version import __version__
 
 
@@ -195,7 +197,8 @@ _EINVAL = -errno.EINVAL
 
 # ---- one message per call: the fast paths of the single calls -------------
 # Each takes a socket.socket and arguments the topic layer has already
-# checked with exact-type tests, makes one cffi call, and answers -1 (None
+# checked with exact-type tests, makes one cffi call (one sock.send for a
+# plain message on a socket without a timeout), and answers -1 (None
 # for try_recv_one) when the call needs the careful path: a closed, non-
 # AF_UNIX (or, to send, stream) socket, a timeout to wait out, or a kernel
 # error to retry.  Nothing went or was given over then; what a receive took
@@ -205,13 +208,10 @@ _EINVAL = -errno.EINVAL
 # the ECONNREFUSED that disconnects a DGRAM socket), and a second system
 # call by the careful path would answer something else.
 
-# socket.socket.family and .type build an enum object on every access; the
-# C-level members under them are the plain ints.
-_family_of = _socket.socket.family.__get__
-_type_of = _socket.socket.type.__get__
 _AF_UNIX = int(socket.AF_UNIX)
 _STREAM = int(socket.SOCK_STREAM)
 _DONTWAIT = int(socket.MSG_DONTWAIT)
+_NOSIGNAL = MSG_NOSIGNAL  # (the core adds it to its own sends)
 _CTRUNC = int(socket.MSG_CTRUNC)
 _EAGAIN = -errno.EAGAIN
 _EINTR = -errno.EINTR
@@ -260,24 +260,37 @@ def _hand_on(rc: int, timeout: Optional[float]) -> int:
 def try_send_one(sock: socket.socket, data: Any, flags: int) -> int:
     """One send(2) of `data` (bytes, bytearray, C-contiguous memoryview) on a message socket.
 
-    Returns the bytes sent, or -1: the careful path sends it.  A bytearray
-    or memoryview is pinned and measured by ffi.from_buffer for the call
-    (copied, where an export does not pin: see _PINS).
+    Returns the bytes sent, or -1: the careful path sends it.  On a
+    blocking or non-blocking socket this is CPython's own ``sock.send``, as
+    on the stdlib backend (see _stdlib.try_send_one, written out here, one
+    Python frame less): one C call, where a cffi call costs about 1000
+    instructions more (benchmarks/single_send_cost.py).  With a timeout it
+    is one cffi send with MSG_DONTWAIT, the careful path waiting when the
+    socket is full (CPython's method would wait with its own deadline).
+    A bytearray or memoryview is pinned and measured by ffi.from_buffer for
+    that call (copied, where an export does not pin: see _PINS).
     """
     fd = sock.fileno()
-    if fd < 0 or _family_of(sock) != _AF_UNIX or _type_of(sock) == _STREAM:
+    if fd < 0 or raw_family(sock) != _AF_UNIX or raw_type(sock) == _STREAM:
         return -1
     timeout = sock.gettimeout()
-    if timeout is not None:
-        flags |= _DONTWAIT  # a timeout is waited out by the careful path
+    if not timeout:
+        try:
+            return sock.send(data, flags | _NOSIGNAL)
+        except BlockingIOError:
+            if timeout == 0.0:
+                raise
+            return -1  # a blocking socket with SO_SNDTIMEO: the careful path waits
+        except InterruptedError:
+            return -1
     if type(data) is bytes:
-        rc = _send_one(fd, data, len(data), flags)
+        rc = _send_one(fd, data, len(data), flags | _DONTWAIT)
     elif _PINS:
         buf = _from_buffer(data)
-        rc = _send_one(fd, buf, len(buf), flags)
+        rc = _send_one(fd, buf, len(buf), flags | _DONTWAIT)
     else:
         copy = bytes(data)
-        rc = _send_one(fd, copy, len(copy), flags)
+        rc = _send_one(fd, copy, len(copy), flags | _DONTWAIT)
     if rc >= 0:
         return int(rc)
     return _hand_on(rc, timeout)
@@ -290,7 +303,7 @@ def try_send_fds(sock: socket.socket, data: Any, fds: tuple[int, ...], flags: in
     tuple: what was checked is what cffi converts, whatever another thread does.
     """
     fd = sock.fileno()
-    if fd < 0 or _family_of(sock) != _AF_UNIX or _type_of(sock) == _STREAM:
+    if fd < 0 or raw_family(sock) != _AF_UNIX or raw_type(sock) == _STREAM:
         return -1
     timeout = sock.gettimeout()
     if timeout is not None:
@@ -310,7 +323,7 @@ def try_recv(sock: socket.socket, arena: Arena, flags: int) -> int:
     arena, owned by `sock` and not delivered, as recv_batch leaves them.
     """
     fd = sock.fileno()
-    if fd < 0 or _family_of(sock) != _AF_UNIX or arena.owner is not None:
+    if fd < 0 or raw_family(sock) != _AF_UNIX or arena.owner is not None:
         return -1
     timeout = sock.gettimeout()
     if timeout is not None:
@@ -332,7 +345,7 @@ def try_recv_one(sock: socket.socket, arena: Arena, flags: int) -> Optional[tupl
     """
     # try_recv, written out: one Python frame less on the hot path
     fd = sock.fileno()
-    if fd < 0 or _family_of(sock) != _AF_UNIX or arena.owner is not None:
+    if fd < 0 or raw_family(sock) != _AF_UNIX or arena.owner is not None:
         return None
     timeout = sock.gettimeout()
     if timeout is not None:

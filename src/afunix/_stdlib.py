@@ -4,7 +4,6 @@ Used where the C core is not built, and forced with AFUNIX_BACKEND=stdlib.
 """
 from __future__ import annotations
 
-import _socket
 import array
 import collections
 import itertools
@@ -16,7 +15,7 @@ from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple
 from ._contract import Outgoing
 from ._kernel import MSG_CMSG_CLOEXEC, MSG_NOSIGNAL, SCM_CREDENTIALS
 from ._limits import FRAME_HEADER, FRAME_MAGIC, FRAME_VERSION, SCM_MAX_FD
-from ._sockets import nonblocking_twin, raw_type
+from ._sockets import nonblocking_twin, raw_family, raw_type
 
 
 def socketpairs(n: int, type: int, blocking: bool) -> list[tuple[socket.socket, socket.socket]]:
@@ -119,7 +118,6 @@ def send_message(sock: socket.socket, data: Any, fds: tuple[int, ...],
 # with a timeout always takes the careful path here: CPython's own methods
 # would wait on it with their own deadline.
 
-_family_of = _socket.socket.family.__get__
 _AF_UNIX = int(socket.AF_UNIX)
 _SOL_SOCKET = int(socket.SOL_SOCKET)
 _SCM_RIGHTS = int(socket.SCM_RIGHTS)
@@ -128,7 +126,7 @@ _SCM_RIGHTS = int(socket.SCM_RIGHTS)
 def try_send_one(sock: socket.socket, data: Any, flags: int) -> int:
     """One sock.send of `data` on a message socket; the bytes sent, or -1."""
     timeout = sock.gettimeout()
-    if (timeout or sock.fileno() < 0 or _family_of(sock) != _AF_UNIX
+    if (timeout or sock.fileno() < 0 or raw_family(sock) != _AF_UNIX
             or raw_type(sock) == _STREAM):
         return -1
     try:
@@ -144,7 +142,7 @@ def try_send_one(sock: socket.socket, data: Any, flags: int) -> int:
 def try_send_fds(sock: socket.socket, data: Any, fds: tuple[int, ...], flags: int) -> int:
     """One sock.sendmsg of `data` with `fds` on a message socket; the bytes sent, or -1."""
     timeout = sock.gettimeout()
-    if (timeout or sock.fileno() < 0 or _family_of(sock) != _AF_UNIX
+    if (timeout or sock.fileno() < 0 or raw_family(sock) != _AF_UNIX
             or raw_type(sock) == _STREAM):
         return -1
     ancillary = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds))] if fds else []
@@ -162,7 +160,7 @@ def try_recv(sock: socket.socket, arena: Arena, flags: int) -> int:
     """recv_batch into `arena` when it holds nothing of an earlier call; the count, or -1."""
     timeout = sock.gettimeout()
     if (timeout or arena.owner is not None or sock.fileno() < 0
-            or _family_of(sock) != _AF_UNIX):
+            or raw_family(sock) != _AF_UNIX):
         return -1
     arena.owner = sock  # before the call: whatever it hands over is sock's
     try:
