@@ -17,6 +17,7 @@ import errno
 import gc
 import inspect
 import os
+import signal
 import socket
 import sys
 import threading
@@ -130,6 +131,10 @@ def sender(how: str) -> Tuple[socket.socket, Optional[socket.socket]]:
     elif how == "full, timeout":
         a.settimeout(0.05)
         fill(a)
+    elif how == "full, nonblocking, descriptor made blocking":
+        a.setblocking(False)
+        fill(a)
+        blocking_elsewhere(a)
     elif how == "closed":
         a.close()
     elif how == "peer closed":
@@ -137,8 +142,40 @@ def sender(how: str) -> Tuple[socket.socket, Optional[socket.socket]]:
     return a, b
 
 
+def blocking_elsewhere(sock: socket.socket) -> None:
+    """Clear O_NONBLOCK through a dup of `sock`: the flag belongs to the open file, which they share.
+
+    `sock` still reports timeout 0.0; a call on it must still never wait
+    (as socket.socket's own methods, with MSG_DONTWAIT, and a forked child or
+    a peer holding the same open file can do this to a socket).
+    """
+    twin = sock.dup()
+    twin.setblocking(True)
+    twin.close()
+
+
+@contextlib.contextmanager
+def waits_at_most(seconds: float) -> Iterator[None]:
+    """Raises Blocked in a call that waits longer than `seconds` (a defect: it should not wait)."""
+    def stop(signum: int, frame: Any) -> None:
+        raise Blocked("still waiting after %s s" % seconds)
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+class Blocked(Exception):
+    pass
+
+
 SEND_SOCKETS = ["blocking", "nonblocking", "timeout", "dgram", "stream", "full, nonblocking",
-                "full, timeout", "closed", "peer closed", "inet"]
+                "full, nonblocking, descriptor made blocking", "full, timeout", "closed",
+                "peer closed", "inet"]
 
 
 def noncontiguous_view() -> memoryview:
@@ -184,23 +221,29 @@ def _both(monkeypatch: pytest.MonkeyPatch, run: Callable[[], Tuple[Any, ...]]) -
 def _send_many_case(how: str, make: Callable[[], Any], flags: Any) -> Tuple[Any, ...]:
     a, b = sender(how)
     try:
-        return outcome(lambda: afunix.send_many(a, [make()], flags)), queued(b)
+        with waits_at_most(5.0):
+            got = outcome(lambda: afunix.send_many(a, [make()], flags))
+        return got, queued(b)
     finally:
         a.close()
         if b is not None:
             b.close()
 
 
+# (blocking: CPython's sock.send on both backends; timeout: the C backend's
+# cffi send, then the careful path's wait)
+@pytest.mark.parametrize("how", ["blocking", "timeout"])
 @pytest.mark.parametrize("name,make", DATAS, ids=[n for n, _ in DATAS])
 def test_send_many_of_one_message_answers_as_the_careful_path(
-        monkeypatch: pytest.MonkeyPatch, name: str, make: Callable[[], Any]) -> None:
-    _both(monkeypatch, lambda: _send_many_case("blocking", make, 0))
+        monkeypatch: pytest.MonkeyPatch, name: str, make: Callable[[], Any], how: str) -> None:
+    _both(monkeypatch, lambda: _send_many_case(how, make, 0))
 
 
+@pytest.mark.parametrize("how", ["blocking", "timeout"])
 @pytest.mark.parametrize("flags", FLAGS, ids=repr)
 def test_send_many_flags_are_checked_as_by_the_careful_path(
-        monkeypatch: pytest.MonkeyPatch, flags: Any) -> None:
-    _both(monkeypatch, lambda: _send_many_case("blocking", lambda: b"z" * 8, flags))
+        monkeypatch: pytest.MonkeyPatch, flags: Any, how: str) -> None:
+    _both(monkeypatch, lambda: _send_many_case(how, lambda: b"z" * 8, flags))
 
 
 @pytest.mark.parametrize("how", SEND_SOCKETS)
@@ -243,7 +286,9 @@ def _send_fds_case(how: str, make: Callable[[], Any], fds: Callable[[int], Any],
     try:
         data = make()
         given = [data] if buffers is None else buffers(data)
-        return outcome(lambda: afunix.send_fds(a, given, fds(null), flags)), queued(b)
+        with waits_at_most(5.0):
+            got = outcome(lambda: afunix.send_fds(a, given, fds(null), flags))
+        return got, queued(b)
     finally:
         os.close(null)
         a.close()
@@ -325,6 +370,9 @@ def receiver(how: str, tmp: str) -> Tuple[socket.socket, List[socket.socket], in
         a.send(b"second")
     if how == "nothing, nonblocking":
         b.setblocking(False)
+    elif how == "nothing, nonblocking, descriptor made blocking":
+        b.setblocking(False)
+        blocking_elsewhere(b)
     elif how in ("nothing, timeout", "timeout"):
         b.settimeout(0.05)
     elif how == "closed":
@@ -335,7 +383,8 @@ def receiver(how: str, tmp: str) -> Tuple[socket.socket, List[socket.socket], in
 RECV_SOCKETS = ["plain", "dgram", "stream", "timeout", "one descriptor",
                 "more descriptors than asked", "longer than bufsize", "empty message",
                 "end of stream", "credentials", "two queued", "nothing, nonblocking",
-                "nothing, timeout", "closed", "inet", "addressed"]
+                "nothing, nonblocking, descriptor made blocking", "nothing, timeout", "closed",
+                "inet", "addressed"]
 
 
 def _inodes(fds: Any) -> List[int]:
@@ -353,12 +402,14 @@ def _receiving(how: str, tmp: str, call: Callable[[socket.socket], Any],
                normal: Callable[[Any], Any]) -> Tuple[Any, ...]:
     b, others, null = receiver(how, tmp)
     try:
-        first = outcome(lambda: normal(call(b)))
+        with waits_at_most(5.0):
+            first = outcome(lambda: normal(call(b)))
         # what the call left for the next one (nothing may be lost or repeated)
         if b.fileno() < 0:
             return first, None
         b.setblocking(False)
-        second = outcome(lambda: normal(call(b)))
+        with waits_at_most(5.0):
+            second = outcome(lambda: normal(call(b)))
         return first, second
     finally:
         os.close(null)
@@ -689,6 +740,8 @@ SENDS = {
     "send_many": lambda s: afunix.send_many(s, [b"x"]),
     "send_fds": lambda s: afunix.send_fds(s, [b"x"], []),
     "send_fds with a descriptor": lambda s: afunix.send_fds(s, [b"x"], [0]),
+    # (the batch path: its first, blocking try must not swallow the refusal)
+    "send_many of two": lambda s: afunix.send_many(s, [b"x", b"y"]),
 }
 
 

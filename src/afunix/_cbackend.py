@@ -275,6 +275,10 @@ def try_send_one(sock: socket.socket, data: Any, flags: int) -> int:
         return -1
     timeout = sock.gettimeout()
     if not timeout:
+        if timeout == 0.0:
+            # this object's mode, not the O_NONBLOCK of an open file that a
+            # dup, a forked child or a peer holding it may have cleared
+            flags |= _DONTWAIT
         try:
             return sock.send(data, flags | _NOSIGNAL)
         except BlockingIOError:
@@ -737,9 +741,10 @@ def bare_calls(sock: socket.socket, size: int
                ) -> tuple[Callable[[bytes], Any], Callable[[], Any], Callable[[], None]]:
     """(send, recv, free): the core's calls for one `size`-byte message on `sock`, arguments made once.
 
-    What the benchmark's overhead rows time against the socket module's own
-    calls: afunix_send_one (what the fast path calls) and afunix_recv_many with
-    nothing around them.
+    What the benchmark's overhead rows subtract from afunix's calls: the
+    system call each fast path makes, with nothing around it: sock.send
+    (what try_send_one makes on a socket without a timeout, as the
+    benchmark's is) and afunix_recv_many.
     `free` releases the receive area; call it once, after the last recv.
     """
     fd = sock.fileno()
@@ -747,10 +752,11 @@ def bare_calls(sock: socket.socket, size: int
     arena = ffi.new("struct afunix_arena *")
     if lib.afunix_arena_init(arena, 1, size, 0, data_area) != 0:
         raise MemoryError("afunix_arena_init")
-    send_one, recv_many = lib.afunix_send_one, lib.afunix_recv_many
+    recv_many = lib.afunix_recv_many
+    stdlib_send = sock.send
 
     def send(data: bytes) -> Any:
-        return send_one(fd, data, size, 0)
+        return stdlib_send(data, _NOSIGNAL)
 
     def recv() -> Any:
         n = recv_many(fd, arena, 0)

@@ -116,7 +116,9 @@ def send_message(sock: socket.socket, data: Any, fds: tuple[int, ...],
 # call down the careful path, with nothing sent or given over; a kernel
 # error other than EAGAIN and EINTR is raised here (some are reported once).  A socket
 # with a timeout always takes the careful path here: CPython's own methods
-# would wait on it with their own deadline.
+# would wait on it with their own deadline.  A non-blocking one is called
+# with MSG_DONTWAIT: its open file's O_NONBLOCK, which a dup, a forked child
+# or a peer holding the same open file can clear, is not this object's mode.
 
 _AF_UNIX = int(socket.AF_UNIX)
 _SOL_SOCKET = int(socket.SOL_SOCKET)
@@ -129,6 +131,8 @@ def try_send_one(sock: socket.socket, data: Any, flags: int) -> int:
     if (timeout or sock.fileno() < 0 or raw_family(sock) != _AF_UNIX
             or raw_type(sock) == _STREAM):
         return -1
+    if timeout == 0.0:
+        flags |= _DONTWAIT
     try:
         return sock.send(data, flags | _NOSIGNAL)
     except BlockingIOError:
@@ -146,6 +150,8 @@ def try_send_fds(sock: socket.socket, data: Any, fds: tuple[int, ...], flags: in
             or raw_type(sock) == _STREAM):
         return -1
     ancillary = [(_SOL_SOCKET, _SCM_RIGHTS, array.array("i", fds))] if fds else []
+    if timeout == 0.0:
+        flags |= _DONTWAIT
     try:
         return sock.sendmsg([data], ancillary, flags | _NOSIGNAL)
     except BlockingIOError:
@@ -162,6 +168,8 @@ def try_recv(sock: socket.socket, arena: Arena, flags: int) -> int:
     if (timeout or arena.owner is not None or sock.fileno() < 0
             or raw_family(sock) != _AF_UNIX):
         return -1
+    if timeout == 0.0:
+        flags |= _DONTWAIT
     arena.owner = sock  # before the call: whatever it hands over is sock's
     try:
         if arena.max_messages == 1:

@@ -285,8 +285,10 @@ def send_records(t: _io.Target, out: Outgoing, flags: int) -> int:
         # a blocking socket and one call's worth: the common case, tried first
         try:
             sent = send_batch(t.sock, out, 0, total, flags)
-        except OSError:
-            pass  # nothing went: the loop below retries or reports it
+        except (BlockingIOError, InterruptedError):
+            pass  # nothing went: the loop below waits or retries
+        # (any other error is raised as it is: the kernel reports some only
+        # once, as the ECONNREFUSED that disconnects a DGRAM socket)
         if sent == total:
             return sent
     while sent < total:

@@ -310,8 +310,8 @@ TABLE: Tuple[Entry, ...] = (
                        "c": (w.fds_send_c, w.fds_recv_c)},
                       (single.fds_send_afunix, single.fds_recv_afunix))),
     Entry(Workload("call-overhead", "overhead send", "overhead", _SEQPACKET, "ns", _ONE,
-                   base="", afunix="ns per call: send_many(sock, [m]) minus the backend's bare"
-                                   " core call (C: lib.afunix_send_one; stdlib: sock.send)"),
+                   base="", afunix="ns per call: send_many(sock, [m]) minus the bare call its"
+                                   " fast path makes (sock.send, on both backends)"),
           _afunix_too({}, (single.overhead_send, None))),
     Entry(Workload("call-overhead-recv", "overhead recv", "overhead", _SEQPACKET, "ns", _ONE,
                    base="", afunix="ns per call: RecvBatch(1, size).recv minus the backend's bare"

@@ -18,12 +18,13 @@ sendmmsg / recvmmsg call.
 
 One process, ns per call (``call-overhead``, ``call-overhead-recv``): the
 fixed Python cost of one afunix call, measured as the afunix call minus the
-bare call of the active backend's core on the same socket, in alternating
-groups of 64 calls (median over the groups): for the C backend the cffi call
-the fast path makes, ``lib.afunix_send_one`` / ``lib.afunix_recv_many`` (and
-the store that takes the message over), with its arguments made once; for
-the stdlib backend ``sock.send`` / ``sock.recvmsg_into`` (each backend's
-``bare_calls``).
+bare call the active backend's fast path makes on the same socket, in
+alternating groups of 64 calls (median over the groups): to send, on both
+backends ``sock.send`` (what a single plain send on a socket without a
+timeout is); to receive, for the C backend the cffi call
+``lib.afunix_recv_many`` (and the store that takes the message over), with
+its arguments made once, for the stdlib backend ``sock.recvmsg_into`` (each
+backend's ``bare_calls``).
 """
 from __future__ import annotations
 
