@@ -10,7 +10,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import pytest
 
+
+@pytest.hookimpl(tryfirst=True)  # before other plugins' configure starts a process
 def pytest_configure(config: Any) -> None:
     """Keep the exit-time leak check in the processes that run the tests, not in theirs.
 

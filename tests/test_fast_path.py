@@ -145,9 +145,10 @@ def sender(how: str) -> Tuple[socket.socket, Optional[socket.socket]]:
 def blocking_elsewhere(sock: socket.socket) -> None:
     """Clear O_NONBLOCK through a dup of `sock`: the flag belongs to the open file, which they share.
 
-    `sock` still reports timeout 0.0; a call on it must still never wait
-    (as socket.socket's own methods, with MSG_DONTWAIT, and a forked child or
-    a peer holding the same open file can do this to a socket).
+    `sock` still reports timeout 0.0, and afunix's calls on it must still
+    never wait: the careful path adds MSG_DONTWAIT, and the fast path must
+    answer as it does (CPython's own sock.send would wait here).  A forked
+    child or a peer holding the same open file can do this to a socket.
     """
     twin = sock.dup()
     twin.setblocking(True)
